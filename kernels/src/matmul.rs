@@ -1,0 +1,391 @@
+//! `y = x · Wᵀ (+ b)`: the linear layer, with f32 accumulation whatever the weight type.
+//!
+//! Weights are stored `[n, k]` (Hugging Face's `[out, in]`), activations `[t, k]` row-major.
+//! The work is split over the lane's cores by output rows. Each task walks its rows in blocks
+//! that stay in the L2 cache while every block of 4 tokens passes over them, so prefill reads
+//! each weight from memory once, and decode (t = 1) streams the weights at memory speed.
+
+use crate::isa::{self, Isa};
+use crate::par::{split_range, Parallel, SharedMut};
+
+/// A weight matrix as stored: f32, or bf16/f16 bits.
+#[derive(Debug, Clone, Copy)]
+pub enum WeightView<'a> {
+    /// IEEE single precision.
+    F32(&'a [f32]),
+    /// bfloat16 bit patterns.
+    Bf16(&'a [u16]),
+    /// IEEE half precision bit patterns.
+    F16(&'a [u16]),
+}
+
+impl WeightView<'_> {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            WeightView::F32(w) => w.len(),
+            WeightView::Bf16(w) | WeightView::F16(w) => w.len(),
+        }
+    }
+    /// Whether the matrix is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Element `i` as f32.
+    #[inline]
+    pub fn get(&self, i: usize) -> f32 {
+        match self {
+            WeightView::F32(w) => w[i],
+            WeightView::Bf16(w) => bf16_to_f32(w[i]),
+            WeightView::F16(w) => half::f16::from_bits(w[i]).to_f32(),
+        }
+    }
+    /// Row `r` of a matrix with `k` columns, converted to f32 into `out` (`[k]`).
+    pub fn row_to_f32(&self, r: usize, k: usize, out: &mut [f32]) {
+        for (i, o) in out.iter_mut().enumerate().take(k) {
+            *o = self.get(r * k + i);
+        }
+    }
+}
+
+/// Exact widening of a bfloat16 bit pattern.
+#[inline]
+pub fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// Rows per cache block: 64 rows of a 2048-wide bf16 matrix are 256 KiB, well inside L2.
+const ROW_BLOCK: usize = 64;
+
+/// `y[t, n] = x[t, k] · w[n, k]ᵀ + bias[n]`, on the detected instruction set.
+///
+/// `x.len()` must be `t * k`, `w.len()` `n * k`, `y.len()` `t * n`, `bias.len()` `n`.
+pub fn matmul(
+    x: &[f32],
+    t: usize,
+    w: WeightView<'_>,
+    n: usize,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    par: &dyn Parallel,
+) {
+    matmul_with(isa::detected(), x, t, w, n, bias, y, par)
+}
+
+/// [`matmul`] on a chosen instruction set (tests use this to check every path).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_with(
+    isa: Isa,
+    x: &[f32],
+    t: usize,
+    w: WeightView<'_>,
+    n: usize,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    par: &dyn Parallel,
+) {
+    if t == 0 || n == 0 {
+        return;
+    }
+    let k = x.len() / t;
+    assert_eq!(x.len(), t * k, "x is not [t, k]");
+    assert_eq!(w.len(), n * k, "w is not [n, k]");
+    assert_eq!(y.len(), t * n, "y is not [t, n]");
+    if let Some(b) = bias {
+        assert_eq!(b.len(), n, "bias is not [n]");
+    }
+    let threads = par.threads().max(1);
+    // Decode is memory-bound: one even slice of rows per worker. Prefill is compute-bound and
+    // finer tasks balance better.
+    let tasks = if t == 1 { threads } else { (n.div_ceil(ROW_BLOCK)).clamp(1, threads * 4) };
+    let tasks = tasks.min(n.div_ceil(4)).max(1);
+    let yp = SharedMut(y.as_mut_ptr());
+    par.run(tasks, &|i| {
+        let rows = split_range(n, tasks, 4, i);
+        // SAFETY: the row ranges of the tasks are disjoint; each task writes y[.., rows] only,
+        // which lies inside `y` (checked above).
+        unsafe { rows_task(isa, x, t, k, w, n, bias, yp, rows) };
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_task(
+    isa: Isa,
+    x: &[f32],
+    t: usize,
+    k: usize,
+    w: WeightView<'_>,
+    n: usize,
+    bias: Option<&[f32]>,
+    y: SharedMut<f32>,
+    rows: std::ops::Range<usize>,
+) {
+    let mut rb = rows.start;
+    while rb < rows.end {
+        let re = (rb + ROW_BLOCK).min(rows.end);
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => avx512::block(x, t, k, w, n, y, rb..re),
+            _ => portable_block(x, t, k, w, n, y, rb..re),
+        }
+        rb = re;
+    }
+    if let Some(b) = bias {
+        for ti in 0..t {
+            let yr = y.slice(ti * n + rows.start, rows.len());
+            for (v, bv) in yr.iter_mut().zip(&b[rows.clone()]) {
+                *v += *bv;
+            }
+        }
+    }
+}
+
+unsafe fn portable_block(
+    x: &[f32],
+    t: usize,
+    k: usize,
+    w: WeightView<'_>,
+    n: usize,
+    y: SharedMut<f32>,
+    rows: std::ops::Range<usize>,
+) {
+    let mut wrow = vec![0f32; k];
+    for o in rows {
+        w.row_to_f32(o, k, &mut wrow);
+        for ti in 0..t {
+            let xr = &x[ti * k..(ti + 1) * k];
+            *y.slice(ti * n + o, 1).as_mut_ptr() = dot_portable(xr, &wrow);
+        }
+    }
+}
+
+/// A dot product with 16 independent partial sums, which the compiler vectorises.
+pub fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let ca = a.chunks_exact(16);
+    let cb = b.chunks_exact(16);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for j in 0..16 {
+            acc[j] += x[j] * y[j];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// The plain reference: one f64-free, straightforward loop per output.
+pub fn matmul_reference(x: &[f32], t: usize, w: WeightView<'_>, n: usize, bias: Option<&[f32]>) -> Vec<f32> {
+    let k = if t == 0 { 0 } else { x.len() / t };
+    let mut y = vec![0f32; t * n];
+    for ti in 0..t {
+        for o in 0..n {
+            let mut s = 0f32;
+            for i in 0..k {
+                s += x[ti * k + i] * w.get(o * k + i);
+            }
+            y[ti * n + o] = s + bias.map_or(0.0, |b| b[o]);
+        }
+    }
+    y
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{SharedMut, WeightView};
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    unsafe fn ld_f32(p: *const f32) -> __m512 {
+        _mm512_loadu_ps(p)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    unsafe fn ldm_f32(p: *const f32, m: __mmask16) -> __m512 {
+        _mm512_maskz_loadu_ps(m, p)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    unsafe fn ld_bf16(p: *const u16) -> __m512 {
+        let h = _mm256_loadu_si256(p as *const __m256i);
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    unsafe fn ldm_bf16(p: *const u16, m: __mmask16) -> __m512 {
+        let h = _mm256_maskz_loadu_epi16(m, p as *const i16);
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    unsafe fn ld_f16(p: *const u16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    unsafe fn ldm_f16(p: *const u16, m: __mmask16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p as *const i16))
+    }
+
+    /// One register tile: R weight rows × T tokens, k-loop in steps of 16.
+    macro_rules! tile_fn {
+        ($name:ident, $ty:ty, $ld:ident, $ldm:ident) => {
+            #[inline]
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+            unsafe fn $name<const R: usize, const T: usize>(
+                x: *const f32, // [T, k] at stride k
+                w: *const $ty, // [R, k] at stride k
+                k: usize,
+                y: *mut f32, // [T, n] at stride n
+                n: usize,
+            ) {
+                let mut acc = [[_mm512_setzero_ps(); T]; R];
+                let mut i = 0;
+                while i + 16 <= k {
+                    let mut xv = [_mm512_setzero_ps(); T];
+                    for t in 0..T {
+                        xv[t] = _mm512_loadu_ps(x.add(t * k + i));
+                    }
+                    for r in 0..R {
+                        let wv = $ld(w.add(r * k + i));
+                        for t in 0..T {
+                            acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
+                        }
+                    }
+                    i += 16;
+                }
+                if i < k {
+                    let m: __mmask16 = ((1u32 << (k - i)) - 1) as u16;
+                    let mut xv = [_mm512_setzero_ps(); T];
+                    for t in 0..T {
+                        xv[t] = _mm512_maskz_loadu_ps(m, x.add(t * k + i));
+                    }
+                    for r in 0..R {
+                        let wv = $ldm(w.add(r * k + i), m);
+                        for t in 0..T {
+                            acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
+                        }
+                    }
+                }
+                for r in 0..R {
+                    for t in 0..T {
+                        *y.add(t * n + r) = _mm512_reduce_add_ps(acc[r][t]);
+                    }
+                }
+            }
+        };
+    }
+    tile_fn!(tile_f32, f32, ld_f32, ldm_f32);
+    tile_fn!(tile_bf16, u16, ld_bf16, ldm_bf16);
+    tile_fn!(tile_f16, u16, ld_f16, ldm_f16);
+
+    macro_rules! block_fn {
+        ($name:ident, $ty:ty, $tile:ident) => {
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+            unsafe fn $name(x: &[f32], t: usize, k: usize, w: &[$ty], n: usize, y: SharedMut<f32>, rows: std::ops::Range<usize>) {
+                let xp = x.as_ptr();
+                let wp = w.as_ptr();
+                let mut t0 = 0;
+                while t0 < t {
+                    let tt = (t - t0).min(4);
+                    let mut o = rows.start;
+                    while o < rows.end {
+                        let rr = (rows.end - o).min(4);
+                        let yo = y.0.add(t0 * n + o);
+                        let xo = xp.add(t0 * k);
+                        let wo = wp.add(o * k);
+                        match (rr, tt) {
+                            (4, 4) => $tile::<4, 4>(xo, wo, k, yo, n),
+                            (4, _) => {
+                                for j in 0..tt {
+                                    $tile::<4, 1>(xo.add(j * k), wo, k, yo.add(j * n), n)
+                                }
+                            }
+                            (_, 4) => {
+                                for r in 0..rr {
+                                    $tile::<1, 4>(xo, wo.add(r * k), k, yo.add(r), n)
+                                }
+                            }
+                            _ => {
+                                for r in 0..rr {
+                                    for j in 0..tt {
+                                        $tile::<1, 1>(xo.add(j * k), wo.add(r * k), k, yo.add(j * n + r), n)
+                                    }
+                                }
+                            }
+                        }
+                        o += rr;
+                    }
+                    t0 += tt;
+                }
+            }
+        };
+    }
+    block_fn!(block_f32, f32, tile_f32);
+    block_fn!(block_bf16, u16, tile_bf16);
+    block_fn!(block_f16, u16, tile_f16);
+
+    /// # Safety
+    /// The CPU must have AVX-512 F/BW/VL; shapes as in `matmul_with`.
+    pub(super) unsafe fn block(x: &[f32], t: usize, k: usize, w: WeightView<'_>, n: usize, y: SharedMut<f32>, rows: std::ops::Range<usize>) {
+        match w {
+            WeightView::F32(w) => block_f32(x, t, k, w, n, y, rows),
+            WeightView::Bf16(w) => block_bf16(x, t, k, w, n, y, rows),
+            WeightView::F16(w) => block_f16(x, t, k, w, n, y, rows),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Serial;
+
+    fn rng(seed: &mut u64) -> f32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    struct Threads(usize);
+    impl Parallel for Threads {
+        fn threads(&self) -> usize {
+            self.0
+        }
+        fn run(&self, tasks: usize, f: &(dyn Fn(usize) + Sync)) {
+            std::thread::scope(|s| {
+                for i in 0..tasks {
+                    s.spawn(move || f(i));
+                }
+            });
+        }
+    }
+
+    #[test]
+    fn every_isa_and_dtype_matches_reference_on_odd_shapes() {
+        let mut seed = 7u64;
+        for isa in isa::available() {
+            for &(t, k, n) in &[(1, 1, 1), (1, 15, 3), (3, 17, 5), (4, 16, 4), (5, 33, 9), (9, 64, 130), (1, 2048, 7), (6, 100, 67)] {
+                let x: Vec<f32> = (0..t * k).map(|_| rng(&mut seed)).collect();
+                let wf: Vec<f32> = (0..n * k).map(|_| rng(&mut seed)).collect();
+                let wb: Vec<u16> = wf.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect();
+                let wh: Vec<u16> = wf.iter().map(|v| half::f16::from_f32(*v).to_bits()).collect();
+                let bias: Vec<f32> = (0..n).map(|_| rng(&mut seed)).collect();
+                for (name, w) in [("f32", WeightView::F32(&wf)), ("bf16", WeightView::Bf16(&wb)), ("f16", WeightView::F16(&wh))] {
+                    for par in [&Serial as &dyn Parallel, &Threads(3)] {
+                        let want = matmul_reference(&x, t, w, n, Some(&bias));
+                        let mut got = vec![0f32; t * n];
+                        matmul_with(isa, &x, t, w, n, Some(&bias), &mut got, par);
+                        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                            let tol = 1e-5 * (k as f32).sqrt() * 4.0;
+                            assert!((a - b).abs() <= tol, "{isa:?} {name} t={t} k={k} n={n} at {i}: {a} vs {b}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! The operator contract, and the actor that wraps an operator with its ports.
+//!
+//! An actor fires when every input port holds a message and every output edge has room. A
+//! *sticky* input port (resident weights) keeps its latest message across firings: a loader
+//! sends a resident weight once; a streamed weight arrives on a plain port once per pass.
+
+use crate::channel::{EdgeRx, EdgeTx};
+use crate::error::OpError;
+use crate::trace::SpanKind;
+use weir_kernels::Parallel;
+
+/// Whether an operator wants to fire again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Fire again when ready.
+    Continue,
+    /// Done for good (a loader that sent everything); the actor is retired.
+    Finished,
+}
+
+/// The messages an operator receives in one firing, one per input port.
+pub struct Inputs<'a, M> {
+    pub(crate) slots: &'a mut [Option<M>],
+    pub(crate) sticky: &'a [bool],
+}
+
+impl<M: Clone> Inputs<'_, M> {
+    /// Number of ports.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+    /// Whether there are no input ports.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+    /// The message on port `i`.
+    pub fn get(&self, i: usize) -> &M {
+        self.slots[i].as_ref().expect("an actor fires only with every input present")
+    }
+    /// Takes the message on port `i` (a sticky port keeps its copy).
+    pub fn take(&mut self, i: usize) -> M {
+        if self.sticky[i] {
+            self.get(i).clone()
+        } else {
+            self.slots[i].take().expect("an actor fires only with every input present")
+        }
+    }
+}
+
+/// Where an operator puts its results: at most one message per output port per firing.
+pub struct Emit<M> {
+    pub(crate) staged: Vec<Option<M>>,
+    pub(crate) overfull: Option<usize>,
+}
+
+impl<M> Emit<M> {
+    /// Emits `m` on output port `port`.
+    pub fn send(&mut self, port: usize, m: M) {
+        if self.staged[port].is_some() {
+            self.overfull = Some(port);
+        }
+        self.staged[port] = Some(m);
+    }
+}
+
+/// What an operator may use while it fires.
+pub struct FireCx<'a> {
+    /// The cores of this lane, for kernels.
+    pub par: &'a dyn Parallel,
+    /// This actor's name (for error messages).
+    pub actor: &'a str,
+}
+
+/// An operator as the runtime sees it: opaque, fired with its inputs.
+pub trait Operator<M>: Send {
+    /// Computes one firing.
+    fn fire(&mut self, ins: &mut Inputs<M>, out: &mut Emit<M>, cx: &FireCx) -> Result<Step, OpError>;
+    /// How this operator's spans are drawn in a trace.
+    fn span_kind(&self) -> SpanKind {
+        SpanKind::Compute
+    }
+    /// The operator's kind, for traces (`linear`, `attention`, …).
+    fn kind(&self) -> &str {
+        "op"
+    }
+}
+
+pub(crate) struct InPort<M> {
+    pub(crate) rx: Option<EdgeRx<M>>,
+    pub(crate) sticky: bool,
+}
+
+pub(crate) struct Actor<M> {
+    pub(crate) id: u32,
+    pub(crate) name: String,
+    pub(crate) op: Box<dyn Operator<M>>,
+    pub(crate) inputs: Vec<InPort<M>>,
+    pub(crate) outputs: Vec<Vec<EdgeTx<M>>>,
+    pub(crate) slots: Vec<Option<M>>,
+    pub(crate) sticky: Vec<bool>,
+    pub(crate) finished: bool,
+}
+
+/// The result of trying to fire an actor.
+pub(crate) enum Fired {
+    No,
+    Yes { bytes: u64 },
+}
+
+impl<M: crate::Message> Actor<M> {
+    fn ready(&self) -> bool {
+        for (port, slot) in self.inputs.iter().zip(&self.slots) {
+            let Some(rx) = &port.rx else { return false };
+            let has = rx.has_message();
+            if port.sticky {
+                if slot.is_none() && !has {
+                    return false;
+                }
+            } else if !has {
+                return false;
+            }
+        }
+        self.outputs.iter().flatten().all(|tx| tx.has_room())
+    }
+
+    /// Fires once if ready.
+    pub(crate) fn try_fire(&mut self, par: &dyn Parallel) -> Result<Fired, OpError> {
+        if self.finished || !self.ready() {
+            return Ok(Fired::No);
+        }
+        for (port, slot) in self.inputs.iter().zip(self.slots.iter_mut()) {
+            let rx = port.rx.as_ref().expect("checked in ready");
+            if port.sticky {
+                while let Some(m) = rx.recv_now() {
+                    *slot = Some(m);
+                }
+            } else {
+                *slot = rx.recv_now();
+            }
+        }
+        let mut bytes: u64 = self.slots.iter().flatten().map(|m| m.bytes() as u64).sum();
+        let mut emit = Emit { staged: (0..self.outputs.len()).map(|_| None).collect(), overfull: None };
+        let step = {
+            let mut ins = Inputs { slots: &mut self.slots, sticky: &self.sticky };
+            let cx = FireCx { par, actor: &self.name };
+            self.op.fire(&mut ins, &mut emit, &cx)?
+        };
+        if let Some(port) = emit.overfull {
+            return Err(OpError::new(format!("emitted twice on output port {port} in one firing")));
+        }
+        if self.inputs.is_empty() {
+            bytes = emit.staged.iter().flatten().map(|m| m.bytes() as u64).sum();
+        }
+        for (port, m) in emit.staged.into_iter().enumerate() {
+            let Some(m) = m else { continue };
+            let edges = &self.outputs[port];
+            let mut m = Some(m);
+            for (i, tx) in edges.iter().enumerate() {
+                let msg = if i + 1 == edges.len() { m.take() } else { m.clone() };
+                let Some(msg) = msg else { break };
+                if tx.send_now(msg).is_err() {
+                    return Err(OpError::new(format!("output port {port} was full although it had room before firing")));
+                }
+            }
+        }
+        for (slot, sticky) in self.slots.iter_mut().zip(&self.sticky) {
+            if !sticky {
+                *slot = None;
+            }
+        }
+        if step == Step::Finished {
+            self.finished = true;
+        }
+        Ok(Fired::Yes { bytes })
+    }
+}

@@ -1,0 +1,573 @@
+//! Building and running a program: a placed graph of actors on lanes.
+//!
+//! Build, then run: [`ProgramBuilder`] takes lanes, actors and edges and checks them
+//! (every port connected once, capacities non-zero, lanes possible on this machine);
+//! [`ProgramBuilder::build`] starts one thread per lane (plus a lane's worker pool), after
+//! which the only failures are the actors' own (bad data, I/O), reported through
+//! [`Program::fault`] and [`Program::shutdown`].
+//!
+//! A lane thread sweeps its actors in topological order, firing each that is ready, and parks
+//! when a sweep fires nothing; edges wake it. When an actor fails or panics, the fault is
+//! recorded with the actor's and lane's names, every lane is told to stop, and as lanes exit
+//! their channel ends drop, so whoever waits on the program's external edges returns at once.
+
+use crate::actor::{Actor, Fired, InPort, Operator};
+use crate::channel::{edge, ExternalRx, ExternalTx, Waker};
+use crate::error::Error;
+use crate::lane::{self, LaneId, LaneKind, LaneSpec, WorkerPool};
+use crate::trace::{Event, Trace, TraceSink};
+use crate::Message;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use weir_kernels::{Parallel, Serial};
+
+/// Index of an actor in a program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ActorId(pub usize);
+
+struct ActorSlot<M> {
+    actor: Actor<M>,
+    lane: LaneId,
+    layer: Option<u32>,
+    kind: String,
+}
+
+/// Collects lanes, actors and edges; `build` starts them.
+pub struct ProgramBuilder<M> {
+    lanes: Vec<LaneSpec>,
+    wakers: Vec<Arc<Waker>>,
+    actors: Vec<ActorSlot<M>>,
+    edges: Vec<(Option<usize>, Option<usize>, usize)>,
+    problems: Vec<String>,
+    trace: bool,
+}
+
+impl<M: Message> Default for ProgramBuilder<M> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<M: Message> ProgramBuilder<M> {
+    /// An empty program.
+    pub fn new() -> Self {
+        ProgramBuilder { lanes: Vec::new(), wakers: Vec::new(), actors: Vec::new(), edges: Vec::new(), problems: Vec::new(), trace: false }
+    }
+
+    /// Records trace events (spans cost two clock reads and a lock each).
+    pub fn trace(&mut self, on: bool) -> &mut Self {
+        self.trace = on;
+        self
+    }
+
+    /// Adds a lane.
+    pub fn lane(&mut self, spec: LaneSpec) -> LaneId {
+        self.lanes.push(spec);
+        self.wakers.push(Arc::new(Waker::default()));
+        LaneId(self.lanes.len() - 1)
+    }
+
+    /// Places an operator on a lane with `inputs` input ports and `outputs` output ports.
+    pub fn actor(&mut self, name: &str, lane: LaneId, layer: Option<u32>, op: Box<dyn Operator<M>>, inputs: usize, outputs: usize) -> ActorId {
+        if lane.0 >= self.lanes.len() {
+            self.problems.push(format!("actor `{name}` is placed on lane #{} which does not exist", lane.0));
+        }
+        let kind = op.kind().to_string();
+        let id = self.actors.len() as u32;
+        self.actors.push(ActorSlot {
+            actor: Actor {
+                id,
+                name: name.to_string(),
+                op,
+                inputs: (0..inputs).map(|_| InPort { rx: None, sticky: false }).collect(),
+                outputs: (0..outputs).map(|_| Vec::new()).collect(),
+                slots: (0..inputs).map(|_| None).collect(),
+                sticky: vec![false; inputs],
+                finished: false,
+            },
+            lane,
+            layer,
+            kind,
+        });
+        ActorId(self.actors.len() - 1)
+    }
+
+    /// Makes input `port` of `actor` sticky: it keeps its latest message across firings
+    /// (resident weights).
+    pub fn sticky(&mut self, actor: ActorId, port: usize) {
+        match self.actors.get_mut(actor.0).and_then(|a| a.actor.sticky.get_mut(port).map(|s| (s, &mut a.actor.inputs[port]))) {
+            Some((s, p)) => {
+                *s = true;
+                p.sticky = true;
+            }
+            None => self.problems.push(format!("sticky: actor #{} has no input port {port}", actor.0)),
+        }
+    }
+
+    fn waker_of(&self, a: ActorId) -> Option<Arc<Waker>> {
+        self.actors.get(a.0).and_then(|s| self.wakers.get(s.lane.0)).cloned()
+    }
+
+    fn check_out(&mut self, a: ActorId, port: usize) -> bool {
+        let ok = self.actors.get(a.0).is_some_and(|s| port < s.actor.outputs.len());
+        if !ok {
+            let name = self.actors.get(a.0).map_or(format!("#{}", a.0), |s| s.actor.name.clone());
+            self.problems.push(format!("actor `{name}` has no output port {port}"));
+        }
+        ok
+    }
+
+    fn check_in(&mut self, a: ActorId, port: usize) -> bool {
+        let Some(s) = self.actors.get(a.0) else {
+            self.problems.push(format!("no actor #{}", a.0));
+            return false;
+        };
+        let name = s.actor.name.clone();
+        match s.actor.inputs.get(port) {
+            None => {
+                self.problems.push(format!("actor `{name}` has no input port {port}"));
+                false
+            }
+            Some(p) if p.rx.is_some() => {
+                self.problems.push(format!("input port {port} of actor `{name}` is connected twice"));
+                false
+            }
+            Some(_) => true,
+        }
+    }
+
+    fn check_capacity(&mut self, capacity: usize, what: &str) -> bool {
+        if capacity == 0 {
+            self.problems.push(format!("{what}: capacity 0 (an edge must hold at least one message)"));
+        }
+        capacity > 0
+    }
+
+    /// Connects output `from.1` of actor `from.0` to input `to.1` of `to.0` with a bounded edge.
+    pub fn connect(&mut self, from: (ActorId, usize), to: (ActorId, usize), capacity: usize) {
+        let what = format!("edge #{}", self.edges.len());
+        if !(self.check_out(from.0, from.1) & self.check_in(to.0, to.1) & self.check_capacity(capacity, &what)) {
+            return;
+        }
+        let (tx, rx) = edge(capacity, self.waker_of(from.0), self.waker_of(to.0));
+        self.actors[from.0 .0].actor.outputs[from.1].push(tx);
+        self.actors[to.0 .0].actor.inputs[to.1].rx = Some(rx);
+        self.edges.push((Some(from.0 .0), Some(to.0 .0), capacity));
+    }
+
+    /// An edge from outside into input `port` of `actor`.
+    pub fn input(&mut self, actor: ActorId, port: usize, capacity: usize) -> ExternalTx<M> {
+        let capacity = capacity.max(1);
+        let (tx, rx) = edge(capacity, None, self.waker_of(actor));
+        if self.check_in(actor, port) {
+            self.actors[actor.0].actor.inputs[port].rx = Some(rx);
+        }
+        self.edges.push((None, Some(actor.0), capacity));
+        ExternalTx { inner: tx }
+    }
+
+    /// An edge from output `port` of `actor` to outside.
+    pub fn output(&mut self, actor: ActorId, port: usize, capacity: usize) -> ExternalRx<M> {
+        let capacity = capacity.max(1);
+        let (tx, rx) = edge(capacity, self.waker_of(actor), None);
+        if self.check_out(actor, port) {
+            self.actors[actor.0].actor.outputs[port].push(tx);
+        }
+        self.edges.push((Some(actor.0), None, capacity));
+        ExternalRx { inner: rx }
+    }
+
+    /// Checks the program and starts its lanes.
+    pub fn build(self) -> Result<Program, Error> {
+        let mut problems = self.problems;
+        for s in &self.actors {
+            for (i, p) in s.actor.inputs.iter().enumerate() {
+                if p.rx.is_none() {
+                    problems.push(format!("input port {i} of actor `{}` is not connected", s.actor.name));
+                }
+            }
+            for (i, p) in s.actor.outputs.iter().enumerate() {
+                if p.is_empty() {
+                    problems.push(format!("output port {i} of actor `{}` is not connected", s.actor.name));
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(Error::Invalid(problems.join("; ")));
+        }
+        let allowed = lane::allowed_cpus();
+        for l in &self.lanes {
+            lane::validate(l, &allowed)?;
+        }
+
+        let sink = self.trace.then(|| Arc::new(TraceSink::new()));
+        if let Some(t) = &sink {
+            for (i, l) in self.lanes.iter().enumerate() {
+                t.push(Event::LaneCreated { lane: i as u32, name: l.name.clone(), kind: l.describe() });
+            }
+            for s in &self.actors {
+                t.push(Event::ActorCreated { actor: s.actor.id, name: s.actor.name.clone(), kind: s.kind.clone(), lane: s.lane.0 as u32, layer: s.layer });
+            }
+            for &(from, to, capacity) in &self.edges {
+                t.push(Event::EdgeCreated { from: from.map(|a| a as u32), to: to.map(|a| a as u32), capacity: capacity as u32 });
+            }
+        }
+
+        // Sweep order: topological over the edges, so a pass flows through a lane in one sweep.
+        let order = topo_order(self.actors.len(), &self.edges);
+        let mut per_lane: Vec<Vec<Actor<M>>> = (0..self.lanes.len()).map(|_| Vec::new()).collect();
+        let mut slots: Vec<Option<ActorSlot<M>>> = self.actors.into_iter().map(Some).collect();
+        for i in order {
+            if let Some(s) = slots[i].take() {
+                per_lane[s.lane.0].push(s.actor);
+            }
+        }
+
+        let shared = Arc::new(Shared { stop: AtomicBool::new(false), fault: Mutex::new(None), wakers: self.wakers.clone(), trace: sink });
+        let mut threads = Vec::new();
+        for (i, (spec, actors)) in self.lanes.into_iter().zip(per_lane).enumerate() {
+            let sh = shared.clone();
+            let name = spec.name.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("lane-{name}"))
+                .spawn(move || lane_main(i, spec, actors, sh))
+                .map_err(|e| Error::Spawn { lane: name.clone(), reason: e.to_string() });
+            match h {
+                Ok(h) => {
+                    self.wakers[i].set(h.thread().clone());
+                    threads.push(h);
+                }
+                Err(e) => {
+                    shared.stop_all();
+                    for h in threads {
+                        let _ = h.join();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Program { shared, threads })
+    }
+}
+
+fn topo_order(n: usize, edges: &[(Option<usize>, Option<usize>, usize)]) -> Vec<usize> {
+    let mut indeg = vec![0usize; n];
+    let mut succ = vec![Vec::new(); n];
+    for &(f, t, _) in edges {
+        if let (Some(f), Some(t)) = (f, t) {
+            succ[f].push(t);
+            indeg[t] += 1;
+        }
+    }
+    let mut queue: std::collections::VecDeque<usize> = (0..n).filter(|&i| indeg[i] == 0).collect();
+    let mut order = Vec::with_capacity(n);
+    let mut seen = vec![false; n];
+    while let Some(i) = queue.pop_front() {
+        order.push(i);
+        seen[i] = true;
+        for &s in &succ[i] {
+            indeg[s] -= 1;
+            if indeg[s] == 0 {
+                queue.push_back(s);
+            }
+        }
+    }
+    // Actors on a cycle keep their insertion order after the rest.
+    order.extend((0..n).filter(|&i| !seen[i]));
+    order
+}
+
+struct Shared {
+    stop: AtomicBool,
+    fault: Mutex<Option<Error>>,
+    wakers: Vec<Arc<Waker>>,
+    trace: Option<Arc<TraceSink>>,
+}
+
+impl Shared {
+    fn stop_all(&self) {
+        self.stop.store(true, Ordering::Release);
+        for w in &self.wakers {
+            w.wake();
+        }
+    }
+    fn fail(&self, e: Error) {
+        {
+            let mut f = self.fault.lock().unwrap_or_else(|p| p.into_inner());
+            if f.is_none() {
+                tracing::error!("{e}");
+                *f = Some(e);
+            }
+        }
+        self.stop_all();
+    }
+}
+
+fn lane_main<M: Message>(index: usize, spec: LaneSpec, mut actors: Vec<Actor<M>>, sh: Arc<Shared>) {
+    let pool = match &spec.kind {
+        LaneKind::Cpu { cores } => {
+            if let Err(e) = lane::pin_current(cores[0]) {
+                tracing::warn!("lane `{}`: could not pin to core {}: {e}", spec.name, cores[0]);
+            }
+            match WorkerPool::new(&spec.name, &cores[1..]) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    sh.fail(e);
+                    return;
+                }
+            }
+        }
+        LaneKind::Io { core } => {
+            if let Some(c) = core {
+                if let Err(e) = lane::pin_current(*c) {
+                    tracing::warn!("lane `{}`: could not pin to core {c}: {e}", spec.name);
+                }
+            }
+            None
+        }
+        LaneKind::GpuStream { .. } => None,
+    };
+    let par: &dyn Parallel = match &pool {
+        Some(p) => p,
+        None => &Serial,
+    };
+    let trace = sh.trace.clone();
+    loop {
+        if sh.stop.load(Ordering::Acquire) {
+            break;
+        }
+        let mut progressed = false;
+        for a in actors.iter_mut() {
+            let t0 = trace.as_ref().map(|t| t.now_ns());
+            match catch_unwind(AssertUnwindSafe(|| a.try_fire(par))) {
+                Ok(Ok(Fired::No)) => {}
+                Ok(Ok(Fired::Yes { bytes })) => {
+                    progressed = true;
+                    if let (Some(t), Some(t0)) = (&trace, t0) {
+                        let t1 = t.now_ns();
+                        t.push(Event::Span { lane: index as u32, actor: a.id, kind: a.op.span_kind(), start_ns: t0, dur_ns: t1 - t0, bytes });
+                    }
+                }
+                Ok(Err(e)) => {
+                    sh.fail(Error::Actor { actor: a.name.clone(), lane: spec.name.clone(), source: e });
+                    return;
+                }
+                Err(p) => {
+                    let message = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "unknown panic".into());
+                    sh.fail(Error::Panic { actor: a.name.clone(), lane: spec.name.clone(), message });
+                    return;
+                }
+            }
+            if sh.stop.load(Ordering::Acquire) {
+                break;
+            }
+        }
+        actors.retain(|a| !a.finished);
+        if actors.is_empty() {
+            break;
+        }
+        if !progressed {
+            std::thread::park();
+        }
+    }
+}
+
+/// A running program. Dropping it stops it.
+pub struct Program {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Program {
+    /// The first failure, if an actor failed.
+    pub fn fault(&self) -> Option<Error> {
+        self.shared.fault.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The events recorded so far (empty unless tracing was on).
+    pub fn trace(&self) -> Trace {
+        match &self.shared.trace {
+            Some(t) => Trace { events: t.events.lock().unwrap_or_else(|p| p.into_inner()).clone() },
+            None => Trace::default(),
+        }
+    }
+
+    /// Stops every lane, waits for the threads, and returns the fault if there was one.
+    pub fn shutdown(mut self) -> Result<(), Error> {
+        self.stop_and_join();
+        match self.fault() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn stop_and_join(&mut self) {
+        self.shared.stop_all();
+        for h in self.threads.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::actor::{Emit, FireCx, Inputs, Step};
+    use crate::error::OpError;
+
+    #[derive(Clone, Debug, PartialEq)]
+    struct N(i64);
+    impl Message for N {
+        fn bytes(&self) -> usize {
+            8
+        }
+    }
+
+    struct AddWeight;
+    impl Operator<N> for AddWeight {
+        fn fire(&mut self, ins: &mut Inputs<N>, out: &mut Emit<N>, _: &FireCx) -> Result<Step, OpError> {
+            let w = ins.get(1).0;
+            let x = ins.take(0).0;
+            if x < 0 {
+                return Err(OpError::new(format!("negative input {x}")));
+            }
+            out.send(0, N(x + w));
+            Ok(Step::Continue)
+        }
+    }
+
+    struct Source(Vec<i64>);
+    impl Operator<N> for Source {
+        fn fire(&mut self, _: &mut Inputs<N>, out: &mut Emit<N>, _: &FireCx) -> Result<Step, OpError> {
+            out.send(0, N(self.0.remove(0)));
+            Ok(if self.0.is_empty() { Step::Finished } else { Step::Continue })
+        }
+    }
+
+    struct Panics;
+    impl Operator<N> for Panics {
+        fn fire(&mut self, _: &mut Inputs<N>, _: &mut Emit<N>, _: &FireCx) -> Result<Step, OpError> {
+            panic!("boom");
+        }
+    }
+
+    fn cpu0() -> usize {
+        lane::allowed_cpus()[0]
+    }
+
+    /// source(weight, sent once) ──sticky──▶ add ──▶ add2 (on a second lane) ──▶ out
+    fn two_lane_program(trace: bool) -> (Program, ExternalTx<N>, ExternalRx<N>) {
+        let mut b = ProgramBuilder::<N>::new();
+        b.trace(trace);
+        let l0 = b.lane(LaneSpec::cpu("a", vec![cpu0()]));
+        let l1 = b.lane(LaneSpec::io("b", None));
+        let w = b.actor("w", l1, None, Box::new(Source(vec![10])), 0, 1);
+        let w2 = b.actor("w2", l1, None, Box::new(Source(vec![100])), 0, 1);
+        let add = b.actor("add", l0, Some(0), Box::new(AddWeight), 2, 1);
+        let add2 = b.actor("add2", l1, Some(1), Box::new(AddWeight), 2, 1);
+        b.sticky(add, 1);
+        b.sticky(add2, 1);
+        b.connect((w, 0), (add, 1), 1);
+        b.connect((w2, 0), (add2, 1), 1);
+        b.connect((add, 0), (add2, 0), 1);
+        let tx = b.input(add, 0, 1);
+        let rx = b.output(add2, 0, 1);
+        (b.build().unwrap(), tx, rx)
+    }
+
+    #[test]
+    fn messages_flow_across_lanes_with_sticky_weights() {
+        let (p, tx, rx) = two_lane_program(true);
+        let feeder = std::thread::spawn(move || {
+            for i in 0..100 {
+                tx.send(N(i)).unwrap();
+            }
+        });
+        for i in 0..100 {
+            assert_eq!(rx.recv(), Some(N(i + 110)));
+        }
+        feeder.join().unwrap();
+        let trace = p.trace();
+        assert!(trace.spans() >= 200);
+        let json = trace.to_chrome_json();
+        assert!(json.contains("\"add2\"") && json.contains("thread_name"));
+        p.shutdown().unwrap();
+    }
+
+    #[test]
+    fn a_failing_actor_stops_everything_and_reports_itself() {
+        let (p, tx, rx) = two_lane_program(false);
+        tx.send(N(1)).unwrap();
+        assert_eq!(rx.recv(), Some(N(111)));
+        tx.send(N(-5)).unwrap();
+        // The output closes instead of hanging, and further input is refused.
+        assert_eq!(rx.recv(), None);
+        let mut refused = false;
+        for _ in 0..10 {
+            if tx.send(N(1)).is_err() {
+                refused = true;
+                break;
+            }
+        }
+        assert!(refused);
+        match p.shutdown() {
+            Err(Error::Actor { actor, lane, source }) => {
+                assert_eq!((actor.as_str(), lane.as_str()), ("add", "a"));
+                assert!(source.0.contains("negative input -5"));
+            }
+            other => panic!("expected an actor error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_panicking_actor_is_a_fault_not_a_crash() {
+        let mut b = ProgramBuilder::<N>::new();
+        let l = b.lane(LaneSpec::cpu("a", vec![cpu0()]));
+        let a = b.actor("bad", l, None, Box::new(Panics), 1, 1);
+        let tx = b.input(a, 0, 1);
+        let rx = b.output(a, 0, 1);
+        let p = b.build().unwrap();
+        tx.send(N(1)).unwrap();
+        assert_eq!(rx.recv(), None);
+        assert!(matches!(p.shutdown(), Err(Error::Panic { .. })));
+    }
+
+    #[test]
+    fn builder_reports_every_wiring_problem_at_once() {
+        let mut b = ProgramBuilder::<N>::new();
+        let l = b.lane(LaneSpec::cpu("a", vec![cpu0()]));
+        let a = b.actor("lonely", l, None, Box::new(AddWeight), 2, 1);
+        let c = b.actor("other", l, None, Box::new(AddWeight), 2, 1);
+        b.connect((a, 0), (c, 0), 0);
+        b.connect((a, 3), (c, 1), 1);
+        let err = b.build().err().expect("must fail").to_string();
+        for want in ["capacity 0", "no output port 3", "input port 0 of actor `lonely` is not connected", "output port 0 of actor `other`"] {
+            assert!(err.contains(want), "missing `{want}` in: {err}");
+        }
+    }
+
+    #[test]
+    fn backpressure_bounds_what_a_producer_sends_ahead() {
+        // A source of 1000 messages into an edge of capacity 3 that nobody reads: the source
+        // must stop after filling the edge.
+        let mut b = ProgramBuilder::<N>::new();
+        let l = b.lane(LaneSpec::io("src", None));
+        let s = b.actor("s", l, None, Box::new(Source((0..1000).collect())), 0, 1);
+        let rx = b.output(s, 0, 3);
+        let p = b.build().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(rx.inner.rx.len(), 3);
+        for i in 0..1000 {
+            assert_eq!(rx.recv(), Some(N(i)));
+        }
+        p.shutdown().unwrap();
+    }
+}

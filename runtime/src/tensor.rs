@@ -1,0 +1,212 @@
+//! Data types, memory tiers, aligned host buffers and tensors.
+
+use std::sync::Arc;
+
+/// Element type of a tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    BF16,
+    F16,
+    U32,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 | DType::U32 => 4,
+            DType::BF16 | DType::F16 => 2,
+        }
+    }
+    /// The lower-case name (`f32`, `bf16`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            DType::U32 => "u32",
+        }
+    }
+}
+
+/// Where a buffer lives. Only `Host` buffers exist today; the others are where GPU lanes and
+/// NVMe readers put theirs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tier {
+    Gpu,
+    PinnedHost,
+    Host,
+    Nvme,
+}
+
+const ALIGN: usize = 64;
+
+/// A 64-byte aligned, zero-initialised byte buffer in host memory.
+pub struct HostBuffer {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: HostBuffer owns its allocation exclusively, like a Vec<u8>.
+unsafe impl Send for HostBuffer {}
+unsafe impl Sync for HostBuffer {}
+
+impl HostBuffer {
+    /// A zeroed buffer of `len` bytes.
+    pub fn zeroed(len: usize) -> HostBuffer {
+        if len == 0 {
+            return HostBuffer { ptr: std::ptr::NonNull::<u64>::dangling().cast(), len: 0 };
+        }
+        let layout = std::alloc::Layout::from_size_align(len, ALIGN).expect("buffer layout");
+        // SAFETY: layout has non-zero size.
+        let p = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = std::ptr::NonNull::new(p).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        HostBuffer { ptr, len }
+    }
+    /// The bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: ptr is valid for len bytes for the life of self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+    /// The bytes, mutable.
+    pub fn as_bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and &mut self is exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether the buffer is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    fn typed<T: bytemuck_lite::Pod>(&self) -> &[T] {
+        // SAFETY: the allocation is 64-byte aligned and T is a plain number type.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr() as *const T, self.len / std::mem::size_of::<T>()) }
+    }
+    fn typed_mut<T: bytemuck_lite::Pod>(&mut self) -> &mut [T] {
+        // SAFETY: as above, exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr() as *mut T, self.len / std::mem::size_of::<T>()) }
+    }
+}
+
+impl Drop for HostBuffer {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            let layout = std::alloc::Layout::from_size_align(self.len, ALIGN).expect("buffer layout");
+            // SAFETY: allocated in `zeroed` with this layout.
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) }
+        }
+    }
+}
+
+mod bytemuck_lite {
+    /// Plain number types that any bit pattern is valid for.
+    pub trait Pod: Copy {}
+    impl Pod for f32 {}
+    impl Pod for u16 {}
+    impl Pod for u32 {}
+}
+
+/// A dense row-major tensor in a host buffer shared by reference count, so fan-out is free.
+#[derive(Clone)]
+pub struct Tensor {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub tier: Tier,
+    buf: Arc<HostBuffer>,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor({} {:?})", self.dtype.name(), self.shape)
+    }
+}
+
+impl Tensor {
+    /// Wraps a buffer whose length matches `shape` and `dtype`.
+    pub fn from_buffer(dtype: DType, shape: Vec<usize>, buf: HostBuffer) -> Tensor {
+        debug_assert_eq!(buf.len(), shape.iter().product::<usize>() * dtype.size());
+        Tensor { dtype, shape, tier: Tier::Host, buf: Arc::new(buf) }
+    }
+    /// A zeroed f32 tensor.
+    pub fn zeros_f32(shape: Vec<usize>) -> Tensor {
+        let n: usize = shape.iter().product();
+        Tensor::from_buffer(DType::F32, shape, HostBuffer::zeroed(n * 4))
+    }
+    /// An f32 tensor holding `data`.
+    pub fn from_f32(shape: Vec<usize>, data: &[f32]) -> Tensor {
+        let mut t = Tensor::zeros_f32(shape);
+        t.f32_mut().copy_from_slice(data);
+        t
+    }
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    /// Bytes of data.
+    pub fn nbytes(&self) -> usize {
+        self.buf.len()
+    }
+    /// The raw bytes.
+    pub fn bytes(&self) -> &[u8] {
+        self.buf.as_bytes()
+    }
+    /// The data as f32 (panics if the dtype is not f32: a bug, not bad input).
+    pub fn f32(&self) -> &[f32] {
+        assert_eq!(self.dtype, DType::F32, "tensor is {}", self.dtype.name());
+        self.buf.typed()
+    }
+    /// The data as 16-bit patterns (bf16 or f16).
+    pub fn u16(&self) -> &[u16] {
+        assert!(matches!(self.dtype, DType::BF16 | DType::F16), "tensor is {}", self.dtype.name());
+        self.buf.typed()
+    }
+    /// The data as u32.
+    pub fn u32(&self) -> &[u32] {
+        assert_eq!(self.dtype, DType::U32, "tensor is {}", self.dtype.name());
+        self.buf.typed()
+    }
+    /// Mutable f32 data; copies the buffer first if it is shared.
+    pub fn f32_mut(&mut self) -> &mut [f32] {
+        assert_eq!(self.dtype, DType::F32, "tensor is {}", self.dtype.name());
+        if Arc::get_mut(&mut self.buf).is_none() {
+            let mut fresh = HostBuffer::zeroed(self.buf.len());
+            fresh.as_bytes_mut().copy_from_slice(self.buf.as_bytes());
+            self.buf = Arc::new(fresh);
+        }
+        Arc::get_mut(&mut self.buf).expect("unique after copy").typed_mut()
+    }
+    /// Mutable raw bytes of a tensor that is not shared (for loaders filling a fresh tensor).
+    pub fn bytes_mut(&mut self) -> Option<&mut [u8]> {
+        Arc::get_mut(&mut self.buf).map(|b| b.as_bytes_mut())
+    }
+    /// The data converted to f32 (a copy).
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        match self.dtype {
+            DType::F32 => self.f32().to_vec(),
+            DType::BF16 => self.u16().iter().map(|b| half::bf16::from_bits(*b).to_f32()).collect(),
+            DType::F16 => self.u16().iter().map(|b| half::f16::from_bits(*b).to_f32()).collect(),
+            DType::U32 => self.u32().iter().map(|v| *v as f32).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_aligned_and_shared_tensors_copy_on_write() {
+        let b = HostBuffer::zeroed(100);
+        assert_eq!(b.as_bytes().as_ptr() as usize % 64, 0);
+        let a = Tensor::from_f32(vec![2], &[1.0, 2.0]);
+        let mut c = a.clone();
+        c.f32_mut()[0] = 5.0;
+        assert_eq!(a.f32(), &[1.0, 2.0]);
+        assert_eq!(c.f32(), &[5.0, 2.0]);
+        assert_eq!(Tensor::zeros_f32(vec![0]).nbytes(), 0);
+    }
+}
