@@ -24,7 +24,12 @@ pub struct Inputs<'a, M> {
     pub(crate) sticky: &'a [bool],
 }
 
-impl<M: Clone> Inputs<'_, M> {
+impl<'a, M: Clone> Inputs<'a, M> {
+    /// Inputs over these slots (for driving an operator directly, as operator tests do).
+    pub fn new(slots: &'a mut [Option<M>], sticky: &'a [bool]) -> Self {
+        assert_eq!(slots.len(), sticky.len());
+        Inputs { slots, sticky }
+    }
     /// Number of ports.
     pub fn len(&self) -> usize {
         self.slots.len()
@@ -54,6 +59,14 @@ pub struct Emit<M> {
 }
 
 impl<M> Emit<M> {
+    /// An empty set of `ports` outputs (for driving an operator directly).
+    pub fn new(ports: usize) -> Self {
+        Emit { staged: (0..ports).map(|_| None).collect(), overfull: None }
+    }
+    /// What was emitted, per port.
+    pub fn into_staged(self) -> Vec<Option<M>> {
+        self.staged
+    }
     /// Emits `m` on output port `port`.
     pub fn send(&mut self, port: usize, m: M) {
         if self.staged[port].is_some() {

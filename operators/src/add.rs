@@ -1,0 +1,47 @@
+//! Residual add: `y = a + b`.
+//!
+//! Ports: `a`, `b` `[tokens, dim]` f32. Output: `y` `[tokens, dim]` f32 (reuses `a`'s buffer
+//! when nothing else holds it).
+
+use crate::{check_act, Packet};
+use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, Step};
+
+/// See the module doc.
+pub struct Add {
+    pub dim: usize,
+}
+
+impl Operator<Packet> for Add {
+    fn kind(&self) -> &str {
+        "add"
+    }
+    fn fire(&mut self, ins: &mut Inputs<Packet>, out: &mut Emit<Packet>, _cx: &FireCx) -> Result<Step, OpError> {
+        let Packet::Act { batch, mut x } = ins.take(0) else {
+            return Err(OpError::new("port `a` expected activations"));
+        };
+        let (bb, y) = ins.get(1).act("b")?;
+        check_act("a", &batch, &x, self.dim)?;
+        check_act("b", bb, y, self.dim)?;
+        if bb.pass != batch.pass {
+            return Err(OpError::new(format!("ports `a` and `b` carry different passes ({} and {})", batch.pass, bb.pass)));
+        }
+        weir_kernels::activation::add_inplace(x.f32_mut(), y.f32());
+        out.send(0, Packet::Act { batch, x });
+        Ok(Step::Continue)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::*;
+
+    #[test]
+    fn adds_elementwise() {
+        let b = batch(&[(0, 1)]);
+        let out = fire(&mut Add { dim: 2 }, vec![act(&b, 2, &[1., 2.]), act(&b, 2, &[10., 20.])], 1).unwrap();
+        assert_eq!(out[0].as_ref().unwrap().act("y").unwrap().1.f32(), &[11., 22.]);
+        let e = fire(&mut Add { dim: 3 }, vec![act(&b, 2, &[1., 2.]), act(&b, 2, &[1., 2.])], 1).unwrap_err();
+        assert!(e.0.contains("expected [1, 3]"));
+    }
+}

@@ -1,0 +1,120 @@
+//! Attention with a KV cache: causal grouped-query attention of the new tokens of every
+//! sequence over that sequence's cache, which this operator owns.
+//!
+//! Ports: `q` `[tokens, heads*head_dim]`, `k`, `v` `[tokens, kv_heads*head_dim]` (q and k
+//! already rotated). Output: `y` `[tokens, heads*head_dim]`.
+//!
+//! State: one f32 KV cache per sequence id, created when a sequence arrives with `start == 0`,
+//! grown by every pass, dropped when the batch lists the id in `release`.
+
+use crate::{check_act, Packet};
+use std::collections::HashMap;
+use weir_kernels::attention::{attend, AttnShape};
+use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, Step, Tensor};
+
+struct Kv {
+    k: Vec<f32>, // [len, kv_heads*head_dim]
+    v: Vec<f32>, // [len, kv_heads*head_dim]
+    len: usize,
+}
+
+/// See the module doc.
+pub struct Attention {
+    shape: AttnShape,
+    max_positions: usize,
+    caches: HashMap<u64, Kv>,
+}
+
+impl Attention {
+    /// An attention operator with empty caches.
+    pub fn new(heads: usize, kv_heads: usize, head_dim: usize, max_positions: usize) -> Attention {
+        Attention { shape: AttnShape { heads, kv_heads, head_dim }, max_positions, caches: HashMap::new() }
+    }
+    /// Sequences with a cache.
+    pub fn cached_sequences(&self) -> usize {
+        self.caches.len()
+    }
+}
+
+impl Operator<Packet> for Attention {
+    fn kind(&self) -> &str {
+        "attention"
+    }
+    fn fire(&mut self, ins: &mut Inputs<Packet>, out: &mut Emit<Packet>, cx: &FireCx) -> Result<Step, OpError> {
+        let s = self.shape;
+        let (qd, kvd) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
+        let (batch, q) = ins.get(0).act("q")?;
+        let (_, k) = ins.get(1).act("k")?;
+        let (_, v) = ins.get(2).act("v")?;
+        check_act("q", batch, q, qd)?;
+        check_act("k", batch, k, kvd)?;
+        check_act("v", batch, v, kvd)?;
+        for id in &batch.release {
+            self.caches.remove(id);
+        }
+        let mut y = Tensor::zeros_f32(vec![batch.tokens(), qd]); // [tokens, heads*head_dim]
+        let yd = y.f32_mut();
+        let mut row = 0;
+        for seq in &batch.seqs {
+            if seq.start + seq.len > self.max_positions {
+                return Err(OpError::new(format!(
+                    "sequence {}: positions up to {} exceed max_position_embeddings {}",
+                    seq.id,
+                    seq.start + seq.len,
+                    self.max_positions
+                )));
+            }
+            if seq.start == 0 {
+                self.caches.insert(seq.id, Kv { k: Vec::new(), v: Vec::new(), len: 0 });
+            }
+            let Some(kv) = self.caches.get_mut(&seq.id) else {
+                return Err(OpError::new(format!("sequence {} continues at position {} but has no KV cache", seq.id, seq.start)));
+            };
+            if kv.len != seq.start {
+                return Err(OpError::new(format!("sequence {}: the KV cache holds {} tokens but the pass starts at {}", seq.id, kv.len, seq.start)));
+            }
+            let rows = row..row + seq.len;
+            kv.k.extend_from_slice(&k.f32()[rows.start * kvd..rows.end * kvd]);
+            kv.v.extend_from_slice(&v.f32()[rows.start * kvd..rows.end * kvd]);
+            kv.len += seq.len;
+            attend(&q.f32()[rows.start * qd..rows.end * qd], &kv.k, &kv.v, seq.start, s, &mut yd[rows.start * qd..rows.end * qd], cx.par);
+            row = rows.end;
+        }
+        out.send(0, Packet::Act { batch: batch.clone(), x: y });
+        Ok(Step::Continue)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::*;
+    use crate::{Batch, LogitsWanted, Sampling, SeqSlice};
+    use std::sync::Arc;
+
+    fn one(id: u64, start: usize, len: usize, release: Vec<u64>) -> Arc<Batch> {
+        Arc::new(Batch { pass: 0, seqs: vec![SeqSlice { id, start, len, logits: LogitsWanted::None, sampling: Sampling::default() }], release })
+    }
+
+    #[test]
+    fn cache_grows_per_sequence_and_is_released() {
+        let mut op = Attention::new(1, 1, 2, 8);
+        let b0 = one(7, 0, 1, vec![]);
+        let out = fire(&mut op, vec![act(&b0, 2, &[1., 0.]), act(&b0, 2, &[1., 0.]), act(&b0, 2, &[5., 6.])], 1).unwrap();
+        assert_eq!(out[0].as_ref().unwrap().act("y").unwrap().1.f32(), &[5., 6.]);
+        // The second token sees both positions; equal scores average the values.
+        let b1 = one(7, 1, 1, vec![]);
+        let out = fire(&mut op, vec![act(&b1, 2, &[0., 0.]), act(&b1, 2, &[1., 0.]), act(&b1, 2, &[1., 2.])], 1).unwrap();
+        assert_eq!(out[0].as_ref().unwrap().act("y").unwrap().1.f32(), &[3., 4.]);
+        // A pass that skips a position is refused.
+        let bad = one(7, 5, 1, vec![]);
+        let e = fire(&mut op, vec![act(&bad, 2, &[0.; 2]), act(&bad, 2, &[0.; 2]), act(&bad, 2, &[0.; 2])], 1).unwrap_err();
+        assert!(e.0.contains("holds 2 tokens"), "{e}");
+        let rel = Arc::new(Batch { pass: 1, seqs: vec![], release: vec![7] });
+        fire(&mut op, vec![act(&rel, 2, &[]), act(&rel, 2, &[]), act(&rel, 2, &[])], 1).unwrap();
+        assert_eq!(op.cached_sequences(), 0);
+        let far = one(8, 0, 9, vec![]);
+        let e = fire(&mut op, vec![act(&far, 2, &[0.; 18]), act(&far, 2, &[0.; 18]), act(&far, 2, &[0.; 18])], 1).unwrap_err();
+        assert!(e.0.contains("max_position_embeddings 8"), "{e}");
+    }
+}

@@ -1,0 +1,58 @@
+//! Embedding: token ids → rows of the embedding table.
+//!
+//! Ports: `ids` (`Tokens`, `[tokens]`), `weight` (`[vocab, hidden]`, any float dtype).
+//! Output: `y` `[tokens, hidden]` f32.
+
+use crate::{weight_view, Packet};
+use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, Step, Tensor};
+
+/// See the module doc.
+pub struct Embedding {
+    pub vocab: usize,
+    pub hidden: usize,
+}
+
+impl Operator<Packet> for Embedding {
+    fn kind(&self) -> &str {
+        "embedding"
+    }
+    fn fire(&mut self, ins: &mut Inputs<Packet>, out: &mut Emit<Packet>, _cx: &FireCx) -> Result<Step, OpError> {
+        let (name, w) = ins.get(1).weight("weight")?;
+        let table = weight_view(name, w, &[self.vocab, self.hidden])?;
+        let Packet::Tokens { batch, ids } = ins.get(0) else {
+            return Err(OpError::new("port `ids` expected token ids"));
+        };
+        let mut y = Tensor::zeros_f32(vec![ids.len(), self.hidden]); // [tokens, hidden]
+        let yd = y.f32_mut();
+        for (row, &id) in ids.iter().enumerate() {
+            let id = id as usize;
+            if id >= self.vocab {
+                return Err(OpError::new(format!("token id {id} is outside the vocabulary (size {})", self.vocab)));
+            }
+            table.row_to_f32(id, self.hidden, &mut yd[row * self.hidden..(row + 1) * self.hidden]);
+        }
+        out.send(0, Packet::Act { batch: batch.clone(), x: y });
+        Ok(Step::Continue)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn picks_rows_and_rejects_ids_outside_the_vocabulary() {
+        let b = batch(&[(0, 2)]);
+        let mut op = Embedding { vocab: 3, hidden: 2 };
+        let w = weight(vec![3, 2], &[0., 1., 2., 3., 4., 5.]);
+        let ids = Packet::Tokens { batch: b.clone(), ids: Arc::new(vec![2, 0]) };
+        let out = fire(&mut op, vec![ids, w.clone()], 1).unwrap();
+        let (_, y) = out[0].as_ref().unwrap().act("y").unwrap();
+        assert_eq!(y.f32(), &[4., 5., 0., 1.]);
+        let bad = Packet::Tokens { batch: b, ids: Arc::new(vec![3, 0]) };
+        let e = fire(&mut op, vec![bad, w], 1).unwrap_err();
+        assert!(e.0.contains("token id 3"), "{e}");
+    }
+}

@@ -1,0 +1,59 @@
+//! LM head: the output projection, computed only on the rows whose logits are needed (the
+//! last token of each sequence, or all of a sequence's tokens when it asked for them).
+//!
+//! Ports: `x` `[tokens, hidden]` f32, `weight` `[vocab, hidden]`.
+//! Output: `y` `[rows, vocab]` f32, rows as given by [`crate::Batch::logit_rows`].
+
+use crate::{check_act, weight_view, Batch, LogitsWanted, Packet};
+use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, Step, Tensor};
+
+/// See the module doc.
+pub struct LmHead {
+    pub hidden: usize,
+    pub vocab: usize,
+}
+
+impl Operator<Packet> for LmHead {
+    fn kind(&self) -> &str {
+        "lm_head"
+    }
+    fn fire(&mut self, ins: &mut Inputs<Packet>, out: &mut Emit<Packet>, cx: &FireCx) -> Result<Step, OpError> {
+        let (name, w) = ins.get(1).weight("weight")?;
+        let w = weight_view(name, w, &[self.vocab, self.hidden])?;
+        let (batch, x) = ins.get(0).act("x")?;
+        check_act("x", batch, x, self.hidden)?;
+        let h = self.hidden;
+        let mut sel = Vec::new(); // [rows, hidden]
+        let mut row = 0;
+        for s in &batch.seqs {
+            let rows = match s.logits {
+                LogitsWanted::All => row..row + s.len,
+                _ => (row + s.len).saturating_sub(1).max(row)..row + s.len,
+            };
+            debug_assert_eq!(rows.len(), Batch::logit_rows(s));
+            sel.extend_from_slice(&x.f32()[rows.start * h..rows.end * h]);
+            row += s.len;
+        }
+        let rows = sel.len() / h;
+        let mut y = Tensor::zeros_f32(vec![rows, self.vocab]); // [rows, vocab]
+        weir_kernels::matmul::matmul(&sel, rows, w, self.vocab, None, y.f32_mut(), cx.par);
+        out.send(0, Packet::Act { batch: batch.clone(), x: y });
+        Ok(Step::Continue)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::*;
+
+    #[test]
+    fn projects_only_the_last_row_of_each_sequence() {
+        let b = batch(&[(0, 2), (3, 1)]);
+        let mut op = LmHead { hidden: 1, vocab: 2 };
+        let out = fire(&mut op, vec![act(&b, 1, &[1., 2., 3.]), weight(vec![2, 1], &[1., -1.])], 1).unwrap();
+        let y = out[0].as_ref().unwrap().act("y").unwrap().1;
+        assert_eq!(y.shape, vec![2, 2]);
+        assert_eq!(y.f32(), &[2., -2., 3., -3.]);
+    }
+}

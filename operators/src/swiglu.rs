@@ -1,0 +1,54 @@
+//! SwiGLU MLP: `y = down(silu(gate(x)) * up(x))`.
+//!
+//! Ports: `x` `[tokens, hidden]` f32; `gate`, `up` `[intermediate, hidden]`; `down`
+//! `[hidden, intermediate]`. Output: `y` `[tokens, hidden]` f32.
+
+use crate::{check_act, weight_view, Packet};
+use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, Step, Tensor};
+
+/// See the module doc.
+pub struct SwiGlu {
+    pub hidden: usize,
+    pub intermediate: usize,
+}
+
+impl Operator<Packet> for SwiGlu {
+    fn kind(&self) -> &str {
+        "swiglu"
+    }
+    fn fire(&mut self, ins: &mut Inputs<Packet>, out: &mut Emit<Packet>, cx: &FireCx) -> Result<Step, OpError> {
+        let (h, m) = (self.hidden, self.intermediate);
+        let (gn, g) = ins.get(1).weight("gate")?;
+        let (un, u) = ins.get(2).weight("up")?;
+        let (dn, d) = ins.get(3).weight("down")?;
+        let (g, u, d) = (weight_view(gn, g, &[m, h])?, weight_view(un, u, &[m, h])?, weight_view(dn, d, &[h, m])?);
+        let (batch, x) = ins.get(0).act("x")?;
+        check_act("x", batch, x, h)?;
+        let t = batch.tokens();
+        let mut gate = vec![0f32; t * m]; // [tokens, intermediate]
+        let mut up = vec![0f32; t * m]; // [tokens, intermediate]
+        weir_kernels::matmul::matmul(x.f32(), t, g, m, None, &mut gate, cx.par);
+        weir_kernels::matmul::matmul(x.f32(), t, u, m, None, &mut up, cx.par);
+        weir_kernels::activation::silu_mul_inplace(&mut gate, &up);
+        let mut y = Tensor::zeros_f32(vec![t, h]); // [tokens, hidden]
+        weir_kernels::matmul::matmul(&gate, t, d, h, None, y.f32_mut(), cx.par);
+        out.send(0, Packet::Act { batch: batch.clone(), x: y });
+        Ok(Step::Continue)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::*;
+
+    #[test]
+    fn matches_the_formula_on_one_unit() {
+        let b = batch(&[(0, 1)]);
+        let mut op = SwiGlu { hidden: 1, intermediate: 1 };
+        let out = fire(&mut op, vec![act(&b, 1, &[2.0]), weight(vec![1, 1], &[1.5]), weight(vec![1, 1], &[-1.0]), weight(vec![1, 1], &[3.0])], 1).unwrap();
+        let g = 3.0f32;
+        let want = 3.0 * (g / (1.0 + (-g).exp())) * -2.0;
+        assert!((out[0].as_ref().unwrap().act("y").unwrap().1.f32()[0] - want).abs() < 1e-5);
+    }
+}
