@@ -18,8 +18,10 @@ pub struct AttnShape {
 
 /// `q`: `[new, heads*head_dim]` (rotated); `k`, `v`: `[past+new, kv_heads*head_dim]` (the cache,
 /// already holding the new tokens); new token `j` sits at position `past + j` and sees
-/// positions `0..=past+j`. Writes `out`: `[new, heads*head_dim]`.
-pub fn attend(q: &[f32], k: &[f32], v: &[f32], past: usize, s: AttnShape, out: &mut [f32], par: &dyn Parallel) {
+/// positions `0..=past+j` — or, with a sliding `window`, only those after `past + j - window`.
+/// Writes `out`: `[new, heads*head_dim]`.
+#[allow(clippy::too_many_arguments)]
+pub fn attend(q: &[f32], k: &[f32], v: &[f32], past: usize, window: Option<usize>, s: AttnShape, out: &mut [f32], par: &dyn Parallel) {
     let (hd, qd, kvd) = (s.head_dim, s.heads * s.head_dim, s.kv_heads * s.head_dim);
     let new = q.len() / qd;
     let ctx = past + new;
@@ -36,21 +38,22 @@ pub fn attend(q: &[f32], k: &[f32], v: &[f32], past: usize, s: AttnShape, out: &
             let kvh = h / group;
             let qv = &q[j * qd + h * hd..j * qd + (h + 1) * hd];
             let seen = past + j + 1;
+            let first = window.map_or(0, |w| seen.saturating_sub(w));
             let mut max = f32::NEG_INFINITY;
-            for (p, sc) in scores.iter_mut().enumerate().take(seen) {
+            for (p, sc) in scores.iter_mut().enumerate().take(seen).skip(first) {
                 let kr = &k[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
                 *sc = crate::matmul::dot_portable(qv, kr) * scale;
                 max = max.max(*sc);
             }
             let mut sum = 0f32;
-            for sc in scores.iter_mut().take(seen) {
+            for sc in scores.iter_mut().take(seen).skip(first) {
                 *sc = (*sc - max).exp();
                 sum += *sc;
             }
             // SAFETY: each (token, head) pair writes its own head_dim slice of `out`.
             let o = unsafe { op.slice(j * qd + h * hd, hd) };
             o.fill(0.0);
-            for (p, sc) in scores.iter().enumerate().take(seen) {
+            for (p, sc) in scores.iter().enumerate().take(seen).skip(first) {
                 let w = sc / sum;
                 let vr = &v[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
                 for (ov, vv) in o.iter_mut().zip(vr) {
@@ -73,13 +76,16 @@ mod tests {
         let k = [0.5f32, 0.5];
         let v = [3.0f32, -1.0];
         let mut out = [0f32; 4];
-        attend(&q, &k, &v, 0, s, &mut out, &Serial);
+        attend(&q, &k, &v, 0, None, s, &mut out, &Serial);
         assert_eq!(out, [3.0, -1.0, 3.0, -1.0]);
         // Two cached positions with equal keys: the new token averages their values.
         let k2 = [1.0f32, 1.0, 1.0, 1.0];
         let v2 = [2.0f32, 0.0, 4.0, 2.0];
         let mut out1 = [0f32; 4];
-        attend(&q, &k2, &v2, 1, s, &mut out1, &Serial);
+        attend(&q, &k2, &v2, 1, None, s, &mut out1, &Serial);
         assert_eq!(out1, [3.0, 1.0, 3.0, 1.0]);
+        // A window of 1 sees only the token itself.
+        attend(&q, &k2, &v2, 1, Some(1), s, &mut out1, &Serial);
+        assert_eq!(out1, [4.0, 2.0, 4.0, 2.0]);
     }
 }

@@ -22,13 +22,16 @@ struct Kv {
 pub struct Attention {
     shape: AttnShape,
     max_positions: usize,
+    window: Option<usize>,
     caches: HashMap<u64, Kv>,
 }
 
 impl Attention {
     /// An attention operator with empty caches.
-    pub fn new(heads: usize, kv_heads: usize, head_dim: usize, max_positions: usize) -> Attention {
-        Attention { shape: AttnShape { heads, kv_heads, head_dim }, max_positions, caches: HashMap::new() }
+    /// `window`: a token at position p sees only positions after `p - window` (sliding-window
+    /// attention, as Mistral); `None` sees everything before it.
+    pub fn new(heads: usize, kv_heads: usize, head_dim: usize, max_positions: usize, window: Option<usize>) -> Attention {
+        Attention { shape: AttnShape { heads, kv_heads, head_dim }, max_positions, window, caches: HashMap::new() }
     }
     /// Sequences with a cache.
     pub fn cached_sequences(&self) -> usize {
@@ -77,7 +80,7 @@ impl Operator<Packet> for Attention {
             kv.k.extend_from_slice(&k.f32()[rows.start * kvd..rows.end * kvd]);
             kv.v.extend_from_slice(&v.f32()[rows.start * kvd..rows.end * kvd]);
             kv.len += seq.len;
-            attend(&q.f32()[rows.start * qd..rows.end * qd], &kv.k, &kv.v, seq.start, s, &mut yd[rows.start * qd..rows.end * qd], cx.par);
+            attend(&q.f32()[rows.start * qd..rows.end * qd], &kv.k, &kv.v, seq.start, self.window, s, &mut yd[rows.start * qd..rows.end * qd], cx.par);
             row = rows.end;
         }
         out.send(0, Packet::Act { batch: batch.clone(), x: y });
@@ -98,7 +101,7 @@ mod tests {
 
     #[test]
     fn cache_grows_per_sequence_and_is_released() {
-        let mut op = Attention::new(1, 1, 2, 8);
+        let mut op = Attention::new(1, 1, 2, 8, None);
         let b0 = one(7, 0, 1, vec![]);
         let out = fire(&mut op, vec![act(&b0, 2, &[1., 0.]), act(&b0, 2, &[1., 0.]), act(&b0, 2, &[5., 6.])], 1).unwrap();
         assert_eq!(out[0].as_ref().unwrap().act("y").unwrap().1.f32(), &[5., 6.]);

@@ -38,7 +38,7 @@ pub enum OpConfig {
     /// Rotary embedding of `heads` heads.
     Rope { heads: usize, rope: Rope },
     /// Causal grouped-query attention with a per-sequence KV cache.
-    Attention { heads: usize, kv_heads: usize, head_dim: usize, max_positions: usize },
+    Attention { heads: usize, kv_heads: usize, head_dim: usize, max_positions: usize, window: Option<usize> },
     /// `down(silu(gate(x)) * up(x))`.
     SwiGlu { hidden: usize, intermediate: usize },
     /// Residual add.
@@ -101,7 +101,7 @@ impl OpConfig {
             OpConfig::RmsNorm { dim, eps } => Box::new(rmsnorm::RmsNorm { dim, eps }),
             OpConfig::Linear { in_dim, out_dim, bias } => Box::new(linear::Linear { in_dim, out_dim, bias }),
             OpConfig::Rope { heads, rope } => Box::new(rope::RopeOp { heads, rope }),
-            OpConfig::Attention { heads, kv_heads, head_dim, max_positions } => Box::new(attention::Attention::new(heads, kv_heads, head_dim, max_positions)),
+            OpConfig::Attention { heads, kv_heads, head_dim, max_positions, window } => Box::new(attention::Attention::new(heads, kv_heads, head_dim, max_positions, window)),
             OpConfig::SwiGlu { hidden, intermediate } => Box::new(swiglu::SwiGlu { hidden, intermediate }),
             OpConfig::Add { dim } => Box::new(add::Add { dim }),
             OpConfig::LmHead { hidden, vocab } => Box::new(lm_head::LmHead { hidden, vocab }),

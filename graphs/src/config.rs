@@ -1,0 +1,333 @@
+//! `config.json` and `generation_config.json` of a Hugging Face model folder.
+//!
+//! Both spellings are read: transformers 4 (`rope_theta`, `rope_scaling`, `torch_dtype` at the
+//! top level) and transformers 5 (`rope_parameters` with `rope_theta` and `rope_type` inside,
+//! `dtype`). Where both are present, `rope_parameters` wins.
+
+use crate::error::{Error, Result};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use weir_operators::RopeScaling;
+
+/// The architectures weir runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    Llama,
+    Mistral,
+    Qwen2,
+}
+
+impl Architecture {
+    /// The Hugging Face class names weir accepts.
+    pub const SUPPORTED: &'static [&'static str] = &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+
+    fn from_class(s: &str) -> Option<Architecture> {
+        match s {
+            "LlamaForCausalLM" => Some(Architecture::Llama),
+            "MistralForCausalLM" => Some(Architecture::Mistral),
+            "Qwen2ForCausalLM" => Some(Architecture::Qwen2),
+            _ => None,
+        }
+    }
+    /// The Hugging Face class name.
+    pub fn class(self) -> &'static str {
+        match self {
+            Architecture::Llama => "LlamaForCausalLM",
+            Architecture::Mistral => "MistralForCausalLM",
+            Architecture::Qwen2 => "Qwen2ForCausalLM",
+        }
+    }
+}
+
+/// A model's shape and settings, from `config.json`.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub architecture: Architecture,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f32,
+    pub rope_scaling: RopeScaling,
+    pub tie_word_embeddings: bool,
+    /// q/k/v projections have a bias (Qwen2, or `attention_bias: true`).
+    pub qkv_bias: bool,
+    /// o_proj has a bias (`attention_bias: true` on Llama/Mistral).
+    pub o_bias: bool,
+    /// Per layer: the sliding attention window, if the layer uses one.
+    pub sliding_window: Vec<Option<usize>>,
+    /// The dtype the weights were saved in, if the config says.
+    pub dtype: Option<String>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+struct Reader<'a> {
+    path: &'a Path,
+    v: &'a Value,
+}
+
+impl Reader<'_> {
+    fn err(&self, key: &str, problem: impl Into<String>) -> Error {
+        Error::Config { path: self.path.to_path_buf(), key: key.to_string(), problem: problem.into() }
+    }
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.v.get(key).filter(|v| !v.is_null())
+    }
+    fn usize(&self, key: &str) -> Result<usize> {
+        let v = self.get(key).ok_or_else(|| self.err(key, "missing"))?;
+        self.as_usize(key, v)
+    }
+    fn as_usize(&self, key: &str, v: &Value) -> Result<usize> {
+        v.as_u64().map(|n| n as usize).ok_or_else(|| self.err(key, format!("expected a non-negative integer, found {v}")))
+    }
+    fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        self.get(key).map(|v| self.as_usize(key, v)).transpose()
+    }
+    fn f32_or(&self, v: Option<&Value>, key: &str, default: f32) -> Result<f32> {
+        match v.filter(|v| !v.is_null()) {
+            None => Ok(default),
+            Some(x) => x.as_f64().map(|f| f as f32).ok_or_else(|| self.err(key, format!("expected a number, found {x}"))),
+        }
+    }
+    fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(x) => x.as_bool().ok_or_else(|| self.err(key, format!("expected true or false, found {x}"))),
+        }
+    }
+    fn ids(&self, key: &str) -> Result<Vec<u32>> {
+        match self.get(key) {
+            None => Ok(vec![]),
+            Some(Value::Array(a)) => a.iter().map(|x| x.as_u64().map(|n| n as u32).ok_or_else(|| self.err(key, format!("expected token ids, found {x}")))).collect(),
+            Some(x) => x.as_u64().map(|n| vec![n as u32]).ok_or_else(|| self.err(key, format!("expected a token id or a list of them, found {x}"))),
+        }
+    }
+}
+
+pub(crate) fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })
+}
+
+impl ModelConfig {
+    /// Reads `dir/config.json` and, if present, `dir/generation_config.json`.
+    pub fn from_dir(dir: &Path) -> Result<ModelConfig> {
+        let path = dir.join("config.json");
+        let v = read_json(&path)?;
+        let mut c = ModelConfig::from_value(&path, &v)?;
+        let gen_path = dir.join("generation_config.json");
+        if gen_path.exists() {
+            let g = read_json(&gen_path)?;
+            let r = Reader { path: &gen_path, v: &g };
+            let eos = r.ids("eos_token_id")?;
+            if !eos.is_empty() {
+                c.eos_token_ids = eos;
+            }
+            if let Some(b) = r.ids("bos_token_id")?.first() {
+                c.bos_token_id = Some(*b);
+            }
+        }
+        Ok(c)
+    }
+
+    /// Parses a config; `path` is used in error messages.
+    pub fn from_value(path: &Path, v: &Value) -> Result<ModelConfig> {
+        let r = Reader { path, v };
+        let classes: Vec<String> = match r.get("architectures") {
+            Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_str().map(String::from)).collect(),
+            Some(x) => return Err(r.err("architectures", format!("expected a list of class names, found {x}"))),
+            None => return Err(r.err("architectures", "missing (which model class is this?)")),
+        };
+        let architecture = classes.iter().find_map(|c| Architecture::from_class(c)).ok_or_else(|| Error::UnsupportedArchitecture {
+            path: path.to_path_buf(),
+            arch: classes.join(", "),
+            supported: Architecture::SUPPORTED.join(", "),
+        })?;
+        if let Some(act) = r.get("hidden_act").and_then(|a| a.as_str()) {
+            if act != "silu" {
+                return Err(r.err("hidden_act", format!("`{act}` is not supported (only silu)")));
+            }
+        }
+        let hidden_size = r.usize("hidden_size")?;
+        let num_attention_heads = r.usize("num_attention_heads")?;
+        let num_key_value_heads = r.opt_usize("num_key_value_heads")?.unwrap_or(num_attention_heads);
+        if num_attention_heads == 0 || num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+            return Err(r.err("num_key_value_heads", format!("{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}")));
+        }
+        let head_dim = match r.opt_usize("head_dim")? {
+            Some(d) => d,
+            None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
+            None => return Err(r.err("head_dim", format!("missing, and hidden_size {hidden_size} is not a multiple of num_attention_heads {num_attention_heads}"))),
+        };
+        if head_dim % 2 != 0 || head_dim > 512 {
+            return Err(r.err("head_dim", format!("{head_dim} must be even and at most 512")));
+        }
+        let num_hidden_layers = r.usize("num_hidden_layers")?;
+
+        // RoPE: transformers 5 nests it in rope_parameters; transformers 4 spells it at the top.
+        let rp = r.get("rope_parameters").filter(|p| p.is_object());
+        let theta_v = rp.and_then(|p| p.get("rope_theta")).or_else(|| r.get("rope_theta"));
+        let rope_theta = r.f32_or(theta_v, "rope_theta", 10000.0)?;
+        let scaling_obj = match rp {
+            Some(p) => Some(p),
+            None => r.get("rope_scaling"),
+        };
+        let rope_scaling = match scaling_obj {
+            None => RopeScaling::Default,
+            Some(s) => {
+                let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
+                let key = if rp.is_some() { "rope_parameters" } else { "rope_scaling" };
+                let num = |k: &str, d: Option<f32>| -> Result<f32> {
+                    match (s.get(k).filter(|x| !x.is_null()), d) {
+                        (None, Some(d)) => Ok(d),
+                        (None, None) => Err(r.err(&format!("{key}.{k}"), "missing")),
+                        (Some(x), _) => x.as_f64().map(|f| f as f32).ok_or_else(|| r.err(&format!("{key}.{k}"), format!("expected a number, found {x}"))),
+                    }
+                };
+                match kind {
+                    "default" => RopeScaling::Default,
+                    "linear" => RopeScaling::Linear { factor: num("factor", None)? },
+                    "llama3" => RopeScaling::Llama3 {
+                        factor: num("factor", None)?,
+                        low_freq_factor: num("low_freq_factor", None)?,
+                        high_freq_factor: num("high_freq_factor", None)?,
+                        original_max_position_embeddings: num("original_max_position_embeddings", None)?,
+                    },
+                    other => return Err(r.err(&format!("{key}.rope_type"), format!("`{other}` is not supported (supported: default, linear, llama3)"))),
+                }
+            }
+        };
+
+        let attention_bias = r.bool_or("attention_bias", false)?;
+        let qkv_bias = architecture == Architecture::Qwen2 || attention_bias;
+        let o_bias = architecture != Architecture::Qwen2 && attention_bias;
+
+        // Sliding windows: Mistral applies `sliding_window` to every layer; Qwen2 only with
+        // `use_sliding_window`, from layer `max_window_layers` on; `layer_types` (transformers 5)
+        // says it per layer.
+        let window = r.opt_usize("sliding_window")?;
+        let sliding_window: Vec<Option<usize>> = match (r.get("layer_types"), architecture) {
+            (Some(Value::Array(types)), _) if window.is_some() => {
+                if types.len() != num_hidden_layers {
+                    return Err(r.err("layer_types", format!("has {} entries for {num_hidden_layers} layers", types.len())));
+                }
+                types.iter().map(|t| if t.as_str() == Some("sliding_attention") { window } else { None }).collect()
+            }
+            (_, Architecture::Qwen2) => {
+                let use_sw = r.bool_or("use_sliding_window", false)?;
+                let from = r.opt_usize("max_window_layers")?.unwrap_or(num_hidden_layers);
+                (0..num_hidden_layers).map(|l| if use_sw && l >= from { window } else { None }).collect()
+            }
+            _ => vec![window; num_hidden_layers],
+        };
+
+        let dtype = r.get("dtype").or_else(|| r.get("torch_dtype")).and_then(|d| d.as_str()).map(String::from);
+        let bos_token_id = r.ids("bos_token_id")?.first().copied();
+        let eos_token_ids = r.ids("eos_token_id")?;
+        let c = ModelConfig {
+            architecture,
+            hidden_size,
+            intermediate_size: r.usize("intermediate_size")?,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            vocab_size: r.usize("vocab_size")?,
+            max_position_embeddings: r.opt_usize("max_position_embeddings")?.unwrap_or(4096),
+            rms_norm_eps: r.f32_or(r.get("rms_norm_eps"), "rms_norm_eps", 1e-6)?,
+            rope_theta,
+            rope_scaling,
+            tie_word_embeddings: r.bool_or("tie_word_embeddings", false)?,
+            qkv_bias,
+            o_bias,
+            sliding_window,
+            dtype,
+            bos_token_id,
+            eos_token_ids,
+        };
+        for (k, v) in [("hidden_size", c.hidden_size), ("intermediate_size", c.intermediate_size), ("vocab_size", c.vocab_size), ("num_hidden_layers", c.num_hidden_layers)] {
+            if v == 0 {
+                return Err(r.err(k, "must be positive"));
+            }
+        }
+        Ok(c)
+    }
+
+    /// Bytes of weights per token at batch 1 in dtype `bytes_per_weight` (every matrix read once).
+    pub fn parameter_count(&self) -> usize {
+        let (h, m, q, kv) = (self.hidden_size, self.intermediate_size, self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim);
+        let per_layer = h * q + 2 * h * kv + q * h + 3 * h * m + 2 * h;
+        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
+        self.num_hidden_layers * per_layer + self.vocab_size * h + head + h
+    }
+}
+
+/// The path of a model folder's file, for messages.
+pub fn file(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: Value) -> Result<ModelConfig> {
+        ModelConfig::from_value(Path::new("config.json"), &v)
+    }
+
+    fn base() -> Value {
+        json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 384, "rms_norm_eps": 1e-5})
+    }
+
+    #[test]
+    fn both_rope_spellings_and_llama3_scaling_are_read() {
+        let mut v = base();
+        v["rope_theta"] = json!(500000.0);
+        v["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        let c = parse(v).unwrap();
+        assert_eq!(c.rope_theta, 500000.0);
+        assert!(matches!(c.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+        assert_eq!(c.head_dim, 16);
+        let mut v = base();
+        v["rope_parameters"] = json!({"rope_theta": 1000.0, "rope_type": "default"});
+        v["head_dim"] = json!(32);
+        let c = parse(v).unwrap();
+        assert_eq!((c.rope_theta, c.rope_scaling.clone(), c.head_dim), (1000.0, RopeScaling::Default, 32));
+    }
+
+    #[test]
+    fn qwen2_has_qkv_bias_and_eos_lists_are_read() {
+        let mut v = base();
+        v["architectures"] = json!(["Qwen2ForCausalLM"]);
+        v["eos_token_id"] = json!([2, 7]);
+        v["tie_word_embeddings"] = json!(true);
+        let c = parse(v).unwrap();
+        assert!(c.qkv_bias && !c.o_bias && c.tie_word_embeddings);
+        assert_eq!(c.eos_token_ids, vec![2, 7]);
+    }
+
+    #[test]
+    fn bad_configs_name_the_key() {
+        let mut v = base();
+        v["architectures"] = json!(["GPT2LMHeadModel"]);
+        let e = parse(v).unwrap_err().to_string();
+        assert!(e.contains("unsupported architecture `GPT2LMHeadModel`") && e.contains("LlamaForCausalLM"), "{e}");
+        let mut v = base();
+        v.as_object_mut().unwrap().remove("hidden_size");
+        assert!(parse(v).unwrap_err().to_string().contains("hidden_size: missing"));
+        let mut v = base();
+        v["num_key_value_heads"] = json!(3);
+        assert!(parse(v).unwrap_err().to_string().contains("num_key_value_heads"));
+        let mut v = base();
+        v["rope_scaling"] = json!({"type": "yarn", "factor": 4.0});
+        assert!(parse(v).unwrap_err().to_string().contains("`yarn` is not supported"));
+    }
+}

@@ -1,0 +1,110 @@
+//! The graph IR: operators placed on lanes, wired by bounded edges. Built by an architecture
+//! (see [`crate::llama`]) and compiled into a running program by the `weir` crate; this crate
+//! never runs anything.
+
+use std::fmt::Write;
+use weir_operators::OpConfig;
+use weir_runtime::LaneSpec;
+
+/// One end of an edge: a node's port, by index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Port {
+    pub node: usize,
+    pub port: usize,
+}
+
+/// An operator instance placed on a lane.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub name: String,
+    pub op: OpConfig,
+    pub lane: usize,
+    pub layer: Option<u32>,
+}
+
+/// A bounded edge. `sticky`: the consumer keeps the last message (resident weights).
+#[derive(Debug, Clone)]
+pub struct Edge {
+    pub from: Port,
+    pub to: Port,
+    pub capacity: usize,
+    pub sticky: bool,
+}
+
+/// A placed dataflow graph with one entry (token ids in) and one exit (sampled tokens out).
+#[derive(Debug, Clone)]
+pub struct Graph {
+    pub lanes: Vec<LaneSpec>,
+    pub nodes: Vec<Node>,
+    pub edges: Vec<Edge>,
+    pub entry: Port,
+    pub exit: Port,
+}
+
+impl Graph {
+    /// An empty graph on these lanes.
+    pub fn new(lanes: Vec<LaneSpec>) -> Graph {
+        Graph { lanes, nodes: Vec::new(), edges: Vec::new(), entry: Port { node: 0, port: 0 }, exit: Port { node: 0, port: 0 } }
+    }
+
+    /// Adds a node; returns its index.
+    pub fn node(&mut self, name: impl Into<String>, op: OpConfig, lane: usize, layer: Option<u32>) -> usize {
+        self.nodes.push(Node { name: name.into(), op, lane, layer });
+        self.nodes.len() - 1
+    }
+
+    /// Connects output `from_port` of `from` to input `to_port` of `to`.
+    pub fn edge(&mut self, from: usize, from_port: usize, to: usize, to_port: usize, capacity: usize, sticky: bool) {
+        self.edges.push(Edge { from: Port { node: from, port: from_port }, to: Port { node: to, port: to_port }, capacity, sticky });
+    }
+
+    /// The input port index of `node` named `name`.
+    pub fn in_port(&self, node: usize, name: &str) -> usize {
+        self.nodes[node].op.inputs().iter().position(|p| *p == name).unwrap_or_else(|| panic!("{} has no input `{name}`", self.nodes[node].op.kind()))
+    }
+
+    /// A readable dump of the placed graph: lanes, nodes, edges.
+    pub fn dump(&self) -> String {
+        let mut s = String::new();
+        for (i, l) in self.lanes.iter().enumerate() {
+            let _ = writeln!(s, "lane {i} {} {}", l.name, l.describe());
+        }
+        for n in &self.nodes {
+            let layer = n.layer.map_or(String::new(), |l| format!(" layer={l}"));
+            let _ = writeln!(s, "node {} {} @{}{layer}", n.name, n.op.kind(), self.lanes[n.lane].name);
+        }
+        for e in &self.edges {
+            let (f, t) = (&self.nodes[e.from.node], &self.nodes[e.to.node]);
+            let out = f.op.outputs();
+            let _ = writeln!(
+                s,
+                "edge {}.{} -> {}.{} capacity={}{}",
+                f.name,
+                out.get(e.from.port).map_or("?", |p| p.as_str()),
+                t.name,
+                t.op.inputs().get(e.to.port).copied().unwrap_or("?"),
+                e.capacity,
+                if e.sticky { " sticky" } else { "" }
+            );
+        }
+        s
+    }
+
+    /// Graphviz DOT of the graph, one cluster per lane.
+    pub fn dot(&self) -> String {
+        let mut s = String::from("digraph weir {\n  rankdir=TB;\n  node [shape=box, fontsize=10];\n");
+        for (li, l) in self.lanes.iter().enumerate() {
+            let _ = writeln!(s, "  subgraph cluster_{li} {{ label=\"{} ({})\";", l.name, l.describe());
+            for (i, n) in self.nodes.iter().enumerate().filter(|(_, n)| n.lane == li) {
+                let _ = writeln!(s, "    n{i} [label=\"{}\\n{}\"];", n.name, n.op.kind());
+            }
+            s.push_str("  }\n");
+        }
+        for e in &self.edges {
+            let style = if e.sticky { " [style=dashed]" } else { "" };
+            let _ = writeln!(s, "  n{} -> n{}{style};", e.from.node, e.to.node);
+        }
+        s.push_str("}\n");
+        s
+    }
+}
