@@ -73,6 +73,9 @@ impl Operator<Packet> for Loader {
     fn span_kind(&self) -> SpanKind {
         SpanKind::Load
     }
+    fn next_output(&self) -> Option<usize> {
+        Some(self.next.min(self.tensors.len().saturating_sub(1)))
+    }
     fn fire(&mut self, _ins: &mut Inputs<Packet>, out: &mut Emit<Packet>, _cx: &FireCx) -> Result<Step, OpError> {
         if self.next >= self.tensors.len() {
             return Ok(Step::Finished);

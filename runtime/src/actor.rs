@@ -96,6 +96,11 @@ pub trait Operator<M>: Send {
     fn kind(&self) -> &str {
         "op"
     }
+    /// If the next firing will emit on one output port only, that port: the actor then waits
+    /// for room on that port's edges alone (a loader sending one tensor per firing).
+    fn next_output(&self) -> Option<usize> {
+        None
+    }
 }
 
 pub(crate) struct InPort<M> {
@@ -133,7 +138,10 @@ impl<M: crate::Message> Actor<M> {
                 return false;
             }
         }
-        self.outputs.iter().flatten().all(|tx| tx.has_room())
+        match self.op.next_output() {
+            Some(port) => self.outputs.get(port).is_none_or(|edges| edges.iter().all(|tx| tx.has_room())),
+            None => self.outputs.iter().flatten().all(|tx| tx.has_room()),
+        }
     }
 
     /// Fires once if ready.
@@ -151,6 +159,7 @@ impl<M: crate::Message> Actor<M> {
                 *slot = rx.recv_now();
             }
         }
+        let hint = self.op.next_output();
         let mut bytes: u64 = self.slots.iter().flatten().map(|m| m.bytes() as u64).sum();
         let mut emit = Emit { staged: (0..self.outputs.len()).map(|_| None).collect(), overfull: None };
         let step = {
@@ -160,6 +169,11 @@ impl<M: crate::Message> Actor<M> {
         };
         if let Some(port) = emit.overfull {
             return Err(OpError::new(format!("emitted twice on output port {port} in one firing")));
+        }
+        if let Some(hint) = hint {
+            if let Some((port, _)) = emit.staged.iter().enumerate().find(|(p, m)| m.is_some() && *p != hint) {
+                return Err(OpError::new(format!("announced output port {hint} but emitted on port {port}")));
+            }
         }
         if self.inputs.is_empty() {
             bytes = emit.staged.iter().flatten().map(|m| m.bytes() as u64).sum();

@@ -143,7 +143,9 @@ struct PoolShared {
 }
 
 /// A fork–join pool over the extra cores of a CPU lane; the lane's own thread works too.
-pub(crate) struct WorkerPool {
+/// Public so that tools outside a program (the bandwidth probe of `weir bench`) split work the
+/// same way lanes do.
+pub struct WorkerPool {
     shared: Arc<PoolShared>,
     threads: Vec<Thread>,
     handles: Vec<JoinHandle<()>>,
@@ -154,7 +156,8 @@ pub(crate) struct WorkerPool {
 const SPIN_ROUNDS: u32 = 20_000;
 
 impl WorkerPool {
-    pub(crate) fn new(lane: &str, cores: &[usize]) -> Result<WorkerPool, Error> {
+    /// A pool with one worker pinned to each of `cores`; the caller of `run` is one more.
+    pub fn new(lane: &str, cores: &[usize]) -> Result<WorkerPool, Error> {
         let shared = Arc::new(PoolShared {
             state: AtomicU64::new(0),
             job: AtomicUsize::new(0),

@@ -52,7 +52,7 @@ pub mod trace;
 pub use actor::{Emit, FireCx, Inputs, Operator, Step};
 pub use channel::{ExternalRx, ExternalTx};
 pub use error::{Error, OpError};
-pub use lane::{LaneId, LaneKind, LaneSpec};
+pub use lane::{LaneId, LaneKind, LaneSpec, WorkerPool};
 pub use program::{ActorId, Program, ProgramBuilder};
 pub use tensor::{DType, HostBuffer, Tensor, Tier};
 pub use trace::{Event, SpanKind, Trace};

@@ -225,7 +225,13 @@ impl<M: Message> ProgramBuilder<M> {
             }
         }
 
-        let shared = Arc::new(Shared { stop: AtomicBool::new(false), fault: Mutex::new(None), wakers: self.wakers.clone(), trace: sink });
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            fault: Mutex::new(None),
+            wakers: self.wakers.clone(),
+            trace: sink,
+            gate: (Mutex::new(false), std::sync::Condvar::new()),
+        });
         let mut threads = Vec::new();
         for (i, (spec, actors)) in self.lanes.into_iter().zip(per_lane).enumerate() {
             let sh = shared.clone();
@@ -241,6 +247,7 @@ impl<M: Message> ProgramBuilder<M> {
                 }
                 Err(e) => {
                     shared.stop_all();
+                    shared.open_gate();
                     for h in threads {
                         let _ = h.join();
                     }
@@ -248,6 +255,8 @@ impl<M: Message> ProgramBuilder<M> {
                 }
             }
         }
+        // Every lane's waker is set before any lane runs, so no wake-up is lost.
+        shared.open_gate();
         Ok(Program { shared, threads })
     }
 }
@@ -284,9 +293,20 @@ struct Shared {
     fault: Mutex<Option<Error>>,
     wakers: Vec<Arc<Waker>>,
     trace: Option<Arc<TraceSink>>,
+    gate: (Mutex<bool>, std::sync::Condvar),
 }
 
 impl Shared {
+    fn open_gate(&self) {
+        *self.gate.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.gate.1.notify_all();
+    }
+    fn wait_gate(&self) {
+        let mut open = self.gate.0.lock().unwrap_or_else(|p| p.into_inner());
+        while !*open {
+            open = self.gate.1.wait(open).unwrap_or_else(|p| p.into_inner());
+        }
+    }
     fn stop_all(&self) {
         self.stop.store(true, Ordering::Release);
         for w in &self.wakers {
@@ -306,6 +326,7 @@ impl Shared {
 }
 
 fn lane_main<M: Message>(index: usize, spec: LaneSpec, mut actors: Vec<Actor<M>>, sh: Arc<Shared>) {
+    sh.wait_gate();
     let pool = match &spec.kind {
         LaneKind::Cpu { cores } => {
             if let Err(e) = lane::pin_current(cores[0]) {

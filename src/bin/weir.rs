@@ -1,1 +1,249 @@
-fn main(){}
+//! The `weir` command line: a thin layer over the `weir` library.
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::io::Write;
+use std::path::PathBuf;
+use weir::{Engine, EngineOptions, Event, LogitsMode, Model, Request, Sampling};
+
+#[derive(Parser)]
+#[command(name = "weir", version, about = "Run large language models on every device of one machine")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate text from a prompt.
+    Run(RunArgs),
+    /// Write a random-weight model of a named shape (for benchmarks and demos).
+    Synth(SynthArgs),
+    /// Measure prefill and decode throughput against the machine's memory bandwidth.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Hugging Face model folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompt text (encoded with the model's tokenizer).
+    #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
+    prompt: Option<String>,
+    /// Prompt token ids, comma-separated (e.g. 1,2,3).
+    #[arg(long)]
+    prompt_ids: Option<String>,
+    /// New tokens to generate at most.
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Keep only the K most likely tokens (0 = all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Keep the smallest set of likely tokens whose probability reaches P.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Compute threads (0 = all available cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Print one JSON object on stdout instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Write the logits (last prompt position and every generated step) as JSON.
+    #[arg(long)]
+    logits_out: Option<PathBuf>,
+    /// Write a Chrome trace-event file (open in Perfetto or chrome://tracing).
+    #[arg(long)]
+    trace: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// Shape: tiny, small, tinyllama-1.1b, llama3-8b.
+    #[arg(long, default_value = "small")]
+    shape: String,
+    /// Weight dtype: f32, bf16, f16.
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Hugging Face model folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Prompt tokens per sequence.
+    #[arg(long, default_value_t = 16)]
+    prompt_len: usize,
+    /// Generated tokens per sequence.
+    #[arg(long, default_value_t = 32)]
+    gen_len: usize,
+    /// Compute threads (0 = all available cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Seed of the random prompts.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Run(a) => run(a),
+        Cmd::Synth(a) => synth(a),
+        Cmd::Bench(a) => bench(a),
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn parse_ids(s: &str) -> Result<Vec<u32>> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .enumerate()
+        .map(|(i, t)| t.parse::<u32>().map_err(|_| anyhow!("--prompt-ids: item {} (`{t}`) is not a token id", i + 1)))
+        .collect::<Result<Vec<_>>>()
+        .and_then(|v| if v.is_empty() { bail!("--prompt-ids: no ids given") } else { Ok(v) })
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    if !(a.temperature >= 0.0 && a.temperature.is_finite()) {
+        bail!("--temperature {}: must be a number ≥ 0", a.temperature);
+    }
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        bail!("--top-p {}: must be in (0, 1]", a.top_p);
+    }
+    let model = Model::open(&a.model).with_context(|| format!("--model {}", a.model.display()))?;
+    let prompt = match (&a.prompt, &a.prompt_ids) {
+        (Some(text), _) => model.encode(text)?,
+        (None, Some(ids)) => parse_ids(ids)?,
+        (None, None) => bail!("give --prompt or --prompt-ids"),
+    };
+    let engine = Engine::new(&model, EngineOptions { threads: a.threads, trace: a.trace.is_some(), ..Default::default() })?;
+    let logits = if a.logits_out.is_some() { LogitsMode::Steps } else { LogitsMode::None };
+    let req = Request {
+        prompt: prompt.clone(),
+        max_new_tokens: a.max_new_tokens,
+        sampling: Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed },
+        stop_at_eos: true,
+        logits,
+    };
+    let generation = engine.submit(req)?;
+    let mut ids = Vec::new();
+    let mut step_logits = Vec::new();
+    let mut stats = None;
+    let mut shown = String::new();
+    let mut stdout = std::io::stdout().lock();
+    for ev in generation {
+        match ev {
+            Event::Token { id, logits } => {
+                ids.push(id);
+                if let Some(l) = logits {
+                    step_logits.push(l);
+                }
+                if !a.json {
+                    // Stream text: print what the decoding of all ids so far adds.
+                    let text = model.decode(&ids)?;
+                    if let Some(new) = text.strip_prefix(shown.as_str()) {
+                        let _ = write!(stdout, "{new}");
+                        let _ = stdout.flush();
+                    }
+                    shown = text;
+                }
+            }
+            Event::PromptLogits(_) => {}
+            Event::Done(s) => stats = Some(s),
+            Event::Failed(e) => bail!("generation failed: {e}"),
+        }
+    }
+    let stats = stats.ok_or_else(|| anyhow!("the engine stopped before the generation finished"))?;
+    let text = model.decode(&ids)?;
+    if let Some(path) = &a.trace {
+        std::fs::write(path, engine.trace().to_chrome_json()).with_context(|| format!("--trace {}", path.display()))?;
+    }
+    engine.shutdown()?;
+    if let Some(path) = &a.logits_out {
+        let v = serde_json::json!({"last_prompt_logits": step_logits.first().cloned().unwrap_or_default(), "step_logits": step_logits});
+        std::fs::write(path, serde_json::to_string(&v)?).with_context(|| format!("--logits-out {}", path.display()))?;
+    }
+    if a.json {
+        let v = serde_json::json!({
+            "prompt_ids": prompt, "generated_ids": ids, "text": text,
+            "prefill_tokens_per_s": stats.prefill_tokens_per_s(), "decode_tokens_per_s": stats.decode_tokens_per_s(),
+            "finish_reason": format!("{:?}", stats.finish).to_lowercase(),
+        });
+        writeln!(stdout, "{v}")?;
+    } else {
+        writeln!(stdout)?;
+        eprintln!(
+            "{} prompt tokens, {} generated ({:?}); prefill {:.1} tokens/s, decode {:.2} tokens/s",
+            prompt.len(),
+            ids.len(),
+            stats.finish,
+            stats.prefill_tokens_per_s(),
+            stats.decode_tokens_per_s()
+        );
+        if let Some(p) = &a.trace {
+            eprintln!("trace written to {}", p.display());
+        }
+    }
+    Ok(())
+}
+
+fn synth(a: SynthArgs) -> Result<()> {
+    let shape = weir::synth::shape(&a.shape).context("--shape")?;
+    let dtype = weir::synth::parse_dtype(&a.dtype).context("--dtype")?;
+    let t0 = std::time::Instant::now();
+    weir::synth::write_model(&a.out, &shape, dtype, a.seed)?;
+    let bytes = std::fs::metadata(a.out.join("model.safetensors")).map(|m| m.len()).unwrap_or(0);
+    eprintln!("wrote {} ({}, {}, {:.2} GB) in {:.1} s", a.out.display(), shape.name, a.dtype, bytes as f64 / 1e9, t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    let model = Model::open(&a.model).with_context(|| format!("--model {}", a.model.display()))?;
+    let threads = if a.threads == 0 { weir_runtime_threads() } else { a.threads };
+    let r = weir::bench::run(&model, &weir::bench::BenchOptions { batch: a.batch, prompt_len: a.prompt_len, gen_len: a.gen_len, threads, seed: a.seed })?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!("model            {}", a.model.display());
+        println!("batch {} × prompt {} + gen {}, {} threads", r.batch, r.prompt_len, r.gen_len, r.threads);
+        println!("prefill          {:.1} tokens/s ({:.3} TFLOP/s)", r.prefill_tokens_per_s, r.prefill_flops_per_s / 1e12);
+        println!("decode           {:.2} tokens/s", r.decode_tokens_per_s);
+        println!("total            {:.2} tokens/s", r.total_tokens_per_s);
+        println!("memory read      {:.1} GB/s (measured now, {} threads)", r.memory_read_gb_per_s, r.threads);
+        println!("weights / step   {:.3} GB", r.weight_bytes_per_token as f64 / 1e9);
+        println!("bandwidth bound  {:.2} steps/s; achieved {:.0}% of it", r.bandwidth_bound_steps_per_s, 100.0 * r.fraction_of_bandwidth_bound);
+    }
+    Ok(())
+}
+
+fn weir_runtime_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}

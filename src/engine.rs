@@ -1,0 +1,444 @@
+//! The engine: a compiled model plus a scheduler that batches requests into passes.
+//!
+//! The scheduler thread is the graph's driver. Each pass it gathers every active sequence —
+//! a new one contributes its whole prompt (prefill), a running one its last token (decode) —
+//! sends the token ids into the graph's entry edge, waits for the sampled tokens at the exit
+//! edge, and streams each sequence's token to its caller. Sequences of different lengths share
+//! a pass; each keeps its own KV cache inside the attention actors. A finished sequence's id
+//! rides on the next pass so that the actors free its state.
+
+use crate::compile::{compile, Compiled};
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crossbeam_channel::{Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use weir_graphs::{llama, Placement};
+use weir_operators::{Batch, LogitsWanted, Packet, Sampling, SeqSlice};
+use weir_runtime::{Program, Trace};
+
+pub use weir_operators::Sampling as SamplingParams;
+
+/// Which logits a request wants back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogitsMode {
+    /// None.
+    #[default]
+    None,
+    /// The logits behind every generated token (step 0: after the prompt).
+    Steps,
+    /// Those, plus the logits at every prompt position.
+    AllPositions,
+}
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Prompt token ids (BOS included if the model wants one).
+    pub prompt: Vec<u32>,
+    /// Stop after this many new tokens.
+    pub max_new_tokens: usize,
+    /// How to choose tokens.
+    pub sampling: Sampling,
+    /// Stop at the model's EOS ids (off for benchmarks).
+    pub stop_at_eos: bool,
+    /// Which logits to return.
+    pub logits: LogitsMode,
+}
+
+impl Request {
+    /// Greedy generation of `max_new_tokens` after `prompt`, stopping at EOS.
+    pub fn greedy(prompt: Vec<u32>, max_new_tokens: usize) -> Request {
+        Request { prompt, max_new_tokens, sampling: Sampling::default(), stop_at_eos: true, logits: LogitsMode::None }
+    }
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An EOS token was produced (it is the last generated id).
+    Eos,
+    /// `max_new_tokens` were produced.
+    MaxTokens,
+    /// The sequence reached `max_position_embeddings`.
+    ContextFull,
+}
+
+/// What a request produces, as it is produced.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// One new token; `logits` when the request asked for them.
+    Token { id: u32, logits: Option<Vec<f32>> },
+    /// The prompt's logits at every position (`LogitsMode::AllPositions`), before the first token.
+    PromptLogits(Vec<Vec<f32>>),
+    /// The request is complete.
+    Done(Stats),
+    /// The engine failed while running the request.
+    Failed(String),
+}
+
+/// Timing and outcome of a finished request.
+#[derive(Debug, Clone)]
+pub struct Stats {
+    pub finish: FinishReason,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    /// Seconds from the request's first pass to its first token.
+    pub prefill_s: f64,
+    /// Seconds from the first token to the last.
+    pub decode_s: f64,
+}
+
+impl Stats {
+    /// Prompt tokens per second of prefill.
+    pub fn prefill_tokens_per_s(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill_s.max(1e-9)
+    }
+    /// Generated tokens per second after the first.
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        if self.generated_tokens <= 1 {
+            return 0.0;
+        }
+        (self.generated_tokens - 1) as f64 / self.decode_s.max(1e-9)
+    }
+}
+
+/// A submitted request: its events, as they come.
+pub struct Generation {
+    events: Receiver<Event>,
+}
+
+/// Everything a finished request produced.
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub tokens: Vec<u32>,
+    /// Per generated token, its logits (if asked).
+    pub step_logits: Vec<Vec<f32>>,
+    /// Per prompt position, its logits (if asked for all positions).
+    pub prompt_logits: Vec<Vec<f32>>,
+    pub stats: Stats,
+}
+
+impl Generation {
+    /// The next event; `None` after `Done` or `Failed`.
+    pub fn next_event(&self) -> Option<Event> {
+        self.events.recv().ok()
+    }
+
+    /// Waits for the whole generation.
+    pub fn collect(self) -> Result<Output> {
+        let mut out = Output {
+            tokens: Vec::new(),
+            step_logits: Vec::new(),
+            prompt_logits: Vec::new(),
+            stats: Stats { finish: FinishReason::MaxTokens, prompt_tokens: 0, generated_tokens: 0, prefill_s: 0.0, decode_s: 0.0 },
+        };
+        while let Some(e) = self.next_event() {
+            match e {
+                Event::Token { id, logits } => {
+                    out.tokens.push(id);
+                    if let Some(l) = logits {
+                        out.step_logits.push(l);
+                    }
+                }
+                Event::PromptLogits(rows) => out.prompt_logits = rows,
+                Event::Done(s) => {
+                    out.stats = s;
+                    return Ok(out);
+                }
+                Event::Failed(msg) => return Err(Error::Request(msg)),
+            }
+        }
+        Err(Error::Stopped(None))
+    }
+}
+
+impl Iterator for Generation {
+    type Item = Event;
+    fn next(&mut self) -> Option<Event> {
+        self.next_event()
+    }
+}
+
+/// How to build an engine.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Compute threads (cores of the compute lane); 0 = every CPU this process may use.
+    pub threads: usize,
+    /// Loader lanes.
+    pub loader_lanes: usize,
+    /// Record a trace.
+    pub trace: bool,
+    /// Most sequences in one pass.
+    pub max_batch: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions { threads: 0, loader_lanes: 1, trace: false, max_batch: 256 }
+    }
+}
+
+enum Cmd {
+    Submit(Request, Sender<Event>),
+}
+
+/// A running model. Dropping it shuts it down.
+pub struct Engine {
+    cmds: Option<Sender<Cmd>>,
+    scheduler: Option<JoinHandle<()>>,
+    program: Arc<Mutex<Option<Program>>>,
+    vocab: usize,
+    max_positions: usize,
+    graph_dump: String,
+}
+
+impl Engine {
+    /// Compiles `model` onto this machine and starts it. Weights load in the background;
+    /// the first pass waits for them.
+    pub fn new(model: &Model, opts: EngineOptions) -> Result<Engine> {
+        let mut placement = Placement::cpu(opts.threads)?;
+        placement.loader_lanes = opts.loader_lanes.max(1);
+        let graph = llama::build(&model.config, &model.weights, &placement)?;
+        let graph_dump = graph.dump();
+        if let Ok(dir) = std::env::var("WEIR_DUMP_GRAPH") {
+            let _ = std::fs::create_dir_all(&dir);
+            let _ = std::fs::write(std::path::Path::new(&dir).join("graph.txt"), &graph_dump);
+            let _ = std::fs::write(std::path::Path::new(&dir).join("graph.dot"), graph.dot());
+        }
+        let Compiled { program, entry, exit } = compile(&graph, opts.trace)?;
+        let program = Arc::new(Mutex::new(Some(program)));
+        let (cmds, cmd_rx) = crossbeam_channel::bounded::<Cmd>(1024);
+        let sched = Scheduler {
+            cmds: cmd_rx,
+            entry,
+            exit,
+            program: program.clone(),
+            eos: model.config.eos_token_ids.clone(),
+            max_positions: model.config.max_position_embeddings,
+            vocab: model.config.vocab_size,
+            max_batch: opts.max_batch.max(1),
+        };
+        let scheduler = std::thread::Builder::new()
+            .name("weir-scheduler".into())
+            .spawn(move || sched.run())
+            .map_err(|e| Error::Runtime(weir_runtime::Error::Spawn { lane: "scheduler".into(), reason: e.to_string() }))?;
+        Ok(Engine { cmds: Some(cmds), scheduler: Some(scheduler), program, vocab: model.config.vocab_size, max_positions: model.config.max_position_embeddings, graph_dump })
+    }
+
+    /// Checks a request and queues it. Invalid requests are refused here, before anything runs.
+    pub fn submit(&self, req: Request) -> Result<Generation> {
+        if req.prompt.is_empty() {
+            return Err(Error::Request("the prompt is empty".into()));
+        }
+        if let Some((i, id)) = req.prompt.iter().enumerate().find(|(_, &id)| id as usize >= self.vocab) {
+            return Err(Error::Request(format!("prompt token {i} is id {id}, outside the vocabulary (size {})", self.vocab)));
+        }
+        if req.prompt.len() > self.max_positions {
+            return Err(Error::Request(format!("the prompt has {} tokens, more than max_position_embeddings ({})", req.prompt.len(), self.max_positions)));
+        }
+        let s = &req.sampling;
+        if !(s.temperature >= 0.0 && s.temperature.is_finite()) {
+            return Err(Error::Request(format!("temperature {} must be a finite number ≥ 0", s.temperature)));
+        }
+        if !(s.top_p > 0.0 && s.top_p <= 1.0) {
+            return Err(Error::Request(format!("top_p {} must be in (0, 1]", s.top_p)));
+        }
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let cmds = self.cmds.as_ref().ok_or(Error::Stopped(None))?;
+        if req.max_new_tokens == 0 {
+            let _ = tx.send(Event::Done(Stats { finish: FinishReason::MaxTokens, prompt_tokens: req.prompt.len(), generated_tokens: 0, prefill_s: 0.0, decode_s: 0.0 }));
+            return Ok(Generation { events: rx });
+        }
+        cmds.send(Cmd::Submit(req, tx)).map_err(|_| Error::Stopped(self.fault()))?;
+        Ok(Generation { events: rx })
+    }
+
+    /// Submits and waits.
+    pub fn generate(&self, req: Request) -> Result<Output> {
+        self.submit(req)?.collect()
+    }
+
+    /// The runtime's fault, if an actor failed.
+    pub fn fault(&self) -> Option<weir_runtime::Error> {
+        self.program.lock().ok().and_then(|p| p.as_ref().and_then(|p| p.fault()))
+    }
+
+    /// The trace recorded so far (empty unless built with `trace: true`).
+    pub fn trace(&self) -> Trace {
+        self.program.lock().ok().and_then(|p| p.as_ref().map(|p| p.trace())).unwrap_or_default()
+    }
+
+    /// The placed graph, as text.
+    pub fn graph_dump(&self) -> &str {
+        &self.graph_dump
+    }
+
+    /// Finishes the requests in flight, stops every lane and returns the fault if one occurred.
+    pub fn shutdown(mut self) -> Result<()> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        drop(self.cmds.take());
+        if let Some(h) = self.scheduler.take() {
+            let _ = h.join();
+        }
+        let program = self.program.lock().ok().and_then(|mut p| p.take());
+        match program {
+            Some(p) => p.shutdown().map_err(Error::Runtime),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+struct Active {
+    id: u64,
+    req: Request,
+    events: Sender<Event>,
+    /// Tokens in the KV cache (0 until prefill ran).
+    pos: usize,
+    last: u32,
+    generated: usize,
+    started: Option<Instant>,
+    first_token: Option<Instant>,
+}
+
+struct Scheduler {
+    cmds: Receiver<Cmd>,
+    entry: weir_runtime::ExternalTx<Packet>,
+    exit: weir_runtime::ExternalRx<Packet>,
+    program: Arc<Mutex<Option<Program>>>,
+    eos: Vec<u32>,
+    max_positions: usize,
+    vocab: usize,
+    max_batch: usize,
+}
+
+impl Scheduler {
+    fn run(self) {
+        let mut active: Vec<Active> = Vec::new();
+        let mut release: Vec<u64> = Vec::new();
+        let mut next_id = 0u64;
+        let mut pass = 0u64;
+        let mut open = true;
+        loop {
+            // Admit requests: block when idle, otherwise take what is waiting.
+            while open && active.len() < self.max_batch {
+                let cmd = if active.is_empty() && release.is_empty() {
+                    self.cmds.recv().map_err(|_| crossbeam_channel::TryRecvError::Disconnected)
+                } else {
+                    self.cmds.try_recv()
+                };
+                match cmd {
+                    Ok(Cmd::Submit(req, events)) => {
+                        active.push(Active { id: next_id, last: 0, req, events, pos: 0, generated: 0, started: None, first_token: None });
+                        next_id += 1;
+                    }
+                    Err(crossbeam_channel::TryRecvError::Empty) => break,
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                        open = false;
+                    }
+                }
+            }
+            if active.is_empty() && release.is_empty() {
+                if open {
+                    continue;
+                }
+                return;
+            }
+
+            let mut ids = Vec::new();
+            let mut seqs = Vec::new();
+            let now = Instant::now();
+            for a in active.iter_mut() {
+                let (start, toks) = if a.pos == 0 { (0, a.req.prompt.clone()) } else { (a.pos, vec![a.last]) };
+                let logits = match (a.req.logits, a.pos == 0) {
+                    (LogitsMode::AllPositions, true) => LogitsWanted::All,
+                    (LogitsMode::None, _) => LogitsWanted::None,
+                    _ => LogitsWanted::Last,
+                };
+                a.started.get_or_insert(now);
+                seqs.push(SeqSlice { id: a.id, start, len: toks.len(), logits, sampling: a.req.sampling });
+                ids.extend(toks);
+            }
+            let batch = Arc::new(Batch { pass, seqs, release: std::mem::take(&mut release) });
+            pass += 1;
+            let sent = self.entry.send(Packet::Tokens { batch: batch.clone(), ids: Arc::new(ids) });
+            let reply = if sent.is_ok() { self.exit.recv() } else { None };
+            let Some(Packet::Sampled { tokens, logits, .. }) = reply else {
+                self.fail_all(&mut active);
+                return;
+            };
+            let done_at = Instant::now();
+            let mut row = 0;
+            let mut finished = Vec::new();
+            for (i, (a, s)) in active.iter_mut().zip(&batch.seqs).enumerate() {
+                let rows = Batch::logit_rows(s);
+                let mut mine: Vec<Vec<f32>> = match &logits {
+                    Some(l) if s.logits != LogitsWanted::None => (row..row + rows).map(|r| l.f32()[r * self.vocab..(r + 1) * self.vocab].to_vec()).collect(),
+                    _ => Vec::new(),
+                };
+                row += rows;
+                if s.logits == LogitsWanted::All {
+                    let _ = a.events.send(Event::PromptLogits(mine.clone()));
+                }
+                let tok = tokens[i];
+                a.pos += s.len;
+                a.last = tok;
+                a.generated += 1;
+                if a.first_token.is_none() {
+                    a.first_token = Some(done_at);
+                }
+                let _ = a.events.send(Event::Token { id: tok, logits: mine.pop() });
+                let finish = if a.req.stop_at_eos && self.eos.contains(&tok) {
+                    Some(FinishReason::Eos)
+                } else if a.generated >= a.req.max_new_tokens {
+                    Some(FinishReason::MaxTokens)
+                } else if a.pos >= self.max_positions {
+                    Some(FinishReason::ContextFull)
+                } else {
+                    None
+                };
+                if let Some(f) = finish {
+                    let (st, ft) = (a.started.unwrap_or(done_at), a.first_token.unwrap_or(done_at));
+                    let stats = Stats {
+                        finish: f,
+                        prompt_tokens: a.req.prompt.len(),
+                        generated_tokens: a.generated,
+                        prefill_s: secs(ft - st),
+                        decode_s: secs(done_at - ft),
+                    };
+                    let _ = a.events.send(Event::Done(stats));
+                    finished.push(i);
+                }
+            }
+            for i in finished.into_iter().rev() {
+                release.push(active.remove(i).id);
+            }
+        }
+    }
+
+    fn fail_all(&self, active: &mut Vec<Active>) {
+        let fault = self.program.lock().ok().and_then(|p| p.as_ref().and_then(|p| p.fault()));
+        let msg = fault.map_or_else(|| "the engine stopped".to_string(), |e| e.to_string());
+        for a in active.drain(..) {
+            let _ = a.events.send(Event::Failed(msg.clone()));
+        }
+        // Refuse whatever is still queued.
+        while let Ok(Cmd::Submit(_, events)) = self.cmds.try_recv() {
+            let _ = events.send(Event::Failed(msg.clone()));
+        }
+    }
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}

@@ -1,0 +1,36 @@
+//! The `weir` crate's errors.
+
+use std::path::PathBuf;
+use thiserror::Error;
+
+/// Anything that can go wrong opening a model, building an engine or running a request.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// The model folder, its config or its weights are wrong.
+    #[error(transparent)]
+    Model(#[from] weir_graphs::Error),
+    /// The runtime failed: an actor failed, a lane could not be placed.
+    #[error(transparent)]
+    Runtime(#[from] weir_runtime::Error),
+    /// The model folder does not exist or is not a folder.
+    #[error("{path}: not a model folder ({reason})")]
+    NotAFolder { path: PathBuf, reason: String },
+    /// `tokenizer.json` could not be loaded or used.
+    #[error("{path}: tokenizer: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+    /// A text prompt was given but the model folder has no tokenizer.
+    #[error("{dir}: no tokenizer.json, so text prompts cannot be encoded (give token ids instead)")]
+    NoTokenizer { dir: PathBuf },
+    /// A request is invalid; nothing was run for it.
+    #[error("invalid request: {0}")]
+    Request(String),
+    /// The engine has stopped (shut down, or failed earlier).
+    #[error("the engine has stopped{}", .0.as_ref().map(|e| format!(": {e}")).unwrap_or_default())]
+    Stopped(Option<weir_runtime::Error>),
+    /// A file could not be written.
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// Shorthand.
+pub type Result<T> = std::result::Result<T, Error>;

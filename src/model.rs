@@ -1,0 +1,64 @@
+//! A Hugging Face model folder, opened and checked.
+
+use crate::error::{Error, Result};
+use std::path::{Path, PathBuf};
+use weir_graphs::{llama, ModelConfig, WeightIndex};
+
+/// A model folder: config, weight index (headers only) and tokenizer. Opening reads and checks
+/// the headers; no weight data is read until an engine's loaders run.
+pub struct Model {
+    pub dir: PathBuf,
+    pub config: ModelConfig,
+    pub weights: WeightIndex,
+    pub tokenizer: Option<tokenizers::Tokenizer>,
+}
+
+impl Model {
+    /// Opens `dir`: reads `config.json`, `generation_config.json`, the safetensors headers and
+    /// `tokenizer.json`, and checks every tensor the architecture needs against the config.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Model> {
+        let dir = dir.as_ref().to_path_buf();
+        match std::fs::metadata(&dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(Error::NotAFolder { path: dir, reason: "it is a file".into() }),
+            Err(e) => return Err(Error::NotAFolder { path: dir, reason: e.to_string() }),
+        }
+        let config = ModelConfig::from_dir(&dir)?;
+        let weights = WeightIndex::from_dir(&dir)?;
+        llama::check_weights(&config, &weights)?;
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer = if tok_path.exists() {
+            Some(tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| Error::Tokenizer { path: tok_path.clone(), message: e.to_string() })?)
+        } else {
+            None
+        };
+        Ok(Model { dir, config, weights, tokenizer })
+    }
+
+    /// Token ids of a text, with the tokenizer's special tokens (BOS) added.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let tok = self.tokenizer.as_ref().ok_or_else(|| Error::NoTokenizer { dir: self.dir.clone() })?;
+        let enc = tok.encode(text, true).map_err(|e| Error::Tokenizer { path: self.dir.join("tokenizer.json"), message: e.to_string() })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The text of some token ids, special tokens skipped. Without a tokenizer, the ids.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        match &self.tokenizer {
+            Some(t) => t.decode(ids, true).map_err(|e| Error::Tokenizer { path: self.dir.join("tokenizer.json"), message: e.to_string() }),
+            None => Ok(ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" ")),
+        }
+    }
+
+    /// Bytes of weights read per token at batch 1 (every matrix once, plus one embedding row).
+    pub fn weight_bytes_per_token(&self) -> u64 {
+        let c = &self.config;
+        let embed = self.weights.tensors.get("model.embed_tokens.weight").map_or(0, |t| t.nbytes());
+        let row = embed / c.vocab_size.max(1) as u64;
+        let mut total = self.weights.total_bytes() - embed + row;
+        if c.tie_word_embeddings {
+            total += embed;
+        }
+        total
+    }
+}
