@@ -1,0 +1,113 @@
+//! Shared helpers for the integration tests: the fixtures, and model folders derived from them.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use weir::DType;
+
+/// `../shared/fixtures` beside the repository (or `$WEIR_FIXTURES`). Missing fixtures fail
+/// the test loudly: a golden test that cannot find its goldens must not pass.
+pub fn fixtures() -> PathBuf {
+    let p = std::env::var_os("WEIR_FIXTURES").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"));
+    assert!(p.join("tiny-llama/golden.json").exists(), "fixtures not found at {} (set WEIR_FIXTURES)", p.display());
+    p
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    fixtures().join(name)
+}
+
+pub fn golden(name: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture(name).join("golden.json")).unwrap()).unwrap()
+}
+
+pub fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+pub fn floats(v: &Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+/// A fresh, empty temporary folder.
+pub fn tmpdir(tag: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("weir-test-{}-{tag}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Copies a fixture folder (without its weights) into a temp folder.
+pub fn copy_fixture_meta(name: &str, tag: &str) -> PathBuf {
+    let d = tmpdir(tag);
+    for f in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+        std::fs::copy(fixture(name).join(f), d.join(f)).unwrap();
+    }
+    d
+}
+
+/// Copies a whole fixture folder into a temp folder.
+pub fn copy_fixture(name: &str, tag: &str) -> PathBuf {
+    let d = copy_fixture_meta(name, tag);
+    std::fs::copy(fixture(name).join("model.safetensors"), d.join("model.safetensors")).unwrap();
+    d
+}
+
+/// Every tensor of a fixture as f32, by name.
+pub fn fixture_tensors(name: &str) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let idx = weir_graphs::WeightIndex::from_dir(&fixture(name)).unwrap();
+    let bytes = std::fs::read(fixture(name).join("model.safetensors")).unwrap();
+    idx.tensors
+        .values()
+        .map(|t| {
+            let raw = &bytes[t.offset as usize..(t.offset + t.nbytes()) as usize];
+            let v: Vec<f32> = match t.dtype {
+                DType::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+                DType::BF16 => raw.chunks_exact(2).map(|c| half::bf16::from_bits(u16::from_le_bytes(c.try_into().unwrap())).to_f32()).collect(),
+                DType::F16 => raw.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes(c.try_into().unwrap())).to_f32()).collect(),
+                DType::U32 => unreachable!(),
+            };
+            (t.name.clone(), t.shape.clone(), v)
+        })
+        .collect()
+}
+
+/// Writes tensors in `dtype` into `path`.
+pub fn write_tensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)], dtype: DType) {
+    let spec: Vec<(String, DType, Vec<usize>)> = tensors.iter().map(|(n, s, _)| (n.clone(), dtype, s.clone())).collect();
+    weir_graphs::safetensors::write_file(path, &spec, |i, w| {
+        let v = &tensors[i].2;
+        let bytes: Vec<u8> = match dtype {
+            DType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            DType::BF16 => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes()).collect(),
+            DType::F16 => v.iter().flat_map(|x| half::f16::from_f32(*x).to_bits().to_le_bytes()).collect(),
+            DType::U32 => unreachable!(),
+        };
+        w.write_all(&bytes)
+    })
+    .unwrap();
+}
+
+/// Edits a JSON file in place.
+pub fn edit_json(path: &Path, f: impl FnOnce(&mut Value)) {
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+/// Largest |a - b| and whether every element is within atol + rtol·|golden|.
+pub fn compare(got: &[f32], golden: &[f32], atol: f32, rtol: f32) -> (f32, bool) {
+    assert_eq!(got.len(), golden.len(), "logit vector lengths differ");
+    let mut worst = 0f32;
+    let mut ok = true;
+    for (g, w) in got.iter().zip(golden) {
+        let d = (g - w).abs();
+        worst = worst.max(d);
+        if d > atol + rtol * w.abs() {
+            ok = false;
+        }
+    }
+    (worst, ok)
+}

@@ -1,0 +1,159 @@
+//! Golden tests against Hugging Face transformers' outputs for the fixtures in
+//! `../shared/fixtures` (tolerances from their README: atol 2e-4, rtol 1e-4, tokens exact).
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::path::Path;
+use weir::{DType, Engine, EngineOptions, LogitsMode, Model, Request};
+
+const ATOL: f32 = 2e-4;
+const RTOL: f32 = 1e-4;
+
+fn engine(dir: &Path, threads: usize) -> (Model, Engine) {
+    let model = Model::open(dir).unwrap();
+    let engine = Engine::new(&model, EngineOptions { threads, ..Default::default() }).unwrap();
+    (model, engine)
+}
+
+/// Checks every prompt of `prompts` (a golden `prompts` list) against `dir`'s model: the
+/// tokenizer's ids, last-position logits, all-position logits where recorded, and all 24 greedy
+/// tokens with their step logits.
+fn check_prompts(dir: &Path, prompts: &Value, threads: usize) {
+    let (model, engine) = engine(dir, threads);
+    for p in prompts.as_array().unwrap() {
+        let name = p["name"].as_str().unwrap();
+        let want_ids = ids(&p["input_ids"]);
+        assert_eq!(model.encode(p["text"].as_str().unwrap()).unwrap(), want_ids, "{name}: tokenizer ids");
+        let want_new = ids(&p["greedy"]["new_ids"]);
+        let mode = if p.get("all_logits").is_some() { LogitsMode::AllPositions } else { LogitsMode::Steps };
+        let out = engine.generate(Request { logits: mode, stop_at_eos: false, ..Request::greedy(want_ids.clone(), want_new.len()) }).unwrap();
+        assert_eq!(out.tokens, want_new, "{name}: greedy tokens");
+        let (worst, ok) = compare(&out.step_logits[0], &floats(&p["last_logits"]), ATOL, RTOL);
+        assert!(ok, "{name}: last-position logits off by up to {worst}");
+        if let Some(all) = p.get("all_logits") {
+            let rows = all.as_array().unwrap();
+            assert_eq!(out.prompt_logits.len(), rows.len(), "{name}: rows of all-position logits");
+            for (i, (got, want)) in out.prompt_logits.iter().zip(rows).enumerate() {
+                let (worst, ok) = compare(got, &floats(want), ATOL, RTOL);
+                assert!(ok, "{name}: logits at position {i} off by up to {worst}");
+            }
+        }
+        for (s, step) in p["greedy"]["steps"].as_array().unwrap().iter().enumerate() {
+            let top_ids = ids(&step["top_ids"]);
+            let top = floats(&step["top_logits"]);
+            let got: Vec<f32> = top_ids.iter().map(|&i| out.step_logits[s][i as usize]).collect();
+            let (worst, ok) = compare(&got, &top, ATOL, RTOL);
+            assert!(ok, "{name}: step {s} top-5 logits off by up to {worst}");
+        }
+        assert_eq!(model.decode(&out.tokens).unwrap(), p["greedy"]["new_text"].as_str().unwrap(), "{name}: decoded text");
+    }
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn tiny_llama_f32_matches_transformers() {
+    check_prompts(&fixture("tiny-llama"), &golden("tiny-llama")["prompts"], 1);
+}
+
+#[test]
+fn tiny_llama_f32_matches_transformers_on_two_threads() {
+    check_prompts(&fixture("tiny-llama"), &golden("tiny-llama")["prompts"], 2);
+}
+
+#[test]
+fn tiny_llama_bf16_computed_in_f32_matches_the_f32_upcast() {
+    check_prompts(&fixture("tiny-llama-bf16"), &golden("tiny-llama-bf16")["f32_upcast"]["prompts"], 0);
+}
+
+#[test]
+fn three_prompts_in_one_batch_each_get_their_own_tokens() {
+    let g = golden("tiny-llama");
+    let (_, engine) = engine(&fixture("tiny-llama"), 0);
+    let seqs = g["batch"]["sequences"].as_array().cloned().unwrap_or_else(|| g["prompts"].as_array().unwrap().clone());
+    // Submit all before reading any, so the scheduler runs them in shared passes.
+    let gens: Vec<_> = g["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| engine.submit(Request { stop_at_eos: false, ..Request::greedy(ids(&p["input_ids"]), 24) }).unwrap())
+        .collect();
+    for (i, gen) in gens.into_iter().enumerate() {
+        let out = gen.collect().unwrap();
+        let want = ids(&g["prompts"][i]["greedy"]["new_ids"]);
+        assert_eq!(out.tokens, want, "sequence {i}");
+    }
+    assert!(!seqs.is_empty());
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn sharded_weights_give_the_same_tokens() {
+    let dir = copy_fixture_meta("tiny-llama", "sharded");
+    let tensors = fixture_tensors("tiny-llama");
+    let (a, b) = tensors.split_at(tensors.len() / 2);
+    write_tensors(&dir.join("model-00001-of-00002.safetensors"), a, DType::F32);
+    write_tensors(&dir.join("model-00002-of-00002.safetensors"), b, DType::F32);
+    let map: serde_json::Map<String, Value> = a
+        .iter()
+        .map(|t| (t.0.clone(), Value::from("model-00001-of-00002.safetensors")))
+        .chain(b.iter().map(|t| (t.0.clone(), Value::from("model-00002-of-00002.safetensors"))))
+        .collect();
+    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::json!({"metadata": {}, "weight_map": map}).to_string()).unwrap();
+    check_prompts(&dir, &golden("tiny-llama")["prompts"], 0);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn mistral_spelling_of_the_same_model_gives_the_same_tokens() {
+    let dir = copy_fixture("tiny-llama", "mistral");
+    edit_json(&dir.join("config.json"), |c| {
+        c["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+        c["model_type"] = "mistral".into();
+        c["sliding_window"] = Value::Null;
+    });
+    check_prompts(&dir, &golden("tiny-llama")["prompts"], 0);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn qwen2_with_zero_qkv_bias_gives_the_same_tokens_and_a_bias_changes_them() {
+    let dir = copy_fixture_meta("tiny-llama", "qwen2");
+    edit_json(&dir.join("config.json"), |c| {
+        c["architectures"] = serde_json::json!(["Qwen2ForCausalLM"]);
+        c["model_type"] = "qwen2".into();
+    });
+    let mut tensors = fixture_tensors("tiny-llama");
+    for l in 0..2 {
+        for (p, n) in [("q", 64), ("k", 32), ("v", 32)] {
+            tensors.push((format!("model.layers.{l}.self_attn.{p}_proj.bias"), vec![n], vec![0.0; n]));
+        }
+    }
+    write_tensors(&dir.join("model.safetensors"), &tensors, DType::F32);
+    check_prompts(&dir, &golden("tiny-llama")["prompts"], 0);
+    // A large v bias must change the result: the bias is really applied.
+    for t in tensors.iter_mut().filter(|t| t.0.ends_with("v_proj.bias")) {
+        t.2.iter_mut().for_each(|x| *x = 3.0);
+    }
+    write_tensors(&dir.join("model.safetensors"), &tensors, DType::F32);
+    let (_, engine) = engine(&dir, 0);
+    let p = &golden("tiny-llama")["prompts"][1];
+    let out = engine.generate(Request { stop_at_eos: false, ..Request::greedy(ids(&p["input_ids"]), 24) }).unwrap();
+    assert_ne!(out.tokens, ids(&p["greedy"]["new_ids"]));
+    engine.shutdown().unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn f16_weights_load_and_stay_close_to_f32() {
+    let dir = copy_fixture_meta("tiny-llama", "f16");
+    write_tensors(&dir.join("model.safetensors"), &fixture_tensors("tiny-llama"), DType::F16);
+    let (_, engine) = engine(&dir, 0);
+    let p = &golden("tiny-llama")["prompts"][0];
+    let out = engine.generate(Request { logits: LogitsMode::Steps, ..Request::greedy(ids(&p["input_ids"]), 1) }).unwrap();
+    // f16 keeps 11 significant bits of weights ~0.2: logits of size ~7 move by a few 1e-3.
+    let (worst, ok) = compare(&out.step_logits[0], &floats(&p["last_logits"]), 0.05, 0.0);
+    assert!(ok && worst > 0.0, "f16 logits off by {worst}");
+    engine.shutdown().unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
