@@ -96,7 +96,7 @@ pub fn run(model: &Model, o: &BenchOptions) -> Result<BenchReport> {
             engine.submit(Request { prompt, max_new_tokens: o.gen_len, sampling: Sampling::default(), stop_at_eos: false, logits: Default::default() })
         })
         .collect::<Result<_>>()?;
-    let outs: Vec<_> = gens.into_iter().map(|g| g.collect()).collect::<Result<_>>()?;
+    let outs: Vec<_> = gens.into_iter().map(|g| g.wait()).collect::<Result<_>>()?;
     let total_s = t0.elapsed().as_secs_f64();
     engine.shutdown()?;
     // All sequences share passes: prefill ends with the last first token, decode with the last.

@@ -127,7 +127,7 @@ impl Generation {
     }
 
     /// Waits for the whole generation.
-    pub fn collect(self) -> Result<Output> {
+    pub fn wait(self) -> Result<Output> {
         let mut out = Output {
             tokens: Vec::new(),
             step_logits: Vec::new(),
@@ -257,7 +257,7 @@ impl Engine {
 
     /// Submits and waits.
     pub fn generate(&self, req: Request) -> Result<Output> {
-        self.submit(req)?.collect()
+        self.submit(req)?.wait()
     }
 
     /// The runtime's fault, if an actor failed.

@@ -1,0 +1,165 @@
+//! The `weir run` contract, end to end through the binary, and its answers to bad input.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn weir(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_weir")).args(args).output().expect("run weir")
+}
+
+fn ok_json(args: &[&str]) -> Value {
+    let o = weir(args);
+    assert!(o.status.success(), "weir {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8(o.stdout).unwrap();
+    assert_eq!(stdout.trim().lines().count(), 1, "--json must print exactly one line: {stdout}");
+    serde_json::from_str(stdout.trim()).expect("stdout is one JSON object")
+}
+
+/// Runs weir expecting failure; returns stderr after checking it is a clean error.
+fn fails(args: &[&str], want: &[&str]) -> String {
+    let o = weir(args);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success(), "weir {args:?} should fail");
+    assert!(!err.contains("panicked"), "weir {args:?} panicked: {err}");
+    for w in want {
+        assert!(err.contains(w), "weir {args:?}: stderr lacks `{w}`:\n{err}");
+    }
+    err
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn run_json_gives_the_golden_tokens_text_and_speeds() {
+    let g = golden("tiny-llama");
+    let p = &g["prompts"][0];
+    let model = fixture("tiny-llama");
+    let v = ok_json(&["run", "--model", s(&model), "--prompt", p["text"].as_str().unwrap(), "--max-new-tokens", "24", "--json"]);
+    assert_eq!(v["prompt_ids"], p["input_ids"]);
+    assert_eq!(v["generated_ids"], p["greedy"]["new_ids"]);
+    assert_eq!(v["text"], p["greedy"]["new_text"]);
+    assert!(v["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    // The same through --prompt-ids.
+    let ids_arg = ids(&p["input_ids"]).iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+    let v2 = ok_json(&["run", "--model", s(&model), "--prompt-ids", &ids_arg, "--max-new-tokens", "24", "--json", "--threads", "1"]);
+    assert_eq!(v2["generated_ids"], p["greedy"]["new_ids"]);
+}
+
+#[test]
+fn logits_out_and_trace_files_are_written() {
+    let g = golden("tiny-llama");
+    let p = &g["prompts"][1];
+    let dir = tmpdir("cli-files");
+    let (lo, tr) = (dir.join("logits.json"), dir.join("trace.json"));
+    let ids_arg = ids(&p["input_ids"]).iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+    ok_json(&["run", "--model", s(&fixture("tiny-llama")), "--prompt-ids", &ids_arg, "--max-new-tokens", "5", "--json", "--logits-out", s(&lo), "--trace", s(&tr)]);
+    let l: Value = serde_json::from_str(&std::fs::read_to_string(&lo).unwrap()).unwrap();
+    let (worst, ok) = compare(&floats(&l["last_prompt_logits"]), &floats(&p["last_logits"]), 2e-4, 1e-4);
+    assert!(ok, "last_prompt_logits off by {worst}");
+    let steps = l["step_logits"].as_array().unwrap();
+    assert_eq!(steps.len(), 5);
+    for (i, st) in steps.iter().enumerate() {
+        let row = floats(st);
+        let top = ids(&p["greedy"]["steps"][i]["top_ids"]);
+        let best = (0..row.len()).max_by(|&a, &b| row[a].total_cmp(&row[b]).then(b.cmp(&a))).unwrap();
+        assert_eq!(best as u32, top[0], "step {i}");
+    }
+    let t: Value = serde_json::from_str(&std::fs::read_to_string(&tr).unwrap()).unwrap();
+    let ev = t["traceEvents"].as_array().unwrap();
+    let lanes: Vec<&Value> = ev.iter().filter(|e| e["name"] == "thread_name").collect();
+    assert!(lanes.len() >= 2, "a track per lane (compute, loader)");
+    let spans: Vec<&Value> = ev.iter().filter(|e| e["ph"] == "X").collect();
+    assert!(spans.iter().any(|e| e["cat"] == "load" && e["args"]["bytes"].as_u64().unwrap() > 0), "weight loads are spans with bytes");
+    let attn: Vec<&&Value> = spans.iter().filter(|e| e["args"]["op"] == "attention").collect();
+    // 2 layers × (prefill + 4 decode passes) at least.
+    assert!(attn.len() >= 10, "attention spans: {}", attn.len());
+    assert!(attn.iter().any(|e| e["args"]["layer"] == 1));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn seeded_sampling_is_reproducible_and_the_seed_matters() {
+    let m = fixture("tiny-llama");
+    let run = |seed: &str| ok_json(&["run", "--model", s(&m), "--prompt", "The man", "--max-new-tokens", "16", "--temperature", "1.5", "--top-k", "50", "--top-p", "0.95", "--seed", seed, "--json"])["generated_ids"].clone();
+    assert_eq!(run("11"), run("11"));
+    assert_ne!(run("11"), run("12"));
+}
+
+#[test]
+fn stops_at_eos() {
+    // Make the 4th greedy token the EOS id: generation stops there, EOS included.
+    let dir = copy_fixture("tiny-llama", "eos");
+    edit_json(&dir.join("generation_config.json"), |c| c["eos_token_id"] = serde_json::json!([2, 146]));
+    let v = ok_json(&["run", "--model", s(&dir), "--prompt", "The man", "--max-new-tokens", "24", "--json"]);
+    assert_eq!(v["generated_ids"], serde_json::json!([81, 319, 51, 146]));
+    assert_eq!(v["finish_reason"], "eos");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_no_panic() {
+    let good = fixture("tiny-llama");
+    // Missing config.json.
+    let d = tmpdir("noconfig");
+    fails(&["run", "--model", s(&d), "--prompt", "x"], &["config.json"]);
+    // A folder that does not exist.
+    fails(&["run", "--model", "/nonexistent/weir-model", "--prompt", "x"], &["/nonexistent/weir-model", "not a model folder"]);
+    // Unknown architecture.
+    let d = copy_fixture("tiny-llama", "arch");
+    edit_json(&d.join("config.json"), |c| c["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"]));
+    fails(&["run", "--model", s(&d), "--prompt", "x"], &["unsupported architecture `GPTNeoXForCausalLM`", "LlamaForCausalLM"]);
+    // Truncated weights.
+    let d = copy_fixture("tiny-llama", "trunc");
+    let f = std::fs::OpenOptions::new().write(true).open(d.join("model.safetensors")).unwrap();
+    let len = f.metadata().unwrap().len();
+    f.set_len(len - 1000).unwrap();
+    fails(&["run", "--model", s(&d), "--prompt", "x"], &["model.safetensors", "truncated", "tensor `"]);
+    // A tensor whose shape disagrees with the config.
+    let d = copy_fixture("tiny-llama", "shape");
+    edit_json(&d.join("config.json"), |c| c["intermediate_size"] = 161.into());
+    fails(&["run", "--model", s(&d), "--prompt", "x"], &["model.layers.0.mlp.gate_proj.weight", "[160, 64]", "[161, 64]"]);
+    // A prompt longer than max_position_embeddings.
+    let d = copy_fixture("tiny-llama", "maxpos");
+    edit_json(&d.join("config.json"), |c| c["max_position_embeddings"] = 4.into());
+    fails(&["run", "--model", s(&d), "--prompt", "The man", "--json"], &["6 tokens", "max_position_embeddings (4)"]);
+    // Token ids outside the vocabulary.
+    fails(&["run", "--model", s(&good), "--prompt-ids", "1,384"], &["id 384", "vocabulary (size 384)"]);
+    // Malformed flags.
+    fails(&["run", "--model", s(&good), "--prompt-ids", "1,x,3"], &["--prompt-ids", "`x`"]);
+    fails(&["run", "--model", s(&good), "--prompt", "x", "--top-p", "0"], &["--top-p"]);
+    fails(&["run", "--model", s(&good), "--prompt", "x", "--temperature", "-1"], &["--temperature"]);
+    fails(&["run", "--model", s(&good), "--prompt", "x", "--threads", "4096"], &["4096 threads"]);
+    fails(&["run", "--model", s(&good)], &["--prompt"]);
+    // A broken config.json.
+    let d = copy_fixture("tiny-llama", "json");
+    std::fs::write(d.join("config.json"), "{\"hidden_size\": ").unwrap();
+    fails(&["run", "--model", s(&d), "--prompt", "x"], &["config.json", "invalid JSON"]);
+}
+
+#[test]
+fn synth_writes_a_model_that_runs() {
+    let d = tmpdir("synth");
+    let out = weir(&["synth", "--shape", "tiny", "--dtype", "bf16", "--seed", "3", "--out", s(&d)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = ok_json(&["run", "--model", s(&d), "--prompt", "hello there", "--max-new-tokens", "4", "--json"]);
+    assert_eq!(v["generated_ids"].as_array().unwrap().len(), 4);
+    // Same seed, same bytes; another seed, other bytes.
+    let d2 = tmpdir("synth2");
+    let d3 = tmpdir("synth3");
+    weir(&["synth", "--shape", "tiny", "--dtype", "bf16", "--seed", "3", "--out", s(&d2)]);
+    weir(&["synth", "--shape", "tiny", "--dtype", "bf16", "--seed", "4", "--out", s(&d3)]);
+    let w = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    assert_eq!(w(&d), w(&d2));
+    assert_ne!(w(&d), w(&d3));
+    fails(&["synth", "--shape", "gpt5", "--out", s(&d)], &["unknown shape `gpt5`", "tinyllama-1.1b"]);
+    fails(&["synth", "--shape", "tiny", "--dtype", "int3", "--out", s(&d)], &["unknown dtype `int3`"]);
+    for x in [d, d2, d3] {
+        std::fs::remove_dir_all(x).unwrap();
+    }
+}

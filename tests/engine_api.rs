@@ -1,0 +1,66 @@
+//! The embedded library API: streaming, request validation, failures reaching the caller.
+
+mod common;
+use common::*;
+use weir::{Engine, EngineOptions, Error, Event, FinishReason, Model, Request};
+
+#[test]
+fn tokens_stream_before_the_generation_is_done() {
+    let model = Model::open(fixture("tiny-llama")).unwrap();
+    let engine = Engine::new(&model, EngineOptions::default()).unwrap();
+    let gen = engine.submit(Request { stop_at_eos: false, ..Request::greedy(vec![1, 54, 74], 6) }).unwrap();
+    let events: Vec<Event> = gen.collect::<Vec<_>>();
+    let tokens = events.iter().filter(|e| matches!(e, Event::Token { .. })).count();
+    assert_eq!(tokens, 6);
+    assert!(matches!(events.last(), Some(Event::Done(s)) if s.finish == FinishReason::MaxTokens && s.generated_tokens == 6));
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn invalid_requests_are_refused_and_the_engine_keeps_working() {
+    let model = Model::open(fixture("tiny-llama")).unwrap();
+    let engine = Engine::new(&model, EngineOptions::default()).unwrap();
+    assert!(matches!(engine.submit(Request::greedy(vec![], 3)), Err(Error::Request(m)) if m.contains("empty")));
+    assert!(matches!(engine.submit(Request::greedy(vec![1, 9999], 3)), Err(Error::Request(m)) if m.contains("9999")));
+    assert!(matches!(engine.submit(Request::greedy(vec![1; 300], 3)), Err(Error::Request(m)) if m.contains("max_position_embeddings")));
+    let mut r = Request::greedy(vec![1], 3);
+    r.sampling.top_p = 1.5;
+    assert!(engine.submit(r).is_err());
+    // Nothing accepted was lost: a good request still runs.
+    let out = engine.generate(Request::greedy(vec![1, 54, 74, 71, 287, 290], 24)).unwrap();
+    assert_eq!(out.tokens, ids(&golden("tiny-llama")["prompts"][0]["greedy"]["new_ids"]));
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn generation_stops_at_the_context_limit() {
+    let dir = copy_fixture("tiny-llama", "ctx");
+    edit_json(&dir.join("config.json"), |c| c["max_position_embeddings"] = 10.into());
+    let model = Model::open(&dir).unwrap();
+    let engine = Engine::new(&model, EngineOptions::default()).unwrap();
+    let out = engine.generate(Request { stop_at_eos: false, ..Request::greedy(vec![1, 54, 74, 71, 287, 290], 24) }).unwrap();
+    // Positions 0..=9 exist: 6 prompt tokens leave room for 4 cached tokens, plus the last
+    // sampled token which needs no position of its own.
+    assert_eq!(out.stats.finish, FinishReason::ContextFull);
+    assert_eq!(out.tokens.len(), 5);
+    engine.shutdown().unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn an_io_failure_in_a_loader_reaches_the_caller_and_stops_every_lane() {
+    let dir = copy_fixture("tiny-llama", "ioerr");
+    let model = Model::open(&dir).unwrap();
+    // The file shrinks after the headers were checked: the loader's read fails at run time.
+    let f = std::fs::OpenOptions::new().write(true).open(dir.join("model.safetensors")).unwrap();
+    f.set_len(f.metadata().unwrap().len() / 2).unwrap();
+    let engine = Engine::new(&model, EngineOptions::default()).unwrap();
+    let err = engine.generate(Request::greedy(vec![1, 54], 4)).unwrap_err().to_string();
+    assert!(err.contains("truncated") && err.contains("model.safetensors") && err.contains("load0"), "{err}");
+    // Later requests are refused, not hung.
+    let later = engine.submit(Request::greedy(vec![1], 2)).and_then(|g| g.wait());
+    assert!(later.is_err());
+    let shut = engine.shutdown().unwrap_err().to_string();
+    assert!(shut.contains("truncated"), "{shut}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
