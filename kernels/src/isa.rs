@@ -1,6 +1,6 @@
 //! Which instruction set the fast kernels use, detected once at run time.
 //!
-//! `WEIR_CPU_ISA=avx512|portable` forces a path (a path the CPU lacks falls back to portable
+//! `WEIR_CPU_ISA=avx512|avx2|portable` forces a path (a path the CPU lacks falls back to portable
 //! with a warning on stderr), so every path can be tested on one machine.
 
 use std::sync::OnceLock;
@@ -10,6 +10,8 @@ use std::sync::OnceLock;
 pub enum Isa {
     /// AVX-512 F/BW/VL (x86-64).
     Avx512,
+    /// AVX2 with FMA and F16C (x86-64).
+    Avx2,
     /// Plain Rust that the compiler vectorises as it can.
     Portable,
 }
@@ -19,6 +21,7 @@ impl Isa {
     pub fn name(self) -> &'static str {
         match self {
             Isa::Avx512 => "avx512",
+            Isa::Avx2 => "avx2",
             Isa::Portable => "portable",
         }
     }
@@ -38,22 +41,36 @@ fn avx512_present() -> bool {
     }
 }
 
+fn avx2_present() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// The best path this CPU supports, unless `WEIR_CPU_ISA` asks for another.
 pub fn detected() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
-        let best = if avx512_present() { Isa::Avx512 } else { Isa::Portable };
+        let all = available();
+        let best = all[0];
         match std::env::var("WEIR_CPU_ISA").ok().as_deref() {
             None | Some("") | Some("auto") => best,
-            Some("portable") => Isa::Portable,
-            Some("avx512") if best == Isa::Avx512 => Isa::Avx512,
-            Some(other) => {
-                eprintln!(
-                    "weir: WEIR_CPU_ISA={other} is not available on this CPU (known: avx512, portable); using {}",
-                    best.name()
-                );
-                best
-            }
+            Some(name) => match all.iter().find(|i| i.name() == name) {
+                Some(i) => *i,
+                None => {
+                    eprintln!(
+                        "weir: WEIR_CPU_ISA={name} is not available on this CPU (available: {}); using {}",
+                        all.iter().map(|i| i.name()).collect::<Vec<_>>().join(", "),
+                        best.name()
+                    );
+                    best
+                }
+            },
         }
     })
 }
@@ -63,6 +80,9 @@ pub fn available() -> Vec<Isa> {
     let mut v = Vec::new();
     if avx512_present() {
         v.push(Isa::Avx512);
+    }
+    if avx2_present() {
+        v.push(Isa::Avx2);
     }
     v.push(Isa::Portable);
     v

@@ -126,6 +126,8 @@ unsafe fn rows_task(
         match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => avx512::block(x, t, k, w, n, y, rb..re),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => avx2::block(x, t, k, w, n, y, rb..re),
             _ => portable_block(x, t, k, w, n, y, rb..re),
         }
         rb = re;
@@ -331,6 +333,133 @@ mod avx512 {
 
     /// # Safety
     /// The CPU must have AVX-512 F/BW/VL; shapes as in `matmul_with`.
+    pub(super) unsafe fn block(x: &[f32], t: usize, k: usize, w: WeightView<'_>, n: usize, y: SharedMut<f32>, rows: std::ops::Range<usize>) {
+        match w {
+            WeightView::F32(w) => block_f32(x, t, k, w, n, y, rows),
+            WeightView::Bf16(w) => block_bf16(x, t, k, w, n, y, rows),
+            WeightView::F16(w) => block_f16(x, t, k, w, n, y, rows),
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{SharedMut, WeightView};
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn ld_f32(p: *const f32) -> __m256 {
+        _mm256_loadu_ps(p)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn ld_bf16(p: *const u16) -> __m256 {
+        let h = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn ld_f16(p: *const u16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// One register tile: R weight rows × T tokens, k-loop in steps of 8; the k % 8 tail is
+    /// added in scalar code with the same widening as the vector loads.
+    macro_rules! tile_fn {
+        ($name:ident, $ty:ty, $ld:ident, $cvt:expr) => {
+            #[inline]
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn $name<const R: usize, const T: usize>(x: *const f32, w: *const $ty, k: usize, y: *mut f32, n: usize) {
+                let mut acc = [[_mm256_setzero_ps(); T]; R];
+                let mut i = 0;
+                while i + 8 <= k {
+                    let mut xv = [_mm256_setzero_ps(); T];
+                    for t in 0..T {
+                        xv[t] = _mm256_loadu_ps(x.add(t * k + i));
+                    }
+                    for r in 0..R {
+                        let wv = $ld(w.add(r * k + i));
+                        for t in 0..T {
+                            acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
+                        }
+                    }
+                    i += 8;
+                }
+                let cvt = $cvt;
+                for r in 0..R {
+                    for t in 0..T {
+                        let mut s = hsum(acc[r][t]);
+                        for j in i..k {
+                            s += cvt(*w.add(r * k + j)) * *x.add(t * k + j);
+                        }
+                        *y.add(t * n + r) = s;
+                    }
+                }
+            }
+        };
+    }
+    tile_fn!(tile_f32, f32, ld_f32, |v: f32| v);
+    tile_fn!(tile_bf16, u16, ld_bf16, super::bf16_to_f32);
+    tile_fn!(tile_f16, u16, ld_f16, |v: u16| half::f16::from_bits(v).to_f32());
+
+    macro_rules! block_fn {
+        ($name:ident, $ty:ty, $tile:ident) => {
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn $name(x: &[f32], t: usize, k: usize, w: &[$ty], n: usize, y: SharedMut<f32>, rows: std::ops::Range<usize>) {
+                let xp = x.as_ptr();
+                let wp = w.as_ptr();
+                let mut t0 = 0;
+                while t0 < t {
+                    // 4 rows × 3 tokens: 12 accumulators + 3 inputs + 1 weight = 16 registers.
+                    let tt = (t - t0).min(3);
+                    let mut o = rows.start;
+                    while o < rows.end {
+                        let rr = (rows.end - o).min(4);
+                        let yo = y.0.add(t0 * n + o);
+                        let xo = xp.add(t0 * k);
+                        let wo = wp.add(o * k);
+                        match (rr, tt) {
+                            (4, 3) => $tile::<4, 3>(xo, wo, k, yo, n),
+                            (4, _) => {
+                                for j in 0..tt {
+                                    $tile::<4, 1>(xo.add(j * k), wo, k, yo.add(j * n), n)
+                                }
+                            }
+                            (_, 3) => {
+                                for r in 0..rr {
+                                    $tile::<1, 3>(xo, wo.add(r * k), k, yo.add(r), n)
+                                }
+                            }
+                            _ => {
+                                for r in 0..rr {
+                                    for j in 0..tt {
+                                        $tile::<1, 1>(xo.add(j * k), wo.add(r * k), k, yo.add(j * n + r), n)
+                                    }
+                                }
+                            }
+                        }
+                        o += rr;
+                    }
+                    t0 += tt;
+                }
+            }
+        };
+    }
+    block_fn!(block_f32, f32, tile_f32);
+    block_fn!(block_bf16, u16, tile_bf16);
+    block_fn!(block_f16, u16, tile_f16);
+
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C; shapes as in `matmul_with`.
     pub(super) unsafe fn block(x: &[f32], t: usize, k: usize, w: WeightView<'_>, n: usize, y: SharedMut<f32>, rows: std::ops::Range<usize>) {
         match w {
             WeightView::F32(w) => block_f32(x, t, k, w, n, y, rows),
