@@ -98,7 +98,13 @@ pub fn run(model: &Model, o: &BenchOptions) -> Result<BenchReport> {
     let gens: Vec<_> = (0..o.batch)
         .map(|_| {
             let prompt: Vec<u32> = (0..o.prompt_len).map(|_| (rng.next_u64() % vocab) as u32).collect();
-            engine.submit(Request { prompt, max_new_tokens: o.gen_len, sampling: Sampling::default(), stop_at_eos: false, logits: Default::default() })
+            engine.submit(Request {
+                prompt,
+                max_new_tokens: o.gen_len,
+                sampling: Sampling::default(),
+                stop_at_eos: false,
+                logits: Default::default(),
+            })
         })
         .collect::<Result<_>>()?;
     let outs: Vec<_> = gens.into_iter().map(|g| g.wait()).collect::<Result<_>>()?;

@@ -21,7 +21,9 @@ pub fn compile(g: &Graph, trace: bool) -> Result<Compiled> {
     let actors: Vec<_> = g
         .nodes
         .iter()
-        .map(|n| b.actor(&n.name, lanes[n.lane], n.layer, n.op.instantiate(), n.op.inputs().len(), n.op.outputs().len()))
+        .map(|n| {
+            b.actor(&n.name, lanes[n.lane], n.layer, n.op.instantiate(), n.op.inputs().len(), n.op.outputs().len())
+        })
         .collect();
     for e in &g.edges {
         b.connect((actors[e.from.node], e.from.port), (actors[e.to.node], e.to.port), e.capacity);

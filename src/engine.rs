@@ -132,7 +132,13 @@ impl Generation {
             tokens: Vec::new(),
             step_logits: Vec::new(),
             prompt_logits: Vec::new(),
-            stats: Stats { finish: FinishReason::MaxTokens, prompt_tokens: 0, generated_tokens: 0, prefill_s: 0.0, decode_s: 0.0 },
+            stats: Stats {
+                finish: FinishReason::MaxTokens,
+                prompt_tokens: 0,
+                generated_tokens: 0,
+                prefill_s: 0.0,
+                decode_s: 0.0,
+            },
         };
         while let Some(e) = self.next_event() {
             match e {
@@ -220,11 +226,18 @@ impl Engine {
             vocab: model.config.vocab_size,
             max_batch: opts.max_batch.max(1),
         };
-        let scheduler = std::thread::Builder::new()
-            .name("weir-scheduler".into())
-            .spawn(move || sched.run())
-            .map_err(|e| Error::Runtime(weir_runtime::Error::Spawn { lane: "scheduler".into(), reason: e.to_string() }))?;
-        Ok(Engine { cmds: Some(cmds), scheduler: Some(scheduler), program, vocab: model.config.vocab_size, max_positions: model.config.max_position_embeddings, graph_dump })
+        let scheduler =
+            std::thread::Builder::new().name("weir-scheduler".into()).spawn(move || sched.run()).map_err(|e| {
+                Error::Runtime(weir_runtime::Error::Spawn { lane: "scheduler".into(), reason: e.to_string() })
+            })?;
+        Ok(Engine {
+            cmds: Some(cmds),
+            scheduler: Some(scheduler),
+            program,
+            vocab: model.config.vocab_size,
+            max_positions: model.config.max_position_embeddings,
+            graph_dump,
+        })
     }
 
     /// Checks a request and queues it. Invalid requests are refused here, before anything runs.
@@ -233,10 +246,17 @@ impl Engine {
             return Err(Error::Request("the prompt is empty".into()));
         }
         if let Some((i, id)) = req.prompt.iter().enumerate().find(|(_, &id)| id as usize >= self.vocab) {
-            return Err(Error::Request(format!("prompt token {i} is id {id}, outside the vocabulary (size {})", self.vocab)));
+            return Err(Error::Request(format!(
+                "prompt token {i} is id {id}, outside the vocabulary (size {})",
+                self.vocab
+            )));
         }
         if req.prompt.len() > self.max_positions {
-            return Err(Error::Request(format!("the prompt has {} tokens, more than max_position_embeddings ({})", req.prompt.len(), self.max_positions)));
+            return Err(Error::Request(format!(
+                "the prompt has {} tokens, more than max_position_embeddings ({})",
+                req.prompt.len(),
+                self.max_positions
+            )));
         }
         let s = &req.sampling;
         if !(s.temperature >= 0.0 && s.temperature.is_finite()) {
@@ -248,7 +268,13 @@ impl Engine {
         let (tx, rx) = crossbeam_channel::unbounded();
         let cmds = self.cmds.as_ref().ok_or(Error::Stopped(None))?;
         if req.max_new_tokens == 0 {
-            let _ = tx.send(Event::Done(Stats { finish: FinishReason::MaxTokens, prompt_tokens: req.prompt.len(), generated_tokens: 0, prefill_s: 0.0, decode_s: 0.0 }));
+            let _ = tx.send(Event::Done(Stats {
+                finish: FinishReason::MaxTokens,
+                prompt_tokens: req.prompt.len(),
+                generated_tokens: 0,
+                prefill_s: 0.0,
+                decode_s: 0.0,
+            }));
             return Ok(Generation { events: rx });
         }
         cmds.send(Cmd::Submit(req, tx)).map_err(|_| Error::Stopped(self.fault()))?;
@@ -339,7 +365,16 @@ impl Scheduler {
                 };
                 match cmd {
                     Ok(Cmd::Submit(req, events)) => {
-                        active.push(Active { id: next_id, last: 0, req, events, pos: 0, generated: 0, started: None, first_token: None });
+                        active.push(Active {
+                            id: next_id,
+                            last: 0,
+                            req,
+                            events,
+                            pos: 0,
+                            generated: 0,
+                            started: None,
+                            first_token: None,
+                        });
                         next_id += 1;
                     }
                     Err(crossbeam_channel::TryRecvError::Empty) => break,
@@ -383,7 +418,9 @@ impl Scheduler {
             for (i, (a, s)) in active.iter_mut().zip(&batch.seqs).enumerate() {
                 let rows = Batch::logit_rows(s);
                 let mut mine: Vec<Vec<f32>> = match &logits {
-                    Some(l) if s.logits != LogitsWanted::None => (row..row + rows).map(|r| l.f32()[r * self.vocab..(r + 1) * self.vocab].to_vec()).collect(),
+                    Some(l) if s.logits != LogitsWanted::None => {
+                        (row..row + rows).map(|r| l.f32()[r * self.vocab..(r + 1) * self.vocab].to_vec()).collect()
+                    }
                     _ => Vec::new(),
                 };
                 row += rows;

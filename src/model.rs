@@ -28,7 +28,10 @@ impl Model {
         llama::check_weights(&config, &weights)?;
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = if tok_path.exists() {
-            Some(tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| Error::Tokenizer { path: tok_path.clone(), message: e.to_string() })?)
+            Some(
+                tokenizers::Tokenizer::from_file(&tok_path)
+                    .map_err(|e| Error::Tokenizer { path: tok_path.clone(), message: e.to_string() })?,
+            )
         } else {
             None
         };
@@ -38,14 +41,18 @@ impl Model {
     /// Token ids of a text, with the tokenizer's special tokens (BOS) added.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let tok = self.tokenizer.as_ref().ok_or_else(|| Error::NoTokenizer { dir: self.dir.clone() })?;
-        let enc = tok.encode(text, true).map_err(|e| Error::Tokenizer { path: self.dir.join("tokenizer.json"), message: e.to_string() })?;
+        let enc = tok
+            .encode(text, true)
+            .map_err(|e| Error::Tokenizer { path: self.dir.join("tokenizer.json"), message: e.to_string() })?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// The text of some token ids, special tokens skipped. Without a tokenizer, the ids.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         match &self.tokenizer {
-            Some(t) => t.decode(ids, true).map_err(|e| Error::Tokenizer { path: self.dir.join("tokenizer.json"), message: e.to_string() }),
+            Some(t) => t
+                .decode(ids, true)
+                .map_err(|e| Error::Tokenizer { path: self.dir.join("tokenizer.json"), message: e.to_string() }),
             None => Ok(ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" ")),
         }
     }

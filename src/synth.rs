@@ -27,16 +27,63 @@ pub struct Shape {
 
 /// The named shapes.
 pub const SHAPES: &[Shape] = &[
-    Shape { name: "tiny", hidden: 64, layers: 2, heads: 4, kv_heads: 2, intermediate: 160, vocab: 384, max_positions: 256, rope_theta: 10000.0, llama3_rope: false },
-    Shape { name: "small", hidden: 512, layers: 8, heads: 8, kv_heads: 4, intermediate: 1408, vocab: 4096, max_positions: 2048, rope_theta: 10000.0, llama3_rope: false },
-    Shape { name: "tinyllama-1.1b", hidden: 2048, layers: 22, heads: 32, kv_heads: 4, intermediate: 5632, vocab: 32000, max_positions: 2048, rope_theta: 10000.0, llama3_rope: false },
-    Shape { name: "llama3-8b", hidden: 4096, layers: 32, heads: 32, kv_heads: 8, intermediate: 14336, vocab: 128256, max_positions: 8192, rope_theta: 500000.0, llama3_rope: true },
+    Shape {
+        name: "tiny",
+        hidden: 64,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        intermediate: 160,
+        vocab: 384,
+        max_positions: 256,
+        rope_theta: 10000.0,
+        llama3_rope: false,
+    },
+    Shape {
+        name: "small",
+        hidden: 512,
+        layers: 8,
+        heads: 8,
+        kv_heads: 4,
+        intermediate: 1408,
+        vocab: 4096,
+        max_positions: 2048,
+        rope_theta: 10000.0,
+        llama3_rope: false,
+    },
+    Shape {
+        name: "tinyllama-1.1b",
+        hidden: 2048,
+        layers: 22,
+        heads: 32,
+        kv_heads: 4,
+        intermediate: 5632,
+        vocab: 32000,
+        max_positions: 2048,
+        rope_theta: 10000.0,
+        llama3_rope: false,
+    },
+    Shape {
+        name: "llama3-8b",
+        hidden: 4096,
+        layers: 32,
+        heads: 32,
+        kv_heads: 8,
+        intermediate: 14336,
+        vocab: 128256,
+        max_positions: 8192,
+        rope_theta: 500000.0,
+        llama3_rope: true,
+    },
 ];
 
 /// Looks a shape up by name.
 pub fn shape(name: &str) -> Result<Shape> {
     SHAPES.iter().copied().find(|s| s.name == name).ok_or_else(|| {
-        Error::Request(format!("unknown shape `{name}` (known: {})", SHAPES.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")))
+        Error::Request(format!(
+            "unknown shape `{name}` (known: {})",
+            SHAPES.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+        ))
     })
 }
 
@@ -95,7 +142,8 @@ pub fn write_model(dir: &Path, shape: &Shape, dtype: DType, seed: u64) -> Result
     std::fs::write(&tpath, tokenizer_json(shape.vocab)?).map_err(io(&tpath))?;
 
     let cfg = ModelConfig::from_value(&cpath, &config)?;
-    let tensors: Vec<(String, DType, Vec<usize>)> = expected_tensors(&cfg).into_iter().map(|(n, s)| (n, dtype, s)).collect();
+    let tensors: Vec<(String, DType, Vec<usize>)> =
+        expected_tensors(&cfg).into_iter().map(|(n, s)| (n, dtype, s)).collect();
     let wpath = dir.join("model.safetensors");
     let mut rng = weir_operators::sampler::Rng::new(seed);
     weir_graphs::safetensors::write_file(&wpath, &tensors, |i, w| {
@@ -161,7 +209,8 @@ pub fn tokenizer_json(vocab: usize) -> Result<String> {
     let mut seen: std::collections::HashSet<String> = tokens.iter().cloned().collect();
     let letters: Vec<String> = "etaoinshrdlcumwfgypbvkjxqz".chars().map(|c| c.to_string()).collect();
     let space = chars[b' ' as usize].to_string();
-    let mut prefixes: std::collections::VecDeque<String> = std::iter::once(space).chain(letters.iter().cloned()).collect();
+    let mut prefixes: std::collections::VecDeque<String> =
+        std::iter::once(space).chain(letters.iter().cloned()).collect();
     let mut merges: Vec<(String, String)> = Vec::new();
     'grow: while tokens.len() < vocab {
         let Some(p) = prefixes.pop_front() else { break };
@@ -177,7 +226,8 @@ pub fn tokenizer_json(vocab: usize) -> Result<String> {
             }
         }
     }
-    let vocab_map: serde_json::Map<String, serde_json::Value> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+    let vocab_map: serde_json::Map<String, serde_json::Value> =
+        tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
     let special = |id: usize, s: &str| json!({"id": id, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true});
     let t = json!({
         "version": "1.0", "truncation": null, "padding": null,

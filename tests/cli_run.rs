@@ -39,7 +39,16 @@ fn run_json_gives_the_golden_tokens_text_and_speeds() {
     let g = golden("tiny-llama");
     let p = &g["prompts"][0];
     let model = fixture("tiny-llama");
-    let v = ok_json(&["run", "--model", s(&model), "--prompt", p["text"].as_str().unwrap(), "--max-new-tokens", "24", "--json"]);
+    let v = ok_json(&[
+        "run",
+        "--model",
+        s(&model),
+        "--prompt",
+        p["text"].as_str().unwrap(),
+        "--max-new-tokens",
+        "24",
+        "--json",
+    ]);
     assert_eq!(v["prompt_ids"], p["input_ids"]);
     assert_eq!(v["generated_ids"], p["greedy"]["new_ids"]);
     assert_eq!(v["text"], p["greedy"]["new_text"]);
@@ -47,7 +56,18 @@ fn run_json_gives_the_golden_tokens_text_and_speeds() {
     assert!(v["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
     // The same through --prompt-ids.
     let ids_arg = ids(&p["input_ids"]).iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
-    let v2 = ok_json(&["run", "--model", s(&model), "--prompt-ids", &ids_arg, "--max-new-tokens", "24", "--json", "--threads", "1"]);
+    let v2 = ok_json(&[
+        "run",
+        "--model",
+        s(&model),
+        "--prompt-ids",
+        &ids_arg,
+        "--max-new-tokens",
+        "24",
+        "--json",
+        "--threads",
+        "1",
+    ]);
     assert_eq!(v2["generated_ids"], p["greedy"]["new_ids"]);
 }
 
@@ -58,7 +78,20 @@ fn logits_out_and_trace_files_are_written() {
     let dir = tmpdir("cli-files");
     let (lo, tr) = (dir.join("logits.json"), dir.join("trace.json"));
     let ids_arg = ids(&p["input_ids"]).iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
-    ok_json(&["run", "--model", s(&fixture("tiny-llama")), "--prompt-ids", &ids_arg, "--max-new-tokens", "5", "--json", "--logits-out", s(&lo), "--trace", s(&tr)]);
+    ok_json(&[
+        "run",
+        "--model",
+        s(&fixture("tiny-llama")),
+        "--prompt-ids",
+        &ids_arg,
+        "--max-new-tokens",
+        "5",
+        "--json",
+        "--logits-out",
+        s(&lo),
+        "--trace",
+        s(&tr),
+    ]);
     let l: Value = serde_json::from_str(&std::fs::read_to_string(&lo).unwrap()).unwrap();
     let (worst, ok) = compare(&floats(&l["last_prompt_logits"]), &floats(&p["last_logits"]), 2e-4, 1e-4);
     assert!(ok, "last_prompt_logits off by {worst}");
@@ -75,7 +108,10 @@ fn logits_out_and_trace_files_are_written() {
     let lanes: Vec<&Value> = ev.iter().filter(|e| e["name"] == "thread_name").collect();
     assert!(lanes.len() >= 2, "a track per lane (compute, loader)");
     let spans: Vec<&Value> = ev.iter().filter(|e| e["ph"] == "X").collect();
-    assert!(spans.iter().any(|e| e["cat"] == "load" && e["args"]["bytes"].as_u64().unwrap() > 0), "weight loads are spans with bytes");
+    assert!(
+        spans.iter().any(|e| e["cat"] == "load" && e["args"]["bytes"].as_u64().unwrap() > 0),
+        "weight loads are spans with bytes"
+    );
     let attn: Vec<&&Value> = spans.iter().filter(|e| e["args"]["op"] == "attention").collect();
     // 2 layers × (prefill + 4 decode passes) at least.
     assert!(attn.len() >= 10, "attention spans: {}", attn.len());
@@ -86,7 +122,27 @@ fn logits_out_and_trace_files_are_written() {
 #[test]
 fn seeded_sampling_is_reproducible_and_the_seed_matters() {
     let m = fixture("tiny-llama");
-    let run = |seed: &str| ok_json(&["run", "--model", s(&m), "--prompt", "The man", "--max-new-tokens", "16", "--temperature", "1.5", "--top-k", "50", "--top-p", "0.95", "--seed", seed, "--json"])["generated_ids"].clone();
+    let run = |seed: &str| {
+        ok_json(&[
+            "run",
+            "--model",
+            s(&m),
+            "--prompt",
+            "The man",
+            "--max-new-tokens",
+            "16",
+            "--temperature",
+            "1.5",
+            "--top-k",
+            "50",
+            "--top-p",
+            "0.95",
+            "--seed",
+            seed,
+            "--json",
+        ])["generated_ids"]
+            .clone()
+    };
     assert_eq!(run("11"), run("11"));
     assert_ne!(run("11"), run("12"));
 }
@@ -109,11 +165,17 @@ fn bad_input_gets_a_clear_error_and_no_panic() {
     let d = tmpdir("noconfig");
     fails(&["run", "--model", s(&d), "--prompt", "x"], &["config.json"]);
     // A folder that does not exist.
-    fails(&["run", "--model", "/nonexistent/weir-model", "--prompt", "x"], &["/nonexistent/weir-model", "not a model folder"]);
+    fails(
+        &["run", "--model", "/nonexistent/weir-model", "--prompt", "x"],
+        &["/nonexistent/weir-model", "not a model folder"],
+    );
     // Unknown architecture.
     let d = copy_fixture("tiny-llama", "arch");
     edit_json(&d.join("config.json"), |c| c["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"]));
-    fails(&["run", "--model", s(&d), "--prompt", "x"], &["unsupported architecture `GPTNeoXForCausalLM`", "LlamaForCausalLM"]);
+    fails(
+        &["run", "--model", s(&d), "--prompt", "x"],
+        &["unsupported architecture `GPTNeoXForCausalLM`", "LlamaForCausalLM"],
+    );
     // Truncated weights.
     let d = copy_fixture("tiny-llama", "trunc");
     let f = std::fs::OpenOptions::new().write(true).open(d.join("model.safetensors")).unwrap();
@@ -123,7 +185,10 @@ fn bad_input_gets_a_clear_error_and_no_panic() {
     // A tensor whose shape disagrees with the config.
     let d = copy_fixture("tiny-llama", "shape");
     edit_json(&d.join("config.json"), |c| c["intermediate_size"] = 161.into());
-    fails(&["run", "--model", s(&d), "--prompt", "x"], &["model.layers.0.mlp.gate_proj.weight", "[160, 64]", "[161, 64]"]);
+    fails(
+        &["run", "--model", s(&d), "--prompt", "x"],
+        &["model.layers.0.mlp.gate_proj.weight", "[160, 64]", "[161, 64]"],
+    );
     // A prompt longer than max_position_embeddings.
     let d = copy_fixture("tiny-llama", "maxpos");
     edit_json(&d.join("config.json"), |c| c["max_position_embeddings"] = 4.into());

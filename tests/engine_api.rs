@@ -12,7 +12,9 @@ fn tokens_stream_before_the_generation_is_done() {
     let events: Vec<Event> = gen.collect::<Vec<_>>();
     let tokens = events.iter().filter(|e| matches!(e, Event::Token { .. })).count();
     assert_eq!(tokens, 6);
-    assert!(matches!(events.last(), Some(Event::Done(s)) if s.finish == FinishReason::MaxTokens && s.generated_tokens == 6));
+    assert!(
+        matches!(events.last(), Some(Event::Done(s)) if s.finish == FinishReason::MaxTokens && s.generated_tokens == 6)
+    );
     engine.shutdown().unwrap();
 }
 
@@ -22,7 +24,9 @@ fn invalid_requests_are_refused_and_the_engine_keeps_working() {
     let engine = Engine::new(&model, EngineOptions::default()).unwrap();
     assert!(matches!(engine.submit(Request::greedy(vec![], 3)), Err(Error::Request(m)) if m.contains("empty")));
     assert!(matches!(engine.submit(Request::greedy(vec![1, 9999], 3)), Err(Error::Request(m)) if m.contains("9999")));
-    assert!(matches!(engine.submit(Request::greedy(vec![1; 300], 3)), Err(Error::Request(m)) if m.contains("max_position_embeddings")));
+    assert!(
+        matches!(engine.submit(Request::greedy(vec![1; 300], 3)), Err(Error::Request(m)) if m.contains("max_position_embeddings"))
+    );
     let mut r = Request::greedy(vec![1], 3);
     r.sampling.top_p = 1.5;
     assert!(engine.submit(r).is_err());
@@ -38,7 +42,8 @@ fn generation_stops_at_the_context_limit() {
     edit_json(&dir.join("config.json"), |c| c["max_position_embeddings"] = 10.into());
     let model = Model::open(&dir).unwrap();
     let engine = Engine::new(&model, EngineOptions::default()).unwrap();
-    let out = engine.generate(Request { stop_at_eos: false, ..Request::greedy(vec![1, 54, 74, 71, 287, 290], 24) }).unwrap();
+    let out =
+        engine.generate(Request { stop_at_eos: false, ..Request::greedy(vec![1, 54, 74, 71, 287, 290], 24) }).unwrap();
     // Positions 0..=9 exist: 6 prompt tokens leave room for 4 cached tokens, plus the last
     // sampled token which needs no position of its own.
     assert_eq!(out.stats.finish, FinishReason::ContextFull);

@@ -27,7 +27,9 @@ fn check_prompts(dir: &Path, prompts: &Value, threads: usize) {
         assert_eq!(model.encode(p["text"].as_str().unwrap()).unwrap(), want_ids, "{name}: tokenizer ids");
         let want_new = ids(&p["greedy"]["new_ids"]);
         let mode = if p.get("all_logits").is_some() { LogitsMode::AllPositions } else { LogitsMode::Steps };
-        let out = engine.generate(Request { logits: mode, stop_at_eos: false, ..Request::greedy(want_ids.clone(), want_new.len()) }).unwrap();
+        let out = engine
+            .generate(Request { logits: mode, stop_at_eos: false, ..Request::greedy(want_ids.clone(), want_new.len()) })
+            .unwrap();
         assert_eq!(out.tokens, want_new, "{name}: greedy tokens");
         let (worst, ok) = compare(&out.step_logits[0], &floats(&p["last_logits"]), ATOL, RTOL);
         assert!(ok, "{name}: last-position logits off by up to {worst}");
@@ -46,7 +48,11 @@ fn check_prompts(dir: &Path, prompts: &Value, threads: usize) {
             let (worst, ok) = compare(&got, &top, ATOL, RTOL);
             assert!(ok, "{name}: step {s} top-5 logits off by up to {worst}");
         }
-        assert_eq!(model.decode(&out.tokens).unwrap(), p["greedy"]["new_text"].as_str().unwrap(), "{name}: decoded text");
+        assert_eq!(
+            model.decode(&out.tokens).unwrap(),
+            p["greedy"]["new_text"].as_str().unwrap(),
+            "{name}: decoded text"
+        );
     }
     engine.shutdown().unwrap();
 }
@@ -71,11 +77,14 @@ fn three_prompts_in_one_batch_each_get_their_own_tokens() {
     let g = golden("tiny-llama");
     let (_, engine) = engine(&fixture("tiny-llama"), 0);
     let by_name = |n: &str| g["prompts"].as_array().unwrap().iter().find(|p| p["name"] == n).unwrap().clone();
-    let names: Vec<String> = g["batch"]["prompts"].as_array().unwrap().iter().map(|n| n.as_str().unwrap().to_string()).collect();
+    let names: Vec<String> =
+        g["batch"]["prompts"].as_array().unwrap().iter().map(|n| n.as_str().unwrap().to_string()).collect();
     // Submit all before reading any, so the scheduler runs them in shared passes.
     let gens: Vec<_> = names
         .iter()
-        .map(|n| engine.submit(Request { stop_at_eos: false, ..Request::greedy(ids(&by_name(n)["input_ids"]), 24) }).unwrap())
+        .map(|n| {
+            engine.submit(Request { stop_at_eos: false, ..Request::greedy(ids(&by_name(n)["input_ids"]), 24) }).unwrap()
+        })
         .collect();
     for (i, gen) in gens.into_iter().enumerate() {
         assert_eq!(gen.wait().unwrap().tokens, ids(&g["batch"]["new_ids"][i]), "sequence {} ({})", i, names[i]);
@@ -97,7 +106,8 @@ fn a_sequence_joining_a_running_batch_gets_its_own_tokens() {
             got_long.push(id);
         }
     }
-    let second = engine.submit(Request { stop_at_eos: false, ..Request::greedy(ids(&short["input_ids"]), 24) }).unwrap();
+    let second =
+        engine.submit(Request { stop_at_eos: false, ..Request::greedy(ids(&short["input_ids"]), 24) }).unwrap();
     got_long.extend(first.wait().unwrap().tokens);
     assert_eq!(got_long, ids(&long["greedy"]["new_ids"]));
     assert_eq!(second.wait().unwrap().tokens, ids(&short["greedy"]["new_ids"]));
@@ -116,7 +126,11 @@ fn sharded_weights_give_the_same_tokens() {
         .map(|t| (t.0.clone(), Value::from("model-00001-of-00002.safetensors")))
         .chain(b.iter().map(|t| (t.0.clone(), Value::from("model-00002-of-00002.safetensors"))))
         .collect();
-    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::json!({"metadata": {}, "weight_map": map}).to_string()).unwrap();
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": map}).to_string(),
+    )
+    .unwrap();
     check_prompts(&dir, &golden("tiny-llama")["prompts"], 0);
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -167,7 +181,8 @@ fn f16_weights_load_and_stay_close_to_f32() {
     write_tensors(&dir.join("model.safetensors"), &fixture_tensors("tiny-llama"), DType::F16);
     let (_, engine) = engine(&dir, 0);
     let p = &golden("tiny-llama")["prompts"][0];
-    let out = engine.generate(Request { logits: LogitsMode::Steps, ..Request::greedy(ids(&p["input_ids"]), 1) }).unwrap();
+    let out =
+        engine.generate(Request { logits: LogitsMode::Steps, ..Request::greedy(ids(&p["input_ids"]), 1) }).unwrap();
     // f16 keeps 11 significant bits of weights ~0.2: logits of size ~7 move by a few 1e-3.
     let (worst, ok) = compare(&out.step_logits[0], &floats(&p["last_logits"]), 0.05, 0.0);
     assert!(ok && worst > 0.0, "f16 logits off by {worst}");

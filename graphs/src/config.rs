@@ -84,7 +84,9 @@ impl Reader<'_> {
         self.as_usize(key, v)
     }
     fn as_usize(&self, key: &str, v: &Value) -> Result<usize> {
-        v.as_u64().map(|n| n as usize).ok_or_else(|| self.err(key, format!("expected a non-negative integer, found {v}")))
+        v.as_u64()
+            .map(|n| n as usize)
+            .ok_or_else(|| self.err(key, format!("expected a non-negative integer, found {v}")))
     }
     fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         self.get(key).map(|v| self.as_usize(key, v)).transpose()
@@ -92,7 +94,9 @@ impl Reader<'_> {
     fn f32_or(&self, v: Option<&Value>, key: &str, default: f32) -> Result<f32> {
         match v.filter(|v| !v.is_null()) {
             None => Ok(default),
-            Some(x) => x.as_f64().map(|f| f as f32).ok_or_else(|| self.err(key, format!("expected a number, found {x}"))),
+            Some(x) => {
+                x.as_f64().map(|f| f as f32).ok_or_else(|| self.err(key, format!("expected a number, found {x}")))
+            }
         }
     }
     fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
@@ -104,8 +108,16 @@ impl Reader<'_> {
     fn ids(&self, key: &str) -> Result<Vec<u32>> {
         match self.get(key) {
             None => Ok(vec![]),
-            Some(Value::Array(a)) => a.iter().map(|x| x.as_u64().map(|n| n as u32).ok_or_else(|| self.err(key, format!("expected token ids, found {x}")))).collect(),
-            Some(x) => x.as_u64().map(|n| vec![n as u32]).ok_or_else(|| self.err(key, format!("expected a token id or a list of them, found {x}"))),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| {
+                    x.as_u64().map(|n| n as u32).ok_or_else(|| self.err(key, format!("expected token ids, found {x}")))
+                })
+                .collect(),
+            Some(x) => x
+                .as_u64()
+                .map(|n| vec![n as u32])
+                .ok_or_else(|| self.err(key, format!("expected a token id or a list of them, found {x}"))),
         }
     }
 }
@@ -144,11 +156,12 @@ impl ModelConfig {
             Some(x) => return Err(r.err("architectures", format!("expected a list of class names, found {x}"))),
             None => return Err(r.err("architectures", "missing (which model class is this?)")),
         };
-        let architecture = classes.iter().find_map(|c| Architecture::from_class(c)).ok_or_else(|| Error::UnsupportedArchitecture {
-            path: path.to_path_buf(),
-            arch: classes.join(", "),
-            supported: Architecture::SUPPORTED.join(", "),
-        })?;
+        let architecture =
+            classes.iter().find_map(|c| Architecture::from_class(c)).ok_or_else(|| Error::UnsupportedArchitecture {
+                path: path.to_path_buf(),
+                arch: classes.join(", "),
+                supported: Architecture::SUPPORTED.join(", "),
+            })?;
         if let Some(act) = r.get("hidden_act").and_then(|a| a.as_str()) {
             if act != "silu" {
                 return Err(r.err("hidden_act", format!("`{act}` is not supported (only silu)")));
@@ -158,7 +171,10 @@ impl ModelConfig {
         let num_attention_heads = r.usize("num_attention_heads")?;
         let num_key_value_heads = r.opt_usize("num_key_value_heads")?.unwrap_or(num_attention_heads);
         if num_attention_heads == 0 || num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
-            return Err(r.err("num_key_value_heads", format!("{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}")));
+            return Err(r.err(
+                "num_key_value_heads",
+                format!("{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"),
+            ));
         }
         let head_dim = match r.opt_usize("head_dim")? {
             Some(d) => d,
@@ -187,7 +203,10 @@ impl ModelConfig {
                     match (s.get(k).filter(|x| !x.is_null()), d) {
                         (None, Some(d)) => Ok(d),
                         (None, None) => Err(r.err(&format!("{key}.{k}"), "missing")),
-                        (Some(x), _) => x.as_f64().map(|f| f as f32).ok_or_else(|| r.err(&format!("{key}.{k}"), format!("expected a number, found {x}"))),
+                        (Some(x), _) => x
+                            .as_f64()
+                            .map(|f| f as f32)
+                            .ok_or_else(|| r.err(&format!("{key}.{k}"), format!("expected a number, found {x}"))),
                     }
                 };
                 match kind {
@@ -199,7 +218,12 @@ impl ModelConfig {
                         high_freq_factor: num("high_freq_factor", None)?,
                         original_max_position_embeddings: num("original_max_position_embeddings", None)?,
                     },
-                    other => return Err(r.err(&format!("{key}.rope_type"), format!("`{other}` is not supported (supported: default, linear, llama3)"))),
+                    other => {
+                        return Err(r.err(
+                            &format!("{key}.rope_type"),
+                            format!("`{other}` is not supported (supported: default, linear, llama3)"),
+                        ))
+                    }
                 }
             }
         };
@@ -215,7 +239,9 @@ impl ModelConfig {
         let sliding_window: Vec<Option<usize>> = match (r.get("layer_types"), architecture) {
             (Some(Value::Array(types)), _) if window.is_some() => {
                 if types.len() != num_hidden_layers {
-                    return Err(r.err("layer_types", format!("has {} entries for {num_hidden_layers} layers", types.len())));
+                    return Err(
+                        r.err("layer_types", format!("has {} entries for {num_hidden_layers} layers", types.len()))
+                    );
                 }
                 types.iter().map(|t| if t.as_str() == Some("sliding_attention") { window } else { None }).collect()
             }
@@ -251,7 +277,12 @@ impl ModelConfig {
             bos_token_id,
             eos_token_ids,
         };
-        for (k, v) in [("hidden_size", c.hidden_size), ("intermediate_size", c.intermediate_size), ("vocab_size", c.vocab_size), ("num_hidden_layers", c.num_hidden_layers)] {
+        for (k, v) in [
+            ("hidden_size", c.hidden_size),
+            ("intermediate_size", c.intermediate_size),
+            ("vocab_size", c.vocab_size),
+            ("num_hidden_layers", c.num_hidden_layers),
+        ] {
             if v == 0 {
                 return Err(r.err(k, "must be positive"));
             }
@@ -261,7 +292,12 @@ impl ModelConfig {
 
     /// Bytes of weights per token at batch 1 in dtype `bytes_per_weight` (every matrix read once).
     pub fn parameter_count(&self) -> usize {
-        let (h, m, q, kv) = (self.hidden_size, self.intermediate_size, self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim);
+        let (h, m, q, kv) = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_attention_heads * self.head_dim,
+            self.num_key_value_heads * self.head_dim,
+        );
         let per_layer = h * q + 2 * h * kv + q * h + 3 * h * m + 2 * h;
         let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
         self.num_hidden_layers * per_layer + self.vocab_size * h + head + h

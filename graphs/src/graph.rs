@@ -44,7 +44,13 @@ pub struct Graph {
 impl Graph {
     /// An empty graph on these lanes.
     pub fn new(lanes: Vec<LaneSpec>) -> Graph {
-        Graph { lanes, nodes: Vec::new(), edges: Vec::new(), entry: Port { node: 0, port: 0 }, exit: Port { node: 0, port: 0 } }
+        Graph {
+            lanes,
+            nodes: Vec::new(),
+            edges: Vec::new(),
+            entry: Port { node: 0, port: 0 },
+            exit: Port { node: 0, port: 0 },
+        }
     }
 
     /// Adds a node; returns its index.
@@ -55,12 +61,22 @@ impl Graph {
 
     /// Connects output `from_port` of `from` to input `to_port` of `to`.
     pub fn edge(&mut self, from: usize, from_port: usize, to: usize, to_port: usize, capacity: usize, sticky: bool) {
-        self.edges.push(Edge { from: Port { node: from, port: from_port }, to: Port { node: to, port: to_port }, capacity, sticky });
+        self.edges.push(Edge {
+            from: Port { node: from, port: from_port },
+            to: Port { node: to, port: to_port },
+            capacity,
+            sticky,
+        });
     }
 
     /// The input port index of `node` named `name`.
     pub fn in_port(&self, node: usize, name: &str) -> usize {
-        self.nodes[node].op.inputs().iter().position(|p| *p == name).unwrap_or_else(|| panic!("{} has no input `{name}`", self.nodes[node].op.kind()))
+        self.nodes[node]
+            .op
+            .inputs()
+            .iter()
+            .position(|p| *p == name)
+            .unwrap_or_else(|| panic!("{} has no input `{name}`", self.nodes[node].op.kind()))
     }
 
     /// A readable dump of the placed graph: lanes, nodes, edges.

@@ -22,7 +22,8 @@ use weir_runtime::LaneSpec;
 
 /// The weights a config implies, with their expected shapes, in layer order.
 pub fn expected_tensors(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
-    let (h, m, q, kv) = (c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+    let (h, m, q, kv) =
+        (c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
     let mut t = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h])];
     for l in 0..c.num_hidden_layers {
         let p = format!("model.layers.{l}");
@@ -78,7 +79,9 @@ pub fn check_weights(c: &ModelConfig, w: &WeightIndex) -> Result<Vec<TensorSourc
 pub fn build(c: &ModelConfig, w: &WeightIndex, p: &Placement) -> Result<Graph> {
     let tensors = check_weights(c, w)?;
     if p.compute_cores.is_empty() || p.loader_lanes == 0 || p.activation_capacity == 0 {
-        return Err(Error::Placement("needs at least one compute core, one loader lane and activation capacity ≥ 1".into()));
+        return Err(Error::Placement(
+            "needs at least one compute core, one loader lane and activation capacity ≥ 1".into(),
+        ));
     }
     let mut lanes = vec![LaneSpec::cpu("compute", p.compute_cores.clone())];
     for i in 0..p.loader_lanes {
@@ -107,7 +110,12 @@ pub fn build(c: &ModelConfig, w: &WeightIndex, p: &Placement) -> Result<Graph> {
         want(&g, format!("{p}.input_layernorm.weight"), attn_norm, "weight");
         g.edge(x, 0, attn_norm, 0, cap, false);
         let mut proj = |g: &mut Graph, short: &str, out: usize| {
-            let node = g.node(n(&format!("{short}_proj")), OpConfig::Linear { in_dim: h, out_dim: out, bias: c.qkv_bias }, 0, lay);
+            let node = g.node(
+                n(&format!("{short}_proj")),
+                OpConfig::Linear { in_dim: h, out_dim: out, bias: c.qkv_bias },
+                0,
+                lay,
+            );
             want(g, format!("{p}.self_attn.{short}_proj.weight"), node, "weight");
             if c.qkv_bias {
                 want(g, format!("{p}.self_attn.{short}_proj.bias"), node, "bias");

@@ -22,7 +22,10 @@ impl Placement {
         let allowed = weir_runtime::lane::allowed_cpus();
         let n = if threads == 0 { allowed.len() } else { threads };
         if n > allowed.len() {
-            return Err(Error::Placement(format!("{n} threads asked for, but this process may use {} CPUs ({allowed:?})", allowed.len())));
+            return Err(Error::Placement(format!(
+                "{n} threads asked for, but this process may use {} CPUs ({allowed:?})",
+                allowed.len()
+            )));
         }
         Ok(Placement { compute_cores: allowed[..n].to_vec(), loader_lanes: 1, activation_capacity: 2 })
     }

@@ -31,9 +31,17 @@ impl WeightIndex {
             })?;
             let mut files: BTreeMap<String, Vec<String>> = BTreeMap::new();
             for (name, f) in map {
-                let f = f.as_str().ok_or_else(|| Error::Config { path: index.clone(), key: format!("weight_map.{name}"), problem: "expected a file name".into() })?;
+                let f = f.as_str().ok_or_else(|| Error::Config {
+                    path: index.clone(),
+                    key: format!("weight_map.{name}"),
+                    problem: "expected a file name".into(),
+                })?;
                 if f.contains('/') || f.contains("..") {
-                    return Err(Error::Config { path: index.clone(), key: format!("weight_map.{name}"), problem: format!("`{f}` is not a file in the model folder") });
+                    return Err(Error::Config {
+                        path: index.clone(),
+                        key: format!("weight_map.{name}"),
+                        problem: format!("`{f}` is not a file in the model folder"),
+                    });
                 }
                 files.entry(f.to_string()).or_default().push(name.clone());
             }
@@ -53,7 +61,10 @@ impl WeightIndex {
         } else {
             return Err(Error::Io {
                 path: single,
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no model.safetensors or model.safetensors.index.json in the model folder"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no model.safetensors or model.safetensors.index.json in the model folder",
+                ),
             });
         }
         Ok(out)
@@ -82,14 +93,16 @@ pub fn read_header(path: &Path) -> Result<BTreeMap<String, TensorSource>> {
     let mut f = std::fs::File::open(path).map_err(io)?;
     let file_len = f.metadata().map_err(io)?.len();
     let mut len8 = [0u8; 8];
-    f.read_exact(&mut len8).map_err(|_| bad(format!("file is {file_len} bytes, too short for a safetensors header")))?;
+    f.read_exact(&mut len8)
+        .map_err(|_| bad(format!("file is {file_len} bytes, too short for a safetensors header")))?;
     let hlen = u64::from_le_bytes(len8);
     if hlen > 100 << 20 || 8 + hlen > file_len {
         return Err(bad(format!("header length {hlen} does not fit in the file ({file_len} bytes)")));
     }
     let mut hbuf = vec![0u8; hlen as usize];
     f.read_exact(&mut hbuf).map_err(io)?;
-    let header: serde_json::Value = serde_json::from_slice(&hbuf).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&hbuf).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
     let obj = header.as_object().ok_or_else(|| bad("header is not a JSON object".into()))?;
     let data_start = 8 + hlen;
     let mut out = BTreeMap::new();
@@ -98,8 +111,10 @@ pub fn read_header(path: &Path) -> Result<BTreeMap<String, TensorSource>> {
         if name == "__metadata__" {
             continue;
         }
-        let dtype_s = v.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| bad(format!("tensor `{name}`: no dtype")))?;
-        let dtype = parse_dtype(dtype_s).ok_or_else(|| bad(format!("tensor `{name}`: dtype {dtype_s} is not supported (F32, BF16, F16)")))?;
+        let dtype_s =
+            v.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| bad(format!("tensor `{name}`: no dtype")))?;
+        let dtype = parse_dtype(dtype_s)
+            .ok_or_else(|| bad(format!("tensor `{name}`: dtype {dtype_s} is not supported (F32, BF16, F16)")))?;
         let shape: Vec<usize> = v
             .get("shape")
             .and_then(|s| s.as_array())
@@ -112,9 +127,15 @@ pub fn read_header(path: &Path) -> Result<BTreeMap<String, TensorSource>> {
             .filter(|o| o.len() == 2)
             .ok_or_else(|| bad(format!("tensor `{name}`: data_offsets missing or malformed")))?;
         let (b, e) = (offs[0], offs[1]);
-        let want = shape.iter().try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d as u64)).ok_or_else(|| bad(format!("tensor `{name}`: shape {shape:?} overflows")))?;
+        let want = shape
+            .iter()
+            .try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d as u64))
+            .ok_or_else(|| bad(format!("tensor `{name}`: shape {shape:?} overflows")))?;
         if e < b || e - b != want {
-            return Err(bad(format!("tensor `{name}`: data_offsets [{b}, {e}] hold {} bytes, but shape {shape:?} of {dtype_s} needs {want}", e.saturating_sub(b))));
+            return Err(bad(format!(
+                "tensor `{name}`: data_offsets [{b}, {e}] hold {} bytes, but shape {shape:?} of {dtype_s} needs {want}",
+                e.saturating_sub(b)
+            )));
         }
         if data_start + e > file_len {
             return Err(bad(format!(
@@ -123,7 +144,10 @@ pub fn read_header(path: &Path) -> Result<BTreeMap<String, TensorSource>> {
             )));
         }
         spans.push((b, e, name.clone()));
-        out.insert(name.clone(), TensorSource { name: name.clone(), path: PathBuf::from(path), offset: data_start + b, dtype, shape });
+        out.insert(
+            name.clone(),
+            TensorSource { name: name.clone(), path: PathBuf::from(path), offset: data_start + b, dtype, shape },
+        );
     }
     spans.sort();
     for w in spans.windows(2) {
@@ -136,7 +160,11 @@ pub fn read_header(path: &Path) -> Result<BTreeMap<String, TensorSource>> {
 
 /// Writes a safetensors file: tensors in the order given, 8-byte aligned header.
 /// Used by the model generator and by tests that need a model on disk.
-pub fn write_file(path: &Path, tensors: &[(String, DType, Vec<usize>)], mut fill: impl FnMut(usize, &mut dyn std::io::Write) -> std::io::Result<()>) -> std::io::Result<()> {
+pub fn write_file(
+    path: &Path,
+    tensors: &[(String, DType, Vec<usize>)],
+    mut fill: impl FnMut(usize, &mut dyn std::io::Write) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     use std::io::Write;
     let mut header = serde_json::Map::new();
     let mut off = 0u64;
@@ -198,9 +226,15 @@ mod tests {
     #[test]
     fn sharded_folders_are_read_through_the_index() {
         let d = tmp("shard");
-        write_file(&d.join("s1.safetensors"), &[("x".into(), DType::F32, vec![1])], |_, w| w.write_all(&[0; 4])).unwrap();
-        write_file(&d.join("s2.safetensors"), &[("y".into(), DType::F16, vec![2])], |_, w| w.write_all(&[0; 4])).unwrap();
-        std::fs::write(d.join("model.safetensors.index.json"), r#"{"metadata": {}, "weight_map": {"x": "s1.safetensors", "y": "s2.safetensors"}}"#).unwrap();
+        write_file(&d.join("s1.safetensors"), &[("x".into(), DType::F32, vec![1])], |_, w| w.write_all(&[0; 4]))
+            .unwrap();
+        write_file(&d.join("s2.safetensors"), &[("y".into(), DType::F16, vec![2])], |_, w| w.write_all(&[0; 4]))
+            .unwrap();
+        std::fs::write(
+            d.join("model.safetensors.index.json"),
+            r#"{"metadata": {}, "weight_map": {"x": "s1.safetensors", "y": "s2.safetensors"}}"#,
+        )
+        .unwrap();
         let idx = WeightIndex::from_dir(&d).unwrap();
         assert_eq!(idx.tensors.len(), 2);
         assert!(idx.tensors["y"].path.ends_with("s2.safetensors"));

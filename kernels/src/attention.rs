@@ -21,7 +21,16 @@ pub struct AttnShape {
 /// positions `0..=past+j` — or, with a sliding `window`, only those after `past + j - window`.
 /// Writes `out`: `[new, heads*head_dim]`.
 #[allow(clippy::too_many_arguments)]
-pub fn attend(q: &[f32], k: &[f32], v: &[f32], past: usize, window: Option<usize>, s: AttnShape, out: &mut [f32], par: &dyn Parallel) {
+pub fn attend(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    past: usize,
+    window: Option<usize>,
+    s: AttnShape,
+    out: &mut [f32],
+    par: &dyn Parallel,
+) {
     let (hd, qd, kvd) = (s.head_dim, s.heads * s.head_dim, s.kv_heads * s.head_dim);
     let new = q.len() / qd;
     let ctx = past + new;

@@ -181,7 +181,7 @@ pub fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
 
 /// The plain reference: one f64-free, straightforward loop per output.
 pub fn matmul_reference(x: &[f32], t: usize, w: WeightView<'_>, n: usize, bias: Option<&[f32]>) -> Vec<f32> {
-    let k = if t == 0 { 0 } else { x.len() / t };
+    let k = x.len().checked_div(t).unwrap_or(0);
     let mut y = vec![0f32; t * n];
     for ti in 0..t {
         for o in 0..n {
@@ -288,7 +288,15 @@ mod avx512 {
     macro_rules! block_fn {
         ($name:ident, $ty:ty, $tile:ident) => {
             #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
-            unsafe fn $name(x: &[f32], t: usize, k: usize, w: &[$ty], n: usize, y: SharedMut<f32>, rows: std::ops::Range<usize>) {
+            unsafe fn $name(
+                x: &[f32],
+                t: usize,
+                k: usize,
+                w: &[$ty],
+                n: usize,
+                y: SharedMut<f32>,
+                rows: std::ops::Range<usize>,
+            ) {
                 let xp = x.as_ptr();
                 let wp = w.as_ptr();
                 let mut t0 = 0;
@@ -333,7 +341,15 @@ mod avx512 {
 
     /// # Safety
     /// The CPU must have AVX-512 F/BW/VL; shapes as in `matmul_with`.
-    pub(super) unsafe fn block(x: &[f32], t: usize, k: usize, w: WeightView<'_>, n: usize, y: SharedMut<f32>, rows: std::ops::Range<usize>) {
+    pub(super) unsafe fn block(
+        x: &[f32],
+        t: usize,
+        k: usize,
+        w: WeightView<'_>,
+        n: usize,
+        y: SharedMut<f32>,
+        rows: std::ops::Range<usize>,
+    ) {
         match w {
             WeightView::F32(w) => block_f32(x, t, k, w, n, y, rows),
             WeightView::Bf16(w) => block_bf16(x, t, k, w, n, y, rows),
@@ -378,7 +394,13 @@ mod avx2 {
         ($name:ident, $ty:ty, $ld:ident, $cvt:expr) => {
             #[inline]
             #[target_feature(enable = "avx2,fma,f16c")]
-            unsafe fn $name<const R: usize, const T: usize>(x: *const f32, w: *const $ty, k: usize, y: *mut f32, n: usize) {
+            unsafe fn $name<const R: usize, const T: usize>(
+                x: *const f32,
+                w: *const $ty,
+                k: usize,
+                y: *mut f32,
+                n: usize,
+            ) {
                 let mut acc = [[_mm256_setzero_ps(); T]; R];
                 let mut i = 0;
                 while i + 8 <= k {
@@ -414,7 +436,15 @@ mod avx2 {
     macro_rules! block_fn {
         ($name:ident, $ty:ty, $tile:ident) => {
             #[target_feature(enable = "avx2,fma,f16c")]
-            unsafe fn $name(x: &[f32], t: usize, k: usize, w: &[$ty], n: usize, y: SharedMut<f32>, rows: std::ops::Range<usize>) {
+            unsafe fn $name(
+                x: &[f32],
+                t: usize,
+                k: usize,
+                w: &[$ty],
+                n: usize,
+                y: SharedMut<f32>,
+                rows: std::ops::Range<usize>,
+            ) {
                 let xp = x.as_ptr();
                 let wp = w.as_ptr();
                 let mut t0 = 0;
@@ -460,7 +490,15 @@ mod avx2 {
 
     /// # Safety
     /// The CPU must have AVX2, FMA and F16C; shapes as in `matmul_with`.
-    pub(super) unsafe fn block(x: &[f32], t: usize, k: usize, w: WeightView<'_>, n: usize, y: SharedMut<f32>, rows: std::ops::Range<usize>) {
+    pub(super) unsafe fn block(
+        x: &[f32],
+        t: usize,
+        k: usize,
+        w: WeightView<'_>,
+        n: usize,
+        y: SharedMut<f32>,
+        rows: std::ops::Range<usize>,
+    ) {
         match w {
             WeightView::F32(w) => block_f32(x, t, k, w, n, y, rows),
             WeightView::Bf16(w) => block_bf16(x, t, k, w, n, y, rows),
@@ -497,13 +535,17 @@ mod tests {
     fn every_isa_and_dtype_matches_reference_on_odd_shapes() {
         let mut seed = 7u64;
         for isa in isa::available() {
-            for &(t, k, n) in &[(1, 1, 1), (1, 15, 3), (3, 17, 5), (4, 16, 4), (5, 33, 9), (9, 64, 130), (1, 2048, 7), (6, 100, 67)] {
+            for &(t, k, n) in
+                &[(1, 1, 1), (1, 15, 3), (3, 17, 5), (4, 16, 4), (5, 33, 9), (9, 64, 130), (1, 2048, 7), (6, 100, 67)]
+            {
                 let x: Vec<f32> = (0..t * k).map(|_| rng(&mut seed)).collect();
                 let wf: Vec<f32> = (0..n * k).map(|_| rng(&mut seed)).collect();
                 let wb: Vec<u16> = wf.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect();
                 let wh: Vec<u16> = wf.iter().map(|v| half::f16::from_f32(*v).to_bits()).collect();
                 let bias: Vec<f32> = (0..n).map(|_| rng(&mut seed)).collect();
-                for (name, w) in [("f32", WeightView::F32(&wf)), ("bf16", WeightView::Bf16(&wb)), ("f16", WeightView::F16(&wh))] {
+                for (name, w) in
+                    [("f32", WeightView::F32(&wf)), ("bf16", WeightView::Bf16(&wb)), ("f16", WeightView::F16(&wh))]
+                {
                     for par in [&Serial as &dyn Parallel, &Threads(3)] {
                         let want = matmul_reference(&x, t, w, n, Some(&bias));
                         let mut got = vec![0f32; t * n];

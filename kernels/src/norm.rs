@@ -5,7 +5,7 @@ use crate::par::{Parallel, SharedMut};
 /// Normalises each row of `x` (`[rows, d]`) with weight `w` (`[d]`) into `out` (`[rows, d]`).
 pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], par: &dyn Parallel) {
     let d = w.len();
-    assert!(d > 0 && x.len() % d == 0 && out.len() == x.len(), "rmsnorm shapes");
+    assert!(d > 0 && x.len().is_multiple_of(d) && out.len() == x.len(), "rmsnorm shapes");
     let rows = x.len() / d;
     let op = SharedMut(out.as_mut_ptr());
     let tasks = if rows >= 8 { par.threads().min(rows) } else { 1 };

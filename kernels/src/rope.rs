@@ -34,13 +34,18 @@ impl Rope {
         match *scaling {
             RopeScaling::Default => {}
             RopeScaling::Linear { factor } => inv.iter_mut().for_each(|f| *f /= factor),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } => {
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old,
+            } => {
                 let low_wavelen = old / low_freq_factor;
                 let high_wavelen = old / high_freq_factor;
                 for f in inv.iter_mut() {
                     let wavelen = 2.0 * std::f32::consts::PI / *f;
                     let scaled = if wavelen > low_wavelen { *f / factor } else { *f };
-                    let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                    let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
                     *f = if medium {
                         let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                         (1.0 - smooth) * scaled / factor + smooth * scaled
@@ -92,7 +97,16 @@ mod tests {
     #[test]
     fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
         let plain = Rope::new(128, 500000.0, &RopeScaling::Default);
-        let s = Rope::new(128, 500000.0, &RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192.0 });
+        let s = Rope::new(
+            128,
+            500000.0,
+            &RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192.0,
+            },
+        );
         assert_eq!(s.inv_freq[0], plain.inv_freq[0]);
         assert!((s.inv_freq[63] - plain.inv_freq[63] / 8.0).abs() < 1e-12);
     }

@@ -23,7 +23,10 @@ impl Operator<Packet> for Add {
         check_act("a", &batch, &x, self.dim)?;
         check_act("b", bb, y, self.dim)?;
         if bb.pass != batch.pass {
-            return Err(OpError::new(format!("ports `a` and `b` carry different passes ({} and {})", batch.pass, bb.pass)));
+            return Err(OpError::new(format!(
+                "ports `a` and `b` carry different passes ({} and {})",
+                batch.pass, bb.pass
+            )));
         }
         weir_kernels::activation::add_inplace(x.f32_mut(), y.f32());
         out.send(0, Packet::Act { batch, x });

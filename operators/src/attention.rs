@@ -30,7 +30,13 @@ impl Attention {
     /// An attention operator with empty caches.
     /// `window`: a token at position p sees only positions after `p - window` (sliding-window
     /// attention, as Mistral); `None` sees everything before it.
-    pub fn new(heads: usize, kv_heads: usize, head_dim: usize, max_positions: usize, window: Option<usize>) -> Attention {
+    pub fn new(
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        max_positions: usize,
+        window: Option<usize>,
+    ) -> Attention {
         Attention { shape: AttnShape { heads, kv_heads, head_dim }, max_positions, window, caches: HashMap::new() }
     }
     /// Sequences with a cache.
@@ -71,16 +77,31 @@ impl Operator<Packet> for Attention {
                 self.caches.insert(seq.id, Kv { k: Vec::new(), v: Vec::new(), len: 0 });
             }
             let Some(kv) = self.caches.get_mut(&seq.id) else {
-                return Err(OpError::new(format!("sequence {} continues at position {} but has no KV cache", seq.id, seq.start)));
+                return Err(OpError::new(format!(
+                    "sequence {} continues at position {} but has no KV cache",
+                    seq.id, seq.start
+                )));
             };
             if kv.len != seq.start {
-                return Err(OpError::new(format!("sequence {}: the KV cache holds {} tokens but the pass starts at {}", seq.id, kv.len, seq.start)));
+                return Err(OpError::new(format!(
+                    "sequence {}: the KV cache holds {} tokens but the pass starts at {}",
+                    seq.id, kv.len, seq.start
+                )));
             }
             let rows = row..row + seq.len;
             kv.k.extend_from_slice(&k.f32()[rows.start * kvd..rows.end * kvd]);
             kv.v.extend_from_slice(&v.f32()[rows.start * kvd..rows.end * kvd]);
             kv.len += seq.len;
-            attend(&q.f32()[rows.start * qd..rows.end * qd], &kv.k, &kv.v, seq.start, self.window, s, &mut yd[rows.start * qd..rows.end * qd], cx.par);
+            attend(
+                &q.f32()[rows.start * qd..rows.end * qd],
+                &kv.k,
+                &kv.v,
+                seq.start,
+                self.window,
+                s,
+                &mut yd[rows.start * qd..rows.end * qd],
+                cx.par,
+            );
             row = rows.end;
         }
         out.send(0, Packet::Act { batch: batch.clone(), x: y });
@@ -96,28 +117,36 @@ mod tests {
     use std::sync::Arc;
 
     fn one(id: u64, start: usize, len: usize, release: Vec<u64>) -> Arc<Batch> {
-        Arc::new(Batch { pass: 0, seqs: vec![SeqSlice { id, start, len, logits: LogitsWanted::None, sampling: Sampling::default() }], release })
+        Arc::new(Batch {
+            pass: 0,
+            seqs: vec![SeqSlice { id, start, len, logits: LogitsWanted::None, sampling: Sampling::default() }],
+            release,
+        })
     }
 
     #[test]
     fn cache_grows_per_sequence_and_is_released() {
         let mut op = Attention::new(1, 1, 2, 8, None);
         let b0 = one(7, 0, 1, vec![]);
-        let out = fire(&mut op, vec![act(&b0, 2, &[1., 0.]), act(&b0, 2, &[1., 0.]), act(&b0, 2, &[5., 6.])], 1).unwrap();
+        let out =
+            fire(&mut op, vec![act(&b0, 2, &[1., 0.]), act(&b0, 2, &[1., 0.]), act(&b0, 2, &[5., 6.])], 1).unwrap();
         assert_eq!(out[0].as_ref().unwrap().act("y").unwrap().1.f32(), &[5., 6.]);
         // The second token sees both positions; equal scores average the values.
         let b1 = one(7, 1, 1, vec![]);
-        let out = fire(&mut op, vec![act(&b1, 2, &[0., 0.]), act(&b1, 2, &[1., 0.]), act(&b1, 2, &[1., 2.])], 1).unwrap();
+        let out =
+            fire(&mut op, vec![act(&b1, 2, &[0., 0.]), act(&b1, 2, &[1., 0.]), act(&b1, 2, &[1., 2.])], 1).unwrap();
         assert_eq!(out[0].as_ref().unwrap().act("y").unwrap().1.f32(), &[3., 4.]);
         // A pass that skips a position is refused.
         let bad = one(7, 5, 1, vec![]);
-        let e = fire(&mut op, vec![act(&bad, 2, &[0.; 2]), act(&bad, 2, &[0.; 2]), act(&bad, 2, &[0.; 2])], 1).unwrap_err();
+        let e =
+            fire(&mut op, vec![act(&bad, 2, &[0.; 2]), act(&bad, 2, &[0.; 2]), act(&bad, 2, &[0.; 2])], 1).unwrap_err();
         assert!(e.0.contains("holds 2 tokens"), "{e}");
         let rel = Arc::new(Batch { pass: 1, seqs: vec![], release: vec![7] });
         fire(&mut op, vec![act(&rel, 2, &[]), act(&rel, 2, &[]), act(&rel, 2, &[])], 1).unwrap();
         assert_eq!(op.cached_sequences(), 0);
         let far = one(8, 0, 9, vec![]);
-        let e = fire(&mut op, vec![act(&far, 2, &[0.; 18]), act(&far, 2, &[0.; 18]), act(&far, 2, &[0.; 18])], 1).unwrap_err();
+        let e = fire(&mut op, vec![act(&far, 2, &[0.; 18]), act(&far, 2, &[0.; 18]), act(&far, 2, &[0.; 18])], 1)
+            .unwrap_err();
         assert!(e.0.contains("max_position_embeddings 8"), "{e}");
     }
 }

@@ -101,7 +101,9 @@ impl OpConfig {
             OpConfig::RmsNorm { dim, eps } => Box::new(rmsnorm::RmsNorm { dim, eps }),
             OpConfig::Linear { in_dim, out_dim, bias } => Box::new(linear::Linear { in_dim, out_dim, bias }),
             OpConfig::Rope { heads, rope } => Box::new(rope::RopeOp { heads, rope }),
-            OpConfig::Attention { heads, kv_heads, head_dim, max_positions, window } => Box::new(attention::Attention::new(heads, kv_heads, head_dim, max_positions, window)),
+            OpConfig::Attention { heads, kv_heads, head_dim, max_positions, window } => {
+                Box::new(attention::Attention::new(heads, kv_heads, head_dim, max_positions, window))
+            }
             OpConfig::SwiGlu { hidden, intermediate } => Box::new(swiglu::SwiGlu { hidden, intermediate }),
             OpConfig::Add { dim } => Box::new(add::Add { dim }),
             OpConfig::LmHead { hidden, vocab } => Box::new(lm_head::LmHead { hidden, vocab }),
@@ -138,7 +140,11 @@ pub(crate) fn weight_vec(name: &str, w: &Tensor, len: usize) -> Result<Vec<f32>,
 /// Checks that activations are `[tokens, width]` with `tokens` matching the batch.
 pub(crate) fn check_act(port: &str, batch: &Batch, x: &Tensor, width: usize) -> Result<(), OpError> {
     if x.shape != [batch.tokens(), width] {
-        return Err(OpError::new(format!("port `{port}`: activations have shape {:?}, expected [{}, {width}]", x.shape, batch.tokens())));
+        return Err(OpError::new(format!(
+            "port `{port}`: activations have shape {:?}, expected [{}, {width}]",
+            x.shape,
+            batch.tokens()
+        )));
     }
     Ok(())
 }
@@ -154,7 +160,17 @@ pub(crate) mod testing {
     pub fn batch(lens: &[(usize, usize)]) -> Arc<Batch> {
         Arc::new(Batch {
             pass: 0,
-            seqs: lens.iter().enumerate().map(|(i, &(start, len))| SeqSlice { id: i as u64, start, len, logits: LogitsWanted::Last, sampling: Sampling::default() }).collect(),
+            seqs: lens
+                .iter()
+                .enumerate()
+                .map(|(i, &(start, len))| SeqSlice {
+                    id: i as u64,
+                    start,
+                    len,
+                    logits: LogitsWanted::Last,
+                    sampling: Sampling::default(),
+                })
+                .collect(),
             release: vec![],
         })
     }
@@ -168,7 +184,11 @@ pub(crate) mod testing {
     }
 
     /// Fires `op` once with `inputs`; returns its outputs.
-    pub fn fire(op: &mut dyn Operator<Packet>, inputs: Vec<Packet>, outputs: usize) -> Result<Vec<Option<Packet>>, OpError> {
+    pub fn fire(
+        op: &mut dyn Operator<Packet>,
+        inputs: Vec<Packet>,
+        outputs: usize,
+    ) -> Result<Vec<Option<Packet>>, OpError> {
         let mut slots: Vec<Option<Packet>> = inputs.into_iter().map(Some).collect();
         let sticky = vec![false; slots.len()];
         let mut ins = Inputs::new(&mut slots, &sticky);

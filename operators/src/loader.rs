@@ -58,7 +58,11 @@ impl Loader {
         let (f, file_len) = &self.files[&t.path];
         let n = t.nbytes();
         if t.offset + n > *file_len {
-            return Err(ctx(format!("needs bytes {}..{} but the file has {file_len} bytes (truncated?)", t.offset, t.offset + n)));
+            return Err(ctx(format!(
+                "needs bytes {}..{} but the file has {file_len} bytes (truncated?)",
+                t.offset,
+                t.offset + n
+            )));
         }
         let mut buf = HostBuffer::zeroed(n as usize);
         f.read_exact_at(buf.as_bytes_mut(), t.offset).map_err(|e| ctx(format!("read failed: {e}")))?;

@@ -107,7 +107,9 @@ impl Packet {
     pub fn act(&self, port: &str) -> Result<(&Arc<Batch>, &Tensor), weir_runtime::OpError> {
         match self {
             Packet::Act { batch, x } => Ok((batch, x)),
-            other => Err(weir_runtime::OpError::new(format!("port `{port}` expected activations, got {}", other.what()))),
+            other => {
+                Err(weir_runtime::OpError::new(format!("port `{port}` expected activations, got {}", other.what())))
+            }
         }
     }
     /// The weight tensor, or an error naming what arrived instead.

@@ -164,9 +164,18 @@ mod tests {
         let p = Sampling { temperature: 1.0, top_k: 1, top_p: 1.0, seed: 3 };
         assert_eq!(sample(&l, &p, &mut Rng::new(1)), argmax(&l));
         let p = Sampling { temperature: 0.8, top_k: 0, top_p: 0.9, seed: 3 };
-        let a: Vec<usize> = { let mut r = Rng::new(9); (0..20).map(|_| sample(&l, &p, &mut r)).collect() };
-        let b: Vec<usize> = { let mut r = Rng::new(9); (0..20).map(|_| sample(&l, &p, &mut r)).collect() };
-        let c: Vec<usize> = { let mut r = Rng::new(10); (0..20).map(|_| sample(&l, &p, &mut r)).collect() };
+        let a: Vec<usize> = {
+            let mut r = Rng::new(9);
+            (0..20).map(|_| sample(&l, &p, &mut r)).collect()
+        };
+        let b: Vec<usize> = {
+            let mut r = Rng::new(9);
+            (0..20).map(|_| sample(&l, &p, &mut r)).collect()
+        };
+        let c: Vec<usize> = {
+            let mut r = Rng::new(10);
+            (0..20).map(|_| sample(&l, &p, &mut r)).collect()
+        };
         assert_eq!(a, b);
         assert_ne!(a, c);
     }

@@ -46,7 +46,17 @@ mod tests {
     fn matches_the_formula_on_one_unit() {
         let b = batch(&[(0, 1)]);
         let mut op = SwiGlu { hidden: 1, intermediate: 1 };
-        let out = fire(&mut op, vec![act(&b, 1, &[2.0]), weight(vec![1, 1], &[1.5]), weight(vec![1, 1], &[-1.0]), weight(vec![1, 1], &[3.0])], 1).unwrap();
+        let out = fire(
+            &mut op,
+            vec![
+                act(&b, 1, &[2.0]),
+                weight(vec![1, 1], &[1.5]),
+                weight(vec![1, 1], &[-1.0]),
+                weight(vec![1, 1], &[3.0]),
+            ],
+            1,
+        )
+        .unwrap();
         let g = 3.0f32;
         let want = 3.0 * (g / (1.0 + (-g).exp())) * -2.0;
         assert!((out[0].as_ref().unwrap().act("y").unwrap().1.f32()[0] - want).abs() < 1e-5);

@@ -186,7 +186,9 @@ impl<M: crate::Message> Actor<M> {
                 let msg = if i + 1 == edges.len() { m.take() } else { m.clone() };
                 let Some(msg) = msg else { break };
                 if tx.send_now(msg).is_err() {
-                    return Err(OpError::new(format!("output port {port} was full although it had room before firing")));
+                    return Err(OpError::new(format!(
+                        "output port {port} was full although it had room before firing"
+                    )));
                 }
             }
         }

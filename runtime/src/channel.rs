@@ -129,7 +129,11 @@ impl<M> ExternalRx<M> {
 }
 
 /// A new bounded edge between two lanes' wakers (`None` for an external end).
-pub(crate) fn edge<M>(capacity: usize, producer: Option<Arc<Waker>>, consumer: Option<Arc<Waker>>) -> (EdgeTx<M>, EdgeRx<M>) {
+pub(crate) fn edge<M>(
+    capacity: usize,
+    producer: Option<Arc<Waker>>,
+    consumer: Option<Arc<Waker>>,
+) -> (EdgeTx<M>, EdgeRx<M>) {
     let (tx, rx) = crossbeam_channel::bounded(capacity);
     (EdgeTx { tx, consumer }, EdgeRx { rx, producer })
 }

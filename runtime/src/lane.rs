@@ -106,7 +106,9 @@ pub(crate) fn validate(spec: &LaneSpec, allowed: &[usize]) -> Result<(), Error> 
             }
             for c in cores {
                 if !allowed.contains(c) {
-                    return Err(lane_err(format!("core {c} is not available to this process (available: {allowed:?})")));
+                    return Err(lane_err(format!(
+                        "core {c} is not available to this process (available: {allowed:?})"
+                    )));
                 }
             }
             let mut sorted = cores.clone();
@@ -204,7 +206,8 @@ fn run_claimed(shared: &PoolShared, i: usize) {
     // SAFETY: a successful claim of index i < tasks in the current epoch means the job is not
     // complete (task i is not done), so the caller of `run` is still inside it and the closure
     // behind `job` is alive.
-    let f: &&(dyn Fn(usize) + Sync) = unsafe { &*(shared.job.load(Ordering::Acquire) as *const &(dyn Fn(usize) + Sync)) };
+    let f: &&(dyn Fn(usize) + Sync) =
+        unsafe { &*(shared.job.load(Ordering::Acquire) as *const &(dyn Fn(usize) + Sync)) };
     if let Err(p) = catch_unwind(AssertUnwindSafe(|| f(i))) {
         let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
         *shared.panic.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg.unwrap_or_else(|| "unknown panic".into()));

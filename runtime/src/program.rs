@@ -53,7 +53,14 @@ impl<M: Message> Default for ProgramBuilder<M> {
 impl<M: Message> ProgramBuilder<M> {
     /// An empty program.
     pub fn new() -> Self {
-        ProgramBuilder { lanes: Vec::new(), wakers: Vec::new(), actors: Vec::new(), edges: Vec::new(), problems: Vec::new(), trace: false }
+        ProgramBuilder {
+            lanes: Vec::new(),
+            wakers: Vec::new(),
+            actors: Vec::new(),
+            edges: Vec::new(),
+            problems: Vec::new(),
+            trace: false,
+        }
     }
 
     /// Records trace events (spans cost two clock reads and a lock each).
@@ -70,7 +77,15 @@ impl<M: Message> ProgramBuilder<M> {
     }
 
     /// Places an operator on a lane with `inputs` input ports and `outputs` output ports.
-    pub fn actor(&mut self, name: &str, lane: LaneId, layer: Option<u32>, op: Box<dyn Operator<M>>, inputs: usize, outputs: usize) -> ActorId {
+    pub fn actor(
+        &mut self,
+        name: &str,
+        lane: LaneId,
+        layer: Option<u32>,
+        op: Box<dyn Operator<M>>,
+        inputs: usize,
+        outputs: usize,
+    ) -> ActorId {
         if lane.0 >= self.lanes.len() {
             self.problems.push(format!("actor `{name}` is placed on lane #{} which does not exist", lane.0));
         }
@@ -97,7 +112,11 @@ impl<M: Message> ProgramBuilder<M> {
     /// Makes input `port` of `actor` sticky: it keeps its latest message across firings
     /// (resident weights).
     pub fn sticky(&mut self, actor: ActorId, port: usize) {
-        match self.actors.get_mut(actor.0).and_then(|a| a.actor.sticky.get_mut(port).map(|s| (s, &mut a.actor.inputs[port]))) {
+        match self
+            .actors
+            .get_mut(actor.0)
+            .and_then(|a| a.actor.sticky.get_mut(port).map(|s| (s, &mut a.actor.inputs[port])))
+        {
             Some((s, p)) => {
                 *s = true;
                 p.sticky = true;
@@ -208,10 +227,20 @@ impl<M: Message> ProgramBuilder<M> {
                 t.push(Event::LaneCreated { lane: i as u32, name: l.name.clone(), kind: l.describe() });
             }
             for s in &self.actors {
-                t.push(Event::ActorCreated { actor: s.actor.id, name: s.actor.name.clone(), kind: s.kind.clone(), lane: s.lane.0 as u32, layer: s.layer });
+                t.push(Event::ActorCreated {
+                    actor: s.actor.id,
+                    name: s.actor.name.clone(),
+                    kind: s.kind.clone(),
+                    lane: s.lane.0 as u32,
+                    layer: s.layer,
+                });
             }
             for &(from, to, capacity) in &self.edges {
-                t.push(Event::EdgeCreated { from: from.map(|a| a as u32), to: to.map(|a| a as u32), capacity: capacity as u32 });
+                t.push(Event::EdgeCreated {
+                    from: from.map(|a| a as u32),
+                    to: to.map(|a| a as u32),
+                    capacity: capacity as u32,
+                });
             }
         }
 
@@ -368,7 +397,14 @@ fn lane_main<M: Message>(index: usize, spec: LaneSpec, mut actors: Vec<Actor<M>>
                     progressed = true;
                     if let (Some(t), Some(t0)) = (&trace, t0) {
                         let t1 = t.now_ns();
-                        t.push(Event::Span { lane: index as u32, actor: a.id, kind: a.op.span_kind(), start_ns: t0, dur_ns: t1 - t0, bytes });
+                        t.push(Event::Span {
+                            lane: index as u32,
+                            actor: a.id,
+                            kind: a.op.span_kind(),
+                            start_ns: t0,
+                            dur_ns: t1 - t0,
+                            bytes,
+                        });
                     }
                 }
                 Ok(Err(e)) => {
@@ -376,7 +412,11 @@ fn lane_main<M: Message>(index: usize, spec: LaneSpec, mut actors: Vec<Actor<M>>
                     return;
                 }
                 Err(p) => {
-                    let message = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "unknown panic".into());
+                    let message = p
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
                     sh.fail(Error::Panic { actor: a.name.clone(), lane: spec.name.clone(), message });
                     return;
                 }
@@ -570,7 +610,12 @@ mod tests {
         b.connect((a, 0), (c, 0), 0);
         b.connect((a, 3), (c, 1), 1);
         let err = b.build().err().expect("must fail").to_string();
-        for want in ["capacity 0", "no output port 3", "input port 0 of actor `lonely` is not connected", "output port 0 of actor `other`"] {
+        for want in [
+            "capacity 0",
+            "no output port 3",
+            "input port 0 of actor `lonely` is not connected",
+            "output port 0 of actor `other`",
+        ] {
             assert!(err.contains(want), "missing `{want}` in: {err}");
         }
     }

@@ -92,7 +92,8 @@ impl Trace {
         out.push(json!({"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "weir"}}));
         for e in &self.events {
             if let Event::Span { lane, actor, kind, start_ns, dur_ns, bytes } = e {
-                let (name, op, layer) = actors.get(actor).cloned().unwrap_or_else(|| (format!("actor{actor}"), String::new(), None));
+                let (name, op, layer) =
+                    actors.get(actor).cloned().unwrap_or_else(|| (format!("actor{actor}"), String::new(), None));
                 out.push(json!({
                     "ph": "X", "pid": 1, "tid": lane, "name": name, "cat": kind.name(),
                     "ts": *start_ns as f64 / 1000.0, "dur": *dur_ns as f64 / 1000.0,

@@ -144,7 +144,8 @@ fn run(a: RunArgs) -> Result<()> {
         (None, Some(ids)) => parse_ids(ids)?,
         (None, None) => bail!("give --prompt or --prompt-ids"),
     };
-    let engine = Engine::new(&model, EngineOptions { threads: a.threads, trace: a.trace.is_some(), ..Default::default() })?;
+    let engine =
+        Engine::new(&model, EngineOptions { threads: a.threads, trace: a.trace.is_some(), ..Default::default() })?;
     let logits = if a.logits_out.is_some() { LogitsMode::Steps } else { LogitsMode::None };
     let req = Request {
         prompt: prompt.clone(),
@@ -221,25 +222,49 @@ fn synth(a: SynthArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     weir::synth::write_model(&a.out, &shape, dtype, a.seed)?;
     let bytes = std::fs::metadata(a.out.join("model.safetensors")).map(|m| m.len()).unwrap_or(0);
-    eprintln!("wrote {} ({}, {}, {:.2} GB) in {:.1} s", a.out.display(), shape.name, a.dtype, bytes as f64 / 1e9, t0.elapsed().as_secs_f64());
+    eprintln!(
+        "wrote {} ({}, {}, {:.2} GB) in {:.1} s",
+        a.out.display(),
+        shape.name,
+        a.dtype,
+        bytes as f64 / 1e9,
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
     let model = Model::open(&a.model).with_context(|| format!("--model {}", a.model.display()))?;
     let threads = if a.threads == 0 { weir_runtime_threads() } else { a.threads };
-    let r = weir::bench::run(&model, &weir::bench::BenchOptions { batch: a.batch, prompt_len: a.prompt_len, gen_len: a.gen_len, threads, seed: a.seed })?;
+    let r = weir::bench::run(
+        &model,
+        &weir::bench::BenchOptions {
+            batch: a.batch,
+            prompt_len: a.prompt_len,
+            gen_len: a.gen_len,
+            threads,
+            seed: a.seed,
+        },
+    )?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         println!("model            {}", a.model.display());
         println!("batch {} × prompt {} + gen {}, {} threads", r.batch, r.prompt_len, r.gen_len, r.threads);
-        println!("prefill          {:.1} tokens/s ({:.3} TFLOP/s)", r.prefill_tokens_per_s, r.prefill_flops_per_s / 1e12);
+        println!(
+            "prefill          {:.1} tokens/s ({:.3} TFLOP/s)",
+            r.prefill_tokens_per_s,
+            r.prefill_flops_per_s / 1e12
+        );
         println!("decode           {:.2} tokens/s", r.decode_tokens_per_s);
         println!("total            {:.2} tokens/s", r.total_tokens_per_s);
         println!("memory read      {:.1} GB/s (measured now, {} threads)", r.memory_read_gb_per_s, r.threads);
         println!("weights / step   {:.3} GB", r.weight_bytes_per_token as f64 / 1e9);
-        println!("bandwidth bound  {:.2} steps/s; achieved {:.0}% of it", r.bandwidth_bound_steps_per_s, 100.0 * r.fraction_of_bandwidth_bound);
+        println!(
+            "bandwidth bound  {:.2} steps/s; achieved {:.0}% of it",
+            r.bandwidth_bound_steps_per_s,
+            100.0 * r.fraction_of_bandwidth_bound
+        );
     }
     Ok(())
 }

@@ -8,7 +8,9 @@ use weir::DType;
 /// `../shared/fixtures` beside the repository (or `$WEIR_FIXTURES`). Missing fixtures fail
 /// the test loudly: a golden test that cannot find its goldens must not pass.
 pub fn fixtures() -> PathBuf {
-    let p = std::env::var_os("WEIR_FIXTURES").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"));
+    let p = std::env::var_os("WEIR_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"));
     assert!(p.join("tiny-llama/golden.json").exists(), "fixtures not found at {} (set WEIR_FIXTURES)", p.display());
     p
 }
@@ -42,7 +44,9 @@ pub fn tmpdir(tag: &str) -> PathBuf {
 /// Copies a fixture folder (without its weights) into a temp folder.
 pub fn copy_fixture_meta(name: &str, tag: &str) -> PathBuf {
     let d = tmpdir(tag);
-    for f in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+    for f in
+        ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+    {
         std::fs::copy(fixture(name).join(f), d.join(f)).unwrap();
     }
     d
@@ -65,8 +69,14 @@ pub fn fixture_tensors(name: &str) -> Vec<(String, Vec<usize>, Vec<f32>)> {
             let raw = &bytes[t.offset as usize..(t.offset + t.nbytes()) as usize];
             let v: Vec<f32> = match t.dtype {
                 DType::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
-                DType::BF16 => raw.chunks_exact(2).map(|c| half::bf16::from_bits(u16::from_le_bytes(c.try_into().unwrap())).to_f32()).collect(),
-                DType::F16 => raw.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes(c.try_into().unwrap())).to_f32()).collect(),
+                DType::BF16 => raw
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_bits(u16::from_le_bytes(c.try_into().unwrap())).to_f32())
+                    .collect(),
+                DType::F16 => raw
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_bits(u16::from_le_bytes(c.try_into().unwrap())).to_f32())
+                    .collect(),
                 DType::U32 => unreachable!(),
             };
             (t.name.clone(), t.shape.clone(), v)
@@ -76,7 +86,8 @@ pub fn fixture_tensors(name: &str) -> Vec<(String, Vec<usize>, Vec<f32>)> {
 
 /// Writes tensors in `dtype` into `path`.
 pub fn write_tensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)], dtype: DType) {
-    let spec: Vec<(String, DType, Vec<usize>)> = tensors.iter().map(|(n, s, _)| (n.clone(), dtype, s.clone())).collect();
+    let spec: Vec<(String, DType, Vec<usize>)> =
+        tensors.iter().map(|(n, s, _)| (n.clone(), dtype, s.clone())).collect();
     weir_graphs::safetensors::write_file(path, &spec, |i, w| {
         let v = &tensors[i].2;
         let bytes: Vec<u8> = match dtype {
