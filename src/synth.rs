@@ -106,13 +106,8 @@ fn hf_dtype(d: DType) -> &'static str {
     }
 }
 
-/// Writes a model of `shape` in `dtype` into `dir` (created if needed).
-pub fn write_model(dir: &Path, shape: &Shape, dtype: DType, seed: u64) -> Result<()> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| Error::Io { path, source }
-    };
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
+/// The `config.json` of a shape, with both transformers spellings of the RoPE settings.
+pub fn config_json(shape: &Shape, dtype: DType, seed: u64) -> serde_json::Value {
     let head_dim = shape.hidden / shape.heads;
     let rope_scaling = if shape.llama3_rope {
         json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
@@ -124,7 +119,7 @@ pub fn write_model(dir: &Path, shape: &Shape, dtype: DType, seed: u64) -> Result
         rope_parameters = rope_scaling.clone();
         rope_parameters["rope_theta"] = json!(shape.rope_theta);
     }
-    let config = json!({
+    json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": shape.hidden, "intermediate_size": shape.intermediate, "num_hidden_layers": shape.layers,
         "num_attention_heads": shape.heads, "num_key_value_heads": shape.kv_heads, "head_dim": head_dim,
@@ -133,7 +128,17 @@ pub fn write_model(dir: &Path, shape: &Shape, dtype: DType, seed: u64) -> Result
         "hidden_act": "silu", "attention_bias": false, "mlp_bias": false, "tie_word_embeddings": false,
         "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": hf_dtype(dtype), "dtype": hf_dtype(dtype),
         "weir_synth": {"shape": shape.name, "seed": seed},
-    });
+    })
+}
+
+/// Writes a model of `shape` in `dtype` into `dir` (created if needed).
+pub fn write_model(dir: &Path, shape: &Shape, dtype: DType, seed: u64) -> Result<()> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let config = config_json(shape, dtype, seed);
     let cpath = dir.join("config.json");
     std::fs::write(&cpath, serde_json::to_string_pretty(&config).unwrap_or_default()).map_err(io(&cpath))?;
     let gpath = dir.join("generation_config.json");

@@ -69,3 +69,25 @@ fn an_io_failure_in_a_loader_reaches_the_caller_and_stops_every_lane() {
     assert!(shut.contains("truncated"), "{shut}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn several_loader_lanes_share_the_weights_and_give_the_same_tokens() {
+    let model = Model::open(fixture("tiny-llama")).unwrap();
+    let engine = Engine::new(&model, EngineOptions { loader_lanes: 3, threads: 1, ..Default::default() }).unwrap();
+    assert_eq!(engine.graph_dump().lines().filter(|l| l.starts_with("lane") && l.contains("loader")).count(), 3);
+    let p = &golden("tiny-llama")["prompts"][2];
+    let out = engine.generate(Request { stop_at_eos: false, ..Request::greedy(ids(&p["input_ids"]), 24) }).unwrap();
+    assert_eq!(out.tokens, ids(&p["greedy"]["new_ids"]));
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn the_llama3_8b_shape_has_a_valid_config() {
+    // Written without its 16 GB of weights: the config alone must parse with llama3 RoPE.
+    let s = weir::synth::shape("llama3-8b").unwrap();
+    let v = weir::synth::config_json(&s, weir::DType::BF16, 0);
+    let c = weir_graphs::ModelConfig::from_value(std::path::Path::new("config.json"), &v).unwrap();
+    assert_eq!((c.hidden_size, c.num_hidden_layers, c.num_key_value_heads, c.vocab_size), (4096, 32, 8, 128256));
+    assert!(matches!(c.rope_scaling, weir_operators::RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+    assert!((c.parameter_count() as f64 / 1e9 - 8.03).abs() < 0.05, "{}", c.parameter_count());
+}
