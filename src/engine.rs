@@ -14,7 +14,7 @@ use crossbeam_channel::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use weir_graphs::{llama, Placement};
+
 use weir_operators::{Batch, LogitsWanted, Packet, Sampling, SeqSlice};
 use weir_runtime::{Program, Trace};
 
@@ -153,7 +153,7 @@ impl Generation {
                     out.stats = s;
                     return Ok(out);
                 }
-                Event::Failed(msg) => return Err(Error::Request(msg)),
+                Event::Failed(msg) => return Err(Error::Failed(msg)),
             }
         }
         Err(Error::Stopped(None))
@@ -178,11 +178,13 @@ pub struct EngineOptions {
     pub trace: bool,
     /// Most sequences in one pass.
     pub max_batch: usize,
+    /// A graph file to run instead of the architecture's built-in one: (text, file name).
+    pub graph: Option<(String, String)>,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { threads: 0, loader_lanes: 1, trace: false, max_batch: 256 }
+        EngineOptions { threads: 0, loader_lanes: 1, trace: false, max_batch: 256, graph: None }
     }
 }
 
@@ -204,10 +206,9 @@ impl Engine {
     /// Compiles `model` onto this machine and starts it. Weights load in the background;
     /// the first pass waits for them.
     pub fn new(model: &Model, opts: EngineOptions) -> Result<Engine> {
-        let mut placement = Placement::cpu(opts.threads)?;
-        placement.loader_lanes = opts.loader_lanes.max(1);
-        let graph = llama::build(&model.config, &model.weights, &placement)?;
-        let graph_dump = graph.dump();
+        let graph =
+            model.graph(opts.graph.as_ref().map(|(t, f)| (t.as_str(), f.as_str())), opts.threads, opts.loader_lanes)?;
+        let graph_dump = weir_graphs::format::print::print(&graph);
         if let Ok(dir) = std::env::var("WEIR_DUMP_GRAPH") {
             let _ = std::fs::create_dir_all(&dir);
             let _ = std::fs::write(std::path::Path::new(&dir).join("graph.txt"), &graph_dump);
@@ -296,7 +297,7 @@ impl Engine {
         self.program.lock().ok().and_then(|p| p.as_ref().map(|p| p.trace())).unwrap_or_default()
     }
 
-    /// The placed graph, as text.
+    /// The placed graph, as a graph file (what `weir graph show` prints).
     pub fn graph_dump(&self) -> &str {
         &self.graph_dump
     }

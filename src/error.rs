@@ -24,9 +24,15 @@ pub enum Error {
     /// A request is invalid; nothing was run for it.
     #[error("invalid request: {0}")]
     Request(String),
+    /// The engine failed while running an accepted request.
+    #[error("generation failed: {0}")]
+    Failed(String),
     /// The engine has stopped (shut down, or failed earlier).
     #[error("the engine has stopped{}", .0.as_ref().map(|e| format!(": {e}")).unwrap_or_default())]
     Stopped(Option<weir_runtime::Error>),
+    /// A graph file is wrong: every problem, as `file:line:col: message` lines.
+    #[error("{0}")]
+    Graph(weir_graphs::format::Report),
     /// A file could not be written.
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },

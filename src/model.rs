@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
-use weir_graphs::{llama, ModelConfig, WeightIndex};
+use weir_graphs::{llama, Graph, ModelConfig, WeightIndex};
 
 /// A model folder: config, weight index (headers only) and tokenizer. Opening reads and checks
 /// the headers; no weight data is read until an engine's loaders run.
@@ -67,5 +67,31 @@ impl Model {
             total += embed;
         }
         total
+    }
+
+    /// The placed graph of this model: from `graph` (a graph file's text and name) or the
+    /// architecture's built-in graph file, with `threads` compute threads (0 = all) and
+    /// `loader_lanes` loader lanes for the built-in file.
+    pub fn graph(&self, graph: Option<(&str, &str)>, threads: usize, loader_lanes: usize) -> Result<Graph> {
+        let (file, text) = match graph {
+            Some((text, file)) => (file.to_string(), text.to_string()),
+            None => {
+                let (file, text) = weir_graphs::builtin::for_architecture(self.config.architecture);
+                let mut text = text.to_string();
+                // Extra loader lanes for the built-in file: weights are dealt over them.
+                for i in 1..loader_lanes.max(1) {
+                    text.push_str(&format!("\nlane loader{i} io\n"));
+                }
+                (file.to_string(), text)
+            }
+        };
+        let cpus = weir_runtime::lane::allowed_cpus();
+        if threads > cpus.len() {
+            return Err(Error::Request(format!(
+                "{threads} threads asked for, but this process may use {} CPUs ({cpus:?})",
+                cpus.len()
+            )));
+        }
+        weir_graphs::load_graph(&text, &file, &self.config, &self.weights, threads).map_err(Error::Graph)
     }
 }

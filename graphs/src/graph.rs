@@ -7,14 +7,14 @@ use weir_operators::OpConfig;
 use weir_runtime::LaneSpec;
 
 /// One end of an edge: a node's port, by index.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Port {
     pub node: usize,
     pub port: usize,
 }
 
 /// An operator instance placed on a lane.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Node {
     pub name: String,
     pub op: OpConfig,
@@ -23,7 +23,7 @@ pub struct Node {
 }
 
 /// A bounded edge. `sticky`: the consumer keeps the last message (resident weights).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Edge {
     pub from: Port,
     pub to: Port,
@@ -32,7 +32,7 @@ pub struct Edge {
 }
 
 /// A placed dataflow graph with one entry (token ids in) and one exit (sampled tokens out).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Graph {
     pub lanes: Vec<LaneSpec>,
     pub nodes: Vec<Node>,
@@ -77,33 +77,6 @@ impl Graph {
             .iter()
             .position(|p| *p == name)
             .unwrap_or_else(|| panic!("{} has no input `{name}`", self.nodes[node].op.kind()))
-    }
-
-    /// A readable dump of the placed graph: lanes, nodes, edges.
-    pub fn dump(&self) -> String {
-        let mut s = String::new();
-        for (i, l) in self.lanes.iter().enumerate() {
-            let _ = writeln!(s, "lane {i} {} {}", l.name, l.describe());
-        }
-        for n in &self.nodes {
-            let layer = n.layer.map_or(String::new(), |l| format!(" layer={l}"));
-            let _ = writeln!(s, "node {} {} @{}{layer}", n.name, n.op.kind(), self.lanes[n.lane].name);
-        }
-        for e in &self.edges {
-            let (f, t) = (&self.nodes[e.from.node], &self.nodes[e.to.node]);
-            let out = f.op.outputs();
-            let _ = writeln!(
-                s,
-                "edge {}.{} -> {}.{} capacity={}{}",
-                f.name,
-                out.get(e.from.port).map_or("?", |p| p.as_str()),
-                t.name,
-                t.op.inputs().get(e.to.port).copied().unwrap_or("?"),
-                e.capacity,
-                if e.sticky { " sticky" } else { "" }
-            );
-        }
-        s
     }
 
     /// Graphviz DOT of the graph, one cluster per lane.

@@ -2,19 +2,35 @@
 //!
 //! * [`config`] — `config.json` / `generation_config.json` (both transformers spellings).
 //! * [`safetensors`] — safetensors headers, single-file and sharded; the data stays on disk.
-//! * [`llama`] — the Llama family (Llama, Mistral, Qwen2) as a graph of operators.
-//! * [`placement`] — which lane each operator runs on.
-//! * [`graph`] — the IR: nodes on lanes, bounded edges, one entry and one exit; text and DOT dumps.
+//! * [`llama`] — the Llama family's tensors, checked against the config.
+//! * [`graph`] — the IR: nodes on lanes, bounded edges, one entry and one exit; DOT dumps.
+//! * [`format`] — graph definition files: parse (with spans), check, print.
+//! * [`builtin`] — the built-in architectures as graph files (`graphs/*.weir`).
 
+pub mod builtin;
 pub mod config;
 pub mod error;
+pub mod format;
 pub mod graph;
 pub mod llama;
-pub mod placement;
 pub mod safetensors;
 
 pub use config::{Architecture, ModelConfig};
 pub use error::{Error, Result};
 pub use graph::Graph;
-pub use placement::Placement;
 pub use safetensors::WeightIndex;
+
+/// Parses and checks a graph file for a model: `text` is the file's content, `file` its name
+/// in messages, `threads` the value of the `threads` variable.
+pub fn load_graph(
+    text: &str,
+    file: &str,
+    config: &ModelConfig,
+    weights: &WeightIndex,
+    threads: usize,
+) -> std::result::Result<Graph, format::Report> {
+    let cpus = weir_runtime::lane::allowed_cpus();
+    let threads = if threads == 0 { cpus.len() } else { threads };
+    let input = format::CheckInput { vars: format::model_vars(config, threads), weights: Some(weights), cpus };
+    format::load_str(text, file, &input)
+}

@@ -5,8 +5,8 @@
 //! here knows of threads: an operator is fired by whatever lane it was placed on, and splits
 //! its kernels over that lane's cores through the `par` it is handed.
 //!
-//! [`OpConfig`] is the registry: every operator kind, its parameters, its port names, and how
-//! to instantiate it.
+//! [`OpConfig`] (in [`registry`]) is the registry: every operator kind, its parameters, its
+//! ports with their shape rules, and how to instantiate it.
 
 pub mod add;
 pub mod attention;
@@ -15,103 +15,18 @@ pub mod linear;
 pub mod lm_head;
 pub mod loader;
 pub mod packet;
+pub mod registry;
 pub mod rmsnorm;
 pub mod rope;
 pub mod sampler;
 pub mod swiglu;
 
 pub use packet::{Batch, LogitsWanted, Packet, Sampling, SeqSlice};
+pub use registry::{OpConfig, ParamValue};
 pub use weir_kernels::rope::{Rope, RopeScaling};
 
 use weir_kernels::WeightView;
-use weir_runtime::{DType, OpError, Operator, Tensor};
-
-/// Every operator kind with its parameters.
-#[derive(Debug, Clone)]
-pub enum OpConfig {
-    /// Token ids → rows of the embedding table.
-    Embedding { vocab: usize, hidden: usize },
-    /// RMSNorm over the last dimension.
-    RmsNorm { dim: usize, eps: f32 },
-    /// `y = x Wᵀ (+ b)`.
-    Linear { in_dim: usize, out_dim: usize, bias: bool },
-    /// Rotary embedding of `heads` heads.
-    Rope { heads: usize, rope: Rope },
-    /// Causal grouped-query attention with a per-sequence KV cache.
-    Attention { heads: usize, kv_heads: usize, head_dim: usize, max_positions: usize, window: Option<usize> },
-    /// `down(silu(gate(x)) * up(x))`.
-    SwiGlu { hidden: usize, intermediate: usize },
-    /// Residual add.
-    Add { dim: usize },
-    /// The output projection, on the rows whose logits are needed.
-    LmHead { hidden: usize, vocab: usize },
-    /// Chooses the next token of every sequence.
-    Sampler { vocab: usize },
-    /// Reads weight tensors from files and sends each on its own output port.
-    Load { tensors: Vec<loader::TensorSource> },
-}
-
-impl OpConfig {
-    /// The operator's kind name (as in traces and graph dumps).
-    pub fn kind(&self) -> &'static str {
-        match self {
-            OpConfig::Embedding { .. } => "embedding",
-            OpConfig::RmsNorm { .. } => "rmsnorm",
-            OpConfig::Linear { .. } => "linear",
-            OpConfig::Rope { .. } => "rope",
-            OpConfig::Attention { .. } => "attention",
-            OpConfig::SwiGlu { .. } => "swiglu",
-            OpConfig::Add { .. } => "add",
-            OpConfig::LmHead { .. } => "lm_head",
-            OpConfig::Sampler { .. } => "sampler",
-            OpConfig::Load { .. } => "load",
-        }
-    }
-
-    /// Input port names, in port order; weight ports are named after the weight's role.
-    pub fn inputs(&self) -> Vec<&'static str> {
-        match self {
-            OpConfig::Embedding { .. } => vec!["ids", "weight"],
-            OpConfig::RmsNorm { .. } => vec!["x", "weight"],
-            OpConfig::Linear { bias: false, .. } => vec!["x", "weight"],
-            OpConfig::Linear { bias: true, .. } => vec!["x", "weight", "bias"],
-            OpConfig::Rope { .. } => vec!["x"],
-            OpConfig::Attention { .. } => vec!["q", "k", "v"],
-            OpConfig::SwiGlu { .. } => vec!["x", "gate", "up", "down"],
-            OpConfig::Add { .. } => vec!["a", "b"],
-            OpConfig::LmHead { .. } => vec!["x", "weight"],
-            OpConfig::Sampler { .. } => vec!["logits"],
-            OpConfig::Load { .. } => vec![],
-        }
-    }
-
-    /// Output port names, in port order.
-    pub fn outputs(&self) -> Vec<String> {
-        match self {
-            OpConfig::Load { tensors } => tensors.iter().map(|t| t.name.clone()).collect(),
-            OpConfig::Sampler { .. } => vec!["tokens".into()],
-            _ => vec!["y".into()],
-        }
-    }
-
-    /// A fresh operator with this configuration.
-    pub fn instantiate(&self) -> Box<dyn Operator<Packet>> {
-        match self.clone() {
-            OpConfig::Embedding { vocab, hidden } => Box::new(embedding::Embedding { vocab, hidden }),
-            OpConfig::RmsNorm { dim, eps } => Box::new(rmsnorm::RmsNorm { dim, eps }),
-            OpConfig::Linear { in_dim, out_dim, bias } => Box::new(linear::Linear { in_dim, out_dim, bias }),
-            OpConfig::Rope { heads, rope } => Box::new(rope::RopeOp { heads, rope }),
-            OpConfig::Attention { heads, kv_heads, head_dim, max_positions, window } => {
-                Box::new(attention::Attention::new(heads, kv_heads, head_dim, max_positions, window))
-            }
-            OpConfig::SwiGlu { hidden, intermediate } => Box::new(swiglu::SwiGlu { hidden, intermediate }),
-            OpConfig::Add { dim } => Box::new(add::Add { dim }),
-            OpConfig::LmHead { hidden, vocab } => Box::new(lm_head::LmHead { hidden, vocab }),
-            OpConfig::Sampler { vocab } => Box::new(sampler::Sampler::new(vocab)),
-            OpConfig::Load { tensors } => Box::new(loader::Loader::new(tensors)),
-        }
-    }
-}
+use weir_runtime::{DType, OpError, Tensor};
 
 /// A weight as the kernels read it, checked against the shape the operator expects.
 pub(crate) fn weight_view<'a>(name: &str, w: &'a Tensor, shape: &[usize]) -> Result<WeightView<'a>, OpError> {
@@ -155,7 +70,7 @@ pub(crate) mod testing {
     use super::*;
     use std::sync::Arc;
     use weir_kernels::Serial;
-    use weir_runtime::{Emit, FireCx, Inputs};
+    use weir_runtime::{Emit, FireCx, Inputs, Operator};
 
     pub fn batch(lens: &[(usize, usize)]) -> Arc<Batch> {
         Arc::new(Batch {

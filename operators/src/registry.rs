@@ -1,0 +1,425 @@
+//! The operator registry: every kind, its parameters, its ports and their shape rules.
+//!
+//! Graph files name operators by kind and give their parameters as `key=value`; this table is
+//! what turns those into an [`OpConfig`] (with an error per bad parameter), what prints one
+//! back, and what the graph checker asks for port widths and weight shapes.
+
+use crate::loader::TensorSource;
+use crate::{add, attention, embedding, linear, lm_head, loader, rmsnorm, rope, sampler, swiglu, Packet};
+use std::collections::BTreeMap;
+use weir_kernels::rope::{Rope, RopeScaling};
+use weir_runtime::Operator;
+
+/// Every operator kind with its parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OpConfig {
+    /// Token ids → rows of the embedding table.
+    Embedding { vocab: usize, hidden: usize },
+    /// RMSNorm over the last dimension.
+    RmsNorm { dim: usize, eps: f32 },
+    /// `y = x Wᵀ (+ b)`.
+    Linear { in_dim: usize, out_dim: usize, bias: bool },
+    /// Rotary embedding of `heads` heads of `head_dim`.
+    Rope { heads: usize, head_dim: usize, theta: f32, scaling: RopeScaling },
+    /// Causal grouped-query attention with a per-sequence KV cache.
+    Attention { heads: usize, kv_heads: usize, head_dim: usize, max_positions: usize, window: Option<usize> },
+    /// `down(silu(gate(x)) * up(x))`.
+    SwiGlu { hidden: usize, intermediate: usize },
+    /// Residual add.
+    Add { dim: usize },
+    /// The output projection, on the rows whose logits are needed.
+    LmHead { hidden: usize, vocab: usize },
+    /// Chooses the next token of every sequence.
+    Sampler { vocab: usize },
+    /// Reads weight tensors from files and sends each on its own output port (made from a
+    /// graph's `weight` statements, not written as a node).
+    Load { tensors: Vec<TensorSource> },
+}
+
+/// A parameter value as written in a graph file.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ParamValue {
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Str(String),
+    /// `none` (an optional parameter left out on purpose).
+    None,
+}
+
+impl std::fmt::Display for ParamValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ParamValue::Int(i) => write!(f, "{i}"),
+            // `{:?}` is the shortest text that reads back as the same number, and keeps a `.0`.
+            ParamValue::Float(x) => write!(f, "{x:?}"),
+            ParamValue::Bool(b) => write!(f, "{b}"),
+            ParamValue::Str(s) => write!(f, "{s:?}"),
+            ParamValue::None => write!(f, "none"),
+        }
+    }
+}
+
+/// The operator kinds a graph file may name.
+pub const KINDS: &[&str] =
+    &["embedding", "rmsnorm", "linear", "rope", "attention", "swiglu", "add", "lm_head", "sampler"];
+
+/// Parameters by name, with what each one must be.
+type Params = BTreeMap<String, ParamValue>;
+
+struct Get<'a> {
+    p: &'a Params,
+    errors: Vec<(Option<String>, String)>,
+    used: Vec<&'static str>,
+}
+
+impl Get<'_> {
+    fn raw(&mut self, k: &'static str) -> Option<&ParamValue> {
+        self.used.push(k);
+        self.p.get(k)
+    }
+    fn usize(&mut self, k: &'static str) -> usize {
+        match self.raw(k).cloned() {
+            Some(ParamValue::Int(i)) if i > 0 => i as usize,
+            Some(v) => {
+                self.errors.push((Some(k.into()), format!("`{k}` must be a positive integer, found {v}")));
+                1
+            }
+            None => {
+                self.errors.push((None, format!("missing parameter `{k}`")));
+                1
+            }
+        }
+    }
+    fn opt_usize(&mut self, k: &'static str) -> Option<usize> {
+        match self.raw(k).cloned() {
+            None | Some(ParamValue::None) => None,
+            Some(ParamValue::Int(i)) if i > 0 => Some(i as usize),
+            Some(v) => {
+                self.errors.push((Some(k.into()), format!("`{k}` must be a positive integer or none, found {v}")));
+                None
+            }
+        }
+    }
+    fn f32(&mut self, k: &'static str, default: Option<f32>) -> f32 {
+        match (self.raw(k).cloned(), default) {
+            (Some(ParamValue::Float(x)), _) => x as f32,
+            (Some(ParamValue::Int(i)), _) => i as f32,
+            (None, Some(d)) => d,
+            (None, None) => {
+                self.errors.push((None, format!("missing parameter `{k}`")));
+                0.0
+            }
+            (Some(v), _) => {
+                self.errors.push((Some(k.into()), format!("`{k}` must be a number, found {v}")));
+                0.0
+            }
+        }
+    }
+    fn bool(&mut self, k: &'static str, default: bool) -> bool {
+        match self.raw(k).cloned() {
+            None => default,
+            Some(ParamValue::Bool(b)) => b,
+            Some(v) => {
+                self.errors.push((Some(k.into()), format!("`{k}` must be true or false, found {v}")));
+                default
+            }
+        }
+    }
+    fn string(&mut self, k: &'static str, default: &str) -> String {
+        match self.raw(k).cloned() {
+            None => default.to_string(),
+            Some(ParamValue::Str(s)) => s,
+            Some(v) => {
+                self.errors.push((Some(k.into()), format!("`{k}` must be a string, found {v}")));
+                default.to_string()
+            }
+        }
+    }
+}
+
+impl OpConfig {
+    /// The operator's kind name (as in graph files, traces and dumps).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            OpConfig::Embedding { .. } => "embedding",
+            OpConfig::RmsNorm { .. } => "rmsnorm",
+            OpConfig::Linear { .. } => "linear",
+            OpConfig::Rope { .. } => "rope",
+            OpConfig::Attention { .. } => "attention",
+            OpConfig::SwiGlu { .. } => "swiglu",
+            OpConfig::Add { .. } => "add",
+            OpConfig::LmHead { .. } => "lm_head",
+            OpConfig::Sampler { .. } => "sampler",
+            OpConfig::Load { .. } => "load",
+        }
+    }
+
+    /// Builds an operator of `kind` from its parameters. Every problem is reported, each with
+    /// the parameter it concerns (`None` for a missing one or an unknown kind).
+    pub fn from_params(kind: &str, p: &Params) -> Result<OpConfig, Vec<(Option<String>, String)>> {
+        let mut g = Get { p, errors: Vec::new(), used: Vec::new() };
+        let op = match kind {
+            "embedding" => OpConfig::Embedding { vocab: g.usize("vocab"), hidden: g.usize("hidden") },
+            "rmsnorm" => OpConfig::RmsNorm { dim: g.usize("dim"), eps: g.f32("eps", None) },
+            "linear" => {
+                OpConfig::Linear { in_dim: g.usize("in"), out_dim: g.usize("out"), bias: g.bool("bias", false) }
+            }
+            "rope" => {
+                let (heads, head_dim, theta) = (g.usize("heads"), g.usize("head_dim"), g.f32("theta", None));
+                let scaling = match g.string("scaling", "default").as_str() {
+                    "default" => RopeScaling::Default,
+                    "linear" => RopeScaling::Linear { factor: g.f32("factor", None) },
+                    "llama3" => RopeScaling::Llama3 {
+                        factor: g.f32("factor", None),
+                        low_freq_factor: g.f32("low_freq_factor", None),
+                        high_freq_factor: g.f32("high_freq_factor", None),
+                        original_max_position_embeddings: g.f32("original_max", None),
+                    },
+                    other => {
+                        g.errors.push((
+                            Some("scaling".into()),
+                            format!("unknown scaling \"{other}\" (known: default, linear, llama3)"),
+                        ));
+                        RopeScaling::Default
+                    }
+                };
+                // Scaling parameters that the chosen scaling does not read are not errors.
+                g.used.extend(["factor", "low_freq_factor", "high_freq_factor", "original_max"]);
+                if head_dim % 2 != 0 {
+                    g.errors.push((Some("head_dim".into()), format!("`head_dim` must be even, found {head_dim}")));
+                }
+                OpConfig::Rope { heads, head_dim, theta, scaling }
+            }
+            "attention" => {
+                let (heads, kv_heads) = (g.usize("heads"), g.usize("kv_heads"));
+                if heads % kv_heads != 0 {
+                    g.errors.push((
+                        Some("kv_heads".into()),
+                        format!("`kv_heads` ({kv_heads}) must divide `heads` ({heads})"),
+                    ));
+                }
+                OpConfig::Attention {
+                    heads,
+                    kv_heads,
+                    head_dim: g.usize("head_dim"),
+                    max_positions: g.usize("max_positions"),
+                    window: g.opt_usize("window"),
+                }
+            }
+            "swiglu" => OpConfig::SwiGlu { hidden: g.usize("hidden"), intermediate: g.usize("intermediate") },
+            "add" => OpConfig::Add { dim: g.usize("dim") },
+            "lm_head" => OpConfig::LmHead { hidden: g.usize("hidden"), vocab: g.usize("vocab") },
+            "sampler" => OpConfig::Sampler { vocab: g.usize("vocab") },
+            other => return Err(vec![(None, format!("unknown operator `{other}` (known: {})", KINDS.join(", ")))]),
+        };
+        for k in p.keys() {
+            if !g.used.contains(&k.as_str()) {
+                g.errors.push((Some(k.clone()), format!("operator `{kind}` has no parameter `{k}`")));
+            }
+        }
+        if g.errors.is_empty() {
+            Ok(op)
+        } else {
+            Err(g.errors)
+        }
+    }
+
+    /// Every parameter, as a graph file spells it (the inverse of [`OpConfig::from_params`]).
+    pub fn params(&self) -> Vec<(&'static str, ParamValue)> {
+        use ParamValue::*;
+        let u = |v: usize| Int(v as i64);
+        let f = |v: f32| Float(v as f64);
+        match self {
+            OpConfig::Embedding { vocab, hidden } => vec![("vocab", u(*vocab)), ("hidden", u(*hidden))],
+            OpConfig::RmsNorm { dim, eps } => vec![("dim", u(*dim)), ("eps", f(*eps))],
+            OpConfig::Linear { in_dim, out_dim, bias } => {
+                vec![("in", u(*in_dim)), ("out", u(*out_dim)), ("bias", Bool(*bias))]
+            }
+            OpConfig::Rope { heads, head_dim, theta, scaling } => {
+                let mut v = vec![("heads", u(*heads)), ("head_dim", u(*head_dim)), ("theta", f(*theta))];
+                match scaling {
+                    RopeScaling::Default => v.push(("scaling", Str("default".into()))),
+                    RopeScaling::Linear { factor } => {
+                        v.extend([("scaling", Str("linear".into())), ("factor", f(*factor))])
+                    }
+                    RopeScaling::Llama3 {
+                        factor,
+                        low_freq_factor,
+                        high_freq_factor,
+                        original_max_position_embeddings,
+                    } => v.extend([
+                        ("scaling", Str("llama3".into())),
+                        ("factor", f(*factor)),
+                        ("low_freq_factor", f(*low_freq_factor)),
+                        ("high_freq_factor", f(*high_freq_factor)),
+                        ("original_max", f(*original_max_position_embeddings)),
+                    ]),
+                }
+                v
+            }
+            OpConfig::Attention { heads, kv_heads, head_dim, max_positions, window } => vec![
+                ("heads", u(*heads)),
+                ("kv_heads", u(*kv_heads)),
+                ("head_dim", u(*head_dim)),
+                ("max_positions", u(*max_positions)),
+                ("window", window.map_or(None, u)),
+            ],
+            OpConfig::SwiGlu { hidden, intermediate } => {
+                vec![("hidden", u(*hidden)), ("intermediate", u(*intermediate))]
+            }
+            OpConfig::Add { dim } => vec![("dim", u(*dim))],
+            OpConfig::LmHead { hidden, vocab } => vec![("hidden", u(*hidden)), ("vocab", u(*vocab))],
+            OpConfig::Sampler { vocab } => vec![("vocab", u(*vocab))],
+            OpConfig::Load { .. } => vec![],
+        }
+    }
+
+    /// Input port names, in port order; weight ports are named after the weight's role.
+    pub fn inputs(&self) -> Vec<&'static str> {
+        match self {
+            OpConfig::Embedding { .. } => vec!["ids", "weight"],
+            OpConfig::RmsNorm { .. } => vec!["x", "weight"],
+            OpConfig::Linear { bias: false, .. } => vec!["x", "weight"],
+            OpConfig::Linear { bias: true, .. } => vec!["x", "weight", "bias"],
+            OpConfig::Rope { .. } => vec!["x"],
+            OpConfig::Attention { .. } => vec!["q", "k", "v"],
+            OpConfig::SwiGlu { .. } => vec!["x", "gate", "up", "down"],
+            OpConfig::Add { .. } => vec!["a", "b"],
+            OpConfig::LmHead { .. } => vec!["x", "weight"],
+            OpConfig::Sampler { .. } => vec!["logits"],
+            OpConfig::Load { .. } => vec![],
+        }
+    }
+
+    /// Output port names, in port order.
+    pub fn outputs(&self) -> Vec<String> {
+        match self {
+            OpConfig::Load { tensors } => tensors.iter().map(|t| t.name.clone()).collect(),
+            OpConfig::Sampler { .. } => vec!["tokens".into()],
+            _ => vec!["y".into()],
+        }
+    }
+
+    /// The shape a weight on input `port` must have, or `None` if the port takes activations.
+    pub fn weight_shape(&self, port: usize) -> Option<Vec<usize>> {
+        let name = *self.inputs().get(port)?;
+        match (self, name) {
+            (OpConfig::Embedding { vocab, hidden }, "weight") | (OpConfig::LmHead { hidden, vocab }, "weight") => {
+                Some(vec![*vocab, *hidden])
+            }
+            (OpConfig::RmsNorm { dim, .. }, "weight") => Some(vec![*dim]),
+            (OpConfig::Linear { in_dim, out_dim, .. }, "weight") => Some(vec![*out_dim, *in_dim]),
+            (OpConfig::Linear { out_dim, .. }, "bias") => Some(vec![*out_dim]),
+            (OpConfig::SwiGlu { hidden, intermediate }, "gate" | "up") => Some(vec![*intermediate, *hidden]),
+            (OpConfig::SwiGlu { hidden, intermediate }, "down") => Some(vec![*hidden, *intermediate]),
+            _ => None,
+        }
+    }
+
+    /// What input `port` carries when it is not a weight: `Some(width)` for f32 activations
+    /// `[tokens, width]`, `None` for token ids or for a weight port.
+    pub fn input_width(&self, port: usize) -> Option<usize> {
+        if self.weight_shape(port).is_some() {
+            return None;
+        }
+        match (self, port) {
+            (OpConfig::RmsNorm { dim, .. }, 0) | (OpConfig::Add { dim }, _) => Some(*dim),
+            (OpConfig::Linear { in_dim, .. }, 0) => Some(*in_dim),
+            (OpConfig::Rope { heads, head_dim, .. }, 0) => Some(heads * head_dim),
+            (OpConfig::Attention { heads, head_dim, .. }, 0) => Some(heads * head_dim),
+            (OpConfig::Attention { kv_heads, head_dim, .. }, _) => Some(kv_heads * head_dim),
+            (OpConfig::SwiGlu { hidden, .. }, 0) | (OpConfig::LmHead { hidden, .. }, 0) => Some(*hidden),
+            (OpConfig::Sampler { vocab }, 0) => Some(*vocab),
+            _ => None,
+        }
+    }
+
+    /// The width of output `port`'s activations (`None` for sampled tokens and weights).
+    pub fn output_width(&self, port: usize) -> Option<usize> {
+        match (self, port) {
+            (OpConfig::Embedding { hidden, .. }, 0) => Some(*hidden),
+            (OpConfig::RmsNorm { dim, .. }, 0) | (OpConfig::Add { dim }, 0) => Some(*dim),
+            (OpConfig::Linear { out_dim, .. }, 0) => Some(*out_dim),
+            (OpConfig::Rope { heads, head_dim, .. }, 0) => Some(heads * head_dim),
+            (OpConfig::Attention { heads, head_dim, .. }, 0) => Some(heads * head_dim),
+            (OpConfig::SwiGlu { hidden, .. }, 0) => Some(*hidden),
+            (OpConfig::LmHead { vocab, .. }, 0) => Some(*vocab),
+            _ => None,
+        }
+    }
+
+    /// Whether input `port` takes token ids (the graph's entry).
+    pub fn takes_ids(&self, port: usize) -> bool {
+        matches!(self, OpConfig::Embedding { .. }) && port == 0
+    }
+
+    /// A fresh operator with this configuration.
+    pub fn instantiate(&self) -> Box<dyn Operator<Packet>> {
+        match self.clone() {
+            OpConfig::Embedding { vocab, hidden } => Box::new(embedding::Embedding { vocab, hidden }),
+            OpConfig::RmsNorm { dim, eps } => Box::new(rmsnorm::RmsNorm { dim, eps }),
+            OpConfig::Linear { in_dim, out_dim, bias } => Box::new(linear::Linear { in_dim, out_dim, bias }),
+            OpConfig::Rope { heads, head_dim, theta, scaling } => {
+                Box::new(rope::RopeOp { heads, rope: Rope::new(head_dim, theta, &scaling) })
+            }
+            OpConfig::Attention { heads, kv_heads, head_dim, max_positions, window } => {
+                Box::new(attention::Attention::new(heads, kv_heads, head_dim, max_positions, window))
+            }
+            OpConfig::SwiGlu { hidden, intermediate } => Box::new(swiglu::SwiGlu { hidden, intermediate }),
+            OpConfig::Add { dim } => Box::new(add::Add { dim }),
+            OpConfig::LmHead { hidden, vocab } => Box::new(lm_head::LmHead { hidden, vocab }),
+            OpConfig::Sampler { vocab } => Box::new(sampler::Sampler::new(vocab)),
+            OpConfig::Load { tensors } => Box::new(loader::Loader::new(tensors)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_round_trip_through_from_params_for_every_kind() {
+        let ops = [
+            OpConfig::Embedding { vocab: 10, hidden: 4 },
+            OpConfig::RmsNorm { dim: 4, eps: 1e-5 },
+            OpConfig::Linear { in_dim: 4, out_dim: 8, bias: true },
+            OpConfig::Rope { heads: 2, head_dim: 4, theta: 10000.0, scaling: RopeScaling::Default },
+            OpConfig::Rope {
+                heads: 2,
+                head_dim: 4,
+                theta: 5e5,
+                scaling: RopeScaling::Llama3 {
+                    factor: 8.0,
+                    low_freq_factor: 1.0,
+                    high_freq_factor: 4.0,
+                    original_max_position_embeddings: 8192.0,
+                },
+            },
+            OpConfig::Attention { heads: 4, kv_heads: 2, head_dim: 4, max_positions: 64, window: Some(16) },
+            OpConfig::Attention { heads: 4, kv_heads: 2, head_dim: 4, max_positions: 64, window: None },
+            OpConfig::SwiGlu { hidden: 4, intermediate: 8 },
+            OpConfig::Add { dim: 4 },
+            OpConfig::LmHead { hidden: 4, vocab: 10 },
+            OpConfig::Sampler { vocab: 10 },
+        ];
+        for op in ops {
+            let p: Params = op.params().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            assert_eq!(OpConfig::from_params(op.kind(), &p).unwrap(), op);
+        }
+    }
+
+    #[test]
+    fn bad_params_are_all_reported() {
+        let mut p = Params::new();
+        p.insert("in".into(), ParamValue::Int(0));
+        p.insert("colour".into(), ParamValue::Str("red".into()));
+        let errs = OpConfig::from_params("linear", &p).unwrap_err();
+        let text: Vec<String> = errs.iter().map(|e| e.1.clone()).collect();
+        assert!(text.iter().any(|t| t.contains("`in` must be a positive integer")), "{text:?}");
+        assert!(text.iter().any(|t| t.contains("missing parameter `out`")), "{text:?}");
+        assert!(text.iter().any(|t| t.contains("no parameter `colour`")), "{text:?}");
+        assert!(OpConfig::from_params("conv2d", &p).unwrap_err()[0].1.contains("unknown operator `conv2d`"));
+    }
+}
