@@ -16,6 +16,8 @@ pub struct BenchOptions {
     pub gen_len: usize,
     pub threads: usize,
     pub seed: u64,
+    /// A graph file to run instead of the built-in one: (text, file name).
+    pub graph: Option<(String, String)>,
 }
 
 /// What was measured.
@@ -89,7 +91,8 @@ pub fn run(model: &Model, o: &BenchOptions) -> Result<BenchReport> {
         )));
     }
     let bw_before = read_bandwidth(o.threads, 1 << 30)?;
-    let engine = Engine::new(model, EngineOptions { threads: o.threads, ..Default::default() })?;
+    let engine =
+        Engine::new(model, EngineOptions { threads: o.threads, graph: o.graph.clone(), ..Default::default() })?;
     // Warm up: wait for the loaders, touch every weight once.
     engine.generate(Request { stop_at_eos: false, ..Request::greedy(vec![1, 2, 3], 2) })?;
     let mut rng = weir_operators::sampler::Rng::new(o.seed);

@@ -51,7 +51,9 @@ impl std::fmt::Display for ParamValue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ParamValue::Int(i) => write!(f, "{i}"),
-            // `{:?}` is the shortest text that reads back as the same number, and keeps a `.0`.
+            // `{:?}` is the shortest text that reads back as the same number, and keeps a `.0`;
+            // a value that is an f32 prints as one (1e-5, not 9.999999747378752e-6).
+            ParamValue::Float(x) if (*x as f32) as f64 == *x => write!(f, "{:?}", *x as f32),
             ParamValue::Float(x) => write!(f, "{x:?}"),
             ParamValue::Bool(b) => write!(f, "{b}"),
             ParamValue::Str(s) => write!(f, "{s:?}"),

@@ -21,6 +21,41 @@ enum Cmd {
     Synth(SynthArgs),
     /// Measure prefill and decode throughput against the machine's memory bandwidth.
     Bench(BenchArgs),
+    /// Check, show and draw graph definition files.
+    #[command(subcommand)]
+    Graph(GraphCmd),
+}
+
+#[derive(Subcommand)]
+enum GraphCmd {
+    /// Parse and check a graph file; all problems are reported as file:line:col: message.
+    Check {
+        /// The graph file.
+        file: PathBuf,
+        /// Check against this model (variables, tensor names and shapes).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// The `threads` variable.
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// Print the compiled, placed graph in the graph-file format.
+    Show(GraphArgs),
+    /// Print the compiled, placed graph as Graphviz DOT.
+    Dot(GraphArgs),
+}
+
+#[derive(Args)]
+struct GraphArgs {
+    /// Hugging Face model folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// A graph file (default: the architecture's built-in one).
+    #[arg(long)]
+    graph: Option<PathBuf>,
+    /// The `threads` variable (0 = all CPUs).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
 }
 
 #[derive(Args)]
@@ -61,6 +96,9 @@ struct RunArgs {
     /// Write a Chrome trace-event file (open in Perfetto or chrome://tracing).
     #[arg(long)]
     trace: Option<PathBuf>,
+    /// Run this graph file instead of the architecture's built-in one.
+    #[arg(long)]
+    graph: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -102,6 +140,9 @@ struct BenchArgs {
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    /// Run this graph file instead of the architecture's built-in one.
+    #[arg(long)]
+    graph: Option<PathBuf>,
 }
 
 fn main() {
@@ -114,6 +155,7 @@ fn main() {
         Cmd::Run(a) => run(a),
         Cmd::Synth(a) => synth(a),
         Cmd::Bench(a) => bench(a),
+        Cmd::Graph(g) => graph(g),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");
@@ -244,6 +286,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             gen_len: a.gen_len,
             threads,
             seed: a.seed,
+            graph: read_graph(&a.graph)?,
         },
     )?;
     if a.json {
@@ -267,6 +310,59 @@ fn bench(a: BenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Reads a `--graph` file: (text, name for messages).
+fn read_graph(path: &Option<PathBuf>) -> Result<Option<(String, String)>> {
+    match path {
+        None => Ok(None),
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("--graph {}", p.display()))?;
+            Ok(Some((text, p.display().to_string())))
+        }
+    }
+}
+
+fn graph(cmd: GraphCmd) -> Result<()> {
+    match cmd {
+        GraphCmd::Check { file, model, threads } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("{}", file.display()))?;
+            let name = file.display().to_string();
+            let g = match &model {
+                Some(dir) => {
+                    let m = Model::open(dir).with_context(|| format!("--model {}", dir.display()))?;
+                    m.graph(Some((&text, &name)), threads, 1)?
+                }
+                None => {
+                    let input = weir_graphs::format::CheckInput {
+                        vars: vec![],
+                        weights: None,
+                        cpus: weir_runtime::lane::allowed_cpus(),
+                    };
+                    weir_graphs::format::load_str(&text, &name, &input).map_err(weir::Error::Graph)?
+                }
+            };
+            let ops = g.nodes.iter().filter(|n| n.op.kind() != "load").count();
+            println!("{name}: ok ({} lanes, {ops} operators, {} edges)", g.lanes.len(), g.edges.len());
+            Ok(())
+        }
+        GraphCmd::Show(a) => {
+            let g = load_model_graph(&a)?;
+            print!("{}", weir_graphs::format::print::print(&g));
+            Ok(())
+        }
+        GraphCmd::Dot(a) => {
+            let g = load_model_graph(&a)?;
+            print!("{}", g.dot());
+            Ok(())
+        }
+    }
+}
+
+fn load_model_graph(a: &GraphArgs) -> Result<weir_graphs::Graph> {
+    let model = Model::open(&a.model).with_context(|| format!("--model {}", a.model.display()))?;
+    let g = read_graph(&a.graph)?;
+    Ok(model.graph(g.as_ref().map(|(t, n)| (t.as_str(), n.as_str())), a.threads, 1)?)
 }
 
 fn weir_runtime_threads() -> usize {

@@ -97,6 +97,8 @@ struct LaneDecl {
 
 struct NodeDecl {
     name: String,
+    /// An attribute failed to evaluate (already reported): skip the parameter check.
+    poisoned: bool,
     kind: (String, Span),
     params: BTreeMap<String, (ParamValue, Span)>,
     lane: Option<(String, Span)>,
@@ -140,6 +142,8 @@ struct Flat {
 
 struct Elab<'a> {
     scopes: Vec<HashMap<String, Value>>,
+    /// Unknown variables already reported (each is reported once, at its first use).
+    unknown: std::collections::HashSet<String>,
     errors: &'a mut Vec<Diagnostic>,
     out: Flat,
     /// Statements expanded so far; a bound against runaway loops.
@@ -165,14 +169,10 @@ impl Elab<'_> {
             Expr::Var(name, sp) => match self.lookup(name) {
                 Some(v) => v.clone(),
                 None => {
-                    let model_var = ["hidden", "layers", "vocab", "heads", "kv_heads", "head_dim", "intermediate"]
-                        .contains(&name.as_str());
-                    let hint = if model_var && self.lookup("layers").is_none() {
-                        " (a model variable: give --model)"
-                    } else {
-                        ""
-                    };
-                    self.err(*sp, format!("unknown variable `{name}`{hint}"));
+                    if self.unknown.insert(name.clone()) {
+                        let hint = if self.lookup("layers").is_none() { " (model variables need --model)" } else { "" };
+                        self.err(*sp, format!("unknown variable `{name}`{hint}"));
+                    }
                     return None;
                 }
             },
@@ -395,9 +395,10 @@ impl Elab<'_> {
                     self.scopes[at].insert(name.0.clone(), v);
                 }
             }
-            Stmt::Node { name, kind, attrs, span } => {
+            Stmt::Node { name, kind, attrs: raw, span } => {
                 let Some(name) = self.name(name) else { return };
-                let attrs = self.attrs(attrs);
+                let attrs = self.attrs(raw);
+                let poisoned = attrs.len() < raw.len();
                 let lane = self.lane_ref(&attrs, "lane");
                 let mut layer = None;
                 let mut params = BTreeMap::new();
@@ -421,7 +422,7 @@ impl Elab<'_> {
                         }
                     }
                 }
-                self.out.nodes.push(NodeDecl { name, kind: kind.clone(), params, lane, layer, span: *span });
+                self.out.nodes.push(NodeDecl { name, poisoned, kind: kind.clone(), params, lane, layer, span: *span });
             }
             Stmt::Edge { chain, attrs, .. } => {
                 let attrs = self.attrs(attrs);
@@ -524,7 +525,8 @@ pub fn check(file: &File, input: &CheckInput) -> Result<Graph, Vec<Diagnostic>> 
     let mut errors = Vec::new();
     let mut root: HashMap<String, Value> = input.vars.iter().cloned().collect();
     root.entry("all".into()).or_insert(Value::Str("all".into()));
-    let mut el = Elab { scopes: vec![root], errors: &mut errors, out: Flat::default(), budget: 0 };
+    let mut el =
+        Elab { scopes: vec![root], unknown: Default::default(), errors: &mut errors, out: Flat::default(), budget: 0 };
     el.stmts(&file.stmts);
     let flat = std::mem::take(&mut el.out);
     let graph = resolve(flat, input, &mut errors);
@@ -665,7 +667,9 @@ fn resolve(f: Flat, input: &CheckInput, errors: &mut Vec<Diagnostic>) -> Graph {
         }
     };
 
-    // Nodes.
+    // Nodes. A node that could not be built is `broken`: references to it are not reported
+    // again as unknown.
+    let mut broken: std::collections::HashSet<String> = Default::default();
     let mut nodes: Vec<Node> = Vec::new();
     let mut node_idx: HashMap<String, (usize, Span)> = HashMap::new();
     let first_compute = lanes.iter().position(|l| !matches!(l.kind, LaneKind::Io { .. }));
@@ -677,7 +681,12 @@ fn resolve(f: Flat, input: &CheckInput, errors: &mut Vec<Diagnostic>) -> Graph {
         let params: BTreeMap<String, ParamValue> = n.params.iter().map(|(k, (v, _))| (k.clone(), v.clone())).collect();
         let op = match OpConfig::from_params(&n.kind.0, &params) {
             Ok(op) => op,
+            Err(_) if n.poisoned => {
+                broken.insert(n.name.clone());
+                continue;
+            }
             Err(es) => {
+                broken.insert(n.name.clone());
                 for (param, m) in es {
                     let sp = param
                         .and_then(|p| n.params.get(&p).map(|x| x.1))
@@ -721,7 +730,9 @@ fn resolve(f: Flat, input: &CheckInput, errors: &mut Vec<Diagnostic>) -> Graph {
     let resolve_ep =
         |e: &Ep, output: bool, nodes: &[Node], err: &mut dyn FnMut(Span, String)| -> Option<(usize, usize)> {
             let Some(&(n, _)) = node_idx.get(&e.node) else {
-                err(e.span, format!("unknown node `{}`", e.node));
+                if !broken.contains(&e.node) {
+                    err(e.span, format!("unknown node `{}`", e.node));
+                }
                 return None;
             };
             let op = &nodes[n].op;
