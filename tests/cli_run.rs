@@ -228,3 +228,39 @@ fn synth_writes_a_model_that_runs() {
         std::fs::remove_dir_all(x).unwrap();
     }
 }
+
+#[test]
+fn graph_subcommands_check_show_dot_and_run_a_user_file() {
+    let model = fixture("tiny-llama");
+    let o = weir(&["graph", "show", "--model", s(&model), "--threads", "1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let shown = String::from_utf8(o.stdout).unwrap();
+    assert!(shown.starts_with("weir 1\n") && shown.contains("node l1/mlp = swiglu"));
+    let dir = tmpdir("graphcli");
+    let f = dir.join("shown.weir");
+    std::fs::write(&f, &shown).unwrap();
+    let o = weir(&["graph", "check", s(&f), "--model", s(&model)]);
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("ok (2 lanes, 28 operators"), "{o:?}");
+    // The shown file needs no model variables, so it checks without --model too.
+    assert!(weir(&["graph", "check", s(&f)]).status.success());
+    let dot = weir(&["graph", "dot", "--model", s(&model)]);
+    assert!(String::from_utf8_lossy(&dot.stdout).starts_with("digraph weir"));
+    // Running the shown file gives the golden tokens.
+    let g = golden("tiny-llama");
+    let v = ok_json(&["run", "--model", s(&model), "--graph", s(&f), "--prompt", "The man", "--max-new-tokens", "24", "--json"]);
+    assert_eq!(v["generated_ids"], g["prompts"][0]["greedy"]["new_ids"]);
+    // A user file with no decoder layers runs too (and predicts differently).
+    let nl = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/graphs/no-layers.weir");
+    let v = ok_json(&["run", "--model", s(&model), "--graph", s(&nl), "--prompt", "The man", "--max-new-tokens", "4", "--json"]);
+    assert_eq!(v["generated_ids"].as_array().unwrap().len(), 4);
+    let golden4: Vec<serde_json::Value> = g["prompts"][0]["greedy"]["new_ids"].as_array().unwrap()[..4].to_vec();
+    assert_ne!(v["generated_ids"].as_array().unwrap(), &golden4);
+    // Errors: file:line:col, all of them, non-zero exit.
+    let bad = dir.join("bad.weir");
+    std::fs::write(&bad, "weir 1\nlane c cpu\nnode a = frob\nnode b = add dim=0\n").unwrap();
+    let err = fails(&["graph", "check", s(&bad)], &["bad.weir:3:10: node `a`: unknown operator `frob`", "bad.weir:4:14: node `b`: `dim` must be a positive integer"]);
+    assert!(err.contains("no `input` statement"), "{err}");
+    fails(&["run", "--model", s(&model), "--graph", s(&bad), "--prompt", "x"], &["bad.weir:3:10"]);
+    fails(&["graph", "check", "/nonexistent.weir"], &["/nonexistent.weir"]);
+    std::fs::remove_dir_all(dir).unwrap();
+}

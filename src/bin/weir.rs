@@ -187,7 +187,7 @@ fn run(a: RunArgs) -> Result<()> {
         (None, None) => bail!("give --prompt or --prompt-ids"),
     };
     let engine =
-        Engine::new(&model, EngineOptions { threads: a.threads, trace: a.trace.is_some(), ..Default::default() })?;
+        Engine::new(&model, EngineOptions { threads: a.threads, trace: a.trace.is_some(), graph: read_graph(&a.graph)?, ..Default::default() })?;
     let logits = if a.logits_out.is_some() { LogitsMode::Steps } else { LogitsMode::None };
     let req = Request {
         prompt: prompt.clone(),

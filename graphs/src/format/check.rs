@@ -717,7 +717,10 @@ fn resolve(f: Flat, input: &CheckInput, errors: &mut Vec<Diagnostic>) -> Graph {
                 }
             },
         };
-        let Some(lane) = lane else { continue };
+        let Some(lane) = lane else {
+            broken.insert(n.name.clone());
+            continue;
+        };
         node_idx.insert(n.name.clone(), (nodes.len(), n.span));
         nodes.push(Node { name: n.name.clone(), op, lane, layer: n.layer.map(|l| l as u32) });
     }
@@ -772,10 +775,15 @@ fn resolve(f: Flat, input: &CheckInput, errors: &mut Vec<Diagnostic>) -> Graph {
         true
     };
 
+    // Ports named by a statement that failed: already reported, so not reported again as
+    // unconnected.
+    let mut tried_in: std::collections::HashSet<(usize, usize)> = Default::default();
+    let mut tried_out: std::collections::HashSet<(usize, usize)> = Default::default();
     for e in &f.edges {
-        let (Some(from), Some(to)) =
-            (resolve_ep(&e.from, true, &nodes, &mut err), resolve_ep(&e.to, false, &nodes, &mut err))
-        else {
+        let (from, to) = (resolve_ep(&e.from, true, &nodes, &mut err), resolve_ep(&e.to, false, &nodes, &mut err));
+        tried_out.extend(from);
+        tried_in.extend(to);
+        let (Some(from), Some(to)) = (from, to) else {
             continue;
         };
         let (fnode, tnode) = (&nodes[from.0], &nodes[to.0]);
@@ -838,6 +846,7 @@ fn resolve(f: Flat, input: &CheckInput, errors: &mut Vec<Diagnostic>) -> Graph {
     let mut rr = 0;
     for w in &f.weights {
         let Some(to) = resolve_ep(&w.to, false, &nodes, &mut err) else { continue };
+        tried_in.insert(to);
         let node = &nodes[to.0];
         let Some(want) = node.op.weight_shape(to.1) else {
             err(w.to.span, format!("input `{}.{}` does not take a weight", node.name, node.op.inputs()[to.1]));
@@ -960,13 +969,13 @@ fn resolve(f: Flat, input: &CheckInput, errors: &mut Vec<Diagnostic>) -> Graph {
     for (i, n) in nodes.iter().enumerate() {
         let decl_span = node_idx[&n.name].1;
         for (p, name) in n.op.inputs().iter().enumerate() {
-            if !fed.contains_key(&(i, p)) {
-                let how = if n.op.weight_shape(p).is_some() { "weight" } else { "edge" };
-                err(decl_span, format!("input `{}.{name}` is not connected (add a `{how}` statement)", n.name));
+            if !fed.contains_key(&(i, p)) && !tried_in.contains(&(i, p)) {
+                let how = if n.op.weight_shape(p).is_some() { "a `weight`" } else { "an `edge`" };
+                err(decl_span, format!("input `{}.{name}` is not connected (add {how} statement)", n.name));
             }
         }
         for (p, name) in n.op.outputs().iter().enumerate() {
-            if !feeds_out.contains_key(&(i, p)) {
+            if !feeds_out.contains_key(&(i, p)) && !tried_out.contains(&(i, p)) {
                 err(decl_span, format!("output `{}.{name}` goes nowhere", n.name));
             }
         }

@@ -598,10 +598,9 @@ impl Parser<'_> {
                 [Part::Lit(s)] if s == "false" => Expr::Bool(false, sp),
                 [Part::Lit(s)] if s == "none" => Expr::None(sp),
                 [Part::Lit(s)] if !s.contains('/') => Expr::Var(s.clone(), sp),
-                _ => {
-                    self.err(sp, "a name with `/` or `{…}` is not a value");
-                    return None;
-                }
+                // A name with `/` or `{…}` (`lane=cpu0/a`, `lane=l{l}`) is a name, not a
+                // variable: its value is its text. (So division needs spaces: `hidden / 2`.)
+                _ => Expr::Str(parts, sp),
             },
             other => {
                 self.err(sp, format!("expected a value, found {}", describe(&other)));
