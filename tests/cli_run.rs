@@ -247,18 +247,46 @@ fn graph_subcommands_check_show_dot_and_run_a_user_file() {
     assert!(String::from_utf8_lossy(&dot.stdout).starts_with("digraph weir"));
     // Running the shown file gives the golden tokens.
     let g = golden("tiny-llama");
-    let v = ok_json(&["run", "--model", s(&model), "--graph", s(&f), "--prompt", "The man", "--max-new-tokens", "24", "--json"]);
+    let v = ok_json(&[
+        "run",
+        "--model",
+        s(&model),
+        "--graph",
+        s(&f),
+        "--prompt",
+        "The man",
+        "--max-new-tokens",
+        "24",
+        "--json",
+    ]);
     assert_eq!(v["generated_ids"], g["prompts"][0]["greedy"]["new_ids"]);
     // A user file with no decoder layers runs too (and predicts differently).
     let nl = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/graphs/no-layers.weir");
-    let v = ok_json(&["run", "--model", s(&model), "--graph", s(&nl), "--prompt", "The man", "--max-new-tokens", "4", "--json"]);
+    let v = ok_json(&[
+        "run",
+        "--model",
+        s(&model),
+        "--graph",
+        s(&nl),
+        "--prompt",
+        "The man",
+        "--max-new-tokens",
+        "4",
+        "--json",
+    ]);
     assert_eq!(v["generated_ids"].as_array().unwrap().len(), 4);
     let golden4: Vec<serde_json::Value> = g["prompts"][0]["greedy"]["new_ids"].as_array().unwrap()[..4].to_vec();
     assert_ne!(v["generated_ids"].as_array().unwrap(), &golden4);
     // Errors: file:line:col, all of them, non-zero exit.
     let bad = dir.join("bad.weir");
     std::fs::write(&bad, "weir 1\nlane c cpu\nnode a = frob\nnode b = add dim=0\n").unwrap();
-    let err = fails(&["graph", "check", s(&bad)], &["bad.weir:3:10: node `a`: unknown operator `frob`", "bad.weir:4:14: node `b`: `dim` must be a positive integer"]);
+    let err = fails(
+        &["graph", "check", s(&bad)],
+        &[
+            "bad.weir:3:10: node `a`: unknown operator `frob`",
+            "bad.weir:4:14: node `b`: `dim` must be a positive integer",
+        ],
+    );
     assert!(err.contains("no `input` statement"), "{err}");
     fails(&["run", "--model", s(&model), "--graph", s(&bad), "--prompt", "x"], &["bad.weir:3:10"]);
     fails(&["graph", "check", "/nonexistent.weir"], &["/nonexistent.weir"]);

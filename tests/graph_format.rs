@@ -64,7 +64,8 @@ fn printing_and_parsing_random_placed_graphs_gives_the_same_graph() {
             let core = cpus[(rng.next_u64() as usize) % cpus.len()];
             g.lanes.push(weir_runtime::LaneSpec::cpu(&format!("cpu{i}/x"), vec![core]));
         }
-        let compute: Vec<usize> = (0..g.lanes.len()).filter(|&i| matches!(g.lanes[i].kind, LaneKind::Cpu { .. })).collect();
+        let compute: Vec<usize> =
+            (0..g.lanes.len()).filter(|&i| matches!(g.lanes[i].kind, LaneKind::Cpu { .. })).collect();
         for n in g.nodes.iter_mut().filter(|n| n.op.kind() != "load") {
             n.lane = compute[(rng.next_u64() as usize) % compute.len()];
         }
@@ -94,7 +95,8 @@ fn a_user_placement_across_two_lanes_gives_the_same_tokens() {
     assert_eq!(on_second.len(), 12, "{on_second:?}");
     assert!(on_second.iter().all(|n| n.starts_with("l1/")));
     assert!(g.edges.iter().filter(|e| !e.sticky).all(|e| e.capacity == 4));
-    let engine = Engine::new(&model, EngineOptions { graph: Some((text, "user.weir".into())), ..Default::default() }).unwrap();
+    let engine =
+        Engine::new(&model, EngineOptions { graph: Some((text, "user.weir".into())), ..Default::default() }).unwrap();
     for p in golden("tiny-llama")["prompts"].as_array().unwrap() {
         let out = engine.generate(Request { stop_at_eos: false, ..Request::greedy(ids(&p["input_ids"]), 24) }).unwrap();
         assert_eq!(out.tokens, ids(&p["greedy"]["new_ids"]));
@@ -118,7 +120,8 @@ fn every_broken_file_in_the_corpus_reports_exactly_its_errors() {
             Err(weir::Error::Graph(r)) => r,
             other => panic!("{name}: expected a graph report, got {:?}", other.map(|_| "a graph")),
         };
-        let got: Vec<String> = report.diagnostics.iter().map(|d| format!("{}:{}: {}", d.span.line, d.span.col, d.message)).collect();
+        let got: Vec<String> =
+            report.diagnostics.iter().map(|d| format!("{}:{}: {}", d.span.line, d.span.col, d.message)).collect();
         assert_eq!(got.len(), expect.len(), "{name}: expected {expect:#?}\ngot {got:#?}");
         for e in &expect {
             assert!(got.iter().any(|g| g.starts_with(e)), "{name}: missing `{e}` in {got:#?}");

@@ -186,8 +186,15 @@ fn run(a: RunArgs) -> Result<()> {
         (None, Some(ids)) => parse_ids(ids)?,
         (None, None) => bail!("give --prompt or --prompt-ids"),
     };
-    let engine =
-        Engine::new(&model, EngineOptions { threads: a.threads, trace: a.trace.is_some(), graph: read_graph(&a.graph)?, ..Default::default() })?;
+    let engine = Engine::new(
+        &model,
+        EngineOptions {
+            threads: a.threads,
+            trace: a.trace.is_some(),
+            graph: read_graph(&a.graph)?,
+            ..Default::default()
+        },
+    )?;
     let logits = if a.logits_out.is_some() { LogitsMode::Steps } else { LogitsMode::None };
     let req = Request {
         prompt: prompt.clone(),

@@ -150,7 +150,8 @@ struct Elab<'a> {
     budget: usize,
 }
 
-const MAX_STATEMENTS: usize = 1_000_000;
+/// Expanded statements (and loop iterations) a file may produce: a bound against runaway loops.
+const MAX_STATEMENTS: usize = 200_000;
 
 impl Elab<'_> {
     fn err(&mut self, span: Span, message: impl Into<String>) {
@@ -491,6 +492,11 @@ impl Elab<'_> {
                     return;
                 };
                 for i in a..b {
+                    self.budget += 1;
+                    if self.budget > MAX_STATEMENTS {
+                        self.err(range.span(), format!("the file expands to more than {MAX_STATEMENTS} statements"));
+                        return;
+                    }
                     self.scopes.push(HashMap::from([(var.0.clone(), Value::Int(i))]));
                     self.stmts(body);
                     self.scopes.pop();

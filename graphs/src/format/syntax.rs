@@ -185,7 +185,6 @@ impl Lexer<'_> {
         self.bump(); // {
         let start_line = self.line;
         let start_col = self.col;
-        let mut depth = 1;
         let mut text = String::new();
         while let Some(c) = self.peek(0) {
             if c == '\n' {
@@ -193,13 +192,13 @@ impl Lexer<'_> {
             }
             self.bump();
             if c == '{' {
-                depth += 1;
+                self.err(open, "`{` inside `{…}`: interpolations do not nest");
+                return None;
             } else if c == '}' {
-                depth -= 1;
-                if depth == 0 {
+                {
                     let mut errs = Vec::new();
                     let toks = lex_at(&text, start_line, start_col, &mut errs);
-                    let mut p = Parser { toks, pos: 0, errors: &mut errs };
+                    let mut p = Parser { toks, pos: 0, errors: &mut errs, depth: 0 };
                     let e = p.expr();
                     if e.is_some() && !matches!(p.peek(), Tok::Newline | Tok::Eof) {
                         let s = p.span();
@@ -394,7 +393,12 @@ struct Parser<'a> {
     toks: Vec<(Tok, Span)>,
     pos: usize,
     errors: &'a mut Vec<Diagnostic>,
+    /// Nesting of expressions and blocks, bounded so that no input can overflow the stack.
+    depth: usize,
 }
+
+/// How deeply expressions and blocks may nest.
+const MAX_DEPTH: usize = 64;
 
 fn describe(t: &Tok) -> String {
     match t {
@@ -581,6 +585,17 @@ impl Parser<'_> {
         }
     }
     fn factor(&mut self) -> Option<Expr> {
+        if self.depth >= MAX_DEPTH {
+            let sp = self.span();
+            self.err(sp, format!("expression nested more than {MAX_DEPTH} deep"));
+            return None;
+        }
+        self.depth += 1;
+        let r = self.factor_inner();
+        self.depth -= 1;
+        r
+    }
+    fn factor_inner(&mut self) -> Option<Expr> {
         let (t, sp) = self.bump();
         let e = match t {
             Tok::Int(i) => Expr::Int(i, sp),
@@ -618,6 +633,18 @@ impl Parser<'_> {
     }
 
     fn block(&mut self) -> Vec<Stmt> {
+        if self.depth >= MAX_DEPTH {
+            let sp = self.span();
+            self.err(sp, format!("blocks nested more than {MAX_DEPTH} deep"));
+            self.skip_block();
+            return Vec::new();
+        }
+        self.depth += 1;
+        let r = self.block_inner();
+        self.depth -= 1;
+        r
+    }
+    fn block_inner(&mut self) -> Vec<Stmt> {
         let mut out = Vec::new();
         loop {
             match self.peek() {
@@ -743,7 +770,7 @@ impl Parser<'_> {
 pub fn parse(text: &str) -> Result<File, Vec<Diagnostic>> {
     let mut errors = Vec::new();
     let toks = lex_at(text, 1, 1, &mut errors);
-    let mut p = Parser { toks, pos: 0, errors: &mut errors };
+    let mut p = Parser { toks, pos: 0, errors: &mut errors, depth: 0 };
     while matches!(p.peek(), Tok::Newline) {
         p.bump();
     }
@@ -840,5 +867,19 @@ output sampler.tokens
         assert!(parse("weir 1\nfor l in 0..2 {\nnode a = add dim=1\n").unwrap_err()[0]
             .message
             .contains("close the block"));
+    }
+}
+
+#[cfg(test)]
+mod limits {
+    use super::*;
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        let deep = format!("weir 1\nset x = {}1{}\n", "(".repeat(10_000), ")".repeat(10_000));
+        assert!(parse(&deep).unwrap_err()[0].message.contains("nested more than"));
+        let blocks = format!("weir 1\n{}", "if true {\n".repeat(10_000));
+        assert!(parse(&blocks).is_err());
+        assert!(parse("weir 1\nnode a{b{c}} = add dim=1\n").unwrap_err()[0].message.contains("do not nest"));
     }
 }
