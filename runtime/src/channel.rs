@@ -22,6 +22,21 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use std::sync::{Arc, OnceLock};
 use std::thread::Thread;
 
+/// Records an edge's level in the trace after each send and receive.
+pub(crate) struct Probe {
+    pub(crate) edge: u32,
+    pub(crate) sink: Arc<crate::trace::TraceSink>,
+}
+
+impl Probe {
+    fn record(&self, level: usize) {
+        if self.sink.on() {
+            let t_ns = self.sink.now_ns();
+            self.sink.push(crate::trace::Event::ChannelLevel { edge: self.edge, t_ns, level: level as u32 });
+        }
+    }
+}
+
 /// Wakes one lane's thread.
 #[derive(Default, Debug)]
 pub(crate) struct Waker {
@@ -43,6 +58,7 @@ impl Waker {
 pub(crate) struct EdgeTx<M> {
     pub(crate) tx: Sender<M>,
     pub(crate) consumer: Option<Arc<Waker>>,
+    pub(crate) probe: Option<Arc<Probe>>,
 }
 
 impl<M> EdgeTx<M> {
@@ -54,6 +70,9 @@ impl<M> EdgeTx<M> {
     pub(crate) fn send_now(&self, m: M) -> Result<(), M> {
         match self.tx.try_send(m) {
             Ok(()) | Err(TrySendError::Disconnected(_)) => {
+                if let Some(p) = &self.probe {
+                    p.record(self.tx.len());
+                }
                 if let Some(w) = &self.consumer {
                     w.wake();
                 }
@@ -68,6 +87,7 @@ impl<M> EdgeTx<M> {
 pub(crate) struct EdgeRx<M> {
     pub(crate) rx: Receiver<M>,
     pub(crate) producer: Option<Arc<Waker>>,
+    pub(crate) probe: Option<Arc<Probe>>,
 }
 
 impl<M> EdgeRx<M> {
@@ -77,6 +97,9 @@ impl<M> EdgeRx<M> {
     pub(crate) fn recv_now(&self) -> Option<M> {
         match self.rx.try_recv() {
             Ok(m) => {
+                if let Some(p) = &self.probe {
+                    p.record(self.rx.len());
+                }
                 if let Some(w) = &self.producer {
                     w.wake();
                 }
@@ -97,6 +120,9 @@ impl<M> ExternalTx<M> {
     pub fn send(&self, m: M) -> Result<(), M> {
         match self.inner.tx.send(m) {
             Ok(()) => {
+                if let Some(p) = &self.inner.probe {
+                    p.record(self.inner.tx.len());
+                }
                 if let Some(w) = &self.inner.consumer {
                     w.wake();
                 }
@@ -118,6 +144,9 @@ impl<M> ExternalRx<M> {
     pub fn recv(&self) -> Option<M> {
         match self.inner.rx.recv() {
             Ok(m) => {
+                if let Some(p) = &self.inner.probe {
+                    p.record(self.inner.rx.len());
+                }
                 if let Some(w) = &self.inner.producer {
                     w.wake();
                 }
@@ -133,9 +162,10 @@ pub(crate) fn edge<M>(
     capacity: usize,
     producer: Option<Arc<Waker>>,
     consumer: Option<Arc<Waker>>,
+    probe: Option<Arc<Probe>>,
 ) -> (EdgeTx<M>, EdgeRx<M>) {
     let (tx, rx) = crossbeam_channel::bounded(capacity);
-    (EdgeTx { tx, consumer }, EdgeRx { rx, producer })
+    (EdgeTx { tx, consumer, probe: probe.clone() }, EdgeRx { rx, producer, probe })
 }
 
 #[cfg(test)]
@@ -144,7 +174,7 @@ mod tests {
 
     #[test]
     fn a_full_edge_refuses_and_a_dropped_consumer_disconnects() {
-        let (tx, rx) = edge::<u32>(2, None, None);
+        let (tx, rx) = edge::<u32>(2, None, None, None);
         assert!(tx.has_room());
         tx.send_now(1).unwrap();
         tx.send_now(2).unwrap();
@@ -161,7 +191,7 @@ mod tests {
 
     #[test]
     fn an_external_receiver_returns_none_when_the_producer_is_gone() {
-        let (tx, rx) = edge::<u32>(1, None, None);
+        let (tx, rx) = edge::<u32>(1, None, None, None);
         let ext = ExternalRx { inner: rx };
         let h = std::thread::spawn(move || {
             tx.send_now(7).unwrap();

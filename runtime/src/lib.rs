@@ -55,7 +55,7 @@ pub use error::{Error, OpError};
 pub use lane::{LaneId, LaneKind, LaneSpec, WorkerPool};
 pub use program::{ActorId, Program, ProgramBuilder};
 pub use tensor::{DType, HostBuffer, Tensor, Tier};
-pub use trace::{Event, SpanKind, Trace};
+pub use trace::{summary::Summary, Event, SpanKind, Trace};
 
 /// What travels on an edge. Clones must be cheap (fan-out clones a message per consumer):
 /// put large data behind an `Arc`.

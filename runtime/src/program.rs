@@ -39,9 +39,9 @@ pub struct ProgramBuilder<M> {
     lanes: Vec<LaneSpec>,
     wakers: Vec<Arc<Waker>>,
     actors: Vec<ActorSlot<M>>,
-    edges: Vec<(Option<usize>, Option<usize>, usize)>,
+    edges: Vec<(Option<(usize, usize)>, Option<(usize, usize)>, usize)>,
     problems: Vec<String>,
-    trace: bool,
+    sink: Arc<TraceSink>,
 }
 
 impl<M: Message> Default for ProgramBuilder<M> {
@@ -59,13 +59,13 @@ impl<M: Message> ProgramBuilder<M> {
             actors: Vec::new(),
             edges: Vec::new(),
             problems: Vec::new(),
-            trace: false,
+            sink: Arc::new(TraceSink::new()),
         }
     }
 
     /// Records trace events (spans cost two clock reads and a lock each).
     pub fn trace(&mut self, on: bool) -> &mut Self {
-        self.trace = on;
+        self.sink.enabled.store(on, std::sync::atomic::Ordering::Relaxed);
         self
     }
 
@@ -164,37 +164,41 @@ impl<M: Message> ProgramBuilder<M> {
         capacity > 0
     }
 
+    fn probe(&self) -> Option<Arc<crate::channel::Probe>> {
+        Some(Arc::new(crate::channel::Probe { edge: self.edges.len() as u32, sink: self.sink.clone() }))
+    }
+
     /// Connects output `from.1` of actor `from.0` to input `to.1` of `to.0` with a bounded edge.
     pub fn connect(&mut self, from: (ActorId, usize), to: (ActorId, usize), capacity: usize) {
         let what = format!("edge #{}", self.edges.len());
         if !(self.check_out(from.0, from.1) & self.check_in(to.0, to.1) & self.check_capacity(capacity, &what)) {
             return;
         }
-        let (tx, rx) = edge(capacity, self.waker_of(from.0), self.waker_of(to.0));
+        let (tx, rx) = edge(capacity, self.waker_of(from.0), self.waker_of(to.0), self.probe());
         self.actors[from.0 .0].actor.outputs[from.1].push(tx);
         self.actors[to.0 .0].actor.inputs[to.1].rx = Some(rx);
-        self.edges.push((Some(from.0 .0), Some(to.0 .0), capacity));
+        self.edges.push((Some((from.0 .0, from.1)), Some((to.0 .0, to.1)), capacity));
     }
 
     /// An edge from outside into input `port` of `actor`.
     pub fn input(&mut self, actor: ActorId, port: usize, capacity: usize) -> ExternalTx<M> {
         let capacity = capacity.max(1);
-        let (tx, rx) = edge(capacity, None, self.waker_of(actor));
+        let (tx, rx) = edge(capacity, None, self.waker_of(actor), self.probe());
         if self.check_in(actor, port) {
             self.actors[actor.0].actor.inputs[port].rx = Some(rx);
         }
-        self.edges.push((None, Some(actor.0), capacity));
+        self.edges.push((None, Some((actor.0, port)), capacity));
         ExternalTx { inner: tx }
     }
 
     /// An edge from output `port` of `actor` to outside.
     pub fn output(&mut self, actor: ActorId, port: usize, capacity: usize) -> ExternalRx<M> {
         let capacity = capacity.max(1);
-        let (tx, rx) = edge(capacity, self.waker_of(actor), None);
+        let (tx, rx) = edge(capacity, self.waker_of(actor), None, self.probe());
         if self.check_out(actor, port) {
             self.actors[actor.0].actor.outputs[port].push(tx);
         }
-        self.edges.push((Some(actor.0), None, capacity));
+        self.edges.push((Some((actor.0, port)), None, capacity));
         ExternalRx { inner: rx }
     }
 
@@ -221,7 +225,7 @@ impl<M: Message> ProgramBuilder<M> {
             lane::validate(l, &allowed)?;
         }
 
-        let sink = self.trace.then(|| Arc::new(TraceSink::new()));
+        let sink = self.sink.on().then(|| self.sink.clone());
         if let Some(t) = &sink {
             for (i, l) in self.lanes.iter().enumerate() {
                 t.push(Event::LaneCreated { lane: i as u32, name: l.name.clone(), kind: l.describe() });
@@ -235,12 +239,9 @@ impl<M: Message> ProgramBuilder<M> {
                     layer: s.layer,
                 });
             }
-            for &(from, to, capacity) in &self.edges {
-                t.push(Event::EdgeCreated {
-                    from: from.map(|a| a as u32),
-                    to: to.map(|a| a as u32),
-                    capacity: capacity as u32,
-                });
+            for (i, &(from, to, capacity)) in self.edges.iter().enumerate() {
+                let end = |x: Option<(usize, usize)>| x.map(|(a, p)| (a as u32, p as u32));
+                t.push(Event::EdgeCreated { edge: i as u32, from: end(from), to: end(to), capacity: capacity as u32 });
             }
         }
 
@@ -290,11 +291,11 @@ impl<M: Message> ProgramBuilder<M> {
     }
 }
 
-fn topo_order(n: usize, edges: &[(Option<usize>, Option<usize>, usize)]) -> Vec<usize> {
+fn topo_order(n: usize, edges: &[(Option<(usize, usize)>, Option<(usize, usize)>, usize)]) -> Vec<usize> {
     let mut indeg = vec![0usize; n];
     let mut succ = vec![Vec::new(); n];
     for &(f, t, _) in edges {
-        if let (Some(f), Some(t)) = (f, t) {
+        if let (Some((f, _)), Some((t, _))) = (f, t) {
             succ[f].push(t);
             indeg[t] += 1;
         }

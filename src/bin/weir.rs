@@ -24,6 +24,29 @@ enum Cmd {
     /// Check, show and draw graph definition files.
     #[command(subcommand)]
     Graph(GraphCmd),
+    /// Read a trace written by `--trace`.
+    #[command(subcommand)]
+    Trace(TraceCmd),
+}
+
+#[derive(Subcommand)]
+enum TraceCmd {
+    /// Per-lane utilisation, per-operator time, lane overlap, link bandwidth, channel occupancy.
+    Summary {
+        /// A trace file written by `weir run --trace`.
+        trace: PathBuf,
+        /// Print one JSON object instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write one self-contained HTML timeline with the summary.
+    Html {
+        /// A trace file written by `weir run --trace`.
+        trace: PathBuf,
+        /// The HTML file to write.
+        #[arg(short = 'o', long = "out")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -156,6 +179,7 @@ fn main() {
         Cmd::Synth(a) => synth(a),
         Cmd::Bench(a) => bench(a),
         Cmd::Graph(g) => graph(g),
+        Cmd::Trace(t) => trace(t),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");
@@ -315,6 +339,31 @@ fn bench(a: BenchArgs) -> Result<()> {
             r.bandwidth_bound_steps_per_s,
             100.0 * r.fraction_of_bandwidth_bound
         );
+    }
+    Ok(())
+}
+
+fn read_trace(path: &PathBuf) -> Result<weir::Trace> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    weir::Trace::from_chrome_json(&text).map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+fn trace(cmd: TraceCmd) -> Result<()> {
+    match cmd {
+        TraceCmd::Summary { trace, json } => {
+            let s = weir_runtime::Summary::of(&read_trace(&trace)?);
+            if json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                print!("{}", s.to_text());
+            }
+        }
+        TraceCmd::Html { trace, out } => {
+            let t = read_trace(&trace)?;
+            let html = weir_runtime::trace::html::render(&t, &trace.display().to_string());
+            std::fs::write(&out, html).with_context(|| format!("-o {}", out.display()))?;
+            eprintln!("wrote {} ({} spans)", out.display(), t.spans());
+        }
     }
     Ok(())
 }
