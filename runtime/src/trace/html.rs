@@ -85,7 +85,7 @@ const TEMPLATE: &str = r##"<!doctype html>
 <style>
 body { font: 13px system-ui, sans-serif; margin: 16px; color: #222; }
 h1 { font-size: 18px; margin: 0 0 8px; }
-pre { background: #f6f6f6; padding: 8px; overflow-x: auto; font-size: 12px; }
+pre { background: #f6f6f6; padding: 8px; overflow: auto; max-height: 38vh; font-size: 12px; }
 #wrap { position: relative; border: 1px solid #ccc; }
 canvas { display: block; cursor: grab; }
 #tip { position: absolute; pointer-events: none; background: #fffbe6; border: 1px solid #999; padding: 4px 6px; font-size: 12px; display: none; white-space: pre; }
