@@ -211,7 +211,7 @@ impl Engine {
         let graph_dump = weir_graphs::format::print::print(&graph);
         if let Ok(dir) = std::env::var("WEIR_DUMP_GRAPH") {
             let _ = std::fs::create_dir_all(&dir);
-            let _ = std::fs::write(std::path::Path::new(&dir).join("graph.txt"), &graph_dump);
+            let _ = std::fs::write(std::path::Path::new(&dir).join("graph.weir"), &graph_dump);
             let _ = std::fs::write(std::path::Path::new(&dir).join("graph.dot"), graph.dot());
         }
         let Compiled { program, entry, exit } = compile(&graph, opts.trace)?;

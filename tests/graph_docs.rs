@@ -4,7 +4,7 @@ mod common;
 use common::*;
 use weir::{Engine, EngineOptions, Model, Request};
 
-fn blocks<'a>(doc: &'a str, lang: &str) -> Vec<(usize, String)> {
+fn blocks(doc: &str, lang: &str) -> Vec<(usize, String)> {
     let fence = format!("```{lang}\n");
     let mut out = Vec::new();
     let mut rest = doc;

@@ -27,6 +27,9 @@ use weir_kernels::{Parallel, Serial};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ActorId(pub usize);
 
+/// An edge's (actor, port) ends, `None` outside the program, and its capacity.
+type EdgeEnds = (Option<(usize, usize)>, Option<(usize, usize)>, usize);
+
 struct ActorSlot<M> {
     actor: Actor<M>,
     lane: LaneId,
@@ -39,7 +42,7 @@ pub struct ProgramBuilder<M> {
     lanes: Vec<LaneSpec>,
     wakers: Vec<Arc<Waker>>,
     actors: Vec<ActorSlot<M>>,
-    edges: Vec<(Option<(usize, usize)>, Option<(usize, usize)>, usize)>,
+    edges: Vec<EdgeEnds>,
     problems: Vec<String>,
     sink: Arc<TraceSink>,
 }
@@ -291,7 +294,7 @@ impl<M: Message> ProgramBuilder<M> {
     }
 }
 
-fn topo_order(n: usize, edges: &[(Option<(usize, usize)>, Option<(usize, usize)>, usize)]) -> Vec<usize> {
+fn topo_order(n: usize, edges: &[EdgeEnds]) -> Vec<usize> {
     let mut indeg = vec![0usize; n];
     let mut succ = vec![Vec::new(); n];
     for &(f, t, _) in edges {

@@ -199,7 +199,7 @@ impl Summary {
         }
         let mut op_stats: Vec<OpStat> =
             ops.into_iter().map(|(kind, (count, total_ns))| OpStat { kind, count, total_ns }).collect();
-        op_stats.sort_by(|a, b| b.total_ns.cmp(&a.total_ns));
+        op_stats.sort_by_key(|o| std::cmp::Reverse(o.total_ns));
         let link_stats = links
             .into_iter()
             .map(|(link, (bytes, ivs))| {
