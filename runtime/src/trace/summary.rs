@@ -344,6 +344,25 @@ mod tests {
     }
 
     #[test]
+    fn transfers_are_a_link_of_their_own() {
+        let mut t = trace();
+        t.events.push(Event::Span {
+            lane: 1,
+            actor: 0,
+            kind: SpanKind::Transfer,
+            start_ns: 40,
+            dur_ns: 10,
+            bytes: 5000,
+        });
+        let s = Summary::of(&t);
+        let link = s.links.iter().find(|l| l.link == "transfer (lane loader)").expect("a transfer link");
+        assert_eq!(link.bytes, 5000);
+        assert!((link.gb_per_s - 500.0).abs() < 1e-9);
+        // The loader lane is now busy 0..50 and 60..100.
+        assert_eq!(s.lanes[1].busy_ns, 90);
+    }
+
+    #[test]
     fn chrome_json_reads_back_into_the_same_summary() {
         let t = trace();
         let back = Trace::from_chrome_json(&t.to_chrome_json()).unwrap();
