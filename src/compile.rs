@@ -14,7 +14,7 @@ pub struct Compiled {
 }
 
 /// Starts `g` on its lanes.
-pub fn compile(g: &Graph, trace: bool) -> Result<Compiled> {
+pub fn compile(g: &Graph, trace: bool, env: &weir_operators::OpEnv) -> Result<Compiled> {
     let mut b = ProgramBuilder::<Packet>::new();
     b.trace(trace);
     let lanes: Vec<LaneId> = g.lanes.iter().map(|l| b.lane(l.clone())).collect();
@@ -22,7 +22,7 @@ pub fn compile(g: &Graph, trace: bool) -> Result<Compiled> {
         .nodes
         .iter()
         .map(|n| {
-            b.actor(&n.name, lanes[n.lane], n.layer, n.op.instantiate(), n.op.inputs().len(), n.op.outputs().len())
+            b.actor(&n.name, lanes[n.lane], n.layer, n.op.instantiate(env), n.op.inputs().len(), n.op.outputs().len())
         })
         .collect();
     for e in &g.edges {

@@ -214,7 +214,10 @@ impl Engine {
             let _ = std::fs::write(std::path::Path::new(&dir).join("graph.weir"), &graph_dump);
             let _ = std::fs::write(std::path::Path::new(&dir).join("graph.dot"), graph.dot());
         }
-        let Compiled { program, entry, exit } = compile(&graph, opts.trace)?;
+        let env = weir_operators::OpEnv {
+            host_pool: graph.host_budget.map(|b| weir_runtime::Pool::new("host", weir_runtime::Tier::Host, b as usize)),
+        };
+        let Compiled { program, entry, exit } = compile(&graph, opts.trace, &env)?;
         let program = Arc::new(Mutex::new(Some(program)));
         let (cmds, cmd_rx) = crossbeam_channel::bounded::<Cmd>(1024);
         let sched = Scheduler {

@@ -39,6 +39,8 @@ pub struct Graph {
     pub edges: Vec<Edge>,
     pub entry: Port,
     pub exit: Port,
+    /// The host tier's budget in bytes (`budget host=…`), if the file sets one.
+    pub host_budget: Option<u64>,
 }
 
 impl Graph {
@@ -50,6 +52,7 @@ impl Graph {
             edges: Vec::new(),
             entry: Port { node: 0, port: 0 },
             exit: Port { node: 0, port: 0 },
+            host_budget: None,
         }
     }
 

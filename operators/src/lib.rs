@@ -22,7 +22,7 @@ pub mod sampler;
 pub mod swiglu;
 
 pub use packet::{Batch, LogitsWanted, Packet, Sampling, SeqSlice};
-pub use registry::{OpConfig, ParamValue};
+pub use registry::{OpConfig, OpEnv, ParamValue};
 pub use weir_kernels::rope::{Rope, RopeScaling};
 
 use weir_kernels::WeightView;

@@ -4,7 +4,7 @@
 //! what turns those into an [`OpConfig`] (with an error per bad parameter), what prints one
 //! back, and what the graph checker asks for port widths and weight shapes.
 
-use crate::loader::TensorSource;
+use crate::loader::{IoMode, TensorSource};
 use crate::{add, attention, embedding, linear, lm_head, loader, rmsnorm, rope, sampler, swiglu, Packet};
 use std::collections::BTreeMap;
 use weir_kernels::rope::{Rope, RopeScaling};
@@ -32,8 +32,16 @@ pub enum OpConfig {
     /// Chooses the next token of every sequence.
     Sampler { vocab: usize },
     /// Reads weight tensors from files and sends each on its own output port (made from a
-    /// graph's `weight` statements, not written as a node).
-    Load { tensors: Vec<TensorSource> },
+    /// graph's `weight` statements, not written as a node). `streamed[i]`: tensor `i` is read
+    /// again for every pass instead of once.
+    Load { tensors: Vec<TensorSource>, streamed: Vec<bool>, mode: IoMode },
+}
+
+/// What operators are instantiated with besides their parameters: the pools they allocate from.
+#[derive(Debug, Clone, Default)]
+pub struct OpEnv {
+    /// The host tier's pool (streamed weights), when a budget is set.
+    pub host_pool: Option<weir_runtime::Pool>,
 }
 
 /// A parameter value as written in a graph file.
@@ -297,7 +305,7 @@ impl OpConfig {
     /// Output port names, in port order.
     pub fn outputs(&self) -> Vec<String> {
         match self {
-            OpConfig::Load { tensors } => tensors.iter().map(|t| t.name.clone()).collect(),
+            OpConfig::Load { tensors, .. } => tensors.iter().map(|t| t.name.clone()).collect(),
             OpConfig::Sampler { .. } => vec!["tokens".into()],
             _ => vec!["y".into()],
         }
@@ -356,8 +364,8 @@ impl OpConfig {
         matches!(self, OpConfig::Embedding { .. }) && port == 0
     }
 
-    /// A fresh operator with this configuration.
-    pub fn instantiate(&self) -> Box<dyn Operator<Packet>> {
+    /// A fresh operator with this configuration, drawing memory from `env`'s pools.
+    pub fn instantiate(&self, env: &OpEnv) -> Box<dyn Operator<Packet>> {
         match self.clone() {
             OpConfig::Embedding { vocab, hidden } => Box::new(embedding::Embedding { vocab, hidden }),
             OpConfig::RmsNorm { dim, eps } => Box::new(rmsnorm::RmsNorm { dim, eps }),
@@ -372,7 +380,9 @@ impl OpConfig {
             OpConfig::Add { dim } => Box::new(add::Add { dim }),
             OpConfig::LmHead { hidden, vocab } => Box::new(lm_head::LmHead { hidden, vocab }),
             OpConfig::Sampler { vocab } => Box::new(sampler::Sampler::new(vocab)),
-            OpConfig::Load { tensors } => Box::new(loader::Loader::new(tensors)),
+            OpConfig::Load { tensors, streamed, mode } => {
+                Box::new(loader::Loader::new(tensors, streamed, mode, env.host_pool.clone()))
+            }
         }
     }
 }

@@ -84,6 +84,12 @@ pub struct FireCx<'a> {
     pub actor: &'a str,
 }
 
+/// What an operator may use to say whether it can fire.
+pub struct ReadyCx<'a> {
+    /// Wakes this actor's lane: hand it to a resource (a pool) that frees up later.
+    pub lane: &'a crate::pool::LaneWaker,
+}
+
 /// An operator as the runtime sees it: opaque, fired with its inputs.
 pub trait Operator<M>: Send {
     /// Computes one firing.
@@ -100,6 +106,12 @@ pub trait Operator<M>: Send {
     /// for room on that port's edges alone (a loader sending one tensor per firing).
     fn next_output(&self) -> Option<usize> {
         None
+    }
+    /// Whatever else the next firing needs beyond inputs and room on outputs — memory from a
+    /// pool, say. An operator that returns `false` must arrange for `cx.lane` to be woken
+    /// when that changes.
+    fn ready(&mut self, _cx: &ReadyCx) -> bool {
+        true
     }
 }
 
@@ -126,7 +138,7 @@ pub(crate) enum Fired {
 }
 
 impl<M: crate::Message> Actor<M> {
-    fn ready(&self) -> bool {
+    fn ready(&mut self, lane: &crate::pool::LaneWaker) -> bool {
         for (port, slot) in self.inputs.iter().zip(&self.slots) {
             let Some(rx) = &port.rx else { return false };
             let has = rx.has_message();
@@ -138,15 +150,16 @@ impl<M: crate::Message> Actor<M> {
                 return false;
             }
         }
-        match self.op.next_output() {
+        let room = match self.op.next_output() {
             Some(port) => self.outputs.get(port).is_none_or(|edges| edges.iter().all(|tx| tx.has_room())),
             None => self.outputs.iter().flatten().all(|tx| tx.has_room()),
-        }
+        };
+        room && self.op.ready(&ReadyCx { lane })
     }
 
     /// Fires once if ready.
-    pub(crate) fn try_fire(&mut self, par: &dyn Parallel) -> Result<Fired, OpError> {
-        if self.finished || !self.ready() {
+    pub(crate) fn try_fire(&mut self, par: &dyn Parallel, lane: &crate::pool::LaneWaker) -> Result<Fired, OpError> {
+        if self.finished || !self.ready(lane) {
             return Ok(Fired::No);
         }
         for (port, slot) in self.inputs.iter().zip(self.slots.iter_mut()) {

@@ -23,8 +23,10 @@ pub struct LaneId(pub usize);
 pub enum LaneKind {
     /// Compute on a set of CPU cores (logical CPU ids); the first runs the actors.
     Cpu { cores: Vec<usize> },
-    /// A thread for loading (reading weights, later NVMe reads), pinned if `core` is set.
+    /// A thread for loading (reading weights with `pread`), pinned if `core` is set.
     Io { core: Option<usize> },
+    /// An NVMe reader: a thread with an io_uring ring, `depth` reads of `chunk` bytes in flight.
+    Nvme { core: Option<usize>, depth: usize, chunk: usize },
     /// A GPU stream.
     GpuStream { device: usize, stream: usize },
 }
@@ -51,6 +53,9 @@ impl LaneSpec {
             LaneKind::Cpu { cores } => format!("cpu{cores:?}"),
             LaneKind::Io { core: Some(c) } => format!("io[{c}]"),
             LaneKind::Io { core: None } => "io".to_string(),
+            LaneKind::Nvme { core, depth, chunk } => {
+                format!("nvme{}:{depth}x{}KiB", core.map_or(String::new(), |c| format!("[{c}]")), chunk / 1024)
+            }
             LaneKind::GpuStream { device, stream } => format!("gpu{device}:s{stream}"),
         }
     }
@@ -119,10 +124,10 @@ pub(crate) fn validate(spec: &LaneSpec, allowed: &[usize]) -> Result<(), Error> 
             }
             Ok(())
         }
-        LaneKind::Io { core: Some(c) } if !allowed.contains(c) => {
+        LaneKind::Io { core: Some(c) } | LaneKind::Nvme { core: Some(c), .. } if !allowed.contains(c) => {
             Err(lane_err(format!("core {c} is not available to this process (available: {allowed:?})")))
         }
-        LaneKind::Io { .. } => Ok(()),
+        LaneKind::Io { .. } | LaneKind::Nvme { .. } => Ok(()),
         LaneKind::GpuStream { device, .. } => Err(Error::DeviceUnavailable {
             device: format!("gpu{device}"),
             reason: "this build of weir has no GPU backend".into(),

@@ -9,6 +9,7 @@
 //! * [`program`] — [`ProgramBuilder`] checks a placed graph and `build()` starts it as a
 //!   [`Program`]: lanes running, edges connected, faults collected.
 //! * [`tensor`] — dtypes, memory tiers, aligned host buffers, tensors.
+//! * [`pool`] — per-tier memory budgets that hold by construction.
 //! * [`trace`] — typed events and the Chrome trace exporter.
 //!
 //! The runtime knows nothing of any model: the message type is the embedder's (any
@@ -45,14 +46,16 @@ pub mod actor;
 pub mod channel;
 pub mod error;
 pub mod lane;
+pub mod pool;
 pub mod program;
 pub mod tensor;
 pub mod trace;
 
-pub use actor::{Emit, FireCx, Inputs, Operator, Step};
+pub use actor::{Emit, FireCx, Inputs, Operator, ReadyCx, Step};
 pub use channel::{ExternalRx, ExternalTx};
 pub use error::{Error, OpError};
 pub use lane::{LaneId, LaneKind, LaneSpec, WorkerPool};
+pub use pool::{LaneWaker, Pool};
 pub use program::{ActorId, Program, ProgramBuilder};
 pub use tensor::{DType, HostBuffer, Tensor, Tier};
 pub use trace::{summary::Summary, Event, SpanKind, Trace};

@@ -373,7 +373,7 @@ fn lane_main<M: Message>(index: usize, spec: LaneSpec, mut actors: Vec<Actor<M>>
                 }
             }
         }
-        LaneKind::Io { core } => {
+        LaneKind::Io { core } | LaneKind::Nvme { core, .. } => {
             if let Some(c) = core {
                 if let Err(e) = lane::pin_current(*c) {
                     tracing::warn!("lane `{}`: could not pin to core {c}: {e}", spec.name);
@@ -388,6 +388,7 @@ fn lane_main<M: Message>(index: usize, spec: LaneSpec, mut actors: Vec<Actor<M>>
         None => &Serial,
     };
     let trace = sh.trace.clone();
+    let waker = crate::pool::LaneWaker(sh.wakers[index].clone());
     loop {
         if sh.stop.load(Ordering::Acquire) {
             break;
@@ -395,7 +396,7 @@ fn lane_main<M: Message>(index: usize, spec: LaneSpec, mut actors: Vec<Actor<M>>
         let mut progressed = false;
         for a in actors.iter_mut() {
             let t0 = trace.as_ref().map(|t| t.now_ns());
-            match catch_unwind(AssertUnwindSafe(|| a.try_fire(par))) {
+            match catch_unwind(AssertUnwindSafe(|| a.try_fire(par, &waker))) {
                 Ok(Ok(Fired::No)) => {}
                 Ok(Ok(Fired::Yes { bytes })) => {
                     progressed = true;

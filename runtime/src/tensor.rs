@@ -40,12 +40,24 @@ pub enum Tier {
     Nvme,
 }
 
-const ALIGN: usize = 64;
+/// Small buffers are cache-line aligned; buffers of a page or more are page aligned, as
+/// direct I/O requires.
+fn align_for(len: usize) -> usize {
+    if len >= 4096 {
+        4096
+    } else {
+        64
+    }
+}
 
-/// A 64-byte aligned, zero-initialised byte buffer in host memory.
+/// An aligned (64 bytes; 4096 from a page up), zero-initialised byte buffer in host memory, counted by a [`Pool`]
+/// when it came from one (its bytes return to the pool when it is dropped).
+///
+/// [`Pool`]: crate::pool::Pool
 pub struct HostBuffer {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
+    lease: Option<Arc<crate::pool::PoolInner>>,
 }
 
 // SAFETY: HostBuffer owns its allocation exclusively, like a Vec<u8>.
@@ -56,13 +68,25 @@ impl HostBuffer {
     /// A zeroed buffer of `len` bytes.
     pub fn zeroed(len: usize) -> HostBuffer {
         if len == 0 {
-            return HostBuffer { ptr: std::ptr::NonNull::<u64>::dangling().cast(), len: 0 };
+            return HostBuffer { ptr: std::ptr::NonNull::<u64>::dangling().cast(), len: 0, lease: None };
         }
-        let layout = std::alloc::Layout::from_size_align(len, ALIGN).expect("buffer layout");
+        let layout = std::alloc::Layout::from_size_align(len, align_for(len)).expect("buffer layout");
         // SAFETY: layout has non-zero size.
         let p = unsafe { std::alloc::alloc_zeroed(layout) };
         let ptr = std::ptr::NonNull::new(p).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        HostBuffer { ptr, len }
+        HostBuffer { ptr, len, lease: None }
+    }
+
+    /// A zeroed buffer whose bytes are already counted by `pool`.
+    pub(crate) fn pooled(len: usize, pool: Arc<crate::pool::PoolInner>) -> HostBuffer {
+        let mut b = HostBuffer::zeroed(len);
+        b.lease = Some(pool);
+        b
+    }
+
+    /// The address of the first byte (for I/O that writes into the buffer).
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
     }
     /// The bytes.
     pub fn as_bytes(&self) -> &[u8] {
@@ -82,9 +106,11 @@ impl HostBuffer {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-    fn typed<T: bytemuck_lite::Pod>(&self) -> &[T] {
-        // SAFETY: the allocation is 64-byte aligned and T is a plain number type.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr() as *const T, self.len / std::mem::size_of::<T>()) }
+    fn typed<T: bytemuck_lite::Pod>(&self, off: usize, len: usize) -> &[T] {
+        assert!(off % std::mem::size_of::<T>() == 0 && off + len <= self.len, "typed view out of bounds");
+        // SAFETY: in bounds (checked), aligned (64-byte allocation, offset a multiple of T's
+        // size), and T is a plain number type.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(off) as *const T, len / std::mem::size_of::<T>()) }
     }
     fn typed_mut<T: bytemuck_lite::Pod>(&mut self) -> &mut [T] {
         // SAFETY: as above, exclusive.
@@ -94,8 +120,11 @@ impl HostBuffer {
 
 impl Drop for HostBuffer {
     fn drop(&mut self) {
+        if let Some(pool) = self.lease.take() {
+            pool.release(self.len);
+        }
         if self.len > 0 {
-            let layout = std::alloc::Layout::from_size_align(self.len, ALIGN).expect("buffer layout");
+            let layout = std::alloc::Layout::from_size_align(self.len, align_for(self.len)).expect("buffer layout");
             // SAFETY: allocated in `zeroed` with this layout.
             unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) }
         }
@@ -117,6 +146,8 @@ pub struct Tensor {
     pub shape: Vec<usize>,
     pub tier: Tier,
     buf: Arc<HostBuffer>,
+    /// Where the data starts in `buf` (direct I/O reads whole aligned blocks around a tensor).
+    off: usize,
 }
 
 impl std::fmt::Debug for Tensor {
@@ -129,7 +160,21 @@ impl Tensor {
     /// Wraps a buffer whose length matches `shape` and `dtype`.
     pub fn from_buffer(dtype: DType, shape: Vec<usize>, buf: HostBuffer) -> Tensor {
         debug_assert_eq!(buf.len(), shape.iter().product::<usize>() * dtype.size());
-        Tensor { dtype, shape, tier: Tier::Host, buf: Arc::new(buf) }
+        Tensor { dtype, shape, tier: Tier::Host, buf: Arc::new(buf), off: 0 }
+    }
+
+    /// Wraps the bytes `off..off + numel·size` of a larger buffer. `off` must be a multiple of
+    /// the element size (checked: returns the buffer back otherwise).
+    pub fn from_buffer_at(dtype: DType, shape: Vec<usize>, buf: HostBuffer, off: usize) -> Result<Tensor, HostBuffer> {
+        let n = shape.iter().product::<usize>() * dtype.size();
+        if off % dtype.size() != 0 || off + n > buf.len() {
+            return Err(buf);
+        }
+        Ok(Tensor { dtype, shape, tier: Tier::Host, buf: Arc::new(buf), off })
+    }
+
+    fn data_len(&self) -> usize {
+        self.numel() * self.dtype.size()
     }
     /// A zeroed f32 tensor.
     pub fn zeros_f32(shape: Vec<usize>) -> Tensor {
@@ -148,41 +193,43 @@ impl Tensor {
     }
     /// Bytes of data.
     pub fn nbytes(&self) -> usize {
-        self.buf.len()
+        self.data_len()
     }
     /// The raw bytes.
     pub fn bytes(&self) -> &[u8] {
-        self.buf.as_bytes()
+        &self.buf.as_bytes()[self.off..self.off + self.data_len()]
+    }
+    /// Bytes held in memory for this tensor (its whole buffer).
+    pub fn held_bytes(&self) -> usize {
+        self.buf.len()
     }
     /// The data as f32 (panics if the dtype is not f32: a bug, not bad input).
     pub fn f32(&self) -> &[f32] {
         assert_eq!(self.dtype, DType::F32, "tensor is {}", self.dtype.name());
-        self.buf.typed()
+        self.buf.typed(self.off, self.data_len())
     }
     /// The data as 16-bit patterns (bf16 or f16).
     pub fn u16(&self) -> &[u16] {
         assert!(matches!(self.dtype, DType::BF16 | DType::F16), "tensor is {}", self.dtype.name());
-        self.buf.typed()
+        self.buf.typed(self.off, self.data_len())
     }
     /// The data as u32.
     pub fn u32(&self) -> &[u32] {
         assert_eq!(self.dtype, DType::U32, "tensor is {}", self.dtype.name());
-        self.buf.typed()
+        self.buf.typed(self.off, self.data_len())
     }
     /// Mutable f32 data; copies the buffer first if it is shared.
     pub fn f32_mut(&mut self) -> &mut [f32] {
         assert_eq!(self.dtype, DType::F32, "tensor is {}", self.dtype.name());
-        if Arc::get_mut(&mut self.buf).is_none() {
-            let mut fresh = HostBuffer::zeroed(self.buf.len());
-            fresh.as_bytes_mut().copy_from_slice(self.buf.as_bytes());
+        if Arc::get_mut(&mut self.buf).is_none() || self.off != 0 || self.buf.len() != self.data_len() {
+            let mut fresh = HostBuffer::zeroed(self.data_len());
+            fresh.as_bytes_mut().copy_from_slice(self.bytes());
             self.buf = Arc::new(fresh);
+            self.off = 0;
         }
         Arc::get_mut(&mut self.buf).expect("unique after copy").typed_mut()
     }
-    /// Mutable raw bytes of a tensor that is not shared (for loaders filling a fresh tensor).
-    pub fn bytes_mut(&mut self) -> Option<&mut [u8]> {
-        Arc::get_mut(&mut self.buf).map(|b| b.as_bytes_mut())
-    }
+
     /// The data converted to f32 (a copy).
     pub fn to_f32_vec(&self) -> Vec<f32> {
         match self.dtype {

@@ -11,7 +11,7 @@ use crate::config::ModelConfig;
 use crate::graph::{Edge, Graph, Node, Port};
 use crate::safetensors::WeightIndex;
 use std::collections::{BTreeMap, HashMap};
-use weir_operators::loader::TensorSource;
+use weir_operators::loader::{IoMode, TensorSource};
 use weir_operators::{OpConfig, ParamValue};
 use weir_runtime::{DType, LaneKind, LaneSpec};
 
@@ -118,12 +118,16 @@ struct WeightDecl {
     tensor_span: Span,
     lane: Option<(String, Span)>,
     capacity: Option<(usize, Span)>,
+    /// `tier=nvme` (read every pass) or `tier=host` (resident); `None`: as placed.
+    streamed: Option<bool>,
 }
 
 struct PlaceDecl {
     layers: Option<(i64, i64)>,
     kind: Option<String>,
     lane: Option<(String, Span)>,
+    /// The tier of the weights of the operators placed: `Some(true)` streams them.
+    streamed: Option<bool>,
 }
 
 #[derive(Default)]
@@ -138,6 +142,7 @@ struct Flat {
     default_capacity: Option<(usize, Span)>,
     default_lane: Option<(String, Span)>,
     default_loader: Option<(String, Span)>,
+    host_budget: Option<u64>,
 }
 
 struct Elab<'a> {
@@ -330,6 +335,20 @@ impl Elab<'_> {
         }
         out
     }
+    /// `host` (resident) → false, `nvme` (streamed every pass) → true.
+    fn tier(&mut self, v: &Value, sp: Span) -> Option<bool> {
+        match v {
+            Value::Str(s) if s == "host" => Some(false),
+            Value::Str(s) if s == "nvme" => Some(true),
+            v => {
+                self.err(
+                    sp,
+                    format!("unknown tier {v} (known: host — resident in memory; nvme — read from storage every pass)"),
+                );
+                None
+            }
+        }
+    }
     fn unknown_attrs(&mut self, attrs: &[(String, Value, Span)], known: &[&str], what: &str) {
         for (k, _, sp) in attrs {
             if !known.contains(&k.as_str()) {
@@ -439,11 +458,7 @@ impl Elab<'_> {
             Stmt::Weight { to, tensor, attrs, .. } => {
                 let attrs = self.attrs(attrs);
                 self.unknown_attrs(&attrs, &["lane", "capacity", "tier"], "`weight`");
-                if let Some((_, v, sp)) = attrs.iter().find(|(k, _, _)| k == "tier") {
-                    if *v != Value::Str("host".into()) {
-                        self.err(*sp, format!("tier {v} is not available in this build (only host; GPU and NVMe tiers come with their lanes)"));
-                    }
-                }
+                let streamed = attrs.iter().find(|(k, _, _)| k == "tier").and_then(|(_, v, sp)| self.tier(v, *sp));
                 let lane = self.lane_ref(&attrs, "lane");
                 let capacity = self.capacity(&attrs);
                 let (Some(to), Some(t)) = (self.ep(to), self.eval(tensor)) else { return };
@@ -454,7 +469,17 @@ impl Elab<'_> {
                     tensor_span: tensor.span(),
                     lane,
                     capacity,
+                    streamed,
                 });
+            }
+            Stmt::Budget { attrs, .. } => {
+                let attrs = self.attrs(attrs);
+                self.unknown_attrs(&attrs, &["host"], "`budget`");
+                if let Some((_, v, sp)) = attrs.iter().find(|(k, _, _)| k == "host") {
+                    if let Some(b) = self.usize_of(v, *sp, "the host budget", 1) {
+                        self.out.host_budget = Some(b as u64);
+                    }
+                }
             }
             Stmt::Input { to, .. } => {
                 if let Some(e) = self.ep(to) {
@@ -469,7 +494,7 @@ impl Elab<'_> {
             Stmt::Place { attrs, .. } => {
                 let attrs = self.attrs(attrs);
                 self.unknown_attrs(&attrs, &["layers", "kind", "lane", "tier"], "`place`");
-                let mut p = PlaceDecl { layers: None, kind: None, lane: None };
+                let mut p = PlaceDecl { layers: None, kind: None, lane: None, streamed: None };
                 for (k, v, sp) in &attrs {
                     match (k.as_str(), v) {
                         ("layers", Value::Range(a, b)) => p.layers = Some((*a, *b)),
@@ -477,9 +502,7 @@ impl Elab<'_> {
                         ("layers", v) => self.err(*sp, format!("`layers` must be a range like 0..8, found {v}")),
                         ("kind", Value::Str(s)) => p.kind = Some(s.clone()),
                         ("lane", Value::Str(s)) => p.lane = Some((s.clone(), *sp)),
-                        ("tier", v) if *v != Value::Str("host".into()) => {
-                            self.err(*sp, format!("tier {v} is not available in this build (only host)"))
-                        }
+                        ("tier", v) => p.streamed = self.tier(v, *sp),
                         _ => {}
                     }
                 }
@@ -560,6 +583,7 @@ fn resolve(f: Flat, input: &CheckInput, errors: &mut Vec<Diagnostic>) -> Graph {
         let known: &[&str] = match l.kind.0.as_str() {
             "cpu" => &["cores", "threads"],
             "io" => &["core"],
+            "nvme" => &["core", "depth", "chunk"],
             "gpu" => &["device", "stream"],
             _ => &[],
         };
@@ -619,8 +643,8 @@ fn resolve(f: Flat, input: &CheckInput, errors: &mut Vec<Diagnostic>) -> Graph {
                 }
                 LaneKind::Cpu { cores }
             }
-            "io" => LaneKind::Io {
-                core: match get("core") {
+            "io" | "nvme" => {
+                let core = match get("core") {
                     None => None,
                     Some((v, sp)) => match int(&v) {
                         Some(c) if input.cpus.contains(&c) => Some(c),
@@ -629,16 +653,38 @@ fn resolve(f: Flat, input: &CheckInput, errors: &mut Vec<Diagnostic>) -> Graph {
                             None
                         }
                     },
-                },
-            },
+                };
+                let mut positive = |k: &str, default: usize| match get(k) {
+                    None => default,
+                    Some((v, sp)) => match int(&v) {
+                        Some(n) if n > 0 => n,
+                        _ => {
+                            err(sp, format!("`{k}` must be a positive integer, found {v}"));
+                            default
+                        }
+                    },
+                };
+                if l.kind.0 == "io" {
+                    LaneKind::Io { core }
+                } else {
+                    let (depth, chunk) = (positive("depth", 8), positive("chunk", 1 << 20));
+                    if chunk % 4096 != 0 {
+                        if let Some((_, sp)) = get("chunk") {
+                            err(
+                                sp,
+                                format!(
+                                    "`chunk` must be a multiple of 4096 (direct I/O works in blocks), found {chunk}"
+                                ),
+                            );
+                        }
+                    }
+                    LaneKind::Nvme { core, depth, chunk }
+                }
+            }
             "gpu" => LaneKind::GpuStream {
                 device: get("device").and_then(|(v, _)| int(&v)).unwrap_or(0),
                 stream: get("stream").and_then(|(v, _)| int(&v)).unwrap_or(0),
             },
-            "nvme" => {
-                err(l.kind.1, "lane kind `nvme` is not available in this build yet (io_uring reader lanes come with NVMe streaming)".into());
-                continue;
-            }
             other => {
                 err(l.kind.1, format!("unknown lane kind `{other}` (known: cpu, io, gpu, nvme)"));
                 continue;
@@ -647,7 +693,7 @@ fn resolve(f: Flat, input: &CheckInput, errors: &mut Vec<Diagnostic>) -> Graph {
         lane_idx.insert(l.name.clone(), (lanes.len(), l.span));
         lanes.push(LaneSpec { name: l.name.clone(), kind });
     }
-    let is_io = |i: usize, lanes: &[LaneSpec]| matches!(lanes[i].kind, LaneKind::Io { .. });
+    let is_io = |i: usize, lanes: &[LaneSpec]| matches!(lanes[i].kind, LaneKind::Io { .. } | LaneKind::Nvme { .. });
     let lane_of = |name: &(String, Span), want_io: bool, err: &mut dyn FnMut(Span, String)| -> Option<usize> {
         match lane_idx.get(&name.0) {
             None => {
@@ -845,9 +891,13 @@ fn resolve(f: Flat, input: &CheckInput, errors: &mut Vec<Diagnostic>) -> Graph {
     }
 
     // Weights: one loader node per io lane, tensors in order of first appearance.
-    let io_lanes: Vec<usize> = (0..graph.lanes.len()).filter(|&i| is_io(i, &graph.lanes)).collect();
-    let mut per_lane: BTreeMap<usize, Vec<TensorSource>> = BTreeMap::new();
-    let mut tensor_home: HashMap<String, (usize, usize)> = HashMap::new(); // name → (lane, port)
+    // Resident weights go to io lanes first, streamed ones to nvme lanes first.
+    let pread_lanes: Vec<usize> =
+        (0..graph.lanes.len()).filter(|&i| matches!(graph.lanes[i].kind, LaneKind::Io { .. })).collect();
+    let uring_lanes: Vec<usize> =
+        (0..graph.lanes.len()).filter(|&i| matches!(graph.lanes[i].kind, LaneKind::Nvme { .. })).collect();
+    let mut per_lane: BTreeMap<usize, Vec<(TensorSource, bool)>> = BTreeMap::new();
+    let mut tensor_home: HashMap<String, (usize, usize, bool)> = HashMap::new(); // name → (lane, port, streamed)
     let mut weight_edges = Vec::new();
     let mut rr = 0;
     for w in &f.weights {
@@ -890,30 +940,52 @@ fn resolve(f: Flat, input: &CheckInput, errors: &mut Vec<Diagnostic>) -> Graph {
         if !connect_in(to, w.to.span, &nodes, &mut err) {
             continue;
         }
+        let streamed = w.streamed.unwrap_or_else(|| {
+            f.places
+                .iter()
+                .rev()
+                .find(|p| {
+                    p.streamed.is_some()
+                        && p.layers.is_none_or(|(a, b)| node.layer.is_some_and(|l| (l as i64) >= a && (l as i64) < b))
+                        && p.kind.as_ref().is_none_or(|k| k == node.op.kind())
+                })
+                .and_then(|p| p.streamed)
+                .unwrap_or(false)
+        });
         let (lane, port) = match tensor_home.get(&w.tensor) {
-            Some(&home) => home,
+            Some(&(_, _, s)) if s != streamed => {
+                err(
+                    w.to.span,
+                    format!("tensor `{}` is placed both resident (tier=host) and streamed (tier=nvme)", w.tensor),
+                );
+                continue;
+            }
+            Some(&(lane, port, _)) => (lane, port),
             None => {
+                let (first, second) =
+                    if streamed { (&uring_lanes, &pread_lanes) } else { (&pread_lanes, &uring_lanes) };
                 let lane = match w.lane.clone().or(f.default_loader.clone()) {
                     Some(l) => match lane_of(&l, true, &mut err) {
                         Some(i) => i,
                         None => continue,
                     },
-                    None if io_lanes.is_empty() => {
-                        err(w.to.span, "weights need an io lane to load them: declare `lane NAME io`".into());
+                    None if first.is_empty() && second.is_empty() => {
+                        err(w.to.span, "weights need a loader lane: declare `lane NAME io` (or `nvme`)".into());
                         continue;
                     }
                     None => {
+                        let pick = if first.is_empty() { second } else { first };
                         rr += 1;
-                        io_lanes[(rr - 1) % io_lanes.len()]
+                        pick[(rr - 1) % pick.len()]
                     }
                 };
                 let list = per_lane.entry(lane).or_default();
-                list.push(source);
-                tensor_home.insert(w.tensor.clone(), (lane, list.len() - 1));
+                list.push((source, streamed));
+                tensor_home.insert(w.tensor.clone(), (lane, list.len() - 1, streamed));
                 (lane, list.len() - 1)
             }
         };
-        weight_edges.push((lane, port, to, w.capacity.map_or(1, |c| c.0)));
+        weight_edges.push((lane, port, to, w.capacity.map_or(1, |c| c.0), !streamed));
     }
 
     // Entry and exit.
@@ -1028,10 +1100,16 @@ fn resolve(f: Flat, input: &CheckInput, errors: &mut Vec<Diagnostic>) -> Graph {
     }
 
     graph.nodes = nodes;
-    for (lane, tensors) in per_lane {
+    for (lane, list) in per_lane {
         let name = format!("load/{}", graph.lanes[lane].name);
-        graph.nodes.push(Node { name, op: OpConfig::Load { tensors }, lane, layer: None });
+        let mode = match graph.lanes[lane].kind {
+            LaneKind::Nvme { depth, chunk, .. } => IoMode::Uring { depth, chunk },
+            _ => IoMode::Pread,
+        };
+        let (tensors, streamed) = list.into_iter().unzip();
+        graph.nodes.push(Node { name, op: OpConfig::Load { tensors, streamed, mode }, lane, layer: None });
     }
+    graph.host_budget = f.host_budget;
     let loader_of: HashMap<usize, usize> = graph
         .nodes
         .iter()
@@ -1041,13 +1119,13 @@ fn resolve(f: Flat, input: &CheckInput, errors: &mut Vec<Diagnostic>) -> Graph {
         .collect();
     // Canonical order (by loader, tensor, consumer), so that printing and parsing again gives
     // the same graph whatever order the weight statements came in.
-    weight_edges.sort_by_key(|&(lane, port, to, _)| (lane, port, to));
-    for (lane, port, to, cap) in weight_edges {
+    weight_edges.sort_by_key(|&(lane, port, to, _, _)| (lane, port, to));
+    for (lane, port, to, cap, sticky) in weight_edges {
         graph.edges.push(Edge {
             from: Port { node: loader_of[&lane], port },
             to: Port { node: to.0, port: to.1 },
             capacity: cap,
-            sticky: true,
+            sticky,
         });
     }
     if let (Some(e), Some(x)) = (entry, exit) {

@@ -43,10 +43,19 @@ pub fn print(g: &Graph) -> String {
             }
             LaneKind::Io { core: Some(c) } => writeln!(s, "lane {} io core={c}", l.name),
             LaneKind::Io { core: None } => writeln!(s, "lane {} io", l.name),
+            LaneKind::Nvme { core, depth, chunk } => writeln!(
+                s,
+                "lane {} nvme depth={depth} chunk={chunk}{}",
+                l.name,
+                core.map_or(String::new(), |c| format!(" core={c}"))
+            ),
             LaneKind::GpuStream { device, stream } => {
                 writeln!(s, "lane {} gpu device={device} stream={stream}", l.name)
             }
         };
+    }
+    if let Some(b) = g.host_budget {
+        let _ = writeln!(s, "budget host={b}");
     }
     s.push('\n');
     for n in &g.nodes {
@@ -66,7 +75,7 @@ pub fn print(g: &Graph) -> String {
     s.push('\n');
     let in_name = |p: &crate::graph::Port| format!("{}.{}", g.nodes[p.node].name, g.nodes[p.node].op.inputs()[p.port]);
     let _ = writeln!(s, "input {}", in_name(&g.entry));
-    for e in g.edges.iter().filter(|e| !e.sticky) {
+    for e in g.edges.iter().filter(|e| !matches!(g.nodes[e.from.node].op, OpConfig::Load { .. })) {
         let from = &g.nodes[e.from.node];
         let _ = writeln!(
             s,
@@ -81,12 +90,13 @@ pub fn print(g: &Graph) -> String {
     let _ = writeln!(s, "output {}.{}", x.name, x.op.outputs()[g.exit.port]);
     s.push('\n');
     for (li, l) in g.nodes.iter().enumerate() {
-        let OpConfig::Load { tensors } = &l.op else { continue };
+        let OpConfig::Load { tensors, streamed, .. } = &l.op else { continue };
         for (port, t) in tensors.iter().enumerate() {
-            for e in g.edges.iter().filter(|e| e.sticky && e.from.node == li && e.from.port == port) {
+            for e in g.edges.iter().filter(|e| e.from.node == li && e.from.port == port) {
+                let tier = if streamed[port] { "nvme" } else { "host" };
                 let _ = writeln!(
                     s,
-                    "weight {} = {} lane={} capacity={}",
+                    "weight {} = {} lane={} capacity={} tier={tier}",
                     in_name(&e.to),
                     quote(&t.name),
                     g.lanes[l.lane].name,

@@ -114,6 +114,7 @@ pub enum Stmt {
     Input { to: Endpoint, span: Span },
     Output { from: Endpoint, span: Span },
     Place { attrs: Vec<Attr>, span: Span },
+    Budget { attrs: Vec<Attr>, span: Span },
     For { var: (String, Span), range: Expr, body: Vec<Stmt>, span: Span },
     If { cond: Expr, then: Vec<Stmt>, otherwise: Vec<Stmt>, span: Span },
 }
@@ -685,7 +686,7 @@ impl Parser<'_> {
     fn stmt_inner(&mut self) -> Option<Stmt> {
         let span = self.span();
         let (kw, _) =
-            self.ident("a statement (lane, default, set, node, edge, weight, input, output, place, for, if)")?;
+            self.ident("a statement (lane, default, set, node, edge, weight, input, output, place, budget, for, if)")?;
         let s = match kw.as_str() {
             "lane" => {
                 let name = self.name("a lane name")?;
@@ -695,6 +696,7 @@ impl Parser<'_> {
             }
             "default" => Stmt::Default { attrs: self.attrs()?, span },
             "place" => Stmt::Place { attrs: self.attrs()?, span },
+            "budget" => Stmt::Budget { attrs: self.attrs()?, span },
             "set" => {
                 let name = self.ident("a variable name")?;
                 self.expect_sym("=", "after the variable name")?;

@@ -1,0 +1,168 @@
+//! Memory pools: a budget per tier that holds by construction.
+//!
+//! A pool hands out [`HostBuffer`]s only while the bytes in use stay within its budget; a
+//! buffer returns its bytes when it is dropped (wherever that happens: after the last operator
+//! that held the tensor lets go), and the lanes waiting for room are woken. So an actor that
+//! needs a buffer — a loader about to read the next streamed tensor — is simply not ready
+//! while the pool is full: backpressure again, now on memory. The high-water mark is kept for
+//! reports and for tests that assert the budget held.
+
+use crate::channel::Waker;
+use crate::tensor::{HostBuffer, Tier};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+pub(crate) struct PoolInner {
+    pub(crate) name: String,
+    pub(crate) tier: Tier,
+    pub(crate) budget: usize,
+    pub(crate) used: AtomicUsize,
+    pub(crate) high_water: AtomicUsize,
+    waiters: Mutex<Vec<Arc<Waker>>>,
+}
+
+impl PoolInner {
+    pub(crate) fn release(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+        let waiters = std::mem::take(&mut *self.waiters.lock().unwrap_or_else(|p| p.into_inner()));
+        for w in waiters {
+            w.wake();
+        }
+    }
+}
+
+/// A budgeted source of buffers for one tier. Cloning shares the pool.
+#[derive(Clone)]
+pub struct Pool {
+    pub(crate) inner: Arc<PoolInner>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Pool({} {:?}: {}/{} bytes, high water {})",
+            self.inner.name,
+            self.inner.tier,
+            self.used(),
+            self.budget(),
+            self.high_water()
+        )
+    }
+}
+
+/// A waker for the lane an actor runs on, for resources that free up outside any channel.
+#[derive(Clone)]
+pub struct LaneWaker(pub(crate) Arc<Waker>);
+
+impl Pool {
+    /// A pool of `budget` bytes.
+    pub fn new(name: &str, tier: Tier, budget: usize) -> Pool {
+        Pool {
+            inner: Arc::new(PoolInner {
+                name: name.to_string(),
+                tier,
+                budget,
+                used: AtomicUsize::new(0),
+                high_water: AtomicUsize::new(0),
+                waiters: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// A zeroed buffer of `bytes`, if the budget has room for it now.
+    pub fn try_alloc(&self, bytes: usize) -> Option<HostBuffer> {
+        let p = &self.inner;
+        let mut used = p.used.load(Ordering::Acquire);
+        loop {
+            let next = used.checked_add(bytes)?;
+            if next > p.budget {
+                return None;
+            }
+            match p.used.compare_exchange_weak(used, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    p.high_water.fetch_max(next, Ordering::AcqRel);
+                    return Some(HostBuffer::pooled(bytes, self.inner.clone()));
+                }
+                Err(now) => used = now,
+            }
+        }
+    }
+
+    /// Whether `bytes` could be allocated now.
+    pub fn has_room(&self, bytes: usize) -> bool {
+        self.used() + bytes <= self.budget()
+    }
+
+    /// Wakes `lane` the next time bytes are released (once).
+    pub fn notify_on_release(&self, lane: &LaneWaker) {
+        let mut w = self.inner.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        if !w.iter().any(|x| Arc::ptr_eq(x, &lane.0)) {
+            w.push(lane.0.clone());
+        }
+        drop(w);
+        // Bytes released between the caller's check and the registration must not be missed.
+        lane.0.wake();
+    }
+
+    /// Bytes in use.
+    pub fn used(&self) -> usize {
+        self.inner.used.load(Ordering::Acquire)
+    }
+    /// The most bytes ever in use at once.
+    pub fn high_water(&self) -> usize {
+        self.inner.high_water.load(Ordering::Acquire)
+    }
+    /// The budget.
+    pub fn budget(&self) -> usize {
+        self.inner.budget
+    }
+    /// The tier.
+    pub fn tier(&self) -> Tier {
+        self.inner.tier
+    }
+    /// The pool's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_holds_and_dropping_returns_bytes() {
+        let p = Pool::new("t", Tier::Host, 1000);
+        let a = p.try_alloc(600).unwrap();
+        assert!(p.try_alloc(500).is_none(), "over budget");
+        let b = p.try_alloc(400).unwrap();
+        assert_eq!((p.used(), p.high_water()), (1000, 1000));
+        drop(a);
+        assert_eq!(p.used(), 400);
+        let c = p.try_alloc(600).unwrap();
+        assert_eq!(c.len(), 600);
+        drop((b, c));
+        assert_eq!((p.used(), p.high_water()), (0, 1000));
+        assert!(p.try_alloc(1001).is_none());
+    }
+
+    #[test]
+    fn concurrent_allocations_never_exceed_the_budget() {
+        let p = Pool::new("t", Tier::Host, 10_000);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for i in 0..2000 {
+                        if let Some(b) = p.try_alloc(1000 + i % 7) {
+                            assert!(p.used() <= 10_000);
+                            drop(b);
+                        }
+                    }
+                });
+            }
+        });
+        assert!(p.high_water() <= 10_000);
+        assert_eq!(p.used(), 0);
+    }
+}
