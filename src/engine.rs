@@ -180,11 +180,14 @@ pub struct EngineOptions {
     pub max_batch: usize,
     /// A graph file to run instead of the architecture's built-in one: (text, file name).
     pub graph: Option<(String, String)>,
+    /// Host memory for weights, in bytes: what does not fit stays on disk and streams every
+    /// pass (see `weir_graphs::plan`).
+    pub memory_budget: Option<u64>,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { threads: 0, loader_lanes: 1, trace: false, max_batch: 256, graph: None }
+        EngineOptions { threads: 0, loader_lanes: 1, trace: false, max_batch: 256, graph: None, memory_budget: None }
     }
 }
 
@@ -200,14 +203,20 @@ pub struct Engine {
     vocab: usize,
     max_positions: usize,
     graph_dump: String,
+    pools: Vec<weir_runtime::Pool>,
+    plan: Option<weir_graphs::plan::Plan>,
 }
 
 impl Engine {
     /// Compiles `model` onto this machine and starts it. Weights load in the background;
     /// the first pass waits for them.
     pub fn new(model: &Model, opts: EngineOptions) -> Result<Engine> {
-        let graph =
+        let mut graph =
             model.graph(opts.graph.as_ref().map(|(t, f)| (t.as_str(), f.as_str())), opts.threads, opts.loader_lanes)?;
+        let plan = match opts.memory_budget {
+            Some(b) => Some(weir_graphs::plan::fit(&mut graph, b)?),
+            None => None,
+        };
         let graph_dump = weir_graphs::format::print::print(&graph);
         if let Ok(dir) = std::env::var("WEIR_DUMP_GRAPH") {
             let _ = std::fs::create_dir_all(&dir);
@@ -217,6 +226,7 @@ impl Engine {
         let env = weir_operators::OpEnv {
             host_pool: graph.host_budget.map(|b| weir_runtime::Pool::new("host", weir_runtime::Tier::Host, b as usize)),
         };
+        let pools: Vec<weir_runtime::Pool> = env.host_pool.iter().cloned().collect();
         let Compiled { program, entry, exit } = compile(&graph, opts.trace, &env)?;
         let program = Arc::new(Mutex::new(Some(program)));
         let (cmds, cmd_rx) = crossbeam_channel::bounded::<Cmd>(1024);
@@ -241,6 +251,8 @@ impl Engine {
             vocab: model.config.vocab_size,
             max_positions: model.config.max_position_embeddings,
             graph_dump,
+            pools,
+            plan,
         })
     }
 
@@ -298,6 +310,16 @@ impl Engine {
     /// The trace recorded so far (empty unless built with `trace: true`).
     pub fn trace(&self) -> Trace {
         self.program.lock().ok().and_then(|p| p.as_ref().map(|p| p.trace())).unwrap_or_default()
+    }
+
+    /// The memory pools (one per budgeted tier): used bytes, high-water mark, budget.
+    pub fn pools(&self) -> &[weir_runtime::Pool] {
+        &self.pools
+    }
+
+    /// What the memory planner decided, when a budget was given.
+    pub fn plan(&self) -> Option<&weir_graphs::plan::Plan> {
+        self.plan.as_ref()
     }
 
     /// The placed graph, as a graph file (what `weir graph show` prints).

@@ -3,6 +3,7 @@
 //! * [`config`] — `config.json` / `generation_config.json` (both transformers spellings).
 //! * [`safetensors`] — safetensors headers, single-file and sharded; the data stays on disk.
 //! * [`llama`] — the Llama family's tensors, checked against the config.
+//! * [`plan`] — the memory planner: which weights stay resident, which stream, under a budget.
 //! * [`graph`] — the IR: nodes on lanes, bounded edges, one entry and one exit; DOT dumps.
 //! * [`format`] — graph definition files: parse (with spans), check, print.
 //! * [`builtin`] — the built-in architectures as graph files (`graphs/*.weir`).
@@ -13,6 +14,7 @@ pub mod error;
 pub mod format;
 pub mod graph;
 pub mod llama;
+pub mod plan;
 pub mod safetensors;
 
 pub use config::{Architecture, ModelConfig};

@@ -1,0 +1,121 @@
+//! The memory planner: which weights stay resident and which stream from storage every pass,
+//! so that a model fits a memory budget.
+//!
+//! Every weight is read once per pass, so the most reused are those with several consumers
+//! (tied embeddings); among equals the planner keeps small tensors resident (norms, biases) and
+//! streams the large matrices in layer order. What is not resident gets a streaming window: at
+//! least what the hungriest operator needs at once (all its streamed weights), and, room
+//! permitting, two layers' worth so that reading runs ahead of compute. A budget below the
+//! minimum is refused, saying the minimum.
+
+use crate::error::{Error, Result};
+use crate::graph::Graph;
+use weir_operators::loader::IoMode;
+use weir_operators::OpConfig;
+use weir_runtime::LaneKind;
+
+/// Bytes a direct read of a tensor holds: whole 4 KiB blocks around it.
+pub fn held_bytes(offset: u64, len: u64) -> u64 {
+    let a = offset / 4096 * 4096;
+    (offset + len).div_ceil(4096) * 4096 - a
+}
+
+/// What the planner decided.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub budget: u64,
+    pub resident_bytes: u64,
+    pub streamed_bytes: u64,
+    pub resident_tensors: usize,
+    pub streamed_tensors: usize,
+    /// The least budget this graph can run in (everything streamed).
+    pub minimum: u64,
+}
+
+/// Fits `g`'s weights into `budget` bytes of host memory: sets which tensors stream, turns the
+/// loader lanes that stream into io_uring readers, and sets the host pool's budget.
+pub fn fit(g: &mut Graph, budget: u64) -> Result<Plan> {
+    // (loader node, port) → (bytes held, consumers)
+    let mut tensors: Vec<(usize, usize, u64, usize, usize)> = Vec::new(); // node, port, bytes, consumers, layer order
+    for (ni, n) in g.nodes.iter().enumerate() {
+        if let OpConfig::Load { tensors: ts, .. } = &n.op {
+            for (p, t) in ts.iter().enumerate() {
+                let consumers = g.edges.iter().filter(|e| e.from.node == ni && e.from.port == p).count();
+                tensors.push((ni, p, held_bytes(t.offset, t.nbytes()), consumers, tensors.len()));
+            }
+        }
+    }
+    // The hungriest operator: the sum of the weights it holds at once.
+    let mut per_op: std::collections::HashMap<usize, u64> = Default::default();
+    for e in &g.edges {
+        if let Some(t) = tensors.iter().find(|t| t.0 == e.from.node && t.1 == e.from.port) {
+            *per_op.entry(e.to.node).or_default() += t.2;
+        }
+    }
+    let window_min = per_op.values().copied().max().unwrap_or(0);
+    // Two layers' worth of weights, for reading to run ahead of compute.
+    let mut per_layer: std::collections::HashMap<u32, u64> = Default::default();
+    for e in &g.edges {
+        if let (Some(t), Some(l)) =
+            (tensors.iter().find(|t| t.0 == e.from.node && t.1 == e.from.port), g.nodes[e.to.node].layer)
+        {
+            *per_layer.entry(l).or_default() += t.2;
+        }
+    }
+    let window_good = 2 * per_layer.values().copied().max().unwrap_or(0);
+    if budget < window_min {
+        return Err(Error::Placement(format!(
+            "a memory budget of {budget} bytes is too small: this model needs at least {window_min} bytes (the largest operator's weights, read at once)"
+        )));
+    }
+    let total: u64 = tensors.iter().map(|t| t.2).sum();
+    // The window takes what overlap wants, but not more than half a tight budget: resident
+    // weights cut the bytes read every pass, the window beyond its minimum only deepens prefetch.
+    let window = if total <= budget { 0 } else { window_good.clamp(window_min, window_min.max(budget / 2)) };
+    let mut room = budget - window;
+    // Most reused first, then small first; ties in layer order.
+    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(tensors[i].3), tensors[i].2, tensors[i].4));
+    let mut resident = vec![false; tensors.len()];
+    for i in order {
+        if tensors[i].2 <= room {
+            room -= tensors[i].2;
+            resident[i] = true;
+        }
+    }
+    let mut plan = Plan {
+        budget,
+        resident_bytes: 0,
+        streamed_bytes: 0,
+        resident_tensors: 0,
+        streamed_tensors: 0,
+        minimum: window_min,
+    };
+    for (i, &(node, port, bytes, _, _)) in tensors.iter().enumerate() {
+        let streamed = !resident[i];
+        if let OpConfig::Load { streamed: s, .. } = &mut g.nodes[node].op {
+            s[port] = streamed;
+        }
+        for e in g.edges.iter_mut().filter(|e| e.from.node == node && e.from.port == port) {
+            e.sticky = !streamed;
+        }
+        if streamed {
+            plan.streamed_bytes += bytes;
+            plan.streamed_tensors += 1;
+        } else {
+            plan.resident_bytes += bytes;
+            plan.resident_tensors += 1;
+        }
+    }
+    // Loaders that stream read with io_uring and O_DIRECT (so buffers are whole blocks).
+    for n in g.nodes.iter_mut() {
+        if let OpConfig::Load { mode, .. } = &mut n.op {
+            if let LaneKind::Io { core } = g.lanes[n.lane].kind {
+                g.lanes[n.lane].kind = LaneKind::Nvme { core, depth: 8, chunk: 1 << 20 };
+            }
+            *mode = IoMode::Uring { depth: 8, chunk: 1 << 20 };
+        }
+    }
+    g.host_budget = Some(budget);
+    Ok(plan)
+}

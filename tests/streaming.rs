@@ -1,0 +1,113 @@
+//! Weights streamed from disk every pass under a memory budget: the same tokens as resident
+//! weights, and the budget holds (asserted on the pool's high-water mark).
+
+mod common;
+use common::*;
+use weir::{Engine, EngineOptions, Model, Request};
+
+fn plan_limits(model: &Model) -> (u64, u64) {
+    let mut g = model.graph(None, 1, 1).unwrap();
+    let p = weir_graphs::plan::fit(&mut g, u64::MAX).unwrap();
+    (p.minimum, p.resident_bytes)
+}
+
+fn run_all_prompts(model: &Model, budget: Option<u64>) -> Engine {
+    let engine = Engine::new(model, EngineOptions { threads: 1, memory_budget: budget, ..Default::default() }).unwrap();
+    let g = golden("tiny-llama");
+    // All three at once (one shared pass each step), then one alone (passes of one sequence).
+    let gens: Vec<_> = g["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| engine.submit(Request { stop_at_eos: false, ..Request::greedy(ids(&p["input_ids"]), 24) }).unwrap())
+        .collect();
+    for (i, gen) in gens.into_iter().enumerate() {
+        assert_eq!(
+            gen.wait().unwrap().tokens,
+            ids(&g["prompts"][i]["greedy"]["new_ids"]),
+            "budget {budget:?}, prompt {i}"
+        );
+    }
+    let p = &g["prompts"][1];
+    assert_eq!(
+        engine.generate(Request { stop_at_eos: false, ..Request::greedy(ids(&p["input_ids"]), 24) }).unwrap().tokens,
+        ids(&p["greedy"]["new_ids"])
+    );
+    engine
+}
+
+#[test]
+fn every_weight_streamed_under_the_smallest_budget_gives_the_golden_tokens() {
+    let model = Model::open(fixture("tiny-llama")).unwrap();
+    let (minimum, total) = plan_limits(&model);
+    assert!(minimum < total / 4, "the fixture must be much larger than its minimum budget");
+    let engine = run_all_prompts(&model, Some(minimum));
+    let plan = engine.plan().unwrap().clone();
+    assert_eq!(plan.resident_tensors, 0, "{plan:?}");
+    let pool = &engine.pools()[0];
+    assert!(pool.high_water() as u64 <= minimum, "high water {} over budget {minimum}", pool.high_water());
+    assert!(pool.high_water() as u64 >= minimum / 2, "the pool was used: {pool:?}");
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn half_resident_half_streamed_gives_the_golden_tokens() {
+    let model = Model::open(fixture("tiny-llama")).unwrap();
+    let (_, total) = plan_limits(&model);
+    let budget = total / 2;
+    let engine = run_all_prompts(&model, Some(budget));
+    let plan = engine.plan().unwrap().clone();
+    assert!(plan.resident_tensors > 0 && plan.streamed_tensors > 0, "{plan:?}");
+    assert!(engine.pools()[0].high_water() as u64 <= budget);
+    // The placed graph says which weights stream.
+    assert!(engine.graph_dump().contains("tier=nvme") && engine.graph_dump().contains("tier=host"));
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn a_budget_that_holds_everything_streams_nothing() {
+    let model = Model::open(fixture("tiny-llama")).unwrap();
+    let (_, total) = plan_limits(&model);
+    let engine = run_all_prompts(&model, Some(total + 4096));
+    let plan = engine.plan().unwrap().clone();
+    assert_eq!(plan.streamed_tensors, 0, "{plan:?}");
+    assert_eq!(engine.pools()[0].high_water() as u64, total, "every weight read once, into the pool");
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn a_budget_below_the_minimum_is_refused_saying_the_minimum() {
+    let model = Model::open(fixture("tiny-llama")).unwrap();
+    let (minimum, _) = plan_limits(&model);
+    let err = Engine::new(&model, EngineOptions { memory_budget: Some(minimum - 1), ..Default::default() })
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains(&format!("at least {minimum} bytes")), "{err}");
+}
+
+#[test]
+fn a_streamed_file_that_changes_under_the_reader_is_an_error_naming_tensor_and_file() {
+    let dir = copy_fixture("tiny-llama", "stream-changed");
+    let model = Model::open(&dir).unwrap();
+    let (minimum, _) = plan_limits(&model);
+    let engine =
+        Engine::new(&model, EngineOptions { threads: 1, memory_budget: Some(minimum), ..Default::default() }).unwrap();
+    let p = &golden("tiny-llama")["prompts"][0];
+    let out = engine.generate(Request { stop_at_eos: false, ..Request::greedy(ids(&p["input_ids"]), 2) }).unwrap();
+    assert_eq!(out.tokens.len(), 2);
+    // Shrink the file while the engine keeps streaming from it.
+    let f = std::fs::OpenOptions::new().write(true).open(dir.join("model.safetensors")).unwrap();
+    f.set_len(f.metadata().unwrap().len() / 2).unwrap();
+    let err = engine
+        .generate(Request { stop_at_eos: false, ..Request::greedy(ids(&p["input_ids"]), 24) })
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.safetensors")
+            && err.contains("tensor `")
+            && (err.contains("changed") || err.contains("truncated")),
+        "{err}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
