@@ -1,9 +1,12 @@
-//! `weir bench`: end-to-end throughput, side by side with the machine's memory-read bandwidth
-//! measured in the same run.
+//! `weir bench`: end-to-end throughput, side by side with the bounds measured in the same run —
+//! the machine's memory-read bandwidth, the storage's read bandwidth, and the compute time per
+//! step with every weight resident — so that a streamed run reports how close it comes to the
+//! larger of its I/O and compute bounds (overlap efficiency).
 
 use crate::engine::{Engine, EngineOptions, Request};
 use crate::error::{Error, Result};
 use crate::model::Model;
+use std::collections::BTreeMap;
 use std::time::Instant;
 use weir_kernels::Parallel;
 use weir_operators::Sampling;
@@ -18,6 +21,8 @@ pub struct BenchOptions {
     pub seed: u64,
     /// A graph file to run instead of the built-in one: (text, file name).
     pub graph: Option<(String, String)>,
+    /// Host memory for weights; what does not fit streams from disk every pass.
+    pub memory_budget: Option<u64>,
 }
 
 /// What was measured.
@@ -35,12 +40,32 @@ pub struct BenchReport {
     pub memory_read_gb_per_s: f64,
     /// Weight bytes one decode step reads (every matrix once).
     pub weight_bytes_per_token: u64,
-    /// Decode steps per second if weights streamed at `memory_read_gb_per_s`.
+    /// Decode steps per second if weights streamed from memory at `memory_read_gb_per_s`.
     pub bandwidth_bound_steps_per_s: f64,
-    /// Decode steps per second achieved ÷ the bound (1.0 = at the roofline).
+    /// Decode steps per second achieved ÷ that bound (1.0 = at the memory roofline).
     pub fraction_of_bandwidth_bound: f64,
     /// Achieved FLOP/s in prefill (2 × parameters × tokens).
     pub prefill_flops_per_s: f64,
+    /// Bytes the loaders read from storage during the measured generation.
+    pub disk_bytes_read: u64,
+    /// Those bytes ÷ the generation's time.
+    pub disk_gb_per_s: f64,
+    /// Storage read bandwidth measured at start-up (io_uring, O_DIRECT).
+    pub disk_probe_gb_per_s: f64,
+    /// Peak bytes per tier (the pool's high-water mark).
+    pub peak_bytes: BTreeMap<String, u64>,
+    /// Weight bytes streamed per decode step.
+    pub streamed_bytes_per_step: u64,
+    /// Decode step time with every weight resident, measured in this run.
+    pub compute_s_per_step: f64,
+    /// The larger of streamed bytes ÷ disk bandwidth and `compute_s_per_step`.
+    pub bound_s_per_step: f64,
+    /// Decode step time achieved.
+    pub actual_s_per_step: f64,
+    /// `bound_s_per_step ÷ actual_s_per_step` (1.0 = transfer and compute fully overlapped).
+    pub overlap_efficiency: f64,
+    /// `"bypassed"`: streamed reads use O_DIRECT, the page cache cannot flatter them.
+    pub page_cache: String,
 }
 
 /// Reads a buffer of `bytes` with the cores of a lane of `threads` cores and returns the best
@@ -79,24 +104,25 @@ pub fn read_bandwidth(threads: usize, bytes: usize) -> Result<f64> {
     Ok(best)
 }
 
-/// Runs the benchmark: `batch` random prompts of `prompt_len` tokens, `gen_len` tokens each.
-pub fn run(model: &Model, o: &BenchOptions) -> Result<BenchReport> {
-    if o.batch == 0 || o.prompt_len == 0 || o.gen_len == 0 {
-        return Err(Error::Request("--batch, --prompt-len and --gen-len must be positive".into()));
-    }
-    if o.prompt_len + o.gen_len > model.config.max_position_embeddings {
-        return Err(Error::Request(format!(
-            "--prompt-len {} + --gen-len {} exceeds max_position_embeddings {}",
-            o.prompt_len, o.gen_len, model.config.max_position_embeddings
-        )));
-    }
-    let bw_before = read_bandwidth(o.threads, 1 << 30)?;
-    let engine =
-        Engine::new(model, EngineOptions { threads: o.threads, graph: o.graph.clone(), ..Default::default() })?;
+struct Run {
+    prefill_s: f64,
+    decode_s: f64,
+    total_s: f64,
+    disk_bytes: u64,
+    peak: BTreeMap<String, u64>,
+    streamed_bytes: u64,
+}
+
+fn generate(model: &Model, o: &BenchOptions, budget: u64) -> Result<Run> {
+    let engine = Engine::new(
+        model,
+        EngineOptions { threads: o.threads, graph: o.graph.clone(), memory_budget: Some(budget), ..Default::default() },
+    )?;
     // Warm up: wait for the loaders, touch every weight once.
     engine.generate(Request { stop_at_eos: false, ..Request::greedy(vec![1, 2, 3], 2) })?;
     let mut rng = weir_operators::sampler::Rng::new(o.seed);
     let vocab = model.config.vocab_size as u64;
+    let disk0 = engine.disk_bytes_read();
     let t0 = Instant::now();
     let gens: Vec<_> = (0..o.batch)
         .map(|_| {
@@ -112,29 +138,88 @@ pub fn run(model: &Model, o: &BenchOptions) -> Result<BenchReport> {
         .collect::<Result<_>>()?;
     let outs: Vec<_> = gens.into_iter().map(|g| g.wait()).collect::<Result<_>>()?;
     let total_s = t0.elapsed().as_secs_f64();
+    let disk_bytes = engine.disk_bytes_read() - disk0;
+    let peak = engine.pools().iter().map(|p| (p.name().to_string(), p.high_water() as u64)).collect();
+    let streamed_bytes = engine.plan().map_or(0, |p| p.streamed_bytes);
     engine.shutdown()?;
-    // The machine is shared and its bandwidth drifts: probe again after the run and keep the
-    // higher figure, so the reported fraction of the bound is the conservative one.
-    let bw = bw_before.max(read_bandwidth(o.threads, 1 << 30)?);
     // All sequences share passes: prefill ends with the last first token, decode with the last.
-    let prefill_s = outs.iter().map(|o| o.stats.prefill_s).fold(0.0, f64::max);
-    let decode_s = outs.iter().map(|o| o.stats.decode_s).fold(0.0, f64::max);
+    Ok(Run {
+        prefill_s: outs.iter().map(|o| o.stats.prefill_s).fold(0.0, f64::max),
+        decode_s: outs.iter().map(|o| o.stats.decode_s).fold(0.0, f64::max),
+        total_s,
+        disk_bytes,
+        peak,
+        streamed_bytes,
+    })
+}
+
+/// Runs the benchmark: `batch` random prompts of `prompt_len` tokens, `gen_len` tokens each —
+/// once with every weight resident (the compute bound), and, with a budget, again streaming.
+pub fn run(model: &Model, o: &BenchOptions) -> Result<BenchReport> {
+    if o.batch == 0 || o.prompt_len == 0 || o.gen_len < 2 {
+        return Err(Error::Request("--batch and --prompt-len must be positive and --gen-len at least 2".into()));
+    }
+    if o.prompt_len + o.gen_len > model.config.max_position_embeddings {
+        return Err(Error::Request(format!(
+            "--prompt-len {} + --gen-len {} exceeds max_position_embeddings {}",
+            o.prompt_len, o.gen_len, model.config.max_position_embeddings
+        )));
+    }
+    let bw_before = read_bandwidth(o.threads, 1 << 30)?;
+    let file = model
+        .weights
+        .tensors
+        .values()
+        .next()
+        .map(|t| t.path.clone())
+        .ok_or_else(|| Error::Request("the model has no tensors".into()))?;
+    let (bytes, secs, direct) =
+        weir_operators::loader::measure_read(&file, 1 << 30, 8, 1 << 20).map_err(Error::Request)?;
+    let disk_bw = bytes as f64 / secs.max(1e-9);
+    let steps = (o.gen_len - 1) as f64;
+    // Every weight resident (read once, O_DIRECT): the compute-only time per step.
+    let resident = generate(model, o, u64::MAX)?;
+    let resident_step = resident.decode_s / steps;
+    let run = match o.memory_budget {
+        Some(b) => {
+            if !direct {
+                // Buffered reads: drop the file from the page cache so it cannot flatter them.
+                weir_operators::loader::evict_page_cache(&file).map_err(Error::Request)?;
+            }
+            generate(model, o, b)?
+        }
+        None => resident,
+    };
+    let bw = bw_before.max(read_bandwidth(o.threads, 1 << 30)?);
+    let actual = run.decode_s / steps;
     let wb = model.weight_bytes_per_token();
-    let steps_per_s = (o.gen_len.saturating_sub(1)) as f64 / decode_s.max(1e-9);
-    let bound = bw * 1e9 / wb as f64;
+    let io_s = run.streamed_bytes as f64 / disk_bw.max(1.0);
+    let bound = io_s.max(resident_step);
     let params = model.config.parameter_count() as f64;
+    let steps_per_s = 1.0 / actual.max(1e-12);
+    let mem_bound = bw * 1e9 / wb as f64;
     Ok(BenchReport {
         batch: o.batch,
         prompt_len: o.prompt_len,
         gen_len: o.gen_len,
         threads: o.threads,
-        prefill_tokens_per_s: (o.batch * o.prompt_len) as f64 / prefill_s.max(1e-9),
+        prefill_tokens_per_s: (o.batch * o.prompt_len) as f64 / run.prefill_s.max(1e-9),
         decode_tokens_per_s: o.batch as f64 * steps_per_s,
-        total_tokens_per_s: (o.batch * o.gen_len) as f64 / total_s,
+        total_tokens_per_s: (o.batch * o.gen_len) as f64 / run.total_s,
         memory_read_gb_per_s: bw,
         weight_bytes_per_token: wb,
-        bandwidth_bound_steps_per_s: bound,
-        fraction_of_bandwidth_bound: steps_per_s / bound,
-        prefill_flops_per_s: 2.0 * params * (o.batch * o.prompt_len) as f64 / prefill_s.max(1e-9),
+        bandwidth_bound_steps_per_s: mem_bound,
+        fraction_of_bandwidth_bound: steps_per_s / mem_bound,
+        prefill_flops_per_s: 2.0 * params * (o.batch * o.prompt_len) as f64 / run.prefill_s.max(1e-9),
+        disk_bytes_read: run.disk_bytes,
+        disk_gb_per_s: run.disk_bytes as f64 / run.total_s / 1e9,
+        disk_probe_gb_per_s: disk_bw / 1e9,
+        peak_bytes: run.peak.clone(),
+        streamed_bytes_per_step: run.streamed_bytes,
+        compute_s_per_step: resident_step,
+        bound_s_per_step: bound,
+        actual_s_per_step: actual,
+        overlap_efficiency: bound / actual.max(1e-12),
+        page_cache: if direct { "bypassed".into() } else { "evicted".into() },
     })
 }

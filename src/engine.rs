@@ -205,6 +205,7 @@ pub struct Engine {
     graph_dump: String,
     pools: Vec<weir_runtime::Pool>,
     plan: Option<weir_graphs::plan::Plan>,
+    disk_bytes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Engine {
@@ -225,7 +226,9 @@ impl Engine {
         }
         let env = weir_operators::OpEnv {
             host_pool: graph.host_budget.map(|b| weir_runtime::Pool::new("host", weir_runtime::Tier::Host, b as usize)),
+            disk_bytes: Default::default(),
         };
+        let disk_bytes = env.disk_bytes.clone();
         let pools: Vec<weir_runtime::Pool> = env.host_pool.iter().cloned().collect();
         let Compiled { program, entry, exit } = compile(&graph, opts.trace, &env)?;
         let program = Arc::new(Mutex::new(Some(program)));
@@ -253,6 +256,7 @@ impl Engine {
             graph_dump,
             pools,
             plan,
+            disk_bytes,
         })
     }
 
@@ -315,6 +319,11 @@ impl Engine {
     /// The memory pools (one per budgeted tier): used bytes, high-water mark, budget.
     pub fn pools(&self) -> &[weir_runtime::Pool] {
         &self.pools
+    }
+
+    /// Bytes read from storage by the loaders since the engine started.
+    pub fn disk_bytes_read(&self) -> u64 {
+        self.disk_bytes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// What the memory planner decided, when a budget was given.

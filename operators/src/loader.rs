@@ -75,6 +75,7 @@ pub struct Loader {
     ring: Option<IoUring>,
     /// Bytes read from storage so far.
     pub bytes_read: u64,
+    counter: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Loader {
@@ -92,9 +93,15 @@ impl Loader {
             files: HashMap::new(),
             ring: None,
             bytes_read: 0,
+            counter: None,
         };
         l.skip_to_due();
         l
+    }
+
+    /// Also adds the bytes read to `counter` (shared by every loader of a program).
+    pub fn count_into(&mut self, counter: Arc<std::sync::atomic::AtomicU64>) {
+        self.counter = Some(counter);
     }
 
     /// Moves `next` to the next tensor due: the next resident during the first round, then the
@@ -206,6 +213,9 @@ impl Loader {
             return Err(ctx(format!("short read: got {got} of {needed} bytes at offset {start} (file changed?)")));
         }
         self.bytes_read += got;
+        if let Some(c) = &self.counter {
+            c.fetch_add(got, std::sync::atomic::Ordering::Relaxed);
+        }
         let off = (t.offset - start) as usize;
         match Tensor::from_buffer_at(t.dtype, t.shape.clone(), buf, off) {
             Ok(t) => Ok(t),
@@ -408,4 +418,46 @@ mod tests {
         assert!(e.0.contains("tensor `big` needs 8000 bytes") && e.0.contains("budget is 1000"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
+}
+
+/// Reads up to `max_bytes` of `path` from its start with io_uring and `O_DIRECT` (`depth` reads
+/// of `chunk` bytes in flight), as a streaming loader does, and returns (bytes, seconds): the
+/// storage's read bandwidth, not flattered by the page cache. Falls back to buffered reads
+/// where the filesystem refuses `O_DIRECT` (the third value says whether it was direct).
+pub fn measure_read(
+    path: &std::path::Path,
+    max_bytes: u64,
+    depth: usize,
+    chunk: usize,
+) -> Result<(u64, f64, bool), String> {
+    let (file, direct) = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path) {
+        Ok(f) => (f, true),
+        Err(_) => (File::open(path).map_err(|e| format!("{}: {e}", path.display()))?, false),
+    };
+    let len = file.metadata().map_err(|e| format!("{}: {e}", path.display()))?.len().min(max_bytes) / BLOCK * BLOCK;
+    let mut ring = IoUring::new(depth as u32 * 2).map_err(|e| format!("io_uring unavailable: {e}"))?;
+    let mut buf = HostBuffer::zeroed(chunk * depth);
+    let t0 = std::time::Instant::now();
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min((chunk * depth) as u64);
+        let got = uring_read(&mut ring, file.as_raw_fd(), buf.as_mut_ptr(), done, n, depth, chunk)?;
+        if got == 0 {
+            break;
+        }
+        done += got;
+    }
+    Ok((done, t0.elapsed().as_secs_f64(), direct))
+}
+
+/// Drops a file's pages from the page cache (`posix_fadvise(DONTNEED)`), for measurements
+/// where direct I/O is refused.
+pub fn evict_page_cache(path: &std::path::Path) -> Result<(), String> {
+    let f = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // SAFETY: a plain advisory call on a file descriptor we own.
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if r != 0 {
+        return Err(format!("{}: posix_fadvise: {}", path.display(), std::io::Error::from_raw_os_error(r)));
+    }
+    Ok(())
 }

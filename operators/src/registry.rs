@@ -42,6 +42,8 @@ pub enum OpConfig {
 pub struct OpEnv {
     /// The host tier's pool (streamed weights), when a budget is set.
     pub host_pool: Option<weir_runtime::Pool>,
+    /// Bytes the loaders have read from storage, all together.
+    pub disk_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A parameter value as written in a graph file.
@@ -381,7 +383,9 @@ impl OpConfig {
             OpConfig::LmHead { hidden, vocab } => Box::new(lm_head::LmHead { hidden, vocab }),
             OpConfig::Sampler { vocab } => Box::new(sampler::Sampler::new(vocab)),
             OpConfig::Load { tensors, streamed, mode } => {
-                Box::new(loader::Loader::new(tensors, streamed, mode, env.host_pool.clone()))
+                let mut l = loader::Loader::new(tensors, streamed, mode, env.host_pool.clone());
+                l.count_into(env.disk_bytes.clone());
+                Box::new(l)
             }
         }
     }

@@ -122,6 +122,9 @@ struct RunArgs {
     /// Run this graph file instead of the architecture's built-in one.
     #[arg(long)]
     graph: Option<PathBuf>,
+    /// Host memory for weights (e.g. 700MB, 4GB, 2GiB): what does not fit streams from disk.
+    #[arg(long)]
+    memory_budget: Option<String>,
 }
 
 #[derive(Args)]
@@ -166,6 +169,9 @@ struct BenchArgs {
     /// Run this graph file instead of the architecture's built-in one.
     #[arg(long)]
     graph: Option<PathBuf>,
+    /// Host memory for weights (e.g. 700MB, 4GB, 2GiB): what does not fit streams from disk.
+    #[arg(long)]
+    memory_budget: Option<String>,
 }
 
 fn main() {
@@ -216,6 +222,7 @@ fn run(a: RunArgs) -> Result<()> {
             threads: a.threads,
             trace: a.trace.is_some(),
             graph: read_graph(&a.graph)?,
+            memory_budget: budget(&a.memory_budget)?,
             ..Default::default()
         },
     )?;
@@ -318,6 +325,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             threads,
             seed: a.seed,
             graph: read_graph(&a.graph)?,
+            memory_budget: budget(&a.memory_budget)?,
         },
     )?;
     if a.json {
@@ -338,6 +346,20 @@ fn bench(a: BenchArgs) -> Result<()> {
             "bandwidth bound  {:.2} steps/s; achieved {:.0}% of it",
             r.bandwidth_bound_steps_per_s,
             100.0 * r.fraction_of_bandwidth_bound
+        );
+        println!(
+            "disk             {:.2} GB/s probed (O_DIRECT); {} bytes read, {:.2} GB/s during the run (page cache {})",
+            r.disk_probe_gb_per_s, r.disk_bytes_read, r.disk_gb_per_s, r.page_cache
+        );
+        let peaks: Vec<String> = r.peak_bytes.iter().map(|(k, v)| format!("{k} {:.3} GB", *v as f64 / 1e9)).collect();
+        println!("peak memory      {}", peaks.join(", "));
+        println!(
+            "per decode step  streamed {:.3} GB; compute {:.4} s (resident); bound {:.4} s; actual {:.4} s; overlap efficiency {:.2}",
+            r.streamed_bytes_per_step as f64 / 1e9,
+            r.compute_s_per_step,
+            r.bound_s_per_step,
+            r.actual_s_per_step,
+            r.overlap_efficiency
         );
     }
     Ok(())
@@ -366,6 +388,10 @@ fn trace(cmd: TraceCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn budget(s: &Option<String>) -> Result<Option<u64>> {
+    s.as_deref().map(|s| weir::parse_size(s).map_err(|e| anyhow!("--memory-budget {s}: {e}"))).transpose()
 }
 
 /// Reads a `--graph` file: (text, name for messages).
