@@ -195,17 +195,73 @@ enum Cmd {
     Submit(Request, Sender<Event>),
 }
 
-/// A running model. Dropping it shuts it down.
-pub struct Engine {
+/// A started program and the scheduler driving it.
+struct Running {
     cmds: Option<Sender<Cmd>>,
     scheduler: Option<JoinHandle<()>>,
     program: Arc<Mutex<Option<Program>>>,
-    vocab: usize,
+}
+
+impl Running {
+    fn fault(&self) -> Option<weir_runtime::Error> {
+        self.program.lock().ok().and_then(|p| p.as_ref().and_then(|p| p.fault()))
+    }
+    fn stop(&mut self) -> Result<()> {
+        drop(self.cmds.take());
+        if let Some(h) = self.scheduler.take() {
+            let _ = h.join();
+        }
+        let program = self.program.lock().ok().and_then(|mut p| p.take());
+        match program {
+            Some(p) => p.shutdown().map_err(Error::Runtime),
+            None => Ok(()),
+        }
+    }
+}
+
+/// What the scheduler needs to know of the model.
+#[derive(Clone)]
+struct SchedParams {
+    eos: Vec<u32>,
     max_positions: usize,
+    vocab: usize,
+    max_batch: usize,
+}
+
+/// A running model. Dropping it shuts it down. If an actor fails (an I/O error, a file changed
+/// under a loader), the requests in flight fail with the cause, and the next request starts the
+/// program afresh: the engine stays usable.
+pub struct Engine {
+    run: Mutex<Running>,
+    graph: weir_graphs::Graph,
+    trace: bool,
+    env: weir_operators::OpEnv,
+    sched: SchedParams,
     graph_dump: String,
     pools: Vec<weir_runtime::Pool>,
     plan: Option<weir_graphs::plan::Plan>,
     disk_bytes: Arc<std::sync::atomic::AtomicU64>,
+}
+
+fn start(graph: &weir_graphs::Graph, trace: bool, env: &weir_operators::OpEnv, p: &SchedParams) -> Result<Running> {
+    let Compiled { program, entry, exit } = compile(graph, trace, env)?;
+    let program = Arc::new(Mutex::new(Some(program)));
+    let (cmds, cmd_rx) = crossbeam_channel::bounded::<Cmd>(1024);
+    let sched = Scheduler {
+        cmds: cmd_rx,
+        entry,
+        exit,
+        program: program.clone(),
+        eos: p.eos.clone(),
+        max_positions: p.max_positions,
+        vocab: p.vocab,
+        max_batch: p.max_batch,
+    };
+    let scheduler = std::thread::Builder::new()
+        .name("weir-scheduler".into())
+        .spawn(move || sched.run())
+        .map_err(|e| Error::Runtime(weir_runtime::Error::Spawn { lane: "scheduler".into(), reason: e.to_string() }))?;
+    Ok(Running { cmds: Some(cmds), scheduler: Some(scheduler), program })
 }
 
 impl Engine {
@@ -230,34 +286,14 @@ impl Engine {
         };
         let disk_bytes = env.disk_bytes.clone();
         let pools: Vec<weir_runtime::Pool> = env.host_pool.iter().cloned().collect();
-        let Compiled { program, entry, exit } = compile(&graph, opts.trace, &env)?;
-        let program = Arc::new(Mutex::new(Some(program)));
-        let (cmds, cmd_rx) = crossbeam_channel::bounded::<Cmd>(1024);
-        let sched = Scheduler {
-            cmds: cmd_rx,
-            entry,
-            exit,
-            program: program.clone(),
+        let sched = SchedParams {
             eos: model.config.eos_token_ids.clone(),
             max_positions: model.config.max_position_embeddings,
             vocab: model.config.vocab_size,
             max_batch: opts.max_batch.max(1),
         };
-        let scheduler =
-            std::thread::Builder::new().name("weir-scheduler".into()).spawn(move || sched.run()).map_err(|e| {
-                Error::Runtime(weir_runtime::Error::Spawn { lane: "scheduler".into(), reason: e.to_string() })
-            })?;
-        Ok(Engine {
-            cmds: Some(cmds),
-            scheduler: Some(scheduler),
-            program,
-            vocab: model.config.vocab_size,
-            max_positions: model.config.max_position_embeddings,
-            graph_dump,
-            pools,
-            plan,
-            disk_bytes,
-        })
+        let run = start(&graph, opts.trace, &env, &sched)?;
+        Ok(Engine { run: Mutex::new(run), graph, trace: opts.trace, env, sched, graph_dump, pools, plan, disk_bytes })
     }
 
     /// Checks a request and queues it. Invalid requests are refused here, before anything runs.
@@ -265,17 +301,17 @@ impl Engine {
         if req.prompt.is_empty() {
             return Err(Error::Request("the prompt is empty".into()));
         }
-        if let Some((i, id)) = req.prompt.iter().enumerate().find(|(_, &id)| id as usize >= self.vocab) {
+        if let Some((i, id)) = req.prompt.iter().enumerate().find(|(_, &id)| id as usize >= self.sched.vocab) {
             return Err(Error::Request(format!(
                 "prompt token {i} is id {id}, outside the vocabulary (size {})",
-                self.vocab
+                self.sched.vocab
             )));
         }
-        if req.prompt.len() > self.max_positions {
+        if req.prompt.len() > self.sched.max_positions {
             return Err(Error::Request(format!(
                 "the prompt has {} tokens, more than max_position_embeddings ({})",
                 req.prompt.len(),
-                self.max_positions
+                self.sched.max_positions
             )));
         }
         let s = &req.sampling;
@@ -286,7 +322,6 @@ impl Engine {
             return Err(Error::Request(format!("top_p {} must be in (0, 1]", s.top_p)));
         }
         let (tx, rx) = crossbeam_channel::unbounded();
-        let cmds = self.cmds.as_ref().ok_or(Error::Stopped(None))?;
         if req.max_new_tokens == 0 {
             let _ = tx.send(Event::Done(Stats {
                 finish: FinishReason::MaxTokens,
@@ -297,7 +332,14 @@ impl Engine {
             }));
             return Ok(Generation { events: rx });
         }
-        cmds.send(Cmd::Submit(req, tx)).map_err(|_| Error::Stopped(self.fault()))?;
+        let mut run = self.run.lock().map_err(|_| Error::Stopped(None))?;
+        if run.fault().is_some() {
+            // The last program failed (its requests were told why): start afresh.
+            let _ = run.stop();
+            *run = start(&self.graph, self.trace, &self.env, &self.sched)?;
+        }
+        let cmds = run.cmds.as_ref().ok_or(Error::Stopped(None))?;
+        cmds.send(Cmd::Submit(req, tx)).map_err(|_| Error::Stopped(run.fault()))?;
         Ok(Generation { events: rx })
     }
 
@@ -308,12 +350,17 @@ impl Engine {
 
     /// The runtime's fault, if an actor failed.
     pub fn fault(&self) -> Option<weir_runtime::Error> {
-        self.program.lock().ok().and_then(|p| p.as_ref().and_then(|p| p.fault()))
+        self.run.lock().ok().and_then(|r| r.fault())
     }
 
     /// The trace recorded so far (empty unless built with `trace: true`).
     pub fn trace(&self) -> Trace {
-        self.program.lock().ok().and_then(|p| p.as_ref().map(|p| p.trace())).unwrap_or_default()
+        let run = match self.run.lock() {
+            Ok(r) => r,
+            Err(_) => return Trace::default(),
+        };
+        let t = run.program.lock().ok().and_then(|p| p.as_ref().map(|p| p.trace()));
+        t.unwrap_or_default()
     }
 
     /// The memory pools (one per budgeted tier): used bytes, high-water mark, budget.
@@ -342,14 +389,9 @@ impl Engine {
     }
 
     fn stop(&mut self) -> Result<()> {
-        drop(self.cmds.take());
-        if let Some(h) = self.scheduler.take() {
-            let _ = h.join();
-        }
-        let program = self.program.lock().ok().and_then(|mut p| p.take());
-        match program {
-            Some(p) => p.shutdown().map_err(Error::Runtime),
-            None => Ok(()),
+        match self.run.get_mut() {
+            Ok(r) => r.stop(),
+            Err(p) => p.into_inner().stop(),
         }
     }
 }

@@ -292,3 +292,43 @@ fn graph_subcommands_check_show_dot_and_run_a_user_file() {
     fails(&["graph", "check", "/nonexistent.weir"], &["/nonexistent.weir"]);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn bench_json_has_the_keys_other_tools_read_and_budgets_are_checked() {
+    let model = fixture("tiny-llama");
+    let v = ok_json(&[
+        "bench",
+        "--model",
+        s(&model),
+        "--threads",
+        "1",
+        "--prompt-len",
+        "4",
+        "--gen-len",
+        "3",
+        "--memory-budget",
+        "200KB",
+        "--json",
+    ]);
+    for k in [
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+        "total_tokens_per_s",
+        "disk_gb_per_s",
+        "bound_s_per_step",
+        "actual_s_per_step",
+        "overlap_efficiency",
+    ] {
+        assert!(v[k].as_f64().is_some_and(|x| x.is_finite() && x >= 0.0), "{k}: {}", v[k]);
+    }
+    assert!(v["disk_bytes_read"].as_u64().unwrap() > 0, "streamed weights were read during the run");
+    let peak = v["peak_bytes"]["host"].as_u64().unwrap();
+    assert!(peak > 0 && peak <= 200_000, "peak {peak} within the budget");
+    assert_eq!(v["page_cache"], "bypassed");
+    fails(
+        &["run", "--model", s(&model), "--prompt", "x", "--memory-budget", "7XB"],
+        &["--memory-budget 7XB", "unknown unit"],
+    );
+    fails(&["run", "--model", s(&model), "--prompt", "x", "--memory-budget", "1KB"], &["too small", "at least"]);
+    fails(&["bench", "--model", s(&model), "--gen-len", "1"], &["--gen-len"]);
+}

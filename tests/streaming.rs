@@ -111,3 +111,25 @@ fn a_streamed_file_that_changes_under_the_reader_is_an_error_naming_tensor_and_f
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn after_a_loader_fault_the_engine_serves_the_next_request() {
+    let dir = copy_fixture("tiny-llama", "stream-recover");
+    let model = Model::open(&dir).unwrap();
+    let (minimum, _) = plan_limits(&model);
+    let engine =
+        Engine::new(&model, EngineOptions { threads: 1, memory_budget: Some(minimum), ..Default::default() }).unwrap();
+    let p = &golden("tiny-llama")["prompts"][0];
+    let req = || Request { stop_at_eos: false, ..Request::greedy(ids(&p["input_ids"]), 24) };
+    let file = dir.join("model.safetensors");
+    let good = std::fs::read(&file).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(good.len() as u64 / 2).unwrap();
+    let err = engine.generate(req()).unwrap_err().to_string();
+    assert!(err.contains("tensor `"), "{err}");
+    // The file is whole again: the next request runs on a fresh program, with the golden tokens.
+    std::fs::write(&file, &good).unwrap();
+    assert_eq!(engine.generate(req()).unwrap().tokens, ids(&p["greedy"]["new_ids"]));
+    assert!(engine.fault().is_none());
+    engine.shutdown().unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
