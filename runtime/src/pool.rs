@@ -16,14 +16,21 @@ pub(crate) struct PoolInner {
     pub(crate) name: String,
     pub(crate) tier: Tier,
     pub(crate) budget: usize,
+    /// Bytes held: buffers in use and buffers kept for reuse.
     pub(crate) used: AtomicUsize,
     pub(crate) high_water: AtomicUsize,
+    /// Buffers returned and kept for reuse (streamed tensors come round with the same sizes
+    /// every pass, so a returned buffer is usually the next one asked for).
+    free: Mutex<Vec<HostBuffer>>,
+    free_bytes: AtomicUsize,
     waiters: Mutex<Vec<Arc<Waker>>>,
 }
 
 impl PoolInner {
-    pub(crate) fn release(&self, bytes: usize) {
-        self.used.fetch_sub(bytes, Ordering::AcqRel);
+    /// A buffer came back: keep it for reuse (its bytes stay counted) and wake the waiters.
+    pub(crate) fn give_back(&self, buf: HostBuffer) {
+        self.free_bytes.fetch_add(buf.len(), Ordering::AcqRel);
+        self.free.lock().unwrap_or_else(|p| p.into_inner()).push(buf);
         let waiters = std::mem::take(&mut *self.waiters.lock().unwrap_or_else(|p| p.into_inner()));
         for w in waiters {
             w.wake();
@@ -65,14 +72,33 @@ impl Pool {
                 budget,
                 used: AtomicUsize::new(0),
                 high_water: AtomicUsize::new(0),
+                free: Mutex::new(Vec::new()),
+                free_bytes: AtomicUsize::new(0),
                 waiters: Mutex::new(Vec::new()),
             }),
         }
     }
 
-    /// A zeroed buffer of `bytes`, if the budget has room for it now.
+    /// A buffer of `bytes`, if the budget has room for it now: a returned buffer of that size
+    /// (its old contents still in it), or a fresh zeroed one — after dropping kept buffers of
+    /// other sizes if that makes room.
     pub fn try_alloc(&self, bytes: usize) -> Option<HostBuffer> {
         let p = &self.inner;
+        {
+            let mut free = p.free.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = free.iter().position(|b| b.len() == bytes) {
+                let mut b = free.swap_remove(i);
+                p.free_bytes.fetch_sub(bytes, Ordering::AcqRel);
+                b.lease = Some(p.clone());
+                return Some(b);
+            }
+            while p.used.load(Ordering::Acquire) + bytes > p.budget {
+                let Some(old) = free.pop() else { break };
+                p.free_bytes.fetch_sub(old.len(), Ordering::AcqRel);
+                p.used.fetch_sub(old.len(), Ordering::AcqRel);
+                drop(old); // no lease: the memory is freed
+            }
+        }
         let mut used = p.used.load(Ordering::Acquire);
         loop {
             let next = used.checked_add(bytes)?;
@@ -89,9 +115,10 @@ impl Pool {
         }
     }
 
-    /// Whether `bytes` could be allocated now.
+    /// Whether `bytes` could be allocated now (kept buffers can make room).
     pub fn has_room(&self, bytes: usize) -> bool {
-        self.used() + bytes <= self.budget()
+        let p = &self.inner;
+        p.used.load(Ordering::Acquire) - p.free_bytes.load(Ordering::Acquire) + bytes <= p.budget
     }
 
     /// Wakes `lane` the next time bytes are released (once).
@@ -105,9 +132,13 @@ impl Pool {
         lane.0.wake();
     }
 
-    /// Bytes in use.
+    /// Bytes held (in use, or kept for reuse).
     pub fn used(&self) -> usize {
         self.inner.used.load(Ordering::Acquire)
+    }
+    /// Bytes in buffers that are in use now.
+    pub fn in_use(&self) -> usize {
+        self.used() - self.inner.free_bytes.load(Ordering::Acquire)
     }
     /// The most bytes ever in use at once.
     pub fn high_water(&self) -> usize {
@@ -139,11 +170,16 @@ mod tests {
         let b = p.try_alloc(400).unwrap();
         assert_eq!((p.used(), p.high_water()), (1000, 1000));
         drop(a);
-        assert_eq!(p.used(), 400);
+        assert_eq!((p.used(), p.in_use()), (1000, 400), "a returned buffer is kept for reuse");
         let c = p.try_alloc(600).unwrap();
         assert_eq!(c.len(), 600);
+        assert_eq!(p.used(), 1000, "and reused");
         drop((b, c));
-        assert_eq!((p.used(), p.high_water()), (0, 1000));
+        assert_eq!((p.in_use(), p.high_water()), (0, 1000));
+        // A size nobody returned: kept buffers are dropped to make room.
+        let d = p.try_alloc(900).unwrap();
+        assert_eq!((p.used(), p.in_use()), (900, 900));
+        drop(d);
         assert!(p.try_alloc(1001).is_none());
     }
 
@@ -163,6 +199,6 @@ mod tests {
             }
         });
         assert!(p.high_water() <= 10_000);
-        assert_eq!(p.used(), 0);
+        assert_eq!(p.in_use(), 0);
     }
 }

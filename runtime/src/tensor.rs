@@ -57,7 +57,7 @@ fn align_for(len: usize) -> usize {
 pub struct HostBuffer {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
-    lease: Option<Arc<crate::pool::PoolInner>>,
+    pub(crate) lease: Option<Arc<crate::pool::PoolInner>>,
 }
 
 // SAFETY: HostBuffer owns its allocation exclusively, like a Vec<u8>.
@@ -121,7 +121,11 @@ impl HostBuffer {
 impl Drop for HostBuffer {
     fn drop(&mut self) {
         if let Some(pool) = self.lease.take() {
-            pool.release(self.len);
+            // Back to its pool, memory and all, for the next buffer of this size.
+            let b = HostBuffer { ptr: self.ptr, len: self.len, lease: None };
+            self.len = 0;
+            pool.give_back(b);
+            return;
         }
         if self.len > 0 {
             let layout = std::alloc::Layout::from_size_align(self.len, align_for(self.len)).expect("buffer layout");
