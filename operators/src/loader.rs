@@ -404,7 +404,7 @@ mod tests {
         assert_eq!(order, vec![0, 1, 2, 1, 2, 1, 2]);
         assert!(l.bytes_read >= (40 + 6000 + 3 * 8000) as u64);
         // Every streamed buffer was dropped after its firing: only the resident one is held.
-        assert!(pool.used() <= 8192, "{pool:?}");
+        assert!(pool.in_use() <= 8192, "{pool:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
