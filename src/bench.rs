@@ -23,6 +23,8 @@ pub struct BenchOptions {
     pub graph: Option<(String, String)>,
     /// Host memory for weights; what does not fit streams from disk every pass.
     pub memory_budget: Option<u64>,
+    /// Layers reading may run ahead of compute (0: no overlap).
+    pub prefetch: Option<usize>,
 }
 
 /// What was measured.
@@ -113,10 +115,16 @@ struct Run {
     streamed_bytes: u64,
 }
 
-fn generate(model: &Model, o: &BenchOptions, budget: u64) -> Result<Run> {
+fn generate(model: &Model, o: &BenchOptions, budget: u64, prefetch: Option<usize>) -> Result<Run> {
     let engine = Engine::new(
         model,
-        EngineOptions { threads: o.threads, graph: o.graph.clone(), memory_budget: Some(budget), ..Default::default() },
+        EngineOptions {
+            threads: o.threads,
+            graph: o.graph.clone(),
+            memory_budget: Some(budget),
+            prefetch,
+            ..Default::default()
+        },
     )?;
     // Warm up: wait for the loaders, touch every weight once.
     engine.generate(Request { stop_at_eos: false, ..Request::greedy(vec![1, 2, 3], 2) })?;
@@ -178,7 +186,7 @@ pub fn run(model: &Model, o: &BenchOptions) -> Result<BenchReport> {
     let disk_bw = bytes as f64 / secs.max(1e-9);
     let steps = (o.gen_len - 1) as f64;
     // Every weight resident (read once, O_DIRECT): the compute-only time per step.
-    let resident = generate(model, o, u64::MAX)?;
+    let resident = generate(model, o, u64::MAX, None)?;
     let resident_step = resident.decode_s / steps;
     let run = match o.memory_budget {
         Some(b) => {
@@ -186,7 +194,7 @@ pub fn run(model: &Model, o: &BenchOptions) -> Result<BenchReport> {
                 // Buffered reads: drop the file from the page cache so it cannot flatter them.
                 weir_operators::loader::evict_page_cache(&file).map_err(Error::Request)?;
             }
-            generate(model, o, b)?
+            generate(model, o, b, o.prefetch)?
         }
         None => resident,
     };

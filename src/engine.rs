@@ -183,11 +183,21 @@ pub struct EngineOptions {
     /// Host memory for weights, in bytes: what does not fit stays on disk and streams every
     /// pass (see `weir_graphs::plan`).
     pub memory_budget: Option<u64>,
+    /// Layers of weights reading may run ahead of compute under a budget; 0 turns overlap off.
+    pub prefetch: Option<usize>,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { threads: 0, loader_lanes: 1, trace: false, max_batch: 256, graph: None, memory_budget: None }
+        EngineOptions {
+            threads: 0,
+            loader_lanes: 1,
+            trace: false,
+            max_batch: 256,
+            graph: None,
+            memory_budget: None,
+            prefetch: None,
+        }
     }
 }
 
@@ -271,7 +281,7 @@ impl Engine {
         let mut graph =
             model.graph(opts.graph.as_ref().map(|(t, f)| (t.as_str(), f.as_str())), opts.threads, opts.loader_lanes)?;
         let plan = match opts.memory_budget {
-            Some(b) => Some(weir_graphs::plan::fit(&mut graph, b)?),
+            Some(b) => Some(weir_graphs::plan::fit(&mut graph, b, opts.prefetch)?),
             None => None,
         };
         let graph_dump = weir_graphs::format::print::print(&graph);

@@ -7,7 +7,7 @@ use weir::{Engine, EngineOptions, Model, Request};
 
 fn plan_limits(model: &Model) -> (u64, u64) {
     let mut g = model.graph(None, 1, 1).unwrap();
-    let p = weir_graphs::plan::fit(&mut g, u64::MAX).unwrap();
+    let p = weir_graphs::plan::fit(&mut g, u64::MAX, None).unwrap();
     (p.minimum, p.resident_bytes)
 }
 
@@ -132,4 +132,23 @@ fn after_a_loader_fault_the_engine_serves_the_next_request() {
     assert!(engine.fault().is_none());
     engine.shutdown().unwrap();
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn prefetch_zero_reads_on_the_compute_lane_and_gives_the_same_tokens() {
+    let model = Model::open(fixture("tiny-llama")).unwrap();
+    let (minimum, _) = plan_limits(&model);
+    let engine = Engine::new(
+        &model,
+        EngineOptions { threads: 1, memory_budget: Some(minimum * 2), prefetch: Some(0), ..Default::default() },
+    )
+    .unwrap();
+    // No loader lane runs: every weight statement names the compute lane.
+    let dump = engine.graph_dump().to_string();
+    assert!(dump.lines().filter(|l| l.starts_with("weight")).all(|l| l.contains("lane=compute")), "{dump}");
+    let p = &golden("tiny-llama")["prompts"][2];
+    let out = engine.generate(Request { stop_at_eos: false, ..Request::greedy(ids(&p["input_ids"]), 24) }).unwrap();
+    assert_eq!(out.tokens, ids(&p["greedy"]["new_ids"]));
+    assert!(engine.pools()[0].high_water() as u64 <= minimum * 2);
+    engine.shutdown().unwrap();
 }

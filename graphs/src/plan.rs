@@ -34,7 +34,11 @@ pub struct Plan {
 
 /// Fits `g`'s weights into `budget` bytes of host memory: sets which tensors stream, turns the
 /// loader lanes that stream into io_uring readers, and sets the host pool's budget.
-pub fn fit(g: &mut Graph, budget: u64) -> Result<Plan> {
+///
+/// `prefetch`: how many layers' weights reading may run ahead of compute (`None`: two, up to
+/// half the budget). `Some(0)` turns overlap off: the loaders run on the compute lane, so
+/// reading and computing take turns — the baseline that overlap is measured against.
+pub fn fit(g: &mut Graph, budget: u64, prefetch: Option<usize>) -> Result<Plan> {
     // (loader node, port) → (bytes held, consumers)
     let mut tensors: Vec<(usize, usize, u64, usize, usize)> = Vec::new(); // node, port, bytes, consumers, layer order
     for (ni, n) in g.nodes.iter().enumerate() {
@@ -62,7 +66,8 @@ pub fn fit(g: &mut Graph, budget: u64) -> Result<Plan> {
             *per_layer.entry(l).or_default() += t.2;
         }
     }
-    let window_good = 2 * per_layer.values().copied().max().unwrap_or(0);
+    let layer_max = per_layer.values().copied().max().unwrap_or(0);
+    let window_good = prefetch.unwrap_or(2) as u64 * layer_max;
     if budget < window_min {
         return Err(Error::Placement(format!(
             "a memory budget of {budget} bytes is too small: this model needs at least {window_min} bytes (the largest operator's weights, read at once)"
@@ -71,7 +76,11 @@ pub fn fit(g: &mut Graph, budget: u64) -> Result<Plan> {
     let total: u64 = tensors.iter().map(|t| t.2).sum();
     // The window takes what overlap wants, but not more than half a tight budget: resident
     // weights cut the bytes read every pass, the window beyond its minimum only deepens prefetch.
-    let window = if total <= budget { 0 } else { window_good.clamp(window_min, window_min.max(budget / 2)) };
+    let window = match prefetch {
+        _ if total <= budget => 0,
+        Some(_) => window_good.clamp(window_min, budget),
+        None => window_good.clamp(window_min, window_min.max(budget / 2)),
+    };
     let mut room = budget - window;
     // Most reused first, then small first; ties in layer order.
     let mut order: Vec<usize> = (0..tensors.len()).collect();
@@ -114,6 +123,14 @@ pub fn fit(g: &mut Graph, budget: u64) -> Result<Plan> {
                 g.lanes[n.lane].kind = LaneKind::Nvme { core, depth: 8, chunk: 1 << 20 };
             }
             *mode = IoMode::Uring { depth: 8, chunk: 1 << 20 };
+        }
+    }
+    if prefetch == Some(0) {
+        let compute = g.nodes.iter().find(|n| !matches!(n.op, OpConfig::Load { .. })).map(|n| n.lane);
+        if let Some(lane) = compute {
+            for n in g.nodes.iter_mut().filter(|n| matches!(n.op, OpConfig::Load { .. })) {
+                n.lane = lane;
+            }
         }
     }
     g.host_budget = Some(budget);

@@ -125,6 +125,9 @@ struct RunArgs {
     /// Host memory for weights (e.g. 700MB, 4GB, 2GiB): what does not fit streams from disk.
     #[arg(long)]
     memory_budget: Option<String>,
+    /// Layers of weights reading may run ahead of compute under a budget (0: no overlap).
+    #[arg(long)]
+    prefetch: Option<usize>,
 }
 
 #[derive(Args)]
@@ -172,6 +175,9 @@ struct BenchArgs {
     /// Host memory for weights (e.g. 700MB, 4GB, 2GiB): what does not fit streams from disk.
     #[arg(long)]
     memory_budget: Option<String>,
+    /// Layers of weights reading may run ahead of compute under a budget (0: no overlap).
+    #[arg(long)]
+    prefetch: Option<usize>,
 }
 
 fn main() {
@@ -223,6 +229,7 @@ fn run(a: RunArgs) -> Result<()> {
             trace: a.trace.is_some(),
             graph: read_graph(&a.graph)?,
             memory_budget: budget(&a.memory_budget)?,
+            prefetch: a.prefetch,
             ..Default::default()
         },
     )?;
@@ -326,6 +333,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             seed: a.seed,
             graph: read_graph(&a.graph)?,
             memory_budget: budget(&a.memory_budget)?,
+            prefetch: a.prefetch,
         },
     )?;
     if a.json {
