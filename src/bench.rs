@@ -25,12 +25,15 @@ pub struct BenchOptions {
     pub memory_budget: Option<u64>,
     /// Layers reading may run ahead of compute (0: no overlap).
     pub prefetch: Option<usize>,
+    /// Micro-batches per step (throughput mode).
+    pub micro_batches: usize,
 }
 
 /// What was measured.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchReport {
     pub batch: usize,
+    pub micro_batches: usize,
     pub prompt_len: usize,
     pub gen_len: usize,
     pub threads: usize,
@@ -208,6 +211,7 @@ pub fn run(model: &Model, o: &BenchOptions) -> Result<BenchReport> {
     let mem_bound = bw * 1e9 / wb as f64;
     Ok(BenchReport {
         batch: o.batch,
+        micro_batches: o.micro_batches,
         prompt_len: o.prompt_len,
         gen_len: o.gen_len,
         threads: o.threads,

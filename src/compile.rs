@@ -14,7 +14,8 @@ pub struct Compiled {
 }
 
 /// Starts `g` on its lanes.
-pub fn compile(g: &Graph, trace: bool, env: &weir_operators::OpEnv) -> Result<Compiled> {
+/// `in_flight`: passes the driver sends before it reads a result (the exit edge holds them).
+pub fn compile(g: &Graph, trace: bool, env: &weir_operators::OpEnv, in_flight: usize) -> Result<Compiled> {
     let mut b = ProgramBuilder::<Packet>::new();
     b.trace(trace);
     let lanes: Vec<LaneId> = g.lanes.iter().map(|l| b.lane(l.clone())).collect();
@@ -29,10 +30,12 @@ pub fn compile(g: &Graph, trace: bool, env: &weir_operators::OpEnv) -> Result<Co
         b.connect((actors[e.from.node], e.from.port), (actors[e.to.node], e.to.port), e.capacity);
         if e.sticky {
             b.sticky(actors[e.to.node], e.to.port);
+        } else if e.uses > 1 {
+            b.keep(actors[e.to.node], e.to.port, e.uses);
         }
     }
     let entry = b.input(actors[g.entry.node], g.entry.port, 1);
-    let exit = b.output(actors[g.exit.node], g.exit.port, 1);
+    let exit = b.output(actors[g.exit.node], g.exit.port, in_flight.max(1));
     let program = b.build()?;
     Ok(Compiled { program, entry, exit })
 }

@@ -185,6 +185,9 @@ pub struct EngineOptions {
     pub memory_budget: Option<u64>,
     /// Layers of weights reading may run ahead of compute under a budget; 0 turns overlap off.
     pub prefetch: Option<usize>,
+    /// Throughput mode: each step runs the active sequences as this many micro-batches, and one
+    /// load of a streamed layer serves all of them.
+    pub micro_batches: usize,
 }
 
 impl Default for EngineOptions {
@@ -197,6 +200,7 @@ impl Default for EngineOptions {
             graph: None,
             memory_budget: None,
             prefetch: None,
+            micro_batches: 1,
         }
     }
 }
@@ -236,6 +240,7 @@ struct SchedParams {
     max_positions: usize,
     vocab: usize,
     max_batch: usize,
+    micro_batches: usize,
 }
 
 /// A running model. Dropping it shuts it down. If an actor fails (an I/O error, a file changed
@@ -254,7 +259,7 @@ pub struct Engine {
 }
 
 fn start(graph: &weir_graphs::Graph, trace: bool, env: &weir_operators::OpEnv, p: &SchedParams) -> Result<Running> {
-    let Compiled { program, entry, exit } = compile(graph, trace, env)?;
+    let Compiled { program, entry, exit } = compile(graph, trace, env, p.micro_batches)?;
     let program = Arc::new(Mutex::new(Some(program)));
     let (cmds, cmd_rx) = crossbeam_channel::bounded::<Cmd>(1024);
     let sched = Scheduler {
@@ -266,6 +271,7 @@ fn start(graph: &weir_graphs::Graph, trace: bool, env: &weir_operators::OpEnv, p
         max_positions: p.max_positions,
         vocab: p.vocab,
         max_batch: p.max_batch,
+        micro_batches: p.micro_batches,
     };
     let scheduler = std::thread::Builder::new()
         .name("weir-scheduler".into())
@@ -284,6 +290,9 @@ impl Engine {
             Some(b) => Some(weir_graphs::plan::fit(&mut graph, b, opts.prefetch)?),
             None => None,
         };
+        if opts.micro_batches > 1 {
+            weir_graphs::plan::share_streamed(&mut graph, opts.micro_batches as u32);
+        }
         let graph_dump = weir_graphs::format::print::print(&graph);
         if let Ok(dir) = std::env::var("WEIR_DUMP_GRAPH") {
             let _ = std::fs::create_dir_all(&dir);
@@ -301,6 +310,7 @@ impl Engine {
             max_positions: model.config.max_position_embeddings,
             vocab: model.config.vocab_size,
             max_batch: opts.max_batch.max(1),
+            micro_batches: opts.micro_batches.max(1),
         };
         let run = start(&graph, opts.trace, &env, &sched)?;
         Ok(Engine { run: Mutex::new(run), graph, trace: opts.trace, env, sched, graph_dump, pools, plan, disk_bytes })
@@ -433,6 +443,7 @@ struct Scheduler {
     max_positions: usize,
     vocab: usize,
     max_batch: usize,
+    micro_batches: usize,
 }
 
 impl Scheduler {
@@ -477,73 +488,87 @@ impl Scheduler {
                 return;
             }
 
-            let mut ids = Vec::new();
-            let mut seqs = Vec::new();
+            // One step: `micro_batches` passes (micro-batch g holds every g-th sequence), all
+            // sent before any result is read, so one load of a streamed layer serves them all.
+            let k = self.micro_batches;
             let now = Instant::now();
-            for a in active.iter_mut() {
-                let (start, toks) = if a.pos == 0 { (0, a.req.prompt.clone()) } else { (a.pos, vec![a.last]) };
-                let logits = match (a.req.logits, a.pos == 0) {
-                    (LogitsMode::AllPositions, true) => LogitsWanted::All,
-                    (LogitsMode::None, _) => LogitsWanted::None,
-                    _ => LogitsWanted::Last,
-                };
-                a.started.get_or_insert(now);
-                seqs.push(SeqSlice { id: a.id, start, len: toks.len(), logits, sampling: a.req.sampling });
-                ids.extend(toks);
-            }
-            let batch = Arc::new(Batch { pass, seqs, release: std::mem::take(&mut release) });
-            pass += 1;
-            let sent = self.entry.send(Packet::Tokens { batch: batch.clone(), ids: Arc::new(ids) });
-            let reply = if sent.is_ok() { self.exit.recv() } else { None };
-            let Some(Packet::Sampled { tokens, logits, .. }) = reply else {
-                self.fail_all(&mut active);
-                return;
-            };
-            let done_at = Instant::now();
-            let mut row = 0;
-            let mut finished = Vec::new();
-            for (i, (a, s)) in active.iter_mut().zip(&batch.seqs).enumerate() {
-                let rows = Batch::logit_rows(s);
-                let mut mine: Vec<Vec<f32>> = match &logits {
-                    Some(l) if s.logits != LogitsWanted::None => {
-                        (row..row + rows).map(|r| l.f32()[r * self.vocab..(r + 1) * self.vocab].to_vec()).collect()
-                    }
-                    _ => Vec::new(),
-                };
-                row += rows;
-                if s.logits == LogitsWanted::All {
-                    let _ = a.events.send(Event::PromptLogits(mine.clone()));
-                }
-                let tok = tokens[i];
-                a.pos += s.len;
-                a.last = tok;
-                a.generated += 1;
-                if a.first_token.is_none() {
-                    a.first_token = Some(done_at);
-                }
-                let _ = a.events.send(Event::Token { id: tok, logits: mine.pop() });
-                let finish = if a.req.stop_at_eos && self.eos.contains(&tok) {
-                    Some(FinishReason::Eos)
-                } else if a.generated >= a.req.max_new_tokens {
-                    Some(FinishReason::MaxTokens)
-                } else if a.pos >= self.max_positions {
-                    Some(FinishReason::ContextFull)
-                } else {
-                    None
-                };
-                if let Some(f) = finish {
-                    let (st, ft) = (a.started.unwrap_or(done_at), a.first_token.unwrap_or(done_at));
-                    let stats = Stats {
-                        finish: f,
-                        prompt_tokens: a.req.prompt.len(),
-                        generated_tokens: a.generated,
-                        prefill_s: secs(ft - st),
-                        decode_s: secs(done_at - ft),
+            let mut batches = Vec::with_capacity(k);
+            for g in 0..k {
+                let mut ids = Vec::new();
+                let mut seqs = Vec::new();
+                for a in active.iter_mut().skip(g).step_by(k) {
+                    let (start, toks) = if a.pos == 0 { (0, a.req.prompt.clone()) } else { (a.pos, vec![a.last]) };
+                    let logits = match (a.req.logits, a.pos == 0) {
+                        (LogitsMode::AllPositions, true) => LogitsWanted::All,
+                        (LogitsMode::None, _) => LogitsWanted::None,
+                        _ => LogitsWanted::Last,
                     };
-                    let _ = a.events.send(Event::Done(stats));
-                    finished.push(i);
+                    a.started.get_or_insert(now);
+                    seqs.push(SeqSlice { id: a.id, start, len: toks.len(), logits, sampling: a.req.sampling });
+                    ids.extend(toks);
+                }
+                let release = if g == 0 { std::mem::take(&mut release) } else { Vec::new() };
+                let batch = Arc::new(Batch { pass, seqs, release });
+                pass += 1;
+                if self.entry.send(Packet::Tokens { batch: batch.clone(), ids: Arc::new(ids) }).is_err() {
+                    self.fail_all(&mut active);
+                    return;
+                }
+                batches.push(batch);
+            }
+            let mut finished = Vec::new();
+            for (g, batch) in batches.iter().enumerate() {
+                let Some(Packet::Sampled { tokens, logits, .. }) = self.exit.recv() else {
+                    self.fail_all(&mut active);
+                    return;
+                };
+                let done_at = Instant::now();
+                let mut row = 0;
+                let members = (g..active.len()).step_by(k);
+                for ((i, s), tok) in members.zip(&batch.seqs).zip(tokens) {
+                    let a = &mut active[i];
+                    let rows = Batch::logit_rows(s);
+                    let mut mine: Vec<Vec<f32>> = match &logits {
+                        Some(l) if s.logits != LogitsWanted::None => {
+                            (row..row + rows).map(|r| l.f32()[r * self.vocab..(r + 1) * self.vocab].to_vec()).collect()
+                        }
+                        _ => Vec::new(),
+                    };
+                    row += rows;
+                    if s.logits == LogitsWanted::All {
+                        let _ = a.events.send(Event::PromptLogits(mine.clone()));
+                    }
+                    a.pos += s.len;
+                    a.last = tok;
+                    a.generated += 1;
+                    if a.first_token.is_none() {
+                        a.first_token = Some(done_at);
+                    }
+                    let _ = a.events.send(Event::Token { id: tok, logits: mine.pop() });
+                    let finish = if a.req.stop_at_eos && self.eos.contains(&tok) {
+                        Some(FinishReason::Eos)
+                    } else if a.generated >= a.req.max_new_tokens {
+                        Some(FinishReason::MaxTokens)
+                    } else if a.pos >= self.max_positions {
+                        Some(FinishReason::ContextFull)
+                    } else {
+                        None
+                    };
+                    if let Some(f) = finish {
+                        let (st, ft) = (a.started.unwrap_or(done_at), a.first_token.unwrap_or(done_at));
+                        let stats = Stats {
+                            finish: f,
+                            prompt_tokens: a.req.prompt.len(),
+                            generated_tokens: a.generated,
+                            prefill_s: secs(ft - st),
+                            decode_s: secs(done_at - ft),
+                        };
+                        let _ = a.events.send(Event::Done(stats));
+                        finished.push(i);
+                    }
                 }
             }
+            finished.sort_unstable();
             for i in finished.into_iter().rev() {
                 release.push(active.remove(i).id);
             }

@@ -152,3 +152,56 @@ fn prefetch_zero_reads_on_the_compute_lane_and_gives_the_same_tokens() {
     assert!(engine.pools()[0].high_water() as u64 <= minimum * 2);
     engine.shutdown().unwrap();
 }
+
+fn three_prompts(engine: &Engine) {
+    let g = golden("tiny-llama");
+    let gens: Vec<_> = g["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| engine.submit(Request { stop_at_eos: false, ..Request::greedy(ids(&p["input_ids"]), 24) }).unwrap())
+        .collect();
+    for (i, gen) in gens.into_iter().enumerate() {
+        assert_eq!(gen.wait().unwrap().tokens, ids(&g["prompts"][i]["greedy"]["new_ids"]), "prompt {i}");
+    }
+}
+
+#[test]
+fn micro_batches_share_one_load_of_each_streamed_layer() {
+    let model = Model::open(fixture("tiny-llama")).unwrap();
+    let (minimum, _) = plan_limits(&model);
+    let mut read = Vec::new();
+    for k in [1usize, 2, 3] {
+        let engine = Engine::new(
+            &model,
+            EngineOptions { threads: 1, memory_budget: Some(minimum * 2), micro_batches: k, ..Default::default() },
+        )
+        .unwrap();
+        three_prompts(&engine);
+        // A single sequence too: the other micro-batches of each step are empty passes.
+        let p = &golden("tiny-llama")["prompts"][0];
+        assert_eq!(
+            engine
+                .generate(Request { stop_at_eos: false, ..Request::greedy(ids(&p["input_ids"]), 24) })
+                .unwrap()
+                .tokens,
+            ids(&p["greedy"]["new_ids"]),
+            "k={k}"
+        );
+        assert!(engine.pools()[0].high_water() as u64 <= minimum * 2);
+        if k > 1 {
+            assert!(engine.graph_dump().contains(&format!("uses={k}")));
+        }
+        read.push(engine.disk_bytes_read());
+        engine.shutdown().unwrap();
+    }
+    // The same steps read the same bytes whatever the number of micro-batches (one load per
+    // step serves them all), give or take the loader's read-ahead at the end.
+    let streamed = {
+        let mut g = model.graph(None, 1, 1).unwrap();
+        weir_graphs::plan::fit(&mut g, minimum * 2, None).unwrap().streamed_bytes
+    };
+    for (k, r) in read.iter().enumerate() {
+        assert!(r.abs_diff(read[0]) <= 4 * streamed, "k={}: {r} bytes vs {} for k=1", k + 1, read[0]);
+    }
+}

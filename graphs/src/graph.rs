@@ -22,13 +22,15 @@ pub struct Node {
     pub layer: Option<u32>,
 }
 
-/// A bounded edge. `sticky`: the consumer keeps the last message (resident weights).
+/// A bounded edge. `sticky`: the consumer keeps the last message (resident weights). `uses`:
+/// a streamed weight serves that many firings (micro-batches) before the next one is taken.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Edge {
     pub from: Port,
     pub to: Port,
     pub capacity: usize,
     pub sticky: bool,
+    pub uses: u32,
 }
 
 /// A placed dataflow graph with one entry (token ids in) and one exit (sampled tokens out).
@@ -69,6 +71,7 @@ impl Graph {
             to: Port { node: to, port: to_port },
             capacity,
             sticky,
+            uses: 1,
         });
     }
 

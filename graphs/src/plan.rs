@@ -136,3 +136,13 @@ pub fn fit(g: &mut Graph, budget: u64, prefetch: Option<usize>) -> Result<Plan> 
     g.host_budget = Some(budget);
     Ok(plan)
 }
+
+/// Throughput mode (FlexGen's zig-zag block): every streamed weight serves `micro_batches`
+/// passes — one per micro-batch of a step — before the next copy is taken, so one load of a
+/// layer's weights is used by the whole block.
+pub fn share_streamed(g: &mut Graph, micro_batches: u32) {
+    let loaders: Vec<usize> = (0..g.nodes.len()).filter(|&i| matches!(g.nodes[i].op, OpConfig::Load { .. })).collect();
+    for e in g.edges.iter_mut().filter(|e| loaders.contains(&e.from.node) && !e.sticky) {
+        e.uses = micro_batches.max(1);
+    }
+}

@@ -117,7 +117,11 @@ pub trait Operator<M>: Send {
 
 pub(crate) struct InPort<M> {
     pub(crate) rx: Option<EdgeRx<M>>,
+    /// The port keeps its message across firings: for ever (`uses == u32::MAX`, resident
+    /// weights), or for `uses` firings (a streamed weight shared by micro-batches).
     pub(crate) sticky: bool,
+    pub(crate) uses: u32,
+    pub(crate) left: u32,
 }
 
 pub(crate) struct Actor<M> {
@@ -162,11 +166,16 @@ impl<M: crate::Message> Actor<M> {
         if self.finished || !self.ready(lane) {
             return Ok(Fired::No);
         }
-        for (port, slot) in self.inputs.iter().zip(self.slots.iter_mut()) {
+        for (port, slot) in self.inputs.iter_mut().zip(self.slots.iter_mut()) {
             let rx = port.rx.as_ref().expect("checked in ready");
-            if port.sticky {
+            if port.sticky && port.uses == u32::MAX {
                 while let Some(m) = rx.recv_now() {
                     *slot = Some(m);
+                }
+            } else if port.sticky {
+                if slot.is_none() {
+                    *slot = rx.recv_now();
+                    port.left = port.uses;
                 }
             } else {
                 *slot = rx.recv_now();
@@ -205,9 +214,14 @@ impl<M: crate::Message> Actor<M> {
                 }
             }
         }
-        for (slot, sticky) in self.slots.iter_mut().zip(&self.sticky) {
+        for ((slot, sticky), port) in self.slots.iter_mut().zip(&self.sticky).zip(self.inputs.iter_mut()) {
             if !sticky {
                 *slot = None;
+            } else if port.uses != u32::MAX {
+                port.left = port.left.saturating_sub(1);
+                if port.left == 0 {
+                    *slot = None;
+                }
             }
         }
         if step == Step::Finished {

@@ -99,7 +99,7 @@ impl<M: Message> ProgramBuilder<M> {
                 id,
                 name: name.to_string(),
                 op,
-                inputs: (0..inputs).map(|_| InPort { rx: None, sticky: false }).collect(),
+                inputs: (0..inputs).map(|_| InPort { rx: None, sticky: false, uses: 1, left: 0 }).collect(),
                 outputs: (0..outputs).map(|_| Vec::new()).collect(),
                 slots: (0..inputs).map(|_| None).collect(),
                 sticky: vec![false; inputs],
@@ -115,6 +115,15 @@ impl<M: Message> ProgramBuilder<M> {
     /// Makes input `port` of `actor` sticky: it keeps its latest message across firings
     /// (resident weights).
     pub fn sticky(&mut self, actor: ActorId, port: usize) {
+        self.keep(actor, port, u32::MAX);
+    }
+
+    /// Makes input `port` of `actor` keep each message for `uses` firings (a streamed weight
+    /// shared by `uses` micro-batches); `u32::MAX` keeps it for ever (see [`Self::sticky`]).
+    pub fn keep(&mut self, actor: ActorId, port: usize, uses: u32) {
+        if uses <= 1 {
+            return;
+        }
         match self
             .actors
             .get_mut(actor.0)
@@ -123,8 +132,9 @@ impl<M: Message> ProgramBuilder<M> {
             Some((s, p)) => {
                 *s = true;
                 p.sticky = true;
+                p.uses = uses;
             }
-            None => self.problems.push(format!("sticky: actor #{} has no input port {port}", actor.0)),
+            None => self.problems.push(format!("keep: actor #{} has no input port {port}", actor.0)),
         }
     }
 
@@ -565,6 +575,30 @@ mod tests {
         assert!(trace.spans() >= 200);
         let json = trace.to_chrome_json();
         assert!(json.contains("\"add2\"") && json.contains("thread_name"));
+        p.shutdown().unwrap();
+    }
+
+    #[test]
+    fn a_kept_port_serves_each_message_to_that_many_firings() {
+        // Weights 100, 200, … each used by 3 inputs in turn: 0+100, 1+100, 2+100, 3+200, …
+        let mut b = ProgramBuilder::<N>::new();
+        let l = b.lane(LaneSpec::cpu("a", vec![cpu0()]));
+        let w = b.actor("w", l, None, Box::new(Source((1..=4).map(|i| i * 100).collect())), 0, 1);
+        let add = b.actor("add", l, None, Box::new(AddWeight), 2, 1);
+        b.connect((w, 0), (add, 1), 1);
+        b.keep(add, 1, 3);
+        let tx = b.input(add, 0, 1);
+        let rx = b.output(add, 0, 1);
+        let p = b.build().unwrap();
+        let h = std::thread::spawn(move || {
+            for i in 0..12 {
+                tx.send(N(i)).unwrap();
+            }
+        });
+        for i in 0..12 {
+            assert_eq!(rx.recv(), Some(N(i + 100 * (i / 3 + 1))));
+        }
+        h.join().unwrap();
         p.shutdown().unwrap();
     }
 

@@ -128,6 +128,9 @@ struct RunArgs {
     /// Layers of weights reading may run ahead of compute under a budget (0: no overlap).
     #[arg(long)]
     prefetch: Option<usize>,
+    /// Throughput mode: run each step as K micro-batches sharing one load of every streamed layer.
+    #[arg(long, default_value_t = 1)]
+    micro_batches: usize,
 }
 
 #[derive(Args)]
@@ -178,6 +181,9 @@ struct BenchArgs {
     /// Layers of weights reading may run ahead of compute under a budget (0: no overlap).
     #[arg(long)]
     prefetch: Option<usize>,
+    /// Throughput mode: run each step as K micro-batches sharing one load of every streamed layer.
+    #[arg(long, default_value_t = 1)]
+    micro_batches: usize,
 }
 
 fn main() {
@@ -230,6 +236,7 @@ fn run(a: RunArgs) -> Result<()> {
             graph: read_graph(&a.graph)?,
             memory_budget: budget(&a.memory_budget)?,
             prefetch: a.prefetch,
+            micro_batches: a.micro_batches,
             ..Default::default()
         },
     )?;
@@ -334,6 +341,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             graph: read_graph(&a.graph)?,
             memory_budget: budget(&a.memory_budget)?,
             prefetch: a.prefetch,
+            micro_batches: a.micro_batches,
         },
     )?;
     if a.json {

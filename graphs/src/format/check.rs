@@ -120,6 +120,8 @@ struct WeightDecl {
     capacity: Option<(usize, Span)>,
     /// `tier=nvme` (read every pass) or `tier=host` (resident); `None`: as placed.
     streamed: Option<bool>,
+    /// `uses=K`: a streamed weight serves K firings (micro-batches).
+    uses: Option<(usize, Span)>,
 }
 
 struct PlaceDecl {
@@ -457,7 +459,11 @@ impl Elab<'_> {
             }
             Stmt::Weight { to, tensor, attrs, .. } => {
                 let attrs = self.attrs(attrs);
-                self.unknown_attrs(&attrs, &["lane", "capacity", "tier"], "`weight`");
+                self.unknown_attrs(&attrs, &["lane", "capacity", "tier", "uses"], "`weight`");
+                let uses = attrs.iter().find(|(k, _, _)| k == "uses").and_then(|(_, v, sp)| {
+                    let sp = *sp;
+                    self.usize_of(v, sp, "`uses`", 1).map(|u| (u, sp))
+                });
                 let streamed = attrs.iter().find(|(k, _, _)| k == "tier").and_then(|(_, v, sp)| self.tier(v, *sp));
                 let lane = self.lane_ref(&attrs, "lane");
                 let capacity = self.capacity(&attrs);
@@ -470,6 +476,7 @@ impl Elab<'_> {
                     lane,
                     capacity,
                     streamed,
+                    uses,
                 });
             }
             Stmt::Budget { attrs, .. } => {
@@ -887,6 +894,7 @@ fn resolve(f: Flat, input: &CheckInput, errors: &mut Vec<Diagnostic>) -> Graph {
             to: Port { node: to.0, port: to.1 },
             capacity: e.capacity.map_or(default_cap, |c| c.0),
             sticky: false,
+            uses: 1,
         });
     }
 
@@ -985,7 +993,7 @@ fn resolve(f: Flat, input: &CheckInput, errors: &mut Vec<Diagnostic>) -> Graph {
                 (lane, list.len() - 1)
             }
         };
-        weight_edges.push((lane, port, to, w.capacity.map_or(1, |c| c.0), !streamed));
+        weight_edges.push((lane, port, to, w.capacity.map_or(1, |c| c.0), !streamed, w.uses.map_or(1, |u| u.0 as u32)));
     }
 
     // Entry and exit.
@@ -1119,13 +1127,14 @@ fn resolve(f: Flat, input: &CheckInput, errors: &mut Vec<Diagnostic>) -> Graph {
         .collect();
     // Canonical order (by loader, tensor, consumer), so that printing and parsing again gives
     // the same graph whatever order the weight statements came in.
-    weight_edges.sort_by_key(|&(lane, port, to, _, _)| (lane, port, to));
-    for (lane, port, to, cap, sticky) in weight_edges {
+    weight_edges.sort_by_key(|&(lane, port, to, _, _, _)| (lane, port, to));
+    for (lane, port, to, cap, sticky, uses) in weight_edges {
         graph.edges.push(Edge {
             from: Port { node: loader_of[&lane], port },
             to: Port { node: to.0, port: to.1 },
             capacity: cap,
             sticky,
+            uses,
         });
     }
     if let (Some(e), Some(x)) = (entry, exit) {

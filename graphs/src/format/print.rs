@@ -94,9 +94,10 @@ pub fn print(g: &Graph) -> String {
         for (port, t) in tensors.iter().enumerate() {
             for e in g.edges.iter().filter(|e| e.from.node == li && e.from.port == port) {
                 let tier = if streamed[port] { "nvme" } else { "host" };
+                let uses = if e.uses > 1 { format!(" uses={}", e.uses) } else { String::new() };
                 let _ = writeln!(
                     s,
-                    "weight {} = {} lane={} capacity={} tier={tier}",
+                    "weight {} = {} lane={} capacity={} tier={tier}{uses}",
                     in_name(&e.to),
                     quote(&t.name),
                     g.lanes[l.lane].name,
