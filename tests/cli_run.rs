@@ -332,3 +332,27 @@ fn bench_json_has_the_keys_other_tools_read_and_budgets_are_checked() {
     fails(&["run", "--model", s(&model), "--prompt", "x", "--memory-budget", "1KB"], &["too small", "at least"]);
     fails(&["bench", "--model", s(&model), "--gen-len", "1"], &["--gen-len"]);
 }
+
+#[test]
+fn injected_read_errors_and_short_reads_name_the_tensor_and_file() {
+    let model = fixture("tiny-llama");
+    for (var, want) in [("WEIR_INJECT_READ_ERROR", "Input/output error"), ("WEIR_INJECT_SHORT_READ", "short read")] {
+        for budget in [None, Some("200KB")] {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_weir"));
+            cmd.args(["run", "--model", s(&model), "--prompt", "The man", "--max-new-tokens", "4"]);
+            if let Some(b) = budget {
+                cmd.args(["--memory-budget", b]);
+            }
+            let o = cmd.env(var, "model.layers.1.mlp.down_proj.weight").output().unwrap();
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(!o.status.success(), "{var} {budget:?}");
+            assert!(
+                err.contains(want)
+                    && err.contains("model.layers.1.mlp.down_proj.weight")
+                    && err.contains("model.safetensors"),
+                "{var} {budget:?}: {err}"
+            );
+            assert!(!err.contains("panicked"), "{err}");
+        }
+    }
+}

@@ -207,6 +207,14 @@ impl Loader {
                     .map_err(|e| ctx(e))?
             }
         };
+        // Test hooks: `WEIR_INJECT_READ_ERROR=TENSOR` and `WEIR_INJECT_SHORT_READ=TENSOR` make the
+        // read of that tensor fail or come back short, as a failing disk would.
+        if std::env::var("WEIR_INJECT_READ_ERROR").is_ok_and(|v| v == t.name) {
+            return Err(
+                ctx("read failed: Input/output error (os error 5) [injected by WEIR_INJECT_READ_ERROR]".into()),
+            );
+        }
+        let got = if std::env::var("WEIR_INJECT_SHORT_READ").is_ok_and(|v| v == t.name) { got / 2 } else { got };
         // A direct read may stop at the end of the file, past the tensor; it must cover it.
         let needed = t.offset + n - start;
         if got < needed {
