@@ -74,14 +74,14 @@ fn printing_and_parsing_random_placed_graphs_gives_the_same_graph() {
         }
         // Half the cases stream weights: nvme loader lanes, random tensors streamed (some shared
         // by micro-batches), a host budget.
-        if rng.next_u64() % 2 == 0 {
+        if rng.next_u64().is_multiple_of(2) {
             for i in 0..g.nodes.len() {
                 let lane = g.nodes[i].lane;
                 let weir_operators::OpConfig::Load { streamed, mode, .. } = &mut g.nodes[i].op else { continue };
                 *mode = weir_operators::loader::IoMode::Uring { depth: 8, chunk: 1 << 20 };
                 g.lanes[lane].kind = LaneKind::Nvme { core: None, depth: 8, chunk: 1 << 20 };
                 for (port, st) in streamed.iter_mut().enumerate() {
-                    *st = rng.next_u64() % 2 == 0;
+                    *st = rng.next_u64().is_multiple_of(2);
                     let uses = 1 + (rng.next_u64() % 3) as u32;
                     for e in g.edges.iter_mut().filter(|e| e.from.node == i && e.from.port == port) {
                         e.sticky = !*st;

@@ -204,7 +204,7 @@ impl Loader {
                 let fd = f.file.as_raw_fd();
                 let ring = self.ring.as_mut().expect("ring created above");
                 uring_read(ring, fd, buf.as_mut_ptr(), start, want, depth.max(1), chunk.max(BLOCK as usize))
-                    .map_err(|e| ctx(e))?
+                    .map_err(&ctx)?
             }
         };
         // Test hooks: `WEIR_INJECT_READ_ERROR=TENSOR` and `WEIR_INJECT_SHORT_READ=TENSOR` make the
@@ -355,6 +355,48 @@ impl Operator<Packet> for Loader {
     }
 }
 
+/// Reads up to `max_bytes` of `path` from its start with io_uring and `O_DIRECT` (`depth` reads
+/// of `chunk` bytes in flight), as a streaming loader does, and returns (bytes, seconds): the
+/// storage's read bandwidth, not flattered by the page cache. Falls back to buffered reads
+/// where the filesystem refuses `O_DIRECT` (the third value says whether it was direct).
+pub fn measure_read(
+    path: &std::path::Path,
+    max_bytes: u64,
+    depth: usize,
+    chunk: usize,
+) -> Result<(u64, f64, bool), String> {
+    let (file, direct) = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path) {
+        Ok(f) => (f, true),
+        Err(_) => (File::open(path).map_err(|e| format!("{}: {e}", path.display()))?, false),
+    };
+    let len = file.metadata().map_err(|e| format!("{}: {e}", path.display()))?.len().min(max_bytes) / BLOCK * BLOCK;
+    let mut ring = IoUring::new(depth as u32 * 2).map_err(|e| format!("io_uring unavailable: {e}"))?;
+    let mut buf = HostBuffer::zeroed(chunk * depth);
+    let t0 = std::time::Instant::now();
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min((chunk * depth) as u64);
+        let got = uring_read(&mut ring, file.as_raw_fd(), buf.as_mut_ptr(), done, n, depth, chunk)?;
+        if got == 0 {
+            break;
+        }
+        done += got;
+    }
+    Ok((done, t0.elapsed().as_secs_f64(), direct))
+}
+
+/// Drops a file's pages from the page cache (`posix_fadvise(DONTNEED)`), for measurements
+/// where direct I/O is refused.
+pub fn evict_page_cache(path: &std::path::Path) -> Result<(), String> {
+    let f = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // SAFETY: a plain advisory call on a file descriptor we own.
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if r != 0 {
+        return Err(format!("{}: posix_fadvise: {}", path.display(), std::io::Error::from_raw_os_error(r)));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -426,46 +468,4 @@ mod tests {
         assert!(e.0.contains("tensor `big` needs 8000 bytes") && e.0.contains("budget is 1000"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
-}
-
-/// Reads up to `max_bytes` of `path` from its start with io_uring and `O_DIRECT` (`depth` reads
-/// of `chunk` bytes in flight), as a streaming loader does, and returns (bytes, seconds): the
-/// storage's read bandwidth, not flattered by the page cache. Falls back to buffered reads
-/// where the filesystem refuses `O_DIRECT` (the third value says whether it was direct).
-pub fn measure_read(
-    path: &std::path::Path,
-    max_bytes: u64,
-    depth: usize,
-    chunk: usize,
-) -> Result<(u64, f64, bool), String> {
-    let (file, direct) = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path) {
-        Ok(f) => (f, true),
-        Err(_) => (File::open(path).map_err(|e| format!("{}: {e}", path.display()))?, false),
-    };
-    let len = file.metadata().map_err(|e| format!("{}: {e}", path.display()))?.len().min(max_bytes) / BLOCK * BLOCK;
-    let mut ring = IoUring::new(depth as u32 * 2).map_err(|e| format!("io_uring unavailable: {e}"))?;
-    let mut buf = HostBuffer::zeroed(chunk * depth);
-    let t0 = std::time::Instant::now();
-    let mut done = 0u64;
-    while done < len {
-        let n = (len - done).min((chunk * depth) as u64);
-        let got = uring_read(&mut ring, file.as_raw_fd(), buf.as_mut_ptr(), done, n, depth, chunk)?;
-        if got == 0 {
-            break;
-        }
-        done += got;
-    }
-    Ok((done, t0.elapsed().as_secs_f64(), direct))
-}
-
-/// Drops a file's pages from the page cache (`posix_fadvise(DONTNEED)`), for measurements
-/// where direct I/O is refused.
-pub fn evict_page_cache(path: &std::path::Path) -> Result<(), String> {
-    let f = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    // SAFETY: a plain advisory call on a file descriptor we own.
-    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    if r != 0 {
-        return Err(format!("{}: posix_fadvise: {}", path.display(), std::io::Error::from_raw_os_error(r)));
-    }
-    Ok(())
 }

@@ -107,7 +107,7 @@ impl HostBuffer {
         self.len == 0
     }
     fn typed<T: bytemuck_lite::Pod>(&self, off: usize, len: usize) -> &[T] {
-        assert!(off % std::mem::size_of::<T>() == 0 && off + len <= self.len, "typed view out of bounds");
+        assert!(off.is_multiple_of(std::mem::size_of::<T>()) && off + len <= self.len, "typed view out of bounds");
         // SAFETY: in bounds (checked), aligned (64-byte allocation, offset a multiple of T's
         // size), and T is a plain number type.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(off) as *const T, len / std::mem::size_of::<T>()) }
@@ -171,7 +171,7 @@ impl Tensor {
     /// the element size (checked: returns the buffer back otherwise).
     pub fn from_buffer_at(dtype: DType, shape: Vec<usize>, buf: HostBuffer, off: usize) -> Result<Tensor, HostBuffer> {
         let n = shape.iter().product::<usize>() * dtype.size();
-        if off % dtype.size() != 0 || off + n > buf.len() {
+        if !off.is_multiple_of(dtype.size()) || off + n > buf.len() {
             return Err(buf);
         }
         Ok(Tensor { dtype, shape, tier: Tier::Host, buf: Arc::new(buf), off })
