@@ -331,6 +331,8 @@ fn bench_json_has_the_keys_other_tools_read_and_budgets_are_checked() {
     );
     fails(&["run", "--model", s(&model), "--prompt", "x", "--memory-budget", "1KB"], &["too small", "at least"]);
     fails(&["bench", "--model", s(&model), "--gen-len", "1"], &["--gen-len"]);
+    fails(&["run", "--model", s(&model), "--prompt", "x", "--micro-batches", "0"], &["--micro-batches 0"]);
+    fails(&["run", "--model", s(&model), "--prompt", "x", "--prefetch", "2"], &["--prefetch needs --memory-budget"]);
 }
 
 #[test]

@@ -222,6 +222,7 @@ fn run(a: RunArgs) -> Result<()> {
     if !(a.top_p > 0.0 && a.top_p <= 1.0) {
         bail!("--top-p {}: must be in (0, 1]", a.top_p);
     }
+    check_streaming(&a.memory_budget, a.prefetch, a.micro_batches)?;
     let model = Model::open(&a.model).with_context(|| format!("--model {}", a.model.display()))?;
     let prompt = match (&a.prompt, &a.prompt_ids) {
         (Some(text), _) => model.encode(text)?,
@@ -328,6 +329,7 @@ fn synth(a: SynthArgs) -> Result<()> {
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
+    check_streaming(&a.memory_budget, a.prefetch, a.micro_batches)?;
     let model = Model::open(&a.model).with_context(|| format!("--model {}", a.model.display()))?;
     let threads = if a.threads == 0 { weir_runtime_threads() } else { a.threads };
     let r = weir::bench::run(
@@ -402,6 +404,17 @@ fn trace(cmd: TraceCmd) -> Result<()> {
             std::fs::write(&out, html).with_context(|| format!("-o {}", out.display()))?;
             eprintln!("wrote {} ({} spans)", out.display(), t.spans());
         }
+    }
+    Ok(())
+}
+
+/// Checks the streaming flags together: what each needs, and their ranges.
+fn check_streaming(budget: &Option<String>, prefetch: Option<usize>, micro_batches: usize) -> Result<()> {
+    if micro_batches == 0 {
+        bail!("--micro-batches 0: a step needs at least one micro-batch");
+    }
+    if prefetch.is_some() && budget.is_none() {
+        bail!("--prefetch needs --memory-budget (without a budget every weight is resident and nothing streams)");
     }
     Ok(())
 }
