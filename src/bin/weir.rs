@@ -119,6 +119,13 @@ struct RunArgs {
     /// Write a Chrome trace-event file (open in Perfetto or chrome://tracing).
     #[arg(long)]
     trace: Option<PathBuf>,
+    #[command(flatten)]
+    place: PlaceArgs,
+}
+
+/// How a model is placed and streamed (shared by `run` and `bench`).
+#[derive(Args)]
+struct PlaceArgs {
     /// Run this graph file instead of the architecture's built-in one.
     #[arg(long)]
     graph: Option<PathBuf>,
@@ -131,6 +138,24 @@ struct RunArgs {
     /// Throughput mode: run each step as K micro-batches sharing one load of every streamed layer.
     #[arg(long, default_value_t = 1)]
     micro_batches: usize,
+}
+
+impl PlaceArgs {
+    /// Checks the flags together (what each needs, their ranges) and reads the graph file.
+    fn resolve(&self) -> Result<(Option<(String, String)>, Option<u64>)> {
+        if self.micro_batches == 0 {
+            bail!("--micro-batches 0: a step needs at least one micro-batch");
+        }
+        if self.prefetch.is_some() && self.memory_budget.is_none() {
+            bail!("--prefetch needs --memory-budget (without a budget every weight is resident and nothing streams)");
+        }
+        let budget = self
+            .memory_budget
+            .as_deref()
+            .map(|s| weir::parse_size(s).map_err(|e| anyhow!("--memory-budget {s}: {e}")))
+            .transpose()?;
+        Ok((read_graph(&self.graph)?, budget))
+    }
 }
 
 #[derive(Args)]
@@ -172,18 +197,8 @@ struct BenchArgs {
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
-    /// Run this graph file instead of the architecture's built-in one.
-    #[arg(long)]
-    graph: Option<PathBuf>,
-    /// Host memory for weights (e.g. 700MB, 4GB, 2GiB): what does not fit streams from disk.
-    #[arg(long)]
-    memory_budget: Option<String>,
-    /// Layers of weights reading may run ahead of compute under a budget (0: no overlap).
-    #[arg(long)]
-    prefetch: Option<usize>,
-    /// Throughput mode: run each step as K micro-batches sharing one load of every streamed layer.
-    #[arg(long, default_value_t = 1)]
-    micro_batches: usize,
+    #[command(flatten)]
+    place: PlaceArgs,
 }
 
 fn main() {
@@ -222,7 +237,7 @@ fn run(a: RunArgs) -> Result<()> {
     if !(a.top_p > 0.0 && a.top_p <= 1.0) {
         bail!("--top-p {}: must be in (0, 1]", a.top_p);
     }
-    check_streaming(&a.memory_budget, a.prefetch, a.micro_batches)?;
+    let (graph, memory_budget) = a.place.resolve()?;
     let model = Model::open(&a.model).with_context(|| format!("--model {}", a.model.display()))?;
     let prompt = match (&a.prompt, &a.prompt_ids) {
         (Some(text), _) => model.encode(text)?,
@@ -234,10 +249,10 @@ fn run(a: RunArgs) -> Result<()> {
         EngineOptions {
             threads: a.threads,
             trace: a.trace.is_some(),
-            graph: read_graph(&a.graph)?,
-            memory_budget: budget(&a.memory_budget)?,
-            prefetch: a.prefetch,
-            micro_batches: a.micro_batches,
+            graph,
+            memory_budget,
+            prefetch: a.place.prefetch,
+            micro_batches: a.place.micro_batches,
             ..Default::default()
         },
     )?;
@@ -329,7 +344,7 @@ fn synth(a: SynthArgs) -> Result<()> {
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
-    check_streaming(&a.memory_budget, a.prefetch, a.micro_batches)?;
+    let (graph, memory_budget) = a.place.resolve()?;
     let model = Model::open(&a.model).with_context(|| format!("--model {}", a.model.display()))?;
     let threads = if a.threads == 0 { weir_runtime_threads() } else { a.threads };
     let r = weir::bench::run(
@@ -340,10 +355,10 @@ fn bench(a: BenchArgs) -> Result<()> {
             gen_len: a.gen_len,
             threads,
             seed: a.seed,
-            graph: read_graph(&a.graph)?,
-            memory_budget: budget(&a.memory_budget)?,
-            prefetch: a.prefetch,
-            micro_batches: a.micro_batches,
+            graph,
+            memory_budget,
+            prefetch: a.place.prefetch,
+            micro_batches: a.place.micro_batches,
         },
     )?;
     if a.json {
@@ -406,21 +421,6 @@ fn trace(cmd: TraceCmd) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Checks the streaming flags together: what each needs, and their ranges.
-fn check_streaming(budget: &Option<String>, prefetch: Option<usize>, micro_batches: usize) -> Result<()> {
-    if micro_batches == 0 {
-        bail!("--micro-batches 0: a step needs at least one micro-batch");
-    }
-    if prefetch.is_some() && budget.is_none() {
-        bail!("--prefetch needs --memory-budget (without a budget every weight is resident and nothing streams)");
-    }
-    Ok(())
-}
-
-fn budget(s: &Option<String>) -> Result<Option<u64>> {
-    s.as_deref().map(|s| weir::parse_size(s).map_err(|e| anyhow!("--memory-budget {s}: {e}"))).transpose()
 }
 
 /// Reads a `--graph` file: (text, name for messages).
