@@ -123,6 +123,9 @@ struct RunArgs {
     place: PlaceArgs,
 }
 
+/// A graph file's text and its name for messages.
+type GraphText = Option<(String, String)>;
+
 /// How a model is placed and streamed (shared by `run` and `bench`).
 #[derive(Args)]
 struct PlaceArgs {
@@ -142,7 +145,7 @@ struct PlaceArgs {
 
 impl PlaceArgs {
     /// Checks the flags together (what each needs, their ranges) and reads the graph file.
-    fn resolve(&self) -> Result<(Option<(String, String)>, Option<u64>)> {
+    fn resolve(&self) -> Result<(GraphText, Option<u64>)> {
         if self.micro_batches == 0 {
             bail!("--micro-batches 0: a step needs at least one micro-batch");
         }
@@ -424,7 +427,7 @@ fn trace(cmd: TraceCmd) -> Result<()> {
 }
 
 /// Reads a `--graph` file: (text, name for messages).
-fn read_graph(path: &Option<PathBuf>) -> Result<Option<(String, String)>> {
+fn read_graph(path: &Option<PathBuf>) -> Result<GraphText> {
     match path {
         None => Ok(None),
         Some(p) => {
