@@ -373,14 +373,25 @@ impl Engine {
         self.run.lock().ok().and_then(|r| r.fault())
     }
 
-    /// The trace recorded so far (empty unless built with `trace: true`).
+    /// The trace recorded so far (empty unless built with `trace: true`), with each memory
+    /// pool's peak.
     pub fn trace(&self) -> Trace {
         let run = match self.run.lock() {
             Ok(r) => r,
             Err(_) => return Trace::default(),
         };
-        let t = run.program.lock().ok().and_then(|p| p.as_ref().map(|p| p.trace()));
-        t.unwrap_or_default()
+        let mut t = run.program.lock().ok().and_then(|p| p.as_ref().map(|p| p.trace())).unwrap_or_default();
+        if !t.events.is_empty() {
+            for p in &self.pools {
+                t.events.push(weir_runtime::Event::PoolPeak {
+                    pool: p.name().to_string(),
+                    tier: format!("{:?}", p.tier()),
+                    budget: p.budget() as u64,
+                    peak: p.high_water() as u64,
+                });
+            }
+        }
+        t
     }
 
     /// The memory pools (one per budgeted tier): used bytes, high-water mark, budget.

@@ -38,7 +38,7 @@ impl Trace {
     /// The Chrome trace-event JSON of these events.
     pub fn to_chrome_json(&self) -> String {
         let mut out = Vec::new();
-        let (mut lanes, mut actors, mut edges) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut lanes, mut actors, mut edges, mut pools) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut names: HashMap<u32, (String, String, Option<u32>)> = HashMap::new();
         let labels = edge_labels(self);
         let mut end_ns = 0u64;
@@ -57,6 +57,9 @@ impl Trace {
                 }
                 Event::EdgeCreated { edge, from, to, capacity } => {
                     edges.push(json!({"id": edge, "from": from.map(|f| [f.0, f.1]), "to": to.map(|t| [t.0, t.1]), "capacity": capacity}));
+                }
+                Event::PoolPeak { pool, tier, budget, peak } => {
+                    pools.push(json!({"name": pool, "tier": tier, "budget": budget, "peak": peak}));
                 }
                 _ => {}
             }
@@ -84,7 +87,7 @@ impl Trace {
                 _ => {}
             }
         }
-        let weir = json!({"format": FORMAT, "lanes": lanes, "actors": actors, "edges": edges, "end_ns": end_ns});
+        let weir = json!({"format": FORMAT, "lanes": lanes, "actors": actors, "edges": edges, "pools": pools, "end_ns": end_ns});
         serde_json::to_string(&json!({"traceEvents": out, "displayTimeUnit": "ms", "weir": weir})).unwrap_or_default()
     }
 
@@ -137,6 +140,16 @@ impl Trace {
                 from: pair(&e["from"], &what)?,
                 to: pair(&e["to"], &what)?,
                 capacity: u32_of(&e["capacity"], &what)?,
+            });
+        }
+        // Pools (absent in traces of runs without a memory budget).
+        for (i, p) in w.get("pools").and_then(Value::as_array).into_iter().flatten().enumerate() {
+            let what = format!("weir.pools[{i}]");
+            events.push(Event::PoolPeak {
+                pool: str_of(&p["name"], &what)?,
+                tier: str_of(&p["tier"], &what)?,
+                budget: p["budget"].as_u64().ok_or_else(|| format!("{what}: budget is not a number"))?,
+                peak: p["peak"].as_u64().ok_or_else(|| format!("{what}: peak is not a number"))?,
             });
         }
         let evs = v.get("traceEvents").and_then(Value::as_array).ok_or("`traceEvents` is missing or not a list")?;

@@ -70,6 +70,8 @@ pub struct Summary {
     pub overlaps: Vec<Overlap>,
     pub links: Vec<LinkStat>,
     pub channels: Vec<ChannelStat>,
+    /// Per memory pool: (name, tier, budget, peak bytes).
+    pub pools: Vec<(String, String, u64, u64)>,
 }
 
 /// Sorted, merged intervals.
@@ -240,6 +242,14 @@ impl Summary {
                 empty: empty as f64 / window,
             });
         }
+        let pools = t
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::PoolPeak { pool, tier, budget, peak } => Some((pool.clone(), tier.clone(), *budget, *peak)),
+                _ => None,
+            })
+            .collect();
         Summary {
             start_ns: start,
             end_ns: end,
@@ -248,6 +258,7 @@ impl Summary {
             overlaps,
             links: link_stats,
             channels,
+            pools,
         }
     }
 
@@ -278,6 +289,12 @@ impl Summary {
         let _ = writeln!(s, "\nlinks                                          bytes      GB/s");
         for l in &self.links {
             let _ = writeln!(s, "  {:<40} {:>12} {:>9.2}", l.link, l.bytes, l.gb_per_s);
+        }
+        if !self.pools.is_empty() {
+            let _ = writeln!(s, "\nmemory pools                        peak bytes       budget");
+            for (name, tier, budget, peak) in &self.pools {
+                let _ = writeln!(s, "  {:<30} {:>14} {:>12}", format!("{name} ({tier})"), peak, budget);
+            }
         }
         let _ = writeln!(s, "\nchannels (full: consumer is the bottleneck; empty: producer is)");
         let _ = writeln!(s, "  {:<52} {:>4} {:>6} {:>4} {:>7} {:>7}", "edge", "cap", "mean", "max", "full", "empty");
@@ -322,6 +339,7 @@ mod tests {
         // The edge: empty 0..10, 1 message 10..50, full (2) 50..100.
         ev.push(Event::ChannelLevel { edge: 0, t_ns: 10, level: 1 });
         ev.push(Event::ChannelLevel { edge: 0, t_ns: 50, level: 2 });
+        ev.push(Event::PoolPeak { pool: "host".into(), tier: "Host".into(), budget: 1000, peak: 900 });
         Trace { events: ev }
     }
 
@@ -341,6 +359,8 @@ mod tests {
         assert_eq!(s.ops[0].kind, "load");
         let text = s.to_text();
         assert!(text.contains("compute (cpu[0])") && text.contains("load[0] -> mm[1]"), "{text}");
+        assert_eq!(s.pools, vec![("host".to_string(), "Host".to_string(), 1000, 900)]);
+        assert!(text.contains("host (Host)") && text.contains("900"), "{text}");
     }
 
     #[test]
