@@ -58,33 +58,6 @@ impl Graph {
         }
     }
 
-    /// Adds a node; returns its index.
-    pub fn node(&mut self, name: impl Into<String>, op: OpConfig, lane: usize, layer: Option<u32>) -> usize {
-        self.nodes.push(Node { name: name.into(), op, lane, layer });
-        self.nodes.len() - 1
-    }
-
-    /// Connects output `from_port` of `from` to input `to_port` of `to`.
-    pub fn edge(&mut self, from: usize, from_port: usize, to: usize, to_port: usize, capacity: usize, sticky: bool) {
-        self.edges.push(Edge {
-            from: Port { node: from, port: from_port },
-            to: Port { node: to, port: to_port },
-            capacity,
-            sticky,
-            uses: 1,
-        });
-    }
-
-    /// The input port index of `node` named `name`.
-    pub fn in_port(&self, node: usize, name: &str) -> usize {
-        self.nodes[node]
-            .op
-            .inputs()
-            .iter()
-            .position(|p| *p == name)
-            .unwrap_or_else(|| panic!("{} has no input `{name}`", self.nodes[node].op.kind()))
-    }
-
     /// Graphviz DOT of the graph, one cluster per lane.
     pub fn dot(&self) -> String {
         let mut s = String::from("digraph weir {\n  rankdir=TB;\n  node [shape=box, fontsize=10];\n");
