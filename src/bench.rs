@@ -21,12 +21,17 @@ pub struct BenchOptions {
     pub seed: u64,
     /// A graph file to run instead of the built-in one: (text, file name).
     pub graph: Option<(String, String)>,
-    /// Host memory for weights; what does not fit streams from disk every pass.
+    /// Host memory for weights, KV cache and activations; weights that do not fit stream
+    /// from disk every pass.
     pub memory_budget: Option<u64>,
     /// Layers reading may run ahead of compute (0: no overlap).
     pub prefetch: Option<usize>,
     /// Micro-batches per step (throughput mode).
     pub micro_batches: usize,
+    /// KV positions the budget reserves (default: batch × what one sequence needs).
+    pub kv_tokens: Option<usize>,
+    /// The most tokens in one pass.
+    pub max_pass_tokens: usize,
 }
 
 /// What was measured.
@@ -57,8 +62,11 @@ pub struct BenchReport {
     pub disk_gb_per_s: f64,
     /// Storage read bandwidth measured at start-up (io_uring, O_DIRECT).
     pub disk_probe_gb_per_s: f64,
-    /// Peak bytes per tier (the pool's high-water mark).
+    /// Peak bytes per tier: the high-water mark of all its pools together (weights read from
+    /// storage, KV cache, activations).
     pub peak_bytes: BTreeMap<String, u64>,
+    /// Each pool's own high-water mark (`weights`, `kv`, `activations`).
+    pub peak_bytes_by_pool: BTreeMap<String, u64>,
     /// Weight bytes streamed per decode step.
     pub streamed_bytes_per_step: u64,
     /// Decode step time with every weight resident, measured in this run.
@@ -115,10 +123,12 @@ struct Run {
     total_s: f64,
     disk_bytes: u64,
     peak: BTreeMap<String, u64>,
+    peak_by_pool: BTreeMap<String, u64>,
     streamed_bytes: u64,
 }
 
 fn generate(model: &Model, o: &BenchOptions, budget: u64, prefetch: Option<usize>) -> Result<Run> {
+    let max_positions = model.config.max_position_embeddings;
     let engine = Engine::new(
         model,
         EngineOptions {
@@ -126,6 +136,13 @@ fn generate(model: &Model, o: &BenchOptions, budget: u64, prefetch: Option<usize
             graph: o.graph.clone(),
             memory_budget: Some(budget),
             prefetch,
+            micro_batches: o.micro_batches,
+            max_batch: o.batch.max(1),
+            kv_tokens: Some(
+                o.kv_tokens
+                    .unwrap_or(o.batch * crate::engine::kv_tokens_needed(o.prompt_len, o.gen_len, max_positions)),
+            ),
+            max_pass_tokens: o.max_pass_tokens,
             ..Default::default()
         },
     )?;
@@ -150,7 +167,8 @@ fn generate(model: &Model, o: &BenchOptions, budget: u64, prefetch: Option<usize
     let outs: Vec<_> = gens.into_iter().map(|g| g.wait()).collect::<Result<_>>()?;
     let total_s = t0.elapsed().as_secs_f64();
     let disk_bytes = engine.disk_bytes_read() - disk0;
-    let peak = engine.pools().iter().map(|p| (p.name().to_string(), p.high_water() as u64)).collect();
+    let peak = BTreeMap::from([("host".to_string(), engine.peak_host_bytes())]);
+    let peak_by_pool = engine.pools().iter().map(|p| (p.name().to_string(), p.high_water() as u64)).collect();
     let streamed_bytes = engine.plan().map_or(0, |p| p.streamed_bytes);
     engine.shutdown()?;
     // All sequences share passes: prefill ends with the last first token, decode with the last.
@@ -160,6 +178,7 @@ fn generate(model: &Model, o: &BenchOptions, budget: u64, prefetch: Option<usize
         total_s,
         disk_bytes,
         peak,
+        peak_by_pool,
         streamed_bytes,
     })
 }
@@ -227,6 +246,7 @@ pub fn run(model: &Model, o: &BenchOptions) -> Result<BenchReport> {
         disk_gb_per_s: run.disk_bytes as f64 / run.total_s / 1e9,
         disk_probe_gb_per_s: disk_bw / 1e9,
         peak_bytes: run.peak.clone(),
+        peak_bytes_by_pool: run.peak_by_pool.clone(),
         streamed_bytes_per_step: run.streamed_bytes,
         compute_s_per_step: resident_step,
         bound_s_per_step: bound,

@@ -18,6 +18,7 @@ pub struct Compiled {
 pub fn compile(g: &Graph, trace: bool, env: &weir_operators::OpEnv, in_flight: usize) -> Result<Compiled> {
     let mut b = ProgramBuilder::<Packet>::new();
     b.trace(trace);
+    b.activations(env.activations.clone());
     let lanes: Vec<LaneId> = g.lanes.iter().map(|l| b.lane(l.clone())).collect();
     let actors: Vec<_> = g
         .nodes

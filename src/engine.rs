@@ -11,6 +11,7 @@ use crate::compile::{compile, Compiled};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crossbeam_channel::{Receiver, Sender};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -180,14 +181,42 @@ pub struct EngineOptions {
     pub max_batch: usize,
     /// A graph file to run instead of the architecture's built-in one: (text, file name).
     pub graph: Option<(String, String)>,
-    /// Host memory for weights, in bytes: what does not fit stays on disk and streams every
-    /// pass (see `weir_graphs::plan`).
+    /// Host memory in bytes for weights, KV cache and activations together: the KV cache and
+    /// activations are reserved first, and weights that do not fit the rest stay on disk and
+    /// stream every pass (see `weir_graphs::plan`).
     pub memory_budget: Option<u64>,
     /// Layers of weights reading may run ahead of compute under a budget; 0 turns overlap off.
     pub prefetch: Option<usize>,
     /// Throughput mode: each step runs the active sequences as this many micro-batches, and one
     /// load of a streamed layer serves all of them.
     pub micro_batches: usize,
+    /// Under a budget: positions of KV cache to reserve over all sequences in flight (each
+    /// sequence holds whole blocks of 16; see [`kv_tokens_needed`]). Requests wait until their
+    /// whole length fits; one that could never fit is refused. Default: 2048 (or the context,
+    /// if shorter).
+    pub kv_tokens: Option<usize>,
+    /// The most tokens in one pass: longer prompts are prefilled in chunks of this many (it
+    /// bounds activation memory, which the budget reserves for it).
+    pub max_pass_tokens: usize,
+}
+
+impl EngineOptions {
+    /// What a memory budget sets aside before weights with these options, for a model whose
+    /// context is `max_positions`.
+    pub fn reserve(&self, max_positions: usize) -> weir_graphs::plan::Reserve {
+        weir_graphs::plan::Reserve {
+            kv_tokens: self.kv_tokens.unwrap_or(2048.min(max_positions)),
+            pass_tokens: self.max_pass_tokens,
+            passes: self.micro_batches.max(1),
+        }
+    }
+}
+
+/// Positions of KV cache a request of `prompt_len` tokens generating up to `max_new_tokens`
+/// holds at most, in whole blocks.
+pub fn kv_tokens_needed(prompt_len: usize, max_new_tokens: usize, max_positions: usize) -> usize {
+    let bt = weir_operators::attention::KV_BLOCK_TOKENS;
+    (prompt_len + max_new_tokens).min(max_positions).div_ceil(bt) * bt
 }
 
 impl Default for EngineOptions {
@@ -201,6 +230,8 @@ impl Default for EngineOptions {
             memory_budget: None,
             prefetch: None,
             micro_batches: 1,
+            kv_tokens: None,
+            max_pass_tokens: 256,
         }
     }
 }
@@ -241,6 +272,9 @@ struct SchedParams {
     vocab: usize,
     max_batch: usize,
     micro_batches: usize,
+    pass_tokens: usize,
+    /// KV blocks per layer the reserve holds (`None`: no budget, no limit).
+    kv_blocks: Option<usize>,
 }
 
 /// A running model. Dropping it shuts it down. If an actor fails (an I/O error, a file changed
@@ -254,6 +288,8 @@ pub struct Engine {
     sched: SchedParams,
     graph_dump: String,
     pools: Vec<weir_runtime::Pool>,
+    meter: weir_runtime::TierMeter,
+    budget: Option<u64>,
     plan: Option<weir_graphs::plan::Plan>,
     disk_bytes: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -272,6 +308,8 @@ fn start(graph: &weir_graphs::Graph, trace: bool, env: &weir_operators::OpEnv, p
         vocab: p.vocab,
         max_batch: p.max_batch,
         micro_batches: p.micro_batches,
+        pass_tokens: p.pass_tokens,
+        kv_free: p.kv_blocks,
     };
     let scheduler = std::thread::Builder::new()
         .name("weir-scheduler".into())
@@ -286,12 +324,25 @@ impl Engine {
     pub fn new(model: &Model, opts: EngineOptions) -> Result<Engine> {
         let mut graph =
             model.graph(opts.graph.as_ref().map(|(t, f)| (t.as_str(), f.as_str())), opts.threads, opts.loader_lanes)?;
-        let plan = match opts.memory_budget {
-            Some(b) => Some(weir_graphs::plan::fit(&mut graph, b, opts.prefetch)?),
-            None => None,
+        let max_positions = model.config.max_position_embeddings;
+        if opts.max_pass_tokens == 0 {
+            return Err(Error::Request("max_pass_tokens 0: a pass needs at least one token".into()));
+        }
+        let micro_batches = opts.micro_batches.max(1);
+        // Every sequence of a decode step fits one pass.
+        let max_batch = opts.max_batch.clamp(1, opts.max_pass_tokens * micro_batches);
+        let reserve = opts.reserve(max_positions);
+        let (plan, split) = match (opts.memory_budget, graph.host_budget) {
+            (Some(b), _) => {
+                let plan = weir_graphs::plan::fit(&mut graph, b, opts.prefetch, &reserve)?;
+                (Some(plan.clone()), Some(plan.split))
+            }
+            // A graph file's own budget: its placement stands, the reserve comes off the top.
+            (None, Some(b)) => (None, Some(weir_graphs::plan::split(&graph, b, &reserve, 0)?)),
+            (None, None) => (None, None),
         };
-        if opts.micro_batches > 1 {
-            weir_graphs::plan::share_streamed(&mut graph, opts.micro_batches as u32);
+        if micro_batches > 1 {
+            weir_graphs::plan::share_streamed(&mut graph, micro_batches as u32);
         }
         let graph_dump = weir_graphs::format::print::print(&graph);
         if let Ok(dir) = std::env::var("WEIR_DUMP_GRAPH") {
@@ -299,24 +350,63 @@ impl Engine {
             let _ = std::fs::write(std::path::Path::new(&dir).join("graph.weir"), &graph_dump);
             let _ = std::fs::write(std::path::Path::new(&dir).join("graph.dot"), graph.dot());
         }
+        // One meter over the host tier's pools: weights, KV cache, activations.
+        let meter = weir_runtime::TierMeter::new();
+        let host = weir_runtime::Tier::Host;
+        let unbounded = usize::MAX;
         let env = weir_operators::OpEnv {
-            host_pool: graph.host_budget.map(|b| weir_runtime::Pool::new("host", weir_runtime::Tier::Host, b as usize)),
+            host_pool: Some(weir_runtime::Pool::with(
+                "weights",
+                host,
+                split.map_or(unbounded, |s| s.weights as usize),
+                true,
+                Some(&meter),
+            )),
+            kv_pool: weir_runtime::Pool::with(
+                "kv",
+                host,
+                split.map_or(unbounded, |s| s.kv as usize),
+                true,
+                Some(&meter),
+            ),
+            activations: weir_runtime::Pool::transient(
+                "activations",
+                host,
+                split.map_or(unbounded, |s| s.activations as usize),
+                Some(&meter),
+            ),
             disk_bytes: Default::default(),
         };
         let disk_bytes = env.disk_bytes.clone();
-        let pools: Vec<weir_runtime::Pool> = env.host_pool.iter().cloned().collect();
+        let pools: Vec<weir_runtime::Pool> =
+            env.host_pool.iter().cloned().chain([env.kv_pool.clone(), env.activations.clone()]).collect();
+        let per_block = weir_graphs::plan::kv_bytes_per_block(&graph);
         let sched = SchedParams {
             eos: model.config.eos_token_ids.clone(),
-            max_positions: model.config.max_position_embeddings,
+            max_positions,
             vocab: model.config.vocab_size,
-            max_batch: opts.max_batch.max(1),
-            micro_batches: opts.micro_batches.max(1),
+            max_batch,
+            micro_batches,
+            pass_tokens: opts.max_pass_tokens,
+            kv_blocks: split.map(|s| s.kv.checked_div(per_block).map_or(usize::MAX, |b| b as usize)),
         };
         let run = start(&graph, opts.trace, &env, &sched)?;
-        Ok(Engine { run: Mutex::new(run), graph, trace: opts.trace, env, sched, graph_dump, pools, plan, disk_bytes })
+        let budget = split.map(|s| s.weights + s.kv + s.activations);
+        Ok(Engine {
+            run: Mutex::new(run),
+            graph,
+            trace: opts.trace,
+            env,
+            sched,
+            graph_dump,
+            pools,
+            meter,
+            budget,
+            plan,
+            disk_bytes,
+        })
     }
 
-    /// Checks a request and queues it. Invalid requests are refused here, before anything runs.
     pub fn submit(&self, req: Request) -> Result<Generation> {
         if req.prompt.is_empty() {
             return Err(Error::Request("the prompt is empty".into()));
@@ -333,6 +423,19 @@ impl Engine {
                 req.prompt.len(),
                 self.sched.max_positions
             )));
+        }
+        if let Some(blocks) = self.sched.kv_blocks {
+            let need = kv_tokens_needed(req.prompt.len(), req.max_new_tokens, self.sched.max_positions);
+            let bt = weir_operators::attention::KV_BLOCK_TOKENS;
+            if need / bt > blocks {
+                return Err(Error::Request(format!(
+                    "the request needs KV cache for {need} positions (prompt {} + up to {} new tokens, in blocks of {bt}) \
+                     but the memory budget reserves {} (raise --kv-tokens, or --memory-budget)",
+                    req.prompt.len(),
+                    req.max_new_tokens,
+                    blocks.saturating_mul(bt)
+                )));
+            }
         }
         let s = &req.sampling;
         if !(s.temperature >= 0.0 && s.temperature.is_finite()) {
@@ -390,13 +493,31 @@ impl Engine {
                     peak: p.high_water() as u64,
                 });
             }
+            t.events.push(weir_runtime::Event::PoolPeak {
+                pool: "all".into(),
+                tier: "Host".into(),
+                budget: self.budget.unwrap_or(u64::MAX),
+                peak: self.meter.high_water() as u64,
+            });
         }
         t
     }
 
-    /// The memory pools (one per budgeted tier): used bytes, high-water mark, budget.
+    /// The memory pools (weights, KV cache, activations): used bytes, high-water mark, budget
+    /// (unbounded without a memory budget).
     pub fn pools(&self) -> &[weir_runtime::Pool] {
         &self.pools
+    }
+
+    /// The most bytes the host tier's pools held at once: weights read from storage, KV cache
+    /// and activations together.
+    pub fn peak_host_bytes(&self) -> u64 {
+        self.meter.high_water() as u64
+    }
+
+    /// The host budget all pools share, if any.
+    pub fn host_budget(&self) -> Option<u64> {
+        self.budget
     }
 
     /// Bytes read from storage by the loaders since the engine started.
@@ -437,12 +558,22 @@ struct Active {
     id: u64,
     req: Request,
     events: Sender<Event>,
-    /// Tokens in the KV cache (0 until prefill ran).
+    /// Positions in the KV cache (prompt chunks done, then one per decode step).
     pos: usize,
     last: u32,
     generated: usize,
     started: Option<Instant>,
     first_token: Option<Instant>,
+    /// KV blocks set aside for the sequence's whole length.
+    kv_blocks: usize,
+    /// Prompt logits gathered over prefill chunks (`LogitsMode::AllPositions`).
+    prompt_logits: Vec<Vec<f32>>,
+}
+
+impl Active {
+    fn prefilled(&self) -> bool {
+        self.pos >= self.req.prompt.len()
+    }
 }
 
 struct Scheduler {
@@ -455,88 +586,130 @@ struct Scheduler {
     vocab: usize,
     max_batch: usize,
     micro_batches: usize,
+    pass_tokens: usize,
+    /// KV blocks not promised to an admitted sequence (`None`: no limit).
+    kv_free: Option<usize>,
 }
 
 impl Scheduler {
-    fn run(self) {
+    fn run(mut self) {
         let mut active: Vec<Active> = Vec::new();
+        let mut waiting: VecDeque<(Request, Sender<Event>)> = VecDeque::new();
         let mut release: Vec<u64> = Vec::new();
         let mut next_id = 0u64;
         let mut pass = 0u64;
         let mut open = true;
         loop {
-            // Admit requests: block when idle, otherwise take what is waiting.
-            while open && active.len() < self.max_batch {
-                let cmd = if active.is_empty() && release.is_empty() {
+            // Take in new requests; block for one only when there is nothing else to do.
+            while open {
+                let idle = active.is_empty() && release.is_empty() && waiting.is_empty();
+                let cmd = if idle {
                     self.cmds.recv().map_err(|_| crossbeam_channel::TryRecvError::Disconnected)
                 } else {
                     self.cmds.try_recv()
                 };
                 match cmd {
-                    Ok(Cmd::Submit(req, events)) => {
-                        active.push(Active {
-                            id: next_id,
-                            last: 0,
-                            req,
-                            events,
-                            pos: 0,
-                            generated: 0,
-                            started: None,
-                            first_token: None,
-                        });
-                        next_id += 1;
-                    }
+                    Ok(Cmd::Submit(req, events)) => waiting.push_back((req, events)),
                     Err(crossbeam_channel::TryRecvError::Empty) => break,
-                    Err(crossbeam_channel::TryRecvError::Disconnected) => {
-                        open = false;
-                    }
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => open = false,
                 }
             }
+            // Admit in arrival order while there is a slot and the KV reserve holds the whole
+            // sequence (so attention never runs out of blocks mid-generation).
+            while active.len() < self.max_batch {
+                let Some((req, _)) = waiting.front() else { break };
+                let blocks = kv_tokens_needed(req.prompt.len(), req.max_new_tokens, self.max_positions)
+                    / weir_operators::attention::KV_BLOCK_TOKENS;
+                if let Some(free) = &mut self.kv_free {
+                    if blocks > *free {
+                        break;
+                    }
+                    *free -= blocks;
+                }
+                let Some((req, events)) = waiting.pop_front() else { break };
+                active.push(Active {
+                    id: next_id,
+                    req,
+                    events,
+                    pos: 0,
+                    last: 0,
+                    generated: 0,
+                    started: None,
+                    first_token: None,
+                    kv_blocks: blocks,
+                    prompt_logits: Vec::new(),
+                });
+                next_id += 1;
+            }
             if active.is_empty() && release.is_empty() {
+                // With nothing running the whole reserve is free, and `submit` refuses what
+                // could never fit: the queue is empty here.
+                for (_, events) in waiting.drain(..) {
+                    let _ = events.send(Event::Failed("the request does not fit the KV cache reserve".into()));
+                }
                 if open {
                     continue;
                 }
                 return;
             }
 
-            // One step: `micro_batches` passes (micro-batch g holds every g-th sequence), all
-            // sent before any result is read, so one load of a streamed layer serves them all.
+            // One pass per micro-batch: sequence i rides in micro-batch i mod K. Decoding
+            // sequences go first (one token each); prompts fill what is left of the pass's
+            // tokens, in chunks, their KV cache growing chunk by chunk.
             let k = self.micro_batches;
             let now = Instant::now();
-            let mut batches = Vec::with_capacity(k);
+            let mut sent: Vec<(Arc<Batch>, Vec<usize>)> = Vec::with_capacity(k);
             for g in 0..k {
-                let mut ids = Vec::new();
-                let mut seqs = Vec::new();
-                for a in active.iter_mut().skip(g).step_by(k) {
-                    let (start, toks) = if a.pos == 0 { (0, a.req.prompt.clone()) } else { (a.pos, vec![a.last]) };
-                    let logits = match (a.req.logits, a.pos == 0) {
-                        (LogitsMode::AllPositions, true) => LogitsWanted::All,
-                        (LogitsMode::None, _) => LogitsWanted::None,
-                        _ => LogitsWanted::Last,
+                let group: Vec<usize> = (g..active.len()).step_by(k).collect();
+                let decoding = group.iter().filter(|&&i| active[i].prefilled());
+                let prefilling = group.iter().filter(|&&i| !active[i].prefilled());
+                let order: Vec<usize> = decoding.chain(prefilling).copied().collect();
+                let (mut ids, mut seqs, mut members) = (Vec::new(), Vec::new(), Vec::new());
+                let mut room = self.pass_tokens;
+                for i in order {
+                    if room == 0 {
+                        break;
+                    }
+                    let a = &mut active[i];
+                    let plen = a.req.prompt.len();
+                    let (toks, logits) = if a.pos < plen {
+                        let end = plen.min(a.pos + room);
+                        let logits = match (a.req.logits, end == plen) {
+                            (LogitsMode::AllPositions, _) => LogitsWanted::All,
+                            (_, false) => LogitsWanted::Skip,
+                            (LogitsMode::None, true) => LogitsWanted::None,
+                            (LogitsMode::Steps, true) => LogitsWanted::Last,
+                        };
+                        (a.req.prompt[a.pos..end].to_vec(), logits)
+                    } else {
+                        let logits =
+                            if a.req.logits == LogitsMode::None { LogitsWanted::None } else { LogitsWanted::Last };
+                        (vec![a.last], logits)
                     };
+                    room -= toks.len();
                     a.started.get_or_insert(now);
-                    seqs.push(SeqSlice { id: a.id, start, len: toks.len(), logits, sampling: a.req.sampling });
+                    seqs.push(SeqSlice { id: a.id, start: a.pos, len: toks.len(), logits, sampling: a.req.sampling });
                     ids.extend(toks);
+                    members.push(i);
                 }
                 let release = if g == 0 { std::mem::take(&mut release) } else { Vec::new() };
                 let batch = Arc::new(Batch { pass, seqs, release });
                 pass += 1;
                 if self.entry.send(Packet::Tokens { batch: batch.clone(), ids: Arc::new(ids) }).is_err() {
-                    self.fail_all(&mut active);
+                    self.fail_all(&mut active, &mut waiting);
                     return;
                 }
-                batches.push(batch);
+                sent.push((batch, members));
             }
             let mut finished = Vec::new();
-            for (g, batch) in batches.iter().enumerate() {
+            for (batch, members) in &sent {
                 let Some(Packet::Sampled { tokens, logits, .. }) = self.exit.recv() else {
-                    self.fail_all(&mut active);
+                    self.fail_all(&mut active, &mut waiting);
                     return;
                 };
                 let done_at = Instant::now();
                 let mut row = 0;
-                let members = (g..active.len()).step_by(k);
-                for ((i, s), tok) in members.zip(&batch.seqs).zip(tokens) {
+                for ((&i, s), tok) in members.iter().zip(&batch.seqs).zip(tokens) {
                     let a = &mut active[i];
                     let rows = Batch::logit_rows(s);
                     let mut mine: Vec<Vec<f32>> = match &logits {
@@ -546,10 +719,16 @@ impl Scheduler {
                         _ => Vec::new(),
                     };
                     row += rows;
-                    if s.logits == LogitsWanted::All {
-                        let _ = a.events.send(Event::PromptLogits(mine.clone()));
-                    }
                     a.pos += s.len;
+                    if !a.prefilled() {
+                        // A prompt chunk before the last: its cache is all it leaves.
+                        a.prompt_logits.extend(mine);
+                        continue;
+                    }
+                    if s.logits == LogitsWanted::All {
+                        a.prompt_logits.extend(mine.iter().cloned());
+                        let _ = a.events.send(Event::PromptLogits(std::mem::take(&mut a.prompt_logits)));
+                    }
                     a.last = tok;
                     a.generated += 1;
                     if a.first_token.is_none() {
@@ -581,18 +760,26 @@ impl Scheduler {
             }
             finished.sort_unstable();
             for i in finished.into_iter().rev() {
-                release.push(active.remove(i).id);
+                let a = active.remove(i);
+                // Its blocks return to the pool when the next pass's release reaches each
+                // attention operator — before any sequence admitted now adds to the cache.
+                if let Some(free) = &mut self.kv_free {
+                    *free += a.kv_blocks;
+                }
+                release.push(a.id);
             }
         }
     }
 
-    fn fail_all(&self, active: &mut Vec<Active>) {
+    fn fail_all(&self, active: &mut Vec<Active>, waiting: &mut VecDeque<(Request, Sender<Event>)>) {
         let fault = self.program.lock().ok().and_then(|p| p.as_ref().and_then(|p| p.fault()));
         let msg = fault.map_or_else(|| "the engine stopped".to_string(), |e| e.to_string());
         for a in active.drain(..) {
             let _ = a.events.send(Event::Failed(msg.clone()));
         }
-        // Refuse whatever is still queued.
+        for (_, events) in waiting.drain(..) {
+            let _ = events.send(Event::Failed(msg.clone()));
+        }
         while let Ok(Cmd::Submit(_, events)) = self.cmds.try_recv() {
             let _ = events.send(Event::Failed(msg.clone()));
         }

@@ -307,7 +307,7 @@ fn bench_json_has_the_keys_other_tools_read_and_budgets_are_checked() {
         "--gen-len",
         "3",
         "--memory-budget",
-        "200KB",
+        "400KB",
         "--json",
     ]);
     for k in [
@@ -323,7 +323,12 @@ fn bench_json_has_the_keys_other_tools_read_and_budgets_are_checked() {
     }
     assert!(v["disk_bytes_read"].as_u64().unwrap() > 0, "streamed weights were read during the run");
     let peak = v["peak_bytes"]["host"].as_u64().unwrap();
-    assert!(peak > 0 && peak <= 200_000, "peak {peak} within the budget");
+    assert!(peak > 0 && peak <= 400_000, "peak {peak} within the budget");
+    // Every pool was used, and the tier's peak is at most their peaks together.
+    let pools = &v["peak_bytes_by_pool"];
+    let sum: u64 = ["weights", "kv", "activations"].iter().map(|p| pools[p].as_u64().unwrap()).sum();
+    assert!(["weights", "kv", "activations"].iter().all(|p| pools[p].as_u64().unwrap() > 0), "{pools}");
+    assert!(peak <= sum, "{peak} vs {pools}");
     assert_eq!(v["page_cache"], "bypassed");
     fails(
         &["run", "--model", s(&model), "--prompt", "x", "--memory-budget", "7XB"],
@@ -333,13 +338,32 @@ fn bench_json_has_the_keys_other_tools_read_and_budgets_are_checked() {
     fails(&["bench", "--model", s(&model), "--gen-len", "1"], &["--gen-len"]);
     fails(&["run", "--model", s(&model), "--prompt", "x", "--micro-batches", "0"], &["--micro-batches 0"]);
     fails(&["run", "--model", s(&model), "--prompt", "x", "--prefetch", "2"], &["--prefetch needs --memory-budget"]);
+    fails(&["run", "--model", s(&model), "--prompt", "x", "--kv-tokens", "64"], &["--kv-tokens needs --memory-budget"]);
+    fails(&["run", "--model", s(&model), "--prompt", "x", "--max-pass-tokens", "0"], &["--max-pass-tokens 0"]);
+    // A request longer than the KV reserve is refused before it runs, saying what it needs.
+    fails(
+        &[
+            "run",
+            "--model",
+            s(&model),
+            "--prompt",
+            "The man",
+            "--max-new-tokens",
+            "40",
+            "--memory-budget",
+            "4MB",
+            "--kv-tokens",
+            "32",
+        ],
+        &["KV cache for 48 positions", "reserves 32", "--kv-tokens"],
+    );
 }
 
 #[test]
 fn injected_read_errors_and_short_reads_name_the_tensor_and_file() {
     let model = fixture("tiny-llama");
     for (var, want) in [("WEIR_INJECT_READ_ERROR", "Input/output error"), ("WEIR_INJECT_SHORT_READ", "short read")] {
-        for budget in [None, Some("200KB")] {
+        for budget in [None, Some("400KB")] {
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_weir"));
             cmd.args(["run", "--model", s(&model), "--prompt", "The man", "--max-new-tokens", "4"]);
             if let Some(b) = budget {

@@ -10,9 +10,9 @@ use weir::{DType, Engine, EngineOptions, LogitsMode, Model, Request};
 const ATOL: f32 = 2e-4;
 const RTOL: f32 = 1e-4;
 
-fn engine(dir: &Path, threads: usize) -> (Model, Engine) {
+fn engine(dir: &Path, opts: EngineOptions) -> (Model, Engine) {
     let model = Model::open(dir).unwrap();
-    let engine = Engine::new(&model, EngineOptions { threads, ..Default::default() }).unwrap();
+    let engine = Engine::new(&model, opts).unwrap();
     (model, engine)
 }
 
@@ -20,7 +20,11 @@ fn engine(dir: &Path, threads: usize) -> (Model, Engine) {
 /// tokenizer's ids, last-position logits, all-position logits where recorded, and all 24 greedy
 /// tokens with their step logits.
 fn check_prompts(dir: &Path, prompts: &Value, threads: usize) {
-    let (model, engine) = engine(dir, threads);
+    check_prompts_with(dir, prompts, EngineOptions { threads, ..Default::default() });
+}
+
+fn check_prompts_with(dir: &Path, prompts: &Value, opts: EngineOptions) {
+    let (model, engine) = engine(dir, opts);
     for p in prompts.as_array().unwrap() {
         let name = p["name"].as_str().unwrap();
         let want_ids = ids(&p["input_ids"]);
@@ -68,6 +72,14 @@ fn tiny_llama_f32_matches_transformers_on_two_threads() {
 }
 
 #[test]
+fn prompts_prefilled_in_chunks_match_transformers() {
+    // Passes of at most 5 tokens: the 6-token prompt's all-position logits come from two
+    // chunks, the 126-token prompt is prefilled in 26.
+    let opts = EngineOptions { threads: 1, max_pass_tokens: 5, ..Default::default() };
+    check_prompts_with(&fixture("tiny-llama"), &golden("tiny-llama")["prompts"], opts);
+}
+
+#[test]
 fn tiny_llama_bf16_computed_in_f32_matches_the_f32_upcast() {
     check_prompts(&fixture("tiny-llama-bf16"), &golden("tiny-llama-bf16")["f32_upcast"]["prompts"], 0);
 }
@@ -75,7 +87,7 @@ fn tiny_llama_bf16_computed_in_f32_matches_the_f32_upcast() {
 #[test]
 fn three_prompts_in_one_batch_each_get_their_own_tokens() {
     let g = golden("tiny-llama");
-    let (_, engine) = engine(&fixture("tiny-llama"), 0);
+    let (_, engine) = engine(&fixture("tiny-llama"), EngineOptions::default());
     let by_name = |n: &str| g["prompts"].as_array().unwrap().iter().find(|p| p["name"] == n).unwrap().clone();
     let names: Vec<String> =
         g["batch"]["prompts"].as_array().unwrap().iter().map(|n| n.as_str().unwrap().to_string()).collect();
@@ -95,7 +107,7 @@ fn three_prompts_in_one_batch_each_get_their_own_tokens() {
 #[test]
 fn a_sequence_joining_a_running_batch_gets_its_own_tokens() {
     let g = golden("tiny-llama");
-    let (_, engine) = engine(&fixture("tiny-llama"), 0);
+    let (_, engine) = engine(&fixture("tiny-llama"), EngineOptions::default());
     let long = &g["prompts"][2];
     let short = &g["prompts"][0];
     let first = engine.submit(Request { stop_at_eos: false, ..Request::greedy(ids(&long["input_ids"]), 24) }).unwrap();
@@ -167,7 +179,7 @@ fn qwen2_with_zero_qkv_bias_gives_the_same_tokens_and_a_bias_changes_them() {
         t.2.iter_mut().for_each(|x| *x = 3.0);
     }
     write_tensors(&dir.join("model.safetensors"), &tensors, DType::F32);
-    let (_, engine) = engine(&dir, 0);
+    let (_, engine) = engine(&dir, EngineOptions::default());
     let p = &golden("tiny-llama")["prompts"][1];
     let out = engine.generate(Request { stop_at_eos: false, ..Request::greedy(ids(&p["input_ids"]), 24) }).unwrap();
     assert_ne!(out.tokens, ids(&p["greedy"]["new_ids"]));
@@ -179,7 +191,7 @@ fn qwen2_with_zero_qkv_bias_gives_the_same_tokens_and_a_bias_changes_them() {
 fn f16_weights_load_and_stay_close_to_f32() {
     let dir = copy_fixture_meta("tiny-llama", "f16");
     write_tensors(&dir.join("model.safetensors"), &fixture_tensors("tiny-llama"), DType::F16);
-    let (_, engine) = engine(&dir, 0);
+    let (_, engine) = engine(&dir, EngineOptions::default());
     let p = &golden("tiny-llama")["prompts"][0];
     let out =
         engine.generate(Request { logits: LogitsMode::Steps, ..Request::greedy(ids(&p["input_ids"]), 1) }).unwrap();

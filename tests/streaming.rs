@@ -1,18 +1,37 @@
 //! Weights streamed from disk every pass under a memory budget: the same tokens as resident
-//! weights, and the budget holds (asserted on the pool's high-water mark).
+//! weights, and the budget — weights, KV cache and activations together — holds (asserted on
+//! the pools' high-water marks and the tier's).
 
 mod common;
 use common::*;
 use weir::{Engine, EngineOptions, Model, Request};
 
-fn plan_limits(model: &Model) -> (u64, u64) {
+/// The golden prompts (6, 42, 126 tokens, 24 new each) all at once: 32 + 80 + 160 positions of
+/// KV cache; passes of at most 32 tokens, so the longer prompts are prefilled in chunks.
+fn opts(budget: Option<u64>) -> EngineOptions {
+    EngineOptions { threads: 1, memory_budget: budget, kv_tokens: Some(272), max_pass_tokens: 32, ..Default::default() }
+}
+
+/// For `o`: the least budget, the weights' bytes, and what the budget sets aside for KV cache
+/// and activations.
+fn plan_limits(model: &Model, o: &EngineOptions) -> (u64, u64, u64) {
     let mut g = model.graph(None, 1, 1).unwrap();
-    let p = weir_graphs::plan::fit(&mut g, u64::MAX, None).unwrap();
-    (p.minimum, p.resident_bytes)
+    let p = weir_graphs::plan::fit(&mut g, u64::MAX, None, &o.reserve(model.config.max_position_embeddings)).unwrap();
+    (p.minimum, p.resident_bytes, p.split.kv + p.split.activations)
+}
+
+/// Asserts every pool and the tier stayed within `budget`, and each pool was used.
+fn assert_within(engine: &Engine, budget: u64) {
+    assert!(engine.peak_host_bytes() <= budget, "host peak {} over budget {budget}", engine.peak_host_bytes());
+    for p in engine.pools() {
+        assert!(p.high_water() <= p.budget() && p.high_water() > 0, "{p:?}");
+    }
+    let total: usize = engine.pools().iter().map(|p| p.budget()).sum();
+    assert_eq!(total as u64, budget, "the pools split the budget");
 }
 
 fn run_all_prompts(model: &Model, budget: Option<u64>) -> Engine {
-    let engine = Engine::new(model, EngineOptions { threads: 1, memory_budget: budget, ..Default::default() }).unwrap();
+    let engine = Engine::new(model, opts(budget)).unwrap();
     // All three at once (one shared pass each step), then one alone (passes of one sequence).
     three_prompts(&engine);
     let g = golden("tiny-llama");
@@ -27,26 +46,26 @@ fn run_all_prompts(model: &Model, budget: Option<u64>) -> Engine {
 #[test]
 fn every_weight_streamed_under_the_smallest_budget_gives_the_golden_tokens() {
     let model = Model::open(fixture("tiny-llama")).unwrap();
-    let (minimum, total) = plan_limits(&model);
-    assert!(minimum < total / 4, "the fixture must be much larger than its minimum budget");
+    let (minimum, total, reserve) = plan_limits(&model, &opts(None));
+    assert!(minimum - reserve < total / 4, "the fixture's weights must be much larger than their window");
     let engine = run_all_prompts(&model, Some(minimum));
     let plan = engine.plan().unwrap().clone();
     assert_eq!(plan.resident_tensors, 0, "{plan:?}");
-    let pool = &engine.pools()[0];
-    assert!(pool.high_water() as u64 <= minimum, "high water {} over budget {minimum}", pool.high_water());
-    assert!(pool.high_water() as u64 >= minimum / 2, "the pool was used: {pool:?}");
+    assert_within(&engine, minimum);
+    let weights = &engine.pools()[0];
+    assert!(weights.high_water() >= weights.budget() / 2, "the window was used: {weights:?}");
     engine.shutdown().unwrap();
 }
 
 #[test]
 fn half_resident_half_streamed_gives_the_golden_tokens() {
     let model = Model::open(fixture("tiny-llama")).unwrap();
-    let (_, total) = plan_limits(&model);
-    let budget = total / 2;
+    let (_, total, reserve) = plan_limits(&model, &opts(None));
+    let budget = reserve + total / 2;
     let engine = run_all_prompts(&model, Some(budget));
     let plan = engine.plan().unwrap().clone();
     assert!(plan.resident_tensors > 0 && plan.streamed_tensors > 0, "{plan:?}");
-    assert!(engine.pools()[0].high_water() as u64 <= budget);
+    assert_within(&engine, budget);
     // The placed graph says which weights stream.
     assert!(engine.graph_dump().contains("tier=nvme") && engine.graph_dump().contains("tier=host"));
     engine.shutdown().unwrap();
@@ -55,32 +74,29 @@ fn half_resident_half_streamed_gives_the_golden_tokens() {
 #[test]
 fn a_budget_that_holds_everything_streams_nothing() {
     let model = Model::open(fixture("tiny-llama")).unwrap();
-    let (_, total) = plan_limits(&model);
-    let engine = run_all_prompts(&model, Some(total + 4096));
+    let (_, total, reserve) = plan_limits(&model, &opts(None));
+    let engine = run_all_prompts(&model, Some(reserve + total + 4096));
     let plan = engine.plan().unwrap().clone();
     assert_eq!(plan.streamed_tensors, 0, "{plan:?}");
     assert_eq!(engine.pools()[0].high_water() as u64, total, "every weight read once, into the pool");
+    assert_within(&engine, reserve + total + 4096);
     engine.shutdown().unwrap();
 }
 
 #[test]
 fn a_budget_below_the_minimum_is_refused_saying_the_minimum() {
     let model = Model::open(fixture("tiny-llama")).unwrap();
-    let (minimum, _) = plan_limits(&model);
-    let err = Engine::new(&model, EngineOptions { memory_budget: Some(minimum - 1), ..Default::default() })
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(err.contains(&format!("at least {minimum} bytes")), "{err}");
+    let (minimum, _, _) = plan_limits(&model, &opts(None));
+    let err = Engine::new(&model, opts(Some(minimum - 1))).err().unwrap().to_string();
+    assert!(err.contains(&format!("at least {minimum} bytes")) && err.contains("KV cache of 272 tokens"), "{err}");
 }
 
 #[test]
 fn a_streamed_file_that_changes_under_the_reader_is_an_error_naming_tensor_and_file() {
     let dir = copy_fixture("tiny-llama", "stream-changed");
     let model = Model::open(&dir).unwrap();
-    let (minimum, _) = plan_limits(&model);
-    let engine =
-        Engine::new(&model, EngineOptions { threads: 1, memory_budget: Some(minimum), ..Default::default() }).unwrap();
+    let (minimum, _, _) = plan_limits(&model, &opts(None));
+    let engine = Engine::new(&model, opts(Some(minimum))).unwrap();
     let p = &golden("tiny-llama")["prompts"][0];
     let out = engine.generate(Request { stop_at_eos: false, ..Request::greedy(ids(&p["input_ids"]), 2) }).unwrap();
     assert_eq!(out.tokens.len(), 2);
@@ -104,9 +120,8 @@ fn a_streamed_file_that_changes_under_the_reader_is_an_error_naming_tensor_and_f
 fn after_a_loader_fault_the_engine_serves_the_next_request() {
     let dir = copy_fixture("tiny-llama", "stream-recover");
     let model = Model::open(&dir).unwrap();
-    let (minimum, _) = plan_limits(&model);
-    let engine =
-        Engine::new(&model, EngineOptions { threads: 1, memory_budget: Some(minimum), ..Default::default() }).unwrap();
+    let (minimum, _, _) = plan_limits(&model, &opts(None));
+    let engine = Engine::new(&model, opts(Some(minimum))).unwrap();
     let p = &golden("tiny-llama")["prompts"][0];
     let req = || Request { stop_at_eos: false, ..Request::greedy(ids(&p["input_ids"]), 24) };
     let file = dir.join("model.safetensors");
@@ -125,19 +140,16 @@ fn after_a_loader_fault_the_engine_serves_the_next_request() {
 #[test]
 fn prefetch_zero_reads_on_the_compute_lane_and_gives_the_same_tokens() {
     let model = Model::open(fixture("tiny-llama")).unwrap();
-    let (minimum, _) = plan_limits(&model);
-    let engine = Engine::new(
-        &model,
-        EngineOptions { threads: 1, memory_budget: Some(minimum * 2), prefetch: Some(0), ..Default::default() },
-    )
-    .unwrap();
+    let (minimum, _, reserve) = plan_limits(&model, &opts(None));
+    let budget = 2 * minimum - reserve;
+    let engine = Engine::new(&model, EngineOptions { prefetch: Some(0), ..opts(Some(budget)) }).unwrap();
     // No loader lane runs: every weight statement names the compute lane.
     let dump = engine.graph_dump().to_string();
     assert!(dump.lines().filter(|l| l.starts_with("weight")).all(|l| l.contains("lane=compute")), "{dump}");
     let p = &golden("tiny-llama")["prompts"][2];
     let out = engine.generate(Request { stop_at_eos: false, ..Request::greedy(ids(&p["input_ids"]), 24) }).unwrap();
     assert_eq!(out.tokens, ids(&p["greedy"]["new_ids"]));
-    assert!(engine.pools()[0].high_water() as u64 <= minimum * 2);
+    assert_within(&engine, budget);
     engine.shutdown().unwrap();
 }
 
@@ -157,14 +169,14 @@ fn three_prompts(engine: &Engine) {
 #[test]
 fn micro_batches_share_one_load_of_each_streamed_layer() {
     let model = Model::open(fixture("tiny-llama")).unwrap();
-    let (minimum, _) = plan_limits(&model);
     let mut read = Vec::new();
+    let mut streamed = 0;
     for k in [1usize, 2, 3] {
-        let engine = Engine::new(
-            &model,
-            EngineOptions { threads: 1, memory_budget: Some(minimum * 2), micro_batches: k, ..Default::default() },
-        )
-        .unwrap();
+        let o = EngineOptions { micro_batches: k, ..opts(None) };
+        let (minimum, _, reserve) = plan_limits(&model, &o);
+        let budget = 2 * minimum - reserve;
+        let engine = Engine::new(&model, EngineOptions { memory_budget: Some(budget), ..o }).unwrap();
+        streamed = engine.plan().unwrap().streamed_bytes;
         three_prompts(&engine);
         // A single sequence too: the other micro-batches of each step are empty passes.
         let p = &golden("tiny-llama")["prompts"][0];
@@ -176,7 +188,7 @@ fn micro_batches_share_one_load_of_each_streamed_layer() {
             ids(&p["greedy"]["new_ids"]),
             "k={k}"
         );
-        assert!(engine.pools()[0].high_water() as u64 <= minimum * 2);
+        assert_within(&engine, budget);
         if k > 1 {
             assert!(engine.graph_dump().contains(&format!("uses={k}")));
         }
@@ -185,11 +197,29 @@ fn micro_batches_share_one_load_of_each_streamed_layer() {
     }
     // The same steps read the same bytes whatever the number of micro-batches (one load per
     // step serves them all), give or take the loader's read-ahead at the end.
-    let streamed = {
-        let mut g = model.graph(None, 1, 1).unwrap();
-        weir_graphs::plan::fit(&mut g, minimum * 2, None).unwrap().streamed_bytes
-    };
     for (k, r) in read.iter().enumerate() {
         assert!(r.abs_diff(read[0]) <= 4 * streamed, "k={}: {r} bytes vs {} for k=1", k + 1, read[0]);
     }
+}
+
+#[test]
+fn requests_wait_for_kv_room_and_one_that_never_fits_is_refused() {
+    let model = Model::open(fixture("tiny-llama")).unwrap();
+    // Room for the longest prompt's cache (160 positions) but not for all three at once: they
+    // queue, and each still gets its golden tokens; the KV pool never passes its reserve.
+    let o = EngineOptions { kv_tokens: Some(160), ..opts(None) };
+    let (minimum, _, _) = plan_limits(&model, &o);
+    let engine = Engine::new(&model, EngineOptions { memory_budget: Some(minimum), ..o }).unwrap();
+    three_prompts(&engine);
+    let kv = engine.pools().iter().find(|p| p.name() == "kv").unwrap();
+    assert!(kv.high_water() <= kv.budget() && kv.high_water() > kv.budget() / 2, "{kv:?}");
+    assert_within(&engine, minimum);
+    // 126 prompt tokens + 40 new need 176 positions: more than the reserve ever holds.
+    let p = &golden("tiny-llama")["prompts"][2];
+    let err = engine.submit(Request::greedy(ids(&p["input_ids"]), 40)).err().unwrap().to_string();
+    assert!(err.contains("176 positions") && err.contains("reserves 160"), "{err}");
+    // What was accepted before still runs.
+    let out = engine.generate(Request { stop_at_eos: false, ..Request::greedy(ids(&p["input_ids"]), 24) }).unwrap();
+    assert_eq!(out.tokens, ids(&p["greedy"]["new_ids"]));
+    engine.shutdown().unwrap();
 }

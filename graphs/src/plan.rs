@@ -7,6 +7,15 @@
 //! least what the hungriest operator needs at once (all its streamed weights), and, room
 //! permitting, two layers' worth so that reading runs ahead of compute. A budget below the
 //! minimum is refused, saying the minimum.
+//!
+//! Before any weight, the budget sets aside what the running model needs besides weights
+//! ([`Reserve`]): the KV cache, for the tokens the scheduler will let in at once (attention
+//! takes it in blocks of 16 positions from a pool of exactly that size, and the scheduler
+//! admits a sequence only while its whole length fits), and activations, for the passes in
+//! flight at the largest pass the scheduler builds (each operator's output and scratch; in the
+//! layered graphs the runtime builds, at most two adjacent layers of one pass hold
+//! activations at once, so the bound is twice the hungriest layer plus the operators outside
+//! layers). The three pools share one meter, whose high-water mark is the tier's peak.
 
 use crate::error::{Error, Result};
 use crate::graph::Graph;
@@ -20,6 +29,78 @@ pub fn held_bytes(offset: u64, len: u64) -> u64 {
     (offset + len).div_ceil(4096) * 4096 - a
 }
 
+/// What the running model needs besides weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reserve {
+    /// Positions of KV cache over all sequences in flight (whole blocks per sequence).
+    pub kv_tokens: usize,
+    /// The most tokens one pass carries (prefill is cut into chunks of at most this).
+    pub pass_tokens: usize,
+    /// Passes in flight at once (the micro-batches of a step).
+    pub passes: usize,
+}
+
+impl Reserve {
+    /// Bytes of KV cache for `self.kv_tokens` positions in `g`.
+    pub fn kv_bytes(&self, g: &Graph) -> u64 {
+        kv_bytes_per_block(g) * self.kv_tokens.div_ceil(weir_operators::attention::KV_BLOCK_TOKENS) as u64
+    }
+
+    /// Tokens in flight at once: the passes of a step, each at most `pass_tokens` — and never
+    /// more than the KV cache holds, since every token of a pass takes a place in it.
+    pub fn tokens_in_flight(&self) -> usize {
+        self.passes.saturating_mul(self.pass_tokens).min(self.kv_tokens)
+    }
+
+    /// Bytes of activations for the tokens in flight in `g` (what operators allocate grows
+    /// linearly with the tokens of a pass, so passes add up as their tokens do).
+    pub fn activation_bytes(&self, g: &Graph) -> u64 {
+        let mut per_layer: std::collections::BTreeMap<u32, u64> = Default::default();
+        let mut outside = 0u64;
+        let tokens = self.tokens_in_flight();
+        for n in &g.nodes {
+            let b = 4 * n.op.activation_floats(tokens) as u64;
+            match n.layer {
+                Some(l) => *per_layer.entry(l).or_default() += b,
+                None => outside += b,
+            }
+        }
+        let layer = per_layer.values().copied().max().unwrap_or(0);
+        2 * layer + outside
+    }
+}
+
+/// Bytes of one KV block (16 positions) over every attention operator of `g`.
+pub fn kv_bytes_per_block(g: &Graph) -> u64 {
+    g.nodes.iter().filter_map(|n| n.op.kv_block_bytes()).map(|b| b as u64).sum()
+}
+
+/// How a host budget is split between the pools.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Split {
+    pub weights: u64,
+    pub kv: u64,
+    pub activations: u64,
+}
+
+/// Splits `budget` for `reserve`; an error, saying what each part needs, if the reserve
+/// leaves less than `weights_min` for weights.
+pub fn split(g: &Graph, budget: u64, reserve: &Reserve, weights_min: u64) -> Result<Split> {
+    let kv = reserve.kv_bytes(g);
+    let activations = reserve.activation_bytes(g);
+    let need = weights_min.saturating_add(kv).saturating_add(activations);
+    if budget < need {
+        return Err(Error::Placement(format!(
+            "a memory budget of {budget} bytes is too small: this model needs at least {need} bytes \
+             ({weights_min} for the largest operator's weights read at once, {kv} for the KV cache of {} tokens, \
+             {activations} for activations of {} tokens in flight)",
+            reserve.kv_tokens,
+            reserve.tokens_in_flight()
+        )));
+    }
+    Ok(Split { weights: budget - kv - activations, kv, activations })
+}
+
 /// What the planner decided.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
@@ -28,17 +109,20 @@ pub struct Plan {
     pub streamed_bytes: u64,
     pub resident_tensors: usize,
     pub streamed_tensors: usize,
-    /// The least budget this graph can run in (everything streamed).
+    /// The least budget this graph can run in (everything streamed) with this reserve.
     pub minimum: u64,
+    /// How the budget is split between weights, KV cache and activations.
+    pub split: Split,
 }
 
-/// Fits `g`'s weights into `budget` bytes of host memory: sets which tensors stream, turns the
-/// loader lanes that stream into io_uring readers, and sets the host pool's budget.
+/// Fits `g` into `budget` bytes of host memory: sets `reserve` aside, then decides which
+/// weights stream, turns the loader lanes that stream into io_uring readers, and sets the host
+/// budget.
 ///
 /// `prefetch`: how many layers' weights reading may run ahead of compute (`None`: two, up to
 /// half the budget). `Some(0)` turns overlap off: the loaders run on the compute lane, so
 /// reading and computing take turns — the baseline that overlap is measured against.
-pub fn fit(g: &mut Graph, budget: u64, prefetch: Option<usize>) -> Result<Plan> {
+pub fn fit(g: &mut Graph, budget: u64, prefetch: Option<usize>, reserve: &Reserve) -> Result<Plan> {
     // (loader node, port) → (bytes held, consumers)
     let mut tensors: Vec<(usize, usize, u64, usize, usize)> = Vec::new(); // node, port, bytes, consumers, layer order
     for (ni, n) in g.nodes.iter().enumerate() {
@@ -68,11 +152,9 @@ pub fn fit(g: &mut Graph, budget: u64, prefetch: Option<usize>) -> Result<Plan> 
     }
     let layer_max = per_layer.values().copied().max().unwrap_or(0);
     let window_good = prefetch.unwrap_or(2) as u64 * layer_max;
-    if budget < window_min {
-        return Err(Error::Placement(format!(
-            "a memory budget of {budget} bytes is too small: this model needs at least {window_min} bytes (the largest operator's weights, read at once)"
-        )));
-    }
+    let whole = budget;
+    let split = split(g, budget, reserve, window_min)?;
+    let budget = split.weights;
     let total: u64 = tensors.iter().map(|t| t.2).sum();
     // The window takes what overlap wants, but not more than half a tight budget: resident
     // weights cut the bytes read every pass, the window beyond its minimum only deepens prefetch.
@@ -93,12 +175,13 @@ pub fn fit(g: &mut Graph, budget: u64, prefetch: Option<usize>) -> Result<Plan> 
         }
     }
     let mut plan = Plan {
-        budget,
+        budget: whole,
+        split,
         resident_bytes: 0,
         streamed_bytes: 0,
         resident_tensors: 0,
         streamed_tensors: 0,
-        minimum: window_min,
+        minimum: window_min + split.kv + split.activations,
     };
     for (i, &(node, port, bytes, _, _)) in tensors.iter().enumerate() {
         let streamed = !resident[i];
@@ -133,7 +216,7 @@ pub fn fit(g: &mut Graph, budget: u64, prefetch: Option<usize>) -> Result<Plan> 
             }
         }
     }
-    g.host_budget = Some(budget);
+    g.host_budget = Some(whole);
     Ok(plan)
 }
 

@@ -5,16 +5,28 @@
 //! already rotated). Output: `y` `[tokens, heads*head_dim]`.
 //!
 //! State: one f32 KV cache per sequence id, created when a sequence arrives with `start == 0`,
-//! grown by every pass, dropped when the batch lists the id in `release`.
+//! grown by every pass, dropped when the batch lists the id in `release`. A cache is a list of
+//! blocks of [`KV_BLOCK_TOKENS`] positions, each taken from the KV pool when the sequence
+//! reaches it and returned to the pool (for the next sequence) when the sequence is released.
+//! The pool's budget is the KV reserve the planner set aside; the scheduler admits a sequence
+//! only while its whole length fits the reserve, so running out here means a broken promise
+//! and is reported as a fault, naming the sequence.
 
 use crate::{check_act, Packet};
 use std::collections::HashMap;
-use weir_kernels::attention::{attend, AttnShape};
-use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, Step, Tensor};
+use weir_kernels::attention::{attend, AttnShape, KvBlocks};
+use weir_runtime::{DType, Emit, FireCx, Inputs, OpError, Operator, Pool, Step, Tensor};
+
+/// Positions per KV block.
+pub const KV_BLOCK_TOKENS: usize = 16;
+
+/// Bytes of one KV block of an attention operator with `kv_dim` = kv_heads·head_dim.
+pub fn kv_block_bytes(kv_dim: usize) -> usize {
+    KvBlocks::block_len(KV_BLOCK_TOKENS, kv_dim) * 4
+}
 
 struct Kv {
-    k: Vec<f32>, // [len, kv_heads*head_dim]
-    v: Vec<f32>, // [len, kv_heads*head_dim]
+    blocks: Vec<Tensor>, // each [2, KV_BLOCK_TOKENS, kv_heads*head_dim]: keys, then values
     len: usize,
 }
 
@@ -24,20 +36,28 @@ pub struct Attention {
     max_positions: usize,
     window: Option<usize>,
     caches: HashMap<u64, Kv>,
+    pool: Pool,
 }
 
 impl Attention {
     /// An attention operator with empty caches.
     /// `window`: a token at position p sees only positions after `p - window` (sliding-window
-    /// attention, as Mistral); `None` sees everything before it.
+    /// attention, as Mistral); `None` sees everything before it. KV blocks come from `pool`.
     pub fn new(
         heads: usize,
         kv_heads: usize,
         head_dim: usize,
         max_positions: usize,
         window: Option<usize>,
+        pool: Pool,
     ) -> Attention {
-        Attention { shape: AttnShape { heads, kv_heads, head_dim }, max_positions, window, caches: HashMap::new() }
+        Attention {
+            shape: AttnShape { heads, kv_heads, head_dim },
+            max_positions,
+            window,
+            caches: HashMap::new(),
+            pool,
+        }
     }
     /// Sequences with a cache.
     pub fn cached_sequences(&self) -> usize {
@@ -61,7 +81,7 @@ impl Operator<Packet> for Attention {
         for id in &batch.release {
             self.caches.remove(id);
         }
-        let mut y = Tensor::zeros_f32(vec![batch.tokens(), qd]); // [tokens, heads*head_dim]
+        let mut y = cx.zeros_f32(vec![batch.tokens(), qd])?; // [tokens, heads*head_dim]
         let yd = y.f32_mut();
         let mut row = 0;
         for seq in &batch.seqs {
@@ -74,7 +94,7 @@ impl Operator<Packet> for Attention {
                 )));
             }
             if seq.start == 0 {
-                self.caches.insert(seq.id, Kv { k: Vec::new(), v: Vec::new(), len: 0 });
+                self.caches.insert(seq.id, Kv { blocks: Vec::new(), len: 0 });
             }
             let Some(kv) = self.caches.get_mut(&seq.id) else {
                 return Err(OpError::new(format!(
@@ -89,13 +109,31 @@ impl Operator<Packet> for Attention {
                 )));
             }
             let rows = row..row + seq.len;
-            kv.k.extend_from_slice(&k.f32()[rows.start * kvd..rows.end * kvd]);
-            kv.v.extend_from_slice(&v.f32()[rows.start * kvd..rows.end * kvd]);
+            let bt = KV_BLOCK_TOKENS;
+            while kv.blocks.len() * bt < kv.len + seq.len {
+                let Some(buf) = self.pool.try_alloc(kv_block_bytes(kvd)) else {
+                    return Err(OpError::new(format!(
+                        "sequence {}: the KV cache pool `{}` has no room for position {} ({} of its {} bytes in use)",
+                        seq.id,
+                        self.pool.name(),
+                        kv.blocks.len() * bt,
+                        self.pool.in_use(),
+                        self.pool.budget()
+                    )));
+                };
+                kv.blocks.push(Tensor::from_buffer(DType::F32, vec![2, bt, kvd], buf));
+            }
+            for (i, r) in rows.clone().enumerate() {
+                let p = kv.len + i;
+                let blk = kv.blocks[p / bt].f32_mut();
+                blk[(p % bt) * kvd..][..kvd].copy_from_slice(&k.f32()[r * kvd..][..kvd]);
+                blk[(bt + p % bt) * kvd..][..kvd].copy_from_slice(&v.f32()[r * kvd..][..kvd]);
+            }
             kv.len += seq.len;
+            let views: Vec<&[f32]> = kv.blocks.iter().map(|b| b.f32()).collect();
             attend(
                 &q.f32()[rows.start * qd..rows.end * qd],
-                &kv.k,
-                &kv.v,
+                KvBlocks { blocks: &views, block_tokens: bt },
                 seq.start,
                 self.window,
                 s,
@@ -126,7 +164,8 @@ mod tests {
 
     #[test]
     fn cache_grows_per_sequence_and_is_released() {
-        let mut op = Attention::new(1, 1, 2, 8, None);
+        let pool = Pool::new("kv", weir_runtime::Tier::Host, 2 * kv_block_bytes(2));
+        let mut op = Attention::new(1, 1, 2, 64, None, pool.clone());
         let b0 = one(7, 0, 1, vec![]);
         let out =
             fire(&mut op, vec![act(&b0, 2, &[1., 0.]), act(&b0, 2, &[1., 0.]), act(&b0, 2, &[5., 6.])], 1).unwrap();
@@ -144,9 +183,20 @@ mod tests {
         let rel = Arc::new(Batch { pass: 1, seqs: vec![], release: vec![7] });
         fire(&mut op, vec![act(&rel, 2, &[]), act(&rel, 2, &[]), act(&rel, 2, &[])], 1).unwrap();
         assert_eq!(op.cached_sequences(), 0);
-        let far = one(8, 0, 9, vec![]);
-        let e = fire(&mut op, vec![act(&far, 2, &[0.; 18]), act(&far, 2, &[0.; 18]), act(&far, 2, &[0.; 18])], 1)
+        assert_eq!(pool.in_use(), 0, "released blocks go back to the pool");
+        // A sequence longer than the pool's blocks: a fault naming it.
+        let long = one(9, 0, 2 * KV_BLOCK_TOKENS + 1, vec![]);
+        let n = 2 * (2 * KV_BLOCK_TOKENS + 1);
+        let e = fire(
+            &mut op,
+            vec![act(&long, 2, &vec![0.; n]), act(&long, 2, &vec![0.; n]), act(&long, 2, &vec![0.; n])],
+            1,
+        );
+        let e = e.unwrap_err();
+        assert!(e.0.contains("sequence 9") && e.0.contains("KV cache pool `kv`"), "{e}");
+        let far = one(8, 0, 65, vec![]);
+        let e = fire(&mut op, vec![act(&far, 2, &[0.; 130]), act(&far, 2, &[0.; 130]), act(&far, 2, &[0.; 130])], 1)
             .unwrap_err();
-        assert!(e.0.contains("max_position_embeddings 8"), "{e}");
+        assert!(e.0.contains("max_position_embeddings 64"), "{e}");
     }
 }

@@ -4,7 +4,7 @@
 //! Output: `y` `[tokens, hidden]` f32.
 
 use crate::{weight_view, Packet};
-use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, Step, Tensor};
+use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, Step};
 
 /// See the module doc.
 pub struct Embedding {
@@ -16,13 +16,13 @@ impl Operator<Packet> for Embedding {
     fn kind(&self) -> &str {
         "embedding"
     }
-    fn fire(&mut self, ins: &mut Inputs<Packet>, out: &mut Emit<Packet>, _cx: &FireCx) -> Result<Step, OpError> {
+    fn fire(&mut self, ins: &mut Inputs<Packet>, out: &mut Emit<Packet>, cx: &FireCx) -> Result<Step, OpError> {
         let (name, w) = ins.get(1).weight("weight")?;
         let table = weight_view(name, w, &[self.vocab, self.hidden])?;
         let Packet::Tokens { batch, ids } = ins.get(0) else {
             return Err(OpError::new("port `ids` expected token ids"));
         };
-        let mut y = Tensor::zeros_f32(vec![ids.len(), self.hidden]); // [tokens, hidden]
+        let mut y = cx.zeros_f32(vec![ids.len(), self.hidden])?; // [tokens, hidden]
         let yd = y.f32_mut();
         for (row, &id) in ids.iter().enumerate() {
             let id = id as usize;

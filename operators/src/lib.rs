@@ -108,7 +108,8 @@ pub(crate) mod testing {
         let sticky = vec![false; slots.len()];
         let mut ins = Inputs::new(&mut slots, &sticky);
         let mut out = Emit::new(outputs);
-        let cx = FireCx { par: &Serial, actor: "test" };
+        let pool = weir_runtime::Pool::transient("activations", weir_runtime::Tier::Host, usize::MAX, None);
+        let cx = FireCx { par: &Serial, actor: "test", activations: &pool };
         op.fire(&mut ins, &mut out, &cx)?;
         Ok(out.into_staged())
     }

@@ -4,7 +4,7 @@
 //! Output: `y` `[tokens, out]` f32.
 
 use crate::{check_act, weight_vec, weight_view, Packet};
-use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, Step, Tensor};
+use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, Step};
 
 /// See the module doc.
 pub struct Linear {
@@ -29,7 +29,7 @@ impl Operator<Packet> for Linear {
         let (batch, x) = ins.get(0).act("x")?;
         check_act("x", batch, x, self.in_dim)?;
         let t = batch.tokens();
-        let mut y = Tensor::zeros_f32(vec![t, self.out_dim]); // [tokens, out]
+        let mut y = cx.zeros_f32(vec![t, self.out_dim])?; // [tokens, out]
         weir_kernels::matmul::matmul(x.f32(), t, w, self.out_dim, bias.as_deref(), y.f32_mut(), cx.par);
         out.send(0, Packet::Act { batch: batch.clone(), x: y });
         Ok(Step::Continue)

@@ -5,7 +5,7 @@
 //! Output: `y` `[rows, vocab]` f32, rows as given by [`crate::Batch::logit_rows`].
 
 use crate::{check_act, weight_view, Batch, LogitsWanted, Packet};
-use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, Step, Tensor};
+use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, Step};
 
 /// See the module doc.
 pub struct LmHead {
@@ -23,20 +23,22 @@ impl Operator<Packet> for LmHead {
         let (batch, x) = ins.get(0).act("x")?;
         check_act("x", batch, x, self.hidden)?;
         let h = self.hidden;
-        let mut sel = Vec::new(); // [rows, hidden]
-        let mut row = 0;
+        let rows: usize = batch.seqs.iter().map(Batch::logit_rows).sum();
+        let mut sel = cx.zeros_f32(vec![rows, h])?; // [rows, hidden]
+        let (mut row, mut at) = (0, 0);
         for s in &batch.seqs {
             let rows = match s.logits {
                 LogitsWanted::All => row..row + s.len,
+                LogitsWanted::Skip => row..row,
                 _ => (row + s.len).saturating_sub(1).max(row)..row + s.len,
             };
             debug_assert_eq!(rows.len(), Batch::logit_rows(s));
-            sel.extend_from_slice(&x.f32()[rows.start * h..rows.end * h]);
+            sel.f32_mut()[at * h..(at + rows.len()) * h].copy_from_slice(&x.f32()[rows.start * h..rows.end * h]);
+            at += rows.len();
             row += s.len;
         }
-        let rows = sel.len() / h;
-        let mut y = Tensor::zeros_f32(vec![rows, self.vocab]); // [rows, vocab]
-        weir_kernels::matmul::matmul(&sel, rows, w, self.vocab, None, y.f32_mut(), cx.par);
+        let mut y = cx.zeros_f32(vec![rows, self.vocab])?; // [rows, vocab]
+        weir_kernels::matmul::matmul(sel.f32(), rows, w, self.vocab, None, y.f32_mut(), cx.par);
         out.send(0, Packet::Act { batch: batch.clone(), x: y });
         Ok(Step::Continue)
     }

@@ -8,6 +8,8 @@ use weir_runtime::{Message, Tensor};
 pub enum LogitsWanted {
     /// Only the sampled token.
     None,
+    /// Nothing: a chunk of a prompt before its last (its KV cache is all it leaves).
+    Skip,
     /// The logits at the sequence's last position in this pass.
     Last,
     /// The logits at every position of this pass.
@@ -73,6 +75,7 @@ impl Batch {
     pub fn logit_rows(s: &SeqSlice) -> usize {
         match s.logits {
             LogitsWanted::All => s.len,
+            LogitsWanted::Skip => 0,
             _ => usize::from(s.len > 0),
         }
     }

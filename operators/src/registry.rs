@@ -38,12 +38,28 @@ pub enum OpConfig {
 }
 
 /// What operators are instantiated with besides their parameters: the pools they allocate from.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct OpEnv {
     /// The host tier's pool (streamed weights), when a budget is set.
     pub host_pool: Option<weir_runtime::Pool>,
+    /// Where attention operators take their KV cache blocks from.
+    pub kv_pool: weir_runtime::Pool,
+    /// Where every operator takes its outputs and scratch from.
+    pub activations: weir_runtime::Pool,
     /// Bytes the loaders have read from storage, all together.
     pub disk_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Default for OpEnv {
+    /// No budgets: unbounded KV and activation pools, no host pool.
+    fn default() -> Self {
+        OpEnv {
+            host_pool: None,
+            kv_pool: weir_runtime::Pool::new("kv", weir_runtime::Tier::Host, usize::MAX),
+            activations: weir_runtime::Pool::transient("activations", weir_runtime::Tier::Host, usize::MAX, None),
+            disk_bytes: Default::default(),
+        }
+    }
 }
 
 /// A parameter value as written in a graph file.
@@ -361,6 +377,26 @@ impl OpConfig {
         }
     }
 
+    /// Floats of activation memory one firing over a pass of `tokens` tokens allocates: its
+    /// output and its scratch (logits: one row per token at most). In-place operators and
+    /// loaders allocate none.
+    pub fn activation_floats(&self, tokens: usize) -> usize {
+        match self {
+            OpConfig::SwiGlu { hidden, intermediate } => tokens * (2 * intermediate + hidden),
+            OpConfig::LmHead { hidden, vocab } => tokens * (hidden + vocab),
+            OpConfig::Rope { .. } | OpConfig::Add { .. } => 0,
+            _ => self.output_width(0).map_or(0, |w| tokens * w),
+        }
+    }
+
+    /// Bytes of one KV cache block (attention operators only).
+    pub fn kv_block_bytes(&self) -> Option<usize> {
+        match self {
+            OpConfig::Attention { kv_heads, head_dim, .. } => Some(attention::kv_block_bytes(kv_heads * head_dim)),
+            _ => None,
+        }
+    }
+
     /// Whether input `port` takes token ids (the graph's entry).
     pub fn takes_ids(&self, port: usize) -> bool {
         matches!(self, OpConfig::Embedding { .. }) && port == 0
@@ -375,9 +411,9 @@ impl OpConfig {
             OpConfig::Rope { heads, head_dim, theta, scaling } => {
                 Box::new(rope::RopeOp { heads, rope: Rope::new(head_dim, theta, &scaling) })
             }
-            OpConfig::Attention { heads, kv_heads, head_dim, max_positions, window } => {
-                Box::new(attention::Attention::new(heads, kv_heads, head_dim, max_positions, window))
-            }
+            OpConfig::Attention { heads, kv_heads, head_dim, max_positions, window } => Box::new(
+                attention::Attention::new(heads, kv_heads, head_dim, max_positions, window, env.kv_pool.clone()),
+            ),
             OpConfig::SwiGlu { hidden, intermediate } => Box::new(swiglu::SwiGlu { hidden, intermediate }),
             OpConfig::Add { dim } => Box::new(add::Add { dim }),
             OpConfig::LmHead { hidden, vocab } => Box::new(lm_head::LmHead { hidden, vocab }),

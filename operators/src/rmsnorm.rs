@@ -3,7 +3,7 @@
 //! Ports: `x` `[tokens, dim]` f32, `weight` `[dim]`. Output: `y` `[tokens, dim]` f32.
 
 use crate::{check_act, weight_vec, Packet};
-use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, Step, Tensor};
+use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, Step};
 
 /// See the module doc.
 pub struct RmsNorm {
@@ -20,7 +20,7 @@ impl Operator<Packet> for RmsNorm {
         let w = weight_vec(name, w, self.dim)?;
         let (batch, x) = ins.get(0).act("x")?;
         check_act("x", batch, x, self.dim)?;
-        let mut y = Tensor::zeros_f32(x.shape.clone()); // [tokens, dim]
+        let mut y = cx.zeros_f32(x.shape.clone())?; // [tokens, dim]
         weir_kernels::norm::rmsnorm(x.f32(), &w, self.eps, y.f32_mut(), cx.par);
         out.send(0, Packet::Act { batch: batch.clone(), x: y });
         Ok(Step::Continue)

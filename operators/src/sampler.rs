@@ -143,7 +143,7 @@ impl Operator<Packet> for Sampler {
             tokens.push(sample(&data[last * self.vocab..(last + 1) * self.vocab], &s.sampling, rng) as u32);
             row += n;
         }
-        let wants = batch.seqs.iter().any(|s| s.logits != LogitsWanted::None);
+        let wants = batch.seqs.iter().any(|s| matches!(s.logits, LogitsWanted::Last | LogitsWanted::All));
         out.send(0, Packet::Sampled { batch, tokens, logits: wants.then_some(x) });
         Ok(Step::Continue)
     }

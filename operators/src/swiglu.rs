@@ -4,7 +4,7 @@
 //! `[hidden, intermediate]`. Output: `y` `[tokens, hidden]` f32.
 
 use crate::{check_act, weight_view, Packet};
-use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, Step, Tensor};
+use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, Step};
 
 /// See the module doc.
 pub struct SwiGlu {
@@ -25,13 +25,14 @@ impl Operator<Packet> for SwiGlu {
         let (batch, x) = ins.get(0).act("x")?;
         check_act("x", batch, x, h)?;
         let t = batch.tokens();
-        let mut gate = vec![0f32; t * m]; // [tokens, intermediate]
-        let mut up = vec![0f32; t * m]; // [tokens, intermediate]
-        weir_kernels::matmul::matmul(x.f32(), t, g, m, None, &mut gate, cx.par);
-        weir_kernels::matmul::matmul(x.f32(), t, u, m, None, &mut up, cx.par);
-        weir_kernels::activation::silu_mul_inplace(&mut gate, &up);
-        let mut y = Tensor::zeros_f32(vec![t, h]); // [tokens, hidden]
-        weir_kernels::matmul::matmul(&gate, t, d, h, None, y.f32_mut(), cx.par);
+        let mut gate = cx.zeros_f32(vec![t, m])?; // [tokens, intermediate]
+        let mut up = cx.zeros_f32(vec![t, m])?; // [tokens, intermediate]
+        weir_kernels::matmul::matmul(x.f32(), t, g, m, None, gate.f32_mut(), cx.par);
+        weir_kernels::matmul::matmul(x.f32(), t, u, m, None, up.f32_mut(), cx.par);
+        weir_kernels::activation::silu_mul_inplace(gate.f32_mut(), up.f32());
+        drop(up);
+        let mut y = cx.zeros_f32(vec![t, h])?; // [tokens, hidden]
+        weir_kernels::matmul::matmul(gate.f32(), t, d, h, None, y.f32_mut(), cx.par);
         out.send(0, Packet::Act { batch: batch.clone(), x: y });
         Ok(Step::Continue)
     }

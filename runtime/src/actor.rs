@@ -82,6 +82,27 @@ pub struct FireCx<'a> {
     pub par: &'a dyn Parallel,
     /// This actor's name (for error messages).
     pub actor: &'a str,
+    /// The program's activation pool: outputs and scratch come from it.
+    pub activations: &'a crate::pool::Pool,
+}
+
+impl FireCx<'_> {
+    /// A zeroed f32 tensor from the activation pool; an error when the pool's budget has no
+    /// room (the planner reserves enough for the passes the scheduler lets in flight, so this
+    /// means a graph the reserve does not cover).
+    pub fn zeros_f32(&self, shape: Vec<usize>) -> Result<crate::Tensor, OpError> {
+        let bytes = shape.iter().product::<usize>() * 4;
+        let p = self.activations;
+        match p.try_alloc(bytes) {
+            Some(buf) => Ok(crate::Tensor::from_buffer(crate::DType::F32, shape, buf)),
+            None => Err(OpError::new(format!(
+                "the `{}` pool has no room for a {bytes}-byte activation {shape:?}: {} of its {} bytes are in use",
+                p.name(),
+                p.in_use(),
+                p.budget()
+            ))),
+        }
+    }
 }
 
 /// What an operator may use to say whether it can fire.
@@ -133,6 +154,7 @@ pub(crate) struct Actor<M> {
     pub(crate) slots: Vec<Option<M>>,
     pub(crate) sticky: Vec<bool>,
     pub(crate) finished: bool,
+    pub(crate) activations: crate::pool::Pool,
 }
 
 /// The result of trying to fire an actor.
@@ -186,7 +208,7 @@ impl<M: crate::Message> Actor<M> {
         let mut emit = Emit { staged: (0..self.outputs.len()).map(|_| None).collect(), overfull: None };
         let step = {
             let mut ins = Inputs { slots: &mut self.slots, sticky: &self.sticky };
-            let cx = FireCx { par, actor: &self.name };
+            let cx = FireCx { par, actor: &self.name, activations: &self.activations };
             self.op.fire(&mut ins, &mut emit, &cx)?
         };
         if let Some(port) = emit.overfull {

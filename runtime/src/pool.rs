@@ -16,6 +16,11 @@ pub(crate) struct PoolInner {
     pub(crate) name: String,
     pub(crate) tier: Tier,
     pub(crate) budget: usize,
+    /// Keep returned buffers for reuse (weights, KV blocks: the same sizes come back), or free
+    /// them at once (activations: their sizes change with every pass).
+    reuse: bool,
+    /// The tier's bytes over every pool that shares this meter.
+    meter: Option<TierMeter>,
     /// Bytes held: buffers in use and buffers kept for reuse.
     pub(crate) used: AtomicUsize,
     pub(crate) high_water: AtomicUsize,
@@ -27,14 +32,68 @@ pub(crate) struct PoolInner {
 }
 
 impl PoolInner {
-    /// A buffer came back: keep it for reuse (its bytes stay counted) and wake the waiters.
+    /// A buffer came back: keep it for reuse (its bytes stay counted) or free it, and wake the
+    /// waiters.
     pub(crate) fn give_back(&self, buf: HostBuffer) {
-        self.free_bytes.fetch_add(buf.len(), Ordering::AcqRel);
-        self.free.lock().unwrap_or_else(|p| p.into_inner()).push(buf);
+        if self.reuse {
+            self.free_bytes.fetch_add(buf.len(), Ordering::AcqRel);
+            self.free.lock().unwrap_or_else(|p| p.into_inner()).push(buf);
+        } else {
+            self.release(buf.len());
+            drop(buf); // no lease: the memory is freed
+        }
         let waiters = std::mem::take(&mut *self.waiters.lock().unwrap_or_else(|p| p.into_inner()));
         for w in waiters {
             w.wake();
         }
+    }
+
+    /// `bytes` leave the pool (and the tier).
+    fn release(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+        if let Some(m) = &self.meter {
+            m.0.used.fetch_sub(bytes, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for PoolInner {
+    fn drop(&mut self) {
+        // Buffers kept for reuse die with the pool.
+        if let Some(m) = &self.meter {
+            m.0.used.fetch_sub(*self.free_bytes.get_mut(), Ordering::AcqRel);
+        }
+    }
+}
+
+#[derive(Default)]
+struct MeterInner {
+    used: AtomicUsize,
+    high_water: AtomicUsize,
+}
+
+/// The bytes of one tier over several pools (weights, KV cache, activations), and their
+/// high-water mark: the tier's peak is not the sum of its pools' peaks, which need not
+/// coincide. Cloning shares the meter.
+#[derive(Clone, Default)]
+pub struct TierMeter(Arc<MeterInner>);
+
+impl TierMeter {
+    /// A meter at zero.
+    pub fn new() -> TierMeter {
+        TierMeter::default()
+    }
+    /// Bytes held by its pools now.
+    pub fn used(&self) -> usize {
+        self.0.used.load(Ordering::Acquire)
+    }
+    /// The most bytes its pools ever held at once.
+    pub fn high_water(&self) -> usize {
+        self.0.high_water.load(Ordering::Acquire)
+    }
+    fn add(&self, bytes: usize) {
+        let now = self.0.used.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        self.0.high_water.fetch_max(now, Ordering::AcqRel);
     }
 }
 
@@ -63,13 +122,27 @@ impl std::fmt::Debug for Pool {
 pub struct LaneWaker(pub(crate) Arc<Waker>);
 
 impl Pool {
-    /// A pool of `budget` bytes.
+    /// A pool of `budget` bytes that keeps returned buffers for reuse.
     pub fn new(name: &str, tier: Tier, budget: usize) -> Pool {
+        Pool::with(name, tier, budget, true, None)
+    }
+
+    /// A pool of `budget` bytes that frees returned buffers at once (for buffers whose sizes
+    /// vary, as activations'), counted on `meter` with the tier's other pools.
+    pub fn transient(name: &str, tier: Tier, budget: usize, meter: Option<&TierMeter>) -> Pool {
+        Pool::with(name, tier, budget, false, meter)
+    }
+
+    /// A pool of `budget` bytes that keeps returned buffers (`reuse`) or frees them, counted on
+    /// `meter` with the tier's other pools.
+    pub fn with(name: &str, tier: Tier, budget: usize, reuse: bool, meter: Option<&TierMeter>) -> Pool {
         Pool {
             inner: Arc::new(PoolInner {
                 name: name.to_string(),
                 tier,
                 budget,
+                reuse,
+                meter: meter.cloned(),
                 used: AtomicUsize::new(0),
                 high_water: AtomicUsize::new(0),
                 free: Mutex::new(Vec::new()),
@@ -95,7 +168,7 @@ impl Pool {
             while p.used.load(Ordering::Acquire) + bytes > p.budget {
                 let Some(old) = free.pop() else { break };
                 p.free_bytes.fetch_sub(old.len(), Ordering::AcqRel);
-                p.used.fetch_sub(old.len(), Ordering::AcqRel);
+                p.release(old.len());
                 drop(old); // no lease: the memory is freed
             }
         }
@@ -108,6 +181,9 @@ impl Pool {
             match p.used.compare_exchange_weak(used, next, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => {
                     p.high_water.fetch_max(next, Ordering::AcqRel);
+                    if let Some(m) = &p.meter {
+                        m.add(bytes);
+                    }
                     return Some(HostBuffer::pooled(bytes, self.inner.clone()));
                 }
                 Err(now) => used = now,
@@ -152,6 +228,10 @@ impl Pool {
     pub fn tier(&self) -> Tier {
         self.inner.tier
     }
+    /// Whether returned buffers are kept for reuse.
+    pub fn reuses(&self) -> bool {
+        self.inner.reuse
+    }
     /// The pool's name.
     pub fn name(&self) -> &str {
         &self.inner.name
@@ -181,6 +261,24 @@ mod tests {
         assert_eq!((p.used(), p.in_use()), (900, 900));
         drop(d);
         assert!(p.try_alloc(1001).is_none());
+    }
+
+    #[test]
+    fn transient_pools_free_at_once_and_the_meter_sees_the_tier() {
+        let m = TierMeter::new();
+        let w = Pool::with("w", Tier::Host, 1000, true, Some(&m));
+        let a = Pool::transient("a", Tier::Host, 1000, Some(&m));
+        let x = w.try_alloc(700).unwrap();
+        let y = a.try_alloc(300).unwrap();
+        assert_eq!((m.used(), m.high_water()), (1000, 1000));
+        drop(y);
+        assert_eq!((a.used(), m.used()), (0, 700), "a transient pool frees what comes back");
+        drop(x);
+        assert_eq!((w.used(), m.used()), (700, 700), "a reusing pool keeps it");
+        let z = a.try_alloc(500).unwrap();
+        assert_eq!((m.used(), m.high_water()), (1200, 1200));
+        drop(z);
+        assert_eq!((a.high_water(), w.high_water()), (500, 700));
     }
 
     #[test]

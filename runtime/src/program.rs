@@ -45,6 +45,7 @@ pub struct ProgramBuilder<M> {
     edges: Vec<EdgeEnds>,
     problems: Vec<String>,
     sink: Arc<TraceSink>,
+    activations: crate::pool::Pool,
 }
 
 impl<M: Message> Default for ProgramBuilder<M> {
@@ -63,12 +64,20 @@ impl<M: Message> ProgramBuilder<M> {
             edges: Vec::new(),
             problems: Vec::new(),
             sink: Arc::new(TraceSink::new()),
+            activations: crate::pool::Pool::transient("activations", crate::Tier::Host, usize::MAX, None),
         }
     }
 
     /// Records trace events (spans cost two clock reads and a lock each).
     pub fn trace(&mut self, on: bool) -> &mut Self {
         self.sink.enabled.store(on, std::sync::atomic::Ordering::Relaxed);
+        self
+    }
+
+    /// The pool operators take their outputs and scratch from (default: unbounded). Set it
+    /// before adding actors.
+    pub fn activations(&mut self, pool: crate::pool::Pool) -> &mut Self {
+        self.activations = pool;
         self
     }
 
@@ -104,6 +113,7 @@ impl<M: Message> ProgramBuilder<M> {
                 slots: (0..inputs).map(|_| None).collect(),
                 sticky: vec![false; inputs],
                 finished: false,
+                activations: self.activations.clone(),
             },
             lane,
             layer,

@@ -132,7 +132,8 @@ struct PlaceArgs {
     /// Run this graph file instead of the architecture's built-in one.
     #[arg(long)]
     graph: Option<PathBuf>,
-    /// Host memory for weights (e.g. 700MB, 4GB, 2GiB): what does not fit streams from disk.
+    /// Host memory for everything (e.g. 700MB, 4GB, 2GiB): weights, KV cache, activations;
+    /// weights that do not fit stream from disk.
     #[arg(long)]
     memory_budget: Option<String>,
     /// Layers of weights reading may run ahead of compute under a budget (0: no overlap).
@@ -141,6 +142,13 @@ struct PlaceArgs {
     /// Throughput mode: run each step as K micro-batches sharing one load of every streamed layer.
     #[arg(long, default_value_t = 1)]
     micro_batches: usize,
+    /// Positions of KV cache the budget reserves, over all sequences at once (default: what
+    /// the prompts and --max-new-tokens / --gen-len need).
+    #[arg(long)]
+    kv_tokens: Option<usize>,
+    /// The most tokens in one pass: longer prompts are prefilled in chunks of this many.
+    #[arg(long, default_value_t = 256)]
+    max_pass_tokens: usize,
 }
 
 impl PlaceArgs {
@@ -148,6 +156,12 @@ impl PlaceArgs {
     fn resolve(&self) -> Result<(GraphText, Option<u64>)> {
         if self.micro_batches == 0 {
             bail!("--micro-batches 0: a step needs at least one micro-batch");
+        }
+        if self.max_pass_tokens == 0 {
+            bail!("--max-pass-tokens 0: a pass needs at least one token");
+        }
+        if self.kv_tokens.is_some() && self.memory_budget.is_none() {
+            bail!("--kv-tokens needs --memory-budget (without a budget the KV cache grows as it needs)");
         }
         if self.prefetch.is_some() && self.memory_budget.is_none() {
             bail!("--prefetch needs --memory-budget (without a budget every weight is resident and nothing streams)");
@@ -256,6 +270,10 @@ fn run(a: RunArgs) -> Result<()> {
             memory_budget,
             prefetch: a.place.prefetch,
             micro_batches: a.place.micro_batches,
+            kv_tokens: Some(a.place.kv_tokens.unwrap_or_else(|| {
+                weir::engine::kv_tokens_needed(prompt.len(), a.max_new_tokens, model.config.max_position_embeddings)
+            })),
+            max_pass_tokens: a.place.max_pass_tokens,
             ..Default::default()
         },
     )?;
@@ -362,6 +380,8 @@ fn bench(a: BenchArgs) -> Result<()> {
             memory_budget,
             prefetch: a.place.prefetch,
             micro_batches: a.place.micro_batches,
+            kv_tokens: a.place.kv_tokens,
+            max_pass_tokens: a.place.max_pass_tokens,
         },
     )?;
     if a.json {
@@ -388,7 +408,9 @@ fn bench(a: BenchArgs) -> Result<()> {
             r.disk_probe_gb_per_s, r.disk_bytes_read, r.disk_gb_per_s, r.page_cache
         );
         let peaks: Vec<String> = r.peak_bytes.iter().map(|(k, v)| format!("{k} {:.3} GB", *v as f64 / 1e9)).collect();
-        println!("peak memory      {}", peaks.join(", "));
+        let pools: Vec<String> =
+            r.peak_bytes_by_pool.iter().map(|(k, v)| format!("{k} {:.3}", *v as f64 / 1e9)).collect();
+        println!("peak memory      {} (pools: {})", peaks.join(", "), pools.join(", "));
         println!(
             "per decode step  streamed {:.3} GB; compute {:.4} s (resident); bound {:.4} s; actual {:.4} s; overlap efficiency {:.2}",
             r.streamed_bytes_per_step as f64 / 1e9,
