@@ -32,6 +32,8 @@ pub struct BenchOptions {
     pub kv_tokens: Option<usize>,
     /// The most tokens in one pass.
     pub max_pass_tokens: usize,
+    /// Record a trace of the measured run.
+    pub trace: bool,
 }
 
 /// What was measured.
@@ -60,13 +62,17 @@ pub struct BenchReport {
     pub disk_bytes_read: u64,
     /// Those bytes ÷ the generation's time.
     pub disk_gb_per_s: f64,
-    /// Storage read bandwidth measured at start-up (io_uring, O_DIRECT).
+    /// Storage read bandwidth (io_uring, O_DIRECT): the better of a probe before the runs and one
+    /// after.
     pub disk_probe_gb_per_s: f64,
     /// Peak bytes per tier: the high-water mark of all its pools together (weights read from
     /// storage, KV cache, activations).
     pub peak_bytes: BTreeMap<String, u64>,
     /// Each pool's own high-water mark (`weights`, `kv`, `activations`).
     pub peak_bytes_by_pool: BTreeMap<String, u64>,
+    /// The measured run's trace (`BenchOptions::trace`).
+    #[serde(skip)]
+    pub trace: Option<weir_runtime::Trace>,
     /// Weight bytes streamed per decode step.
     pub streamed_bytes_per_step: u64,
     /// Decode step time with every weight resident, measured in this run.
@@ -125,9 +131,10 @@ struct Run {
     peak: BTreeMap<String, u64>,
     peak_by_pool: BTreeMap<String, u64>,
     streamed_bytes: u64,
+    trace: Option<weir_runtime::Trace>,
 }
 
-fn generate(model: &Model, o: &BenchOptions, budget: u64, prefetch: Option<usize>) -> Result<Run> {
+fn generate(model: &Model, o: &BenchOptions, budget: u64, prefetch: Option<usize>, trace: bool) -> Result<Run> {
     let max_positions = model.config.max_position_embeddings;
     let engine = Engine::new(
         model,
@@ -143,6 +150,7 @@ fn generate(model: &Model, o: &BenchOptions, budget: u64, prefetch: Option<usize
                     .unwrap_or(o.batch * crate::engine::kv_tokens_needed(o.prompt_len, o.gen_len, max_positions)),
             ),
             max_pass_tokens: o.max_pass_tokens,
+            trace,
             ..Default::default()
         },
     )?;
@@ -170,6 +178,7 @@ fn generate(model: &Model, o: &BenchOptions, budget: u64, prefetch: Option<usize
     let peak = BTreeMap::from([("host".to_string(), engine.peak_host_bytes())]);
     let peak_by_pool = engine.pools().iter().map(|p| (p.name().to_string(), p.high_water() as u64)).collect();
     let streamed_bytes = engine.plan().map_or(0, |p| p.streamed_bytes);
+    let trace = trace.then(|| engine.trace());
     engine.shutdown()?;
     // All sequences share passes: prefill ends with the last first token, decode with the last.
     Ok(Run {
@@ -180,6 +189,7 @@ fn generate(model: &Model, o: &BenchOptions, budget: u64, prefetch: Option<usize
         peak,
         peak_by_pool,
         streamed_bytes,
+        trace,
     })
 }
 
@@ -205,10 +215,10 @@ pub fn run(model: &Model, o: &BenchOptions) -> Result<BenchReport> {
         .ok_or_else(|| Error::Request("the model has no tensors".into()))?;
     let (bytes, secs, direct) =
         weir_operators::loader::measure_read(&file, 1 << 30, 8, 1 << 20).map_err(Error::Request)?;
-    let disk_bw = bytes as f64 / secs.max(1e-9);
+    let disk_before = bytes as f64 / secs.max(1e-9);
     let steps = (o.gen_len - 1) as f64;
     // Every weight resident (read once, O_DIRECT): the compute-only time per step.
-    let resident = generate(model, o, u64::MAX, None)?;
+    let resident = generate(model, o, u64::MAX, None, o.trace && o.memory_budget.is_none())?;
     let resident_step = resident.decode_s / steps;
     let run = match o.memory_budget {
         Some(b) => {
@@ -216,13 +226,16 @@ pub fn run(model: &Model, o: &BenchOptions) -> Result<BenchReport> {
                 // Buffered reads: drop the file from the page cache so it cannot flatter them.
                 weir_operators::loader::evict_page_cache(&file).map_err(Error::Request)?;
             }
-            generate(model, o, b, o.prefetch)?
+            generate(model, o, b, o.prefetch, o.trace)?
         }
         None => resident,
     };
     let bw = bw_before.max(read_bandwidth(o.threads, 1 << 30)?);
     let actual = run.decode_s / steps;
     let wb = model.weight_bytes_per_token();
+    // The disk's speed drifts on a shared machine: the better of a probe before and one after.
+    let (bytes, secs, _) = weir_operators::loader::measure_read(&file, 1 << 30, 8, 1 << 20).map_err(Error::Request)?;
+    let disk_bw = disk_before.max(bytes as f64 / secs.max(1e-9));
     let io_s = run.streamed_bytes as f64 / disk_bw.max(1.0);
     let bound = io_s.max(resident_step);
     let params = model.config.parameter_count() as f64;
@@ -253,5 +266,6 @@ pub fn run(model: &Model, o: &BenchOptions) -> Result<BenchReport> {
         actual_s_per_step: actual,
         overlap_efficiency: bound / actual.max(1e-12),
         page_cache: if direct { "bypassed".into() } else { "evicted".into() },
+        trace: run.trace,
     })
 }

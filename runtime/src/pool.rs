@@ -197,15 +197,17 @@ impl Pool {
         p.used.load(Ordering::Acquire) - p.free_bytes.load(Ordering::Acquire) + bytes <= p.budget
     }
 
-    /// Wakes `lane` the next time bytes are released (once).
+    /// Wakes `lane` the next time bytes are released (once). Check for room again after
+    /// calling this: a release just before it is not announced.
     pub fn notify_on_release(&self, lane: &LaneWaker) {
         let mut w = self.inner.waiters.lock().unwrap_or_else(|p| p.into_inner());
         if !w.iter().any(|x| Arc::ptr_eq(x, &lane.0)) {
             w.push(lane.0.clone());
         }
-        drop(w);
-        // Bytes released between the caller's check and the registration must not be missed.
-        lane.0.wake();
+        // Bytes released between the caller's check and this registration are not seen here:
+        // the caller checks again after registering (a release after it unparks the lane, and
+        // an unpark before the lane parks makes the park return at once). Waking the lane here
+        // would make an actor waiting on a full pool spin its lane at full speed.
     }
 
     /// Bytes held (in use, or kept for reuse).

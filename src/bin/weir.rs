@@ -214,6 +214,9 @@ struct BenchArgs {
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    /// Write a Chrome trace-event file of the measured run (the streaming one under a budget).
+    #[arg(long)]
+    trace: Option<PathBuf>,
     #[command(flatten)]
     place: PlaceArgs,
 }
@@ -382,8 +385,12 @@ fn bench(a: BenchArgs) -> Result<()> {
             micro_batches: a.place.micro_batches,
             kv_tokens: a.place.kv_tokens,
             max_pass_tokens: a.place.max_pass_tokens,
+            trace: a.trace.is_some(),
         },
     )?;
+    if let (Some(path), Some(t)) = (&a.trace, &r.trace) {
+        std::fs::write(path, t.to_chrome_json()).with_context(|| format!("--trace {}", path.display()))?;
+    }
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
