@@ -588,6 +588,47 @@ mod tests {
         p.shutdown().unwrap();
     }
 
+    /// Emits one message once `pool` has room for `bytes`; counts how often it was asked.
+    struct NeedsMemory {
+        pool: crate::pool::Pool,
+        bytes: usize,
+        asked: Arc<std::sync::atomic::AtomicUsize>,
+    }
+    impl Operator<N> for NeedsMemory {
+        fn ready(&mut self, cx: &crate::actor::ReadyCx) -> bool {
+            self.asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if self.pool.has_room(self.bytes) {
+                return true;
+            }
+            self.pool.notify_on_release(cx.lane);
+            self.pool.has_room(self.bytes)
+        }
+        fn fire(&mut self, _: &mut Inputs<N>, out: &mut Emit<N>, _: &FireCx) -> Result<Step, OpError> {
+            out.send(0, N(self.pool.try_alloc(self.bytes).map_or(-1, |b| b.len() as i64)));
+            Ok(Step::Finished)
+        }
+    }
+
+    #[test]
+    fn an_actor_waiting_for_memory_sleeps_until_bytes_are_released() {
+        let pool = crate::pool::Pool::transient("p", crate::Tier::Host, 1000, None);
+        let held = pool.try_alloc(800).unwrap();
+        let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut b = ProgramBuilder::<N>::new();
+        let l = b.lane(LaneSpec::io("io", None));
+        let op = NeedsMemory { pool: pool.clone(), bytes: 500, asked: asked.clone() };
+        let a = b.actor("a", l, None, Box::new(op), 0, 1);
+        let rx = b.output(a, 0, 1);
+        let p = b.build().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        // A lane polling a full pool would have asked millions of times by now.
+        let while_full = asked.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(while_full < 20, "asked {while_full} times while the pool was full");
+        drop(held);
+        assert_eq!(rx.recv(), Some(N(500)), "woken by the release");
+        p.shutdown().unwrap();
+    }
+
     #[test]
     fn a_kept_port_serves_each_message_to_that_many_firings() {
         // Weights 100, 200, … each used by 3 inputs in turn: 0+100, 1+100, 2+100, 3+200, …
