@@ -277,6 +277,41 @@ fn graph_subcommands_check_show_dot_and_run_a_user_file() {
     assert_eq!(v["generated_ids"].as_array().unwrap().len(), 4);
     let golden4: Vec<serde_json::Value> = g["prompts"][0]["greedy"]["new_ids"].as_array().unwrap()[..4].to_vec();
     assert_ne!(v["generated_ids"].as_array().unwrap(), &golden4);
+    // Placement as run does it: a budget with no overlap puts every weight on the compute
+    // lane; the shown file checks again and runs with the golden tokens.
+    let o = weir(&[
+        "graph",
+        "show",
+        "--model",
+        s(&model),
+        "--threads",
+        "1",
+        "--memory-budget",
+        "2500KB",
+        "--prefetch",
+        "0",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let placed = String::from_utf8(o.stdout).unwrap();
+    let weights: Vec<&str> = placed.lines().filter(|l| l.starts_with("weight")).collect();
+    assert!(!weights.is_empty() && weights.iter().all(|l| l.contains("lane=compute")), "{placed}");
+    assert!(placed.contains("tier=nvme") && placed.contains("budget host=2500000"), "{placed}");
+    let pf = dir.join("prefetch0.weir");
+    std::fs::write(&pf, &placed).unwrap();
+    assert!(weir(&["graph", "check", s(&pf), "--model", s(&model)]).status.success());
+    let v = ok_json(&[
+        "run",
+        "--model",
+        s(&model),
+        "--graph",
+        s(&pf),
+        "--prompt",
+        "The man",
+        "--max-new-tokens",
+        "24",
+        "--json",
+    ]);
+    assert_eq!(v["generated_ids"], g["prompts"][0]["greedy"]["new_ids"]);
     // Errors: file:line:col, all of them, non-zero exit.
     let bad = dir.join("bad.weir");
     std::fs::write(&bad, "weir 1\nlane c cpu\nnode a = frob\nnode b = add dim=0\n").unwrap();

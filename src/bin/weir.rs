@@ -73,12 +73,12 @@ struct GraphArgs {
     /// Hugging Face model folder.
     #[arg(long)]
     model: PathBuf,
-    /// A graph file (default: the architecture's built-in one).
-    #[arg(long)]
-    graph: Option<PathBuf>,
     /// The `threads` variable (0 = all CPUs).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Placement as `weir run` would do it (`--graph`, `--memory-budget`, `--prefetch`, …).
+    #[command(flatten)]
+    place: PlaceArgs,
 }
 
 #[derive(Args)]
@@ -503,9 +503,23 @@ fn graph(cmd: GraphCmd) -> Result<()> {
 }
 
 fn load_model_graph(a: &GraphArgs) -> Result<weir_graphs::Graph> {
+    let (text, budget) = a.place.resolve()?;
     let model = Model::open(&a.model).with_context(|| format!("--model {}", a.model.display()))?;
-    let g = read_graph(&a.graph)?;
-    Ok(model.graph(g.as_ref().map(|(t, n)| (t.as_str(), n.as_str())), a.threads, 1)?)
+    let mut g = model.graph(text.as_ref().map(|(t, n)| (t.as_str(), n.as_str())), a.threads, 1)?;
+    if let Some(b) = budget {
+        let opts = EngineOptions {
+            micro_batches: a.place.micro_batches,
+            kv_tokens: a.place.kv_tokens,
+            max_pass_tokens: a.place.max_pass_tokens,
+            ..Default::default()
+        };
+        let reserve = opts.reserve(model.config.max_position_embeddings);
+        weir_graphs::plan::fit(&mut g, b, a.place.prefetch, &reserve).map_err(weir::Error::from)?;
+    }
+    if a.place.micro_batches > 1 {
+        weir_graphs::plan::share_streamed(&mut g, a.place.micro_batches as u32);
+    }
+    Ok(g)
 }
 
 fn weir_runtime_threads() -> usize {

@@ -716,9 +716,16 @@ fn resolve(f: Flat, input: &CheckInput, errors: &mut Vec<Diagnostic>) -> Graph {
                 );
                 None
             }
-            Some((i, _)) if is_io(*i, &lanes) != want_io => {
-                let what =
-                    if want_io { "weights are loaded on an io lane" } else { "operators run on a cpu or gpu lane" };
+            // Weights load on io or nvme lanes — or on a cpu lane, taking turns with its
+            // operators (no overlap: the baseline `--prefetch 0` places them so).
+            Some((i, _))
+                if if want_io { matches!(lanes[*i].kind, LaneKind::GpuStream { .. }) } else { is_io(*i, &lanes) } =>
+            {
+                let what = if want_io {
+                    "weights are loaded on an io, nvme or cpu lane"
+                } else {
+                    "operators run on a cpu or gpu lane"
+                };
                 err(name.1, format!("lane `{}` is a {} lane, but {what}", name.0, lanes[*i].describe()));
                 None
             }
@@ -1112,6 +1119,8 @@ fn resolve(f: Flat, input: &CheckInput, errors: &mut Vec<Diagnostic>) -> Graph {
         let name = format!("load/{}", graph.lanes[lane].name);
         let mode = match graph.lanes[lane].kind {
             LaneKind::Nvme { depth, chunk, .. } => IoMode::Uring { depth, chunk },
+            // Read on a compute lane: direct reads, as the planner's no-overlap baseline does.
+            LaneKind::Cpu { .. } => IoMode::Uring { depth: 8, chunk: 1 << 20 },
             _ => IoMode::Pread,
         };
         let (tensors, streamed) = list.into_iter().unzip();
