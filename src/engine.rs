@@ -352,29 +352,15 @@ impl Engine {
         }
         // One meter over the host tier's pools: weights, KV cache, activations.
         let meter = weir_runtime::TierMeter::new();
-        let host = weir_runtime::Tier::Host;
-        let unbounded = usize::MAX;
+        let pool = |name: &str, part: fn(&weir_graphs::plan::Split) -> u64, reuse: bool| {
+            let budget = split.as_ref().map_or(usize::MAX, |s| part(s) as usize);
+            weir_runtime::Pool::with(name, weir_runtime::Tier::Host, budget, reuse, Some(&meter))
+        };
         let env = weir_operators::OpEnv {
-            host_pool: Some(weir_runtime::Pool::with(
-                "weights",
-                host,
-                split.map_or(unbounded, |s| s.weights as usize),
-                true,
-                Some(&meter),
-            )),
-            kv_pool: weir_runtime::Pool::with(
-                "kv",
-                host,
-                split.map_or(unbounded, |s| s.kv as usize),
-                true,
-                Some(&meter),
-            ),
-            activations: weir_runtime::Pool::transient(
-                "activations",
-                host,
-                split.map_or(unbounded, |s| s.activations as usize),
-                Some(&meter),
-            ),
+            host_pool: Some(pool("weights", |s| s.weights, true)),
+            kv_pool: pool("kv", |s| s.kv, true),
+            // Activation sizes change with every pass: freed at once, not kept.
+            activations: pool("activations", |s| s.activations, false),
             disk_bytes: Default::default(),
         };
         let disk_bytes = env.disk_bytes.clone();
