@@ -17,23 +17,14 @@ pub struct BenchOptions {
     pub batch: usize,
     pub prompt_len: usize,
     pub gen_len: usize,
-    pub threads: usize,
     pub seed: u64,
-    /// A graph file to run instead of the built-in one: (text, file name).
-    pub graph: Option<(String, String)>,
-    /// Host memory for weights, KV cache and activations; weights that do not fit stream
-    /// from disk every pass.
-    pub memory_budget: Option<u64>,
-    /// Layers reading may run ahead of compute (0: no overlap).
-    pub prefetch: Option<usize>,
-    /// Micro-batches per step (throughput mode).
-    pub micro_batches: usize,
-    /// KV positions the budget reserves (default: batch × what one sequence needs).
-    pub kv_tokens: Option<usize>,
-    /// The most tokens in one pass.
-    pub max_pass_tokens: usize,
     /// Record a trace of the measured run.
     pub trace: bool,
+    /// How to build the engine: threads, graph, `memory_budget` (weights, KV cache and
+    /// activations), `prefetch`, `micro_batches`, `kv_tokens` (default here: batch × what one
+    /// sequence needs), `max_pass_tokens`. The resident run drops the budget; `max_batch` is
+    /// the batch.
+    pub engine: EngineOptions,
 }
 
 /// What was measured.
@@ -139,19 +130,16 @@ fn generate(model: &Model, o: &BenchOptions, budget: u64, prefetch: Option<usize
     let engine = Engine::new(
         model,
         EngineOptions {
-            threads: o.threads,
-            graph: o.graph.clone(),
             memory_budget: Some(budget),
             prefetch,
-            micro_batches: o.micro_batches,
             max_batch: o.batch.max(1),
             kv_tokens: Some(
-                o.kv_tokens
+                o.engine
+                    .kv_tokens
                     .unwrap_or(o.batch * crate::engine::kv_tokens_needed(o.prompt_len, o.gen_len, max_positions)),
             ),
-            max_pass_tokens: o.max_pass_tokens,
             trace,
-            ..Default::default()
+            ..o.engine.clone()
         },
     )?;
     // Warm up: wait for the loaders, touch every weight once.
@@ -205,7 +193,7 @@ pub fn run(model: &Model, o: &BenchOptions) -> Result<BenchReport> {
             o.prompt_len, o.gen_len, model.config.max_position_embeddings
         )));
     }
-    let bw_before = read_bandwidth(o.threads, 1 << 30)?;
+    let bw_before = read_bandwidth(o.engine.threads, 1 << 30)?;
     let file = model
         .weights
         .tensors
@@ -218,19 +206,19 @@ pub fn run(model: &Model, o: &BenchOptions) -> Result<BenchReport> {
     let disk_before = bytes as f64 / secs.max(1e-9);
     let steps = (o.gen_len - 1) as f64;
     // Every weight resident (read once, O_DIRECT): the compute-only time per step.
-    let resident = generate(model, o, u64::MAX, None, o.trace && o.memory_budget.is_none())?;
+    let resident = generate(model, o, u64::MAX, None, o.trace && o.engine.memory_budget.is_none())?;
     let resident_step = resident.decode_s / steps;
-    let run = match o.memory_budget {
+    let run = match o.engine.memory_budget {
         Some(b) => {
             if !direct {
                 // Buffered reads: drop the file from the page cache so it cannot flatter them.
                 weir_operators::loader::evict_page_cache(&file).map_err(Error::Request)?;
             }
-            generate(model, o, b, o.prefetch, o.trace)?
+            generate(model, o, b, o.engine.prefetch, o.trace)?
         }
         None => resident,
     };
-    let bw = bw_before.max(read_bandwidth(o.threads, 1 << 30)?);
+    let bw = bw_before.max(read_bandwidth(o.engine.threads, 1 << 30)?);
     let actual = run.decode_s / steps;
     let wb = model.weight_bytes_per_token();
     // The disk's speed drifts on a shared machine: the better of a probe before and one after.
@@ -243,10 +231,10 @@ pub fn run(model: &Model, o: &BenchOptions) -> Result<BenchReport> {
     let mem_bound = bw * 1e9 / wb as f64;
     Ok(BenchReport {
         batch: o.batch,
-        micro_batches: o.micro_batches,
+        micro_batches: o.engine.micro_batches,
         prompt_len: o.prompt_len,
         gen_len: o.gen_len,
-        threads: o.threads,
+        threads: o.engine.threads,
         prefill_tokens_per_s: (o.batch * o.prompt_len) as f64 / run.prefill_s.max(1e-9),
         decode_tokens_per_s: o.batch as f64 * steps_per_s,
         total_tokens_per_s: (o.batch * o.gen_len) as f64 / run.total_s,

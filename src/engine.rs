@@ -298,19 +298,7 @@ fn start(graph: &weir_graphs::Graph, trace: bool, env: &weir_operators::OpEnv, p
     let Compiled { program, entry, exit } = compile(graph, trace, env, p.micro_batches)?;
     let program = Arc::new(Mutex::new(Some(program)));
     let (cmds, cmd_rx) = crossbeam_channel::bounded::<Cmd>(1024);
-    let sched = Scheduler {
-        cmds: cmd_rx,
-        entry,
-        exit,
-        program: program.clone(),
-        eos: p.eos.clone(),
-        max_positions: p.max_positions,
-        vocab: p.vocab,
-        max_batch: p.max_batch,
-        micro_batches: p.micro_batches,
-        pass_tokens: p.pass_tokens,
-        kv_free: p.kv_blocks,
-    };
+    let sched = Scheduler { cmds: cmd_rx, entry, exit, program: program.clone(), p: p.clone(), kv_free: p.kv_blocks };
     let scheduler = std::thread::Builder::new()
         .name("weir-scheduler".into())
         .spawn(move || sched.run())
@@ -567,12 +555,7 @@ struct Scheduler {
     entry: weir_runtime::ExternalTx<Packet>,
     exit: weir_runtime::ExternalRx<Packet>,
     program: Arc<Mutex<Option<Program>>>,
-    eos: Vec<u32>,
-    max_positions: usize,
-    vocab: usize,
-    max_batch: usize,
-    micro_batches: usize,
-    pass_tokens: usize,
+    p: SchedParams,
     /// KV blocks not promised to an admitted sequence (`None`: no limit).
     kv_free: Option<usize>,
 }
@@ -602,9 +585,9 @@ impl Scheduler {
             }
             // Admit in arrival order while there is a slot and the KV reserve holds the whole
             // sequence (so attention never runs out of blocks mid-generation).
-            while active.len() < self.max_batch {
+            while active.len() < self.p.max_batch {
                 let Some((req, _)) = waiting.front() else { break };
-                let blocks = kv_tokens_needed(req.prompt.len(), req.max_new_tokens, self.max_positions)
+                let blocks = kv_tokens_needed(req.prompt.len(), req.max_new_tokens, self.p.max_positions)
                     / weir_operators::attention::KV_BLOCK_TOKENS;
                 if let Some(free) = &mut self.kv_free {
                     if blocks > *free {
@@ -642,7 +625,7 @@ impl Scheduler {
             // One pass per micro-batch: sequence i rides in micro-batch i mod K. Decoding
             // sequences go first (one token each); prompts fill what is left of the pass's
             // tokens, in chunks, their KV cache growing chunk by chunk.
-            let k = self.micro_batches;
+            let k = self.p.micro_batches;
             let now = Instant::now();
             let mut sent: Vec<(Arc<Batch>, Vec<usize>)> = Vec::with_capacity(k);
             for g in 0..k {
@@ -651,7 +634,7 @@ impl Scheduler {
                 let prefilling = group.iter().filter(|&&i| !active[i].prefilled());
                 let order: Vec<usize> = decoding.chain(prefilling).copied().collect();
                 let (mut ids, mut seqs, mut members) = (Vec::new(), Vec::new(), Vec::new());
-                let mut room = self.pass_tokens;
+                let mut room = self.p.pass_tokens;
                 for i in order {
                     if room == 0 {
                         break;
@@ -699,9 +682,9 @@ impl Scheduler {
                     let a = &mut active[i];
                     let rows = Batch::logit_rows(s);
                     let mut mine: Vec<Vec<f32>> = match &logits {
-                        Some(l) if s.logits != LogitsWanted::None => {
-                            (row..row + rows).map(|r| l.f32()[r * self.vocab..(r + 1) * self.vocab].to_vec()).collect()
-                        }
+                        Some(l) if s.logits != LogitsWanted::None => (row..row + rows)
+                            .map(|r| l.f32()[r * self.p.vocab..(r + 1) * self.p.vocab].to_vec())
+                            .collect(),
                         _ => Vec::new(),
                     };
                     row += rows;
@@ -721,11 +704,11 @@ impl Scheduler {
                         a.first_token = Some(done_at);
                     }
                     let _ = a.events.send(Event::Token { id: tok, logits: mine.pop() });
-                    let finish = if a.req.stop_at_eos && self.eos.contains(&tok) {
+                    let finish = if a.req.stop_at_eos && self.p.eos.contains(&tok) {
                         Some(FinishReason::Eos)
                     } else if a.generated >= a.req.max_new_tokens {
                         Some(FinishReason::MaxTokens)
-                    } else if a.pos >= self.max_positions {
+                    } else if a.pos >= self.p.max_positions {
                         Some(FinishReason::ContextFull)
                     } else {
                         None

@@ -375,6 +375,12 @@ fn bench_json_has_the_keys_other_tools_read_and_budgets_are_checked() {
     fails(&["run", "--model", s(&model), "--prompt", "x", "--prefetch", "2"], &["--prefetch needs --memory-budget"]);
     fails(&["run", "--model", s(&model), "--prompt", "x", "--kv-tokens", "64"], &["--kv-tokens needs --memory-budget"]);
     fails(&["run", "--model", s(&model), "--prompt", "x", "--max-pass-tokens", "0"], &["--max-pass-tokens 0"]);
+    fails(&["graph", "show", "--model", s(&model), "--memory-budget", "1KB"], &["too small", "at least"]);
+    fails(&["graph", "show", "--model", s(&model), "--kv-tokens", "64"], &["--kv-tokens needs --memory-budget"]);
+    fails(
+        &["bench", "--model", s(&model), "--prompt-len", "2", "--gen-len", "2", "--trace", "/nonexistent/dir/t.json"],
+        &["--trace /nonexistent/dir/t.json"],
+    );
     // A request longer than the KV reserve is refused before it runs, saying what it needs.
     fails(
         &[

@@ -152,6 +152,20 @@ struct PlaceArgs {
 }
 
 impl PlaceArgs {
+    /// The engine options these flags set (the checked graph text and budget from `resolve`).
+    fn engine_options(&self, threads: usize, graph: GraphText, memory_budget: Option<u64>) -> EngineOptions {
+        EngineOptions {
+            threads,
+            graph,
+            memory_budget,
+            prefetch: self.prefetch,
+            micro_batches: self.micro_batches,
+            kv_tokens: self.kv_tokens,
+            max_pass_tokens: self.max_pass_tokens,
+            ..Default::default()
+        }
+    }
+
     /// Checks the flags together (what each needs, their ranges) and reads the graph file.
     fn resolve(&self) -> Result<(GraphText, Option<u64>)> {
         if self.micro_batches == 0 {
@@ -267,17 +281,11 @@ fn run(a: RunArgs) -> Result<()> {
     let engine = Engine::new(
         &model,
         EngineOptions {
-            threads: a.threads,
             trace: a.trace.is_some(),
-            graph,
-            memory_budget,
-            prefetch: a.place.prefetch,
-            micro_batches: a.place.micro_batches,
             kv_tokens: Some(a.place.kv_tokens.unwrap_or_else(|| {
                 weir::engine::kv_tokens_needed(prompt.len(), a.max_new_tokens, model.config.max_position_embeddings)
             })),
-            max_pass_tokens: a.place.max_pass_tokens,
-            ..Default::default()
+            ..a.place.engine_options(a.threads, graph, memory_budget)
         },
     )?;
     let logits = if a.logits_out.is_some() { LogitsMode::Steps } else { LogitsMode::None };
@@ -377,15 +385,9 @@ fn bench(a: BenchArgs) -> Result<()> {
             batch: a.batch,
             prompt_len: a.prompt_len,
             gen_len: a.gen_len,
-            threads,
             seed: a.seed,
-            graph,
-            memory_budget,
-            prefetch: a.place.prefetch,
-            micro_batches: a.place.micro_batches,
-            kv_tokens: a.place.kv_tokens,
-            max_pass_tokens: a.place.max_pass_tokens,
             trace: a.trace.is_some(),
+            engine: a.place.engine_options(threads, graph, memory_budget),
         },
     )?;
     if let (Some(path), Some(t)) = (&a.trace, &r.trace) {
@@ -507,13 +509,7 @@ fn load_model_graph(a: &GraphArgs) -> Result<weir_graphs::Graph> {
     let model = Model::open(&a.model).with_context(|| format!("--model {}", a.model.display()))?;
     let mut g = model.graph(text.as_ref().map(|(t, n)| (t.as_str(), n.as_str())), a.threads, 1)?;
     if let Some(b) = budget {
-        let opts = EngineOptions {
-            micro_batches: a.place.micro_batches,
-            kv_tokens: a.place.kv_tokens,
-            max_pass_tokens: a.place.max_pass_tokens,
-            ..Default::default()
-        };
-        let reserve = opts.reserve(model.config.max_position_embeddings);
+        let reserve = a.place.engine_options(a.threads, None, budget).reserve(model.config.max_position_embeddings);
         weir_graphs::plan::fit(&mut g, b, a.place.prefetch, &reserve).map_err(weir::Error::from)?;
     }
     if a.place.micro_batches > 1 {
