@@ -53,8 +53,9 @@ pub struct BenchReport {
     pub disk_bytes_read: u64,
     /// Those bytes ÷ the generation's time.
     pub disk_gb_per_s: f64,
-    /// Storage read bandwidth (io_uring, O_DIRECT): the better of a probe before the runs and one
-    /// after.
+    /// Storage read bandwidth (io_uring, O_DIRECT, depth 8 × 1 MiB): with streaming, the bytes
+    /// that stream each step read alone right after the run (the better of two tries); without,
+    /// the first GiB of the weights.
     pub disk_probe_gb_per_s: f64,
     /// Peak bytes per tier: the high-water mark of all its pools together (weights read from
     /// storage, KV cache, activations).
@@ -122,6 +123,8 @@ struct Run {
     peak: BTreeMap<String, u64>,
     peak_by_pool: BTreeMap<String, u64>,
     streamed_bytes: u64,
+    /// (bytes, seconds) the storage took to give the streamed ranges alone.
+    streamed_read: Option<(u64, f64)>,
     trace: Option<weir_runtime::Trace>,
 }
 
@@ -167,7 +170,24 @@ fn generate(model: &Model, o: &BenchOptions, budget: u64, prefetch: Option<usize
     let peak_by_pool = engine.pools().iter().map(|p| (p.name().to_string(), p.high_water() as u64)).collect();
     let streamed_bytes = engine.plan().map_or(0, |p| p.streamed_bytes);
     let trace = trace.then(|| engine.trace());
+    let ranges = engine.streamed_ranges();
     engine.shutdown()?;
+    // The I/O bound: the time to read what streams each step — the same bytes, the same way
+    // (depth 8 × 1 MiB) — alone, right after the run; the better of two tries, as the speed of
+    // a shared disk drifts.
+    let streamed_read = if ranges.is_empty() {
+        None
+    } else {
+        let mut best = (0, f64::INFINITY);
+        for _ in 0..2 {
+            let (bytes, secs, _) =
+                weir_operators::loader::measure_read_ranges(&ranges, 8, 1 << 20).map_err(Error::Request)?;
+            if secs < best.1 {
+                best = (bytes, secs);
+            }
+        }
+        Some(best)
+    };
     // All sequences share passes: prefill ends with the last first token, decode with the last.
     Ok(Run {
         prefill_s: outs.iter().map(|o| o.stats.prefill_s).fold(0.0, f64::max),
@@ -177,6 +197,7 @@ fn generate(model: &Model, o: &BenchOptions, budget: u64, prefetch: Option<usize
         peak,
         peak_by_pool,
         streamed_bytes,
+        streamed_read,
         trace,
     })
 }
@@ -201,9 +222,7 @@ pub fn run(model: &Model, o: &BenchOptions) -> Result<BenchReport> {
         .next()
         .map(|t| t.path.clone())
         .ok_or_else(|| Error::Request("the model has no tensors".into()))?;
-    let (bytes, secs, direct) =
-        weir_operators::loader::measure_read(&file, 1 << 30, 8, 1 << 20).map_err(Error::Request)?;
-    let disk_before = bytes as f64 / secs.max(1e-9);
+    let (_, _, direct) = weir_operators::loader::measure_read(&file, 1 << 20, 8, 1 << 20).map_err(Error::Request)?;
     let steps = (o.gen_len - 1) as f64;
     // Every weight resident (read once, O_DIRECT): the compute-only time per step.
     let resident = generate(model, o, u64::MAX, None, o.trace && o.engine.memory_budget.is_none())?;
@@ -221,10 +240,15 @@ pub fn run(model: &Model, o: &BenchOptions) -> Result<BenchReport> {
     let bw = bw_before.max(read_bandwidth(o.engine.threads, 1 << 30)?);
     let actual = run.decode_s / steps;
     let wb = model.weight_bytes_per_token();
-    // The disk's speed drifts on a shared machine: the better of a probe before and one after.
-    let (bytes, secs, _) = weir_operators::loader::measure_read(&file, 1 << 30, 8, 1 << 20).map_err(Error::Request)?;
-    let disk_bw = disk_before.max(bytes as f64 / secs.max(1e-9));
-    let io_s = run.streamed_bytes as f64 / disk_bw.max(1.0);
+    let io_s = run.streamed_read.map_or(0.0, |r| r.1);
+    let disk_bw = match run.streamed_read {
+        Some((bytes, secs)) => bytes as f64 / secs.max(1e-9),
+        None => {
+            let (bytes, secs, _) =
+                weir_operators::loader::measure_read(&file, 1 << 30, 8, 1 << 20).map_err(Error::Request)?;
+            bytes as f64 / secs.max(1e-9)
+        }
+    };
     let bound = io_s.max(resident_step);
     let params = model.config.parameter_count() as f64;
     let steps_per_s = 1.0 / actual.max(1e-12);

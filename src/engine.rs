@@ -499,6 +499,21 @@ impl Engine {
         self.disk_bytes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Where the weights streamed every pass are: (file, offset, bytes), in reading order.
+    pub fn streamed_ranges(&self) -> Vec<(std::path::PathBuf, u64, u64)> {
+        let mut out = Vec::new();
+        for n in &self.graph.nodes {
+            if let weir_operators::OpConfig::Load { tensors, streamed, .. } = &n.op {
+                for (t, s) in tensors.iter().zip(streamed) {
+                    if *s {
+                        out.push((t.path.clone(), t.offset, t.nbytes()));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// What the memory planner decided, when a budget was given.
     pub fn plan(&self) -> Option<&weir_graphs::plan::Plan> {
         self.plan.as_ref()

@@ -62,41 +62,237 @@ struct OpenFile {
     direct: bool,
 }
 
+/// A position in the loader's order: residents once, then streamed tensors round and round.
+#[derive(Debug, Clone, Copy)]
+struct Cursor {
+    i: usize,
+    residents_done: bool,
+}
+
+impl Cursor {
+    /// Moves to the next tensor due at or after `i`: the next resident during the first round,
+    /// then the next streamed tensor, cyclically; `i == streamed.len()` when none is left.
+    fn settle(&mut self, streamed: &[bool]) {
+        let n = streamed.len();
+        if !self.residents_done {
+            while self.i < n && streamed[self.i] {
+                self.i += 1;
+            }
+            if self.i < n {
+                return;
+            }
+            self.residents_done = true;
+            self.i = 0;
+        }
+        if !streamed.iter().any(|s| *s) {
+            self.i = n;
+            return;
+        }
+        while !streamed[self.i % n] {
+            self.i += 1;
+        }
+        self.i %= n;
+    }
+
+    fn step(&mut self, streamed: &[bool]) {
+        self.i += 1;
+        self.settle(streamed);
+    }
+}
+
+/// One tensor being read with io_uring: its buffer and how far its chunk reads have got.
+struct Flight {
+    tensor: usize,
+    buf: Option<HostBuffer>,
+    fd: i32,
+    /// File offset of the buffer's first byte, and bytes to read into it.
+    start: u64,
+    want: u64,
+    /// Next byte (from `start`) not yet asked for; bytes read; chunk reads in flight.
+    submitted: u64,
+    got: u64,
+    in_flight: usize,
+    eof_at: Option<u64>,
+    retry: Vec<(u64, u64)>,
+    /// A read failed (the I/O error), or the tensor could not be started at all (the whole
+    /// error): reported when the tensor is next to send.
+    error: Option<String>,
+    failed: Option<OpError>,
+}
+
+impl Flight {
+    fn has_work(&self) -> bool {
+        self.error.is_none()
+            && self.failed.is_none()
+            && self.eof_at.is_none()
+            && (self.submitted < self.want || !self.retry.is_empty())
+    }
+    fn complete(&self) -> bool {
+        self.in_flight == 0 && !self.has_work()
+    }
+}
+
+/// Keeps up to `depth` chunk reads in flight across tensor boundaries: the next tensors' reads
+/// start while the earlier ones finish, so the disk's queue never drains between tensors.
+struct Stream {
+    ring: IoUring,
+    depth: usize,
+    chunk: u64,
+    /// Tensors in reading order; the front one is sent next.
+    flights: std::collections::VecDeque<Flight>,
+    /// Sequence number of `flights[0]` (chunks name their flight by sequence number).
+    front_seq: u64,
+    /// user_data → (flight sequence number, offset in its buffer, length).
+    chunks: HashMap<u64, (u64, u64, u64)>,
+    next_ud: u64,
+    in_flight: usize,
+}
+
+impl Stream {
+    fn new(depth: usize, chunk: usize) -> std::io::Result<Stream> {
+        let depth = depth.max(1);
+        Ok(Stream {
+            ring: IoUring::new((depth as u32 * 2).next_power_of_two())?,
+            depth,
+            chunk: (chunk as u64).max(BLOCK),
+            flights: Default::default(),
+            front_seq: 0,
+            chunks: HashMap::new(),
+            next_ud: 0,
+            in_flight: 0,
+        })
+    }
+
+    /// Asks for chunks of the queued tensors, in order, until `depth` are in flight. Returns
+    /// whether there is room for another tensor (every queued one has all its reads asked for).
+    fn push(&mut self) -> Result<bool, String> {
+        let mut pushed = false;
+        let mut k = 0;
+        while self.in_flight < self.depth && k < self.flights.len() {
+            let f = &mut self.flights[k];
+            if !f.has_work() {
+                k += 1;
+                continue;
+            }
+            let (s, l) = match f.retry.pop() {
+                Some(r) => r,
+                None => {
+                    let l = (f.want - f.submitted).min(self.chunk);
+                    f.submitted += l;
+                    (f.submitted - l, l)
+                }
+            };
+            let buf = f.buf.as_mut().expect("a flight with work has a buffer");
+            // SAFETY: buf[s .. s + l] lies inside the flight's buffer (`want` ≤ its length),
+            // which stays in `flights` until every read into it has completed (see `reap` and
+            // `Drop`); each range is asked for by one read at a time.
+            let e = opcode::Read::new(types::Fd(f.fd), unsafe { buf.as_mut_ptr().add(s as usize) }, l as u32)
+                .offset(f.start + s)
+                .build()
+                .user_data(self.next_ud);
+            // SAFETY: as above, the memory stays valid until the completion is reaped.
+            unsafe { self.ring.submission().push(&e).map_err(|_| "io_uring submission queue full".to_string())? };
+            f.in_flight += 1;
+            self.chunks.insert(self.next_ud, (self.front_seq + k as u64, s, l));
+            self.next_ud += 1;
+            self.in_flight += 1;
+            pushed = true;
+        }
+        if pushed {
+            self.ring.submit().map_err(|e| format!("io_uring submit: {e}"))?;
+        }
+        Ok(self.in_flight < self.depth && self.flights.iter().all(|f| !f.has_work()))
+    }
+
+    /// Takes the completions there are, first waiting for at least one if `wait`.
+    fn reap(&mut self, wait: bool) -> Result<(), String> {
+        if wait && self.in_flight > 0 {
+            self.ring.submit_and_wait(1).map_err(|e| format!("io_uring submit: {e}"))?;
+        }
+        let done: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
+        for (ud, res) in done {
+            let Some((seq, s, l)) = self.chunks.remove(&ud) else { continue };
+            self.in_flight -= 1;
+            let f = &mut self.flights[(seq - self.front_seq) as usize];
+            f.in_flight -= 1;
+            if res < 0 {
+                f.error.get_or_insert_with(|| format!("read failed: {}", std::io::Error::from_raw_os_error(-res)));
+                continue;
+            }
+            let got = res as u64;
+            f.got += got;
+            if got == 0 {
+                f.eof_at = Some(f.eof_at.map_or(s, |e| e.min(s)));
+            } else if got < l {
+                // A short read: ask again for the rest (the end of the file answers 0 next time).
+                f.retry.push((s + got, l - got));
+            }
+        }
+        Ok(())
+    }
+
+    fn pop(&mut self) -> Flight {
+        self.front_seq += 1;
+        self.flights.pop_front().expect("a flight to pop")
+    }
+}
+
+impl Drop for Stream {
+    /// The kernel may still be writing into queued buffers: wait for every read before they go.
+    fn drop(&mut self) {
+        while self.in_flight > 0 {
+            if self.reap(true).is_err() {
+                // The ring itself failed: leak the buffers rather than free memory the kernel
+                // may still write into.
+                for f in self.flights.drain(..) {
+                    std::mem::forget(f.buf);
+                }
+                return;
+            }
+        }
+    }
+}
+
 /// See the module doc.
 pub struct Loader {
     tensors: Vec<TensorSource>,
     streamed: Vec<bool>,
     mode: IoMode,
     pool: Option<Pool>,
-    /// Index of the next tensor to send; residents first, then streamed ones round and round.
-    next: usize,
-    residents_done: bool,
+    /// The next tensor to send; residents first, then streamed ones round and round.
+    next: Cursor,
+    /// The next tensor to start reading (io_uring reads run ahead of `next`).
+    ahead: Cursor,
+    /// Before `files`: dropping it waits for reads from those files.
+    stream: Option<Stream>,
     files: HashMap<PathBuf, OpenFile>,
-    ring: Option<IoUring>,
     /// Bytes read from storage so far.
     pub bytes_read: u64,
     counter: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
+
+/// At most this many tensors are being read at once (small tensors are many per chunk depth).
+const MAX_AHEAD: usize = 64;
 
 impl Loader {
     /// A loader sending `tensors[i]` on output port `i`; `streamed[i]` says whether tensor `i`
     /// is read for every pass. Streamed tensors need a pool.
     pub fn new(tensors: Vec<TensorSource>, streamed: Vec<bool>, mode: IoMode, pool: Option<Pool>) -> Loader {
         assert_eq!(tensors.len(), streamed.len());
-        let mut l = Loader {
+        let mut next = Cursor { i: 0, residents_done: false };
+        next.settle(&streamed);
+        Loader {
             tensors,
             streamed,
             mode,
             pool,
-            next: 0,
-            residents_done: false,
+            next,
+            ahead: next,
+            stream: None,
             files: HashMap::new(),
-            ring: None,
             bytes_read: 0,
             counter: None,
-        };
-        l.skip_to_due();
-        l
+        }
     }
 
     /// Also adds the bytes read to `counter` (shared by every loader of a program).
@@ -104,32 +300,13 @@ impl Loader {
         self.counter = Some(counter);
     }
 
-    /// Moves `next` to the next tensor due: the next resident during the first round, then the
-    /// next streamed tensor, cyclically.
-    fn skip_to_due(&mut self) {
-        let n = self.tensors.len();
-        if !self.residents_done {
-            while self.next < n && self.streamed[self.next] {
-                self.next += 1;
-            }
-            if self.next < n {
-                return;
-            }
-            self.residents_done = true;
-            self.next = 0;
-        }
-        if !self.streamed.iter().any(|s| *s) {
-            self.next = n;
-            return;
-        }
-        while !self.streamed[self.next % n] {
-            self.next += 1;
-        }
-        self.next %= n;
+    fn done(&self) -> bool {
+        self.next.i >= self.tensors.len()
     }
 
-    fn done(&self) -> bool {
-        self.next >= self.tensors.len()
+    /// Whether the next tensor's read has started (its buffer is taken).
+    fn in_flight(&self) -> bool {
+        self.stream.as_ref().is_some_and(|s| !s.flights.is_empty())
     }
 
     /// Bytes the buffer for tensor `i` takes (whole blocks around it for direct reads).
@@ -144,81 +321,97 @@ impl Loader {
         }
     }
 
-    fn open(&mut self, t: &TensorSource) -> Result<(), OpError> {
-        if self.files.contains_key(&t.path) {
-            return Ok(());
-        }
-        let ctx = |what: String| OpError::new(format!("{}: tensor `{}`: {what}", t.path.display(), t.name));
-        let (file, direct) = match self.mode {
-            IoMode::Pread => (File::open(&t.path).map_err(|e| ctx(format!("cannot open: {e}")))?, false),
-            IoMode::Uring { .. } => {
-                match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&t.path) {
-                    Ok(f) => (f, true),
-                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                        tracing::warn!(
-                            "{}: the filesystem refuses O_DIRECT; reading through the page cache",
-                            t.path.display()
-                        );
-                        (File::open(&t.path).map_err(|e| ctx(format!("cannot open: {e}")))?, false)
-                    }
-                    Err(e) => return Err(ctx(format!("cannot open: {e}"))),
-                }
-            }
-        };
-        let len = file.metadata().map_err(|e| ctx(format!("cannot stat: {e}")))?.len();
-        self.files.insert(t.path.clone(), OpenFile { file, len, direct });
-        Ok(())
+    fn ctx(t: &TensorSource, what: impl std::fmt::Display) -> OpError {
+        OpError::new(format!("{}: tensor `{}`: {what}", t.path.display(), t.name))
     }
 
-    fn read(&mut self, t: &TensorSource, mut buf: HostBuffer) -> Result<Tensor, OpError> {
-        let ctx = |what: String| OpError::new(format!("{}: tensor `{}`: {what}", t.path.display(), t.name));
-        self.open(t)?;
+    /// A buffer for tensor `i`: `Ok(None)` when the pool has no room now.
+    fn alloc(&self, i: usize) -> Result<Option<HostBuffer>, OpError> {
+        let t = &self.tensors[i];
+        let len = self.buffer_len(t);
+        Ok(match &self.pool {
+            Some(pool) => match pool.try_alloc(len) {
+                Some(b) => Some(b),
+                None if len > pool.budget() => {
+                    return Err(OpError::new(format!(
+                        "tensor `{}` needs {len} bytes but the {} pool's budget is {} bytes",
+                        t.name,
+                        pool.name(),
+                        pool.budget()
+                    )))
+                }
+                None => None,
+            },
+            None => Some(HostBuffer::zeroed(len)),
+        })
+    }
+
+    /// Opens tensor `i`'s file (once) and checks that it still holds the tensor; returns the
+    /// file descriptor and the byte range to read for it (whole blocks for direct reads).
+    fn prepare(&mut self, i: usize) -> Result<(i32, u64, u64), OpError> {
+        let t = &self.tensors[i];
+        if !self.files.contains_key(&t.path) {
+            let (file, direct) = match self.mode {
+                IoMode::Pread => (File::open(&t.path).map_err(|e| Self::ctx(t, format!("cannot open: {e}")))?, false),
+                IoMode::Uring { .. } => {
+                    match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&t.path) {
+                        Ok(f) => (f, true),
+                        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                            tracing::warn!(
+                                "{}: the filesystem refuses O_DIRECT; reading through the page cache",
+                                t.path.display()
+                            );
+                            (File::open(&t.path).map_err(|e| Self::ctx(t, format!("cannot open: {e}")))?, false)
+                        }
+                        Err(e) => return Err(Self::ctx(t, format!("cannot open: {e}"))),
+                    }
+                }
+            };
+            let len = file.metadata().map_err(|e| Self::ctx(t, format!("cannot stat: {e}")))?.len();
+            self.files.insert(t.path.clone(), OpenFile { file, len, direct });
+        }
         let f = &self.files[&t.path];
         let n = t.nbytes();
         // The file must still be as long as the header said (a file changed under the reader).
-        let now = f.file.metadata().map_err(|e| ctx(format!("cannot stat: {e}")))?.len();
+        let now = f.file.metadata().map_err(|e| Self::ctx(t, format!("cannot stat: {e}")))?.len();
         if now != f.len || t.offset + n > now {
-            return Err(ctx(format!(
-                "needs bytes {}..{} but the file has {now} bytes (truncated or changed since it was opened?)",
-                t.offset,
-                t.offset + n
-            )));
+            return Err(Self::ctx(
+                t,
+                format!(
+                    "needs bytes {}..{} but the file has {now} bytes (truncated or changed since it was opened?)",
+                    t.offset,
+                    t.offset + n
+                ),
+            ));
         }
         let (start, want) = match (self.mode, f.direct) {
-            (IoMode::Uring { .. }, true) => (t.offset / BLOCK * BLOCK, buf.len() as u64),
+            (IoMode::Uring { .. }, true) => (t.offset / BLOCK * BLOCK, self.buffer_len(t) as u64),
             _ => (t.offset, n),
         };
-        let got = match self.mode {
-            IoMode::Pread => {
-                f.file
-                    .read_exact_at(&mut buf.as_bytes_mut()[..n as usize], t.offset)
-                    .map_err(|e| ctx(format!("read failed: {e}")))?;
-                n
-            }
-            IoMode::Uring { depth, chunk } => {
-                if self.ring.is_none() {
-                    self.ring = Some(
-                        IoUring::new(depth.max(1) as u32 * 2).map_err(|e| ctx(format!("io_uring unavailable: {e}")))?,
-                    );
-                }
-                let fd = f.file.as_raw_fd();
-                let ring = self.ring.as_mut().expect("ring created above");
-                uring_read(ring, fd, buf.as_mut_ptr(), start, want, depth.max(1), chunk.max(BLOCK as usize))
-                    .map_err(&ctx)?
-            }
-        };
+        Ok((f.file.as_raw_fd(), start, want))
+    }
+
+    /// Checks a finished read of tensor `i` (`got` bytes from file offset `start`) and makes
+    /// the tensor.
+    fn finish(&mut self, i: usize, buf: HostBuffer, start: u64, got: u64) -> Result<Tensor, OpError> {
+        let t = &self.tensors[i];
+        let n = t.nbytes();
         // Test hooks: `WEIR_INJECT_READ_ERROR=TENSOR` and `WEIR_INJECT_SHORT_READ=TENSOR` make the
         // read of that tensor fail or come back short, as a failing disk would.
         if std::env::var("WEIR_INJECT_READ_ERROR").is_ok_and(|v| v == t.name) {
-            return Err(
-                ctx("read failed: Input/output error (os error 5) [injected by WEIR_INJECT_READ_ERROR]".into()),
-            );
+            return Err(Self::ctx(
+                t,
+                "read failed: Input/output error (os error 5) [injected by WEIR_INJECT_READ_ERROR]",
+            ));
         }
         let got = if std::env::var("WEIR_INJECT_SHORT_READ").is_ok_and(|v| v == t.name) { got / 2 } else { got };
         // A direct read may stop at the end of the file, past the tensor; it must cover it.
         let needed = t.offset + n - start;
         if got < needed {
-            return Err(ctx(format!("short read: got {got} of {needed} bytes at offset {start} (file changed?)")));
+            return Err(Self::ctx(
+                t,
+                format!("short read: got {got} of {needed} bytes at offset {start} (file changed?)"),
+            ));
         }
         self.bytes_read += got;
         if let Some(c) = &self.counter {
@@ -226,7 +419,7 @@ impl Loader {
         }
         let off = (t.offset - start) as usize;
         match Tensor::from_buffer_at(t.dtype, t.shape.clone(), buf, off) {
-            Ok(t) => Ok(t),
+            Ok(w) => Ok(w),
             // Misaligned for its element type inside the block: copy into a fresh buffer.
             Err(buf) => {
                 let mut fresh = HostBuffer::zeroed(n as usize);
@@ -235,70 +428,98 @@ impl Loader {
             }
         }
     }
-}
 
-/// Reads `len` bytes at `offset` into `dst` with up to `depth` reads of `chunk` bytes in flight.
-/// Returns the bytes read (less than `len` only at the end of the file).
-fn uring_read(
-    ring: &mut IoUring,
-    fd: i32,
-    dst: *mut u8,
-    offset: u64,
-    len: u64,
-    depth: usize,
-    chunk: usize,
-) -> Result<u64, String> {
-    let mut next = 0u64; // next byte to submit
-    let mut in_flight = 0usize;
-    let mut done = 0u64;
-    let mut eof_at: Option<u64> = None;
-    // Pending (start, len) of each submitted read, by user_data.
-    let mut pending: HashMap<u64, (u64, u64)> = HashMap::new();
-    let mut retry: Vec<(u64, u64)> = Vec::new();
-    let mut id = 0u64;
-    loop {
-        while in_flight < depth && (next < len || !retry.is_empty()) && eof_at.is_none() {
-            let (s, l) = match retry.pop() {
-                Some(r) => r,
-                None => {
-                    let l = (len - next).min(chunk as u64);
-                    let r = (next, l);
-                    next += l;
-                    r
+    /// Reads the next tensor with `pread`: `Ok(None)` when the pool has no room yet.
+    fn read_pread(&mut self) -> Result<Option<Tensor>, OpError> {
+        let i = self.next.i;
+        let Some(mut buf) = self.alloc(i)? else { return Ok(None) };
+        let (_, start, want) = self.prepare(i)?;
+        let t = &self.tensors[i];
+        self.files[&t.path]
+            .file
+            .read_exact_at(&mut buf.as_bytes_mut()[..want as usize], start)
+            .map_err(|e| Self::ctx(t, format!("read failed: {e}")))?;
+        self.finish(i, buf, start, want).map(Some)
+    }
+
+    /// Queues the tensor at `ahead` for reading if the pool has room for it: `false` if not,
+    /// or if none is left. A tensor that cannot be read is queued with its error, reported
+    /// when it is next to send.
+    fn start_ahead(&mut self) -> Result<bool, OpError> {
+        let i = self.ahead.i;
+        let queued = self.stream.as_ref().map_or(0, |s| s.flights.len());
+        if i >= self.tensors.len() || queued >= MAX_AHEAD {
+            return Ok(false);
+        }
+        let (buf, mut failed) = match self.alloc(i) {
+            Ok(Some(b)) => (Some(b), None),
+            Ok(None) => return Ok(false),
+            Err(e) => (None, Some(e)),
+        };
+        let (mut fd, mut start, mut want) = (-1, 0, 0);
+        if failed.is_none() {
+            match self.prepare(i) {
+                Ok(p) => (fd, start, want) = p,
+                Err(e) => failed = Some(e),
+            }
+        }
+        let stream = self.stream.as_mut().expect("stream made before reading");
+        stream.flights.push_back(Flight {
+            tensor: i,
+            buf,
+            fd,
+            start,
+            want,
+            submitted: 0,
+            got: 0,
+            in_flight: 0,
+            eof_at: None,
+            retry: Vec::new(),
+            error: None,
+            failed,
+        });
+        self.ahead.step(&self.streamed);
+        Ok(true)
+    }
+
+    /// Reads with io_uring until the next tensor is complete, keeping reads of the following
+    /// tensors in flight meanwhile: `Ok(None)` when the pool has no room to start it yet.
+    fn read_uring(&mut self, depth: usize, chunk: usize) -> Result<Option<Tensor>, OpError> {
+        if self.stream.is_none() {
+            let t = &self.tensors[self.next.i];
+            self.stream =
+                Some(Stream::new(depth, chunk).map_err(|e| Self::ctx(t, format!("io_uring unavailable: {e}")))?);
+        }
+        loop {
+            // Keep the queue full: chunks of the tensors started, then the next tensors as the
+            // pool makes room for them.
+            loop {
+                let t = &self.tensors[self.next.i];
+                let room = self.stream.as_mut().expect("made above").push().map_err(|e| Self::ctx(t, e))?;
+                if !room || !self.start_ahead()? {
+                    break;
                 }
-            };
-            // SAFETY: dst + s .. dst + s + l lies inside the caller's buffer of `len` bytes,
-            // which outlives this function; each range is submitted to one read at a time.
-            let e = opcode::Read::new(types::Fd(fd), unsafe { dst.add(s as usize) }, l as u32)
-                .offset(offset + s)
-                .build()
-                .user_data(id);
-            // SAFETY: the entry points at memory that stays valid until its completion is reaped below.
-            unsafe { ring.submission().push(&e).map_err(|_| "io_uring submission queue full".to_string())? };
-            pending.insert(id, (s, l));
-            id += 1;
-            in_flight += 1;
-        }
-        if in_flight == 0 {
-            return Ok(done.min(eof_at.unwrap_or(len)));
-        }
-        ring.submit_and_wait(1).map_err(|e| format!("io_uring submit: {e}"))?;
-        let completions: Vec<(u64, i32)> = ring.completion().map(|c| (c.user_data(), c.result())).collect();
-        for (ud, res) in completions {
-            in_flight -= 1;
-            let Some((s, l)) = pending.remove(&ud) else { continue };
-            if res < 0 {
-                return Err(format!("read failed: {}", std::io::Error::from_raw_os_error(-res)));
             }
-            let got = res as u64;
-            done += got;
-            if got == 0 {
-                eof_at = Some(eof_at.map_or(s, |e| e.min(s)));
-            } else if got < l {
-                // A short read: ask again for the rest (the end of the file answers 0 next time).
-                retry.push((s + got, l - got));
+            let stream = self.stream.as_mut().expect("made above");
+            let Some(head) = stream.flights.front() else { return Ok(None) };
+            if head.complete() {
+                break;
             }
+            let t = &self.tensors[head.tensor];
+            stream.reap(true).map_err(|e| Self::ctx(t, e))?;
         }
+        let head = self.stream.as_mut().expect("made above").pop();
+        debug_assert_eq!(head.tensor, self.next.i);
+        let t = &self.tensors[head.tensor];
+        if let Some(e) = head.failed {
+            return Err(e);
+        }
+        if let Some(e) = head.error {
+            return Err(Self::ctx(t, e));
+        }
+        let got = head.got.min(head.eof_at.unwrap_or(u64::MAX));
+        let buf = head.buf.expect("a complete flight without an error has its buffer");
+        self.finish(head.tensor, buf, head.start, got).map(Some)
     }
 }
 
@@ -310,14 +531,14 @@ impl Operator<Packet> for Loader {
         SpanKind::Load
     }
     fn next_output(&self) -> Option<usize> {
-        (!self.done()).then_some(self.next)
+        (!self.done()).then_some(self.next.i)
     }
     fn ready(&mut self, cx: &ReadyCx) -> bool {
-        if self.done() {
+        if self.done() || self.in_flight() {
             return true;
         }
         let Some(pool) = &self.pool else { return true };
-        let need = self.buffer_len(&self.tensors[self.next]);
+        let need = self.buffer_len(&self.tensors[self.next.i]);
         if pool.has_room(need) {
             return true;
         }
@@ -328,29 +549,18 @@ impl Operator<Packet> for Loader {
         if self.done() {
             return Ok(Step::Finished);
         }
-        let i = self.next;
-        let t = self.tensors[i].clone();
-        let len = self.buffer_len(&t);
-        let buf = match &self.pool {
-            Some(pool) => match pool.try_alloc(len) {
-                Some(b) => b,
-                None if len > pool.budget() => {
-                    return Err(OpError::new(format!(
-                        "tensor `{}` needs {len} bytes but the {} pool's budget is {} bytes",
-                        t.name,
-                        pool.name(),
-                        pool.budget()
-                    )))
-                }
-                // Another allocation won the race since `ready`: try again when woken.
-                None => return Ok(Step::Continue),
-            },
-            None => HostBuffer::zeroed(len),
+        let i = self.next.i;
+        let w = match self.mode {
+            IoMode::Pread => self.read_pread()?,
+            IoMode::Uring { depth, chunk } => self.read_uring(depth, chunk)?,
         };
-        let w = self.read(&t, buf)?;
-        out.send(i, Packet::Weight { name: Arc::from(t.name.as_str()), w });
-        self.next += 1;
-        self.skip_to_due();
+        // No room in the pool: another allocation won the race since `ready`; try again when woken.
+        let Some(w) = w else { return Ok(Step::Continue) };
+        out.send(i, Packet::Weight { name: Arc::from(self.tensors[i].name.as_str()), w });
+        self.next.step(&self.streamed);
+        if self.stream.as_ref().is_none_or(|s| s.flights.is_empty()) {
+            self.ahead = self.next;
+        }
         Ok(if self.done() { Step::Finished } else { Step::Continue })
     }
 }
@@ -365,22 +575,74 @@ pub fn measure_read(
     depth: usize,
     chunk: usize,
 ) -> Result<(u64, f64, bool), String> {
-    let (file, direct) = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path) {
-        Ok(f) => (f, true),
-        Err(_) => (File::open(path).map_err(|e| format!("{}: {e}", path.display()))?, false),
-    };
-    let len = file.metadata().map_err(|e| format!("{}: {e}", path.display()))?.len().min(max_bytes) / BLOCK * BLOCK;
-    let mut ring = IoUring::new(depth as u32 * 2).map_err(|e| format!("io_uring unavailable: {e}"))?;
-    let mut buf = HostBuffer::zeroed(chunk * depth);
+    let len = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?.len();
+    measure_read_ranges(&[(path.to_path_buf(), 0, len.min(max_bytes))], depth, chunk)
+}
+
+/// Reads the byte ranges `(file, offset, len)` in order, as a streaming loader reads tensors:
+/// io_uring, `O_DIRECT` (whole blocks around each range), `depth` reads of `chunk` bytes in
+/// flight all the time. Returns (bytes, seconds, direct) — the time the storage takes to give
+/// exactly these bytes, with nothing else running.
+pub fn measure_read_ranges(
+    ranges: &[(PathBuf, u64, u64)],
+    depth: usize,
+    chunk: usize,
+) -> Result<(u64, f64, bool), String> {
+    let mut files: HashMap<PathBuf, (File, bool)> = HashMap::new();
+    for (path, _, _) in ranges {
+        if files.contains_key(path) {
+            continue;
+        }
+        let f = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path) {
+            Ok(f) => (f, true),
+            Err(_) => (File::open(path).map_err(|e| format!("{}: {e}", path.display()))?, false),
+        };
+        files.insert(path.clone(), f);
+    }
+    let direct = files.values().all(|(_, d)| *d);
+    // Chunks of the ranges, in order, read into a few recycled buffers.
+    let mut pieces = ranges.iter().flat_map(|(path, off, len)| {
+        let (a, e) = (off / BLOCK * BLOCK, (off + len).div_ceil(BLOCK) * BLOCK);
+        let fd = files[path].0.as_raw_fd();
+        (a..e).step_by(chunk.max(BLOCK as usize)).map(move |s| (fd, s, (e - s).min(chunk.max(BLOCK as usize) as u64)))
+    });
+    let mut stream = Stream::new(depth, chunk).map_err(|e| format!("io_uring unavailable: {e}"))?;
+    // Buffers of at least 2 MiB sit on huge pages, as the loader's do (direct reads into them
+    // pin one page, not hundreds).
+    let len = (stream.chunk as usize).max(2 << 20);
+    let mut spare: Vec<HostBuffer> = (0..2 * stream.depth).map(|_| HostBuffer::zeroed(len)).collect();
     let t0 = std::time::Instant::now();
     let mut done = 0u64;
-    while done < len {
-        let n = (len - done).min((chunk * depth) as u64);
-        let got = uring_read(&mut ring, file.as_raw_fd(), buf.as_mut_ptr(), done, n, depth, chunk)?;
-        if got == 0 {
-            break;
+    loop {
+        while !spare.is_empty() {
+            let Some((fd, start, want)) = pieces.next() else { break };
+            stream.flights.push_back(Flight {
+                tensor: 0,
+                buf: spare.pop(),
+                fd,
+                start,
+                want,
+                submitted: 0,
+                got: 0,
+                in_flight: 0,
+                eof_at: None,
+                retry: Vec::new(),
+                error: None,
+                failed: None,
+            });
         }
-        done += got;
+        stream.push()?;
+        let Some(head) = stream.flights.front() else { break };
+        if head.complete() {
+            let f = stream.pop();
+            if let Some(e) = f.error {
+                return Err(e);
+            }
+            done += f.got;
+            spare.extend(f.buf);
+        } else {
+            stream.reap(true)?;
+        }
     }
     Ok((done, t0.elapsed().as_secs_f64(), direct))
 }
@@ -453,8 +715,41 @@ mod tests {
         }
         assert_eq!(order, vec![0, 1, 2, 1, 2, 1, 2]);
         assert!(l.bytes_read >= (40 + 6000 + 3 * 8000) as u64);
-        // Every streamed buffer was dropped after its firing: only the resident one is held.
-        assert!(pool.in_use() <= 8192, "{pool:?}");
+        // Only the reads already started for the next tensors hold buffers; dropping the
+        // loader waits for them and returns every byte.
+        let queued: usize = l.stream.as_ref().unwrap().flights.iter().map(|f| f.buf.as_ref().unwrap().len()).sum();
+        assert!(queued > 0 && pool.in_use() == queued, "{pool:?}");
+        drop(l);
+        assert_eq!(pool.in_use(), 0, "{pool:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn reads_run_ahead_across_tensors_only_as_far_as_the_pool_has_room() {
+        let values: Vec<f32> = (0..16384).map(|i| i as f32).collect();
+        let (dir, path) = file_with("ahead", &values);
+        // Eight streamed tensors of one 4 KiB block each; chunk reads of one block, 4 in flight.
+        let ts: Vec<_> = (0..8).map(|k| src(&format!("t{k}"), &path, k * 8192, 1024)).collect();
+        for budget in [64 << 10, 3 << 12, 2 << 12, 1 << 12] {
+            // The tensor just sent holds one block; the rest of the pool is for reading ahead.
+            let most_ahead = budget / 4096 - 1;
+            let pool = Pool::new("test", Tier::Host, budget);
+            let mut l =
+                Loader::new(ts.clone(), vec![true; 8], IoMode::Uring { depth: 4, chunk: 4096 }, Some(pool.clone()));
+            let mut held = Vec::new();
+            for round in 0..16 {
+                let o = fire(&mut l, vec![], 8).unwrap();
+                let k = round % 8;
+                let w = o[k].as_ref().unwrap().weight("w").unwrap().1.clone();
+                assert_eq!(w.f32()[0] as usize, k * 2048, "budget {budget}: round {round}");
+                let ahead = l.stream.as_ref().unwrap().flights.len();
+                // The next tensors' reads have started, as far as the pool has room.
+                assert!(ahead <= most_ahead && pool.in_use() <= budget, "budget {budget}: {ahead} ahead");
+                assert!(ahead >= most_ahead.min(4), "budget {budget}: only {ahead} ahead");
+                held.push(w);
+                held.truncate(0);
+            }
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -153,42 +153,61 @@ impl Pool {
     }
 
     /// A buffer of `bytes`, if the budget has room for it now: a returned buffer of that size
-    /// (its old contents still in it), or a fresh zeroed one — after dropping kept buffers of
-    /// other sizes if that makes room.
+    /// (its old contents still in it), or a new one — made, where the pool keeps returned
+    /// buffers, of their pages moved into place (old contents; see [`HostBuffer::assemble`])
+    /// and fresh zeroed pages for the rest, after dropping kept buffers if that makes room.
+    /// A pool that does not keep returned buffers always gives zeroed ones.
     pub fn try_alloc(&self, bytes: usize) -> Option<HostBuffer> {
         let p = &self.inner;
-        {
-            let mut free = p.free.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(i) = free.iter().position(|b| b.len() == bytes) {
-                let mut b = free.swap_remove(i);
-                p.free_bytes.fetch_sub(bytes, Ordering::AcqRel);
-                b.lease = Some(p.clone());
-                return Some(b);
-            }
-            while p.used.load(Ordering::Acquire) + bytes > p.budget {
-                let Some(old) = free.pop() else { break };
-                p.free_bytes.fetch_sub(old.len(), Ordering::AcqRel);
-                p.release(old.len());
-                drop(old); // no lease: the memory is freed
-            }
+        // Held for the whole allocation: `used` only grows here, so the room checked below
+        // is still there at the end.
+        let mut free = p.free.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = free.iter().position(|b| b.len() == bytes) {
+            let mut b = free.swap_remove(i);
+            p.free_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            b.lease = Some(p.clone());
+            return Some(b);
         }
-        let mut used = p.used.load(Ordering::Acquire);
-        loop {
-            let next = used.checked_add(bytes)?;
-            if next > p.budget {
-                return None;
-            }
-            match p.used.compare_exchange_weak(used, next, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => {
-                    p.high_water.fetch_max(next, Ordering::AcqRel);
-                    if let Some(m) = &p.meter {
-                        m.add(bytes);
-                    }
-                    return Some(HostBuffer::pooled(bytes, self.inner.clone()));
+        let in_use = p.used.load(Ordering::Acquire) - p.free_bytes.load(Ordering::Acquire);
+        if in_use.checked_add(bytes)? > p.budget {
+            return None;
+        }
+        let mut fresh = None;
+        let mut moved = 0;
+        if free.iter().any(|b| b.movable_units() > 0) && bytes >= crate::tensor::HUGE {
+            // Kept pages of other sizes: move them into the new buffer rather than unmap
+            // them and have the kernel clear fresh ones.
+            let (b, m) = HostBuffer::assemble(bytes, &mut free)?;
+            p.free_bytes.fetch_sub(m, Ordering::AcqRel);
+            moved = m;
+            fresh = Some(b);
+            // What is left of a moved-from buffer after its last whole unit is of no more use.
+            free.retain(|b| {
+                let keep = !b.is_remnant();
+                if !keep {
+                    p.free_bytes.fetch_sub(b.len(), Ordering::AcqRel);
+                    p.release(b.len());
                 }
-                Err(now) => used = now,
-            }
+                keep
+            });
         }
+        let add = bytes - moved;
+        while p.used.load(Ordering::Acquire) + add > p.budget {
+            let Some(old) = free.pop() else { break };
+            p.free_bytes.fetch_sub(old.len(), Ordering::AcqRel);
+            p.release(old.len());
+            drop(old); // no lease: the memory is freed
+        }
+        let next = p.used.fetch_add(add, Ordering::AcqRel) + add;
+        debug_assert!(next <= p.budget, "room was checked under the lock");
+        p.high_water.fetch_max(next, Ordering::AcqRel);
+        if let Some(m) = &p.meter {
+            m.add(add);
+        }
+        drop(free);
+        let mut b = fresh.unwrap_or_else(|| HostBuffer::zeroed(bytes));
+        b.lease = Some(p.clone());
+        Some(b)
     }
 
     /// Whether `bytes` could be allocated now (kept buffers can make room).
@@ -263,6 +282,50 @@ mod tests {
         assert_eq!((p.used(), p.in_use()), (900, 900));
         drop(d);
         assert!(p.try_alloc(1001).is_none());
+    }
+
+    #[test]
+    fn kept_pages_of_other_sizes_are_moved_into_a_new_buffer_not_freed() {
+        const MIB: usize = 1 << 20;
+        let m = TierMeter::new();
+        let p = Pool::with("w", Tier::Host, 26 * MIB, true, Some(&m));
+        // Three 8 MiB buffers come back, each unit marked with its owner and place.
+        let held: Vec<HostBuffer> = (0..3u8)
+            .map(|k| {
+                let mut b = p.try_alloc(8 * MIB).unwrap();
+                for u in 0..4 {
+                    b.as_bytes_mut()[u * 2 * MIB] = 10 * (k + 1) + u as u8;
+                }
+                b
+            })
+            .collect();
+        drop(held);
+        // And a small one, which cannot be moved (not a whole unit) but is kept for its size.
+        drop(p.try_alloc(MIB).unwrap());
+        assert_eq!((p.used(), p.in_use()), (25 * MIB, 0));
+        // 22 MiB and a page: no kept buffer of that size; 11 units are moved from the kept
+        // ones (their marks come along), the last page is fresh, and the budget holds.
+        let big = p.try_alloc(22 * MIB + 4096).unwrap();
+        let marks: Vec<u8> = (0..11).map(|u| big.as_bytes()[u * 2 * MIB]).collect();
+        assert!(marks.iter().all(|v| *v != 0), "moved pages keep their contents: {marks:?}");
+        let mut seen = marks.clone();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 11, "each unit moved once: {marks:?}");
+        assert!(big.as_bytes()[22 * MIB..].iter().all(|v| *v == 0), "the fresh page is zeroed");
+        // Held: the new buffer, the one unit left over (2 MiB) and the small buffer; the meter
+        // agrees.
+        assert_eq!((p.in_use(), p.used()), (22 * MIB + 4096, 25 * MIB + 4096));
+        assert_eq!(m.used(), p.used());
+        let small = p.try_alloc(MIB).unwrap();
+        assert_eq!(p.used(), 25 * MIB + 4096, "the small buffer is reused");
+        drop(small);
+        assert!(p.high_water() <= 26 * MIB);
+        drop(big);
+        // Small buffers cannot be moved; a request that needs every byte drops them.
+        let all = p.try_alloc(26 * MIB).unwrap();
+        assert_eq!(p.used(), 26 * MIB);
+        drop(all);
     }
 
     #[test]

@@ -44,7 +44,7 @@ const PAGE: usize = 4096;
 /// Buffers from this size up are mapped directly, 2 MiB aligned and marked for transparent
 /// huge pages: the kernel hands them out zeroed (no memset), and a fresh 24 MB weight buffer
 /// costs a dozen page faults instead of six thousand.
-const HUGE: usize = 2 << 20;
+pub(crate) const HUGE: usize = 2 << 20;
 
 /// Maps `len` zeroed bytes at a 2 MiB boundary and asks for huge pages; `None` if the mapping
 /// fails (out of memory).
@@ -96,6 +96,8 @@ fn align_for(len: usize) -> usize {
 pub struct HostBuffer {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
+    /// Its own mapping (`map_huge`, or built by [`HostBuffer::assemble`]), not the heap's.
+    mapped: bool,
     pub(crate) lease: Option<Arc<crate::pool::PoolInner>>,
 }
 
@@ -107,26 +109,79 @@ impl HostBuffer {
     /// A zeroed buffer of `len` bytes.
     pub fn zeroed(len: usize) -> HostBuffer {
         if len == 0 {
-            return HostBuffer { ptr: std::ptr::NonNull::<u64>::dangling().cast(), len: 0, lease: None };
+            return HostBuffer { ptr: std::ptr::NonNull::<u64>::dangling().cast(), len: 0, mapped: false, lease: None };
         }
         if len >= HUGE {
             let ptr = map_huge(len).unwrap_or_else(|| {
                 std::alloc::handle_alloc_error(std::alloc::Layout::from_size_align(len, HUGE).expect("buffer layout"))
             });
-            return HostBuffer { ptr, len, lease: None };
+            return HostBuffer { ptr, len, mapped: true, lease: None };
         }
         let layout = std::alloc::Layout::from_size_align(len, align_for(len)).expect("buffer layout");
         // SAFETY: layout has non-zero size.
         let p = unsafe { std::alloc::alloc_zeroed(layout) };
         let ptr = std::ptr::NonNull::new(p).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        HostBuffer { ptr, len, lease: None }
+        HostBuffer { ptr, len, mapped: false, lease: None }
     }
 
-    /// A zeroed buffer whose bytes are already counted by `pool`.
-    pub(crate) fn pooled(len: usize, pool: Arc<crate::pool::PoolInner>) -> HostBuffer {
-        let mut b = HostBuffer::zeroed(len);
-        b.lease = Some(pool);
-        b
+    /// How many whole 2 MiB units [`HostBuffer::assemble`] could take from this buffer.
+    pub(crate) fn movable_units(&self) -> usize {
+        if self.mapped {
+            self.len / HUGE
+        } else {
+            0
+        }
+    }
+
+    /// Whether this is what is left of a mapped buffer after [`HostBuffer::assemble`] took its
+    /// whole units: less than a unit.
+    pub(crate) fn is_remnant(&self) -> bool {
+        self.mapped && self.len < HUGE
+    }
+
+    /// A buffer of `len` bytes whose first whole 2 MiB units are pages moved out of `spare`
+    /// buffers by the kernel (`mremap`: page tables change hands, nothing is copied or zeroed;
+    /// the pages keep their old contents), the rest fresh zeroed pages. Units come from the
+    /// front of each spare buffer in turn, which shrinks by them. Returns the buffer and the
+    /// bytes moved into it; `None` if mapping fails.
+    ///
+    /// Memory that comes back in other sizes than the next request (streamed weights in a
+    /// tight pool) is thus reused without the kernel clearing a fresh page for every byte.
+    pub(crate) fn assemble(len: usize, spare: &mut [HostBuffer]) -> Option<(HostBuffer, usize)> {
+        let ptr = map_huge(len)?;
+        let base = ptr.as_ptr() as usize;
+        let units = len / HUGE;
+        let mut moved = 0;
+        'fill: for s in spare.iter_mut() {
+            while s.movable_units() > 0 {
+                if moved == units {
+                    break 'fill;
+                }
+                let src = s.ptr.as_ptr() as usize;
+                let dst = base + moved * HUGE;
+                // SAFETY: src..src+HUGE is a whole unit of `s`'s own mapping (2 MiB aligned:
+                // mapped buffers start on a 2 MiB boundary and shrink by whole units), and
+                // dst..dst+HUGE lies in the mapping just made; MREMAP_FIXED replaces the latter
+                // with the former, leaving src unmapped, which `s` no longer covers below.
+                let r = unsafe {
+                    libc::mremap(
+                        src as *mut libc::c_void,
+                        HUGE,
+                        HUGE,
+                        libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                        dst as *mut libc::c_void,
+                    )
+                };
+                if r == libc::MAP_FAILED {
+                    break 'fill;
+                }
+                // SAFETY: a whole unit past the start stays inside (or one past) the mapping.
+                s.ptr = unsafe { std::ptr::NonNull::new_unchecked((src + HUGE) as *mut u8) };
+                s.len -= HUGE;
+                moved += 1;
+            }
+        }
+        Some((HostBuffer { ptr, len, mapped: true, lease: None }, moved * HUGE))
     }
 
     /// The address of the first byte (for I/O that writes into the buffer).
@@ -167,14 +222,16 @@ impl Drop for HostBuffer {
     fn drop(&mut self) {
         if let Some(pool) = self.lease.take() {
             // Back to its pool, memory and all, for the next buffer of this size.
-            let b = HostBuffer { ptr: self.ptr, len: self.len, lease: None };
+            let b = HostBuffer { ptr: self.ptr, len: self.len, mapped: self.mapped, lease: None };
             self.len = 0;
             pool.give_back(b);
             return;
         }
-        if self.len >= HUGE {
-            // SAFETY: mapped by `map_huge` with this length, unmapped once.
-            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len.next_multiple_of(PAGE)) };
+        if self.mapped {
+            if self.len > 0 {
+                // SAFETY: this range is mapped and owned by this buffer alone; unmapped once.
+                unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len.next_multiple_of(PAGE)) };
+            }
             return;
         }
         if self.len > 0 {
