@@ -78,7 +78,7 @@ fn printing_and_parsing_random_placed_graphs_gives_the_same_graph() {
             for i in 0..g.nodes.len() {
                 let lane = g.nodes[i].lane;
                 let weir_operators::OpConfig::Load { streamed, mode, .. } = &mut g.nodes[i].op else { continue };
-                *mode = weir_operators::loader::IoMode::Uring { depth: 8, chunk: 1 << 20 };
+                *mode = weir_operators::loader::IoMode::Uring { depth: 8, chunk: 1 << 20, ahead: true };
                 g.lanes[lane].kind = LaneKind::Nvme { core: None, depth: 8, chunk: 1 << 20 };
                 for (port, st) in streamed.iter_mut().enumerate() {
                     *st = rng.next_u64().is_multiple_of(2);

@@ -1,9 +1,12 @@
 //! The memory planner: which weights stay resident and which stream from storage every pass,
 //! so that a model fits a memory budget.
 //!
-//! Every weight is read once per pass, so the most reused are those with several consumers
-//! (tied embeddings); among equals the planner keeps small tensors resident (norms, biases) and
-//! streams the large matrices in layer order. What is not resident gets a streaming window: at
+//! Every weight streamed is read once per pass, whichever it is, so which bytes stay resident
+//! matters for when reading stalls, not for how much is read. The planner keeps the weights
+//! outside the layers resident first (embedding, LM head: streamed, one of them would fill a
+//! window sized for layers and stall reading at every step's end), then the most reused (tied
+//! embeddings), then small tensors (norms, biases), and streams the large matrices in layer
+//! order. What is not resident gets a streaming window: at
 //! least what the hungriest operator needs at once (all its streamed weights), and, room
 //! permitting, two layers' worth so that reading runs ahead of compute. A budget below the
 //! minimum is refused, saying the minimum.
@@ -164,9 +167,18 @@ pub fn fit(g: &mut Graph, budget: u64, prefetch: Option<usize>, reserve: &Reserv
         None => window_good.clamp(window_min, window_min.max(budget / 2)),
     };
     let mut room = budget - window;
-    // Most reused first, then small first; ties in layer order.
+    // Weights outside the layers first (the embedding, the LM head): the window is sized for
+    // layers, and one of these streamed fills it, so reading the next layers stalls until the
+    // step's end has used it. Then the most reused, then small first; ties in layer order.
+    let outside = |i: usize| {
+        let (node, port) = (tensors[i].0, tensors[i].1);
+        g.edges
+            .iter()
+            .filter(|e| e.from.node == node && e.from.port == port)
+            .all(|e| g.nodes[e.to.node].layer.is_none())
+    };
     let mut order: Vec<usize> = (0..tensors.len()).collect();
-    order.sort_by_key(|&i| (std::cmp::Reverse(tensors[i].3), tensors[i].2, tensors[i].4));
+    order.sort_by_key(|&i| (!outside(i), std::cmp::Reverse(tensors[i].3), tensors[i].2, tensors[i].4));
     let mut resident = vec![false; tensors.len()];
     for i in order {
         if tensors[i].2 <= room {
@@ -205,14 +217,18 @@ pub fn fit(g: &mut Graph, budget: u64, prefetch: Option<usize>, reserve: &Reserv
             if let LaneKind::Io { core } = g.lanes[n.lane].kind {
                 g.lanes[n.lane].kind = LaneKind::Nvme { core, depth: 8, chunk: 1 << 20 };
             }
-            *mode = IoMode::Uring { depth: 8, chunk: 1 << 20 };
+            *mode = IoMode::Uring { depth: 8, chunk: 1 << 20, ahead: true };
         }
     }
     if prefetch == Some(0) {
         let compute = g.nodes.iter().find(|n| !matches!(n.op, OpConfig::Load { .. })).map(|n| n.lane);
         if let Some(lane) = compute {
-            for n in g.nodes.iter_mut().filter(|n| matches!(n.op, OpConfig::Load { .. })) {
-                n.lane = lane;
+            for n in g.nodes.iter_mut() {
+                if let OpConfig::Load { mode, .. } = &mut n.op {
+                    n.lane = lane;
+                    // Nothing read between firings: reading and computing take turns.
+                    *mode = IoMode::Uring { depth: 8, chunk: 1 << 20, ahead: false };
+                }
             }
         }
     }

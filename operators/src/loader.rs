@@ -50,7 +50,10 @@ pub enum IoMode {
     /// `pread` into an aligned buffer, through the page cache.
     Pread,
     /// io_uring, `O_DIRECT` where the filesystem allows, `depth` reads of `chunk` bytes in flight.
-    Uring { depth: usize, chunk: usize },
+    /// `ahead`: reads of the next tensors go on between firings, as far as the pool has room (a
+    /// reader lane); otherwise each firing reads one tensor and nothing is in flight after it
+    /// (a loader on a compute lane, where reading and computing take turns).
+    Uring { depth: usize, chunk: usize, ahead: bool },
 }
 
 /// Direct I/O works in whole blocks.
@@ -483,8 +486,9 @@ impl Loader {
     }
 
     /// Reads with io_uring until the next tensor is complete, keeping reads of the following
-    /// tensors in flight meanwhile: `Ok(None)` when the pool has no room to start it yet.
-    fn read_uring(&mut self, depth: usize, chunk: usize) -> Result<Option<Tensor>, OpError> {
+    /// tensors in flight meanwhile if `ahead`: `Ok(None)` when the pool has no room to start it
+    /// yet.
+    fn read_uring(&mut self, depth: usize, chunk: usize, ahead: bool) -> Result<Option<Tensor>, OpError> {
         if self.stream.is_none() {
             let t = &self.tensors[self.next.i];
             self.stream =
@@ -496,7 +500,8 @@ impl Loader {
             loop {
                 let t = &self.tensors[self.next.i];
                 let room = self.stream.as_mut().expect("made above").push().map_err(|e| Self::ctx(t, e))?;
-                if !room || !self.start_ahead()? {
+                let alone = !ahead && self.in_flight();
+                if !room || alone || !self.start_ahead()? {
                     break;
                 }
             }
@@ -552,7 +557,7 @@ impl Operator<Packet> for Loader {
         let i = self.next.i;
         let w = match self.mode {
             IoMode::Pread => self.read_pread()?,
-            IoMode::Uring { depth, chunk } => self.read_uring(depth, chunk)?,
+            IoMode::Uring { depth, chunk, ahead } => self.read_uring(depth, chunk, ahead)?,
         };
         // No room in the pool: another allocation won the race since `ready`; try again when woken.
         let Some(w) = w else { return Ok(Step::Continue) };
@@ -680,7 +685,7 @@ mod tests {
 
     #[test]
     fn reads_tensors_in_order_and_names_a_truncated_file() {
-        for mode in [IoMode::Pread, IoMode::Uring { depth: 4, chunk: 4096 }] {
+        for mode in [IoMode::Pread, IoMode::Uring { depth: 4, chunk: 4096, ahead: true }] {
             let (dir, path) = file_with(&format!("{mode:?}").replace(['{', '}', ' ', ':', ','], ""), &[1.0, 2.0, 3.0]);
             let ts = vec![src("a", &path, 0, 1), src("b", &path, 4, 2), src("c", &path, 8, 2)];
             let mut l = Loader::new(ts, vec![false; 3], mode, None);
@@ -701,8 +706,12 @@ mod tests {
         // a: resident; b, c: streamed; direct reads of unaligned tensors in 1-block chunks.
         let ts = vec![src("a", &path, 0, 10), src("b", &path, 40, 1500), src("c", &path, 6040, 2000)];
         let pool = Pool::new("test", Tier::Host, 64 << 10);
-        let mut l =
-            Loader::new(ts, vec![false, true, true], IoMode::Uring { depth: 3, chunk: 4096 }, Some(pool.clone()));
+        let mut l = Loader::new(
+            ts,
+            vec![false, true, true],
+            IoMode::Uring { depth: 3, chunk: 4096, ahead: true },
+            Some(pool.clone()),
+        );
         let mut order = Vec::new();
         for _ in 0..7 {
             let o = fire(&mut l, vec![], 3).unwrap();
@@ -734,8 +743,12 @@ mod tests {
             // The tensor just sent holds one block; the rest of the pool is for reading ahead.
             let most_ahead = budget / 4096 - 1;
             let pool = Pool::new("test", Tier::Host, budget);
-            let mut l =
-                Loader::new(ts.clone(), vec![true; 8], IoMode::Uring { depth: 4, chunk: 4096 }, Some(pool.clone()));
+            let mut l = Loader::new(
+                ts.clone(),
+                vec![true; 8],
+                IoMode::Uring { depth: 4, chunk: 4096, ahead: true },
+                Some(pool.clone()),
+            );
             let mut held = Vec::new();
             for round in 0..16 {
                 let o = fire(&mut l, vec![], 8).unwrap();
@@ -749,6 +762,16 @@ mod tests {
                 held.push(w);
                 held.truncate(0);
             }
+        }
+        // A loader taking turns with compute (on a compute lane) leaves nothing in flight.
+        let pool = Pool::new("test", Tier::Host, 64 << 10);
+        let mode = IoMode::Uring { depth: 4, chunk: 4096, ahead: false };
+        let mut l = Loader::new(ts.clone(), vec![true; 8], mode, Some(pool.clone()));
+        for round in 0..16 {
+            let o = fire(&mut l, vec![], 8).unwrap();
+            let w = o[round % 8].as_ref().unwrap().weight("w").unwrap().1.clone();
+            assert_eq!(w.f32()[0] as usize, (round % 8) * 2048);
+            assert!(!l.in_flight() && pool.in_use() == 4096, "round {round}: {pool:?}");
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -36,8 +36,10 @@ impl PoolInner {
     /// waiters.
     pub(crate) fn give_back(&self, buf: HostBuffer) {
         if self.reuse {
+            // Counted as free under the lock that `try_alloc` holds, together with the list.
+            let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
             self.free_bytes.fetch_add(buf.len(), Ordering::AcqRel);
-            self.free.lock().unwrap_or_else(|p| p.into_inner()).push(buf);
+            free.push(buf);
         } else {
             self.release(buf.len());
             drop(buf); // no lease: the memory is freed
@@ -198,8 +200,13 @@ impl Pool {
             p.release(old.len());
             drop(old); // no lease: the memory is freed
         }
+        if p.used.load(Ordering::Acquire) + add > p.budget {
+            // Cannot happen while every change to the free list and its bytes holds the lock;
+            // should it, the moved pages go and the request waits.
+            p.release(moved);
+            return None;
+        }
         let next = p.used.fetch_add(add, Ordering::AcqRel) + add;
-        debug_assert!(next <= p.budget, "room was checked under the lock");
         p.high_water.fetch_max(next, Ordering::AcqRel);
         if let Some(m) = &p.meter {
             m.add(add);
@@ -326,6 +333,39 @@ mod tests {
         let all = p.try_alloc(26 * MIB).unwrap();
         assert_eq!(p.used(), 26 * MIB);
         drop(all);
+    }
+
+    #[test]
+    fn the_budget_holds_while_threads_take_and_return_buffers_of_many_sizes() {
+        const MIB: usize = 1 << 20;
+        let budget = 40 * MIB;
+        let p = Pool::new("w", Tier::Host, budget);
+        let sizes = [4096, MIB, 2 * MIB, 3 * MIB + 4096, 8 * MIB, 12 * MIB];
+        std::thread::scope(|sc| {
+            for th in 0..4usize {
+                let p = p.clone();
+                sc.spawn(move || {
+                    let mut held: Vec<HostBuffer> = Vec::new();
+                    for i in 0..400usize {
+                        let size = sizes[(i * 7 + th * 3) % sizes.len()];
+                        match p.try_alloc(size) {
+                            Some(b) => {
+                                assert_eq!(b.len(), size);
+                                held.push(b);
+                            }
+                            None => {
+                                held.clear();
+                            }
+                        }
+                        if held.len() > 2 {
+                            held.remove(0);
+                        }
+                    }
+                });
+            }
+        });
+        assert!(p.high_water() <= budget, "{p:?}");
+        assert_eq!(p.in_use(), 0);
     }
 
     #[test]

@@ -1118,9 +1118,10 @@ fn resolve(f: Flat, input: &CheckInput, errors: &mut Vec<Diagnostic>) -> Graph {
     for (lane, list) in per_lane {
         let name = format!("load/{}", graph.lanes[lane].name);
         let mode = match graph.lanes[lane].kind {
-            LaneKind::Nvme { depth, chunk, .. } => IoMode::Uring { depth, chunk },
-            // Read on a compute lane: direct reads, as the planner's no-overlap baseline does.
-            LaneKind::Cpu { .. } => IoMode::Uring { depth: 8, chunk: 1 << 20 },
+            LaneKind::Nvme { depth, chunk, .. } => IoMode::Uring { depth, chunk, ahead: true },
+            // Read on a compute lane: direct reads, one tensor per firing, taking turns with
+            // compute — as the planner's no-overlap baseline does.
+            LaneKind::Cpu { .. } => IoMode::Uring { depth: 8, chunk: 1 << 20, ahead: false },
             _ => IoMode::Pread,
         };
         let (tensors, streamed) = list.into_iter().unzip();
