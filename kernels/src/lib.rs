@@ -5,6 +5,7 @@
 //! Nothing here knows of graphs, operators, threads or models.
 //!
 //! * [`matmul`] — `y = x · Wᵀ (+ b)` with f32, bf16 or f16 weights and f32 accumulation.
+//! * [`gemm`] — the packed, register-tiled kernel `matmul` uses for many tokens at once.
 //! * [`norm`] — RMSNorm.
 //! * [`rope`] — rotary position embedding tables and the rotate-half application.
 //! * [`attention`] — causal grouped-query attention of new tokens over a KV cache.
@@ -22,6 +23,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod gemm;
 pub mod isa;
 pub mod matmul;
 pub mod norm;

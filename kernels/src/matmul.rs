@@ -1,9 +1,11 @@
 //! `y = x · Wᵀ (+ b)`: the linear layer, with f32 accumulation whatever the weight type.
 //!
 //! Weights are stored `[n, k]` (Hugging Face's `[out, in]`), activations `[t, k]` row-major.
-//! The work is split over the lane's cores by output rows. Each task walks its rows in blocks
-//! that stay in the L2 cache while every block of 4 tokens passes over them, so prefill reads
-//! each weight from memory once, and decode (t = 1) streams the weights at memory speed.
+//! The work is split over the lane's cores by output rows. Decode (t = 1) streams the weights
+//! at memory speed, a few rows at a time against the one input. From [`GEMM_MIN_TOKENS`]
+//! tokens on, the AVX2 path is a packed GEMM ([`crate::gemm`]); below that, and on the other
+//! paths, each task walks its rows in blocks that stay in the L2 cache while every small block
+//! of tokens passes over them, so each weight is read from memory once.
 
 use crate::isa::{self, Isa};
 use crate::par::{split_range, Parallel, SharedMut};
@@ -57,6 +59,11 @@ pub fn bf16_to_f32(b: u16) -> f32 {
 /// Rows per cache block: 64 rows of a 2048-wide bf16 matrix are 256 KiB, well inside L2.
 const ROW_BLOCK: usize = 64;
 
+/// From this many tokens on, the AVX2 path packs weights into f32 panels once and runs the
+/// outer-product kernel of [`crate::gemm`] (below it, converting weights as they are used
+/// costs less than packing them).
+pub const GEMM_MIN_TOKENS: usize = 6;
+
 /// `y[t, n] = x[t, k] · w[n, k]ᵀ + bias[n]`, on the detected instruction set.
 ///
 /// `x.len()` must be `t * k`, `w.len()` `n * k`, `y.len()` `t * n`, `bias.len()` `n`.
@@ -95,13 +102,15 @@ pub fn matmul_with(
         assert_eq!(b.len(), n, "bias is not [n]");
     }
     let threads = par.threads().max(1);
+    let packed = isa == Isa::Avx2 && t >= GEMM_MIN_TOKENS;
     // Decode is memory-bound: one even slice of rows per worker. Prefill is compute-bound and
     // finer tasks balance better.
     let tasks = if t == 1 { threads } else { (n.div_ceil(ROW_BLOCK)).clamp(1, threads * 4) };
-    let tasks = tasks.min(n.div_ceil(4)).max(1);
+    let align = if packed { 16 } else { 4 };
+    let tasks = tasks.min(n.div_ceil(align)).max(1);
     let yp = SharedMut(y.as_mut_ptr());
     par.run(tasks, &|i| {
-        let rows = split_range(n, tasks, 4, i);
+        let rows = split_range(n, tasks, align, i);
         // SAFETY: the row ranges of the tasks are disjoint; each task writes y[.., rows] only,
         // which lies inside `y` (checked above).
         unsafe { rows_task(isa, x, t, k, w, n, bias, yp, rows) };
@@ -121,6 +130,11 @@ unsafe fn rows_task(
     rows: std::ops::Range<usize>,
 ) {
     let mut rb = rows.start;
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 && t >= GEMM_MIN_TOKENS {
+        crate::gemm::rows_avx2(x, t, k, w, n, y, rows.clone());
+        rb = rows.end;
+    }
     while rb < rows.end {
         let re = (rb + ROW_BLOCK).min(rows.end);
         match isa {
@@ -535,9 +549,23 @@ mod tests {
     fn every_isa_and_dtype_matches_reference_on_odd_shapes() {
         let mut seed = 7u64;
         for isa in isa::available() {
-            for &(t, k, n) in
-                &[(1, 1, 1), (1, 15, 3), (3, 17, 5), (4, 16, 4), (5, 33, 9), (9, 64, 130), (1, 2048, 7), (6, 100, 67)]
-            {
+            for &(t, k, n) in &[
+                (1, 1, 1),
+                (1, 15, 3),
+                (3, 17, 5),
+                (4, 16, 4),
+                (5, 33, 9),
+                (9, 64, 130),
+                (1, 2048, 7),
+                (6, 100, 67),
+                // The packed path: k over several panels with a ragged end, partial panels,
+                // token counts that leave every micro-kernel height.
+                (13, 523, 70),
+                (12, 600, 16),
+                (7, 8, 33),
+                (17, 1, 5),
+                (40, 257, 129),
+            ] {
                 let x: Vec<f32> = (0..t * k).map(|_| rng(&mut seed)).collect();
                 let wf: Vec<f32> = (0..n * k).map(|_| rng(&mut seed)).collect();
                 let wb: Vec<u16> = wf.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect();

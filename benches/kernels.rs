@@ -1,0 +1,201 @@
+//! Criterion benchmarks of the CPU kernels on the TinyLlama-1.1B shape, each beside its bound
+//! measured in the same run:
+//!
+//! * `read/…` — the memory-read bound: a plain vector sum over as many bytes as the decode
+//!   matmul streams (throughput in bytes, so criterion prints GB/s for both);
+//! * `decode/…` — matrix-vector (one token) over weights cycled through a set larger than the
+//!   caches, bf16 and f32, 1 and 2 threads;
+//! * `prefill/…` and `batch/…` — matrix-matrix at 512, 32 and 128 tokens (throughput in
+//!   floating-point operations: criterion's "elem/s" are FLOP/s);
+//! * `fma/…` — the FMA peak of the lane's cores (an unrolled register-only loop);
+//! * `attention/…` — one new token over a 512-position context, and a 512-token prompt block.
+//!
+//! `cargo bench --bench kernels` (add `-- decode` etc. to pick). `WEIR_CPU_ISA` picks the path.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use std::hint::black_box;
+use weir_kernels::attention::{attend, AttnShape, KvBlocks};
+use weir_kernels::{matmul, Parallel, WeightView};
+use weir_runtime::WorkerPool;
+
+/// TinyLlama-1.1B: hidden 2048, MLP 5632, 32 heads / 4 KV heads of 64.
+const HIDDEN: usize = 2048;
+const MLP: usize = 5632;
+
+fn pool(threads: usize) -> WorkerPool {
+    let cores = weir_runtime::lane::allowed_cpus();
+    let threads = threads.clamp(1, cores.len());
+    WorkerPool::new("bench", &cores[1..threads]).expect("worker pool")
+}
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Enough `[MLP, HIDDEN]` matrices that cycling through them misses every cache (≥ 256 MB).
+fn matrices<T: Clone>(one: &[T], bytes_each: usize) -> Vec<Vec<T>> {
+    let count = (256usize << 20).div_ceil(bytes_each).max(2);
+    (0..count).map(|_| one.to_vec()).collect()
+}
+
+fn decode(c: &mut Criterion) {
+    let w32 = random(MLP * HIDDEN, 1);
+    let w16: Vec<u16> = w32.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect();
+    let set32 = matrices(&w32, w32.len() * 4);
+    let set16 = matrices(&w16, w16.len() * 2);
+    let x = random(HIDDEN, 2);
+    let mut y = vec![0f32; MLP];
+    let mut g = c.benchmark_group("decode");
+    for threads in [1, 2] {
+        let par = pool(threads);
+        // The bound: reading the same bytes with a plain sum.
+        for (name, bytes) in [("bf16", w16.len() * 2), ("f32", w32.len() * 4)] {
+            let words: Vec<Vec<f32>> = matrices(&vec![1f32; bytes / 4], bytes);
+            g.throughput(Throughput::Bytes(bytes as u64));
+            let mut i = 0;
+            g.bench_function(BenchmarkId::new(format!("read-{name}"), threads), |b| {
+                b.iter(|| {
+                    i = (i + 1) % words.len();
+                    black_box(sum(&words[i], &par))
+                })
+            });
+        }
+        g.throughput(Throughput::Bytes((w16.len() * 2) as u64));
+        let mut i = 0;
+        g.bench_function(BenchmarkId::new("matvec-bf16", threads), |b| {
+            b.iter(|| {
+                i = (i + 1) % set16.len();
+                matmul::matmul(&x, 1, WeightView::Bf16(&set16[i]), MLP, None, &mut y, &par);
+                black_box(&y);
+            })
+        });
+        g.throughput(Throughput::Bytes((w32.len() * 4) as u64));
+        let mut i = 0;
+        g.bench_function(BenchmarkId::new("matvec-f32", threads), |b| {
+            b.iter(|| {
+                i = (i + 1) % set32.len();
+                matmul::matmul(&x, 1, WeightView::F32(&set32[i]), MLP, None, &mut y, &par);
+                black_box(&y);
+            })
+        });
+    }
+    g.finish();
+}
+
+/// A sum over `v` split across the pool, bound by memory reads.
+fn sum(v: &[f32], par: &dyn Parallel) -> f32 {
+    let tasks = par.threads() * 4;
+    let parts: Vec<std::sync::Mutex<f32>> = (0..tasks).map(|_| Default::default()).collect();
+    par.run(tasks, &|i| {
+        let r = weir_kernels::par::split_range(v.len(), tasks, 64, i);
+        let mut acc = [0f32; 32];
+        for c in v[r].chunks_exact(32) {
+            for j in 0..32 {
+                acc[j] += c[j];
+            }
+        }
+        *parts[i].lock().unwrap() = acc.iter().sum();
+    });
+    parts.iter().map(|p| *p.lock().unwrap()).sum()
+}
+
+fn gemm(c: &mut Criterion) {
+    let w32 = random(MLP * HIDDEN, 3);
+    let w16: Vec<u16> = w32.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect();
+    let par = pool(2);
+    let mut g = c.benchmark_group("gemm");
+    g.sample_size(10);
+    // The FMA peak of these cores: 12 independent 8-wide FMA chains per thread.
+    let rounds = 1usize << 22;
+    g.throughput(Throughput::Elements((par.threads() * rounds * 12 * 8 * 2) as u64));
+    g.bench_function("fma-peak", |b| b.iter(|| black_box(fma_peak(rounds, &par))));
+    for t in [32, 128, 512] {
+        let x = random(t * HIDDEN, 4);
+        let mut y = vec![0f32; t * MLP];
+        g.throughput(Throughput::Elements((2 * t * HIDDEN * MLP) as u64));
+        g.bench_function(BenchmarkId::new("bf16", t), |b| {
+            b.iter(|| {
+                matmul::matmul(&x, t, WeightView::Bf16(&w16), MLP, None, &mut y, &par);
+                black_box(&y);
+            })
+        });
+        if t == 512 {
+            g.bench_function(BenchmarkId::new("f32", t), |b| {
+                b.iter(|| {
+                    matmul::matmul(&x, t, WeightView::F32(&w32), MLP, None, &mut y, &par);
+                    black_box(&y);
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+fn fma_peak(rounds: usize, par: &dyn Parallel) -> f32 {
+    let out: Vec<std::sync::Mutex<f32>> = (0..par.threads()).map(|_| Default::default()).collect();
+    par.run(par.threads(), &|i| {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the features were just detected.
+            *out[i].lock().unwrap() = unsafe { fma_loop(rounds) };
+        }
+    });
+    out.iter().map(|p| *p.lock().unwrap()).sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_loop(rounds: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let a = _mm256_set1_ps(0.999_999);
+    let b = _mm256_set1_ps(1e-7);
+    let mut acc = [_mm256_set1_ps(1.0); 12];
+    for _ in 0..rounds {
+        for v in acc.iter_mut() {
+            *v = _mm256_fmadd_ps(*v, a, b);
+        }
+    }
+    let mut s = _mm256_setzero_ps();
+    for v in acc {
+        s = _mm256_add_ps(s, v);
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), s);
+    lanes.iter().sum()
+}
+
+fn attention(c: &mut Criterion) {
+    let shape = AttnShape { heads: 32, kv_heads: 4, head_dim: 64 };
+    let par = pool(2);
+    let ctx = 512;
+    let block_tokens = 16;
+    let kv_width = shape.kv_heads * shape.head_dim;
+    let blocks: Vec<Vec<f32>> = (0..(ctx + 512usize).div_ceil(block_tokens))
+        .map(|b| random(2 * block_tokens * kv_width, 10 + b as u64))
+        .collect();
+    let refs: Vec<&[f32]> = blocks.iter().map(|b| b.as_slice()).collect();
+    let mut g = c.benchmark_group("attention");
+    for (name, new, past) in [("decode-ctx512", 1, ctx), ("prefill-512", 512, 0)] {
+        let q = random(new * shape.heads * shape.head_dim, 5);
+        let mut out = vec![0f32; q.len()];
+        g.throughput(Throughput::Elements((4 * new * (past + new) * shape.heads * shape.head_dim) as u64));
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                attend(&q, KvBlocks { blocks: &refs, block_tokens }, past, None, shape, &mut out, &par);
+                black_box(&out);
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, decode, gemm, attention);
+criterion_main!(benches);
