@@ -117,7 +117,7 @@ fn gemm(c: &mut Criterion) {
     let rounds = 1usize << 22;
     g.throughput(Throughput::Elements((par.threads() * rounds * 12 * 8 * 2) as u64));
     g.bench_function("fma-peak", |b| b.iter(|| black_box(fma_peak(rounds, &par))));
-    for t in [32, 128, 512] {
+    for t in [8, 32, 64, 128, 512] {
         let x = random(t * HIDDEN, 4);
         let mut y = vec![0f32; t * MLP];
         g.throughput(Throughput::Elements((2 * t * HIDDEN * MLP) as u64));
