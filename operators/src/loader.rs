@@ -124,6 +124,11 @@ struct Flight {
 }
 
 impl Flight {
+    /// Tensor `tensor`'s read of `want` bytes from file offset `start` into `buf`, not begun.
+    fn new(tensor: usize, buf: Option<HostBuffer>, fd: i32, start: u64, want: u64, failed: Option<OpError>) -> Flight {
+        let (submitted, got, in_flight, eof_at, retry, error) = (0, 0, 0, None, Vec::new(), None);
+        Flight { tensor, buf, fd, start, want, submitted, got, in_flight, eof_at, retry, error, failed }
+    }
     fn has_work(&self) -> bool {
         self.error.is_none()
             && self.failed.is_none()
@@ -467,20 +472,7 @@ impl Loader {
             }
         }
         let stream = self.stream.as_mut().expect("stream made before reading");
-        stream.flights.push_back(Flight {
-            tensor: i,
-            buf,
-            fd,
-            start,
-            want,
-            submitted: 0,
-            got: 0,
-            in_flight: 0,
-            eof_at: None,
-            retry: Vec::new(),
-            error: None,
-            failed,
-        });
+        stream.flights.push_back(Flight::new(i, buf, fd, start, want, failed));
         self.ahead.step(&self.streamed);
         Ok(true)
     }
@@ -621,20 +613,7 @@ pub fn measure_read_ranges(
     loop {
         while !spare.is_empty() {
             let Some((fd, start, want)) = pieces.next() else { break };
-            stream.flights.push_back(Flight {
-                tensor: 0,
-                buf: spare.pop(),
-                fd,
-                start,
-                want,
-                submitted: 0,
-                got: 0,
-                in_flight: 0,
-                eof_at: None,
-                retry: Vec::new(),
-                error: None,
-                failed: None,
-            });
+            stream.flights.push_back(Flight::new(0, spare.pop(), fd, start, want, None));
         }
         stream.push()?;
         let Some(head) = stream.flights.front() else { break };
