@@ -423,3 +423,38 @@ fn injected_read_errors_and_short_reads_name_the_tensor_and_file() {
         }
     }
 }
+
+#[test]
+fn every_instruction_set_path_gives_the_golden_tokens() {
+    use weir_kernels::isa::Isa;
+    let have = weir_kernels::isa::available();
+    // f32 weights, and bf16 weights (golden: the bf16 values upcast to f32); the longest prompt
+    // (126 tokens) prefills through the packed GEMM on the AVX2 path.
+    for (fx, prompts) in [("tiny-llama", "/prompts"), ("tiny-llama-bf16", "/f32_upcast/prompts")] {
+        let g = golden(fx);
+        let model = fixture(fx);
+        for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
+            if !have.contains(&isa) {
+                println!("skipped: the {} path — not on this CPU", isa.name());
+                continue;
+            }
+            for p in g.pointer(prompts).unwrap().as_array().unwrap() {
+                let ids_arg = ids(&p["input_ids"]).iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+                let o = Command::new(env!("CARGO_BIN_EXE_weir"))
+                    .env("WEIR_CPU_ISA", isa.name())
+                    .args(["run", "--model", s(&model), "--prompt-ids", &ids_arg, "--max-new-tokens", "24", "--json"])
+                    .output()
+                    .unwrap();
+                assert!(o.status.success(), "{fx} {}: {}", isa.name(), String::from_utf8_lossy(&o.stderr));
+                let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+                assert_eq!(
+                    v["generated_ids"],
+                    p["greedy"]["new_ids"],
+                    "{fx}, {} path, prompt of {} tokens",
+                    isa.name(),
+                    ids(&p["input_ids"]).len()
+                );
+            }
+        }
+    }
+}
