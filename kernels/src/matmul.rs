@@ -404,6 +404,9 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
+    /// How far ahead (in elements) a one-token tile prefetches its weight rows.
+    const PREFETCH: usize = 512;
+
     /// One register tile: R weight rows × T tokens, k-loop in steps of 8; the k % 8 tail is
     /// added in scalar code with the same widening as the vector loads.
     macro_rules! tile_fn {
@@ -420,6 +423,12 @@ mod avx2 {
                 let mut acc = [[_mm256_setzero_ps(); T]; R];
                 let mut i = 0;
                 while i + 8 <= k {
+                    if T == 1 && i % 64 == 0 {
+                        // Decode reads each weight once: ask for the rows' next lines early.
+                        for r in 0..R {
+                            _mm_prefetch::<_MM_HINT_T0>(w.add(r * k + i + PREFETCH) as *const i8);
+                        }
+                    }
                     let mut xv = [_mm256_setzero_ps(); T];
                     for t in 0..T {
                         xv[t] = _mm256_loadu_ps(x.add(t * k + i));
@@ -469,10 +478,17 @@ mod avx2 {
                     let tt = (t - t0).min(3);
                     let mut o = rows.start;
                     while o < rows.end {
-                        let rr = (rows.end - o).min(4);
                         let yo = y.0.add(t0 * n + o);
                         let xo = xp.add(t0 * k);
                         let wo = wp.add(o * k);
+                        if tt == 1 && rows.end - o >= 8 {
+                            // One token (decode): 8 rows read at once keep more memory
+                            // streams in flight.
+                            $tile::<8, 1>(xo, wo, k, yo, n);
+                            o += 8;
+                            continue;
+                        }
+                        let rr = (rows.end - o).min(4);
                         match (rr, tt) {
                             (4, 3) => $tile::<4, 3>(xo, wo, k, yo, n),
                             (4, _) => {
