@@ -577,6 +577,10 @@ mod tests {
                 (1, 2048, 7),
                 (6, 100, 67),
                 (13, 523, 70),
+                // One token over 8-row tiles with tails of 4 and fewer, past the prefetch
+                // distance.
+                (1, 1100, 21),
+                (1, 77, 64),
                 // The packed path (from GEMM_MIN_TOKENS tokens).
                 (70, 300, 37),
             ] {
