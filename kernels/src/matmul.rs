@@ -425,8 +425,10 @@ mod avx2 {
                 while i + 8 <= k {
                     if T == 1 && i % 64 == 0 {
                         // Decode reads each weight once: ask for the rows' next lines early.
+                        // (A prefetch never faults; the address may lie past the matrix, so
+                        // it is formed without the in-bounds promise of `add`.)
                         for r in 0..R {
-                            _mm_prefetch::<_MM_HINT_T0>(w.add(r * k + i + PREFETCH) as *const i8);
+                            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(r * k + i + PREFETCH) as *const i8);
                         }
                     }
                     let mut xv = [_mm256_setzero_ps(); T];
