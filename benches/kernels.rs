@@ -51,15 +51,21 @@ fn decode(c: &mut Criterion) {
     let w16: Vec<u16> = w32.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect();
     let set32 = matrices(&w32, w32.len() * 4);
     let set16 = matrices(&w16, w16.len() * 2);
+    // Per weight type: its copies, and as many bytes of plain f32 to read for the bound.
+    let kinds: Vec<(&str, usize, Vec<WeightView>)> = vec![
+        ("bf16", w16.len() * 2, set16.iter().map(|w| WeightView::Bf16(w)).collect()),
+        ("f32", w32.len() * 4, set32.iter().map(|w| WeightView::F32(w)).collect()),
+    ];
+    let words: Vec<Vec<Vec<f32>>> =
+        kinds.iter().map(|(_, bytes, _)| matrices(&vec![1f32; bytes / 4], *bytes)).collect();
     let x = random(HIDDEN, 2);
     let mut y = vec![0f32; MLP];
     let mut g = c.benchmark_group("decode");
     for threads in [1, 2] {
         let par = pool(threads);
-        // The bound: reading the same bytes with a plain sum.
-        for (name, bytes) in [("bf16", w16.len() * 2), ("f32", w32.len() * 4)] {
-            let words: Vec<Vec<f32>> = matrices(&vec![1f32; bytes / 4], bytes);
-            g.throughput(Throughput::Bytes(bytes as u64));
+        for ((name, bytes, views), words) in kinds.iter().zip(&words) {
+            g.throughput(Throughput::Bytes(*bytes as u64));
+            // The bound: reading the same bytes with a plain sum.
             let mut i = 0;
             g.bench_function(BenchmarkId::new(format!("read-{name}"), threads), |b| {
                 b.iter(|| {
@@ -67,25 +73,15 @@ fn decode(c: &mut Criterion) {
                     black_box(sum(&words[i], &par))
                 })
             });
+            let mut i = 0;
+            g.bench_function(BenchmarkId::new(format!("matvec-{name}"), threads), |b| {
+                b.iter(|| {
+                    i = (i + 1) % views.len();
+                    matmul::matmul(&x, 1, views[i], MLP, None, &mut y, &par);
+                    black_box(&y);
+                })
+            });
         }
-        g.throughput(Throughput::Bytes((w16.len() * 2) as u64));
-        let mut i = 0;
-        g.bench_function(BenchmarkId::new("matvec-bf16", threads), |b| {
-            b.iter(|| {
-                i = (i + 1) % set16.len();
-                matmul::matmul(&x, 1, WeightView::Bf16(&set16[i]), MLP, None, &mut y, &par);
-                black_box(&y);
-            })
-        });
-        g.throughput(Throughput::Bytes((w32.len() * 4) as u64));
-        let mut i = 0;
-        g.bench_function(BenchmarkId::new("matvec-f32", threads), |b| {
-            b.iter(|| {
-                i = (i + 1) % set32.len();
-                matmul::matmul(&x, 1, WeightView::F32(&set32[i]), MLP, None, &mut y, &par);
-                black_box(&y);
-            })
-        });
     }
     g.finish();
 }

@@ -150,10 +150,10 @@ struct Stream {
     flights: std::collections::VecDeque<Flight>,
     /// Sequence number of `flights[0]` (chunks name their flight by sequence number).
     front_seq: u64,
-    /// user_data → (flight sequence number, offset in its buffer, length).
+    /// The chunk reads in flight: user_data → (flight sequence number, offset in its buffer,
+    /// length).
     chunks: HashMap<u64, (u64, u64, u64)>,
     next_ud: u64,
-    in_flight: usize,
 }
 
 impl Stream {
@@ -167,7 +167,6 @@ impl Stream {
             front_seq: 0,
             chunks: HashMap::new(),
             next_ud: 0,
-            in_flight: 0,
         })
     }
 
@@ -176,7 +175,7 @@ impl Stream {
     fn push(&mut self) -> Result<bool, String> {
         let mut pushed = false;
         let mut k = 0;
-        while self.in_flight < self.depth && k < self.flights.len() {
+        while self.chunks.len() < self.depth && k < self.flights.len() {
             let f = &mut self.flights[k];
             if !f.has_work() {
                 k += 1;
@@ -203,24 +202,22 @@ impl Stream {
             f.in_flight += 1;
             self.chunks.insert(self.next_ud, (self.front_seq + k as u64, s, l));
             self.next_ud += 1;
-            self.in_flight += 1;
             pushed = true;
         }
         if pushed {
             self.ring.submit().map_err(|e| format!("io_uring submit: {e}"))?;
         }
-        Ok(self.in_flight < self.depth && self.flights.iter().all(|f| !f.has_work()))
+        Ok(self.chunks.len() < self.depth && self.flights.iter().all(|f| !f.has_work()))
     }
 
     /// Takes the completions there are, first waiting for at least one if `wait`.
     fn reap(&mut self, wait: bool) -> Result<(), String> {
-        if wait && self.in_flight > 0 {
+        if wait && !self.chunks.is_empty() {
             self.ring.submit_and_wait(1).map_err(|e| format!("io_uring submit: {e}"))?;
         }
         let done: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
         for (ud, res) in done {
             let Some((seq, s, l)) = self.chunks.remove(&ud) else { continue };
-            self.in_flight -= 1;
             let f = &mut self.flights[(seq - self.front_seq) as usize];
             f.in_flight -= 1;
             if res < 0 {
@@ -248,7 +245,7 @@ impl Stream {
 impl Drop for Stream {
     /// The kernel may still be writing into queued buffers: wait for every read before they go.
     fn drop(&mut self) {
-        while self.in_flight > 0 {
+        while !self.chunks.is_empty() {
             if self.reap(true).is_err() {
                 // The ring itself failed: leak the buffers rather than free memory the kernel
                 // may still write into.

@@ -50,6 +50,13 @@ impl PoolInner {
         }
     }
 
+    /// A kept buffer is freed (the caller holds the free list's lock and took it off).
+    fn drop_kept(&self, b: HostBuffer) {
+        self.free_bytes.fetch_sub(b.len(), Ordering::AcqRel);
+        self.release(b.len());
+        drop(b); // no lease: the memory is freed
+    }
+
     /// `bytes` leave the pool (and the tier).
     fn release(&self, bytes: usize) {
         self.used.fetch_sub(bytes, Ordering::AcqRel);
@@ -184,21 +191,14 @@ impl Pool {
             moved = m;
             fresh = Some(b);
             // What is left of a moved-from buffer after its last whole unit is of no more use.
-            free.retain(|b| {
-                let keep = !b.is_remnant();
-                if !keep {
-                    p.free_bytes.fetch_sub(b.len(), Ordering::AcqRel);
-                    p.release(b.len());
-                }
-                keep
-            });
+            let (remnants, kept): (Vec<_>, Vec<_>) = free.drain(..).partition(|b| b.is_remnant());
+            *free = kept;
+            remnants.into_iter().for_each(|b| p.drop_kept(b));
         }
         let add = bytes - moved;
         while p.used.load(Ordering::Acquire) + add > p.budget {
             let Some(old) = free.pop() else { break };
-            p.free_bytes.fetch_sub(old.len(), Ordering::AcqRel);
-            p.release(old.len());
-            drop(old); // no lease: the memory is freed
+            p.drop_kept(old);
         }
         if p.used.load(Ordering::Acquire) + add > p.budget {
             // Cannot happen while every change to the free list and its bytes holds the lock;
