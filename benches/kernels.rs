@@ -8,13 +8,14 @@
 //! * `prefill/…` and `batch/…` — matrix-matrix at 512, 32 and 128 tokens (throughput in
 //!   floating-point operations: criterion's "elem/s" are FLOP/s);
 //! * `fma/…` — the FMA peak of the lane's cores (an unrolled register-only loop);
-//! * `attention/…` — one new token over a 512-position context, and a 512-token prompt block.
+//! * `attention/…` — one new token over a 512-position context (f32 and bf16 cache), 32
+//!   sequences of 100–720 positions decoding in one call, and a 512-token prompt block.
 //!
 //! `cargo bench --bench kernels` (add `-- decode` etc. to pick). `WEIR_CPU_ISA` picks the path.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::hint::black_box;
-use weir_kernels::attention::{attend, AttnShape, KvBlocks};
+use weir_kernels::attention::{attend_batch, AttnShape, KvBlocks, KvData, KvType, SeqAttn};
 use weir_kernels::{matmul, Parallel, WeightView};
 use weir_runtime::WorkerPool;
 
@@ -171,21 +172,46 @@ unsafe fn fma_loop(rounds: usize) -> f32 {
 fn attention(c: &mut Criterion) {
     let shape = AttnShape { heads: 32, kv_heads: 4, head_dim: 64 };
     let par = pool(2);
-    let ctx = 512;
-    let block_tokens = 16;
+    let bt = 16;
     let kv_width = shape.kv_heads * shape.head_dim;
-    let blocks: Vec<Vec<f32>> = (0..(ctx + 512usize).div_ceil(block_tokens))
-        .map(|b| random(2 * block_tokens * kv_width, 10 + b as u64))
-        .collect();
+    let qd = shape.heads * shape.head_dim;
+    // Caches of up to 1024 positions, f32 and bf16.
+    let blocks: Vec<Vec<f32>> = (0..1024usize.div_ceil(bt)).map(|b| random(2 * bt * kv_width, 10 + b as u64)).collect();
+    let blocks16: Vec<Vec<u16>> =
+        blocks.iter().map(|b| b.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect()).collect();
     let refs: Vec<&[f32]> = blocks.iter().map(|b| b.as_slice()).collect();
+    let refs16: Vec<&[u16]> = blocks16.iter().map(|b| b.as_slice()).collect();
     let mut g = c.benchmark_group("attention");
-    for (name, new, past) in [("decode-ctx512", 1, ctx), ("prefill-512", 512, 0)] {
-        let q = random(new * shape.heads * shape.head_dim, 5);
+    // (name, cache type, [(past, new)] per sequence): one token after 512 positions; 32
+    // sequences decoding at once over contexts of 100–720 positions; a 512-token prompt.
+    let batch32: Vec<(usize, usize)> = (0..32).map(|i| (100 + i * 20, 1)).collect();
+    for (name, ty, seqs) in [
+        ("decode-ctx512-f32", KvType::F32, vec![(512, 1)]),
+        ("decode-ctx512-bf16", KvType::Bf16, vec![(512, 1)]),
+        ("decode-batch32-f32", KvType::F32, batch32),
+        ("prefill-512-f32", KvType::F32, vec![(0, 512)]),
+    ] {
+        let data = match ty {
+            KvType::F32 => KvData::F32(&refs),
+            _ => KvData::Bf16(&refs16),
+        };
+        let mut row = 0;
+        let list: Vec<SeqAttn> = seqs
+            .iter()
+            .map(|&(past, new)| {
+                let s = SeqAttn { row, new, past, kv: KvBlocks { data, block_tokens: bt } };
+                row += new;
+                s
+            })
+            .collect();
+        let q = random(row * qd, 5);
         let mut out = vec![0f32; q.len()];
-        g.throughput(Throughput::Elements((4 * new * (past + new) * shape.heads * shape.head_dim) as u64));
+        // 4 FLOPs per (query head, dimension, position seen): q·k and the weighted sum.
+        let seen: usize = seqs.iter().map(|&(past, new)| (1..=new).map(|j| past + j).sum::<usize>()).sum();
+        g.throughput(Throughput::Elements((4 * seen * qd) as u64));
         g.bench_function(name, |b| {
             b.iter(|| {
-                attend(&q, KvBlocks { blocks: &refs, block_tokens }, past, None, shape, &mut out, &par);
+                attend_batch(&q, &list, None, shape, &mut out, &par);
                 black_box(&out);
             })
         });

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use weir_operators::KvType;
 use weir_operators::{Batch, LogitsWanted, Packet, Sampling, SeqSlice};
 use weir_runtime::{Program, Trace};
 
@@ -198,6 +199,9 @@ pub struct EngineOptions {
     /// The most tokens in one pass: longer prompts are prefilled in chunks of this many (it
     /// bounds activation memory, which the budget reserves for it).
     pub max_pass_tokens: usize,
+    /// Element type of the KV cache (the graph's `kv_dtype` variable): bf16 or f16 halve its
+    /// memory and the bytes attention reads, at the cost of rounding keys and values.
+    pub kv_dtype: KvType,
 }
 
 impl EngineOptions {
@@ -232,6 +236,7 @@ impl Default for EngineOptions {
             micro_batches: 1,
             kv_tokens: None,
             max_pass_tokens: 256,
+            kv_dtype: KvType::F32,
         }
     }
 }
@@ -310,8 +315,12 @@ impl Engine {
     /// Compiles `model` onto this machine and starts it. Weights load in the background;
     /// the first pass waits for them.
     pub fn new(model: &Model, opts: EngineOptions) -> Result<Engine> {
-        let mut graph =
-            model.graph(opts.graph.as_ref().map(|(t, f)| (t.as_str(), f.as_str())), opts.threads, opts.loader_lanes)?;
+        let mut graph = model.graph(
+            opts.graph.as_ref().map(|(t, f)| (t.as_str(), f.as_str())),
+            opts.threads,
+            opts.kv_dtype,
+            opts.loader_lanes,
+        )?;
         let max_positions = model.config.max_position_embeddings;
         if opts.max_pass_tokens == 0 {
             return Err(Error::Request("max_pass_tokens 0: a pass needs at least one token".into()));

@@ -44,7 +44,7 @@ pub mod synth;
 pub use engine::{Engine, EngineOptions, Event, FinishReason, Generation, LogitsMode, Output, Request, Stats};
 pub use error::{Error, Result};
 pub use model::Model;
-pub use weir_operators::Sampling;
+pub use weir_operators::{KvType, Sampling};
 pub use weir_runtime::{DType, Trace};
 
 /// Parses a byte size: `123`, `700MB`, `4GB`, `1.5GiB`, `512KiB` (decimal and binary units).

@@ -3,6 +3,7 @@
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
 use weir_graphs::{llama, Graph, ModelConfig, WeightIndex};
+use weir_operators::KvType;
 
 /// A model folder: config, weight index (headers only) and tokenizer. Opening reads and checks
 /// the headers; no weight data is read until an engine's loaders run.
@@ -72,7 +73,13 @@ impl Model {
     /// The placed graph of this model: from `graph` (a graph file's text and name) or the
     /// architecture's built-in graph file, with `threads` compute threads (0 = all) and
     /// `loader_lanes` loader lanes for the built-in file.
-    pub fn graph(&self, graph: Option<(&str, &str)>, threads: usize, loader_lanes: usize) -> Result<Graph> {
+    pub fn graph(
+        &self,
+        graph: Option<(&str, &str)>,
+        threads: usize,
+        kv_dtype: KvType,
+        loader_lanes: usize,
+    ) -> Result<Graph> {
         let (file, text) = match graph {
             Some((text, file)) => (file.to_string(), text.to_string()),
             None => {
@@ -92,6 +99,6 @@ impl Model {
                 cpus.len()
             )));
         }
-        weir_graphs::load_graph(&text, &file, &self.config, &self.weights, threads).map_err(Error::Graph)
+        weir_graphs::load_graph(&text, &file, &self.config, &self.weights, threads, kv_dtype).map_err(Error::Graph)
     }
 }

@@ -375,6 +375,7 @@ fn bench_json_has_the_keys_other_tools_read_and_budgets_are_checked() {
     fails(&["run", "--model", s(&model), "--prompt", "x", "--prefetch", "2"], &["--prefetch needs --memory-budget"]);
     fails(&["run", "--model", s(&model), "--prompt", "x", "--kv-tokens", "64"], &["--kv-tokens needs --memory-budget"]);
     fails(&["run", "--model", s(&model), "--prompt", "x", "--max-pass-tokens", "0"], &["--max-pass-tokens 0"]);
+    fails(&["run", "--model", s(&model), "--prompt", "x", "--kv-dtype", "fp8"], &["--kv-dtype fp8", "bf16"]);
     fails(&["graph", "show", "--model", s(&model), "--memory-budget", "1KB"], &["too small", "at least"]);
     fails(&["graph", "show", "--model", s(&model), "--kv-tokens", "64"], &["--kv-tokens needs --memory-budget"]);
     fails(

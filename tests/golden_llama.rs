@@ -201,3 +201,39 @@ fn f16_weights_load_and_stay_close_to_f32() {
     engine.shutdown().unwrap();
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_bf16_or_f16_kv_cache_stays_close_to_transformers() {
+    // Keys and values rounded to 8 (bf16) or 11 (f16) significant bits as they are stored; the
+    // arithmetic stays f32. Every prompt's step logits stay within a bound the rounding
+    // explains, and the greedy tokens are the golden ones.
+    let g = golden("tiny-llama");
+    for (kv, tol) in [(weir::KvType::Bf16, 0.08), (weir::KvType::F16, 0.02)] {
+        let (_, engine) = engine(&fixture("tiny-llama"), EngineOptions { kv_dtype: kv, ..Default::default() });
+        let mut worst_all = 0f32;
+        for p in g["prompts"].as_array().unwrap() {
+            let name = p["name"].as_str().unwrap();
+            let want_new = ids(&p["greedy"]["new_ids"]);
+            let out = engine
+                .generate(Request {
+                    logits: LogitsMode::Steps,
+                    stop_at_eos: false,
+                    ..Request::greedy(ids(&p["input_ids"]), want_new.len())
+                })
+                .unwrap();
+            assert_eq!(out.tokens, want_new, "{name}, {} KV cache: greedy tokens", kv.name());
+            let (worst, ok) = compare(&out.step_logits[0], &floats(&p["last_logits"]), tol, 0.0);
+            assert!(ok, "{name}, {} KV cache: last logits off by {worst}", kv.name());
+            for (s, step) in p["greedy"]["steps"].as_array().unwrap().iter().enumerate() {
+                let got: Vec<f32> = ids(&step["top_ids"]).iter().map(|&i| out.step_logits[s][i as usize]).collect();
+                let (w, ok) = compare(&got, &floats(&step["top_logits"]), tol, 0.0);
+                assert!(ok, "{name}, {} KV cache: step {s} logits off by {w}", kv.name());
+                worst_all = worst_all.max(w);
+            }
+            worst_all = worst_all.max(worst);
+        }
+        eprintln!("{} KV cache: logits within {worst_all} of transformers", kv.name());
+        assert!(worst_all > 0.0, "the {} cache rounds: the logits cannot be exactly f32's", kv.name());
+        engine.shutdown().unwrap();
+    }
+}

@@ -17,7 +17,7 @@ fn cpus() -> Vec<usize> {
 fn the_builtin_graph_round_trips_through_show() {
     for fx in ["tiny-llama", "tiny-llama-bf16"] {
         let model = Model::open(fixture(fx)).unwrap();
-        let g = model.graph(None, 1, 1).unwrap();
+        let g = model.graph(None, 1, weir::KvType::F32, 1).unwrap();
         let text = print(&g);
         let input = CheckInput { vars: vec![], weights: Some(&model.weights), cpus: cpus() };
         let g2 = load_str(&text, "shown.weir", &input).unwrap_or_else(|r| panic!("{r}\n{text}"));
@@ -56,7 +56,8 @@ fn printing_and_parsing_random_placed_graphs_gives_the_same_graph() {
     let cpus = cpus();
     for case in 0..150 {
         let cfg = random_config(&mut rng);
-        let input = CheckInput { vars: model_vars(&cfg, 1), weights: None, cpus: cpus.clone() };
+        let input =
+            CheckInput { vars: model_vars(&cfg, 1, weir_operators::KvType::F32), weights: None, cpus: cpus.clone() };
         let mut g = load_str(builtin::LLAMA, "llama.weir", &input).unwrap_or_else(|r| panic!("case {case}: {r}"));
         // Random placement: extra CPU lanes, operators moved between them, capacities changed.
         let extra = (rng.next_u64() % 3) as usize;
@@ -108,7 +109,7 @@ fn a_user_placement_across_two_lanes_gives_the_same_tokens() {
         cpus[cpus.len() - 1]
     );
     let model = Model::open(fixture("tiny-llama")).unwrap();
-    let g = model.graph(Some((&text, "user.weir")), 1, 1).unwrap();
+    let g = model.graph(Some((&text, "user.weir")), 1, weir::KvType::F32, 1).unwrap();
     let second = g.lanes.iter().position(|l| l.name == "second").unwrap();
     let on_second: Vec<&str> = g.nodes.iter().filter(|n| n.lane == second).map(|n| n.name.as_str()).collect();
     assert_eq!(on_second.len(), 12, "{on_second:?}");
@@ -135,7 +136,7 @@ fn every_broken_file_in_the_corpus_reports_exactly_its_errors() {
         let expect: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# expect: ")).collect();
         assert!(!expect.is_empty(), "{}: no `# expect:` lines", f.display());
         let name = f.file_name().unwrap().to_string_lossy().to_string();
-        let report = match model.graph(Some((&text, &name)), 1, 1) {
+        let report = match model.graph(Some((&text, &name)), 1, weir::KvType::F32, 1) {
             Err(weir::Error::Graph(r)) => r,
             other => panic!("{name}: expected a graph report, got {:?}", other.map(|_| "a graph")),
         };

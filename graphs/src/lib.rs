@@ -23,16 +23,18 @@ pub use graph::Graph;
 pub use safetensors::WeightIndex;
 
 /// Parses and checks a graph file for a model: `text` is the file's content, `file` its name
-/// in messages, `threads` the value of the `threads` variable.
+/// in messages, `threads` and `kv_dtype` the values of those variables.
 pub fn load_graph(
     text: &str,
     file: &str,
     config: &ModelConfig,
     weights: &WeightIndex,
     threads: usize,
+    kv_dtype: weir_operators::KvType,
 ) -> std::result::Result<Graph, format::Report> {
     let cpus = weir_runtime::lane::allowed_cpus();
     let threads = if threads == 0 { cpus.len() } else { threads };
-    let input = format::CheckInput { vars: format::model_vars(config, threads), weights: Some(weights), cpus };
+    let input =
+        format::CheckInput { vars: format::model_vars(config, threads, kv_dtype), weights: Some(weights), cpus };
     format::load_str(text, file, &input)
 }

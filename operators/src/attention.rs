@@ -4,7 +4,8 @@
 //! Ports: `q` `[tokens, heads*head_dim]`, `k`, `v` `[tokens, kv_heads*head_dim]` (q and k
 //! already rotated). Output: `y` `[tokens, heads*head_dim]`.
 //!
-//! State: one f32 KV cache per sequence id, created when a sequence arrives with `start == 0`,
+//! State: one KV cache per sequence id (f32, bf16 or f16: the `kv` parameter; keys and values
+//! are rounded to it as they are stored, all arithmetic is f32), created when a sequence arrives with `start == 0`,
 //! grown by every pass, dropped when the batch lists the id in `release`. A cache is a list of
 //! blocks of [`KV_BLOCK_TOKENS`] positions, each taken from the KV pool when the sequence
 //! reaches it and returned to the pool (for the next sequence) when the sequence is released.
@@ -14,15 +15,23 @@
 
 use crate::{check_act, Packet};
 use std::collections::HashMap;
-use weir_kernels::attention::{attend, AttnShape, KvBlocks};
+use weir_kernels::attention::{attend_batch, store_row, AttnShape, KvBlocks, KvData, KvRowMut, KvType, SeqAttn};
 use weir_runtime::{DType, Emit, FireCx, Inputs, OpError, Operator, Pool, Step, Tensor};
 
 /// Positions per KV block.
 pub const KV_BLOCK_TOKENS: usize = 16;
 
 /// Bytes of one KV block of an attention operator with `kv_dim` = kv_heads·head_dim.
-pub fn kv_block_bytes(kv_dim: usize) -> usize {
-    KvBlocks::block_len(KV_BLOCK_TOKENS, kv_dim) * 4
+pub fn kv_block_bytes(kv_dim: usize, ty: KvType) -> usize {
+    KvBlocks::block_len(KV_BLOCK_TOKENS, kv_dim) * ty.size()
+}
+
+fn dtype(ty: KvType) -> DType {
+    match ty {
+        KvType::F32 => DType::F32,
+        KvType::Bf16 => DType::BF16,
+        KvType::F16 => DType::F16,
+    }
 }
 
 struct Kv {
@@ -35,6 +44,7 @@ pub struct Attention {
     shape: AttnShape,
     max_positions: usize,
     window: Option<usize>,
+    kv_type: KvType,
     caches: HashMap<u64, Kv>,
     pool: Pool,
 }
@@ -42,19 +52,22 @@ pub struct Attention {
 impl Attention {
     /// An attention operator with empty caches.
     /// `window`: a token at position p sees only positions after `p - window` (sliding-window
-    /// attention, as Mistral); `None` sees everything before it. KV blocks come from `pool`.
+    /// attention, as Mistral); `None` sees everything before it. KV blocks of `kv_type` come
+    /// from `pool`.
     pub fn new(
         heads: usize,
         kv_heads: usize,
         head_dim: usize,
         max_positions: usize,
         window: Option<usize>,
+        kv_type: KvType,
         pool: Pool,
     ) -> Attention {
         Attention {
             shape: AttnShape { heads, kv_heads, head_dim },
             max_positions,
             window,
+            kv_type,
             caches: HashMap::new(),
             pool,
         }
@@ -82,7 +95,8 @@ impl Operator<Packet> for Attention {
             self.caches.remove(id);
         }
         let mut y = cx.zeros_f32(vec![batch.tokens(), qd])?; // [tokens, heads*head_dim]
-        let yd = y.f32_mut();
+        let bt = KV_BLOCK_TOKENS;
+        // Store every sequence's new keys and values first, then attend for all at once.
         let mut row = 0;
         for seq in &batch.seqs {
             if seq.start + seq.len > self.max_positions {
@@ -108,10 +122,8 @@ impl Operator<Packet> for Attention {
                     seq.id, kv.len, seq.start
                 )));
             }
-            let rows = row..row + seq.len;
-            let bt = KV_BLOCK_TOKENS;
             while kv.blocks.len() * bt < kv.len + seq.len {
-                let Some(buf) = self.pool.try_alloc(kv_block_bytes(kvd)) else {
+                let Some(buf) = self.pool.try_alloc(kv_block_bytes(kvd, self.kv_type)) else {
                     return Err(OpError::new(format!(
                         "sequence {}: the KV cache pool `{}` has no room for position {} ({} of its {} bytes in use)",
                         seq.id,
@@ -121,27 +133,52 @@ impl Operator<Packet> for Attention {
                         self.pool.budget()
                     )));
                 };
-                kv.blocks.push(Tensor::from_buffer(DType::F32, vec![2, bt, kvd], buf));
+                kv.blocks.push(Tensor::from_buffer(dtype(self.kv_type), vec![2, bt, kvd], buf));
             }
-            for (i, r) in rows.clone().enumerate() {
-                let p = kv.len + i;
-                let blk = kv.blocks[p / bt].f32_mut();
-                blk[(p % bt) * kvd..][..kvd].copy_from_slice(&k.f32()[r * kvd..][..kvd]);
-                blk[(bt + p % bt) * kvd..][..kvd].copy_from_slice(&v.f32()[r * kvd..][..kvd]);
+            for r in row..row + seq.len {
+                let p = kv.len + r - row;
+                let blk = &mut kv.blocks[p / bt];
+                for (src, at) in [(k, p % bt), (v, bt + p % bt)] {
+                    let src = &src.f32()[r * kvd..][..kvd];
+                    let dst = at * kvd..(at + 1) * kvd;
+                    match self.kv_type {
+                        KvType::F32 => store_row(src, KvRowMut::F32(&mut blk.f32_mut()[dst])),
+                        KvType::Bf16 => store_row(src, KvRowMut::Bf16(&mut blk.u16_mut()[dst])),
+                        KvType::F16 => store_row(src, KvRowMut::F16(&mut blk.u16_mut()[dst])),
+                    }
+                }
             }
             kv.len += seq.len;
-            let views: Vec<&[f32]> = kv.blocks.iter().map(|b| b.f32()).collect();
-            attend(
-                &q.f32()[rows.start * qd..rows.end * qd],
-                KvBlocks { blocks: &views, block_tokens: bt },
-                seq.start,
-                self.window,
-                s,
-                &mut yd[rows.start * qd..rows.end * qd],
-                cx.par,
-            );
-            row = rows.end;
+            row += seq.len;
         }
+        let caches: Vec<&Kv> = batch.seqs.iter().map(|seq| &self.caches[&seq.id]).collect();
+        // Each sequence's blocks as slices of the cache's type (the other list stays empty).
+        let wide = self.kv_type == KvType::F32;
+        let f32s: Vec<Vec<&[f32]>> = match wide {
+            true => caches.iter().map(|c| c.blocks.iter().map(|b| b.f32()).collect()).collect(),
+            false => vec![],
+        };
+        let u16s: Vec<Vec<&[u16]>> = match wide {
+            true => vec![],
+            false => caches.iter().map(|c| c.blocks.iter().map(|b| b.u16()).collect()).collect(),
+        };
+        let mut row = 0;
+        let seqs: Vec<SeqAttn> = batch
+            .seqs
+            .iter()
+            .enumerate()
+            .map(|(i, seq)| {
+                let data = match self.kv_type {
+                    KvType::F32 => KvData::F32(&f32s[i]),
+                    KvType::Bf16 => KvData::Bf16(&u16s[i]),
+                    KvType::F16 => KvData::F16(&u16s[i]),
+                };
+                let sq = SeqAttn { row, new: seq.len, past: seq.start, kv: KvBlocks { data, block_tokens: bt } };
+                row += seq.len;
+                sq
+            })
+            .collect();
+        attend_batch(q.f32(), &seqs, self.window, s, y.f32_mut(), cx.par);
         out.send(0, Packet::Act { batch: batch.clone(), x: y });
         Ok(Step::Continue)
     }
@@ -164,8 +201,8 @@ mod tests {
 
     #[test]
     fn cache_grows_per_sequence_and_is_released() {
-        let pool = Pool::new("kv", weir_runtime::Tier::Host, 2 * kv_block_bytes(2));
-        let mut op = Attention::new(1, 1, 2, 64, None, pool.clone());
+        let pool = Pool::new("kv", weir_runtime::Tier::Host, 2 * kv_block_bytes(2, KvType::F32));
+        let mut op = Attention::new(1, 1, 2, 64, None, KvType::F32, pool.clone());
         let b0 = one(7, 0, 1, vec![]);
         let out =
             fire(&mut op, vec![act(&b0, 2, &[1., 0.]), act(&b0, 2, &[1., 0.]), act(&b0, 2, &[5., 6.])], 1).unwrap();

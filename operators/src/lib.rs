@@ -23,6 +23,7 @@ pub mod swiglu;
 
 pub use packet::{Batch, LogitsWanted, Packet, Sampling, SeqSlice};
 pub use registry::{OpConfig, OpEnv, ParamValue};
+pub use weir_kernels::attention::KvType;
 pub use weir_kernels::rope::{Rope, RopeScaling};
 
 use weir_kernels::WeightView;

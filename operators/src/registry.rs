@@ -7,6 +7,7 @@
 use crate::loader::{IoMode, TensorSource};
 use crate::{add, attention, embedding, linear, lm_head, loader, rmsnorm, rope, sampler, swiglu, Packet};
 use std::collections::BTreeMap;
+use weir_kernels::attention::KvType;
 use weir_kernels::rope::{Rope, RopeScaling};
 use weir_runtime::Operator;
 
@@ -22,7 +23,15 @@ pub enum OpConfig {
     /// Rotary embedding of `heads` heads of `head_dim`.
     Rope { heads: usize, head_dim: usize, theta: f32, scaling: RopeScaling },
     /// Causal grouped-query attention with a per-sequence KV cache.
-    Attention { heads: usize, kv_heads: usize, head_dim: usize, max_positions: usize, window: Option<usize> },
+    Attention {
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        max_positions: usize,
+        window: Option<usize>,
+        /// Element type of the KV cache.
+        kv: KvType,
+    },
     /// `down(silu(gate(x)) * up(x))`.
     SwiGlu { hidden: usize, intermediate: usize },
     /// Residual add.
@@ -154,6 +163,15 @@ impl Get<'_> {
             }
         }
     }
+    /// A KV cache element type, `f32` when left out.
+    fn kv_type(&mut self, k: &'static str) -> KvType {
+        let name = self.string(k, "f32");
+        KvType::parse(&name).unwrap_or_else(|| {
+            let known: Vec<&str> = KvType::ALL.iter().map(|t| t.name()).collect();
+            self.errors.push((Some(k.into()), format!("`{k}` must be one of {}, found \"{name}\"", known.join(", "))));
+            KvType::F32
+        })
+    }
     fn string(&mut self, k: &'static str, default: &str) -> String {
         match self.raw(k).cloned() {
             None => default.to_string(),
@@ -233,6 +251,7 @@ impl OpConfig {
                     head_dim: g.usize("head_dim"),
                     max_positions: g.usize("max_positions"),
                     window: g.opt_usize("window"),
+                    kv: g.kv_type("kv"),
                 }
             }
             "swiglu" => OpConfig::SwiGlu { hidden: g.usize("hidden"), intermediate: g.usize("intermediate") },
@@ -286,12 +305,13 @@ impl OpConfig {
                 }
                 v
             }
-            OpConfig::Attention { heads, kv_heads, head_dim, max_positions, window } => vec![
+            OpConfig::Attention { heads, kv_heads, head_dim, max_positions, window, kv } => vec![
                 ("heads", u(*heads)),
                 ("kv_heads", u(*kv_heads)),
                 ("head_dim", u(*head_dim)),
                 ("max_positions", u(*max_positions)),
                 ("window", window.map_or(None, u)),
+                ("kv", Str(kv.name().into())),
             ],
             OpConfig::SwiGlu { hidden, intermediate } => {
                 vec![("hidden", u(*hidden)), ("intermediate", u(*intermediate))]
@@ -392,7 +412,9 @@ impl OpConfig {
     /// Bytes of one KV cache block (attention operators only).
     pub fn kv_block_bytes(&self) -> Option<usize> {
         match self {
-            OpConfig::Attention { kv_heads, head_dim, .. } => Some(attention::kv_block_bytes(kv_heads * head_dim)),
+            OpConfig::Attention { kv_heads, head_dim, kv, .. } => {
+                Some(attention::kv_block_bytes(kv_heads * head_dim, *kv))
+            }
             _ => None,
         }
     }
@@ -411,8 +433,8 @@ impl OpConfig {
             OpConfig::Rope { heads, head_dim, theta, scaling } => {
                 Box::new(rope::RopeOp { heads, rope: Rope::new(head_dim, theta, &scaling) })
             }
-            OpConfig::Attention { heads, kv_heads, head_dim, max_positions, window } => Box::new(
-                attention::Attention::new(heads, kv_heads, head_dim, max_positions, window, env.kv_pool.clone()),
+            OpConfig::Attention { heads, kv_heads, head_dim, max_positions, window, kv } => Box::new(
+                attention::Attention::new(heads, kv_heads, head_dim, max_positions, window, kv, env.kv_pool.clone()),
             ),
             OpConfig::SwiGlu { hidden, intermediate } => Box::new(swiglu::SwiGlu { hidden, intermediate }),
             OpConfig::Add { dim } => Box::new(add::Add { dim }),
@@ -449,8 +471,22 @@ mod tests {
                     original_max_position_embeddings: 8192.0,
                 },
             },
-            OpConfig::Attention { heads: 4, kv_heads: 2, head_dim: 4, max_positions: 64, window: Some(16) },
-            OpConfig::Attention { heads: 4, kv_heads: 2, head_dim: 4, max_positions: 64, window: None },
+            OpConfig::Attention {
+                heads: 4,
+                kv_heads: 2,
+                head_dim: 4,
+                max_positions: 64,
+                window: Some(16),
+                kv: KvType::Bf16,
+            },
+            OpConfig::Attention {
+                heads: 4,
+                kv_heads: 2,
+                head_dim: 4,
+                max_positions: 64,
+                window: None,
+                kv: KvType::F32,
+            },
             OpConfig::SwiGlu { hidden: 4, intermediate: 8 },
             OpConfig::Add { dim: 4 },
             OpConfig::LmHead { hidden: 4, vocab: 10 },
@@ -473,5 +509,13 @@ mod tests {
         assert!(text.iter().any(|t| t.contains("missing parameter `out`")), "{text:?}");
         assert!(text.iter().any(|t| t.contains("no parameter `colour`")), "{text:?}");
         assert!(OpConfig::from_params("conv2d", &p).unwrap_err()[0].1.contains("unknown operator `conv2d`"));
+        let mut a = Params::new();
+        for k in ["heads", "kv_heads", "head_dim", "max_positions"] {
+            a.insert(k.into(), ParamValue::Int(4));
+        }
+        a.insert("kv".into(), ParamValue::Str("fp8".into()));
+        let errs = OpConfig::from_params("attention", &a).unwrap_err();
+        assert_eq!(errs[0].0.as_deref(), Some("kv"));
+        assert!(errs[0].1.contains("one of f32, bf16, f16, found \"fp8\""), "{errs:?}");
     }
 }

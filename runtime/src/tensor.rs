@@ -332,13 +332,22 @@ impl Tensor {
     /// Mutable f32 data; copies the buffer first if it is shared.
     pub fn f32_mut(&mut self) -> &mut [f32] {
         assert_eq!(self.dtype, DType::F32, "tensor is {}", self.dtype.name());
+        self.unique_buf().typed_mut()
+    }
+    /// Mutable 16-bit patterns (bf16 or f16); copies the buffer first if it is shared.
+    pub fn u16_mut(&mut self) -> &mut [u16] {
+        assert!(matches!(self.dtype, DType::BF16 | DType::F16), "tensor is {}", self.dtype.name());
+        self.unique_buf().typed_mut()
+    }
+    /// The buffer, made this tensor's own and exactly its data.
+    fn unique_buf(&mut self) -> &mut HostBuffer {
         if Arc::get_mut(&mut self.buf).is_none() || self.off != 0 || self.buf.len() != self.data_len() {
             let mut fresh = HostBuffer::zeroed(self.data_len());
             fresh.as_bytes_mut().copy_from_slice(self.bytes());
             self.buf = Arc::new(fresh);
             self.off = 0;
         }
-        Arc::get_mut(&mut self.buf).expect("unique after copy").typed_mut()
+        Arc::get_mut(&mut self.buf).expect("unique after copy")
     }
 
     /// The data converted to f32 (a copy).

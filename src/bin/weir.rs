@@ -4,7 +4,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
-use weir::{Engine, EngineOptions, Event, LogitsMode, Model, Request, Sampling};
+use weir::{Engine, EngineOptions, Event, KvType, LogitsMode, Model, Request, Sampling};
 
 #[derive(Parser)]
 #[command(name = "weir", version, about = "Run large language models on every device of one machine")]
@@ -149,6 +149,9 @@ struct PlaceArgs {
     /// The most tokens in one pass: longer prompts are prefilled in chunks of this many.
     #[arg(long, default_value_t = 256)]
     max_pass_tokens: usize,
+    /// Element type of the KV cache: f32, bf16 or f16 (half the memory; keys and values rounded).
+    #[arg(long, default_value = "f32")]
+    kv_dtype: String,
 }
 
 impl PlaceArgs {
@@ -162,8 +165,14 @@ impl PlaceArgs {
             micro_batches: self.micro_batches,
             kv_tokens: self.kv_tokens,
             max_pass_tokens: self.max_pass_tokens,
+            kv_dtype: KvType::parse(&self.kv_dtype).unwrap_or(KvType::F32),
             ..Default::default()
         }
+    }
+
+    /// `--kv-dtype`, checked.
+    fn kv_dtype(&self) -> Result<KvType> {
+        KvType::parse(&self.kv_dtype).ok_or_else(|| anyhow!("--kv-dtype {}: expected f32, bf16 or f16", self.kv_dtype))
     }
 
     /// Checks the flags together (what each needs, their ranges) and reads the graph file.
@@ -177,6 +186,7 @@ impl PlaceArgs {
         if self.kv_tokens.is_some() && self.memory_budget.is_none() {
             bail!("--kv-tokens needs --memory-budget (without a budget the KV cache grows as it needs)");
         }
+        self.kv_dtype()?;
         if self.prefetch.is_some() && self.memory_budget.is_none() {
             bail!("--prefetch needs --memory-budget (without a budget every weight is resident and nothing streams)");
         }
@@ -476,7 +486,7 @@ fn graph(cmd: GraphCmd) -> Result<()> {
             let g = match &model {
                 Some(dir) => {
                     let m = Model::open(dir).with_context(|| format!("--model {}", dir.display()))?;
-                    m.graph(Some((&text, &name)), threads, 1)?
+                    m.graph(Some((&text, &name)), threads, KvType::F32, 1)?
                 }
                 None => {
                     let input = weir_graphs::format::CheckInput {
@@ -507,7 +517,7 @@ fn graph(cmd: GraphCmd) -> Result<()> {
 fn load_model_graph(a: &GraphArgs) -> Result<weir_graphs::Graph> {
     let (text, budget) = a.place.resolve()?;
     let model = Model::open(&a.model).with_context(|| format!("--model {}", a.model.display()))?;
-    let mut g = model.graph(text.as_ref().map(|(t, n)| (t.as_str(), n.as_str())), a.threads, 1)?;
+    let mut g = model.graph(text.as_ref().map(|(t, n)| (t.as_str(), n.as_str())), a.threads, a.place.kv_dtype()?, 1)?;
     if let Some(b) = budget {
         let reserve = a.place.engine_options(a.threads, None, budget).reserve(model.config.max_position_embeddings);
         weir_graphs::plan::fit(&mut g, b, a.place.prefetch, &reserve).map_err(weir::Error::from)?;

@@ -41,8 +41,9 @@ impl std::fmt::Display for Value {
     }
 }
 
-/// The variables a graph file can read: the model's config, and the placement's `threads`.
-pub fn model_vars(c: &ModelConfig, threads: usize) -> Vec<(String, Value)> {
+/// The variables a graph file can read: the model's config, and the run's `threads` and
+/// `kv_dtype` (the KV cache's element type).
+pub fn model_vars(c: &ModelConfig, threads: usize, kv_dtype: weir_operators::KvType) -> Vec<(String, Value)> {
     use weir_operators::RopeScaling;
     let u = |v: usize| Value::Int(v as i64);
     let f = |v: f32| Value::Float(v as f64);
@@ -78,6 +79,7 @@ pub fn model_vars(c: &ModelConfig, threads: usize) -> Vec<(String, Value)> {
             Value::List(c.sliding_window.iter().map(|w| w.map_or(Value::None, |w| Value::Int(w as i64))).collect()),
         ),
         ("threads".into(), u(threads)),
+        ("kv_dtype".into(), Value::Str(kv_dtype.name().into())),
     ]
 }
 
