@@ -1,8 +1,9 @@
 //! Criterion benchmarks of the CPU kernels on the TinyLlama-1.1B shape, each beside its bound
 //! measured in the same run:
 //!
-//! * `read/…` — the memory-read bound: a plain vector sum over as many bytes as the decode
-//!   matmul streams (throughput in bytes, so criterion prints GB/s for both);
+//! * `decode/read-…` — the memory-read bound: [`weir_kernels::probe`] over as many bytes as the
+//!   decode matmul streams, one stream per task (`sequential`) and eight side by side with a
+//!   prefetch (`tiled`); throughput in bytes, so criterion prints GB/s for both;
 //! * `decode/…` — matrix-vector (one token) over weights cycled through a set larger than the
 //!   caches, bf16 and f32, 1 and 2 threads;
 //! * `prefill/…` and `batch/…` — matrix-matrix at 512, 32 and 128 tokens (throughput in
@@ -16,6 +17,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::hint::black_box;
 use weir_kernels::attention::{attend_batch, AttnShape, KvBlocks, KvData, KvType, SeqAttn};
+use weir_kernels::probe::{self, ReadPattern};
 use weir_kernels::{matmul, Parallel, WeightView};
 use weir_runtime::WorkerPool;
 
@@ -66,14 +68,16 @@ fn decode(c: &mut Criterion) {
         let par = pool(threads);
         for ((name, bytes, views), words) in kinds.iter().zip(&words) {
             g.throughput(Throughput::Bytes(*bytes as u64));
-            // The bound: reading the same bytes with a plain sum.
-            let mut i = 0;
-            g.bench_function(BenchmarkId::new(format!("read-{name}"), threads), |b| {
-                b.iter(|| {
-                    i = (i + 1) % words.len();
-                    black_box(sum(&words[i], &par))
-                })
-            });
+            // The bound: reading the same bytes, one stream per task or eight side by side.
+            for pattern in ReadPattern::ALL {
+                let mut i = 0;
+                g.bench_function(BenchmarkId::new(format!("read-{name}-{}", pattern.name()), threads), |b| {
+                    b.iter(|| {
+                        i = (i + 1) % words.len();
+                        black_box(probe::read(&words[i], pattern, &par))
+                    })
+                });
+            }
             let mut i = 0;
             g.bench_function(BenchmarkId::new(format!("matvec-{name}"), threads), |b| {
                 b.iter(|| {
@@ -85,23 +89,6 @@ fn decode(c: &mut Criterion) {
         }
     }
     g.finish();
-}
-
-/// A sum over `v` split across the pool, bound by memory reads.
-fn sum(v: &[f32], par: &dyn Parallel) -> f32 {
-    let tasks = par.threads() * 4;
-    let parts: Vec<std::sync::Mutex<f32>> = (0..tasks).map(|_| Default::default()).collect();
-    par.run(tasks, &|i| {
-        let r = weir_kernels::par::split_range(v.len(), tasks, 64, i);
-        let mut acc = [0f32; 32];
-        for c in v[r].chunks_exact(32) {
-            for j in 0..32 {
-                acc[j] += c[j];
-            }
-        }
-        *parts[i].lock().unwrap() = acc.iter().sum();
-    });
-    parts.iter().map(|p| *p.lock().unwrap()).sum()
 }
 
 fn gemm(c: &mut Criterion) {

@@ -8,7 +8,6 @@ use crate::error::{Error, Result};
 use crate::model::Model;
 use std::collections::BTreeMap;
 use std::time::Instant;
-use weir_kernels::Parallel;
 use weir_operators::Sampling;
 
 /// What to run.
@@ -47,8 +46,11 @@ pub struct BenchReport {
     pub bandwidth_bound_steps_per_s: f64,
     /// Decode steps per second achieved ÷ that bound (1.0 = at the memory roofline).
     pub fraction_of_bandwidth_bound: f64,
-    /// Achieved FLOP/s in prefill (2 × parameters × tokens).
+    /// Achieved FLOP/s in prefill: every matrix (2 FLOPs per weight per token), attention
+    /// (4 per query dimension per position seen) and the LM head on each prompt's last row.
     pub prefill_flops_per_s: f64,
+    /// Achieved FLOP/s in decode, counted the same way (each step: every sequence's token).
+    pub decode_flops_per_s: f64,
     /// Bytes the loaders read from storage during the measured generation.
     pub disk_bytes_read: u64,
     /// Those bytes ÷ the generation's time.
@@ -79,40 +81,13 @@ pub struct BenchReport {
     pub page_cache: String,
 }
 
-/// Reads a buffer of `bytes` with the cores of a lane of `threads` cores and returns the best
-/// of a few rounds, in GB/s.
+/// Reads a buffer of `bytes` with the cores of a lane of `threads` cores, in each of the
+/// patterns of [`weir_kernels::probe`], and returns the best of a few rounds, in GB/s.
 pub fn read_bandwidth(threads: usize, bytes: usize) -> Result<f64> {
     let cores = weir_runtime::lane::allowed_cpus();
     let threads = threads.clamp(1, cores.len());
     let pool = weir_runtime::WorkerPool::new("bw", &cores[1..threads])?;
-    // f32 data summed into 32 independent lanes: the compiler turns this into wide vector
-    // loads and adds, so the loop is bound by memory, not by the adds.
-    let words = bytes / 4;
-    let mut buf = vec![0f32; words];
-    for (i, w) in buf.iter_mut().enumerate().step_by(1024) {
-        *w = i as f32;
-    }
-    let tasks = pool.threads() * 4;
-    let sums: Vec<std::sync::Mutex<f32>> = (0..tasks).map(|_| Default::default()).collect();
-    let mut best = 0f64;
-    for _ in 0..8 {
-        let t0 = Instant::now();
-        pool.run(tasks, &|i| {
-            let r = weir_kernels::par::split_range(words, tasks, 64, i);
-            let mut acc = [0f32; 32];
-            for c in buf[r].chunks_exact(32) {
-                for j in 0..32 {
-                    acc[j] += c[j];
-                }
-            }
-            if let Ok(mut s) = sums[i].lock() {
-                *s = acc.iter().sum();
-            }
-        });
-        best = best.max((words * 4) as f64 / t0.elapsed().as_secs_f64() / 1e9);
-    }
-    std::hint::black_box(&sums);
-    Ok(best)
+    Ok(weir_kernels::probe::read_bandwidth(bytes, &pool))
 }
 
 struct Run {
@@ -202,6 +177,17 @@ fn generate(model: &Model, o: &BenchOptions, budget: u64, prefetch: Option<usize
     })
 }
 
+/// Floating-point operations of `tokens` new tokens that see `seen` positions in all, with
+/// `logit_rows` of them through the LM head. Multiply-adds count 2; norms, rotations and the
+/// softmax are left out (a few per element, against thousands per weight row).
+fn pass_flops(c: &weir_graphs::ModelConfig, tokens: usize, seen: usize, logit_rows: usize) -> f64 {
+    let (h, m, q, kv) =
+        (c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+    let matrices = (h * q + 2 * h * kv + q * h + 3 * h * m) as f64;
+    let layers = c.num_hidden_layers as f64;
+    layers * (2.0 * matrices * tokens as f64 + 4.0 * (q * seen) as f64) + 2.0 * (h * c.vocab_size * logit_rows) as f64
+}
+
 /// Runs the benchmark: `batch` random prompts of `prompt_len` tokens, `gen_len` tokens each —
 /// once with every weight resident (the compute bound), and, with a budget, again streaming.
 pub fn run(model: &Model, o: &BenchOptions) -> Result<BenchReport> {
@@ -250,7 +236,17 @@ pub fn run(model: &Model, o: &BenchOptions) -> Result<BenchReport> {
         }
     };
     let bound = io_s.max(resident_step);
-    let params = model.config.parameter_count() as f64;
+    let c = &model.config;
+    let (b, p) = (o.batch, o.prompt_len);
+    // Prefill: b prompts of p tokens, token j seeing j + 1 positions, one logits row each.
+    let prefill_flops = pass_flops(c, b * p, b * p * (p + 1) / 2, b);
+    // Decode: gen_len - 1 steps; the step that feeds position p + k sees p + k + 1 positions.
+    let decode_flops = pass_flops(
+        c,
+        b * (o.gen_len - 1),
+        b * (0..o.gen_len - 1).map(|k| p + k + 1).sum::<usize>(),
+        b * (o.gen_len - 1),
+    );
     let steps_per_s = 1.0 / actual.max(1e-12);
     let mem_bound = bw * 1e9 / wb as f64;
     Ok(BenchReport {
@@ -266,7 +262,8 @@ pub fn run(model: &Model, o: &BenchOptions) -> Result<BenchReport> {
         weight_bytes_per_token: wb,
         bandwidth_bound_steps_per_s: mem_bound,
         fraction_of_bandwidth_bound: steps_per_s / mem_bound,
-        prefill_flops_per_s: 2.0 * params * (o.batch * o.prompt_len) as f64 / run.prefill_s.max(1e-9),
+        prefill_flops_per_s: prefill_flops / run.prefill_s.max(1e-9),
+        decode_flops_per_s: decode_flops / run.decode_s.max(1e-9),
         disk_bytes_read: run.disk_bytes,
         disk_gb_per_s: run.disk_bytes as f64 / run.total_s / 1e9,
         disk_probe_gb_per_s: disk_bw / 1e9,
@@ -280,4 +277,26 @@ pub fn run(model: &Model, o: &BenchOptions) -> Result<BenchReport> {
         page_cache: if direct { "bypassed".into() } else { "evicted".into() },
         trace: run.trace,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pass_counts_every_matrix_weight_twice_per_token_and_attention_per_position() {
+        let v = serde_json::json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 160,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 384,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": false});
+        let c = weir_graphs::ModelConfig::from_value(std::path::Path::new("config.json"), &v).unwrap();
+        // The layers' matrices: every parameter but the embedding table, the LM head and the
+        // norms' weights (2 per layer and the final one).
+        let matrices = c.parameter_count() - 2 * 384 * 64 - (2 * 2 + 1) * 64;
+        let one = pass_flops(&c, 1, 0, 0);
+        assert_eq!(one, 2.0 * matrices as f64);
+        assert_eq!(pass_flops(&c, 3, 0, 0), 3.0 * one);
+        // Each position seen: q·k and the weighted sum over 4 heads of 16, in 2 layers.
+        assert_eq!(pass_flops(&c, 1, 10, 0) - one, 10.0 * 4.0 * 64.0 * 2.0);
+        assert_eq!(pass_flops(&c, 1, 0, 2) - one, 2.0 * 2.0 * 64.0 * 384.0);
+    }
 }

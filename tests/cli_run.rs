@@ -349,6 +349,8 @@ fn bench_json_has_the_keys_other_tools_read_and_budgets_are_checked() {
         "prefill_tokens_per_s",
         "decode_tokens_per_s",
         "total_tokens_per_s",
+        "prefill_flops_per_s",
+        "decode_flops_per_s",
         "disk_gb_per_s",
         "bound_s_per_step",
         "actual_s_per_step",

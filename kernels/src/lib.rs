@@ -10,6 +10,7 @@
 //! * [`rope`] — rotary position embedding tables and the rotate-half application.
 //! * [`attention`] — causal grouped-query attention of new tokens over a KV cache.
 //! * [`activation`] — SiLU-gated product (SwiGLU's middle).
+//! * [`probe`] — the memory-read bound, read the ways the decode kernels read.
 //! * [`isa`] — which instruction set the fast paths use (`WEIR_CPU_ISA` overrides).
 //!
 //! ```
@@ -28,6 +29,7 @@ pub mod isa;
 pub mod matmul;
 pub mod norm;
 pub mod par;
+pub mod probe;
 pub mod rope;
 
 pub use matmul::WeightView;

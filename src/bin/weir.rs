@@ -413,7 +413,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             r.prefill_tokens_per_s,
             r.prefill_flops_per_s / 1e12
         );
-        println!("decode           {:.2} tokens/s", r.decode_tokens_per_s);
+        println!("decode           {:.2} tokens/s ({:.3} TFLOP/s)", r.decode_tokens_per_s, r.decode_flops_per_s / 1e12);
         println!("total            {:.2} tokens/s", r.total_tokens_per_s);
         println!("memory read      {:.1} GB/s (measured now, {} threads)", r.memory_read_gb_per_s, r.threads);
         println!("weights / step   {:.3} GB", r.weight_bytes_per_token as f64 / 1e9);
