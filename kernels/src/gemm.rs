@@ -8,9 +8,11 @@
 //! `k` it loads two weight vectors from the panel, broadcasts one input per token and issues
 //! 12 FMAs — no horizontal sums, no conversions in the inner loop.
 //!
-//! Blocking: a task owns a range of output rows; it walks them [`NC`] at a time (four panels,
-//! 64 KiB of f32: in L2), and `k` in steps of [`KC`]. For each group of 6 tokens (6 KiB of `x`:
-//! in L1) it runs the four panels, adding into `y`.
+//! Blocking (GotoBLAS's order, with the weights in the role of its packed `B`): a task owns a
+//! range of output rows and walks them [`NC`] at a time (up to 32 panels, 512 KiB of f32: in
+//! L2/L3), `k` in steps of [`KC`]. It packs those panels once, then takes the tokens [`MC`] at a
+//! time (72 KiB of `x`: in L2) and runs every panel (16 KiB: in L1) over all the token groups of
+//! that block before the next panel, adding into `y`.
 
 use crate::matmul::WeightView;
 use crate::par::SharedMut;
@@ -18,7 +20,9 @@ use crate::par::SharedMut;
 /// Columns of `k` per packed panel.
 pub const KC: usize = 256;
 /// Output rows per block of panels (a multiple of 16).
-pub const NC: usize = 64;
+pub const NC: usize = 512;
+/// Tokens per block of `x` that the panels run over in turn (a multiple of [`MR`]).
+pub const MC: usize = 72;
 /// Tokens per micro-kernel tile.
 pub const MR: usize = 6;
 
@@ -61,26 +65,31 @@ pub(crate) unsafe fn rows_avx2(
                     let live = (rows.end - pr).min(16);
                     avx2::pack(w, k, pr, live, k0, kc, pp.add(p * KC * 16));
                 }
-                let mut t0 = 0;
-                while t0 < t {
-                    let tt = (t - t0).min(MR);
+                let add = k0 > 0;
+                let mut m0 = 0;
+                while m0 < t {
+                    let mc = (t - m0).min(MC);
                     for p in 0..npanels {
                         let pr = r0 + p * 16;
                         let cols = (rows.end - pr).min(16);
-                        let xo = x.as_ptr().add(t0 * k + k0);
-                        let yo = y.0.add(t0 * n + pr);
                         let panel = pp.add(p * KC * 16);
-                        let add = k0 > 0;
-                        match tt {
-                            6 => avx2::micro::<6>(xo, k, panel, kc, yo, n, cols, add),
-                            5 => avx2::micro::<5>(xo, k, panel, kc, yo, n, cols, add),
-                            4 => avx2::micro::<4>(xo, k, panel, kc, yo, n, cols, add),
-                            3 => avx2::micro::<3>(xo, k, panel, kc, yo, n, cols, add),
-                            2 => avx2::micro::<2>(xo, k, panel, kc, yo, n, cols, add),
-                            _ => avx2::micro::<1>(xo, k, panel, kc, yo, n, cols, add),
+                        let mut t0 = m0;
+                        while t0 < m0 + mc {
+                            let tt = (m0 + mc - t0).min(MR);
+                            let xo = x.as_ptr().add(t0 * k + k0);
+                            let yo = y.0.add(t0 * n + pr);
+                            match tt {
+                                6 => avx2::micro::<6>(xo, k, panel, kc, yo, n, cols, add),
+                                5 => avx2::micro::<5>(xo, k, panel, kc, yo, n, cols, add),
+                                4 => avx2::micro::<4>(xo, k, panel, kc, yo, n, cols, add),
+                                3 => avx2::micro::<3>(xo, k, panel, kc, yo, n, cols, add),
+                                2 => avx2::micro::<2>(xo, k, panel, kc, yo, n, cols, add),
+                                _ => avx2::micro::<1>(xo, k, panel, kc, yo, n, cols, add),
+                            }
+                            t0 += tt;
                         }
                     }
-                    t0 += tt;
+                    m0 += mc;
                 }
                 k0 += kc;
             }
@@ -208,6 +217,14 @@ mod avx2 {
     ) {
         let mut c0 = [_mm256_setzero_ps(); T];
         let mut c1 = [_mm256_setzero_ps(); T];
+        if add {
+            // The tile of `y` this adds into was last touched a whole block of `k` ago: ask
+            // for its lines now, so that they arrive while the loop below runs.
+            for t in 0..T {
+                _mm_prefetch::<_MM_HINT_T0>(y.add(t * ys) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(y.add(t * ys + 15) as *const i8);
+            }
+        }
         for kk in 0..kc {
             let w0 = _mm256_loadu_ps(panel.add(kk * 16));
             let w1 = _mm256_loadu_ps(panel.add(kk * 16 + 8));

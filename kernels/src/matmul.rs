@@ -423,8 +423,9 @@ mod avx2 {
                 let mut acc = [[_mm256_setzero_ps(); T]; R];
                 let mut i = 0;
                 while i + 8 <= k {
-                    if T == 1 && i % 64 == 0 {
-                        // Decode reads each weight once: ask for the rows' next lines early.
+                    if T == 1 && i % (64 / std::mem::size_of::<$ty>()) == 0 {
+                        // Decode reads each weight once: ask for each of the rows' next
+                        // 64-byte lines early.
                         // (A prefetch never faults; the address may lie past the matrix, so
                         // it is formed without the in-bounds promise of `add`.)
                         for r in 0..R {
@@ -618,10 +619,18 @@ mod tests {
         let mut seed = 11u64;
         // k over several panels with a ragged end (not a multiple of 8), partial panels of
         // rows, token counts that leave every micro-kernel height, a row range that starts
-        // inside a panel.
-        for &(t, k, n, r0) in
-            &[(13, 523, 70, 0), (12, 600, 16, 0), (7, 8, 33, 0), (17, 1, 5, 0), (40, 257, 129, 0), (9, 300, 50, 19)]
-        {
+        // inside a panel; more tokens than one block of x (MC) and more rows than one block of
+        // panels (NC), with ragged ends.
+        use crate::gemm::{MC, NC};
+        for &(t, k, n, r0) in &[
+            (13, 523, 70, 0),
+            (12, 600, 16, 0),
+            (7, 8, 33, 0),
+            (17, 1, 5, 0),
+            (40, 257, 129, 0),
+            (9, 300, 50, 19),
+            (2 * MC + 7, 300, NC + 37, 3),
+        ] {
             let x: Vec<f32> = (0..t * k).map(|_| rng(&mut seed)).collect();
             let wf: Vec<f32> = (0..n * k).map(|_| rng(&mut seed)).collect();
             let wb: Vec<u16> = wf.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect();
