@@ -165,7 +165,9 @@ fn generate(model: &Model, o: &BenchOptions, budget: u64, prefetch: Option<usize
     };
     // All sequences share passes: prefill ends with the last first token, decode with the last.
     Ok(Run {
-        prefill_s: outs.iter().map(|o| o.stats.prefill_s).fold(0.0, f64::max),
+        // Prefill ends when the last sequence has its first token, counted from submission:
+        // in a batch, later prompts wait for the passes of earlier ones.
+        prefill_s: outs.iter().map(|o| o.stats.queued_s + o.stats.prefill_s).fold(0.0, f64::max),
         decode_s: outs.iter().map(|o| o.stats.decode_s).fold(0.0, f64::max),
         total_s,
         disk_bytes,

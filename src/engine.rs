@@ -86,6 +86,8 @@ pub struct Stats {
     pub finish: FinishReason,
     pub prompt_tokens: usize,
     pub generated_tokens: usize,
+    /// Seconds from submission to the request's first pass (waiting for a batch slot or KV room).
+    pub queued_s: f64,
     /// Seconds from the request's first pass to its first token.
     pub prefill_s: f64,
     /// Seconds from the first token to the last.
@@ -138,6 +140,7 @@ impl Generation {
                 finish: FinishReason::MaxTokens,
                 prompt_tokens: 0,
                 generated_tokens: 0,
+                queued_s: 0.0,
                 prefill_s: 0.0,
                 decode_s: 0.0,
             },
@@ -433,6 +436,7 @@ impl Engine {
                 finish: FinishReason::MaxTokens,
                 prompt_tokens: req.prompt.len(),
                 generated_tokens: 0,
+                queued_s: 0.0,
                 prefill_s: 0.0,
                 decode_s: 0.0,
             }));
@@ -552,6 +556,9 @@ impl Drop for Engine {
     }
 }
 
+/// Requests not yet admitted, with the time each was submitted.
+type Waiting = VecDeque<(Request, Sender<Event>, Instant)>;
+
 struct Active {
     id: u64,
     req: Request,
@@ -560,6 +567,7 @@ struct Active {
     pos: usize,
     last: u32,
     generated: usize,
+    submitted: Instant,
     started: Option<Instant>,
     first_token: Option<Instant>,
     /// KV blocks set aside for the sequence's whole length.
@@ -587,7 +595,7 @@ struct Scheduler {
 impl Scheduler {
     fn run(mut self) {
         let mut active: Vec<Active> = Vec::new();
-        let mut waiting: VecDeque<(Request, Sender<Event>)> = VecDeque::new();
+        let mut waiting: Waiting = VecDeque::new();
         let mut release: Vec<u64> = Vec::new();
         let mut next_id = 0u64;
         let mut pass = 0u64;
@@ -602,7 +610,7 @@ impl Scheduler {
                     self.cmds.try_recv()
                 };
                 match cmd {
-                    Ok(Cmd::Submit(req, events)) => waiting.push_back((req, events)),
+                    Ok(Cmd::Submit(req, events)) => waiting.push_back((req, events, Instant::now())),
                     Err(crossbeam_channel::TryRecvError::Empty) => break,
                     Err(crossbeam_channel::TryRecvError::Disconnected) => open = false,
                 }
@@ -610,7 +618,7 @@ impl Scheduler {
             // Admit in arrival order while there is a slot and the KV reserve holds the whole
             // sequence (so attention never runs out of blocks mid-generation).
             while active.len() < self.p.max_batch {
-                let Some((req, _)) = waiting.front() else { break };
+                let Some((req, _, _)) = waiting.front() else { break };
                 let blocks = kv_tokens_needed(req.prompt.len(), req.max_new_tokens, self.p.max_positions)
                     / weir_operators::attention::KV_BLOCK_TOKENS;
                 if let Some(free) = &mut self.kv_free {
@@ -619,7 +627,7 @@ impl Scheduler {
                     }
                     *free -= blocks;
                 }
-                let Some((req, events)) = waiting.pop_front() else { break };
+                let Some((req, events, submitted)) = waiting.pop_front() else { break };
                 active.push(Active {
                     id: next_id,
                     req,
@@ -627,6 +635,7 @@ impl Scheduler {
                     pos: 0,
                     last: 0,
                     generated: 0,
+                    submitted,
                     started: None,
                     first_token: None,
                     kv_blocks: blocks,
@@ -637,7 +646,7 @@ impl Scheduler {
             if active.is_empty() && release.is_empty() {
                 // With nothing running the whole reserve is free, and `submit` refuses what
                 // could never fit: the queue is empty here.
-                for (_, events) in waiting.drain(..) {
+                for (_, events, _) in waiting.drain(..) {
                     let _ = events.send(Event::Failed("the request does not fit the KV cache reserve".into()));
                 }
                 if open {
@@ -743,6 +752,7 @@ impl Scheduler {
                             finish: f,
                             prompt_tokens: a.req.prompt.len(),
                             generated_tokens: a.generated,
+                            queued_s: secs(st - a.submitted),
                             prefill_s: secs(ft - st),
                             decode_s: secs(done_at - ft),
                         };
@@ -764,13 +774,13 @@ impl Scheduler {
         }
     }
 
-    fn fail_all(&self, active: &mut Vec<Active>, waiting: &mut VecDeque<(Request, Sender<Event>)>) {
+    fn fail_all(&self, active: &mut Vec<Active>, waiting: &mut Waiting) {
         let fault = self.program.lock().ok().and_then(|p| p.as_ref().and_then(|p| p.fault()));
         let msg = fault.map_or_else(|| "the engine stopped".to_string(), |e| e.to_string());
         for a in active.drain(..) {
             let _ = a.events.send(Event::Failed(msg.clone()));
         }
-        for (_, events) in waiting.drain(..) {
+        for (_, events, _) in waiting.drain(..) {
             let _ = events.send(Event::Failed(msg.clone()));
         }
         while let Ok(Cmd::Submit(_, events)) = self.cmds.try_recv() {

@@ -77,6 +77,21 @@ pub fn detected() -> Isa {
     })
 }
 
+/// Makes the calling thread treat subnormal floats as zero, as inputs and as results (x86-64's
+/// MXCSR DAZ and FTZ bits). Subnormals carry no meaning at the scale of activations and
+/// weights, but on x86 each one that reaches an FMA can cost a slow microcode assist;
+/// random-weight models produce them deep in the layers. Compute lanes call this on start.
+pub fn flush_subnormals() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: setting DAZ (bit 6) and FTZ (bit 15) changes only how subnormals round; every
+    // x86-64 CPU has SSE2 and both bits.
+    #[allow(deprecated)]
+    unsafe {
+        use std::arch::x86_64::{_mm_getcsr, _mm_setcsr};
+        _mm_setcsr(_mm_getcsr() | 0x8040);
+    }
+}
+
 /// Every path this CPU can run, best first (for tests that check each against the reference).
 pub fn available() -> Vec<Isa> {
     let mut v = Vec::new();
@@ -88,4 +103,20 @@ pub fn available() -> Vec<Isa> {
     }
     v.push(Isa::Portable);
     v
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn subnormal_results_are_flushed_to_zero_on_a_thread_that_asks() {
+        let product = || std::hint::black_box(1e-30f32) * std::hint::black_box(1e-10f32);
+        std::thread::spawn(move || {
+            assert!(product() > 0.0 && !product().is_normal(), "subnormal before");
+            super::flush_subnormals();
+            assert_eq!(product(), 0.0);
+        })
+        .join()
+        .unwrap();
+    }
 }

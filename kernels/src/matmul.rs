@@ -423,9 +423,8 @@ mod avx2 {
                 let mut acc = [[_mm256_setzero_ps(); T]; R];
                 let mut i = 0;
                 while i + 8 <= k {
-                    if T == 1 && i % (64 / std::mem::size_of::<$ty>()) == 0 {
-                        // Decode reads each weight once: ask for each of the rows' next
-                        // 64-byte lines early.
+                    if T == 1 && i % 64 == 0 {
+                        // Decode reads each weight once: ask for the rows' next lines early.
                         // (A prefetch never faults; the address may lie past the matrix, so
                         // it is formed without the in-bounds promise of `add`.)
                         for r in 0..R {

@@ -182,6 +182,7 @@ impl WorkerPool {
                     if let Err(e) = pin_current(core) {
                         tracing::warn!("could not pin worker to core {core}: {e}");
                     }
+                    weir_kernels::isa::flush_subnormals();
                     worker_loop(&sh)
                 })
                 .map_err(|e| Error::Spawn { lane: lane.to_string(), reason: e.to_string() })?;

@@ -385,6 +385,7 @@ fn lane_main<M: Message>(index: usize, spec: LaneSpec, mut actors: Vec<Actor<M>>
             if let Err(e) = lane::pin_current(cores[0]) {
                 tracing::warn!("lane `{}`: could not pin to core {}: {e}", spec.name, cores[0]);
             }
+            weir_kernels::isa::flush_subnormals();
             match WorkerPool::new(&spec.name, &cores[1..]) {
                 Ok(p) => Some(p),
                 Err(e) => {
