@@ -347,6 +347,7 @@ fn fold_portable(q: &[f32], k: &[f32], v: &[f32], n: usize, m: &mut f32, l: &mut
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use crate::matmul::avx2::hsum;
     use std::arch::x86_64::*;
 
     /// Widens `n` rows of `hd` (a multiple of 8) bf16 or f16 elements, `stride` elements apart.
@@ -364,15 +365,6 @@ mod avx2 {
                 _mm256_storeu_ps(o.add(c), x);
             }
         }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
     }
 
     /// `exp(x)` of 8 lanes (Cephes' polynomial, relative error ~2e-7; inputs below -87.3

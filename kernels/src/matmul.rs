@@ -61,9 +61,9 @@ const ROW_BLOCK: usize = 64;
 
 /// From this many tokens on, the AVX2 path packs weights into f32 panels once and runs the
 /// outer-product kernel of [`crate::gemm`]. Measured on the TinyLlama MLP shape (bf16,
-/// 2 threads, `cargo bench --bench kernels -- gemm`): at 8–32 tokens converting weights as
-/// they are used is faster (83 vs 51 GFLOP/s at 8), at 64–128 the two are level, at 512 the
-/// packed kernel is ahead (128–157 vs 116 in bf16, 142–153 vs 115 in f32).
+/// 2 threads, `cargo bench --bench kernels -- gemm`) when it was set: at 8–32 tokens
+/// converting weights as they are used was faster (83 vs 51 GFLOP/s at 8), at 64–128 the two
+/// were level, at 512 the packed kernel ahead (BENCHMARKS.md has its current figures).
 pub const GEMM_MIN_TOKENS: usize = 64;
 
 /// `y[t, n] = x[t, k] · w[n, k]ᵀ + bias[n]`, on the detected instruction set.
@@ -375,7 +375,7 @@ mod avx512 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use super::{SharedMut, WeightView};
     use std::arch::x86_64::*;
 
@@ -395,9 +395,10 @@ mod avx2 {
     unsafe fn ld_f16(p: *const u16) -> __m256 {
         _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
     }
+    /// The sum of the 8 lanes.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(crate) unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
