@@ -132,21 +132,6 @@ pub struct SeqAttn<'a> {
     pub kv: KvBlocks<'a>,
 }
 
-/// Attention of one sequence's new tokens; see [`attend_batch`].
-#[allow(clippy::too_many_arguments)]
-pub fn attend(
-    q: &[f32],
-    kv: KvBlocks,
-    past: usize,
-    window: Option<usize>,
-    s: AttnShape,
-    out: &mut [f32],
-    par: &dyn Parallel,
-) {
-    let new = q.len() / (s.heads * s.head_dim);
-    attend_batch(q, &[SeqAttn { row: 0, new, past, kv }], window, s, out, par);
-}
-
 /// `q`: `[tokens, heads*head_dim]` (rotated), the new tokens of every sequence in `seqs`, each
 /// at its `row`. New token `j` of a sequence sits at position `past + j` and sees positions
 /// `0..=past+j` — or, with a sliding `window`, only those after `past + j - window`.
@@ -593,7 +578,7 @@ mod tests {
             let views: Vec<&[f32]> = owned.iter().map(|b| b.as_slice()).collect();
             let mut out = vec![0f32; 4];
             let kv = KvBlocks { data: KvData::F32(&views), block_tokens: bt };
-            attend(&[1.0, 0.0, 0.0, 1.0], kv, past, window, s, &mut out, &Serial);
+            attend_batch(&[1.0, 0.0, 0.0, 1.0], &[SeqAttn { row: 0, new: 1, past, kv }], window, s, &mut out, &Serial);
             out
         };
         assert_eq!(run(&[0.5, 0.5], &[3.0, -1.0], 0, None, 4), [3.0, -1.0, 3.0, -1.0]);

@@ -123,6 +123,14 @@ struct RunArgs {
     place: PlaceArgs,
 }
 
+/// `--kv-dtype`: a KV cache element type by name.
+fn parse_kv_dtype(s: &str) -> std::result::Result<KvType, String> {
+    KvType::parse(s).ok_or_else(|| {
+        let known: Vec<&str> = KvType::ALL.iter().map(|t| t.name()).collect();
+        format!("--kv-dtype {s}: expected one of {}", known.join(", "))
+    })
+}
+
 /// A graph file's text and its name for messages.
 type GraphText = Option<(String, String)>;
 
@@ -150,8 +158,8 @@ struct PlaceArgs {
     #[arg(long, default_value_t = 256)]
     max_pass_tokens: usize,
     /// Element type of the KV cache: f32, bf16 or f16 (half the memory; keys and values rounded).
-    #[arg(long, default_value = "f32")]
-    kv_dtype: String,
+    #[arg(long, default_value = "f32", value_parser = parse_kv_dtype)]
+    kv_dtype: KvType,
 }
 
 impl PlaceArgs {
@@ -165,14 +173,9 @@ impl PlaceArgs {
             micro_batches: self.micro_batches,
             kv_tokens: self.kv_tokens,
             max_pass_tokens: self.max_pass_tokens,
-            kv_dtype: KvType::parse(&self.kv_dtype).unwrap_or(KvType::F32),
+            kv_dtype: self.kv_dtype,
             ..Default::default()
         }
-    }
-
-    /// `--kv-dtype`, checked.
-    fn kv_dtype(&self) -> Result<KvType> {
-        KvType::parse(&self.kv_dtype).ok_or_else(|| anyhow!("--kv-dtype {}: expected f32, bf16 or f16", self.kv_dtype))
     }
 
     /// Checks the flags together (what each needs, their ranges) and reads the graph file.
@@ -186,7 +189,6 @@ impl PlaceArgs {
         if self.kv_tokens.is_some() && self.memory_budget.is_none() {
             bail!("--kv-tokens needs --memory-budget (without a budget the KV cache grows as it needs)");
         }
-        self.kv_dtype()?;
         if self.prefetch.is_some() && self.memory_budget.is_none() {
             bail!("--prefetch needs --memory-budget (without a budget every weight is resident and nothing streams)");
         }
@@ -517,7 +519,7 @@ fn graph(cmd: GraphCmd) -> Result<()> {
 fn load_model_graph(a: &GraphArgs) -> Result<weir_graphs::Graph> {
     let (text, budget) = a.place.resolve()?;
     let model = Model::open(&a.model).with_context(|| format!("--model {}", a.model.display()))?;
-    let mut g = model.graph(text.as_ref().map(|(t, n)| (t.as_str(), n.as_str())), a.threads, a.place.kv_dtype()?, 1)?;
+    let mut g = model.graph(text.as_ref().map(|(t, n)| (t.as_str(), n.as_str())), a.threads, a.place.kv_dtype, 1)?;
     if let Some(b) = budget {
         let reserve = a.place.engine_options(a.threads, None, budget).reserve(model.config.max_position_embeddings);
         weir_graphs::plan::fit(&mut g, b, a.place.prefetch, &reserve).map_err(weir::Error::from)?;
