@@ -24,7 +24,14 @@ pub fn compile(g: &Graph, trace: bool, env: &weir_operators::OpEnv, in_flight: u
         .nodes
         .iter()
         .map(|n| {
-            b.actor(&n.name, lanes[n.lane], n.layer, n.op.instantiate(env), n.op.inputs().len(), n.op.outputs().len())
+            b.actor(
+                &n.name,
+                lanes[n.lane],
+                n.layer,
+                n.op.instantiate(env, n.layer),
+                n.op.inputs().len(),
+                n.op.outputs().len(),
+            )
         })
         .collect();
     for e in &g.edges {

@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use weir_operators::KvType;
 use weir_operators::{Batch, LogitsWanted, Packet, Sampling, SeqSlice};
+use weir_operators::{KvType, RoutingStats};
 use weir_runtime::{Program, Trace};
 
 pub use weir_operators::Sampling as SamplingParams;
@@ -205,6 +205,9 @@ pub struct EngineOptions {
     /// Element type of the KV cache (the graph's `kv_dtype` variable): bf16 or f16 halve its
     /// memory and the bytes attention reads, at the cost of rounding keys and values.
     pub kv_dtype: KvType,
+    /// Keep every token's expert choices (mixture-of-experts models), for [`Engine::routing`].
+    /// Counts per layer and expert are always kept.
+    pub log_routes: bool,
 }
 
 impl EngineOptions {
@@ -240,6 +243,7 @@ impl Default for EngineOptions {
             kv_tokens: None,
             max_pass_tokens: 256,
             kv_dtype: KvType::F32,
+            log_routes: false,
         }
     }
 }
@@ -362,6 +366,7 @@ impl Engine {
             // Activation sizes change with every pass: freed at once, not kept.
             activations: pool("activations", |s| s.activations, false),
             disk_bytes: Default::default(),
+            routing: Arc::new(if opts.log_routes { RoutingStats::logging() } else { RoutingStats::default() }),
         };
         let disk_bytes = env.disk_bytes.clone();
         let pools: Vec<weir_runtime::Pool> =
@@ -505,6 +510,12 @@ impl Engine {
     /// The host budget all pools share, if any.
     pub fn host_budget(&self) -> Option<u64> {
         self.budget
+    }
+
+    /// How often the routers of a mixture-of-experts model chose each expert, per layer (and
+    /// every token's choice, with [`EngineOptions::log_routes`]).
+    pub fn routing(&self) -> &RoutingStats {
+        &self.env.routing
     }
 
     /// Bytes read from storage by the loaders since the engine started.

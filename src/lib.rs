@@ -38,13 +38,14 @@ pub mod bench;
 pub mod compile;
 pub mod engine;
 pub mod error;
+pub mod expert_stats;
 pub mod model;
 pub mod synth;
 
 pub use engine::{Engine, EngineOptions, Event, FinishReason, Generation, LogitsMode, Output, Request, Stats};
 pub use error::{Error, Result};
 pub use model::Model;
-pub use weir_operators::{KvType, Sampling};
+pub use weir_operators::{KvType, RouteRecord, RoutingStats, Sampling};
 pub use weir_runtime::{DType, Trace};
 
 /// Parses a byte size: `123`, `700MB`, `4GB`, `1.5GiB`, `512KiB` (decimal and binary units).

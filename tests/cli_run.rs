@@ -461,3 +461,30 @@ fn every_instruction_set_path_gives_the_golden_tokens() {
         }
     }
 }
+
+#[test]
+fn expert_stats_accumulate_in_their_file_across_runs() {
+    let dir = tmpdir("expert-stats");
+    let path = dir.join("stats.json");
+    let model = fixture("tiny-mixtral");
+    let args = ["run", "--model", s(&model), "--prompt-ids", "1,54,74,71,287,290", "--max-new-tokens", "4"];
+    fn with<'a>(args: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+        [args, extra].concat()
+    }
+    let read = || -> Value { serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap() };
+    ok_json(&with(&args, &["--json", "--expert-stats", s(&path)]));
+    let first = read();
+    // 6 prompt tokens and 3 fed-back generated tokens routed in each of the 2 layers, 2 experts each.
+    let layers = first["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 2);
+    for l in layers {
+        assert_eq!(l["tokens"], 9, "{first}");
+        assert_eq!(l["chosen"].as_array().unwrap().iter().map(|c| c.as_u64().unwrap()).sum::<u64>(), 18);
+    }
+    ok_json(&with(&args, &["--json", "--expert-stats", s(&path)]));
+    assert_eq!(read()["layers"][1]["tokens"], 18, "a second run adds to the file");
+    assert_eq!(read()["layers"][1]["chosen"][0], first["layers"][1]["chosen"][0].as_u64().unwrap() * 2);
+    std::fs::write(&path, "not json").unwrap();
+    fails(&with(&args, &["--expert-stats", s(&path)]), &["--expert-stats", "stats.json", "not JSON"]);
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -4,62 +4,7 @@
 mod common;
 use common::*;
 use serde_json::Value;
-use std::path::Path;
-use weir::{DType, Engine, EngineOptions, LogitsMode, Model, Request};
-
-const ATOL: f32 = 2e-4;
-const RTOL: f32 = 1e-4;
-
-fn engine(dir: &Path, opts: EngineOptions) -> (Model, Engine) {
-    let model = Model::open(dir).unwrap();
-    let engine = Engine::new(&model, opts).unwrap();
-    (model, engine)
-}
-
-/// Checks every prompt of `prompts` (a golden `prompts` list) against `dir`'s model: the
-/// tokenizer's ids, last-position logits, all-position logits where recorded, and all 24 greedy
-/// tokens with their step logits.
-fn check_prompts(dir: &Path, prompts: &Value, threads: usize) {
-    check_prompts_with(dir, prompts, EngineOptions { threads, ..Default::default() });
-}
-
-fn check_prompts_with(dir: &Path, prompts: &Value, opts: EngineOptions) {
-    let (model, engine) = engine(dir, opts);
-    for p in prompts.as_array().unwrap() {
-        let name = p["name"].as_str().unwrap();
-        let want_ids = ids(&p["input_ids"]);
-        assert_eq!(model.encode(p["text"].as_str().unwrap()).unwrap(), want_ids, "{name}: tokenizer ids");
-        let want_new = ids(&p["greedy"]["new_ids"]);
-        let mode = if p.get("all_logits").is_some() { LogitsMode::AllPositions } else { LogitsMode::Steps };
-        let out = engine
-            .generate(Request { logits: mode, stop_at_eos: false, ..Request::greedy(want_ids.clone(), want_new.len()) })
-            .unwrap();
-        assert_eq!(out.tokens, want_new, "{name}: greedy tokens");
-        let (worst, ok) = compare(&out.step_logits[0], &floats(&p["last_logits"]), ATOL, RTOL);
-        assert!(ok, "{name}: last-position logits off by up to {worst}");
-        if let Some(all) = p.get("all_logits") {
-            let rows = all.as_array().unwrap();
-            assert_eq!(out.prompt_logits.len(), rows.len(), "{name}: rows of all-position logits");
-            for (i, (got, want)) in out.prompt_logits.iter().zip(rows).enumerate() {
-                let (worst, ok) = compare(got, &floats(want), ATOL, RTOL);
-                assert!(ok, "{name}: logits at position {i} off by up to {worst}");
-            }
-        }
-        for (s, step) in p["greedy"]["steps"].as_array().unwrap().iter().enumerate() {
-            let top_ids = ids(&step["top_ids"]);
-            let top = floats(&step["top_logits"]);
-            let got: Vec<f32> = top_ids.iter().map(|&i| out.step_logits[s][i as usize]).collect();
-            let (worst, ok) = compare(&got, &top, ATOL, RTOL);
-            assert!(ok, "{name}: step {s} top-5 logits off by up to {worst}");
-        }
-        assert_eq!(
-            model.decode(&out.tokens).unwrap(),
-            p["greedy"]["new_text"].as_str().unwrap(),
-            "{name}: decoded text"
-        );
-    }
-    engine.shutdown().unwrap();
-}
+use weir::{DType, EngineOptions, LogitsMode, Request};
 
 #[test]
 fn tiny_llama_f32_matches_transformers() {

@@ -15,17 +15,22 @@ pub enum Architecture {
     Llama,
     Mistral,
     Qwen2,
+    Mixtral,
+    Qwen2Moe,
 }
 
 impl Architecture {
     /// The Hugging Face class names weir accepts.
-    pub const SUPPORTED: &'static [&'static str] = &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+    pub const SUPPORTED: &'static [&'static str] =
+        &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM"];
 
     fn from_class(s: &str) -> Option<Architecture> {
         match s {
             "LlamaForCausalLM" => Some(Architecture::Llama),
             "MistralForCausalLM" => Some(Architecture::Mistral),
             "Qwen2ForCausalLM" => Some(Architecture::Qwen2),
+            "MixtralForCausalLM" => Some(Architecture::Mixtral),
+            "Qwen2MoeForCausalLM" => Some(Architecture::Qwen2Moe),
             _ => None,
         }
     }
@@ -35,8 +40,30 @@ impl Architecture {
             Architecture::Llama => "LlamaForCausalLM",
             Architecture::Mistral => "MistralForCausalLM",
             Architecture::Qwen2 => "Qwen2ForCausalLM",
+            Architecture::Mixtral => "MixtralForCausalLM",
+            Architecture::Qwen2Moe => "Qwen2MoeForCausalLM",
         }
     }
+}
+
+/// The mixture-of-experts settings of Mixtral and Qwen2-MoE.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    /// Routed experts per MoE layer (`num_local_experts`, `num_experts`).
+    pub experts: usize,
+    /// Experts per token (`num_experts_per_tok`).
+    pub top_k: usize,
+    /// Each routed expert's MLP size (Mixtral: `intermediate_size`; Qwen2-MoE:
+    /// `moe_intermediate_size`).
+    pub intermediate: usize,
+    /// Whether the chosen experts' probabilities are rescaled to sum to 1 (Mixtral always;
+    /// Qwen2-MoE: `norm_topk_prob`, default false).
+    pub normalize: bool,
+    /// The shared expert's MLP size (Qwen2-MoE's `shared_expert_intermediate_size`), if any.
+    pub shared_intermediate: Option<usize>,
+    /// Per layer: whether it is a MoE layer (Qwen2-MoE: `decoder_sparse_step`,
+    /// `mlp_only_layers`), the others having a dense MLP of `intermediate_size`.
+    pub sparse: Vec<bool>,
 }
 
 /// A model's shape and settings, from `config.json`.
@@ -63,6 +90,8 @@ pub struct ModelConfig {
     pub sliding_window: Vec<Option<usize>>,
     /// The dtype the weights were saved in, if the config says.
     pub dtype: Option<String>,
+    /// Mixture-of-experts settings (Mixtral, Qwen2-MoE).
+    pub moe: Option<MoeConfig>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -229,8 +258,9 @@ impl ModelConfig {
         };
 
         let attention_bias = r.bool_or("attention_bias", false)?;
-        let qkv_bias = architecture == Architecture::Qwen2 || attention_bias;
-        let o_bias = architecture != Architecture::Qwen2 && attention_bias;
+        let qwen = matches!(architecture, Architecture::Qwen2 | Architecture::Qwen2Moe);
+        let qkv_bias = qwen || attention_bias;
+        let o_bias = !qwen && attention_bias;
 
         // Sliding windows: Mistral applies `sliding_window` to every layer; Qwen2 only with
         // `use_sliding_window`, from layer `max_window_layers` on; `layer_types` (transformers 5)
@@ -245,7 +275,7 @@ impl ModelConfig {
                 }
                 types.iter().map(|t| if t.as_str() == Some("sliding_attention") { window } else { None }).collect()
             }
-            (_, Architecture::Qwen2) => {
+            (_, Architecture::Qwen2 | Architecture::Qwen2Moe) => {
                 let use_sw = r.bool_or("use_sliding_window", false)?;
                 let from = r.opt_usize("max_window_layers")?.unwrap_or(num_hidden_layers);
                 (0..num_hidden_layers).map(|l| if use_sw && l >= from { window } else { None }).collect()
@@ -253,6 +283,52 @@ impl ModelConfig {
             _ => vec![window; num_hidden_layers],
         };
 
+        let moe = match architecture {
+            Architecture::Mixtral => Some(MoeConfig {
+                experts: r.usize("num_local_experts")?,
+                top_k: r.usize("num_experts_per_tok")?,
+                intermediate: r.usize("intermediate_size")?,
+                normalize: true,
+                shared_intermediate: None,
+                sparse: vec![true; num_hidden_layers],
+            }),
+            Architecture::Qwen2Moe => {
+                let step = r.opt_usize("decoder_sparse_step")?.unwrap_or(1);
+                if step == 0 {
+                    return Err(r.err("decoder_sparse_step", "must be positive"));
+                }
+                let dense: Vec<usize> = match r.get("mlp_only_layers") {
+                    None => vec![],
+                    Some(Value::Array(a)) => {
+                        a.iter().map(|v| r.as_usize("mlp_only_layers", v)).collect::<Result<_>>()?
+                    }
+                    Some(x) => return Err(r.err("mlp_only_layers", format!("expected a list of layers, found {x}"))),
+                };
+                let experts = r.usize("num_experts")?;
+                Some(MoeConfig {
+                    experts,
+                    top_k: r.usize("num_experts_per_tok")?,
+                    intermediate: r.usize("moe_intermediate_size")?,
+                    normalize: r.bool_or("norm_topk_prob", false)?,
+                    shared_intermediate: r.opt_usize("shared_expert_intermediate_size")?.filter(|&s| s > 0),
+                    sparse: (0..num_hidden_layers)
+                        .map(|l| experts > 0 && !dense.contains(&l) && (l + 1) % step == 0)
+                        .collect(),
+                })
+            }
+            _ => None,
+        };
+        if let Some(m) = &moe {
+            if m.experts == 0 || m.top_k == 0 || m.top_k > m.experts {
+                return Err(r.err(
+                    "num_experts_per_tok",
+                    format!("{} experts per token out of {} experts", m.top_k, m.experts),
+                ));
+            }
+            if m.intermediate == 0 {
+                return Err(r.err("moe_intermediate_size", "must be positive"));
+            }
+        }
         let dtype = r.get("dtype").or_else(|| r.get("torch_dtype")).and_then(|d| d.as_str()).map(String::from);
         let bos_token_id = r.ids("bos_token_id")?.first().copied();
         let eos_token_ids = r.ids("eos_token_id")?;
@@ -274,6 +350,7 @@ impl ModelConfig {
             o_bias,
             sliding_window,
             dtype,
+            moe,
             bos_token_id,
             eos_token_ids,
         };
@@ -290,7 +367,8 @@ impl ModelConfig {
         Ok(c)
     }
 
-    /// Bytes of weights per token at batch 1 in dtype `bytes_per_weight` (every matrix read once).
+    /// Weights read per token at batch 1: every matrix once (of a MoE layer: the router, `top_k`
+    /// experts and the shared expert).
     pub fn parameter_count(&self) -> usize {
         let (h, m, q, kv) = (
             self.hidden_size,
@@ -298,9 +376,20 @@ impl ModelConfig {
             self.num_attention_heads * self.head_dim,
             self.num_key_value_heads * self.head_dim,
         );
-        let per_layer = h * q + 2 * h * kv + q * h + 3 * h * m + 2 * h;
+        let attn = h * q + 2 * h * kv + q * h + 2 * h;
+        let mlp: usize = (0..self.num_hidden_layers)
+            .map(|l| match &self.moe {
+                // Active per token: the router, top_k experts and the shared expert with its gate.
+                Some(e) if e.sparse[l] => {
+                    e.experts * h
+                        + e.top_k * 3 * h * e.intermediate
+                        + e.shared_intermediate.map_or(0, |s| 3 * h * s + h)
+                }
+                _ => 3 * h * m,
+            })
+            .sum();
         let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
-        self.num_hidden_layers * per_layer + self.vocab_size * h + head + h
+        self.num_hidden_layers * attn + mlp + self.vocab_size * h + head + h
     }
 }
 

@@ -17,7 +17,7 @@ pub mod llama;
 pub mod plan;
 pub mod safetensors;
 
-pub use config::{Architecture, ModelConfig};
+pub use config::{Architecture, ModelConfig, MoeConfig};
 pub use error::{Error, Result};
 pub use graph::Graph;
 pub use safetensors::WeightIndex;

@@ -1,7 +1,10 @@
-//! The Llama family's weights: which tensors a config implies, and the check that a model
+//! The Llama family's weights (and Mixtral's and Qwen2-MoE's experts): which tensors a config implies, and the check that a model
 //! folder has them with the right shapes. The graph itself is `graphs/llama.weir`.
 
-use crate::config::ModelConfig;
+use crate::config::{Architecture, ModelConfig};
+
+/// A SwiGLU MLP's weights as Hugging Face names them: gate, up, down.
+const HF_MLP: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
 use crate::error::{Error, Result};
 use crate::safetensors::WeightIndex;
 use weir_operators::loader::TensorSource;
@@ -27,9 +30,30 @@ pub fn expected_tensors(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
             t.push((format!("{p}.self_attn.o_proj.bias"), vec![h]));
         }
         t.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-        t.push((format!("{p}.mlp.gate_proj.weight"), vec![m, h]));
-        t.push((format!("{p}.mlp.up_proj.weight"), vec![m, h]));
-        t.push((format!("{p}.mlp.down_proj.weight"), vec![h, m]));
+        let mlp = |t: &mut Vec<(String, Vec<usize>)>, at: &str, names: [&str; 3], m: usize| {
+            t.push((format!("{at}.{}.weight", names[0]), vec![m, h]));
+            t.push((format!("{at}.{}.weight", names[1]), vec![m, h]));
+            t.push((format!("{at}.{}.weight", names[2]), vec![h, m]));
+        };
+        match &c.moe {
+            Some(e) if e.sparse[l] && c.architecture == Architecture::Mixtral => {
+                t.push((format!("{p}.block_sparse_moe.gate.weight"), vec![e.experts, h]));
+                for x in 0..e.experts {
+                    mlp(&mut t, &format!("{p}.block_sparse_moe.experts.{x}"), ["w1", "w3", "w2"], e.intermediate);
+                }
+            }
+            Some(e) if e.sparse[l] => {
+                t.push((format!("{p}.mlp.gate.weight"), vec![e.experts, h]));
+                for x in 0..e.experts {
+                    mlp(&mut t, &format!("{p}.mlp.experts.{x}"), HF_MLP, e.intermediate);
+                }
+                if let Some(s) = e.shared_intermediate {
+                    mlp(&mut t, &format!("{p}.mlp.shared_expert"), HF_MLP, s);
+                    t.push((format!("{p}.mlp.shared_expert_gate.weight"), vec![1, h]));
+                }
+            }
+            _ => mlp(&mut t, &format!("{p}.mlp"), HF_MLP, m),
+        }
     }
     t.push(("model.norm.weight".to_string(), vec![h]));
     if !c.tie_word_embeddings {

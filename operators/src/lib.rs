@@ -11,6 +11,7 @@
 pub mod add;
 pub mod attention;
 pub mod embedding;
+pub mod expert;
 pub mod linear;
 pub mod lm_head;
 pub mod loader;
@@ -18,11 +19,14 @@ pub mod packet;
 pub mod registry;
 pub mod rmsnorm;
 pub mod rope;
+pub mod router;
 pub mod sampler;
+pub mod sigmoid_gate;
 pub mod swiglu;
 
 pub use packet::{Batch, LogitsWanted, Packet, Sampling, SeqSlice};
-pub use registry::{OpConfig, OpEnv, ParamValue};
+pub use registry::{Carries, OpConfig, OpEnv, ParamValue};
+pub use router::{RouteRecord, Routing, RoutingStats};
 pub use weir_kernels::attention::KvType;
 pub use weir_kernels::rope::{Rope, RopeScaling};
 

@@ -90,6 +90,8 @@ pub enum Packet {
     Act { batch: Arc<Batch>, x: Tensor },
     /// A weight tensor, as stored, from a loader.
     Weight { name: Arc<str>, w: Tensor },
+    /// A router's expert choices for every token of the pass.
+    Route { batch: Arc<Batch>, route: Arc<crate::router::Routing> },
     /// The sampled token of every sequence, with the logits rows that were asked for.
     Sampled { batch: Arc<Batch>, tokens: Vec<u32>, logits: Option<Tensor> },
 }
@@ -100,6 +102,7 @@ impl Message for Packet {
             Packet::Tokens { ids, .. } => ids.len() * 4,
             Packet::Act { x, .. } => x.nbytes(),
             Packet::Weight { w, .. } => w.nbytes(),
+            Packet::Route { route, .. } => route.ids.len() * 8,
             Packet::Sampled { tokens, logits, .. } => tokens.len() * 4 + logits.as_ref().map_or(0, |l| l.nbytes()),
         }
     }
@@ -127,6 +130,7 @@ impl Packet {
             Packet::Tokens { .. } => "token ids",
             Packet::Act { .. } => "activations",
             Packet::Weight { .. } => "a weight",
+            Packet::Route { .. } => "expert choices",
             Packet::Sampled { .. } => "sampled tokens",
         }
     }

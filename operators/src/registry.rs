@@ -5,7 +5,10 @@
 //! back, and what the graph checker asks for port widths and weight shapes.
 
 use crate::loader::{IoMode, TensorSource};
-use crate::{add, attention, embedding, linear, lm_head, loader, rmsnorm, rope, sampler, swiglu, Packet};
+use crate::{
+    add, attention, embedding, expert, linear, lm_head, loader, rmsnorm, rope, router, sampler, sigmoid_gate, swiglu,
+    Packet,
+};
 use std::collections::BTreeMap;
 use weir_kernels::attention::KvType;
 use weir_kernels::rope::{Rope, RopeScaling};
@@ -36,6 +39,12 @@ pub enum OpConfig {
     SwiGlu { hidden: usize, intermediate: usize },
     /// Residual add.
     Add { dim: usize },
+    /// Mixture-of-experts router: each token's `top_k` of `experts` experts and their weights.
+    Router { hidden: usize, experts: usize, top_k: usize, normalize: bool },
+    /// Expert `index` of `experts`: a SwiGLU MLP over the tokens routed to it, weighted.
+    Expert { hidden: usize, intermediate: usize, experts: usize, index: usize },
+    /// `sigmoid(g) · x`, one gate per token.
+    SigmoidGate { dim: usize },
     /// The output projection, on the rows whose logits are needed.
     LmHead { hidden: usize, vocab: usize },
     /// Chooses the next token of every sequence.
@@ -57,6 +66,8 @@ pub struct OpEnv {
     pub activations: weir_runtime::Pool,
     /// Bytes the loaders have read from storage, all together.
     pub disk_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Where routers count their experts' use.
+    pub routing: std::sync::Arc<router::RoutingStats>,
 }
 
 impl Default for OpEnv {
@@ -67,6 +78,7 @@ impl Default for OpEnv {
             kv_pool: weir_runtime::Pool::new("kv", weir_runtime::Tier::Host, usize::MAX),
             activations: weir_runtime::Pool::transient("activations", weir_runtime::Tier::Host, usize::MAX, None),
             disk_bytes: Default::default(),
+            routing: Default::default(),
         }
     }
 }
@@ -98,8 +110,44 @@ impl std::fmt::Display for ParamValue {
 }
 
 /// The operator kinds a graph file may name.
-pub const KINDS: &[&str] =
-    &["embedding", "rmsnorm", "linear", "rope", "attention", "swiglu", "add", "lm_head", "sampler"];
+pub const KINDS: &[&str] = &[
+    "embedding",
+    "rmsnorm",
+    "linear",
+    "rope",
+    "attention",
+    "swiglu",
+    "add",
+    "router",
+    "expert",
+    "sigmoid_gate",
+    "lm_head",
+    "sampler",
+];
+
+/// What a port carries (weights aside): edges connect ports that carry the same thing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carries {
+    /// Token ids: the graph's entry.
+    Ids,
+    /// f32 activations `[tokens, width]`.
+    Act(usize),
+    /// A router's choices among this many experts.
+    Route { experts: usize },
+    /// Sampled tokens: the graph's exit.
+    Tokens,
+}
+
+impl std::fmt::Display for Carries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Carries::Ids => write!(f, "token ids"),
+            Carries::Act(w) => write!(f, "[tokens, {w}]"),
+            Carries::Route { experts } => write!(f, "routes over {experts} experts"),
+            Carries::Tokens => write!(f, "sampled tokens"),
+        }
+    }
+}
 
 /// Parameters by name, with what each one must be.
 type Params = BTreeMap<String, ParamValue>;
@@ -195,6 +243,9 @@ impl OpConfig {
             OpConfig::Attention { .. } => "attention",
             OpConfig::SwiGlu { .. } => "swiglu",
             OpConfig::Add { .. } => "add",
+            OpConfig::Router { .. } => "router",
+            OpConfig::Expert { .. } => "expert",
+            OpConfig::SigmoidGate { .. } => "sigmoid_gate",
             OpConfig::LmHead { .. } => "lm_head",
             OpConfig::Sampler { .. } => "sampler",
             OpConfig::Load { .. } => "load",
@@ -256,6 +307,29 @@ impl OpConfig {
             }
             "swiglu" => OpConfig::SwiGlu { hidden: g.usize("hidden"), intermediate: g.usize("intermediate") },
             "add" => OpConfig::Add { dim: g.usize("dim") },
+            "router" => {
+                let (hidden, experts, top_k) = (g.usize("hidden"), g.usize("experts"), g.usize("top_k"));
+                if top_k > experts {
+                    g.errors.push((Some("top_k".into()), format!("`top_k` ({top_k}) exceeds `experts` ({experts})")));
+                }
+                OpConfig::Router { hidden, experts, top_k, normalize: g.bool("normalize", true) }
+            }
+            "expert" => {
+                let (hidden, intermediate, experts) = (g.usize("hidden"), g.usize("intermediate"), g.usize("experts"));
+                let index = match g.raw("index").cloned() {
+                    Some(ParamValue::Int(i)) if i >= 0 && (i as usize) < experts => i as usize,
+                    Some(v) => {
+                        g.errors.push((Some("index".into()), format!("`index` must be in 0..{experts}, found {v}")));
+                        0
+                    }
+                    None => {
+                        g.errors.push((None, "missing parameter `index`".into()));
+                        0
+                    }
+                };
+                OpConfig::Expert { hidden, intermediate, experts, index }
+            }
+            "sigmoid_gate" => OpConfig::SigmoidGate { dim: g.usize("dim") },
             "lm_head" => OpConfig::LmHead { hidden: g.usize("hidden"), vocab: g.usize("vocab") },
             "sampler" => OpConfig::Sampler { vocab: g.usize("vocab") },
             other => return Err(vec![(None, format!("unknown operator `{other}` (known: {})", KINDS.join(", ")))]),
@@ -316,7 +390,19 @@ impl OpConfig {
             OpConfig::SwiGlu { hidden, intermediate } => {
                 vec![("hidden", u(*hidden)), ("intermediate", u(*intermediate))]
             }
-            OpConfig::Add { dim } => vec![("dim", u(*dim))],
+            OpConfig::Add { dim } | OpConfig::SigmoidGate { dim } => vec![("dim", u(*dim))],
+            OpConfig::Router { hidden, experts, top_k, normalize } => vec![
+                ("hidden", u(*hidden)),
+                ("experts", u(*experts)),
+                ("top_k", u(*top_k)),
+                ("normalize", Bool(*normalize)),
+            ],
+            OpConfig::Expert { hidden, intermediate, experts, index } => vec![
+                ("hidden", u(*hidden)),
+                ("intermediate", u(*intermediate)),
+                ("experts", u(*experts)),
+                ("index", u(*index)),
+            ],
             OpConfig::LmHead { hidden, vocab } => vec![("hidden", u(*hidden)), ("vocab", u(*vocab))],
             OpConfig::Sampler { vocab } => vec![("vocab", u(*vocab))],
             OpConfig::Load { .. } => vec![],
@@ -334,6 +420,9 @@ impl OpConfig {
             OpConfig::Attention { .. } => vec!["q", "k", "v"],
             OpConfig::SwiGlu { .. } => vec!["x", "gate", "up", "down"],
             OpConfig::Add { .. } => vec!["a", "b"],
+            OpConfig::Router { .. } => vec!["x", "weight"],
+            OpConfig::Expert { .. } => vec!["x", "route", "gate", "up", "down"],
+            OpConfig::SigmoidGate { .. } => vec!["x", "g"],
             OpConfig::LmHead { .. } => vec!["x", "weight"],
             OpConfig::Sampler { .. } => vec!["logits"],
             OpConfig::Load { .. } => vec![],
@@ -345,6 +434,7 @@ impl OpConfig {
         match self {
             OpConfig::Load { tensors, .. } => tensors.iter().map(|t| t.name.clone()).collect(),
             OpConfig::Sampler { .. } => vec!["tokens".into()],
+            OpConfig::Router { .. } => vec!["route".into()],
             _ => vec!["y".into()],
         }
     }
@@ -361,39 +451,56 @@ impl OpConfig {
             (OpConfig::Linear { out_dim, .. }, "bias") => Some(vec![*out_dim]),
             (OpConfig::SwiGlu { hidden, intermediate }, "gate" | "up") => Some(vec![*intermediate, *hidden]),
             (OpConfig::SwiGlu { hidden, intermediate }, "down") => Some(vec![*hidden, *intermediate]),
+            (OpConfig::Router { hidden, experts, .. }, "weight") => Some(vec![*experts, *hidden]),
+            (OpConfig::Expert { hidden, intermediate, .. }, "gate" | "up") => Some(vec![*intermediate, *hidden]),
+            (OpConfig::Expert { hidden, intermediate, .. }, "down") => Some(vec![*hidden, *intermediate]),
             _ => None,
         }
     }
 
-    /// What input `port` carries when it is not a weight: `Some(width)` for f32 activations
-    /// `[tokens, width]`, `None` for token ids or for a weight port.
-    pub fn input_width(&self, port: usize) -> Option<usize> {
-        if self.weight_shape(port).is_some() {
+    /// What input `port` carries; `None` for a weight port.
+    pub fn input_carries(&self, port: usize) -> Option<Carries> {
+        if self.weight_shape(port).is_some() || port >= self.inputs().len() {
             return None;
         }
-        match (self, port) {
-            (OpConfig::RmsNorm { dim, .. }, 0) | (OpConfig::Add { dim }, _) => Some(*dim),
-            (OpConfig::Linear { in_dim, .. }, 0) => Some(*in_dim),
-            (OpConfig::Rope { heads, head_dim, .. }, 0) => Some(heads * head_dim),
-            (OpConfig::Attention { heads, head_dim, .. }, 0) => Some(heads * head_dim),
-            (OpConfig::Attention { kv_heads, head_dim, .. }, _) => Some(kv_heads * head_dim),
-            (OpConfig::SwiGlu { hidden, .. }, 0) | (OpConfig::LmHead { hidden, .. }, 0) => Some(*hidden),
-            (OpConfig::Sampler { vocab }, 0) => Some(*vocab),
-            _ => None,
+        Some(match (self, port) {
+            (OpConfig::Embedding { .. }, 0) => Carries::Ids,
+            (OpConfig::RmsNorm { dim, .. }, 0) | (OpConfig::Add { dim }, _) => Carries::Act(*dim),
+            (OpConfig::SigmoidGate { dim }, 0) => Carries::Act(*dim),
+            (OpConfig::SigmoidGate { .. }, _) => Carries::Act(1),
+            (OpConfig::Linear { in_dim, .. }, _) => Carries::Act(*in_dim),
+            (OpConfig::Rope { heads, head_dim, .. }, _) => Carries::Act(heads * head_dim),
+            (OpConfig::Attention { heads, head_dim, .. }, 0) => Carries::Act(heads * head_dim),
+            (OpConfig::Attention { kv_heads, head_dim, .. }, _) => Carries::Act(kv_heads * head_dim),
+            (OpConfig::Expert { experts, .. }, 1) => Carries::Route { experts: *experts },
+            (OpConfig::SwiGlu { hidden, .. } | OpConfig::LmHead { hidden, .. }, _)
+            | (OpConfig::Router { hidden, .. } | OpConfig::Expert { hidden, .. }, _) => Carries::Act(*hidden),
+            (OpConfig::Sampler { vocab }, _) => Carries::Act(*vocab),
+            (OpConfig::Embedding { .. } | OpConfig::RmsNorm { .. } | OpConfig::Load { .. }, _) => return None,
+        })
+    }
+
+    /// What output `port` carries.
+    pub fn output_carries(&self, port: usize) -> Carries {
+        let _ = port; // every operator but the loader has one output
+        match self {
+            OpConfig::Sampler { .. } => Carries::Tokens,
+            OpConfig::Router { experts, .. } => Carries::Route { experts: *experts },
+            _ => Carries::Act(self.output_width().unwrap_or(0)),
         }
     }
 
-    /// The width of output `port`'s activations (`None` for sampled tokens and weights).
-    pub fn output_width(&self, port: usize) -> Option<usize> {
-        match (self, port) {
-            (OpConfig::Embedding { hidden, .. }, 0) => Some(*hidden),
-            (OpConfig::RmsNorm { dim, .. }, 0) | (OpConfig::Add { dim }, 0) => Some(*dim),
-            (OpConfig::Linear { out_dim, .. }, 0) => Some(*out_dim),
-            (OpConfig::Rope { heads, head_dim, .. }, 0) => Some(heads * head_dim),
-            (OpConfig::Attention { heads, head_dim, .. }, 0) => Some(heads * head_dim),
-            (OpConfig::SwiGlu { hidden, .. }, 0) => Some(*hidden),
-            (OpConfig::LmHead { vocab, .. }, 0) => Some(*vocab),
-            _ => None,
+    /// The width of the output's activations (`None` for sampled tokens, routes and weights).
+    pub fn output_width(&self) -> Option<usize> {
+        match self {
+            OpConfig::Embedding { hidden, .. } => Some(*hidden),
+            OpConfig::RmsNorm { dim, .. } | OpConfig::Add { dim } | OpConfig::SigmoidGate { dim } => Some(*dim),
+            OpConfig::Linear { out_dim, .. } => Some(*out_dim),
+            OpConfig::Rope { heads, head_dim, .. } => Some(heads * head_dim),
+            OpConfig::Attention { heads, head_dim, .. } => Some(heads * head_dim),
+            OpConfig::SwiGlu { hidden, .. } | OpConfig::Expert { hidden, .. } => Some(*hidden),
+            OpConfig::LmHead { vocab, .. } => Some(*vocab),
+            OpConfig::Router { .. } | OpConfig::Sampler { .. } | OpConfig::Load { .. } => None,
         }
     }
 
@@ -403,9 +510,12 @@ impl OpConfig {
     pub fn activation_floats(&self, tokens: usize) -> usize {
         match self {
             OpConfig::SwiGlu { hidden, intermediate } => tokens * (2 * intermediate + hidden),
+            // Its output, the gathered rows and the MLP's scratch for every token at most.
+            OpConfig::Expert { hidden, intermediate, .. } => tokens * (3 * hidden + 2 * intermediate),
+            OpConfig::Router { experts, .. } => tokens * experts,
             OpConfig::LmHead { hidden, vocab } => tokens * (hidden + vocab),
-            OpConfig::Rope { .. } | OpConfig::Add { .. } => 0,
-            _ => self.output_width(0).map_or(0, |w| tokens * w),
+            OpConfig::Rope { .. } | OpConfig::Add { .. } | OpConfig::SigmoidGate { .. } => 0,
+            _ => self.output_width().map_or(0, |w| tokens * w),
         }
     }
 
@@ -424,8 +534,9 @@ impl OpConfig {
         matches!(self, OpConfig::Embedding { .. }) && port == 0
     }
 
-    /// A fresh operator with this configuration, drawing memory from `env`'s pools.
-    pub fn instantiate(&self, env: &OpEnv) -> Box<dyn Operator<Packet>> {
+    /// A fresh operator with this configuration, drawing memory from `env`'s pools; `layer` is
+    /// the node's layer tag (routers count their experts' use per layer).
+    pub fn instantiate(&self, env: &OpEnv, layer: Option<u32>) -> Box<dyn Operator<Packet>> {
         match self.clone() {
             OpConfig::Embedding { vocab, hidden } => Box::new(embedding::Embedding { vocab, hidden }),
             OpConfig::RmsNorm { dim, eps } => Box::new(rmsnorm::RmsNorm { dim, eps }),
@@ -438,6 +549,18 @@ impl OpConfig {
             ),
             OpConfig::SwiGlu { hidden, intermediate } => Box::new(swiglu::SwiGlu { hidden, intermediate }),
             OpConfig::Add { dim } => Box::new(add::Add { dim }),
+            OpConfig::Router { hidden, experts, top_k, normalize } => Box::new(router::Router {
+                hidden,
+                experts,
+                top_k,
+                normalize,
+                layer: layer.unwrap_or(0),
+                stats: env.routing.clone(),
+            }),
+            OpConfig::Expert { hidden, intermediate, experts, index } => {
+                Box::new(expert::Expert { hidden, intermediate, experts, index })
+            }
+            OpConfig::SigmoidGate { dim } => Box::new(sigmoid_gate::SigmoidGate { dim }),
             OpConfig::LmHead { hidden, vocab } => Box::new(lm_head::LmHead { hidden, vocab }),
             OpConfig::Sampler { vocab } => Box::new(sampler::Sampler::new(vocab)),
             OpConfig::Load { tensors, streamed, mode } => {
@@ -489,6 +612,9 @@ mod tests {
             },
             OpConfig::SwiGlu { hidden: 4, intermediate: 8 },
             OpConfig::Add { dim: 4 },
+            OpConfig::Router { hidden: 4, experts: 8, top_k: 2, normalize: false },
+            OpConfig::Expert { hidden: 4, intermediate: 6, experts: 8, index: 7 },
+            OpConfig::SigmoidGate { dim: 4 },
             OpConfig::LmHead { hidden: 4, vocab: 10 },
             OpConfig::Sampler { vocab: 10 },
         ];

@@ -4,7 +4,32 @@
 //! `[hidden, intermediate]`. Output: `y` `[tokens, hidden]` f32.
 
 use crate::{check_act, weight_view, Packet};
-use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, Step};
+use weir_kernels::WeightView;
+use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, Step, Tensor};
+
+/// `down(silu(gate(x)) * up(x))` for `t` rows of `x` (`[t, h]`); `gate`, `up` `[m, h]`, `down`
+/// `[h, m]`. Outputs and scratch come from the activation pool.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward(
+    x: &[f32],
+    t: usize,
+    gate: WeightView<'_>,
+    up: WeightView<'_>,
+    down: WeightView<'_>,
+    h: usize,
+    m: usize,
+    cx: &FireCx,
+) -> Result<Tensor, OpError> {
+    let mut g = cx.zeros_f32(vec![t, m])?; // [tokens, intermediate]
+    let mut u = cx.zeros_f32(vec![t, m])?; // [tokens, intermediate]
+    weir_kernels::matmul::matmul(x, t, gate, m, None, g.f32_mut(), cx.par);
+    weir_kernels::matmul::matmul(x, t, up, m, None, u.f32_mut(), cx.par);
+    weir_kernels::activation::silu_mul_inplace(g.f32_mut(), u.f32());
+    drop(u);
+    let mut y = cx.zeros_f32(vec![t, h])?; // [tokens, hidden]
+    weir_kernels::matmul::matmul(g.f32(), t, down, h, None, y.f32_mut(), cx.par);
+    Ok(y)
+}
 
 /// See the module doc.
 pub struct SwiGlu {
@@ -24,15 +49,7 @@ impl Operator<Packet> for SwiGlu {
         let (g, u, d) = (weight_view(gn, g, &[m, h])?, weight_view(un, u, &[m, h])?, weight_view(dn, d, &[h, m])?);
         let (batch, x) = ins.get(0).act("x")?;
         check_act("x", batch, x, h)?;
-        let t = batch.tokens();
-        let mut gate = cx.zeros_f32(vec![t, m])?; // [tokens, intermediate]
-        let mut up = cx.zeros_f32(vec![t, m])?; // [tokens, intermediate]
-        weir_kernels::matmul::matmul(x.f32(), t, g, m, None, gate.f32_mut(), cx.par);
-        weir_kernels::matmul::matmul(x.f32(), t, u, m, None, up.f32_mut(), cx.par);
-        weir_kernels::activation::silu_mul_inplace(gate.f32_mut(), up.f32());
-        drop(up);
-        let mut y = cx.zeros_f32(vec![t, h])?; // [tokens, hidden]
-        weir_kernels::matmul::matmul(gate.f32(), t, d, h, None, y.f32_mut(), cx.par);
+        let y = forward(x.f32(), batch.tokens(), g, u, d, h, m, cx)?;
         out.send(0, Packet::Act { batch: batch.clone(), x: y });
         Ok(Step::Continue)
     }

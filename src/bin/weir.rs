@@ -119,6 +119,10 @@ struct RunArgs {
     /// Write a Chrome trace-event file (open in Perfetto or chrome://tracing).
     #[arg(long)]
     trace: Option<PathBuf>,
+    /// Mixture-of-experts models: add this run's counts of each expert's use, per layer, to
+    /// this JSON file (created if missing), e.g. to calibrate placement.
+    #[arg(long)]
+    expert_stats: Option<PathBuf>,
     #[command(flatten)]
     place: PlaceArgs,
 }
@@ -300,6 +304,9 @@ fn run(a: RunArgs) -> Result<()> {
             ..a.place.engine_options(a.threads, graph, memory_budget)
         },
     )?;
+    if let Some(path) = a.expert_stats.as_ref().filter(|p| p.exists()) {
+        weir::expert_stats::load(engine.routing(), path)?;
+    }
     let logits = if a.logits_out.is_some() { LogitsMode::Steps } else { LogitsMode::None };
     let req = Request {
         prompt: prompt.clone(),
@@ -340,6 +347,9 @@ fn run(a: RunArgs) -> Result<()> {
     let text = model.decode(&ids)?;
     if let Some(path) = &a.trace {
         std::fs::write(path, engine.trace().to_chrome_json()).with_context(|| format!("--trace {}", path.display()))?;
+    }
+    if let Some(path) = &a.expert_stats {
+        weir::expert_stats::save(engine.routing(), path)?;
     }
     engine.shutdown()?;
     if let Some(path) = &a.logits_out {

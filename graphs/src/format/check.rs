@@ -12,7 +12,7 @@ use crate::graph::{Edge, Graph, Node, Port};
 use crate::safetensors::WeightIndex;
 use std::collections::{BTreeMap, HashMap};
 use weir_operators::loader::{IoMode, TensorSource};
-use weir_operators::{OpConfig, ParamValue};
+use weir_operators::{Carries, OpConfig, ParamValue};
 use weir_runtime::{DType, LaneKind, LaneSpec};
 
 /// A value during elaboration.
@@ -47,6 +47,7 @@ pub fn model_vars(c: &ModelConfig, threads: usize, kv_dtype: weir_operators::KvT
     use weir_operators::RopeScaling;
     let u = |v: usize| Value::Int(v as i64);
     let f = |v: f32| Value::Float(v as f64);
+    let moe = c.moe.as_ref();
     let (rope_type, factor, low, high, orig) = match c.rope_scaling {
         RopeScaling::Default => ("default", 1.0, 1.0, 4.0, 8192.0),
         RopeScaling::Linear { factor } => ("linear", factor, 1.0, 4.0, 8192.0),
@@ -77,6 +78,16 @@ pub fn model_vars(c: &ModelConfig, threads: usize, kv_dtype: weir_operators::KvT
         (
             "sliding_window".into(),
             Value::List(c.sliding_window.iter().map(|w| w.map_or(Value::None, |w| Value::Int(w as i64))).collect()),
+        ),
+        ("experts".into(), u(moe.map_or(0, |m| m.experts))),
+        ("top_k".into(), u(moe.map_or(0, |m| m.top_k))),
+        ("expert_intermediate".into(), u(moe.map_or(0, |m| m.intermediate))),
+        ("norm_topk_prob".into(), Value::Bool(moe.is_some_and(|m| m.normalize))),
+        ("shared_intermediate".into(), u(moe.and_then(|m| m.shared_intermediate).unwrap_or(0))),
+        ("shared_expert".into(), Value::Bool(moe.is_some_and(|m| m.shared_intermediate.is_some()))),
+        (
+            "moe_layer".into(),
+            Value::List((0..c.num_hidden_layers).map(|l| Value::Bool(moe.is_some_and(|m| m.sparse[l]))).collect()),
         ),
         ("threads".into(), u(threads)),
         ("kv_dtype".into(), Value::Str(kv_dtype.name().into())),
@@ -511,6 +522,11 @@ impl Elab<'_> {
                         ("layers", v) => self.err(*sp, format!("`layers` must be a range like 0..8, found {v}")),
                         ("kind", Value::Str(s)) => p.kind = Some(s.clone()),
                         ("lane", Value::Str(s)) => p.lane = Some((s.clone(), *sp)),
+                        // A bare word that is also a variable (`lane=experts`) evaluates to its
+                        // value: say so rather than drop the rule.
+                        ("kind" | "lane", v) => {
+                            self.err(*sp, format!("`{k}` must be a name, found {v} (a variable of that name?)"))
+                        }
                         ("tier", v) => p.streamed = self.tier(v, *sp),
                         _ => {}
                     }
@@ -871,24 +887,21 @@ fn resolve(f: Flat, input: &CheckInput, errors: &mut Vec<Diagnostic>) -> Graph {
             );
             continue;
         }
-        match (fnode.op.output_width(from.1), tnode.op.input_width(to.1)) {
-            (Some(a), Some(b)) if a != b => {
-                err(
-                    e.to.span,
-                    format!(
-                        "edge `{}.{out_name}` -> `{}.{in_name}`: expected [tokens, {b}], found [tokens, {a}]",
-                        fnode.name, tnode.name
-                    ),
-                );
-                continue;
-            }
-            (None, _) => {
+        match (fnode.op.output_carries(from.1), tnode.op.input_carries(to.1)) {
+            (Carries::Tokens, _) => {
                 err(
                     e.from.span,
                     format!(
                         "output `{}.{out_name}` carries sampled tokens: route it to the `output` statement",
                         fnode.name
                     ),
+                );
+                continue;
+            }
+            (a, Some(b)) if a != b => {
+                err(
+                    e.to.span,
+                    format!("edge `{}.{out_name}` -> `{}.{in_name}`: expected {b}, found {a}", fnode.name, tnode.name),
                 );
                 continue;
             }
@@ -1025,7 +1038,7 @@ fn resolve(f: Flat, input: &CheckInput, errors: &mut Vec<Diagnostic>) -> Graph {
         let (n, p) = resolve_ep(e, output, &nodes, err)?;
         let op = &nodes[n].op;
         if output {
-            if op.output_width(p).is_some() {
+            if op.output_carries(p) != Carries::Tokens {
                 err(
                     e.span,
                     format!(

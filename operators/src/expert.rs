@@ -1,0 +1,120 @@
+//! One expert of a mixture-of-experts layer: a SwiGLU MLP over the tokens routed to it.
+//!
+//! Ports: `x` `[tokens, hidden]` f32; `route` (from a router over `experts` experts); `gate`,
+//! `up` `[intermediate, hidden]`; `down` `[hidden, intermediate]`. Output: `y`
+//! `[tokens, hidden]` — for each token routed to expert `index`, `weight · down(silu(gate(x))
+//! · up(x))`; zero for the others. The layer's output is the sum of its experts' outputs (a
+//! chain of `add` nodes in the graph), so each expert is its own node: it can sit on its own
+//! lane, with its weights in their own tier.
+
+use crate::{check_act, swiglu, weight_view, Packet};
+use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, Step};
+
+/// See the module doc.
+pub struct Expert {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub experts: usize,
+    pub index: usize,
+}
+
+impl Operator<Packet> for Expert {
+    fn kind(&self) -> &str {
+        "expert"
+    }
+    fn fire(&mut self, ins: &mut Inputs<Packet>, out: &mut Emit<Packet>, cx: &FireCx) -> Result<Step, OpError> {
+        let (h, m) = (self.hidden, self.intermediate);
+        let (batch, x) = ins.get(0).act("x")?;
+        check_act("x", batch, x, h)?;
+        let Packet::Route { batch: rb, route } = ins.get(1) else {
+            return Err(OpError::new("port `route` expected a router's choices"));
+        };
+        if rb.pass != batch.pass || route.tokens() != batch.tokens() || route.experts != self.experts {
+            return Err(OpError::new(format!(
+                "port `route` carries pass {} with {} tokens over {} experts; `x` carries pass {} with {} tokens \
+                 and this expert is one of {}",
+                rb.pass,
+                route.tokens(),
+                route.experts,
+                batch.pass,
+                batch.tokens(),
+                self.experts
+            )));
+        }
+        let t = batch.tokens();
+        let mut y = cx.zeros_f32(vec![t, h])?;
+        let mine = route.tokens_of(self.index);
+        if !mine.is_empty() {
+            let (gn, g) = ins.get(2).weight("gate")?;
+            let (un, u) = ins.get(3).weight("up")?;
+            let (dn, d) = ins.get(4).weight("down")?;
+            let (g, u, d) = (weight_view(gn, g, &[m, h])?, weight_view(un, u, &[m, h])?, weight_view(dn, d, &[h, m])?);
+            let mut rows = cx.zeros_f32(vec![mine.len(), h])?;
+            for (r, &(tok, _)) in rows.f32_mut().chunks_exact_mut(h).zip(&mine) {
+                r.copy_from_slice(&x.f32()[tok * h..(tok + 1) * h]);
+            }
+            let e = swiglu::forward(rows.f32(), mine.len(), g, u, d, h, m, cx)?;
+            let yf = y.f32_mut();
+            for (r, &(tok, w)) in e.f32().chunks_exact(h).zip(&mine) {
+                for (o, v) in yf[tok * h..(tok + 1) * h].iter_mut().zip(r) {
+                    *o = v * w;
+                }
+            }
+        }
+        out.send(0, Packet::Act { batch: batch.clone(), x: y });
+        Ok(Step::Continue)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::router::Routing;
+    use crate::testing::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn only_routed_tokens_get_the_weighted_expert_output() {
+        let b = batch(&[(0, 3)]);
+        // Token 0 → experts (1, 0); token 1 → (0, 2); token 2 → (2, 1).
+        let route =
+            Routing { experts: 3, top_k: 2, ids: vec![1, 0, 0, 2, 2, 1], weights: vec![0.7, 0.3, 0.6, 0.4, 0.9, 0.1] };
+        let mut op = Expert { hidden: 1, intermediate: 1, experts: 3, index: 1 };
+        let x = [2.0f32, -1.0, 0.5];
+        let out = fire(
+            &mut op,
+            vec![
+                act(&b, 1, &x),
+                Packet::Route { batch: b.clone(), route: Arc::new(route) },
+                weight(vec![1, 1], &[1.5]),
+                weight(vec![1, 1], &[-1.0]),
+                weight(vec![1, 1], &[3.0]),
+            ],
+            1,
+        )
+        .unwrap();
+        let y = out[0].as_ref().unwrap().act("y").unwrap().1.f32().to_vec();
+        let mlp = |x: f32| 3.0 * (1.5 * x / (1.0 + (-1.5 * x).exp())) * -x;
+        let want = [0.7 * mlp(2.0), 0.0, 0.1 * mlp(0.5)];
+        for (g, w) in y.iter().zip(want) {
+            assert!((g - w).abs() < 1e-5, "{y:?} vs {want:?}");
+        }
+    }
+
+    #[test]
+    fn a_route_from_another_pass_is_refused() {
+        let b = batch(&[(0, 1)]);
+        let other = Arc::new(crate::Batch { pass: 9, ..(*b).clone() });
+        let route = Routing { experts: 2, top_k: 1, ids: vec![0], weights: vec![1.0] };
+        let mut op = Expert { hidden: 1, intermediate: 1, experts: 2, index: 0 };
+        let w = || weight(vec![1, 1], &[1.0]);
+        let e = fire(
+            &mut op,
+            vec![act(&b, 1, &[1.0]), Packet::Route { batch: other, route: Arc::new(route) }, w(), w(), w()],
+            1,
+        )
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("pass 9"), "{e}");
+    }
+}

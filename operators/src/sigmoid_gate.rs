@@ -1,0 +1,56 @@
+//! A gated branch: `y = sigmoid(g) · x`, one gate value per token (Qwen2-MoE's shared expert,
+//! whose gate is a `linear` with one output).
+//!
+//! Ports: `x` `[tokens, dim]` f32; `g` `[tokens, 1]` f32. Output: `y` `[tokens, dim]` (reuses
+//! `x`'s buffer when nothing else holds it).
+
+use crate::{check_act, Packet};
+use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, Step};
+
+/// See the module doc.
+pub struct SigmoidGate {
+    pub dim: usize,
+}
+
+impl Operator<Packet> for SigmoidGate {
+    fn kind(&self) -> &str {
+        "sigmoid_gate"
+    }
+    fn fire(&mut self, ins: &mut Inputs<Packet>, out: &mut Emit<Packet>, _cx: &FireCx) -> Result<Step, OpError> {
+        let Packet::Act { batch, mut x } = ins.take(0) else {
+            return Err(OpError::new("port `x` expected activations"));
+        };
+        let (gb, g) = ins.get(1).act("g")?;
+        check_act("x", &batch, &x, self.dim)?;
+        check_act("g", gb, g, 1)?;
+        if gb.pass != batch.pass {
+            return Err(OpError::new(format!(
+                "ports `x` and `g` carry different passes ({} and {})",
+                batch.pass, gb.pass
+            )));
+        }
+        for (row, &gv) in x.f32_mut().chunks_exact_mut(self.dim).zip(g.f32()) {
+            let s = 1.0 / (1.0 + (-gv).exp());
+            row.iter_mut().for_each(|v| *v *= s);
+        }
+        out.send(0, Packet::Act { batch, x });
+        Ok(Step::Continue)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::*;
+
+    #[test]
+    fn each_row_is_scaled_by_the_sigmoid_of_its_gate() {
+        let b = batch(&[(0, 2)]);
+        let mut op = SigmoidGate { dim: 2 };
+        let out = fire(&mut op, vec![act(&b, 2, &[1.0, -2.0, 3.0, 4.0]), act(&b, 1, &[0.0, -1.5])], 1).unwrap();
+        let y = out[0].as_ref().unwrap().act("y").unwrap().1.f32().to_vec();
+        let s = 1.0 / (1.0 + 1.5f32.exp());
+        let want = [0.5, -1.0, 3.0 * s, 4.0 * s];
+        assert!(y.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6), "{y:?}");
+    }
+}

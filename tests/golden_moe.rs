@@ -1,0 +1,202 @@
+//! Mixture-of-experts models against Hugging Face transformers: `../shared/fixtures/tiny-mixtral`
+//! (logits within atol 2e-4 + rtol 1e-4, greedy tokens and every router top-k choice exact),
+//! and Qwen2-MoE's config, tensor names and graph on folders derived from it.
+
+mod common;
+use common::*;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use weir::{DType, EngineOptions, Request};
+
+#[test]
+fn tiny_mixtral_matches_transformers() {
+    check_prompts(&fixture("tiny-mixtral"), &golden("tiny-mixtral")["prompts"], 1);
+}
+
+#[test]
+fn tiny_mixtral_matches_transformers_on_two_threads_in_chunks() {
+    let opts = EngineOptions { threads: 2, max_pass_tokens: 5, ..Default::default() };
+    check_prompts_with(&fixture("tiny-mixtral"), &golden("tiny-mixtral")["prompts"], opts);
+}
+
+/// Every prompt token's top-k experts in every layer, as the engine logged them for the
+/// sequence the prompt ran as: layer → rows of expert ids, in position order.
+fn routes_of(prompt: &[u32], opts: EngineOptions) -> BTreeMap<u32, Vec<Vec<u32>>> {
+    let (_, engine) = engine(&fixture("tiny-mixtral"), EngineOptions { log_routes: true, ..opts });
+    engine.generate(Request { stop_at_eos: false, ..Request::greedy(prompt.to_vec(), 1) }).unwrap();
+    let mut log = engine.routing().log();
+    log.retain(|r| r.position < prompt.len());
+    log.sort_by_key(|r| (r.layer, r.position));
+    let mut by_layer: BTreeMap<u32, Vec<Vec<u32>>> = BTreeMap::new();
+    for r in log {
+        by_layer.entry(r.layer).or_default().push(r.experts);
+    }
+    // The counts agree with the log: every prompt token counted once per layer, top_k choices.
+    let counts = engine.routing().counts();
+    for (layer, (tokens, chosen)) in &counts {
+        assert_eq!(*tokens as usize, prompt.len(), "layer {layer}: tokens routed");
+        assert_eq!(chosen.iter().sum::<u64>() as usize, 2 * prompt.len(), "layer {layer}: choices");
+    }
+    engine.shutdown().unwrap();
+    by_layer
+}
+
+#[test]
+fn every_router_choice_matches_transformers() {
+    let g = golden("tiny-mixtral");
+    let prompts = g["prompts"].as_array().unwrap();
+    for per in g["router"]["per_prompt"].as_array().unwrap() {
+        let name = per["prompt"].as_str().unwrap();
+        let p = prompts.iter().find(|p| p["name"] == name).unwrap();
+        let prompt = ids(&p["input_ids"]);
+        // Whole prompt in one pass, and in chunks of 5 on two threads: the same choices.
+        for opts in [
+            EngineOptions { threads: 1, ..Default::default() },
+            EngineOptions { threads: 2, max_pass_tokens: 5, ..Default::default() },
+        ] {
+            let got = routes_of(&prompt, opts);
+            let layers = per["layers"].as_array().unwrap();
+            assert_eq!(got.len(), layers.len(), "{name}: layers routed");
+            for want in layers {
+                let l = want["layer"].as_u64().unwrap() as u32;
+                let rows: Vec<Vec<u32>> = want["topk_ids"].as_array().unwrap().iter().map(ids).collect();
+                assert_eq!(got[&l], rows, "{name}: layer {l} top-k experts");
+            }
+        }
+    }
+}
+
+#[test]
+fn three_prompts_in_one_batch_each_get_their_own_tokens() {
+    let g = golden("tiny-mixtral");
+    let (_, engine) = engine(&fixture("tiny-mixtral"), EngineOptions::default());
+    let gens: Vec<_> = g["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| engine.submit(Request { stop_at_eos: false, ..Request::greedy(ids(&p["input_ids"]), 24) }).unwrap())
+        .collect();
+    for (i, gen) in gens.into_iter().enumerate() {
+        assert_eq!(gen.wait().unwrap().tokens, ids(&g["batch"]["new_ids"][i]), "sequence {i}");
+    }
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn experts_on_their_own_lane_give_the_same_tokens() {
+    // The built-in graph with every expert node moved to a second CPU lane.
+    let text = weir_graphs::builtin::MIXTRAL.replacen(
+        "default capacity=2 lane=compute",
+        "default capacity=2 lane=compute\nlane expert_lane cpu threads=1\nplace kind=expert lane=expert_lane",
+        1,
+    );
+    assert_ne!(text, weir_graphs::builtin::MIXTRAL);
+    let opts = EngineOptions { threads: 1, graph: Some((text, "experts-lane.weir".into())), ..Default::default() };
+    let dump = engine(&fixture("tiny-mixtral"), opts.clone()).1.graph_dump().to_string();
+    assert!(dump.contains("node l1/expert3 = expert") && dump.contains("lane=expert_lane"), "{dump}");
+    check_prompts_with(&fixture("tiny-mixtral"), &golden("tiny-mixtral")["prompts"], opts);
+}
+
+/// tiny-mixtral's weights under Qwen2-MoE's names and config keys (zero q/k/v biases, which
+/// Qwen2 always has), plus `extra` tensors; `edit` changes the config.
+fn as_qwen2_moe(tag: &str, edit: impl FnOnce(&mut Value)) -> (std::path::PathBuf, Vec<(String, Vec<usize>, Vec<f32>)>) {
+    let dir = copy_fixture_meta("tiny-mixtral", tag);
+    edit_json(&dir.join("config.json"), |c| {
+        let o = c.as_object_mut().unwrap();
+        o.remove("num_local_experts");
+        c["architectures"] = json!(["Qwen2MoeForCausalLM"]);
+        c["model_type"] = "qwen2_moe".into();
+        c["num_experts"] = 4.into();
+        c["moe_intermediate_size"] = 96.into();
+        c["norm_topk_prob"] = true.into();
+        c["shared_expert_intermediate_size"] = 0.into();
+        edit(c);
+    });
+    let mut tensors: Vec<_> = fixture_tensors("tiny-mixtral")
+        .into_iter()
+        .map(|(n, s, d)| {
+            let n = n
+                .replace("block_sparse_moe.gate.", "mlp.gate.")
+                .replace("block_sparse_moe.experts", "mlp.experts")
+                .replace(".w1.", ".gate_proj.")
+                .replace(".w3.", ".up_proj.")
+                .replace(".w2.", ".down_proj.");
+            (n, s, d)
+        })
+        .collect();
+    for l in 0..2 {
+        for (p, n) in [("q", 64), ("k", 32), ("v", 32)] {
+            tensors.push((format!("model.layers.{l}.self_attn.{p}_proj.bias"), vec![n], vec![0.0; n]));
+        }
+    }
+    write_tensors(&dir.join("model.safetensors"), &tensors, DType::F32);
+    (dir, tensors)
+}
+
+fn greedy(dir: &std::path::Path, prompt: &Value) -> Vec<u32> {
+    let (_, engine) = engine(dir, EngineOptions::default());
+    let out =
+        engine.generate(Request { stop_at_eos: false, ..Request::greedy(ids(&prompt["input_ids"]), 24) }).unwrap();
+    engine.shutdown().unwrap();
+    out.tokens
+}
+
+#[test]
+fn qwen2_moe_spelling_of_the_same_model_gives_the_same_tokens() {
+    let (dir, _) = as_qwen2_moe("qwen2moe-same", |_| {});
+    check_prompts(&dir, &golden("tiny-mixtral")["prompts"], 0);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn qwen2_moe_without_renormalisation_a_shared_expert_and_a_dense_layer_each_change_the_result() {
+    let g = golden("tiny-mixtral");
+    let p = &g["prompts"][1];
+    let want = ids(&p["greedy"]["new_ids"]);
+    // norm_topk_prob false: the chosen probabilities are used as they are (they sum to < 1).
+    let (dir, _) = as_qwen2_moe("qwen2moe-raw", |c| c["norm_topk_prob"] = false.into());
+    assert_ne!(greedy(&dir, p), want, "norm_topk_prob=false must change the output");
+    std::fs::remove_dir_all(dir).unwrap();
+
+    // A shared expert (expert 0's weights again) behind a gate.
+    let (dir, mut tensors) = as_qwen2_moe("qwen2moe-shared", |c| c["shared_expert_intermediate_size"] = 96.into());
+    for l in 0..2 {
+        let e0: Vec<_> = tensors
+            .iter()
+            .filter(|t| t.0.starts_with(&format!("model.layers.{l}.mlp.experts.0.")))
+            .map(|(n, s, d)| (n.replace("experts.0", "shared_expert"), s.clone(), d.clone()))
+            .collect();
+        tensors.extend(e0);
+        tensors.push((format!("model.layers.{l}.mlp.shared_expert_gate.weight"), vec![1, 64], vec![0.5; 64]));
+    }
+    write_tensors(&dir.join("model.safetensors"), &tensors, DType::F32);
+    let shared = greedy(&dir, p);
+    assert_ne!(shared, want, "a shared expert must change the output");
+    // Its gate matters: a different gate weight gives different tokens.
+    for t in tensors.iter_mut().filter(|t| t.0.ends_with("shared_expert_gate.weight")) {
+        t.2.iter_mut().for_each(|x| *x = -0.5);
+    }
+    write_tensors(&dir.join("model.safetensors"), &tensors, DType::F32);
+    assert_ne!(greedy(&dir, p), shared, "the shared expert's gate must be applied");
+    std::fs::remove_dir_all(dir).unwrap();
+
+    // Layer 1 dense (mlp_only_layers), with intermediate_size MLP weights of its own.
+    let (dir, mut tensors) = as_qwen2_moe("qwen2moe-dense", |c| c["mlp_only_layers"] = json!([1]));
+    tensors.retain(|t| !t.0.starts_with("model.layers.1.mlp."));
+    let fx = fixture_tensors("tiny-mixtral");
+    for (role, hf) in [("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")] {
+        let (_, s, d) =
+            fx.iter().find(|t| t.0 == format!("model.layers.1.block_sparse_moe.experts.2.{role}.weight")).unwrap();
+        tensors.push((format!("model.layers.1.mlp.{hf}.weight"), s.clone(), d.clone()));
+    }
+    write_tensors(&dir.join("model.safetensors"), &tensors, DType::F32);
+    edit_json(&dir.join("config.json"), |c| c["intermediate_size"] = 96.into());
+    let dense = greedy(&dir, p);
+    assert_ne!(dense, want, "a dense layer 1 must change the output");
+    // An expert tensor for the dense layer is not asked for; a missing dense weight is named.
+    tensors.retain(|t| t.0 != "model.layers.1.mlp.up_proj.weight");
+    write_tensors(&dir.join("model.safetensors"), &tensors, DType::F32);
+    let err = weir::Model::open(&dir).err().expect("a missing tensor must be refused").to_string();
+    assert!(err.contains("model.layers.1.mlp.up_proj.weight"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
