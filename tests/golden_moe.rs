@@ -99,7 +99,10 @@ fn experts_on_their_own_lane_give_the_same_tokens() {
 
 /// tiny-mixtral's weights under Qwen2-MoE's names and config keys (zero q/k/v biases, which
 /// Qwen2 always has), plus `extra` tensors; `edit` changes the config.
-fn as_qwen2_moe(tag: &str, edit: impl FnOnce(&mut Value)) -> (std::path::PathBuf, Vec<(String, Vec<usize>, Vec<f32>)>) {
+/// Tensors by name, with shape and f32 data.
+type Tensors = Vec<(String, Vec<usize>, Vec<f32>)>;
+
+fn as_qwen2_moe(tag: &str, edit: impl FnOnce(&mut Value)) -> (std::path::PathBuf, Tensors) {
     let dir = copy_fixture_meta("tiny-mixtral", tag);
     edit_json(&dir.join("config.json"), |c| {
         let o = c.as_object_mut().unwrap();
