@@ -326,7 +326,9 @@ impl ModelConfig {
                 ));
             }
             if m.intermediate == 0 {
-                return Err(r.err("moe_intermediate_size", "must be positive"));
+                let key =
+                    if architecture == Architecture::Mixtral { "intermediate_size" } else { "moe_intermediate_size" };
+                return Err(r.err(key, "must be positive"));
             }
         }
         let dtype = r.get("dtype").or_else(|| r.get("torch_dtype")).and_then(|d| d.as_str()).map(String::from);
@@ -454,5 +456,45 @@ mod tests {
         let mut v = base();
         v["rope_scaling"] = json!({"type": "yarn", "factor": 4.0});
         assert!(parse(v).unwrap_err().to_string().contains("`yarn` is not supported"));
+    }
+
+    #[test]
+    fn moe_configs_are_read_and_bad_ones_name_the_key() {
+        let qwen = || {
+            let mut v = base();
+            v["architectures"] = json!(["Qwen2MoeForCausalLM"]);
+            v["num_experts"] = json!(8);
+            v["num_experts_per_tok"] = json!(2);
+            v["moe_intermediate_size"] = json!(32);
+            v
+        };
+        let mut v = qwen();
+        v["num_hidden_layers"] = json!(4);
+        v["decoder_sparse_step"] = json!(2);
+        v["mlp_only_layers"] = json!([3]);
+        v["shared_expert_intermediate_size"] = json!(64);
+        let m = parse(v).unwrap().moe.unwrap();
+        assert_eq!(m.sparse, vec![false, true, false, false]);
+        assert_eq!(
+            (m.experts, m.top_k, m.intermediate, m.normalize, m.shared_intermediate),
+            (8, 2, 32, false, Some(64))
+        );
+        let bad = |edit: &dyn Fn(&mut Value), key: &str| {
+            let mut v = qwen();
+            edit(&mut v);
+            let e = parse(v).unwrap_err().to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        };
+        bad(&|v| v["num_experts_per_tok"] = json!(9), "num_experts_per_tok");
+        bad(&|v| v["decoder_sparse_step"] = json!(0), "decoder_sparse_step");
+        bad(&|v| v["mlp_only_layers"] = json!("all"), "mlp_only_layers");
+        bad(&|v| v["mlp_only_layers"] = json!([-1]), "mlp_only_layers");
+        bad(&|v| v["moe_intermediate_size"] = json!(0), "moe_intermediate_size");
+        bad(&|v| drop(v.as_object_mut().unwrap().remove("num_experts")), "num_experts");
+        let mut v = base();
+        v["architectures"] = json!(["MixtralForCausalLM"]);
+        v["num_experts_per_tok"] = json!(2);
+        let e = parse(v).unwrap_err().to_string();
+        assert!(e.contains("num_local_experts: missing"), "{e}");
     }
 }

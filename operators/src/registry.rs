@@ -643,5 +643,13 @@ mod tests {
         let errs = OpConfig::from_params("attention", &a).unwrap_err();
         assert_eq!(errs[0].0.as_deref(), Some("kv"));
         assert!(errs[0].1.contains("one of f32, bf16, f16, found \"fp8\""), "{errs:?}");
+        let p =
+            |kv: &[(&str, i64)]| -> Params { kv.iter().map(|(k, v)| (k.to_string(), ParamValue::Int(*v))).collect() };
+        let errs = OpConfig::from_params("router", &p(&[("hidden", 4), ("experts", 2), ("top_k", 3)])).unwrap_err();
+        assert_eq!(errs[0].0.as_deref(), Some("top_k"));
+        assert!(errs[0].1.contains("`top_k` (3) exceeds `experts` (2)"), "{errs:?}");
+        let e = p(&[("hidden", 4), ("intermediate", 8), ("experts", 2), ("index", 2)]);
+        let errs = OpConfig::from_params("expert", &e).unwrap_err();
+        assert!(errs[0].1.contains("`index` must be in 0..2, found 2"), "{errs:?}");
     }
 }
