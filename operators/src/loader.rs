@@ -524,8 +524,8 @@ impl Operator<Packet> for Loader {
     fn span_kind(&self) -> SpanKind {
         SpanKind::Load
     }
-    fn next_output(&self) -> Option<usize> {
-        (!self.done()).then_some(self.next.i)
+    fn next_outputs(&self) -> Option<std::ops::Range<usize>> {
+        (!self.done()).then_some(self.next.i..self.next.i + 1)
     }
     fn ready(&mut self, cx: &ReadyCx) -> bool {
         if self.done() || self.in_flight() {

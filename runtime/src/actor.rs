@@ -42,6 +42,11 @@ impl<'a, M: Clone> Inputs<'a, M> {
     pub fn get(&self, i: usize) -> &M {
         self.slots[i].as_ref().expect("an actor fires only with every input present")
     }
+    /// The message on port `i`, if one came (an operator whose [`Operator::needs`] is not
+    /// [`Needs::All`] may fire with some ports empty).
+    pub fn try_get(&self, i: usize) -> Option<&M> {
+        self.slots[i].as_ref()
+    }
     /// Takes the message on port `i` (a sticky port keeps its copy).
     pub fn take(&mut self, i: usize) -> M {
         if self.sticky[i] {
@@ -105,6 +110,22 @@ impl FireCx<'_> {
     }
 }
 
+/// Which inputs an operator's next firing needs (sticky ports always need their message).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Needs {
+    /// A message on every input: the dataflow rule.
+    All,
+    /// A message on at least one input; it takes whichever came (a store serving requests from
+    /// several producers, in the order they arrive).
+    Any,
+    /// Whatever is there, or nothing: it fires to go on with work it already has (reading
+    /// ahead), and takes any input that came meanwhile.
+    Optional,
+    /// No input now: the firing finishes work already taken (sending what a request asked for,
+    /// one piece per firing) and leaves new messages waiting.
+    Nothing,
+}
+
 /// What an operator may use to say whether it can fire.
 pub struct ReadyCx<'a> {
     /// Wakes this actor's lane: hand it to a resource (a pool) that frees up later.
@@ -123,10 +144,15 @@ pub trait Operator<M>: Send {
     fn kind(&self) -> &str {
         "op"
     }
-    /// If the next firing will emit on one output port only, that port: the actor then waits
-    /// for room on that port's edges alone (a loader sending one tensor per firing).
-    fn next_output(&self) -> Option<usize> {
+    /// If the next firing will emit on some output ports only, those ports: the actor then
+    /// waits for room on their edges alone (a loader sending one tensor per firing). An empty
+    /// range: the firing emits nothing.
+    fn next_outputs(&self) -> Option<std::ops::Range<usize>> {
         None
+    }
+    /// Which inputs the next firing needs (see [`Needs`]); by default every one.
+    fn needs(&self) -> Needs {
+        Needs::All
     }
     /// Whatever else the next firing needs beyond inputs and room on outputs — memory from a
     /// pool, say. An operator that returns `false` must arrange for `cx.lane` to be woken
@@ -165,6 +191,8 @@ pub(crate) enum Fired {
 
 impl<M: crate::Message> Actor<M> {
     fn ready(&mut self, lane: &crate::pool::LaneWaker) -> bool {
+        let needs = self.op.needs();
+        let mut any = false;
         for (port, slot) in self.inputs.iter().zip(&self.slots) {
             let Some(rx) = &port.rx else { return false };
             let has = rx.has_message();
@@ -172,12 +200,20 @@ impl<M: crate::Message> Actor<M> {
                 if slot.is_none() && !has {
                     return false;
                 }
-            } else if !has {
+            } else if !has && needs == Needs::All {
                 return false;
+            } else {
+                any |= has;
             }
         }
-        let room = match self.op.next_output() {
-            Some(port) => self.outputs.get(port).is_none_or(|edges| edges.iter().all(|tx| tx.has_room())),
+        let has_plain = self.inputs.iter().any(|p| !p.sticky);
+        if needs == Needs::Any && has_plain && !any {
+            return false;
+        }
+        let room = match self.op.next_outputs() {
+            Some(ports) => {
+                self.outputs.get(ports).is_none_or(|p| p.iter().flatten().all(|tx| tx.has_room()))
+            }
             None => self.outputs.iter().flatten().all(|tx| tx.has_room()),
         };
         room && self.op.ready(&ReadyCx { lane })
@@ -188,6 +224,7 @@ impl<M: crate::Message> Actor<M> {
         if self.finished || !self.ready(lane) {
             return Ok(Fired::No);
         }
+        let needs = self.op.needs();
         for (port, slot) in self.inputs.iter_mut().zip(self.slots.iter_mut()) {
             let rx = port.rx.as_ref().expect("checked in ready");
             if port.sticky && port.uses == u32::MAX {
@@ -199,11 +236,11 @@ impl<M: crate::Message> Actor<M> {
                     *slot = rx.recv_now();
                     port.left = port.uses;
                 }
-            } else {
+            } else if needs != Needs::Nothing {
                 *slot = rx.recv_now();
             }
         }
-        let hint = self.op.next_output();
+        let hint = self.op.next_outputs();
         let mut bytes: u64 = self.slots.iter().flatten().map(|m| m.bytes() as u64).sum();
         let mut emit = Emit { staged: (0..self.outputs.len()).map(|_| None).collect(), overfull: None };
         let step = {
@@ -215,8 +252,8 @@ impl<M: crate::Message> Actor<M> {
             return Err(OpError::new(format!("emitted twice on output port {port} in one firing")));
         }
         if let Some(hint) = hint {
-            if let Some((port, _)) = emit.staged.iter().enumerate().find(|(p, m)| m.is_some() && *p != hint) {
-                return Err(OpError::new(format!("announced output port {hint} but emitted on port {port}")));
+            if let Some((port, _)) = emit.staged.iter().enumerate().find(|(p, m)| m.is_some() && !hint.contains(p)) {
+                return Err(OpError::new(format!("announced output ports {hint:?} but emitted on port {port}")));
             }
         }
         if self.inputs.is_empty() {

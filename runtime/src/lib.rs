@@ -51,7 +51,7 @@ pub mod program;
 pub mod tensor;
 pub mod trace;
 
-pub use actor::{Emit, FireCx, Inputs, Operator, ReadyCx, Step};
+pub use actor::{Emit, FireCx, Inputs, Needs, Operator, ReadyCx, Step};
 pub use channel::{ExternalRx, ExternalTx};
 pub use error::{Error, OpError};
 pub use lane::{LaneId, LaneKind, LaneSpec, WorkerPool};

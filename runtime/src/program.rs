@@ -630,6 +630,53 @@ mod tests {
         p.shutdown().unwrap();
     }
 
+    /// Takes whichever requests came (`Needs::Any`); request `v` becomes `v` pieces of `v`,
+    /// put before any pieces still due, sent one per firing while taking no input
+    /// (`Needs::Nothing`).
+    struct Pieces(Vec<i64>);
+    impl Operator<N> for Pieces {
+        fn needs(&self) -> crate::actor::Needs {
+            if self.0.is_empty() {
+                crate::actor::Needs::Any
+            } else {
+                crate::actor::Needs::Nothing
+            }
+        }
+        fn next_outputs(&self) -> Option<std::ops::Range<usize>> {
+            Some(0..1)
+        }
+        fn fire(&mut self, ins: &mut Inputs<N>, out: &mut Emit<N>, _: &FireCx) -> Result<Step, OpError> {
+            let new: Vec<i64> = (0..ins.len()).filter_map(|i| ins.try_get(i)).flat_map(|n| vec![n.0; n.0 as usize]).collect();
+            self.0.splice(0..0, new);
+            if !self.0.is_empty() {
+                out.send(0, N(self.0.remove(0)));
+            }
+            Ok(Step::Continue)
+        }
+    }
+
+    #[test]
+    fn an_actor_may_fire_on_any_input_and_finish_work_taking_none() {
+        let mut b = ProgramBuilder::<N>::new();
+        let l = b.lane(LaneSpec::cpu("a", vec![cpu0()]));
+        let a = b.actor("pieces", l, None, Box::new(Pieces(Vec::new())), 2, 1);
+        let (tx0, tx1) = (b.input(a, 0, 2), b.input(a, 1, 1));
+        let rx = b.output(a, 0, 8);
+        // Both ports have a request when it first fires; port 0 has a second one queued.
+        tx0.send(N(2)).unwrap();
+        tx0.send(N(1)).unwrap();
+        tx1.send(N(3)).unwrap();
+        let p = b.build().unwrap();
+        // The first firing takes 2 and 3; the 1 waits until their pieces are out (taken earlier,
+        // its piece would come first, since new pieces go in front).
+        let got: Vec<i64> = (0..6).map(|_| rx.recv().unwrap().0).collect();
+        assert_eq!(got, vec![2, 2, 3, 3, 3, 1]);
+        // A request on one port alone is enough.
+        tx1.send(N(1)).unwrap();
+        assert_eq!(rx.recv(), Some(N(1)));
+        p.shutdown().unwrap();
+    }
+
     #[test]
     fn a_kept_port_serves_each_message_to_that_many_firings() {
         // Weights 100, 200, … each used by 3 inputs in turn: 0+100, 1+100, 2+100, 3+200, …
