@@ -208,6 +208,10 @@ pub struct EngineOptions {
     /// Keep every token's expert choices (mixture-of-experts models), for [`Engine::routing`].
     /// Counts per layer and expert are always kept.
     pub log_routes: bool,
+    /// Mixture-of-experts models: fast-tier bytes for expert weights; the most used experts
+    /// stay resident, the rest are read from storage when chosen into a bounded cache (see
+    /// `weir_graphs::experts`). `None`: every expert resident.
+    pub experts: Option<weir_graphs::experts::ExpertPlacement>,
 }
 
 impl EngineOptions {
@@ -244,6 +248,7 @@ impl Default for EngineOptions {
             max_pass_tokens: 256,
             kv_dtype: KvType::F32,
             log_routes: false,
+            experts: None,
         }
     }
 }
@@ -304,6 +309,7 @@ pub struct Engine {
     budget: Option<u64>,
     plan: Option<weir_graphs::plan::Plan>,
     disk_bytes: Arc<std::sync::atomic::AtomicU64>,
+    expert_plan: Option<weir_graphs::experts::ExpertPlan>,
 }
 
 fn start(graph: &weir_graphs::Graph, trace: bool, env: &weir_operators::OpEnv, p: &SchedParams) -> Result<Running> {
@@ -345,6 +351,10 @@ impl Engine {
             (None, Some(b)) => (None, Some(weir_graphs::plan::split(&graph, b, &reserve, 0)?)),
             (None, None) => (None, None),
         };
+        let expert_plan = match &opts.experts {
+            Some(p) => Some(weir_graphs::experts::place(&mut graph, p)?),
+            None => None,
+        };
         if micro_batches > 1 {
             weir_graphs::plan::share_streamed(&mut graph, micro_batches as u32);
         }
@@ -367,6 +377,7 @@ impl Engine {
             activations: pool("activations", |s| s.activations, false),
             disk_bytes: Default::default(),
             routing: Arc::new(if opts.log_routes { RoutingStats::logging() } else { RoutingStats::default() }),
+            expert_cache: Default::default(),
         };
         let disk_bytes = env.disk_bytes.clone();
         let pools: Vec<weir_runtime::Pool> =
@@ -395,6 +406,7 @@ impl Engine {
             budget,
             plan,
             disk_bytes,
+            expert_plan,
         })
     }
 
@@ -536,6 +548,16 @@ impl Engine {
             }
         }
         out
+    }
+
+    /// Where the expert placement put each expert, when an expert budget was given.
+    pub fn expert_plan(&self) -> Option<&weir_graphs::experts::ExpertPlan> {
+        self.expert_plan.as_ref()
+    }
+
+    /// Expert stores' hits, misses, evictions and bytes read since the engine started.
+    pub fn expert_cache(&self) -> &weir_operators::expert_store::ExpertCacheStats {
+        &self.env.expert_cache
     }
 
     /// What the memory planner decided, when a budget was given.

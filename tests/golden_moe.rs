@@ -6,7 +6,9 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering::Relaxed;
 use weir::{DType, EngineOptions, Request};
+use weir_graphs::experts::ExpertPlacement;
 
 #[test]
 fn tiny_mixtral_matches_transformers() {
@@ -202,4 +204,98 @@ fn qwen2_moe_without_renormalisation_a_shared_expert_and_a_dense_layer_each_chan
     let err = weir::Model::open(&dir).err().expect("a missing tensor must be refused").to_string();
     assert!(err.contains("model.layers.1.mlp.up_proj.weight"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// All of tiny-mixtral's expert bytes, from an engine with every expert resident.
+fn expert_bytes() -> u64 {
+    let placement = ExpertPlacement { budget: u64::MAX, popularity: Default::default(), cache: true };
+    let (_, e) = engine(&fixture("tiny-mixtral"), EngineOptions { experts: Some(placement), ..Default::default() });
+    e.expert_plan().unwrap().expert_bytes
+}
+
+#[test]
+fn experts_read_when_chosen_give_the_golden_tokens_and_fewer_reads_with_a_cache() {
+    let g = golden("tiny-mixtral");
+    let total = expert_bytes();
+    let mut misses = Vec::new();
+    for (fraction, cache) in [(0.25, true), (0.5, true), (0.25, false)] {
+        let budget = (total as f64 * fraction) as u64;
+        let placement = ExpertPlacement { budget, popularity: Default::default(), cache };
+        let opts = EngineOptions { threads: 1, experts: Some(placement), ..Default::default() };
+        let (_, engine) = engine(&fixture("tiny-mixtral"), opts);
+        let plan = engine.expert_plan().unwrap().clone();
+        assert!(!plan.stores.is_empty(), "{fraction}: some experts must be read on demand");
+        assert!(plan.resident_bytes + plan.stores.iter().map(|s| s.2).sum::<u64>() <= budget, "{plan:?}");
+        for p in g["prompts"].as_array().unwrap() {
+            let want = ids(&p["greedy"]["new_ids"]);
+            let req = Request {
+                stop_at_eos: false,
+                logits: weir::LogitsMode::Steps,
+                ..Request::greedy(ids(&p["input_ids"]), want.len())
+            };
+            let out = engine.generate(req).unwrap();
+            assert_eq!(out.tokens, want, "budget {fraction} cache {cache}");
+            let (worst, ok) = compare(&out.step_logits[0], &floats(&p["last_logits"]), ATOL, RTOL);
+            assert!(ok, "budget {fraction} cache {cache}: last-position logits off by up to {worst}");
+        }
+        let c = engine.expert_cache();
+        let (h, m) = (c.hits.load(Relaxed), c.misses.load(Relaxed));
+        assert!(m > 0 && c.bytes_read.load(Relaxed) > 0, "{fraction} {cache}: {h} hits {m} misses");
+        if !cache {
+            assert_eq!(h, 0, "nothing kept, nothing hit");
+        }
+        misses.push(m);
+    }
+    // Same budget: keeping what was read means reading less.
+    assert!(misses[0] < misses[2], "misses with a cache {} vs without {}", misses[0], misses[2]);
+}
+
+#[test]
+fn the_most_chosen_experts_of_a_calibration_run_stay_resident() {
+    let g = golden("tiny-mixtral");
+    let prompts = g["prompts"].as_array().unwrap();
+    let run = |opts: EngineOptions| {
+        let (_, engine) = engine(&fixture("tiny-mixtral"), opts);
+        for p in prompts {
+            let want = ids(&p["greedy"]["new_ids"]);
+            let req = Request { stop_at_eos: false, ..Request::greedy(ids(&p["input_ids"]), want.len()) };
+            assert_eq!(engine.generate(req).unwrap().tokens, want);
+        }
+        engine
+    };
+    let calibration = run(EngineOptions { threads: 1, ..Default::default() });
+    let popularity: std::collections::HashMap<u32, Vec<f64>> = calibration
+        .routing()
+        .counts()
+        .into_iter()
+        .map(|(l, (tokens, chosen))| (l, chosen.iter().map(|&c| c as f64 / tokens as f64).collect()))
+        .collect();
+    // 75% (six of the eight experts): a store per layer with room for top_k = 2 experts, and
+    // two experts resident — the two chosen most over both layers.
+    let budget = expert_bytes() * 3 / 4;
+    let placement = ExpertPlacement { budget, popularity: popularity.clone(), cache: true };
+    let engine = run(EngineOptions { threads: 1, experts: Some(placement), ..Default::default() });
+    let plan = engine.expert_plan().unwrap();
+    assert_eq!(plan.resident.len(), 2, "{plan:?}");
+    let mut ranked: Vec<(u32, usize)> =
+        popularity.iter().flat_map(|(&l, v)| (0..v.len()).map(move |e| (l, e))).collect();
+    ranked.sort_by(|a, b| popularity[&b.0][b.1].total_cmp(&popularity[&a.0][a.1]).then(a.cmp(b)));
+    let mut resident = plan.resident.clone();
+    resident.sort();
+    let mut top: Vec<(u32, usize)> = ranked[..2].to_vec();
+    top.sort();
+    assert_eq!(resident, top);
+    let served: usize = plan.stores.iter().map(|s| s.1.len()).sum();
+    assert_eq!(served, 6, "the other six are read when chosen: {plan:?}");
+}
+
+#[test]
+fn an_expert_budget_below_one_expert_per_layer_is_refused_saying_the_minimum() {
+    let placement = ExpertPlacement { budget: 1000, popularity: Default::default(), cache: true };
+    let model = weir::Model::open(fixture("tiny-mixtral")).unwrap();
+    let err = weir::Engine::new(&model, EngineOptions { experts: Some(placement), ..Default::default() })
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("expert budget of 1000 bytes") && err.contains("at least"), "{err}");
 }

@@ -3,6 +3,7 @@
 //! * [`config`] — `config.json` / `generation_config.json` (both transformers spellings).
 //! * [`safetensors`] — safetensors headers, single-file and sharded; the data stays on disk.
 //! * [`llama`] — the Llama family's tensors, checked against the config.
+//! * [`experts`] — expert placement across tiers: hot experts resident, the rest read when chosen.
 //! * [`offload`] — where each activated expert outside the fast tier is computed (makespan).
 //! * [`plan`] — the memory planner: which weights stay resident, which stream, under a budget.
 //! * [`graph`] — the IR: nodes on lanes, bounded edges, one entry and one exit; DOT dumps.
@@ -12,6 +13,7 @@
 pub mod builtin;
 pub mod config;
 pub mod error;
+pub mod experts;
 pub mod format;
 pub mod graph;
 pub mod llama;

@@ -106,7 +106,8 @@ const EXHAUSTIVE_MAX: usize = 1 << 14;
 /// The options of one expert: computing in place on every lane that reads its tier (first,
 /// in lane order), then moving it over every link that leaves its tier (in link order).
 fn options(a: &Active, costs: &Costs) -> Vec<Choice> {
-    let in_place = (0..costs.lanes.len()).filter(|&l| costs.lanes[l].reads.contains(&a.tier)).map(|lane| Choice::InPlace { lane });
+    let in_place =
+        (0..costs.lanes.len()).filter(|&l| costs.lanes[l].reads.contains(&a.tier)).map(|lane| Choice::InPlace { lane });
     let moved = (0..costs.links.len()).filter(|&k| costs.links[k].from == a.tier).map(|link| Choice::Moved { link });
     in_place.chain(moved).collect()
 }
@@ -267,7 +268,13 @@ mod tests {
         Costs {
             lanes: vec![
                 LaneCost { name: "gpu".into(), fixed_s: 0.0, per_token_s: gpu_per_token, busy_s: 0.0, reads: vec![9] },
-                LaneCost { name: "cpu".into(), fixed_s: 0.0, per_token_s: cpu_per_token, busy_s: 0.0, reads: vec![DRAM] },
+                LaneCost {
+                    name: "cpu".into(),
+                    fixed_s: 0.0,
+                    per_token_s: cpu_per_token,
+                    busy_s: 0.0,
+                    reads: vec![DRAM],
+                },
             ],
             links: vec![LinkCost { from: DRAM, to: 0, per_expert_s: move_s }],
         }

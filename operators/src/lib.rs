@@ -12,6 +12,7 @@ pub mod add;
 pub mod attention;
 pub mod embedding;
 pub mod expert;
+pub mod expert_store;
 pub mod linear;
 pub mod lm_head;
 pub mod loader;

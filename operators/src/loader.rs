@@ -434,9 +434,8 @@ impl Loader {
         }
     }
 
-    /// Reads the next tensor with `pread`: `Ok(None)` when the pool has no room yet.
-    fn read_pread(&mut self) -> Result<Option<Tensor>, OpError> {
-        let i = self.next.i;
+    /// Reads tensor `i` with `pread`: `Ok(None)` when the pool has no room yet.
+    fn read_pread(&mut self, i: usize) -> Result<Option<Tensor>, OpError> {
         let Some(mut buf) = self.alloc(i)? else { return Ok(None) };
         let (_, start, want) = self.prepare(i)?;
         let t = &self.tensors[i];
@@ -517,6 +516,45 @@ impl Loader {
     }
 }
 
+impl Loader {
+    /// Reads tensor `i` now, whatever the order, and waits for it: `Ok(None)` when the pool
+    /// has no room for it. For a reader that serves requests (the expert store), which never
+    /// reads ahead: nothing else may be in flight.
+    pub(crate) fn read_now(&mut self, i: usize) -> Result<Option<Tensor>, OpError> {
+        let IoMode::Uring { depth, chunk, .. } = self.mode else { return self.read_pread(i) };
+        if self.stream.is_none() {
+            let t = &self.tensors[i];
+            self.stream =
+                Some(Stream::new(depth, chunk).map_err(|e| Self::ctx(t, format!("io_uring unavailable: {e}")))?);
+        }
+        let Some(buf) = self.alloc(i)? else { return Ok(None) };
+        let (fd, start, want) = self.prepare(i)?;
+        let t = &self.tensors[i];
+        let stream = self.stream.as_mut().expect("made above");
+        debug_assert!(stream.flights.is_empty(), "read_now with reads ahead in flight");
+        stream.flights.push_back(Flight::new(i, Some(buf), fd, start, want, None));
+        loop {
+            stream.push().map_err(|e| Self::ctx(t, e))?;
+            if stream.flights.front().is_some_and(Flight::complete) {
+                break;
+            }
+            stream.reap(true).map_err(|e| Self::ctx(t, e))?;
+        }
+        let head = stream.pop();
+        if let Some(e) = head.error {
+            return Err(Self::ctx(t, e));
+        }
+        let got = head.got.min(head.eof_at.unwrap_or(u64::MAX));
+        let buf = head.buf.expect("a complete flight without an error has its buffer");
+        self.finish(i, buf, head.start, got).map(Some)
+    }
+
+    /// Bytes the buffer for tensor `i` takes in the pool.
+    pub(crate) fn held(&self, i: usize) -> usize {
+        self.buffer_len(&self.tensors[i])
+    }
+}
+
 impl Operator<Packet> for Loader {
     fn kind(&self) -> &str {
         "load"
@@ -545,7 +583,7 @@ impl Operator<Packet> for Loader {
         }
         let i = self.next.i;
         let w = match self.mode {
-            IoMode::Pread => self.read_pread()?,
+            IoMode::Pread => self.read_pread(i)?,
             IoMode::Uring { depth, chunk, ahead } => self.read_uring(depth, chunk, ahead)?,
         };
         // No room in the pool: another allocation won the race since `ready`; try again when woken.

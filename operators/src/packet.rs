@@ -90,6 +90,8 @@ pub enum Packet {
     Act { batch: Arc<Batch>, x: Tensor },
     /// A weight tensor, as stored, from a loader.
     Weight { name: Arc<str>, w: Tensor },
+    /// No weight this pass: an expert store's answer for an expert no token chose.
+    Absent,
     /// A router's expert choices for every token of the pass.
     Route { batch: Arc<Batch>, route: Arc<crate::router::Routing> },
     /// The sampled token of every sequence, with the logits rows that were asked for.
@@ -103,6 +105,7 @@ impl Message for Packet {
             Packet::Act { x, .. } => x.nbytes(),
             Packet::Weight { w, .. } => w.nbytes(),
             Packet::Route { route, .. } => route.ids.len() * 8,
+            Packet::Absent => 0,
             Packet::Sampled { tokens, logits, .. } => tokens.len() * 4 + logits.as_ref().map_or(0, |l| l.nbytes()),
         }
     }
@@ -131,6 +134,7 @@ impl Packet {
             Packet::Act { .. } => "activations",
             Packet::Weight { .. } => "a weight",
             Packet::Route { .. } => "expert choices",
+            Packet::Absent => "no weight (an expert store's answer for an expert no token chose)",
             Packet::Sampled { .. } => "sampled tokens",
         }
     }

@@ -6,8 +6,8 @@
 
 use crate::loader::{IoMode, TensorSource};
 use crate::{
-    add, attention, embedding, expert, linear, lm_head, loader, rmsnorm, rope, router, sampler, sigmoid_gate, swiglu,
-    Packet,
+    add, attention, embedding, expert, expert_store, linear, lm_head, loader, rmsnorm, rope, router, sampler,
+    sigmoid_gate, swiglu, Packet,
 };
 use std::collections::BTreeMap;
 use weir_kernels::attention::KvType;
@@ -53,6 +53,20 @@ pub enum OpConfig {
     /// graph's `weight` statements, not written as a node). `streamed[i]`: tensor `i` is read
     /// again for every pass instead of once.
     Load { tensors: Vec<TensorSource>, streamed: Vec<bool>, mode: IoMode },
+    /// Reads the experts `served` (of a router's `experts`) when the router chooses them, into
+    /// a cache of `budget` bytes (made by the expert placement, not written as a node): see
+    /// [`crate::expert_store`]. `tensors`: gate, up, down of each served expert; `prior[j]`:
+    /// how often `served[j]` was chosen per token in calibration; `cache`: keep what it read
+    /// (false: read every chosen expert every time, the baseline).
+    ExpertStore {
+        served: Vec<usize>,
+        experts: usize,
+        tensors: Vec<TensorSource>,
+        mode: IoMode,
+        prior: Vec<f64>,
+        budget: u64,
+        cache: bool,
+    },
 }
 
 /// What operators are instantiated with besides their parameters: the pools they allocate from.
@@ -68,6 +82,8 @@ pub struct OpEnv {
     pub disk_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Where routers count their experts' use.
     pub routing: std::sync::Arc<router::RoutingStats>,
+    /// Where expert stores count hits, misses and bytes.
+    pub expert_cache: std::sync::Arc<expert_store::ExpertCacheStats>,
 }
 
 impl Default for OpEnv {
@@ -79,6 +95,7 @@ impl Default for OpEnv {
             activations: weir_runtime::Pool::transient("activations", weir_runtime::Tier::Host, usize::MAX, None),
             disk_bytes: Default::default(),
             routing: Default::default(),
+            expert_cache: Default::default(),
         }
     }
 }
@@ -249,6 +266,7 @@ impl OpConfig {
             OpConfig::LmHead { .. } => "lm_head",
             OpConfig::Sampler { .. } => "sampler",
             OpConfig::Load { .. } => "load",
+            OpConfig::ExpertStore { .. } => "expert_store",
         }
     }
 
@@ -405,7 +423,7 @@ impl OpConfig {
             ],
             OpConfig::LmHead { hidden, vocab } => vec![("hidden", u(*hidden)), ("vocab", u(*vocab))],
             OpConfig::Sampler { vocab } => vec![("vocab", u(*vocab))],
-            OpConfig::Load { .. } => vec![],
+            OpConfig::Load { .. } | OpConfig::ExpertStore { .. } => vec![],
         }
     }
 
@@ -426,13 +444,16 @@ impl OpConfig {
             OpConfig::LmHead { .. } => vec!["x", "weight"],
             OpConfig::Sampler { .. } => vec!["logits"],
             OpConfig::Load { .. } => vec![],
+            OpConfig::ExpertStore { .. } => vec!["route"],
         }
     }
 
     /// Output port names, in port order.
     pub fn outputs(&self) -> Vec<String> {
         match self {
-            OpConfig::Load { tensors, .. } => tensors.iter().map(|t| t.name.clone()).collect(),
+            OpConfig::Load { tensors, .. } | OpConfig::ExpertStore { tensors, .. } => {
+                tensors.iter().map(|t| t.name.clone()).collect()
+            }
             OpConfig::Sampler { .. } => vec!["tokens".into()],
             OpConfig::Router { .. } => vec!["route".into()],
             _ => vec!["y".into()],
@@ -476,7 +497,9 @@ impl OpConfig {
             (OpConfig::SwiGlu { hidden, .. } | OpConfig::LmHead { hidden, .. }, _)
             | (OpConfig::Router { hidden, .. } | OpConfig::Expert { hidden, .. }, _) => Carries::Act(*hidden),
             (OpConfig::Sampler { vocab }, _) => Carries::Act(*vocab),
-            (OpConfig::Embedding { .. } | OpConfig::RmsNorm { .. } | OpConfig::Load { .. }, _) => return None,
+            (OpConfig::ExpertStore { experts, .. }, 0) => Carries::Route { experts: *experts },
+            (OpConfig::Embedding { .. } | OpConfig::RmsNorm { .. } | OpConfig::Load { .. }, _)
+            | (OpConfig::ExpertStore { .. }, _) => return None,
         })
     }
 
@@ -500,7 +523,10 @@ impl OpConfig {
             OpConfig::Attention { heads, head_dim, .. } => Some(heads * head_dim),
             OpConfig::SwiGlu { hidden, .. } | OpConfig::Expert { hidden, .. } => Some(*hidden),
             OpConfig::LmHead { vocab, .. } => Some(*vocab),
-            OpConfig::Router { .. } | OpConfig::Sampler { .. } | OpConfig::Load { .. } => None,
+            OpConfig::Router { .. }
+            | OpConfig::Sampler { .. }
+            | OpConfig::Load { .. }
+            | OpConfig::ExpertStore { .. } => None,
         }
     }
 
@@ -567,6 +593,22 @@ impl OpConfig {
                 let mut l = loader::Loader::new(tensors, streamed, mode, env.host_pool.clone());
                 l.count_into(env.disk_bytes.clone());
                 Box::new(l)
+            }
+            OpConfig::ExpertStore { served, experts, tensors, mode, prior, budget, cache } => {
+                let name = format!("experts l{}", layer.unwrap_or(0));
+                let pool = weir_runtime::Pool::new(&name, weir_runtime::Tier::Host, budget as usize);
+                let mut s = expert_store::ExpertStore::new(
+                    served,
+                    experts,
+                    tensors,
+                    mode,
+                    pool,
+                    prior,
+                    cache,
+                    env.expert_cache.clone(),
+                );
+                s.count_into(env.disk_bytes.clone());
+                Box::new(s)
             }
         }
     }

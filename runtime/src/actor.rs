@@ -211,9 +211,7 @@ impl<M: crate::Message> Actor<M> {
             return false;
         }
         let room = match self.op.next_outputs() {
-            Some(ports) => {
-                self.outputs.get(ports).is_none_or(|p| p.iter().flatten().all(|tx| tx.has_room()))
-            }
+            Some(ports) => self.outputs.get(ports).is_none_or(|p| p.iter().flatten().all(|tx| tx.has_room())),
             None => self.outputs.iter().flatten().all(|tx| tx.has_room()),
         };
         room && self.op.ready(&ReadyCx { lane })

@@ -646,7 +646,8 @@ mod tests {
             Some(0..1)
         }
         fn fire(&mut self, ins: &mut Inputs<N>, out: &mut Emit<N>, _: &FireCx) -> Result<Step, OpError> {
-            let new: Vec<i64> = (0..ins.len()).filter_map(|i| ins.try_get(i)).flat_map(|n| vec![n.0; n.0 as usize]).collect();
+            let new: Vec<i64> =
+                (0..ins.len()).filter_map(|i| ins.try_get(i)).flat_map(|n| vec![n.0; n.0 as usize]).collect();
             self.0.splice(0..0, new);
             if !self.0.is_empty() {
                 out.send(0, N(self.0.remove(0)));

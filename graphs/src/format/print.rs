@@ -59,7 +59,7 @@ pub fn print(g: &Graph) -> String {
     }
     s.push('\n');
     for n in &g.nodes {
-        if matches!(n.op, OpConfig::Load { .. }) {
+        if matches!(n.op, OpConfig::Load { .. } | OpConfig::ExpertStore { .. }) {
             continue;
         }
         let _ = write!(s, "node {} = {}", n.name, n.op.kind());
@@ -75,7 +75,8 @@ pub fn print(g: &Graph) -> String {
     s.push('\n');
     let in_name = |p: &crate::graph::Port| format!("{}.{}", g.nodes[p.node].name, g.nodes[p.node].op.inputs()[p.port]);
     let _ = writeln!(s, "input {}", in_name(&g.entry));
-    for e in g.edges.iter().filter(|e| !matches!(g.nodes[e.from.node].op, OpConfig::Load { .. })) {
+    let reader = |i: usize| matches!(g.nodes[i].op, OpConfig::Load { .. } | OpConfig::ExpertStore { .. });
+    for e in g.edges.iter().filter(|e| !reader(e.from.node) && !reader(e.to.node)) {
         let from = &g.nodes[e.from.node];
         let _ = writeln!(
             s,
@@ -103,6 +104,24 @@ pub fn print(g: &Graph) -> String {
                     g.lanes[l.lane].name,
                     e.capacity
                 );
+            }
+        }
+    }
+    // Expert stores are made by the expert placement, not written in files: said as comments.
+    for (si, st) in g.nodes.iter().enumerate() {
+        let OpConfig::ExpertStore { served, tensors, budget, cache, .. } = &st.op else { continue };
+        let list: Vec<String> = served.iter().map(|e| e.to_string()).collect();
+        let _ = writeln!(
+            s,
+            "# {} (lane {}): experts {} read from storage when chosen, {budget} bytes{}",
+            st.name,
+            g.lanes[st.lane].name,
+            list.join(", "),
+            if *cache { " of cache" } else { ", nothing kept" }
+        );
+        for (port, t) in tensors.iter().enumerate() {
+            for e in g.edges.iter().filter(|e| e.from.node == si && e.from.port == port) {
+                let _ = writeln!(s, "#   weight {} = {}", in_name(&e.to), quote(&t.name));
             }
         }
     }

@@ -1,0 +1,234 @@
+//! Expert placement across tiers: under a budget of fast-tier bytes for expert weights, the
+//! most used experts stay resident and the rest are read from storage when chosen, into a
+//! bounded popularity-aware cache (`weir_operators::expert_store`).
+//!
+//! The budget is shared out as follows. Every MoE layer with experts outside the resident set
+//! gets an expert store whose pool holds `min(top_k, budget / layers / expert)` experts (at
+//! least one: a chosen expert must fit somewhere to be computed): its cache, and the room its
+//! reads need while they are computed. What is left keeps experts resident, chosen over all
+//! layers by how often each was chosen per token in calibration (`--expert-stats`; without
+//! one, every expert ties and lower layers and ids go first). A budget of all expert bytes
+//! changes nothing. The rewrite removes the cold experts' weights from the loaders (so they
+//! are never read whole), adds one `expert_store` per layer on an NVMe lane (made if the graph
+//! has none), fed by the layer's router, feeding the cold experts' weight ports.
+
+use crate::error::{Error, Result};
+use crate::graph::{Edge, Graph, Node, Port};
+use crate::plan::held_bytes;
+use std::collections::{BTreeMap, HashMap};
+use weir_operators::loader::{IoMode, TensorSource};
+use weir_operators::OpConfig;
+use weir_runtime::{LaneKind, LaneSpec};
+
+/// How experts are placed.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ExpertPlacement {
+    /// Fast-tier bytes for expert weights over all layers (resident experts and caches).
+    pub budget: u64,
+    /// Calibration: per layer, how often each expert was chosen per token routed.
+    pub popularity: HashMap<u32, Vec<f64>>,
+    /// Keep what stores read (false: read every chosen cold expert every time — the baseline
+    /// that caching is measured against, with the same memory).
+    pub cache: bool,
+}
+
+/// What the placement did.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ExpertPlan {
+    /// Bytes of all experts' weights.
+    pub expert_bytes: u64,
+    /// Resident experts (layer, expert) and their bytes.
+    pub resident: Vec<(u32, usize)>,
+    pub resident_bytes: u64,
+    /// Per layer with a store: the experts it serves and its pool's bytes.
+    pub stores: Vec<(u32, Vec<usize>, u64)>,
+}
+
+/// One expert node: where its three weights come from.
+struct ExpertNode {
+    node: usize,
+    layer: u32,
+    index: usize,
+    experts: usize,
+    /// (loader node, loader port) feeding gate, up, down.
+    sources: [(usize, usize); 3],
+    bytes: u64,
+}
+
+/// Places `g`'s experts under `p` (see the module doc). A graph without experts, or a budget
+/// that holds them all, is left as it is.
+pub fn place(g: &mut Graph, p: &ExpertPlacement) -> Result<ExpertPlan> {
+    let mut nodes = Vec::new();
+    for (ni, n) in g.nodes.iter().enumerate() {
+        let OpConfig::Expert { index, experts, .. } = n.op else { continue };
+        let mut sources = [(usize::MAX, 0); 3];
+        for e in g.edges.iter().filter(|e| e.to.node == ni && (2..5).contains(&e.to.port)) {
+            if matches!(g.nodes[e.from.node].op, OpConfig::Load { .. }) {
+                sources[e.to.port - 2] = (e.from.node, e.from.port);
+            }
+        }
+        if sources.iter().any(|s| s.0 == usize::MAX) {
+            return Err(Error::Placement(format!(
+                "expert node `{}`: its weights do not all come from loaders",
+                n.name
+            )));
+        }
+        let bytes = sources.iter().map(|&(l, port)| held_bytes_of(g, l, port)).sum();
+        nodes.push(ExpertNode { node: ni, layer: n.layer.unwrap_or(0), index, experts, sources, bytes });
+    }
+    let total: u64 = nodes.iter().map(|x| x.bytes).sum();
+    let mut plan = ExpertPlan { expert_bytes: total, ..Default::default() };
+    if nodes.is_empty() || p.budget >= total {
+        plan.resident = nodes.iter().map(|x| (x.layer, x.index)).collect();
+        plan.resident_bytes = total;
+        return Ok(plan);
+    }
+    let layers: BTreeMap<u32, Vec<usize>> = nodes.iter().enumerate().fold(BTreeMap::new(), |mut m, (i, x)| {
+        m.entry(x.layer).or_insert_with(Vec::new).push(i);
+        m
+    });
+    // Each layer's store: room for min(top_k, its share) of its largest expert, at least one.
+    let mut store_bytes: BTreeMap<u32, u64> = BTreeMap::new();
+    for (&layer, members) in &layers {
+        let largest = members.iter().map(|&i| nodes[i].bytes).max().unwrap_or(0);
+        let top_k = router_of(g, nodes[members[0]].node).map_or(1, |(_, k)| k);
+        let share = p.budget / layers.len() as u64;
+        let slots = (share / largest.max(1)).clamp(1, top_k as u64);
+        store_bytes.insert(layer, slots * largest);
+    }
+    let stores_total: u64 = store_bytes.values().sum();
+    if stores_total > p.budget {
+        let largest = nodes.iter().map(|x| x.bytes).max().unwrap_or(0);
+        return Err(Error::Placement(format!(
+            "the expert budget of {} bytes holds less than one expert per MoE layer ({} layers, experts of up to {largest} \
+             bytes): give at least {stores_total} bytes",
+            p.budget,
+            layers.len()
+        )));
+    }
+    // Resident: the most chosen per token, over all layers, while they fit.
+    let pop = |x: &ExpertNode| p.popularity.get(&x.layer).and_then(|v| v.get(x.index)).copied().unwrap_or(0.0);
+    let mut order: Vec<usize> = (0..nodes.len()).collect();
+    order.sort_by(|&a, &b| {
+        pop(&nodes[b])
+            .total_cmp(&pop(&nodes[a]))
+            .then((nodes[a].layer, nodes[a].index).cmp(&(nodes[b].layer, nodes[b].index)))
+    });
+    let mut left = p.budget - stores_total;
+    let mut resident = vec![false; nodes.len()];
+    for i in order {
+        if nodes[i].bytes <= left {
+            left -= nodes[i].bytes;
+            resident[i] = true;
+        }
+    }
+    plan.resident = (0..nodes.len()).filter(|&i| resident[i]).map(|i| (nodes[i].layer, nodes[i].index)).collect();
+    plan.resident_bytes = (0..nodes.len()).filter(|&i| resident[i]).map(|i| nodes[i].bytes).sum();
+
+    let lane = nvme_lane(g);
+    let (depth, chunk) = match g.lanes[lane].kind {
+        LaneKind::Nvme { depth, chunk, .. } => (depth, chunk),
+        _ => (8, 1 << 20),
+    };
+    let mut drop_edges: Vec<(usize, usize)> = Vec::new(); // (node, port) inputs no longer fed by loaders
+    for (&layer, members) in &layers {
+        let cold: Vec<usize> = members.iter().copied().filter(|&i| !resident[i]).collect();
+        if cold.is_empty() {
+            continue;
+        }
+        let Some((route, _)) = router_of(g, nodes[cold[0]].node) else {
+            return Err(Error::Placement(format!("expert node `{}` has no router", g.nodes[nodes[cold[0]].node].name)));
+        };
+        let served: Vec<usize> = cold.iter().map(|&i| nodes[i].index).collect();
+        let tensors: Vec<TensorSource> =
+            cold.iter().flat_map(|&i| nodes[i].sources.map(|(l, port)| source_of(g, l, port))).collect();
+        let prior: Vec<f64> = cold.iter().map(|&i| pop(&nodes[i])).collect();
+        let budget = store_bytes[&layer];
+        let op = OpConfig::ExpertStore {
+            served: served.clone(),
+            experts: nodes[cold[0]].experts,
+            tensors,
+            mode: IoMode::Uring { depth, chunk, ahead: false },
+            prior,
+            budget,
+            cache: p.cache,
+        };
+        let store = g.nodes.len();
+        g.nodes.push(Node { name: format!("l{layer}/expert_store"), op, lane, layer: Some(layer) });
+        g.edges.push(Edge { from: route, to: Port { node: store, port: 0 }, capacity: 1, sticky: false, uses: 1 });
+        for (j, &i) in cold.iter().enumerate() {
+            for w in 0..3 {
+                drop_edges.push((nodes[i].node, 2 + w));
+                g.edges.push(Edge {
+                    from: Port { node: store, port: 3 * j + w },
+                    to: Port { node: nodes[i].node, port: 2 + w },
+                    capacity: 1,
+                    sticky: false,
+                    uses: 1,
+                });
+            }
+        }
+        plan.stores.push((layer, served, budget));
+    }
+    g.edges.retain(|e| {
+        !(matches!(g.nodes[e.from.node].op, OpConfig::Load { .. }) && drop_edges.contains(&(e.to.node, e.to.port)))
+    });
+    prune_loaders(g);
+    Ok(plan)
+}
+
+/// The router port feeding expert node `node`'s route, and the router's top-k.
+fn router_of(g: &Graph, node: usize) -> Option<(Port, usize)> {
+    let e = g.edges.iter().find(|e| e.to.node == node && e.to.port == 1)?;
+    match g.nodes[e.from.node].op {
+        OpConfig::Router { top_k, .. } => Some((e.from, top_k)),
+        _ => None,
+    }
+}
+
+fn source_of(g: &Graph, loader: usize, port: usize) -> TensorSource {
+    match &g.nodes[loader].op {
+        OpConfig::Load { tensors, .. } => tensors[port].clone(),
+        _ => unreachable!("sources are loader ports (checked in `place`)"),
+    }
+}
+
+fn held_bytes_of(g: &Graph, loader: usize, port: usize) -> u64 {
+    let t = source_of(g, loader, port);
+    held_bytes(t.offset, t.nbytes())
+}
+
+/// The graph's first NVMe lane, or a new one (`experts`) if it has none.
+fn nvme_lane(g: &mut Graph) -> usize {
+    if let Some(i) = g.lanes.iter().position(|l| matches!(l.kind, LaneKind::Nvme { .. })) {
+        return i;
+    }
+    g.lanes.push(LaneSpec { name: "experts".into(), kind: LaneKind::Nvme { core: None, depth: 8, chunk: 1 << 20 } });
+    g.lanes.len() - 1
+}
+
+/// Drops loader tensors nobody consumes any more and renumbers the loaders' ports; a loader
+/// left with nothing is left with no tensors (it finishes at once).
+fn prune_loaders(g: &mut Graph) {
+    for ni in 0..g.nodes.len() {
+        let OpConfig::Load { tensors, streamed, .. } = &g.nodes[ni].op else { continue };
+        let used: Vec<bool> =
+            (0..tensors.len()).map(|p| g.edges.iter().any(|e| e.from.node == ni && e.from.port == p)).collect();
+        let mut new_port = vec![usize::MAX; tensors.len()];
+        let (mut ts, mut ss) = (Vec::new(), Vec::new());
+        for p in 0..tensors.len() {
+            if used[p] {
+                new_port[p] = ts.len();
+                ts.push(tensors[p].clone());
+                ss.push(streamed[p]);
+            }
+        }
+        if let OpConfig::Load { tensors, streamed, .. } = &mut g.nodes[ni].op {
+            *tensors = ts;
+            *streamed = ss;
+        }
+        for e in g.edges.iter_mut().filter(|e| e.from.node == ni) {
+            e.from.port = new_port[e.from.port];
+        }
+    }
+}
