@@ -38,6 +38,17 @@ pub fn load(stats: &RoutingStats, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// How often each expert of each layer was chosen per token routed, from the file at `path`.
+pub fn popularity(path: &Path) -> Result<std::collections::HashMap<u32, Vec<f64>>> {
+    let stats = RoutingStats::default();
+    load(&stats, path)?;
+    Ok(stats
+        .counts()
+        .into_iter()
+        .map(|(layer, (tokens, chosen))| (layer, chosen.iter().map(|&c| c as f64 / tokens.max(1) as f64).collect()))
+        .collect())
+}
+
 /// Writes `stats` to `path` (replacing it).
 pub fn save(stats: &RoutingStats, path: &Path) -> Result<()> {
     let layers: Vec<Value> = stats

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
 use weir::{DType, EngineOptions, Request};
-use weir_graphs::experts::ExpertPlacement;
+use weir_graphs::experts::{ExpertBudget, ExpertPlacement};
 
 #[test]
 fn tiny_mixtral_matches_transformers() {
@@ -208,7 +208,8 @@ fn qwen2_moe_without_renormalisation_a_shared_expert_and_a_dense_layer_each_chan
 
 /// All of tiny-mixtral's expert bytes, from an engine with every expert resident.
 fn expert_bytes() -> u64 {
-    let placement = ExpertPlacement { budget: u64::MAX, popularity: Default::default(), cache: true };
+    let placement =
+        ExpertPlacement { budget: ExpertBudget::Bytes(u64::MAX), popularity: Default::default(), cache: true };
     let (_, e) = engine(&fixture("tiny-mixtral"), EngineOptions { experts: Some(placement), ..Default::default() });
     e.expert_plan().unwrap().expert_bytes
 }
@@ -220,7 +221,7 @@ fn experts_read_when_chosen_give_the_golden_tokens_and_fewer_reads_with_a_cache(
     let mut misses = Vec::new();
     for (fraction, cache) in [(0.25, true), (0.5, true), (0.25, false)] {
         let budget = (total as f64 * fraction) as u64;
-        let placement = ExpertPlacement { budget, popularity: Default::default(), cache };
+        let placement = ExpertPlacement { budget: ExpertBudget::Bytes(budget), popularity: Default::default(), cache };
         let opts = EngineOptions { threads: 1, experts: Some(placement), ..Default::default() };
         let (_, engine) = engine(&fixture("tiny-mixtral"), opts);
         let plan = engine.expert_plan().unwrap().clone();
@@ -273,7 +274,8 @@ fn the_most_chosen_experts_of_a_calibration_run_stay_resident() {
     // 75% (six of the eight experts): a store per layer with room for top_k = 2 experts, and
     // two experts resident — the two chosen most over both layers.
     let budget = expert_bytes() * 3 / 4;
-    let placement = ExpertPlacement { budget, popularity: popularity.clone(), cache: true };
+    let placement =
+        ExpertPlacement { budget: ExpertBudget::Bytes(budget), popularity: popularity.clone(), cache: true };
     let engine = run(EngineOptions { threads: 1, experts: Some(placement), ..Default::default() });
     let plan = engine.expert_plan().unwrap();
     assert_eq!(plan.resident.len(), 2, "{plan:?}");
@@ -291,7 +293,7 @@ fn the_most_chosen_experts_of_a_calibration_run_stay_resident() {
 
 #[test]
 fn an_expert_budget_below_one_expert_per_layer_is_refused_saying_the_minimum() {
-    let placement = ExpertPlacement { budget: 1000, popularity: Default::default(), cache: true };
+    let placement = ExpertPlacement { budget: ExpertBudget::Bytes(1000), popularity: Default::default(), cache: true };
     let model = weir::Model::open(fixture("tiny-mixtral")).unwrap();
     let err = weir::Engine::new(&model, EngineOptions { experts: Some(placement), ..Default::default() })
         .err()

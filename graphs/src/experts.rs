@@ -20,11 +20,27 @@ use weir_operators::loader::{IoMode, TensorSource};
 use weir_operators::OpConfig;
 use weir_runtime::{LaneKind, LaneSpec};
 
+/// Fast-tier room for expert weights over all layers (resident experts and caches).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ExpertBudget {
+    Bytes(u64),
+    /// A fraction of all experts' bytes (`--expert-budget 25%`).
+    Fraction(f64),
+}
+
+impl ExpertBudget {
+    fn bytes(self, total: u64) -> u64 {
+        match self {
+            ExpertBudget::Bytes(b) => b,
+            ExpertBudget::Fraction(f) => (total as f64 * f) as u64,
+        }
+    }
+}
+
 /// How experts are placed.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ExpertPlacement {
-    /// Fast-tier bytes for expert weights over all layers (resident experts and caches).
-    pub budget: u64,
+    pub budget: ExpertBudget,
     /// Calibration: per layer, how often each expert was chosen per token routed.
     pub popularity: HashMap<u32, Vec<f64>>,
     /// Keep what stores read (false: read every chosen cold expert every time — the baseline
@@ -35,8 +51,9 @@ pub struct ExpertPlacement {
 /// What the placement did.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ExpertPlan {
-    /// Bytes of all experts' weights.
+    /// Bytes of all experts' weights, and the budget they were placed under.
     pub expert_bytes: u64,
+    pub budget: u64,
     /// Resident experts (layer, expert) and their bytes.
     pub resident: Vec<(u32, usize)>,
     pub resident_bytes: u64,
@@ -77,8 +94,9 @@ pub fn place(g: &mut Graph, p: &ExpertPlacement) -> Result<ExpertPlan> {
         nodes.push(ExpertNode { node: ni, layer: n.layer.unwrap_or(0), index, experts, sources, bytes });
     }
     let total: u64 = nodes.iter().map(|x| x.bytes).sum();
-    let mut plan = ExpertPlan { expert_bytes: total, ..Default::default() };
-    if nodes.is_empty() || p.budget >= total {
+    let budget = p.budget.bytes(total);
+    let mut plan = ExpertPlan { expert_bytes: total, budget, ..Default::default() };
+    if nodes.is_empty() || budget >= total {
         plan.resident = nodes.iter().map(|x| (x.layer, x.index)).collect();
         plan.resident_bytes = total;
         return Ok(plan);
@@ -92,17 +110,17 @@ pub fn place(g: &mut Graph, p: &ExpertPlacement) -> Result<ExpertPlan> {
     for (&layer, members) in &layers {
         let largest = members.iter().map(|&i| nodes[i].bytes).max().unwrap_or(0);
         let top_k = router_of(g, nodes[members[0]].node).map_or(1, |(_, k)| k);
-        let share = p.budget / layers.len() as u64;
+        let share = budget / layers.len() as u64;
         let slots = (share / largest.max(1)).clamp(1, top_k as u64);
         store_bytes.insert(layer, slots * largest);
     }
     let stores_total: u64 = store_bytes.values().sum();
-    if stores_total > p.budget {
+    if stores_total > budget {
         let largest = nodes.iter().map(|x| x.bytes).max().unwrap_or(0);
         return Err(Error::Placement(format!(
             "the expert budget of {} bytes holds less than one expert per MoE layer ({} layers, experts of up to {largest} \
              bytes): give at least {stores_total} bytes",
-            p.budget,
+            budget,
             layers.len()
         )));
     }
@@ -114,7 +132,7 @@ pub fn place(g: &mut Graph, p: &ExpertPlacement) -> Result<ExpertPlan> {
             .total_cmp(&pop(&nodes[a]))
             .then((nodes[a].layer, nodes[a].index).cmp(&(nodes[b].layer, nodes[b].index)))
     });
-    let mut left = p.budget - stores_total;
+    let mut left = budget - stores_total;
     let mut resident = vec![false; nodes.len()];
     for i in order {
         if nodes[i].bytes <= left {

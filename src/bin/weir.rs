@@ -164,6 +164,15 @@ struct PlaceArgs {
     /// Element type of the KV cache: f32, bf16 or f16 (half the memory; keys and values rounded).
     #[arg(long, default_value = "f32", value_parser = parse_kv_dtype)]
     kv_dtype: KvType,
+    /// Mixture-of-experts models: memory for expert weights (e.g. 2GB, or 25% of all experts'
+    /// bytes). The most chosen experts (by --expert-stats, when the file exists) stay resident;
+    /// the rest are read from disk when chosen, into a cache.
+    #[arg(long)]
+    expert_budget: Option<String>,
+    /// With --expert-budget: keep nothing read (every chosen cold expert is read every time;
+    /// the baseline the cache is measured against).
+    #[arg(long)]
+    no_expert_cache: bool,
 }
 
 impl PlaceArgs {
@@ -180,6 +189,30 @@ impl PlaceArgs {
             kv_dtype: self.kv_dtype,
             ..Default::default()
         }
+    }
+
+    /// The expert placement `--expert-budget` asks for, ranked by the counts in `stats` (if
+    /// the file exists).
+    fn experts(&self, stats: Option<&std::path::Path>) -> Result<Option<weir_graphs::experts::ExpertPlacement>> {
+        use weir_graphs::experts::{ExpertBudget, ExpertPlacement};
+        let Some(s) = &self.expert_budget else {
+            if self.no_expert_cache {
+                bail!("--no-expert-cache needs --expert-budget (without one every expert is resident)");
+            }
+            return Ok(None);
+        };
+        let budget = match s.trim().strip_suffix('%') {
+            Some(p) => match p.trim().parse::<f64>() {
+                Ok(v) if (0.0..=100.0).contains(&v) => ExpertBudget::Fraction(v / 100.0),
+                _ => bail!("--expert-budget {s}: a percentage must be a number from 0 to 100"),
+            },
+            None => ExpertBudget::Bytes(weir::parse_size(s).map_err(|e| anyhow!("--expert-budget {s}: {e}"))?),
+        };
+        let popularity = match stats.filter(|p| p.exists()) {
+            Some(path) => weir::expert_stats::popularity(path)?,
+            None => Default::default(),
+        };
+        Ok(Some(ExpertPlacement { budget, popularity, cache: !self.no_expert_cache }))
     }
 
     /// Checks the flags together (what each needs, their ranges) and reads the graph file.
@@ -247,6 +280,10 @@ struct BenchArgs {
     /// Write a Chrome trace-event file of the measured run (the streaming one under a budget).
     #[arg(long)]
     trace: Option<PathBuf>,
+    /// Mixture-of-experts models: with --expert-budget, keep resident the experts this file
+    /// (written by `weir run --expert-stats`) counts as most chosen.
+    #[arg(long)]
+    expert_stats: Option<PathBuf>,
     #[command(flatten)]
     place: PlaceArgs,
 }
@@ -301,6 +338,7 @@ fn run(a: RunArgs) -> Result<()> {
             kv_tokens: Some(a.place.kv_tokens.unwrap_or_else(|| {
                 weir::engine::kv_tokens_needed(prompt.len(), a.max_new_tokens, model.config.max_position_embeddings)
             })),
+            experts: a.place.experts(a.expert_stats.as_deref())?,
             ..a.place.engine_options(a.threads, graph, memory_budget)
         },
     )?;
@@ -409,7 +447,10 @@ fn bench(a: BenchArgs) -> Result<()> {
             gen_len: a.gen_len,
             seed: a.seed,
             trace: a.trace.is_some(),
-            engine: a.place.engine_options(threads, graph, memory_budget),
+            engine: EngineOptions {
+                experts: a.place.experts(a.expert_stats.as_deref())?,
+                ..a.place.engine_options(threads, graph, memory_budget)
+            },
         },
     )?;
     if let (Some(path), Some(t)) = (&a.trace, &r.trace) {
