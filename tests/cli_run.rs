@@ -488,3 +488,23 @@ fn expert_stats_accumulate_in_their_file_across_runs() {
     fails(&with(&args, &["--expert-stats", s(&path)]), &["--expert-stats", "stats.json", "not JSON"]);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn expert_budget_flags_are_checked_and_a_small_budget_names_the_minimum() {
+    let dir = fixture("tiny-mixtral");
+    let d = dir.to_str().unwrap();
+    for (flags, want) in [
+        (vec!["--expert-budget", "120%"], "--expert-budget 120%: a percentage must be a number from 0 to 100"),
+        (vec!["--no-expert-cache"], "--no-expert-cache needs --expert-budget"),
+        (vec!["--expert-budget", "1KB"], "holds less than one expert per MoE layer"),
+        (vec!["--expert-budget", "lots"], "--expert-budget lots"),
+    ] {
+        let mut args = vec!["run", "--model", d, "--prompt-ids", "1,2,3", "--max-new-tokens", "2"];
+        args.extend(flags.iter().copied());
+        let o = weir(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{flags:?}: {err}");
+    }
+    let o = weir(&["run", "--model", d, "--prompt-ids", "1,2,3", "--max-new-tokens", "2", "--expert-budget", "25%"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
