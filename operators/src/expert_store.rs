@@ -41,14 +41,6 @@ pub struct ExpertCacheStats {
     pub evictions: AtomicU64,
 }
 
-impl ExpertCacheStats {
-    /// Hits over chosen experts (served by a store), if any was chosen.
-    pub fn hit_rate(&self) -> Option<f64> {
-        let (h, m) = (self.hits.load(Relaxed), self.misses.load(Relaxed));
-        (h + m > 0).then(|| h as f64 / (h + m) as f64)
-    }
-}
-
 /// One served expert: its cached weights, popularity and last use.
 struct Slot {
     weights: Option<[Tensor; 3]>,
@@ -62,6 +54,8 @@ pub struct ExpertStore {
     served: Vec<usize>,
     experts: usize,
     reader: Loader,
+    /// The tensors' names, as the messages carry them.
+    names: Vec<Arc<str>>,
     pool: Pool,
     slots: Vec<Slot>,
     /// Served experts (indices into `served`) chosen this pass and still to read and send.
@@ -75,7 +69,7 @@ impl ExpertStore {
     /// A store for `served` (expert ids of `experts`), reading `tensors` (gate, up, down of each
     /// served expert, in order) into `pool`; `prior[j]`: how often expert `served[j]` was chosen
     /// per token in calibration (0 if unknown); `cache`: keep what it reads. The expert
-    /// placement checks that the pool holds the largest expert (`fits`).
+    /// placement sizes the pool to hold at least its largest expert.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         served: Vec<usize>,
@@ -94,14 +88,10 @@ impl ExpertStore {
             m => m,
         };
         let n = tensors.len();
+        let names = tensors.iter().map(|t| Arc::from(t.name.as_str())).collect();
         let reader = Loader::new(tensors, vec![true; n], mode, Some(pool.clone()));
         let slots = prior.iter().map(|p| Slot { weights: None, score: p * PRIOR_PASSES, last: 0 }).collect();
-        ExpertStore { served, experts, reader, pool, slots, pending: VecDeque::new(), tick: 0, cache, stats }
-    }
-
-    /// Whether the pool holds the largest served expert (else the store could never read it).
-    pub fn fits(&self) -> bool {
-        (0..self.served.len()).all(|j| self.bytes(j) <= self.pool.budget())
+        ExpertStore { served, experts, reader, names, pool, slots, pending: VecDeque::new(), tick: 0, cache, stats }
     }
 
     /// Adds the bytes it reads to `counter` (every loader's total).
@@ -134,8 +124,7 @@ impl ExpertStore {
     /// Sends expert `j`'s weights on its three ports.
     fn send(&self, j: usize, w: &[Tensor; 3], out: &mut Emit<Packet>) {
         for (i, t) in w.iter().enumerate() {
-            let name: Arc<str> = Arc::from(format!("expert {} weight {i}", self.served[j]).as_str());
-            out.send(3 * j + i, Packet::Weight { name, w: t.clone() });
+            out.send(3 * j + i, Packet::Weight { name: self.names[3 * j + i].clone(), w: t.clone() });
         }
     }
 

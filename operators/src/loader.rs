@@ -503,16 +503,20 @@ impl Loader {
         }
         let head = self.stream.as_mut().expect("made above").pop();
         debug_assert_eq!(head.tensor, self.next.i);
-        let t = &self.tensors[head.tensor];
+        self.land(head).map(Some)
+    }
+
+    /// The tensor of a complete flight, or the error its read met.
+    fn land(&mut self, head: Flight) -> Result<Tensor, OpError> {
         if let Some(e) = head.failed {
             return Err(e);
         }
         if let Some(e) = head.error {
-            return Err(Self::ctx(t, e));
+            return Err(Self::ctx(&self.tensors[head.tensor], e));
         }
         let got = head.got.min(head.eof_at.unwrap_or(u64::MAX));
         let buf = head.buf.expect("a complete flight without an error has its buffer");
-        self.finish(head.tensor, buf, head.start, got).map(Some)
+        self.finish(head.tensor, buf, head.start, got)
     }
 }
 
@@ -541,12 +545,7 @@ impl Loader {
             stream.reap(true).map_err(|e| Self::ctx(t, e))?;
         }
         let head = stream.pop();
-        if let Some(e) = head.error {
-            return Err(Self::ctx(t, e));
-        }
-        let got = head.got.min(head.eof_at.unwrap_or(u64::MAX));
-        let buf = head.buf.expect("a complete flight without an error has its buffer");
-        self.finish(i, buf, head.start, got).map(Some)
+        self.land(head).map(Some)
     }
 
     /// Bytes the buffer for tensor `i` takes in the pool.

@@ -118,9 +118,6 @@ pub enum Needs {
     /// A message on at least one input; it takes whichever came (a store serving requests from
     /// several producers, in the order they arrive).
     Any,
-    /// Whatever is there, or nothing: it fires to go on with work it already has (reading
-    /// ahead), and takes any input that came meanwhile.
-    Optional,
     /// No input now: the firing finishes work already taken (sending what a request asked for,
     /// one piece per firing) and leaves new messages waiting.
     Nothing,
