@@ -58,6 +58,11 @@ pub struct BenchReport {
     pub expert_cache_hit_rate: Option<f64>,
     pub expert_bytes_read: u64,
     pub expert_bytes_per_token: f64,
+    /// Chosen experts a next-layer prediction named, over all chosen in predicted layers;
+    /// experts read ahead on predictions, and how many of them were then chosen.
+    pub expert_prediction_hit_rate: Option<f64>,
+    pub expert_prefetches: u64,
+    pub expert_prefetch_hits: u64,
     /// Those bytes ÷ the generation's time.
     pub disk_gb_per_s: f64,
     /// Storage read bandwidth (io_uring, O_DIRECT, depth 8 × 1 MiB): with streaming, the bytes
@@ -100,8 +105,8 @@ struct Run {
     decode_s: f64,
     total_s: f64,
     disk_bytes: u64,
-    /// Expert stores during the measured generation: hits, misses, bytes read.
-    experts: (u64, u64, u64),
+    /// Expert stores during the measured generation.
+    experts: weir_operators::expert_store::ExpertCounts,
     peak: BTreeMap<String, u64>,
     peak_by_pool: BTreeMap<String, u64>,
     streamed_bytes: u64,
@@ -132,12 +137,7 @@ fn generate(model: &Model, o: &BenchOptions, budget: u64, prefetch: Option<usize
     let mut rng = weir_operators::sampler::Rng::new(o.seed);
     let vocab = model.config.vocab_size as u64;
     let disk0 = engine.disk_bytes_read();
-    let experts_now = |e: &Engine| {
-        let c = e.expert_cache();
-        let l = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-        (l(&c.hits), l(&c.misses), l(&c.bytes_read))
-    };
-    let experts0 = experts_now(&engine);
+    let experts0 = engine.expert_cache().snapshot();
     let t0 = Instant::now();
     let gens: Vec<_> = (0..o.batch)
         .map(|_| {
@@ -154,8 +154,7 @@ fn generate(model: &Model, o: &BenchOptions, budget: u64, prefetch: Option<usize
     let outs: Vec<_> = gens.into_iter().map(|g| g.wait()).collect::<Result<_>>()?;
     let total_s = t0.elapsed().as_secs_f64();
     let disk_bytes = engine.disk_bytes_read() - disk0;
-    let e1 = experts_now(&engine);
-    let experts = (e1.0 - experts0.0, e1.1 - experts0.1, e1.2 - experts0.2);
+    let experts = engine.expert_cache().snapshot().since(&experts0);
     let peak = BTreeMap::from([("host".to_string(), engine.peak_host_bytes())]);
     let peak_by_pool = engine.pools().iter().map(|p| (p.name().to_string(), p.high_water() as u64)).collect();
     let streamed_bytes = engine.plan().map_or(0, |p| p.streamed_bytes);
@@ -283,10 +282,12 @@ pub fn run(model: &Model, o: &BenchOptions) -> Result<BenchReport> {
         prefill_flops_per_s: prefill_flops / run.prefill_s.max(1e-9),
         decode_flops_per_s: decode_flops / run.decode_s.max(1e-9),
         disk_bytes_read: run.disk_bytes,
-        expert_cache_hit_rate: (run.experts.0 + run.experts.1 > 0)
-            .then(|| run.experts.0 as f64 / (run.experts.0 + run.experts.1) as f64),
-        expert_bytes_read: run.experts.2,
-        expert_bytes_per_token: run.experts.2 as f64 / (o.batch * o.gen_len).max(1) as f64,
+        expert_cache_hit_rate: run.experts.hit_rate(),
+        expert_bytes_read: run.experts.bytes_read,
+        expert_bytes_per_token: run.experts.bytes_read as f64 / (o.batch * o.gen_len).max(1) as f64,
+        expert_prediction_hit_rate: run.experts.prediction_hit_rate(),
+        expert_prefetches: run.experts.prefetches,
+        expert_prefetch_hits: run.experts.prefetch_hits,
         disk_gb_per_s: run.disk_bytes as f64 / run.total_s / 1e9,
         disk_probe_gb_per_s: disk_bw / 1e9,
         peak_bytes: run.peak.clone(),

@@ -378,6 +378,7 @@ impl Engine {
             disk_bytes: Default::default(),
             routing: Arc::new(if opts.log_routes { RoutingStats::logging() } else { RoutingStats::default() }),
             expert_cache: Default::default(),
+            expert_reads_due: Default::default(),
         };
         let disk_bytes = env.disk_bytes.clone();
         let pools: Vec<weir_runtime::Pool> =

@@ -58,7 +58,8 @@ impl Model {
         }
     }
 
-    /// Bytes of weights read per token at batch 1 (every matrix once, plus one embedding row).
+    /// Bytes of weights read per token at batch 1: every matrix once, one embedding row, and of
+    /// a mixture-of-experts layer's routed experts the `top_k` a token goes to.
     pub fn weight_bytes_per_token(&self) -> u64 {
         let c = &self.config;
         let embed = self.weights.tensors.get("model.embed_tokens.weight").map_or(0, |t| t.nbytes());
@@ -66,6 +67,11 @@ impl Model {
         let mut total = self.weights.total_bytes() - embed + row;
         if c.tie_word_embeddings {
             total += embed;
+        }
+        if let Some(m) = &c.moe {
+            let experts: u64 =
+                self.weights.tensors.iter().filter(|(n, _)| n.contains(".experts.")).map(|(_, t)| t.nbytes()).sum();
+            total -= experts - experts * m.top_k as u64 / m.experts.max(1) as u64;
         }
         total
     }

@@ -496,6 +496,7 @@ fn expert_budget_flags_are_checked_and_a_small_budget_names_the_minimum() {
     for (flags, want) in [
         (vec!["--expert-budget", "120%"], "--expert-budget 120%: a percentage must be a number from 0 to 100"),
         (vec!["--no-expert-cache"], "--no-expert-cache needs --expert-budget"),
+        (vec!["--no-expert-prefetch"], "--no-expert-prefetch needs --expert-budget"),
         (vec!["--expert-budget", "1KB"], "holds less than one expert per MoE layer"),
         (vec!["--expert-budget", "lots"], "--expert-budget lots"),
     ] {
@@ -505,6 +506,9 @@ fn expert_budget_flags_are_checked_and_a_small_budget_names_the_minimum() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains(want), "{flags:?}: {err}");
     }
-    let o = weir(&["run", "--model", d, "--prompt-ids", "1,2,3", "--max-new-tokens", "2", "--expert-budget", "25%"]);
+    let run = ["run", "--model", d, "--prompt-ids", "1,2,3", "--max-new-tokens", "2", "--expert-budget", "25%"];
+    let o = weir(&run);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = weir(&[&run[..], &["--no-expert-prefetch"]].concat());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

@@ -6,7 +6,6 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering::Relaxed;
 use weir::{DType, EngineOptions, Request};
 use weir_graphs::experts::{ExpertBudget, ExpertPlacement};
 
@@ -208,10 +207,24 @@ fn qwen2_moe_without_renormalisation_a_shared_expert_and_a_dense_layer_each_chan
 
 /// All of tiny-mixtral's expert bytes, from an engine with every expert resident.
 fn expert_bytes() -> u64 {
-    let placement =
-        ExpertPlacement { budget: ExpertBudget::Bytes(u64::MAX), popularity: Default::default(), cache: true };
+    let placement = ExpertPlacement {
+        budget: ExpertBudget::Bytes(u64::MAX),
+        popularity: Default::default(),
+        cache: true,
+        predict: true,
+    };
     let (_, e) = engine(&fixture("tiny-mixtral"), EngineOptions { experts: Some(placement), ..Default::default() });
     e.expert_plan().unwrap().expert_bytes
+}
+
+/// Per pass, the distinct experts chosen in `layers`, summed: what a prediction for those
+/// layers is scored against (one sequence per request; its prompt is one pass).
+fn chosen_per_pass(log: &[weir_operators::router::RouteRecord], prompt: usize, layers: &[u32]) -> u64 {
+    let mut passes: BTreeMap<(u32, usize), std::collections::BTreeSet<u32>> = BTreeMap::new();
+    for r in log.iter().filter(|r| layers.contains(&r.layer)) {
+        passes.entry((r.layer, r.position.max(prompt - 1))).or_default().extend(&r.experts);
+    }
+    passes.values().map(|s| s.len() as u64).sum()
 }
 
 #[test]
@@ -219,33 +232,51 @@ fn experts_read_when_chosen_give_the_golden_tokens_and_fewer_reads_with_a_cache(
     let g = golden("tiny-mixtral");
     let total = expert_bytes();
     let mut misses = Vec::new();
-    for (fraction, cache) in [(0.25, true), (0.5, true), (0.25, false)] {
+    for (fraction, cache, predict) in [(0.25, true, false), (0.5, true, true), (0.25, false, false), (0.25, true, true)]
+    {
         let budget = (total as f64 * fraction) as u64;
-        let placement = ExpertPlacement { budget: ExpertBudget::Bytes(budget), popularity: Default::default(), cache };
-        let opts = EngineOptions { threads: 1, experts: Some(placement), ..Default::default() };
+        let placement =
+            ExpertPlacement { budget: ExpertBudget::Bytes(budget), popularity: Default::default(), cache, predict };
+        let opts = EngineOptions { threads: 1, experts: Some(placement), log_routes: true, ..Default::default() };
         let (_, engine) = engine(&fixture("tiny-mixtral"), opts);
         let plan = engine.expert_plan().unwrap().clone();
-        assert!(!plan.stores.is_empty(), "{fraction}: some experts must be read on demand");
+        let case = format!("budget {fraction} cache {cache} predict {predict}");
+        assert!(!plan.stores.is_empty(), "{case}: some experts must be read on demand");
         assert!(plan.resident_bytes + plan.stores.iter().map(|s| s.2).sum::<u64>() <= budget, "{plan:?}");
+        // The first MoE layer has nothing before it to predict from; layer 1 does.
+        assert_eq!(plan.predicted, if cache && predict { vec![1] } else { vec![] }, "{case}");
+        let mut chosen = 0;
         for p in g["prompts"].as_array().unwrap() {
             let want = ids(&p["greedy"]["new_ids"]);
+            let prompt = ids(&p["input_ids"]);
             let req = Request {
                 stop_at_eos: false,
                 logits: weir::LogitsMode::Steps,
-                ..Request::greedy(ids(&p["input_ids"]), want.len())
+                ..Request::greedy(prompt.clone(), want.len())
             };
+            let before = engine.routing().log().len();
             let out = engine.generate(req).unwrap();
-            assert_eq!(out.tokens, want, "budget {fraction} cache {cache}");
+            assert_eq!(out.tokens, want, "{case}");
             let (worst, ok) = compare(&out.step_logits[0], &floats(&p["last_logits"]), ATOL, RTOL);
-            assert!(ok, "budget {fraction} cache {cache}: last-position logits off by up to {worst}");
+            assert!(ok, "{case}: last-position logits off by up to {worst}");
+            chosen += chosen_per_pass(&engine.routing().log()[before..], prompt.len(), &plan.predicted);
         }
-        let c = engine.expert_cache();
-        let (h, m) = (c.hits.load(Relaxed), c.misses.load(Relaxed));
-        assert!(m > 0 && c.bytes_read.load(Relaxed) > 0, "{fraction} {cache}: {h} hits {m} misses");
+        let c = engine.expert_cache().snapshot();
+        assert!(c.misses > 0 && c.bytes_read > 0, "{case}: {c:?}");
         if !cache {
-            assert_eq!(h, 0, "nothing kept, nothing hit");
+            assert_eq!(c.hits, 0, "nothing kept, nothing hit");
         }
-        misses.push(m);
+        // Every pass of a predicted layer is scored: the hint came before its route.
+        assert_eq!(c.hinted, chosen, "{case}: {c:?}");
+        if cache && predict {
+            assert!(c.predicted > 0 && c.predicted <= c.hinted, "{case}: {c:?}");
+            assert!(c.prefetches > 0 && c.prefetch_hits <= c.prefetches, "{case}: {c:?}");
+            assert!(c.prefetch_hits <= c.hits, "{case}: {c:?}");
+            eprintln!("{case}: prediction hit rate {:?}, {c:?}", c.prediction_hit_rate());
+        } else {
+            assert_eq!((c.predicted, c.prefetches), (0, 0), "{case}: no prediction, nothing read ahead");
+        }
+        misses.push(c.misses);
     }
     // Same budget: keeping what was read means reading less.
     assert!(misses[0] < misses[2], "misses with a cache {} vs without {}", misses[0], misses[2]);
@@ -274,8 +305,12 @@ fn the_most_chosen_experts_of_a_calibration_run_stay_resident() {
     // 75% (six of the eight experts): a store per layer with room for top_k = 2 experts, and
     // two experts resident — the two chosen most over both layers.
     let budget = expert_bytes() * 3 / 4;
-    let placement =
-        ExpertPlacement { budget: ExpertBudget::Bytes(budget), popularity: popularity.clone(), cache: true };
+    let placement = ExpertPlacement {
+        budget: ExpertBudget::Bytes(budget),
+        popularity: popularity.clone(),
+        cache: true,
+        predict: true,
+    };
     let engine = run(EngineOptions { threads: 1, experts: Some(placement), ..Default::default() });
     let plan = engine.expert_plan().unwrap();
     assert_eq!(plan.resident.len(), 2, "{plan:?}");
@@ -293,7 +328,12 @@ fn the_most_chosen_experts_of_a_calibration_run_stay_resident() {
 
 #[test]
 fn an_expert_budget_below_one_expert_per_layer_is_refused_saying_the_minimum() {
-    let placement = ExpertPlacement { budget: ExpertBudget::Bytes(1000), popularity: Default::default(), cache: true };
+    let placement = ExpertPlacement {
+        budget: ExpertBudget::Bytes(1000),
+        popularity: Default::default(),
+        cache: true,
+        predict: true,
+    };
     let model = weir::Model::open(fixture("tiny-mixtral")).unwrap();
     let err = weir::Engine::new(&model, EngineOptions { experts: Some(placement), ..Default::default() })
         .err()

@@ -11,6 +11,11 @@
 //! changes nothing. The rewrite removes the cold experts' weights from the loaders (so they
 //! are never read whole), adds one `expert_store` per layer on an NVMe lane (made if the graph
 //! has none), fed by the layer's router, feeding the cold experts' weight ports.
+//!
+//! With prediction (and a cache), every store after the first MoE layer also gets a hint: a
+//! copy of its layer's router (`hint = true`, not counted in the statistics) on the previous
+//! MoE layer's router lane, applied to that router's input — the previous layer's hidden
+//! state — so the store can read the likely experts while the previous layer computes.
 
 use crate::error::{Error, Result};
 use crate::graph::{Edge, Graph, Node, Port};
@@ -46,6 +51,8 @@ pub struct ExpertPlacement {
     /// Keep what stores read (false: read every chosen cold expert every time — the baseline
     /// that caching is measured against, with the same memory).
     pub cache: bool,
+    /// Read ahead the experts the next layer's router predicts (only with `cache`).
+    pub predict: bool,
 }
 
 /// What the placement did.
@@ -59,6 +66,8 @@ pub struct ExpertPlan {
     pub resident_bytes: u64,
     /// Per layer with a store: the experts it serves and its pool's bytes.
     pub stores: Vec<(u32, Vec<usize>, u64)>,
+    /// Layers whose store reads ahead on a prediction.
+    pub predicted: Vec<u32>,
 }
 
 /// One expert node: where its three weights come from.
@@ -162,6 +171,9 @@ pub fn place(g: &mut Graph, p: &ExpertPlacement) -> Result<ExpertPlan> {
             cold.iter().flat_map(|&i| nodes[i].sources.map(|(l, port)| source_of(g, l, port))).collect();
         let prior: Vec<f64> = cold.iter().map(|&i| pop(&nodes[i])).collect();
         let budget = store_bytes[&layer];
+        // The previous MoE layer's router, whose input predicts this layer's choices.
+        let earlier = layers.range(..layer).next_back().and_then(|(_, m)| router_of(g, nodes[m[0]].node));
+        let hint = earlier.filter(|_| p.cache && p.predict).map(|(prev, _)| (prev, route));
         let op = OpConfig::ExpertStore {
             served: served.clone(),
             experts: nodes[cold[0]].experts,
@@ -170,10 +182,15 @@ pub fn place(g: &mut Graph, p: &ExpertPlacement) -> Result<ExpertPlan> {
             prior,
             budget,
             cache: p.cache,
+            hinted: hint.is_some(),
         };
         let store = g.nodes.len();
         g.nodes.push(Node { name: format!("l{layer}/expert_store"), op, lane, layer: Some(layer) });
         g.edges.push(Edge { from: route, to: Port { node: store, port: 0 }, capacity: 1, sticky: false, uses: 1 });
+        if let Some((prev, this)) = hint {
+            add_hint(g, prev.node, this.node, store);
+            plan.predicted.push(layer);
+        }
         for (j, &i) in cold.iter().enumerate() {
             for w in 0..3 {
                 drop_edges.push((nodes[i].node, 2 + w));
@@ -193,6 +210,31 @@ pub fn place(g: &mut Graph, p: &ExpertPlacement) -> Result<ExpertPlan> {
     });
     prune_loaders(g);
     Ok(plan)
+}
+
+/// Adds `router`'s copy as a hint, on `earlier`'s lane and input, feeding `store`'s port 1.
+fn add_hint(g: &mut Graph, earlier: usize, router: usize, store: usize) {
+    let OpConfig::Router { hidden, experts, top_k, normalize, .. } = g.nodes[router].op else {
+        unreachable!("`router_of` found a router")
+    };
+    let hint = g.nodes.len();
+    let (lane, layer) = (g.nodes[earlier].lane, g.nodes[router].layer);
+    let name = format!("{}/expert_hint", layer.map_or_else(|| g.nodes[router].name.clone(), |l| format!("l{l}")));
+    g.nodes.push(Node { name, op: OpConfig::Router { hidden, experts, top_k, normalize, hint: true }, lane, layer });
+    let copies: Vec<Edge> = g
+        .edges
+        .iter()
+        .filter(|e| (e.to.node == earlier && e.to.port == 0) || (e.to.node == router && e.to.port == 1))
+        .map(|e| Edge { to: Port { node: hint, port: e.to.port }, ..e.clone() })
+        .collect();
+    g.edges.extend(copies);
+    g.edges.push(Edge {
+        from: Port { node: hint, port: 0 },
+        to: Port { node: store, port: 1 },
+        capacity: 1,
+        sticky: false,
+        uses: 1,
+    });
 }
 
 /// The router port feeding expert node `node`'s route, and the router's top-k.

@@ -1,10 +1,11 @@
 //! Expert store: the experts of one MoE layer that are not resident, read from storage only
 //! when the router chooses them, and kept in a bounded, popularity-aware cache.
 //!
-//! Ports: input `route` (the layer's router). Outputs: `gate`, `up`, `down` of every expert it
+//! Ports: input `route` (the layer's router) and, when it predicts, `hint` (this layer's router
+//! applied to an earlier layer's hidden state). Outputs: `gate`, `up`, `down` of every expert it
 //! serves, in order (expert `experts[j]` on ports `3j`, `3j + 1`, `3j + 2`). Each pass, every
 //! served expert gets either its three weights or [`Packet::Absent`] (no token chose it): an
-//! expert not chosen is never read.
+//! expert not chosen is never read on demand.
 //!
 //! When a route arrives the store sends, in one firing, the cached experts that were chosen and
 //! `Absent` to the others; then it reads the chosen experts that are not cached, one per firing
@@ -15,11 +16,19 @@
 //! computing this pass, the store waits until they finish (backpressure). With a budget of one
 //! expert it caches nothing useful: every chosen expert is read every time (the baseline
 //! policy).
+//!
+//! A hint, when it comes before the pass's route, names the experts the layer will likely
+//! choose (most predicted first); while no store has a chosen expert still to read (demand
+//! first: the stores of an engine share one NVMe lane and a count of reads due), the store reads
+//! the predicted experts it does not hold, one per firing, into room it makes by dropping
+//! experts the hint did not name — never waiting for memory, never sending. A route that comes
+//! ends the reading ahead (a message is taken before any background read). Whether the
+//! prediction was right is counted over all the layer's chosen experts, resident ones too.
 
 use crate::loader::{IoMode, Loader, TensorSource};
 use crate::Packet;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use weir_runtime::{Emit, FireCx, Inputs, Needs, OpError, Operator, Pool, ReadyCx, SpanKind, Step, Tensor};
 
@@ -39,6 +48,67 @@ pub struct ExpertCacheStats {
     pub bytes_read: AtomicU64,
     /// Cached experts dropped to make room.
     pub evictions: AtomicU64,
+    /// Experts read ahead on a hint (their bytes are in `bytes_read`).
+    pub prefetches: AtomicU64,
+    /// Chosen experts found cached because a read ahead brought them (counted in `hits` too).
+    pub prefetch_hits: AtomicU64,
+    /// Chosen experts in passes that had a hint, and how many of them the hint named.
+    pub hinted: AtomicU64,
+    pub predicted: AtomicU64,
+}
+
+/// The counters of [`ExpertCacheStats`] at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ExpertCounts {
+    pub hits: u64,
+    pub misses: u64,
+    pub bytes_read: u64,
+    pub evictions: u64,
+    pub prefetches: u64,
+    pub prefetch_hits: u64,
+    pub hinted: u64,
+    pub predicted: u64,
+}
+
+impl ExpertCacheStats {
+    /// The counters now.
+    pub fn snapshot(&self) -> ExpertCounts {
+        let l = |a: &AtomicU64| a.load(Relaxed);
+        ExpertCounts {
+            hits: l(&self.hits),
+            misses: l(&self.misses),
+            bytes_read: l(&self.bytes_read),
+            evictions: l(&self.evictions),
+            prefetches: l(&self.prefetches),
+            prefetch_hits: l(&self.prefetch_hits),
+            hinted: l(&self.hinted),
+            predicted: l(&self.predicted),
+        }
+    }
+}
+
+impl ExpertCounts {
+    /// What was counted since `earlier`.
+    pub fn since(&self, earlier: &ExpertCounts) -> ExpertCounts {
+        ExpertCounts {
+            hits: self.hits - earlier.hits,
+            misses: self.misses - earlier.misses,
+            bytes_read: self.bytes_read - earlier.bytes_read,
+            evictions: self.evictions - earlier.evictions,
+            prefetches: self.prefetches - earlier.prefetches,
+            prefetch_hits: self.prefetch_hits - earlier.prefetch_hits,
+            hinted: self.hinted - earlier.hinted,
+            predicted: self.predicted - earlier.predicted,
+        }
+    }
+    /// Chosen cold experts found cached, of all chosen cold experts (`None`: none chosen).
+    pub fn hit_rate(&self) -> Option<f64> {
+        (self.hits + self.misses > 0).then(|| self.hits as f64 / (self.hits + self.misses) as f64)
+    }
+    /// Chosen experts the hints named, of all chosen in passes with a hint.
+    pub fn prediction_hit_rate(&self) -> Option<f64> {
+        (self.hinted > 0).then(|| self.predicted as f64 / self.hinted as f64)
+    }
 }
 
 /// One served expert: its cached weights, popularity and last use.
@@ -46,6 +116,8 @@ struct Slot {
     weights: Option<[Tensor; 3]>,
     score: f64,
     last: u64,
+    /// Read ahead and not chosen since.
+    ahead: bool,
 }
 
 /// See the module doc.
@@ -60,7 +132,15 @@ pub struct ExpertStore {
     slots: Vec<Slot>,
     /// Served experts (indices into `served`) chosen this pass and still to read and send.
     pending: VecDeque<usize>,
+    /// Routes taken, and hints taken (hint `n` belongs to route `n`).
     tick: u64,
+    hints: u64,
+    /// The experts (of all `experts`) the hint for the coming route named.
+    predicted: Option<Vec<bool>>,
+    /// Served experts to read ahead, most predicted first.
+    ahead: VecDeque<usize>,
+    /// Chosen experts due to be read by every store sharing this one's lane.
+    due: Arc<AtomicUsize>,
     cache: bool,
     stats: Arc<ExpertCacheStats>,
 }
@@ -68,8 +148,9 @@ pub struct ExpertStore {
 impl ExpertStore {
     /// A store for `served` (expert ids of `experts`), reading `tensors` (gate, up, down of each
     /// served expert, in order) into `pool`; `prior[j]`: how often expert `served[j]` was chosen
-    /// per token in calibration (0 if unknown); `cache`: keep what it reads. The expert
-    /// placement sizes the pool to hold at least its largest expert.
+    /// per token in calibration (0 if unknown); `cache`: keep what it reads; `due`: the count of
+    /// chosen experts still to read, shared by the stores of a lane. The expert placement
+    /// sizes the pool to hold at least its largest expert.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         served: Vec<usize>,
@@ -79,6 +160,7 @@ impl ExpertStore {
         pool: Pool,
         prior: Vec<f64>,
         cache: bool,
+        due: Arc<AtomicUsize>,
         stats: Arc<ExpertCacheStats>,
     ) -> ExpertStore {
         assert_eq!(tensors.len(), 3 * served.len(), "gate, up, down per served expert");
@@ -90,8 +172,24 @@ impl ExpertStore {
         let n = tensors.len();
         let names = tensors.iter().map(|t| Arc::from(t.name.as_str())).collect();
         let reader = Loader::new(tensors, vec![true; n], mode, Some(pool.clone()));
-        let slots = prior.iter().map(|p| Slot { weights: None, score: p * PRIOR_PASSES, last: 0 }).collect();
-        ExpertStore { served, experts, reader, names, pool, slots, pending: VecDeque::new(), tick: 0, cache, stats }
+        let slots =
+            prior.iter().map(|p| Slot { weights: None, score: p * PRIOR_PASSES, last: 0, ahead: false }).collect();
+        ExpertStore {
+            served,
+            experts,
+            reader,
+            names,
+            pool,
+            slots,
+            pending: VecDeque::new(),
+            tick: 0,
+            hints: 0,
+            predicted: None,
+            ahead: VecDeque::new(),
+            due,
+            cache,
+            stats,
+        }
     }
 
     /// Adds the bytes it reads to `counter` (every loader's total).
@@ -104,13 +202,12 @@ impl ExpertStore {
         (0..3).map(|i| self.reader.held(3 * j + i)).sum()
     }
 
-    /// Drops the least popular cached expert (ties: least recently used) other than `keep`;
-    /// false if none is cached.
-    fn evict_one(&mut self, keep: usize) -> bool {
-        let victim =
-            (0..self.slots.len()).filter(|&j| j != keep && self.slots[j].weights.is_some()).min_by(|&a, &b| {
-                self.slots[a].score.total_cmp(&self.slots[b].score).then(self.slots[a].last.cmp(&self.slots[b].last))
-            });
+    /// Drops the least popular cached expert (ties: least recently used) for which `may` holds;
+    /// false if there is none.
+    fn evict_one(&mut self, may: impl Fn(usize) -> bool) -> bool {
+        let victim = (0..self.slots.len()).filter(|&j| may(j) && self.slots[j].weights.is_some()).min_by(|&a, &b| {
+            self.slots[a].score.total_cmp(&self.slots[b].score).then(self.slots[a].last.cmp(&self.slots[b].last))
+        });
         match victim {
             Some(j) => {
                 self.slots[j].weights = None;
@@ -140,6 +237,13 @@ impl ExpertStore {
             )));
         }
         self.tick += 1;
+        self.ahead.clear();
+        if let Some(predicted) = self.predicted.take() {
+            let chosen = (0..self.experts).filter(|&e| !route.tokens_of(e).is_empty());
+            let (n, right) = chosen.fold((0, 0), |(n, r), e| (n + 1, r + predicted[e] as u64));
+            self.stats.hinted.fetch_add(n, Relaxed);
+            self.stats.predicted.fetch_add(right, Relaxed);
+        }
         let tokens = route.tokens().max(1) as f64;
         for j in 0..self.served.len() {
             let mine = route.tokens_of(self.served[j]).len();
@@ -156,12 +260,87 @@ impl ExpertStore {
                 Some(w) => {
                     let w = w.clone();
                     self.stats.hits.fetch_add(1, Relaxed);
+                    if std::mem::take(&mut s.ahead) {
+                        self.stats.prefetch_hits.fetch_add(1, Relaxed);
+                    }
                     self.send(j, &w, out);
                 }
-                None => self.pending.push_back(j),
+                None => {
+                    self.pending.push_back(j);
+                    self.due.fetch_add(1, Relaxed);
+                }
             }
         }
         Ok(())
+    }
+
+    /// Takes a hint: if it is for the coming route (not one already taken), remembers what it
+    /// names and queues the named served experts not cached, most named first, as many as the
+    /// pool holds.
+    fn hint(&mut self, p: &Packet) -> Result<(), OpError> {
+        let Packet::Route { route, .. } = p else {
+            return Err(OpError::new("port `hint` expected a router's choices"));
+        };
+        if route.experts != self.experts {
+            return Err(OpError::new(format!(
+                "port `hint` carries choices over {} experts; this store serves experts of {}",
+                route.experts, self.experts
+            )));
+        }
+        self.hints += 1;
+        if self.hints <= self.tick {
+            return Ok(()); // came after its route: stale
+        }
+        let votes: Vec<usize> = (0..self.experts).map(|e| route.tokens_of(e).len()).collect();
+        self.predicted = Some(votes.iter().map(|&v| v > 0).collect());
+        if !self.cache {
+            return Ok(());
+        }
+        let mut named: Vec<usize> = (0..self.served.len()).filter(|&j| votes[self.served[j]] > 0).collect();
+        named.sort_by_key(|&j| std::cmp::Reverse(votes[self.served[j]]));
+        let room = self.pool.budget() / (0..self.served.len()).map(|j| self.bytes(j)).max().unwrap_or(1).max(1);
+        self.ahead = named.into_iter().take(room).filter(|&j| self.slots[j].weights.is_none()).collect();
+        Ok(())
+    }
+
+    /// Reads the next expert to read ahead, if room can be made without dropping one the hint
+    /// named; otherwise gives up reading ahead for this pass.
+    fn read_ahead(&mut self) -> Result<(), OpError> {
+        let Some(j) = self.ahead.pop_front() else { return Ok(()) };
+        if self.slots[j].weights.is_some() {
+            return Ok(());
+        }
+        let need = self.bytes(j);
+        let predicted = self.predicted.clone().unwrap_or_default();
+        let served = self.served.clone();
+        while !self.pool.has_room(need) && self.evict_one(|k| !predicted.get(served[k]).copied().unwrap_or(false)) {}
+        if !self.pool.has_room(need) {
+            self.ahead.clear();
+            return Ok(());
+        }
+        let Some(w) = self.read(j)? else {
+            self.ahead.clear();
+            return Ok(());
+        };
+        self.stats.prefetches.fetch_add(1, Relaxed);
+        let s = &mut self.slots[j];
+        s.weights = Some(w);
+        s.ahead = true;
+        Ok(())
+    }
+
+    /// Reads served expert `j`'s three weights; `None` if the pool had no room.
+    fn read(&mut self, j: usize) -> Result<Option<[Tensor; 3]>, OpError> {
+        let mut got = Vec::with_capacity(3);
+        for i in 0..3 {
+            match self.reader.read_now(3 * j + i)? {
+                Some(t) => got.push(t),
+                None => return Ok(None),
+            }
+        }
+        let w: [Tensor; 3] = got.try_into().map_err(|_| OpError::new("three tensors per expert"))?;
+        self.stats.bytes_read.fetch_add(w.iter().map(|t| t.nbytes() as u64).sum(), Relaxed);
+        Ok(Some(w))
     }
 }
 
@@ -173,19 +352,25 @@ impl Operator<Packet> for ExpertStore {
         SpanKind::Load
     }
     fn needs(&self) -> Needs {
-        if self.pending.is_empty() {
-            Needs::All
-        } else {
+        if !self.pending.is_empty() {
             Needs::Nothing
+        } else if !self.ahead.is_empty() {
+            Needs::Optional
+        } else {
+            Needs::Any
         }
     }
     fn next_outputs(&self) -> Option<std::ops::Range<usize>> {
         self.pending.front().map(|&j| 3 * j..3 * j + 3)
     }
     fn ready(&mut self, cx: &ReadyCx) -> bool {
-        let Some(&j) = self.pending.front() else { return true };
+        let Some(&j) = self.pending.front() else {
+            // Reading ahead waits while any store has a chosen expert to read (they share the
+            // lane, which sweeps again when that read is done).
+            return self.ahead.is_empty() || self.due.load(Relaxed) == 0;
+        };
         let need = self.bytes(j);
-        while !self.pool.has_room(need) && self.evict_one(j) {}
+        while !self.pool.has_room(need) && self.evict_one(|k| k != j) {}
         if self.pool.has_room(need) {
             return true;
         }
@@ -195,26 +380,171 @@ impl Operator<Packet> for ExpertStore {
     }
     fn fire(&mut self, ins: &mut Inputs<Packet>, out: &mut Emit<Packet>, _cx: &FireCx) -> Result<Step, OpError> {
         let Some(&j) = self.pending.front() else {
-            let p = ins.take(0);
-            self.route(&p, out)?;
+            // A hint first: one that came with its route is still that route's prediction.
+            if let Some(h) = ins.try_get(1).cloned() {
+                self.hint(&h)?;
+            }
+            match ins.try_get(0).cloned() {
+                Some(r) => self.route(&r, out)?,
+                None if ins.try_get(1).is_none() => self.read_ahead()?,
+                None => {}
+            }
             return Ok(Step::Continue);
         };
-        let mut got = Vec::with_capacity(3);
-        for i in 0..3 {
-            match self.reader.read_now(3 * j + i)? {
-                Some(t) => got.push(t),
-                // Another allocation took the room since `ready` (none should): try again.
-                None => return Ok(Step::Continue),
-            }
-        }
-        let w: [Tensor; 3] = got.try_into().map_err(|_| OpError::new("three tensors per expert"))?;
+        // Another allocation took the room since `ready` (none should): try again.
+        let Some(w) = self.read(j)? else { return Ok(Step::Continue) };
         self.pending.pop_front();
+        self.due.fetch_sub(1, Relaxed);
         self.stats.misses.fetch_add(1, Relaxed);
-        self.stats.bytes_read.fetch_add(w.iter().map(|t| t.nbytes() as u64).sum(), Relaxed);
         self.send(j, &w, out);
         if self.cache {
             self.slots[j].weights = Some(w);
         }
         Ok(Step::Continue)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::router::Routing;
+    use crate::testing::{batch, fire_some};
+    use weir_runtime::{DType, LaneWaker, Tier};
+
+    const N: usize = 1024; // floats per tensor: one 4 KiB block
+
+    /// A store over four experts written to a real file (tensor `i` of expert `e` holds
+    /// `10e + i`), with room for two; `due` shared as the engine shares it.
+    fn store(name: &str, due: Arc<AtomicUsize>) -> (ExpertStore, Arc<ExpertCacheStats>, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("weir-expert-store-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("experts.bin");
+        let data: Vec<u8> = (0..12)
+            .flat_map(|t| std::iter::repeat_n((10 * (t / 3) + t % 3) as f32, N))
+            .flat_map(f32::to_le_bytes)
+            .collect();
+        std::fs::write(&path, data).unwrap();
+        let tensors = (0..12)
+            .map(|t| TensorSource {
+                name: format!("e{}.{}", t / 3, t % 3),
+                path: path.clone(),
+                offset: (t * 4 * N) as u64,
+                dtype: DType::F32,
+                shape: vec![N],
+            })
+            .collect();
+        let stats = Arc::new(ExpertCacheStats::default());
+        let mode = IoMode::Uring { depth: 2, chunk: 4096, ahead: false };
+        let pool = Pool::new("experts", Tier::Host, 2 * 3 * 4 * N);
+        let s = ExpertStore::new(vec![0, 1, 2, 3], 4, tensors, mode, pool, vec![0.0; 4], true, due, stats.clone());
+        (s, stats, dir)
+    }
+
+    /// One token choosing `ids` of four experts.
+    fn route(ids: [u32; 2]) -> Packet {
+        let r = Routing { experts: 4, top_k: 2, ids: ids.to_vec(), weights: vec![0.5, 0.5] };
+        Packet::Route { batch: batch(&[(0, 1)]), route: Arc::new(r) }
+    }
+
+    fn cached(s: &ExpertStore) -> Vec<usize> {
+        (0..4).filter(|&j| s.slots[j].weights.is_some()).collect()
+    }
+
+    /// Which experts the firing's outputs sent weights for (checking they are that expert's),
+    /// and that every other expert got `Absent` or nothing.
+    fn sent(out: &[Option<Packet>]) -> Vec<usize> {
+        let mut got = Vec::new();
+        for e in 0..4 {
+            match &out[3 * e] {
+                Some(Packet::Weight { w, .. }) => {
+                    for i in 0..3 {
+                        let Some(Packet::Weight { w, .. }) = &out[3 * e + i] else {
+                            panic!("expert {e}: three weights")
+                        };
+                        assert_eq!(w.f32()[N - 1], (10 * e + i) as f32, "expert {e} tensor {i}");
+                    }
+                    assert_eq!(w.f32().len(), N);
+                    got.push(e);
+                }
+                Some(Packet::Absent) | None => {}
+                Some(_) => panic!("expert {e}: not a weight"),
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn a_hint_reads_the_named_experts_ahead_and_their_route_finds_them() {
+        let due = Arc::new(AtomicUsize::new(0));
+        let (mut s, stats, dir) = store("ahead", due.clone());
+        let lane = LaneWaker::detached();
+        assert_eq!(s.needs(), Needs::Any);
+        // The hint names 3 and 1: nothing is sent, both are queued to read ahead.
+        let out = fire_some(&mut s, vec![None, Some(route([3, 1]))], 12).unwrap();
+        assert!(out.iter().all(Option::is_none));
+        assert_eq!(s.needs(), Needs::Optional);
+        // Another store's chosen expert is due: reading ahead waits.
+        due.store(1, Relaxed);
+        assert!(!s.ready(&ReadyCx { lane: &lane }));
+        due.store(0, Relaxed);
+        assert!(s.ready(&ReadyCx { lane: &lane }));
+        for _ in 0..2 {
+            assert!(fire_some(&mut s, vec![None, None], 12).unwrap().iter().all(Option::is_none), "never sends ahead");
+        }
+        assert_eq!(cached(&s), vec![1, 3]);
+        assert_eq!(s.needs(), Needs::Any, "nothing left to read ahead");
+        let c = stats.snapshot();
+        assert_eq!((c.prefetches, c.misses, c.bytes_read), (2, 0, 2 * 3 * 4 * N as u64));
+        // The route chooses 1 and 2: 1 was read ahead (a hit), 2 must be read on demand.
+        let out = fire_some(&mut s, vec![Some(route([1, 2])), None], 12).unwrap();
+        assert_eq!(sent(&out), vec![1]);
+        assert!(matches!(out[0], Some(Packet::Absent)) && matches!(out[9], Some(Packet::Absent)));
+        assert_eq!((s.needs(), due.load(Relaxed)), (Needs::Nothing, 1));
+        assert!(s.ready(&ReadyCx { lane: &lane }), "room made by dropping 3");
+        let out = fire_some(&mut s, vec![None, None], 12).unwrap();
+        assert_eq!(sent(&out), vec![2]);
+        assert_eq!(due.load(Relaxed), 0);
+        assert_eq!(cached(&s), vec![1, 2]);
+        let c = stats.snapshot();
+        assert_eq!((c.hits, c.prefetch_hits, c.misses, c.evictions), (1, 1, 1, 1));
+        // Of the two chosen, the hint named one.
+        assert_eq!((c.hinted, c.predicted), (2, 1));
+        assert_eq!(c.prediction_hit_rate(), Some(0.5));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn reading_ahead_drops_only_unnamed_experts_and_a_hint_after_its_route_is_stale() {
+        let (mut s, stats, dir) = store("stale", Arc::new(AtomicUsize::new(0)));
+        let lane = LaneWaker::detached();
+        let fire = |s: &mut ExpertStore, route_in: Option<Packet>, hint: Option<Packet>| {
+            fire_some(s, vec![route_in, hint], 12).unwrap()
+        };
+        // Pass 1: the hint names 0 and 1; both are read ahead, and chosen.
+        fire(&mut s, None, Some(route([0, 1])));
+        fire(&mut s, None, None);
+        fire(&mut s, None, None);
+        assert_eq!(sent(&fire(&mut s, Some(route([0, 1])), None)), vec![0, 1]);
+        // Pass 2: the hint names 2 and 1; 1 is held, 2 is read in place of 0 (not named).
+        fire(&mut s, None, Some(route([2, 1])));
+        fire(&mut s, None, None);
+        assert_eq!(cached(&s), vec![1, 2]);
+        assert_eq!(sent(&fire(&mut s, Some(route([2, 1])), None)), vec![1, 2]);
+        let c = stats.snapshot();
+        assert_eq!((c.hits, c.misses, c.prefetches, c.prefetch_hits, c.evictions), (4, 0, 3, 3, 1));
+        // Pass 3: route and hint in one firing: the hint is this route's prediction (3 and 0
+        // named, 3 and 2 chosen); the route ends reading ahead, 3 is read on demand.
+        assert_eq!(sent(&fire(&mut s, Some(route([3, 2])), Some(route([3, 0])))), vec![2]);
+        assert_eq!(s.needs(), Needs::Nothing);
+        assert!(s.ready(&ReadyCx { lane: &lane }));
+        assert_eq!(sent(&fire(&mut s, None, None)), vec![3]);
+        let c = stats.snapshot();
+        assert_eq!((c.hinted, c.predicted, c.prefetches, c.misses), (6, 5, 3, 1));
+        // Pass 4: its hint comes after its route — stale: nothing queued, nothing counted.
+        assert_eq!(sent(&fire(&mut s, Some(route([2, 3])), None)), vec![2, 3]);
+        fire(&mut s, None, Some(route([0, 1])));
+        assert!(s.predicted.is_none() && s.ahead.is_empty());
+        assert_eq!(stats.snapshot().hinted, 6);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -110,7 +110,15 @@ pub(crate) mod testing {
         inputs: Vec<Packet>,
         outputs: usize,
     ) -> Result<Vec<Option<Packet>>, OpError> {
-        let mut slots: Vec<Option<Packet>> = inputs.into_iter().map(Some).collect();
+        fire_some(op, inputs.into_iter().map(Some).collect(), outputs)
+    }
+
+    /// Fires `op` once with the inputs that came (`None`: that port has none).
+    pub fn fire_some(
+        op: &mut dyn Operator<Packet>,
+        mut slots: Vec<Option<Packet>>,
+        outputs: usize,
+    ) -> Result<Vec<Option<Packet>>, OpError> {
         let sticky = vec![false; slots.len()];
         let mut ins = Inputs::new(&mut slots, &sticky);
         let mut out = Emit::new(outputs);

@@ -40,7 +40,9 @@ pub enum OpConfig {
     /// Residual add.
     Add { dim: usize },
     /// Mixture-of-experts router: each token's `top_k` of `experts` experts and their weights.
-    Router { hidden: usize, experts: usize, top_k: usize, normalize: bool },
+    /// `hint`: a prediction of a later layer's choices for its expert store, not counted in the
+    /// routing statistics.
+    Router { hidden: usize, experts: usize, top_k: usize, normalize: bool, hint: bool },
     /// Expert `index` of `experts`: a SwiGLU MLP over the tokens routed to it, weighted.
     Expert { hidden: usize, intermediate: usize, experts: usize, index: usize },
     /// `sigmoid(g) · x`, one gate per token.
@@ -57,7 +59,8 @@ pub enum OpConfig {
     /// a cache of `budget` bytes (made by the expert placement, not written as a node): see
     /// [`crate::expert_store`]. `tensors`: gate, up, down of each served expert; `prior[j]`:
     /// how often `served[j]` was chosen per token in calibration; `cache`: keep what it read
-    /// (false: read every chosen expert every time, the baseline).
+    /// (false: read every chosen expert every time, the baseline); `hinted`: a second input
+    /// takes a prediction of the route, and the store reads ahead what it names.
     ExpertStore {
         served: Vec<usize>,
         experts: usize,
@@ -66,6 +69,7 @@ pub enum OpConfig {
         prior: Vec<f64>,
         budget: u64,
         cache: bool,
+        hinted: bool,
     },
 }
 
@@ -84,6 +88,8 @@ pub struct OpEnv {
     pub routing: std::sync::Arc<router::RoutingStats>,
     /// Where expert stores count hits, misses and bytes.
     pub expert_cache: std::sync::Arc<expert_store::ExpertCacheStats>,
+    /// Chosen experts the expert stores have still to read (none reads ahead meanwhile).
+    pub expert_reads_due: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Default for OpEnv {
@@ -96,6 +102,7 @@ impl Default for OpEnv {
             disk_bytes: Default::default(),
             routing: Default::default(),
             expert_cache: Default::default(),
+            expert_reads_due: Default::default(),
         }
     }
 }
@@ -330,7 +337,13 @@ impl OpConfig {
                 if top_k > experts {
                     g.errors.push((Some("top_k".into()), format!("`top_k` ({top_k}) exceeds `experts` ({experts})")));
                 }
-                OpConfig::Router { hidden, experts, top_k, normalize: g.bool("normalize", true) }
+                OpConfig::Router {
+                    hidden,
+                    experts,
+                    top_k,
+                    normalize: g.bool("normalize", true),
+                    hint: g.bool("hint", false),
+                }
             }
             "expert" => {
                 let (hidden, intermediate, experts) = (g.usize("hidden"), g.usize("intermediate"), g.usize("experts"));
@@ -409,12 +422,18 @@ impl OpConfig {
                 vec![("hidden", u(*hidden)), ("intermediate", u(*intermediate))]
             }
             OpConfig::Add { dim } | OpConfig::SigmoidGate { dim } => vec![("dim", u(*dim))],
-            OpConfig::Router { hidden, experts, top_k, normalize } => vec![
-                ("hidden", u(*hidden)),
-                ("experts", u(*experts)),
-                ("top_k", u(*top_k)),
-                ("normalize", Bool(*normalize)),
-            ],
+            OpConfig::Router { hidden, experts, top_k, normalize, hint } => {
+                let mut p = vec![
+                    ("hidden", u(*hidden)),
+                    ("experts", u(*experts)),
+                    ("top_k", u(*top_k)),
+                    ("normalize", Bool(*normalize)),
+                ];
+                if *hint {
+                    p.push(("hint", Bool(true)));
+                }
+                p
+            }
             OpConfig::Expert { hidden, intermediate, experts, index } => vec![
                 ("hidden", u(*hidden)),
                 ("intermediate", u(*intermediate)),
@@ -444,7 +463,8 @@ impl OpConfig {
             OpConfig::LmHead { .. } => vec!["x", "weight"],
             OpConfig::Sampler { .. } => vec!["logits"],
             OpConfig::Load { .. } => vec![],
-            OpConfig::ExpertStore { .. } => vec!["route"],
+            OpConfig::ExpertStore { hinted: false, .. } => vec!["route"],
+            OpConfig::ExpertStore { hinted: true, .. } => vec!["route", "hint"],
         }
     }
 
@@ -497,7 +517,7 @@ impl OpConfig {
             (OpConfig::SwiGlu { hidden, .. } | OpConfig::LmHead { hidden, .. }, _)
             | (OpConfig::Router { hidden, .. } | OpConfig::Expert { hidden, .. }, _) => Carries::Act(*hidden),
             (OpConfig::Sampler { vocab }, _) => Carries::Act(*vocab),
-            (OpConfig::ExpertStore { experts, .. }, 0) => Carries::Route { experts: *experts },
+            (OpConfig::ExpertStore { experts, .. }, 0 | 1) => Carries::Route { experts: *experts },
             (OpConfig::Embedding { .. } | OpConfig::RmsNorm { .. } | OpConfig::Load { .. }, _)
             | (OpConfig::ExpertStore { .. }, _) => return None,
         })
@@ -575,11 +595,12 @@ impl OpConfig {
             ),
             OpConfig::SwiGlu { hidden, intermediate } => Box::new(swiglu::SwiGlu { hidden, intermediate }),
             OpConfig::Add { dim } => Box::new(add::Add { dim }),
-            OpConfig::Router { hidden, experts, top_k, normalize } => Box::new(router::Router {
+            OpConfig::Router { hidden, experts, top_k, normalize, hint } => Box::new(router::Router {
                 hidden,
                 experts,
                 top_k,
                 normalize,
+                hint,
                 layer: layer.unwrap_or(0),
                 stats: env.routing.clone(),
             }),
@@ -594,7 +615,7 @@ impl OpConfig {
                 l.count_into(env.disk_bytes.clone());
                 Box::new(l)
             }
-            OpConfig::ExpertStore { served, experts, tensors, mode, prior, budget, cache } => {
+            OpConfig::ExpertStore { served, experts, tensors, mode, prior, budget, cache, .. } => {
                 let name = format!("experts l{}", layer.unwrap_or(0));
                 let pool = weir_runtime::Pool::new(&name, weir_runtime::Tier::Host, budget as usize);
                 let mut s = expert_store::ExpertStore::new(
@@ -605,6 +626,7 @@ impl OpConfig {
                     pool,
                     prior,
                     cache,
+                    env.expert_reads_due.clone(),
                     env.expert_cache.clone(),
                 );
                 s.count_into(env.disk_bytes.clone());
@@ -654,7 +676,7 @@ mod tests {
             },
             OpConfig::SwiGlu { hidden: 4, intermediate: 8 },
             OpConfig::Add { dim: 4 },
-            OpConfig::Router { hidden: 4, experts: 8, top_k: 2, normalize: false },
+            OpConfig::Router { hidden: 4, experts: 8, top_k: 2, normalize: false, hint: false },
             OpConfig::Expert { hidden: 4, intermediate: 6, experts: 8, index: 7 },
             OpConfig::SigmoidGate { dim: 4 },
             OpConfig::LmHead { hidden: 4, vocab: 10 },

@@ -7,7 +7,9 @@
 //! probabilities are rescaled to sum to 1, otherwise they are used as they are.
 //!
 //! Every firing is counted in the engine's [`RoutingStats`] (per layer and expert), which
-//! `--expert-stats` writes out for placement to read.
+//! `--expert-stats` writes out for placement to read — except a router that is a *hint*: a
+//! later layer's router applied to an earlier hidden state, predicting which experts that
+//! layer will choose so its expert store can read them ahead (see `expert_store`).
 
 use crate::{check_act, weight_view, Packet};
 use std::collections::BTreeMap;
@@ -138,6 +140,8 @@ pub struct Router {
     pub normalize: bool,
     /// The layer tag of the node (statistics are kept per layer).
     pub layer: u32,
+    /// A prediction, not a routing: not counted.
+    pub hint: bool,
     pub stats: Arc<RoutingStats>,
 }
 
@@ -161,7 +165,9 @@ impl Operator<Packet> for Router {
             weights.extend(w);
         }
         let route = Routing { experts: e, top_k: self.top_k, ids, weights };
-        self.stats.record(self.layer, batch, &route);
+        if !self.hint {
+            self.stats.record(self.layer, batch, &route);
+        }
         out.send(0, Packet::Route { batch: batch.clone(), route: Arc::new(route) });
         Ok(Step::Continue)
     }
@@ -196,7 +202,8 @@ mod tests {
     fn the_router_routes_every_token_and_counts_the_choices() {
         let b = batch(&[(0, 2), (5, 1)]);
         let stats = Arc::new(RoutingStats::logging());
-        let mut op = Router { hidden: 2, experts: 3, top_k: 2, normalize: true, layer: 4, stats: stats.clone() };
+        let mut op =
+            Router { hidden: 2, experts: 3, top_k: 2, normalize: true, layer: 4, hint: false, stats: stats.clone() };
         // Expert e's logit is x · row e.
         let w = weight(vec![3, 2], &[1.0, 0.0, 0.0, 1.0, -1.0, -1.0]);
         let x = act(&b, 2, &[2.0, 1.0, 0.0, 3.0, -2.0, -2.0]);

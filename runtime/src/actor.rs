@@ -43,9 +43,9 @@ impl<'a, M: Clone> Inputs<'a, M> {
         self.slots[i].as_ref().expect("an actor fires only with every input present")
     }
     /// The message on port `i`, if one came (an operator whose [`Operator::needs`] is not
-    /// [`Needs::All`] may fire with some ports empty).
+    /// [`Needs::All`] may fire with some ports empty); `None` too if there is no port `i`.
     pub fn try_get(&self, i: usize) -> Option<&M> {
-        self.slots[i].as_ref()
+        self.slots.get(i).and_then(Option::as_ref)
     }
     /// Takes the message on port `i` (a sticky port keeps its copy).
     pub fn take(&mut self, i: usize) -> M {
@@ -121,6 +121,9 @@ pub enum Needs {
     /// No input now: the firing finishes work already taken (sending what a request asked for,
     /// one piece per firing) and leaves new messages waiting.
     Nothing,
+    /// Whatever has come, even nothing: the firing does background work (a prefetch) when no
+    /// message is there and takes a message first when one is.
+    Optional,
 }
 
 /// What an operator may use to say whether it can fire.
@@ -232,6 +235,7 @@ impl<M: crate::Message> Actor<M> {
                     port.left = port.uses;
                 }
             } else if needs != Needs::Nothing {
+                // Under `Any` or `Optional` a port may be empty: its slot stays empty.
                 *slot = rx.recv_now();
             }
         }

@@ -130,6 +130,13 @@ impl std::fmt::Debug for Pool {
 #[derive(Clone)]
 pub struct LaneWaker(pub(crate) Arc<Waker>);
 
+impl LaneWaker {
+    /// A waker of no lane (for driving an operator by hand, as operator tests do).
+    pub fn detached() -> LaneWaker {
+        LaneWaker(Arc::new(Waker::default()))
+    }
+}
+
 impl Pool {
     /// A pool of `budget` bytes that keeps returned buffers for reuse.
     pub fn new(name: &str, tier: Tier, budget: usize) -> Pool {

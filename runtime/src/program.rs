@@ -678,6 +678,48 @@ mod tests {
         p.shutdown().unwrap();
     }
 
+    /// Background work, one piece per firing, while it has some (`Needs::Optional`); a
+    /// message that has come is taken first (sent on as 100 + v).
+    struct Background(i64);
+    impl Operator<N> for Background {
+        fn needs(&self) -> crate::actor::Needs {
+            if self.0 > 0 {
+                crate::actor::Needs::Optional
+            } else {
+                crate::actor::Needs::Any
+            }
+        }
+        fn fire(&mut self, ins: &mut Inputs<N>, out: &mut Emit<N>, _: &FireCx) -> Result<Step, OpError> {
+            match ins.try_get(0) {
+                Some(n) => out.send(0, N(100 + n.0)),
+                None => {
+                    self.0 -= 1;
+                    out.send(0, N(self.0));
+                }
+            }
+            Ok(Step::Continue)
+        }
+    }
+
+    #[test]
+    fn an_actor_may_work_with_no_input_and_takes_a_message_first() {
+        let mut b = ProgramBuilder::<N>::new();
+        let l = b.lane(LaneSpec::cpu("a", vec![cpu0()]));
+        let a = b.actor("background", l, None, Box::new(Background(3)), 1, 1);
+        let tx = b.input(a, 0, 1);
+        let rx = b.output(a, 0, 8);
+        tx.send(N(7)).unwrap();
+        let p = b.build().unwrap();
+        let got: Vec<i64> = (0..4).map(|_| rx.recv().unwrap().0).collect();
+        assert_eq!(got, vec![107, 2, 1, 0]);
+        // Out of background work it waits for a message and fires on nothing else.
+        tx.send(N(1)).unwrap();
+        assert_eq!(rx.recv(), Some(N(101)));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(rx.inner.recv_now(), None, "fired with neither work nor input");
+        p.shutdown().unwrap();
+    }
+
     #[test]
     fn a_kept_port_serves_each_message_to_that_many_firings() {
         // Weights 100, 200, … each used by 3 inputs in turn: 0+100, 1+100, 2+100, 3+200, …

@@ -169,10 +169,14 @@ struct PlaceArgs {
     /// the rest are read from disk when chosen, into a cache.
     #[arg(long)]
     expert_budget: Option<String>,
-    /// With --expert-budget: keep nothing read (every chosen cold expert is read every time;
-    /// the baseline the cache is measured against).
+    /// With --expert-budget: keep nothing read and read nothing ahead (every chosen cold expert
+    /// is read every time; the baseline the cache is measured against).
     #[arg(long)]
     no_expert_cache: bool,
+    /// With --expert-budget: do not read ahead the experts a layer's router, applied to the
+    /// previous layer's hidden state, predicts.
+    #[arg(long)]
+    no_expert_prefetch: bool,
 }
 
 impl PlaceArgs {
@@ -196,8 +200,12 @@ impl PlaceArgs {
     fn experts(&self, stats: Option<&std::path::Path>) -> Result<Option<weir_graphs::experts::ExpertPlacement>> {
         use weir_graphs::experts::{ExpertBudget, ExpertPlacement};
         let Some(s) = &self.expert_budget else {
-            if self.no_expert_cache {
-                bail!("--no-expert-cache needs --expert-budget (without one every expert is resident)");
+            for (set, flag) in
+                [(self.no_expert_cache, "--no-expert-cache"), (self.no_expert_prefetch, "--no-expert-prefetch")]
+            {
+                if set {
+                    bail!("{flag} needs --expert-budget (without one every expert is resident)");
+                }
             }
             return Ok(None);
         };
@@ -212,7 +220,12 @@ impl PlaceArgs {
             Some(path) => weir::expert_stats::popularity(path)?,
             None => Default::default(),
         };
-        Ok(Some(ExpertPlacement { budget, popularity, cache: !self.no_expert_cache }))
+        Ok(Some(ExpertPlacement {
+            budget,
+            popularity,
+            cache: !self.no_expert_cache,
+            predict: !self.no_expert_prefetch,
+        }))
     }
 
     /// Checks the flags together (what each needs, their ranges) and reads the graph file.
@@ -479,6 +492,19 @@ fn bench(a: BenchArgs) -> Result<()> {
             "disk             {:.2} GB/s probed (O_DIRECT); {} bytes read, {:.2} GB/s during the run (page cache {})",
             r.disk_probe_gb_per_s, r.disk_bytes_read, r.disk_gb_per_s, r.page_cache
         );
+        if let Some(hit) = r.expert_cache_hit_rate {
+            let predicted = match r.expert_prediction_hit_rate {
+                Some(p) => format!(
+                    "prediction hit rate {p:.2} ({} read ahead, {} then chosen)",
+                    r.expert_prefetches, r.expert_prefetch_hits
+                ),
+                None => "no prediction".into(),
+            };
+            println!(
+                "experts          cache hit rate {hit:.2}; {predicted}; {:.3} GB read per token",
+                r.expert_bytes_per_token / 1e9
+            );
+        }
         let peaks: Vec<String> = r.peak_bytes.iter().map(|(k, v)| format!("{k} {:.3} GB", *v as f64 / 1e9)).collect();
         let pools: Vec<String> =
             r.peak_bytes_by_pool.iter().map(|(k, v)| format!("{k} {:.3}", *v as f64 / 1e9)).collect();

@@ -109,15 +109,16 @@ pub fn print(g: &Graph) -> String {
     }
     // Expert stores are made by the expert placement, not written in files: said as comments.
     for (si, st) in g.nodes.iter().enumerate() {
-        let OpConfig::ExpertStore { served, tensors, budget, cache, .. } = &st.op else { continue };
+        let OpConfig::ExpertStore { served, tensors, budget, cache, hinted, .. } = &st.op else { continue };
         let list: Vec<String> = served.iter().map(|e| e.to_string()).collect();
         let _ = writeln!(
             s,
-            "# {} (lane {}): experts {} read from storage when chosen, {budget} bytes{}",
+            "# {} (lane {}): experts {} read from storage when chosen, {budget} bytes{}{}",
             st.name,
             g.lanes[st.lane].name,
             list.join(", "),
-            if *cache { " of cache" } else { ", nothing kept" }
+            if *cache { " of cache" } else { ", nothing kept" },
+            if *hinted { ", read ahead when predicted" } else { "" }
         );
         for (port, t) in tensors.iter().enumerate() {
             for e in g.edges.iter().filter(|e| e.from.node == si && e.from.port == port) {
