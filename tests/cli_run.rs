@@ -208,6 +208,31 @@ fn bad_input_gets_a_clear_error_and_no_panic() {
 }
 
 #[test]
+fn synth_writes_a_mixture_of_experts_that_runs_with_its_experts_on_disk() {
+    let d = tmpdir("synth-moe");
+    let out = weir(&["synth", "--shape", "tiny-moe", "--dtype", "bf16", "--out", s(&d)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"][0], "MixtralForCausalLM");
+    assert_eq!((config["num_local_experts"].as_u64(), config["num_experts_per_tok"].as_u64()), (Some(8), Some(2)));
+    let run = ["run", "--model", s(&d), "--prompt", "hello there", "--max-new-tokens", "8", "--json"];
+    let all = ok_json(&run);
+    // A quarter of the experts in memory, the rest read from disk when chosen or predicted:
+    // the same tokens.
+    let quarter = ok_json(&[&run[..], &["--expert-budget", "25%"]].concat());
+    assert_eq!(all["generated_ids"], quarter["generated_ids"]);
+    let bench = ["bench", "--model", s(&d), "--prompt-len", "4", "--gen-len", "8", "--json", "--expert-budget", "25%"];
+    let b = ok_json(&bench);
+    let rate = |k: &str| b[k].as_f64().unwrap_or_else(|| panic!("{k} missing: {b}"));
+    assert!((0.0..=1.0).contains(&rate("expert_cache_hit_rate")));
+    assert!((0.0..=1.0).contains(&rate("expert_prediction_hit_rate")));
+    assert!(b["expert_bytes_per_token"].as_f64().unwrap() > 0.0, "{b}");
+    let b = ok_json(&[&bench[..], &["--no-expert-cache"]].concat());
+    assert!(b["expert_prediction_hit_rate"].is_null() && b["expert_prefetches"] == 0, "{b}");
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
 fn synth_writes_a_model_that_runs() {
     let d = tmpdir("synth");
     let out = weir(&["synth", "--shape", "tiny", "--dtype", "bf16", "--seed", "3", "--out", s(&d)]);

@@ -271,7 +271,6 @@ fn experts_read_when_chosen_give_the_golden_tokens_and_fewer_reads_with_a_cache(
         if cache && predict {
             assert!(c.predicted > 0 && c.predicted <= c.hinted, "{case}: {c:?}");
             assert!(c.prefetches > 0 && c.prefetch_hits <= c.prefetches, "{case}: {c:?}");
-            assert!(c.prefetch_hits <= c.hits, "{case}: {c:?}");
             eprintln!("{case}: prediction hit rate {:?}, {c:?}", c.prediction_hit_rate());
         } else {
             assert_eq!((c.predicted, c.prefetches), (0, 0), "{case}: no prediction, nothing read ahead");

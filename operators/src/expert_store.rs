@@ -20,10 +20,13 @@
 //! A hint, when it comes before the pass's route, names the experts the layer will likely
 //! choose (most predicted first); while no store has a chosen expert still to read (demand
 //! first: the stores of an engine share one NVMe lane and a count of reads due), the store reads
-//! the predicted experts it does not hold, one per firing, into room it makes by dropping
-//! experts the hint did not name — never waiting for memory, never sending. A route that comes
-//! ends the reading ahead (a message is taken before any background read). Whether the
-//! prediction was right is counted over all the layer's chosen experts, resident ones too.
+//! the predicted experts it does not hold, one after another, into room it makes by dropping
+//! experts the hint did not name — never waiting for memory, never sending. Reading ahead moves
+//! on a chunk per firing, so a route that comes is taken at once (a message before background
+//! work): an expert being read that the route chose is finished first, as a chosen read with a
+//! head start; one it did not choose is given up (the chunks in flight are waited for, the
+//! memory freed). Whether the prediction was right is counted over all the layer's chosen
+//! experts, resident ones too.
 
 use crate::loader::{IoMode, Loader, TensorSource};
 use crate::Packet;
@@ -48,10 +51,14 @@ pub struct ExpertCacheStats {
     pub bytes_read: AtomicU64,
     /// Cached experts dropped to make room.
     pub evictions: AtomicU64,
-    /// Experts read ahead on a hint (their bytes are in `bytes_read`).
+    /// Experts whose reading ahead began on a hint (the bytes read are in `bytes_read`, those of
+    /// reads given up too).
     pub prefetches: AtomicU64,
-    /// Chosen experts found cached because a read ahead brought them (counted in `hits` too).
+    /// Of those, the experts then chosen: found cached (counted in `hits` too) or still being
+    /// read (finished as a miss, with a head start).
     pub prefetch_hits: AtomicU64,
+    /// Readings ahead given up because the route chose otherwise.
+    pub prefetch_cancels: AtomicU64,
     /// Chosen experts in passes that had a hint, and how many of them the hint named.
     pub hinted: AtomicU64,
     pub predicted: AtomicU64,
@@ -66,6 +73,7 @@ pub struct ExpertCounts {
     pub evictions: u64,
     pub prefetches: u64,
     pub prefetch_hits: u64,
+    pub prefetch_cancels: u64,
     pub hinted: u64,
     pub predicted: u64,
 }
@@ -81,6 +89,7 @@ impl ExpertCacheStats {
             evictions: l(&self.evictions),
             prefetches: l(&self.prefetches),
             prefetch_hits: l(&self.prefetch_hits),
+            prefetch_cancels: l(&self.prefetch_cancels),
             hinted: l(&self.hinted),
             predicted: l(&self.predicted),
         }
@@ -97,6 +106,7 @@ impl ExpertCounts {
             evictions: self.evictions - earlier.evictions,
             prefetches: self.prefetches - earlier.prefetches,
             prefetch_hits: self.prefetch_hits - earlier.prefetch_hits,
+            prefetch_cancels: self.prefetch_cancels - earlier.prefetch_cancels,
             hinted: self.hinted - earlier.hinted,
             predicted: self.predicted - earlier.predicted,
         }
@@ -139,6 +149,10 @@ pub struct ExpertStore {
     predicted: Option<Vec<bool>>,
     /// Served experts to read ahead, most predicted first.
     ahead: VecDeque<usize>,
+    /// The expert being read ahead (its three reads started), and those of its tensors that
+    /// have landed.
+    reading: Option<usize>,
+    landed: Vec<Tensor>,
     /// Chosen experts due to be read by every store sharing this one's lane.
     due: Arc<AtomicUsize>,
     cache: bool,
@@ -186,6 +200,8 @@ impl ExpertStore {
             hints: 0,
             predicted: None,
             ahead: VecDeque::new(),
+            reading: None,
+            landed: Vec::new(),
             due,
             cache,
             stats,
@@ -238,6 +254,14 @@ impl ExpertStore {
         }
         self.tick += 1;
         self.ahead.clear();
+        if let Some(j) = self.reading {
+            if route.tokens_of(self.served[j]).is_empty() {
+                self.abandon_reading()?;
+                self.stats.prefetch_cancels.fetch_add(1, Relaxed);
+            } else {
+                self.stats.prefetch_hits.fetch_add(1, Relaxed);
+            }
+        }
         if let Some(predicted) = self.predicted.take() {
             let chosen = (0..self.experts).filter(|&e| !route.tokens_of(e).is_empty());
             let (n, right) = chosen.fold((0, 0), |(n, r), e| (n + 1, r + predicted[e] as u64));
@@ -266,7 +290,12 @@ impl ExpertStore {
                     self.send(j, &w, out);
                 }
                 None => {
-                    self.pending.push_back(j);
+                    // The one being read ahead goes first: it has a head start.
+                    if self.reading == Some(j) {
+                        self.pending.push_front(j);
+                    } else {
+                        self.pending.push_back(j);
+                    }
                     self.due.fetch_add(1, Relaxed);
                 }
             }
@@ -303,9 +332,20 @@ impl ExpertStore {
         Ok(())
     }
 
-    /// Reads the next expert to read ahead, if room can be made without dropping one the hint
-    /// named; otherwise gives up reading ahead for this pass.
+    /// One step of reading ahead: moves the expert being read on (waiting for a chunk at
+    /// most), caching it once it has landed; or starts reading the next expert to read ahead,
+    /// if room can be made without dropping one the hint named (otherwise gives up reading
+    /// ahead for this pass).
     fn read_ahead(&mut self) -> Result<(), OpError> {
+        if let Some(j) = self.reading {
+            self.reader.advance(true)?;
+            if let Some(w) = self.land_reading()? {
+                let s = &mut self.slots[j];
+                s.weights = Some(w);
+                s.ahead = true;
+            }
+            return Ok(());
+        }
         let Some(j) = self.ahead.pop_front() else { return Ok(()) };
         if self.slots[j].weights.is_some() {
             return Ok(());
@@ -314,18 +354,51 @@ impl ExpertStore {
         let predicted = self.predicted.clone().unwrap_or_default();
         let served = self.served.clone();
         while !self.pool.has_room(need) && self.evict_one(|k| !predicted.get(served[k]).copied().unwrap_or(false)) {}
-        if !self.pool.has_room(need) {
-            self.ahead.clear();
-            return Ok(());
+        self.reading = Some(j);
+        for i in 0..3 {
+            if !self.reader.begin(3 * j + i)? {
+                self.abandon_reading()?;
+                self.ahead.clear();
+                return Ok(());
+            }
         }
-        let Some(w) = self.read(j)? else {
-            self.ahead.clear();
-            return Ok(());
-        };
         self.stats.prefetches.fetch_add(1, Relaxed);
-        let s = &mut self.slots[j];
-        s.weights = Some(w);
-        s.ahead = true;
+        Ok(())
+    }
+
+    /// Takes the tensors of the expert being read that have landed; its weights once all three
+    /// have (it is then no longer being read).
+    fn land_reading(&mut self) -> Result<Option<[Tensor; 3]>, OpError> {
+        while self.reader.first_done() {
+            let t = self.reader.take_first()?;
+            self.landed.push(t);
+        }
+        if self.landed.len() < 3 {
+            return Ok(None);
+        }
+        self.reading = None;
+        let w: [Tensor; 3] =
+            std::mem::take(&mut self.landed).try_into().map_err(|_| OpError::new("three tensors per expert"))?;
+        self.stats.bytes_read.fetch_add(w.iter().map(|t| t.nbytes() as u64).sum(), Relaxed);
+        Ok(Some(w))
+    }
+
+    /// Waits for the expert being read to land.
+    fn finish_reading(&mut self) -> Result<[Tensor; 3], OpError> {
+        loop {
+            if let Some(w) = self.land_reading()? {
+                return Ok(w);
+            }
+            self.reader.advance(true)?;
+        }
+    }
+
+    /// Gives up the expert being read: waits for its chunks in flight and frees its memory.
+    fn abandon_reading(&mut self) -> Result<(), OpError> {
+        let landed: u64 = self.landed.drain(..).map(|t| t.nbytes() as u64).sum();
+        let got = self.reader.abandon()?;
+        self.stats.bytes_read.fetch_add(landed + got, Relaxed);
+        self.reading = None;
         Ok(())
     }
 
@@ -354,7 +427,7 @@ impl Operator<Packet> for ExpertStore {
     fn needs(&self) -> Needs {
         if !self.pending.is_empty() {
             Needs::Nothing
-        } else if !self.ahead.is_empty() {
+        } else if self.reading.is_some() || !self.ahead.is_empty() {
             Needs::Optional
         } else {
             Needs::Any
@@ -367,8 +440,11 @@ impl Operator<Packet> for ExpertStore {
         let Some(&j) = self.pending.front() else {
             // Reading ahead waits while any store has a chosen expert to read (they share the
             // lane, which sweeps again when that read is done).
-            return self.ahead.is_empty() || self.due.load(Relaxed) == 0;
+            return (self.reading.is_none() && self.ahead.is_empty()) || self.due.load(Relaxed) == 0;
         };
+        if self.reading == Some(j) {
+            return true; // its memory is taken
+        }
         let need = self.bytes(j);
         while !self.pool.has_room(need) && self.evict_one(|k| k != j) {}
         if self.pool.has_room(need) {
@@ -391,8 +467,13 @@ impl Operator<Packet> for ExpertStore {
             }
             return Ok(Step::Continue);
         };
-        // Another allocation took the room since `ready` (none should): try again.
-        let Some(w) = self.read(j)? else { return Ok(Step::Continue) };
+        let w = if self.reading == Some(j) {
+            self.finish_reading()?
+        } else {
+            // Another allocation took the room since `ready` (none should): try again.
+            let Some(w) = self.read(j)? else { return Ok(Step::Continue) };
+            w
+        };
         self.pending.pop_front();
         self.due.fetch_sub(1, Relaxed);
         self.stats.misses.fetch_add(1, Relaxed);
@@ -473,6 +554,17 @@ mod tests {
         got
     }
 
+    /// Fires with no input while it has reading ahead to do (a chunk or more per firing).
+    fn read_ahead_all(s: &mut ExpertStore) {
+        for _ in 0..100 {
+            if s.needs() != Needs::Optional {
+                return;
+            }
+            assert!(fire_some(s, vec![None, None], 12).unwrap().iter().all(Option::is_none), "never sends ahead");
+        }
+        panic!("reading ahead did not finish");
+    }
+
     #[test]
     fn a_hint_reads_the_named_experts_ahead_and_their_route_finds_them() {
         let due = Arc::new(AtomicUsize::new(0));
@@ -488,9 +580,7 @@ mod tests {
         assert!(!s.ready(&ReadyCx { lane: &lane }));
         due.store(0, Relaxed);
         assert!(s.ready(&ReadyCx { lane: &lane }));
-        for _ in 0..2 {
-            assert!(fire_some(&mut s, vec![None, None], 12).unwrap().iter().all(Option::is_none), "never sends ahead");
-        }
+        read_ahead_all(&mut s);
         assert_eq!(cached(&s), vec![1, 3]);
         assert_eq!(s.needs(), Needs::Any, "nothing left to read ahead");
         let c = stats.snapshot();
@@ -514,6 +604,39 @@ mod tests {
     }
 
     #[test]
+    fn a_route_finishes_the_expert_being_read_ahead_if_chosen_and_gives_it_up_if_not() {
+        let (mut s, stats, dir) = store("cancel", Arc::new(AtomicUsize::new(0)));
+        let lane = LaneWaker::detached();
+        // Pass 1: the hint names 0 and 2; 0's reads start, then the route (0 and 1) comes.
+        fire_some(&mut s, vec![None, Some(route([0, 2]))], 12).unwrap();
+        fire_some(&mut s, vec![None, None], 12).unwrap();
+        assert_eq!(s.reading, Some(0));
+        let out = fire_some(&mut s, vec![Some(route([0, 1])), None], 12).unwrap();
+        assert!(sent(&out).is_empty(), "0 is still being read");
+        assert_eq!(s.pending, [0, 1], "the one being read goes first");
+        assert!(s.ready(&ReadyCx { lane: &lane }));
+        assert_eq!(sent(&fire_some(&mut s, vec![None, None], 12).unwrap()), vec![0]);
+        assert!(s.ready(&ReadyCx { lane: &lane }));
+        assert_eq!(sent(&fire_some(&mut s, vec![None, None], 12).unwrap()), vec![1]);
+        let c = stats.snapshot();
+        assert_eq!((c.prefetches, c.prefetch_hits, c.prefetch_cancels, c.misses), (1, 1, 0, 2));
+        // Pass 2: the hint names 3 and 0; 0 is held, 1 (not named) is dropped to read 3. The
+        // route chooses 0 and 1: 3's reading is given up and its memory freed.
+        fire_some(&mut s, vec![None, Some(route([3, 0]))], 12).unwrap();
+        fire_some(&mut s, vec![None, None], 12).unwrap();
+        assert_eq!(s.reading, Some(3));
+        assert_eq!(cached(&s), vec![0]);
+        let out = fire_some(&mut s, vec![Some(route([0, 1])), None], 12).unwrap();
+        assert_eq!(sent(&out), vec![0]);
+        assert_eq!((s.reading, s.pool.in_use()), (None, 3 * 4 * N), "only 0 is held");
+        assert!(s.ready(&ReadyCx { lane: &lane }));
+        assert_eq!(sent(&fire_some(&mut s, vec![None, None], 12).unwrap()), vec![1]);
+        let c = stats.snapshot();
+        assert_eq!((c.prefetches, c.prefetch_hits, c.prefetch_cancels, c.misses), (2, 1, 1, 3));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn reading_ahead_drops_only_unnamed_experts_and_a_hint_after_its_route_is_stale() {
         let (mut s, stats, dir) = store("stale", Arc::new(AtomicUsize::new(0)));
         let lane = LaneWaker::detached();
@@ -522,12 +645,11 @@ mod tests {
         };
         // Pass 1: the hint names 0 and 1; both are read ahead, and chosen.
         fire(&mut s, None, Some(route([0, 1])));
-        fire(&mut s, None, None);
-        fire(&mut s, None, None);
+        read_ahead_all(&mut s);
         assert_eq!(sent(&fire(&mut s, Some(route([0, 1])), None)), vec![0, 1]);
         // Pass 2: the hint names 2 and 1; 1 is held, 2 is read in place of 0 (not named).
         fire(&mut s, None, Some(route([2, 1])));
-        fire(&mut s, None, None);
+        read_ahead_all(&mut s);
         assert_eq!(cached(&s), vec![1, 2]);
         assert_eq!(sent(&fire(&mut s, Some(route([2, 1])), None)), vec![1, 2]);
         let c = stats.snapshot();

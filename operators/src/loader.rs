@@ -522,30 +522,88 @@ impl Loader {
 
 impl Loader {
     /// Reads tensor `i` now, whatever the order, and waits for it: `Ok(None)` when the pool
-    /// has no room for it. For a reader that serves requests (the expert store), which never
-    /// reads ahead: nothing else may be in flight.
+    /// has no room for it. For a reader that serves requests (the expert store): nothing else
+    /// may have been started.
     pub(crate) fn read_now(&mut self, i: usize) -> Result<Option<Tensor>, OpError> {
-        let IoMode::Uring { depth, chunk, .. } = self.mode else { return self.read_pread(i) };
+        let IoMode::Uring { .. } = self.mode else { return self.read_pread(i) };
+        debug_assert_eq!(self.started(), 0, "read_now with reads started");
+        if !self.begin(i)? {
+            return Ok(None);
+        }
+        while !self.first_done() {
+            self.advance(true)?;
+        }
+        self.take_first().map(Some)
+    }
+
+    /// Starts reading tensor `i` (io_uring only), behind the reads already started, for a
+    /// reader that serves requests: false when the pool has no room for it.
+    pub(crate) fn begin(&mut self, i: usize) -> Result<bool, OpError> {
+        let IoMode::Uring { depth, chunk, .. } = self.mode else {
+            return Err(Self::ctx(&self.tensors[i], "reads are started only with io_uring"));
+        };
         if self.stream.is_none() {
             let t = &self.tensors[i];
             self.stream =
                 Some(Stream::new(depth, chunk).map_err(|e| Self::ctx(t, format!("io_uring unavailable: {e}")))?);
         }
-        let Some(buf) = self.alloc(i)? else { return Ok(None) };
+        let Some(buf) = self.alloc(i)? else { return Ok(false) };
         let (fd, start, want) = self.prepare(i)?;
-        let t = &self.tensors[i];
         let stream = self.stream.as_mut().expect("made above");
-        debug_assert!(stream.flights.is_empty(), "read_now with reads ahead in flight");
         stream.flights.push_back(Flight::new(i, Some(buf), fd, start, want, None));
-        loop {
-            stream.push().map_err(|e| Self::ctx(t, e))?;
-            if stream.flights.front().is_some_and(Flight::complete) {
-                break;
-            }
-            stream.reap(true).map_err(|e| Self::ctx(t, e))?;
+        let t = &self.tensors[i];
+        stream.push().map_err(|e| Self::ctx(t, e))?;
+        Ok(true)
+    }
+
+    /// Reads started and not yet taken.
+    pub(crate) fn started(&self) -> usize {
+        self.stream.as_ref().map_or(0, |s| s.flights.len())
+    }
+
+    /// Moves the started reads on: asks for more chunks and takes the completions there are,
+    /// first waiting for one if `wait` and any is in flight.
+    pub(crate) fn advance(&mut self, wait: bool) -> Result<(), OpError> {
+        let Some(stream) = self.stream.as_mut() else { return Ok(()) };
+        let Some(first) = stream.flights.front() else { return Ok(()) };
+        let t = &self.tensors[first.tensor];
+        stream.push().map_err(|e| Self::ctx(t, e))?;
+        stream.reap(wait).map_err(|e| Self::ctx(t, e))?;
+        stream.push().map_err(|e| Self::ctx(t, e))?;
+        Ok(())
+    }
+
+    /// Whether the oldest started read is complete.
+    pub(crate) fn first_done(&self) -> bool {
+        self.stream.as_ref().and_then(|s| s.flights.front()).is_some_and(Flight::complete)
+    }
+
+    /// The oldest started read's tensor, once [`Loader::first_done`].
+    pub(crate) fn take_first(&mut self) -> Result<Tensor, OpError> {
+        let head = self.stream.as_mut().expect("a read was started").pop();
+        self.land(head)
+    }
+
+    /// Gives up every started read: asks for nothing more, waits for the chunks in flight and
+    /// frees the buffers. Returns the bytes they had read (counted as read).
+    pub(crate) fn abandon(&mut self) -> Result<u64, OpError> {
+        let Some(stream) = self.stream.as_mut() else { return Ok(0) };
+        for f in stream.flights.iter_mut() {
+            f.submitted = f.want;
+            f.retry.clear();
         }
-        let head = stream.pop();
-        self.land(head).map(Some)
+        while !stream.chunks.is_empty() {
+            stream.reap(true).map_err(|e| OpError::new(format!("abandoning reads: {e}")))?;
+        }
+        let got: u64 = stream.flights.iter().map(|f| f.got).sum();
+        while !stream.flights.is_empty() {
+            stream.pop();
+        }
+        self.bytes_read += got;
+        if let Some(c) = &self.counter {
+            c.fetch_add(got, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(got)
     }
 
     /// Bytes the buffer for tensor `i` takes in the pool.

@@ -253,7 +253,7 @@ impl PlaceArgs {
 
 #[derive(Args)]
 struct SynthArgs {
-    /// Shape: tiny, small, tinyllama-1.1b, llama3-8b.
+    /// Shape: tiny, small, tinyllama-1.1b, llama3-8b, tiny-moe, mixtral-4l.
     #[arg(long, default_value = "small")]
     shape: String,
     /// Weight dtype: f32, bf16, f16.
