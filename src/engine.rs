@@ -342,18 +342,29 @@ impl Engine {
         // Every sequence of a decode step fits one pass.
         let max_batch = opts.max_batch.clamp(1, opts.max_pass_tokens * micro_batches);
         let reserve = opts.reserve(max_positions);
-        let (plan, split) = match (opts.memory_budget, graph.host_budget) {
-            (Some(b), _) => {
-                let plan = weir_graphs::plan::fit(&mut graph, b, opts.prefetch, &reserve)?;
-                (Some(plan.clone()), Some(plan.split))
-            }
-            // A graph file's own budget: its placement stands, the reserve comes off the top.
-            (None, Some(b)) => (None, Some(weir_graphs::plan::split(&graph, b, &reserve, 0)?)),
-            (None, None) => (None, None),
-        };
+        // Experts first: their stores' caches come out of a host budget, the resident experts
+        // are weights like any other for the plan that fits the rest.
         let expert_plan = match &opts.experts {
             Some(p) => Some(weir_graphs::experts::place(&mut graph, p)?),
             None => None,
+        };
+        let caches: u64 = expert_plan.as_ref().map_or(0, |p| p.stores.iter().map(|s| s.2).sum());
+        let rest = |b: u64| {
+            b.checked_sub(caches).filter(|&r| r > 0).ok_or_else(|| {
+                Error::Request(format!(
+                    "the memory budget of {b} bytes does not hold the expert caches' {caches} bytes (from the expert \
+                     budget) and the rest of the model: give more memory or a smaller expert budget"
+                ))
+            })
+        };
+        let (plan, split) = match (opts.memory_budget, graph.host_budget) {
+            (Some(b), _) => {
+                let plan = weir_graphs::plan::fit(&mut graph, rest(b)?, opts.prefetch, &reserve)?;
+                (Some(plan.clone()), Some(plan.split))
+            }
+            // A graph file's own budget: its placement stands, the reserve comes off the top.
+            (None, Some(b)) => (None, Some(weir_graphs::plan::split(&graph, rest(b)?, &reserve, 0)?)),
+            (None, None) => (None, None),
         };
         if micro_batches > 1 {
             weir_graphs::plan::share_streamed(&mut graph, micro_batches as u32);
@@ -364,7 +375,7 @@ impl Engine {
             let _ = std::fs::write(std::path::Path::new(&dir).join("graph.weir"), &graph_dump);
             let _ = std::fs::write(std::path::Path::new(&dir).join("graph.dot"), graph.dot());
         }
-        // One meter over the host tier's pools: weights, KV cache, activations.
+        // One meter over the host tier's pools: weights, KV cache, activations, expert caches.
         let meter = weir_runtime::TierMeter::new();
         let pool = |name: &str, part: fn(&weir_graphs::plan::Split) -> u64, reuse: bool| {
             let budget = split.as_ref().map_or(usize::MAX, |s| part(s) as usize);
@@ -379,6 +390,7 @@ impl Engine {
             routing: Arc::new(if opts.log_routes { RoutingStats::logging() } else { RoutingStats::default() }),
             expert_cache: Default::default(),
             expert_reads_due: Default::default(),
+            host_meter: Some(meter.clone()),
         };
         let disk_bytes = env.disk_bytes.clone();
         let pools: Vec<weir_runtime::Pool> =
@@ -394,7 +406,7 @@ impl Engine {
             kv_blocks: split.map(|s| s.kv.checked_div(per_block).map_or(usize::MAX, |b| b as usize)),
         };
         let run = start(&graph, opts.trace, &env, &sched)?;
-        let budget = split.map(|s| s.weights + s.kv + s.activations);
+        let budget = split.map(|s| s.weights + s.kv + s.activations + caches);
         Ok(Engine {
             run: Mutex::new(run),
             graph,

@@ -340,3 +340,46 @@ fn an_expert_budget_below_one_expert_per_layer_is_refused_saying_the_minimum() {
         .to_string();
     assert!(err.contains("expert budget of 1000 bytes") && err.contains("at least"), "{err}");
 }
+
+#[test]
+fn expert_caches_and_streamed_weights_share_one_memory_budget() {
+    let model = weir::Model::open(fixture("tiny-mixtral")).unwrap();
+    let placement = ExpertPlacement {
+        budget: ExpertBudget::Bytes(expert_bytes() / 4),
+        popularity: Default::default(),
+        cache: true,
+        predict: true,
+    };
+    let opts = EngineOptions {
+        threads: 1,
+        kv_tokens: Some(160),
+        max_pass_tokens: 32,
+        experts: Some(placement.clone()),
+        ..Default::default()
+    };
+    // The least the rest of the model needs once the experts are placed, and the caches.
+    let mut g = model.graph(None, 1, weir::KvType::F32, 1).unwrap();
+    let experts = weir_graphs::experts::place(&mut g, &placement).unwrap();
+    let caches: u64 = experts.stores.iter().map(|s| s.2).sum();
+    let reserve = opts.reserve(model.config.max_position_embeddings);
+    let minimum = weir_graphs::plan::fit(&mut g, u64::MAX, None, &reserve).unwrap().minimum;
+    let budget = caches + minimum;
+    let engine = weir::Engine::new(&model, EngineOptions { memory_budget: Some(budget), ..opts.clone() }).unwrap();
+    assert_eq!(engine.host_budget(), Some(budget), "the caches come out of the budget");
+    assert!(engine.plan().unwrap().streamed_bytes > 0, "the rest is streamed");
+    let g = golden("tiny-mixtral");
+    for p in g["prompts"].as_array().unwrap() {
+        let want = ids(&p["greedy"]["new_ids"]);
+        let req = Request { stop_at_eos: false, ..Request::greedy(ids(&p["input_ids"]), want.len()) };
+        assert_eq!(engine.generate(req).unwrap().tokens, want);
+    }
+    let c = engine.expert_cache().snapshot();
+    assert!(c.misses > 0 && c.hinted > 0, "{c:?}");
+    assert!(engine.peak_host_bytes() <= budget, "host peak {} over the budget {budget}", engine.peak_host_bytes());
+    // A budget that cannot hold the caches and the rest is refused, saying so.
+    let err = weir::Engine::new(&model, EngineOptions { memory_budget: Some(caches), ..opts })
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("does not hold the expert caches"), "{err}");
+}

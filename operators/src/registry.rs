@@ -90,6 +90,8 @@ pub struct OpEnv {
     pub expert_cache: std::sync::Arc<expert_store::ExpertCacheStats>,
     /// Chosen experts the expert stores have still to read (none reads ahead meanwhile).
     pub expert_reads_due: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// The host tier's meter, which expert stores' pools count into as well.
+    pub host_meter: Option<weir_runtime::TierMeter>,
 }
 
 impl Default for OpEnv {
@@ -103,6 +105,7 @@ impl Default for OpEnv {
             routing: Default::default(),
             expert_cache: Default::default(),
             expert_reads_due: Default::default(),
+            host_meter: None,
         }
     }
 }
@@ -617,7 +620,13 @@ impl OpConfig {
             }
             OpConfig::ExpertStore { served, experts, tensors, mode, prior, budget, cache, .. } => {
                 let name = format!("experts l{}", layer.unwrap_or(0));
-                let pool = weir_runtime::Pool::new(&name, weir_runtime::Tier::Host, budget as usize);
+                let pool = weir_runtime::Pool::with(
+                    &name,
+                    weir_runtime::Tier::Host,
+                    budget as usize,
+                    true,
+                    env.host_meter.as_ref(),
+                );
                 let mut s = expert_store::ExpertStore::new(
                     served,
                     experts,

@@ -87,6 +87,12 @@ struct MeterInner {
 #[derive(Clone, Default)]
 pub struct TierMeter(Arc<MeterInner>);
 
+impl std::fmt::Debug for TierMeter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TierMeter({} bytes, at most {})", self.used(), self.high_water())
+    }
+}
+
 impl TierMeter {
     /// A meter at zero.
     pub fn new() -> TierMeter {
