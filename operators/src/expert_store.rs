@@ -241,17 +241,23 @@ impl ExpertStore {
         }
     }
 
-    /// Takes a route: counts popularity, sends cached and absent experts, queues the reads.
-    fn route(&mut self, p: &Packet, out: &mut Emit<Packet>) -> Result<(), OpError> {
+    /// The router's choices `p` carries, checked against the experts this store serves.
+    fn choices<'a>(&self, p: &'a Packet, port: &str) -> Result<&'a crate::router::Routing, OpError> {
         let Packet::Route { route, .. } = p else {
-            return Err(OpError::new("port `route` expected a router's choices"));
+            return Err(OpError::new(format!("port `{port}` expected a router's choices")));
         };
         if route.experts != self.experts {
             return Err(OpError::new(format!(
-                "port `route` carries choices over {} experts; this store serves experts of {}",
+                "port `{port}` carries choices over {} experts; this store serves experts of {}",
                 route.experts, self.experts
             )));
         }
+        Ok(route)
+    }
+
+    /// Takes a route: counts popularity, sends cached and absent experts, queues the reads.
+    fn route(&mut self, p: &Packet, out: &mut Emit<Packet>) -> Result<(), OpError> {
+        let route = self.choices(p, "route")?;
         self.tick += 1;
         self.ahead.clear();
         if let Some(j) = self.reading {
@@ -307,15 +313,7 @@ impl ExpertStore {
     /// names and queues the named served experts not cached, most named first, as many as the
     /// pool holds.
     fn hint(&mut self, p: &Packet) -> Result<(), OpError> {
-        let Packet::Route { route, .. } = p else {
-            return Err(OpError::new("port `hint` expected a router's choices"));
-        };
-        if route.experts != self.experts {
-            return Err(OpError::new(format!(
-                "port `hint` carries choices over {} experts; this store serves experts of {}",
-                route.experts, self.experts
-            )));
-        }
+        let route = self.choices(p, "hint")?;
         self.hints += 1;
         if self.hints <= self.tick {
             return Ok(()); // came after its route: stale
