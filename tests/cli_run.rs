@@ -537,3 +537,29 @@ fn expert_budget_flags_are_checked_and_a_small_budget_names_the_minimum() {
     let o = weir(&[&run[..], &["--no-expert-prefetch"]].concat());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+#[test]
+fn a_node_on_a_gpu_lane_is_refused_saying_why() {
+    let model = fixture("tiny-llama");
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("graphs/llama.weir")).unwrap();
+    let text = text.replacen("lane loader io", "lane loader io\nlane card gpu device=0", 1).replacen(
+        "node lm_head = lm_head hidden=hidden vocab=vocab",
+        "node lm_head = lm_head hidden=hidden vocab=vocab lane=card",
+        1,
+    );
+    assert!(text.contains("lane=card"));
+    let dir = tmpdir("gpulane");
+    let f = dir.join("gpu.weir");
+    std::fs::write(&f, text).unwrap();
+    // The file is valid; running it is not, on this build, anywhere.
+    assert!(weir(&["graph", "check", s(&f), "--model", s(&model)]).status.success());
+    let o = weir(&["run", "--model", s(&model), "--graph", s(&f), "--prompt", "x"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("device gpu0 unavailable"), "{err}");
+    assert!(
+        err.contains("no CUDA driver") || err.contains("no CUDA device 0") || err.contains("no operators on GPU lanes"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -4,8 +4,9 @@
 //! thread pinned to each further core; an operator on the lane splits its kernel over all of
 //! them through [`weir_kernels::Parallel`], without spawning a thread per call. An I/O lane is
 //! one thread (optionally pinned) for loaders and, later, io_uring readers. A GPU-stream lane
-//! is part of the model of a placement; with no GPU backend in this build, building a program
-//! that uses one fails with [`Error::DeviceUnavailable`].
+//! is part of the model of a placement; building a program that uses one fails with
+//! [`Error::DeviceUnavailable`], saying why: no CUDA driver, no such device (see
+//! [`crate::gpu`]), or — where the device is there — that no operator runs on GPU lanes yet.
 
 use crate::error::Error;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -128,9 +129,13 @@ pub(crate) fn validate(spec: &LaneSpec, allowed: &[usize]) -> Result<(), Error> 
             Err(lane_err(format!("core {c} is not available to this process (available: {allowed:?})")))
         }
         LaneKind::Io { .. } | LaneKind::Nvme { .. } => Ok(()),
+        // The device must exist; and until GPU operators land, no lane can run on it.
         LaneKind::GpuStream { device, .. } => Err(Error::DeviceUnavailable {
             device: format!("gpu{device}"),
-            reason: "this build of weir has no GPU backend".into(),
+            reason: match crate::gpu::open(*device) {
+                Err(e) => e.to_string(),
+                Ok((_, info)) => format!("{} is present, but weir runs no operators on GPU lanes yet", info.name),
+            },
         }),
     }
 }
@@ -328,7 +333,19 @@ mod tests {
         let bad = LaneSpec::cpu("c", vec![100_000]);
         assert!(matches!(validate(&bad, &allowed), Err(Error::Lane { .. })));
         let gpu = LaneSpec { name: "g".into(), kind: LaneKind::GpuStream { device: 0, stream: 0 } };
-        assert!(matches!(validate(&gpu, &allowed), Err(Error::DeviceUnavailable { .. })));
+        match validate(&gpu, &allowed) {
+            Err(Error::DeviceUnavailable { device, reason }) => {
+                assert_eq!(device, "gpu0");
+                if !crate::gpu::driver_present() {
+                    assert!(reason.contains("no CUDA driver"), "{reason}");
+                }
+            }
+            other => panic!("a GPU lane must be refused: {other:?}"),
+        }
+        // A device past the last one is named as such wherever a driver is.
+        let far = LaneSpec { name: "g".into(), kind: LaneKind::GpuStream { device: 4096, stream: 0 } };
+        let Err(Error::DeviceUnavailable { reason, .. }) = validate(&far, &allowed) else { panic!("refused") };
+        assert!(reason.contains("no CUDA driver") || reason.contains("no CUDA device 4096"), "{reason}");
         assert!(validate(&LaneSpec::cpu("c", vec![allowed[0]]), &allowed).is_ok());
     }
 }

@@ -45,6 +45,7 @@
 pub mod actor;
 pub mod channel;
 pub mod error;
+pub mod gpu;
 pub mod lane;
 pub mod pool;
 pub mod program;

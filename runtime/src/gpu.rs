@@ -1,0 +1,106 @@
+//! The machine's CUDA devices, through the driver library loaded at run time (cudarc with
+//! dynamic loading: a build of weir needs no CUDA installed).
+//!
+//! cudarc panics on its first call when the driver library is missing (or lacks a function
+//! it binds), so the library's presence is checked first and every call runs under
+//! `catch_unwind`: without a driver, or without the device asked for, opening a device is a
+//! typed [`GpuError`], never a panic.
+
+use std::sync::Arc;
+
+pub use cudarc::driver::CudaContext;
+
+/// Why a CUDA device cannot be used.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum GpuError {
+    /// No CUDA driver library (`libcuda.so`) could be loaded.
+    #[error("no CUDA driver on this machine (libcuda could not be loaded)")]
+    NoDriver,
+    /// The driver is there but has no device of that ordinal.
+    #[error("no CUDA device {ordinal}: this machine has {count}")]
+    NoDevice { ordinal: usize, count: usize },
+    /// A driver call failed (or the library lacks a function weir needs).
+    #[error("CUDA: {0}")]
+    Cuda(String),
+}
+
+/// What a device is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuInfo {
+    pub ordinal: usize,
+    pub name: String,
+    pub total_bytes: usize,
+    /// Compute capability (major, minor).
+    pub capability: (i32, i32),
+}
+
+/// Whether the CUDA driver library can be loaded.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to open the library by its usual names.
+    std::panic::catch_unwind(|| unsafe { cudarc::driver::sys::is_culib_present() }).unwrap_or(false)
+}
+
+/// Runs a driver call, turning its error or its panic into a [`GpuError`].
+fn call<T>(what: &str, f: impl FnOnce() -> Result<T, cudarc::driver::DriverError>) -> Result<T, GpuError> {
+    if !driver_present() {
+        return Err(GpuError::NoDriver);
+    }
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(GpuError::Cuda(format!("{what}: {e}"))),
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "the driver library failed".into());
+            Err(GpuError::Cuda(format!("{what}: {msg}")))
+        }
+    }
+}
+
+/// The number of CUDA devices.
+pub fn device_count() -> Result<usize, GpuError> {
+    call("counting devices", || CudaContext::device_count().map(|n| n.max(0) as usize))
+}
+
+/// Opens device `ordinal`'s primary context and says what it is.
+pub fn open(ordinal: usize) -> Result<(Arc<CudaContext>, GpuInfo), GpuError> {
+    let count = device_count()?;
+    if ordinal >= count {
+        return Err(GpuError::NoDevice { ordinal, count });
+    }
+    let ctx = call(&format!("opening device {ordinal}"), || CudaContext::new(ordinal))?;
+    let info = call(&format!("querying device {ordinal}"), || {
+        Ok(GpuInfo { ordinal, name: ctx.name()?, total_bytes: ctx.total_mem()?, capability: ctx.compute_capability()? })
+    })?;
+    Ok((ctx, info))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_driver_every_device_is_a_typed_error() {
+        if driver_present() {
+            println!("skipped: a CUDA driver is present (this test is for machines without one)");
+            return;
+        }
+        assert_eq!(device_count(), Err(GpuError::NoDriver));
+        assert_eq!(open(0).err(), Some(GpuError::NoDriver));
+        assert!(GpuError::NoDriver.to_string().contains("no CUDA driver"));
+    }
+
+    #[test]
+    fn a_gpu_opens_and_names_itself_and_a_missing_ordinal_is_refused() {
+        if !driver_present() || device_count().unwrap_or(0) == 0 {
+            println!("skipped: no GPU");
+            return;
+        }
+        let (_, info) = open(0).unwrap();
+        assert!(!info.name.is_empty() && info.total_bytes > 0 && info.capability.0 > 0, "{info:?}");
+        let count = device_count().unwrap();
+        assert_eq!(open(count).err(), Some(GpuError::NoDevice { ordinal: count, count }));
+    }
+}
