@@ -81,10 +81,17 @@ pub fn open(ordinal: usize) -> Result<(Arc<CudaContext>, GpuInfo), GpuError> {
 mod tests {
     use super::*;
 
+    /// Says a test was skipped where the log shows it: straight to standard error, past the
+    /// test harness's capture (which only takes `print!` and `eprint!`).
+    fn skipped(why: &str) {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "skipped: {why}");
+    }
+
     #[test]
     fn without_a_driver_every_device_is_a_typed_error() {
         if driver_present() {
-            println!("skipped: a CUDA driver is present (this test is for machines without one)");
+            skipped("a CUDA driver is present (this test is for machines without one)");
             return;
         }
         assert_eq!(device_count(), Err(GpuError::NoDriver));
@@ -95,7 +102,7 @@ mod tests {
     #[test]
     fn a_gpu_opens_and_names_itself_and_a_missing_ordinal_is_refused() {
         if !driver_present() || device_count().unwrap_or(0) == 0 {
-            println!("skipped: no GPU");
+            skipped("no GPU");
             return;
         }
         let (_, info) = open(0).unwrap();
