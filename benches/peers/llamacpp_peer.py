@@ -2,13 +2,15 @@
 """llama.cpp (through llama-cpp-python) on the same model as `weir bench`, for BENCHMARKS.md.
 
     python benches/peers/llamacpp_peer.py convert MODEL_DIR OUT.gguf --type f16|bf16|f32
-    python benches/peers/llamacpp_peer.py bench OUT.gguf --threads 2 [--prompt-len 512] [--gen-len 32]
+    python benches/peers/llamacpp_peer.py bench OUT.gguf --threads 2 [--prompt-len 512] [--gen-len 32] [--batch B]
 
 `convert` writes a Llama safetensors folder (as `weir synth` makes) as GGUF with numpy and
 the `gguf` package only (no torch): the same weights, the byte-level BPE tokenizer, q/k rows
 permuted to llama.cpp's rotary layout as its own converter does. `bench` times, like `weir
 bench`, a prefill of random prompt ids and greedy decode steps after it, and prints one JSON
-line. Needs `pip install llama-cpp-python gguf numpy`.
+line; with `--batch B` (B > 1), B sequences at once through llama.cpp's own batch API (one
+`llama_decode` for all prompts, then one per step with a token of every sequence), as `weir
+bench --batch B` runs them. Needs `pip install llama-cpp-python gguf numpy`.
 """
 import argparse
 import json
@@ -169,6 +171,72 @@ def bench(args):
     )
 
 
+def bench_batch(args):
+    import ctypes
+
+    import llama_cpp as L
+
+    B, P, G = args.batch, args.prompt_len, args.gen_len
+    L.llama_backend_init()
+    mp = L.llama_model_default_params()
+    model = L.llama_model_load_from_file(args.gguf.encode(), mp)
+    if not model:
+        sys.exit(f"{args.gguf}: llama.cpp could not load it")
+    cp = L.llama_context_default_params()
+    cp.n_ctx = B * (P + G + 16)
+    cp.n_batch = B * P
+    cp.n_ubatch = min(B * P, 512)
+    cp.n_seq_max = B
+    cp.n_threads = cp.n_threads_batch = args.threads
+    ctx = L.llama_init_from_model(model, cp)
+    if not ctx:
+        sys.exit("llama.cpp could not make a context for this batch")
+    vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+    batch = L.llama_batch_init(B * P, 0, B)
+
+    def run(tokens):  # [(token, position, sequence, wants logits)]
+        batch.n_tokens = len(tokens)
+        for i, (tok, pos, seq, out) in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, out
+            batch.seq_id[i][0] = seq
+        if L.llama_decode(ctx, batch) != 0:
+            sys.exit("llama_decode failed")
+        rows = [i for i, t in enumerate(tokens) if t[3]]
+        return [
+            int(np.argmax(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(vocab,)))) for i in rows
+        ]
+
+    rng = random.Random(args.seed)
+    run([(1, 0, 0, True), (2, 1, 0, True)])  # warm up
+    L.llama_memory_clear(L.llama_get_memory(ctx), True)
+    prompts = [[rng.randrange(3, vocab) for _ in range(P)] for _ in range(B)]
+    t0 = time.perf_counter()
+    last = run([(t, j, s, j == P - 1) for s, p in enumerate(prompts) for j, t in enumerate(p)])
+    prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for step in range(G - 1):
+        last = run([(last[s], P + step, s, True) for s in range(B)])
+    decode_s = time.perf_counter() - t0
+    L.llama_batch_free(batch)
+    L.llama_free(ctx)
+    L.llama_model_free(model)
+    print(
+        json.dumps(
+            {
+                "engine": "llama.cpp",
+                "llama_cpp_python": L.__version__,
+                "gguf": os.path.basename(args.gguf),
+                "threads": args.threads,
+                "batch": B,
+                "prompt_len": P,
+                "gen_len": G,
+                "prefill_tokens_per_s": B * P / prefill_s,
+                "decode_tokens_per_s": B * (G - 1) / decode_s,
+            }
+        )
+    )
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -182,8 +250,14 @@ def main():
     b.add_argument("--prompt-len", type=int, default=512)
     b.add_argument("--gen-len", type=int, default=32)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--batch", type=int, default=1)
     a = p.parse_args()
-    convert(a) if a.cmd == "convert" else bench(a)
+    if a.cmd == "convert":
+        convert(a)
+    elif a.batch > 1:
+        bench_batch(a)
+    else:
+        bench(a)
 
 
 if __name__ == "__main__":
