@@ -39,3 +39,11 @@ pub enum Error {
     #[error("could not start a thread for lane `{lane}`: {reason}")]
     Spawn { lane: String, reason: String },
 }
+
+/// The message a caught panic carried (`"unknown panic"` if it was not a string).
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}

@@ -48,14 +48,7 @@ fn call<T>(what: &str, f: impl FnOnce() -> Result<T, cudarc::driver::DriverError
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(GpuError::Cuda(format!("{what}: {e}"))),
-        Err(p) => {
-            let msg = p
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| p.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "the driver library failed".into());
-            Err(GpuError::Cuda(format!("{what}: {msg}")))
-        }
+        Err(p) => Err(GpuError::Cuda(format!("{what}: {}", crate::error::panic_message(p.as_ref())))),
     }
 }
 

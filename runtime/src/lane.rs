@@ -220,8 +220,7 @@ fn run_claimed(shared: &PoolShared, i: usize) {
     let f: &&(dyn Fn(usize) + Sync) =
         unsafe { &*(shared.job.load(Ordering::Acquire) as *const &(dyn Fn(usize) + Sync)) };
     if let Err(p) = catch_unwind(AssertUnwindSafe(|| f(i))) {
-        let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
-        *shared.panic.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg.unwrap_or_else(|| "unknown panic".into()));
+        *shared.panic.lock().unwrap_or_else(|e| e.into_inner()) = Some(crate::error::panic_message(p.as_ref()));
     }
     shared.done.fetch_add(1, Ordering::AcqRel);
 }

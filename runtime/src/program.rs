@@ -438,11 +438,7 @@ fn lane_main<M: Message>(index: usize, spec: LaneSpec, mut actors: Vec<Actor<M>>
                     return;
                 }
                 Err(p) => {
-                    let message = p
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| p.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "unknown panic".into());
+                    let message = crate::error::panic_message(p.as_ref());
                     sh.fail(Error::Panic { actor: a.name.clone(), lane: spec.name.clone(), message });
                     return;
                 }
