@@ -163,8 +163,9 @@ impl ExpertStore {
     /// A store for `served` (expert ids of `experts`), reading `tensors` (gate, up, down of each
     /// served expert, in order) into `pool`; `prior[j]`: how often expert `served[j]` was chosen
     /// per token in calibration (0 if unknown); `cache`: keep what it reads; `due`: the count of
-    /// chosen experts still to read, shared by the stores of a lane. The expert placement
-    /// sizes the pool to hold at least its largest expert.
+    /// chosen experts still to read, shared by the stores of a lane. It reads with io_uring
+    /// (`mode` must be [`IoMode::Uring`]). The expert placement sizes the pool to hold at least
+    /// its largest expert.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         served: Vec<usize>,
@@ -336,7 +337,7 @@ impl ExpertStore {
     /// ahead for this pass).
     fn read_ahead(&mut self) -> Result<(), OpError> {
         if let Some(j) = self.reading {
-            self.reader.advance(true)?;
+            self.reader.advance()?;
             if let Some(w) = self.land_reading()? {
                 let s = &mut self.slots[j];
                 s.weights = Some(w);
@@ -352,16 +353,25 @@ impl ExpertStore {
         let predicted = self.predicted.clone().unwrap_or_default();
         let served = self.served.clone();
         while !self.pool.has_room(need) && self.evict_one(|k| !predicted.get(served[k]).copied().unwrap_or(false)) {}
+        if !self.start(j)? {
+            self.ahead.clear();
+            return Ok(());
+        }
+        self.stats.prefetches.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
+    /// Starts reading served expert `j`'s three weights (it is then the one being read);
+    /// false, with nothing started, if the pool has no room for them.
+    fn start(&mut self, j: usize) -> Result<bool, OpError> {
         self.reading = Some(j);
         for i in 0..3 {
             if !self.reader.begin(3 * j + i)? {
                 self.abandon_reading()?;
-                self.ahead.clear();
-                return Ok(());
+                return Ok(false);
             }
         }
-        self.stats.prefetches.fetch_add(1, Relaxed);
-        Ok(())
+        Ok(true)
     }
 
     /// Takes the tensors of the expert being read that have landed; its weights once all three
@@ -387,7 +397,7 @@ impl ExpertStore {
             if let Some(w) = self.land_reading()? {
                 return Ok(w);
             }
-            self.reader.advance(true)?;
+            self.reader.advance()?;
         }
     }
 
@@ -398,20 +408,6 @@ impl ExpertStore {
         self.stats.bytes_read.fetch_add(landed + got, Relaxed);
         self.reading = None;
         Ok(())
-    }
-
-    /// Reads served expert `j`'s three weights; `None` if the pool had no room.
-    fn read(&mut self, j: usize) -> Result<Option<[Tensor; 3]>, OpError> {
-        let mut got = Vec::with_capacity(3);
-        for i in 0..3 {
-            match self.reader.read_now(3 * j + i)? {
-                Some(t) => got.push(t),
-                None => return Ok(None),
-            }
-        }
-        let w: [Tensor; 3] = got.try_into().map_err(|_| OpError::new("three tensors per expert"))?;
-        self.stats.bytes_read.fetch_add(w.iter().map(|t| t.nbytes() as u64).sum(), Relaxed);
-        Ok(Some(w))
     }
 }
 
@@ -465,13 +461,12 @@ impl Operator<Packet> for ExpertStore {
             }
             return Ok(Step::Continue);
         };
-        let w = if self.reading == Some(j) {
-            self.finish_reading()?
-        } else {
-            // Another allocation took the room since `ready` (none should): try again.
-            let Some(w) = self.read(j)? else { return Ok(Step::Continue) };
-            w
-        };
+        // Unless it is being read ahead already. No room: another allocation took it since
+        // `ready` (none should) — try again.
+        if self.reading != Some(j) && !self.start(j)? {
+            return Ok(Step::Continue);
+        }
+        let w = self.finish_reading()?;
         self.pending.pop_front();
         self.due.fetch_sub(1, Relaxed);
         self.stats.misses.fetch_add(1, Relaxed);

@@ -477,11 +477,7 @@ impl Loader {
     /// tensors in flight meanwhile if `ahead`: `Ok(None)` when the pool has no room to start it
     /// yet.
     fn read_uring(&mut self, depth: usize, chunk: usize, ahead: bool) -> Result<Option<Tensor>, OpError> {
-        if self.stream.is_none() {
-            let t = &self.tensors[self.next.i];
-            self.stream =
-                Some(Stream::new(depth, chunk).map_err(|e| Self::ctx(t, format!("io_uring unavailable: {e}")))?);
-        }
+        self.open_stream(self.next.i, depth, chunk)?;
         loop {
             // Keep the queue full: chunks of the tensors started, then the next tensors as the
             // pool makes room for them.
@@ -521,19 +517,15 @@ impl Loader {
 }
 
 impl Loader {
-    /// Reads tensor `i` now, whatever the order, and waits for it: `Ok(None)` when the pool
-    /// has no room for it. For a reader that serves requests (the expert store): nothing else
-    /// may have been started.
-    pub(crate) fn read_now(&mut self, i: usize) -> Result<Option<Tensor>, OpError> {
-        let IoMode::Uring { .. } = self.mode else { return self.read_pread(i) };
-        debug_assert_eq!(self.started(), 0, "read_now with reads started");
-        if !self.begin(i)? {
-            return Ok(None);
+    /// The io_uring reads' ring, made on first use (`i`: the tensor that needs it, for the
+    /// error).
+    fn open_stream(&mut self, i: usize, depth: usize, chunk: usize) -> Result<(), OpError> {
+        if self.stream.is_none() {
+            let t = &self.tensors[i];
+            self.stream =
+                Some(Stream::new(depth, chunk).map_err(|e| Self::ctx(t, format!("io_uring unavailable: {e}")))?);
         }
-        while !self.first_done() {
-            self.advance(true)?;
-        }
-        self.take_first().map(Some)
+        Ok(())
     }
 
     /// Starts reading tensor `i` (io_uring only), behind the reads already started, for a
@@ -542,11 +534,7 @@ impl Loader {
         let IoMode::Uring { depth, chunk, .. } = self.mode else {
             return Err(Self::ctx(&self.tensors[i], "reads are started only with io_uring"));
         };
-        if self.stream.is_none() {
-            let t = &self.tensors[i];
-            self.stream =
-                Some(Stream::new(depth, chunk).map_err(|e| Self::ctx(t, format!("io_uring unavailable: {e}")))?);
-        }
+        self.open_stream(i, depth, chunk)?;
         let Some(buf) = self.alloc(i)? else { return Ok(false) };
         let (fd, start, want) = self.prepare(i)?;
         let stream = self.stream.as_mut().expect("made above");
@@ -556,19 +544,14 @@ impl Loader {
         Ok(true)
     }
 
-    /// Reads started and not yet taken.
-    pub(crate) fn started(&self) -> usize {
-        self.stream.as_ref().map_or(0, |s| s.flights.len())
-    }
-
-    /// Moves the started reads on: asks for more chunks and takes the completions there are,
-    /// first waiting for one if `wait` and any is in flight.
-    pub(crate) fn advance(&mut self, wait: bool) -> Result<(), OpError> {
+    /// Moves the started reads on: asks for more chunks and takes the completions, first
+    /// waiting for one if any is in flight.
+    pub(crate) fn advance(&mut self) -> Result<(), OpError> {
         let Some(stream) = self.stream.as_mut() else { return Ok(()) };
         let Some(first) = stream.flights.front() else { return Ok(()) };
         let t = &self.tensors[first.tensor];
         stream.push().map_err(|e| Self::ctx(t, e))?;
-        stream.reap(wait).map_err(|e| Self::ctx(t, e))?;
+        stream.reap(true).map_err(|e| Self::ctx(t, e))?;
         stream.push().map_err(|e| Self::ctx(t, e))?;
         Ok(())
     }
