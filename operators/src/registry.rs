@@ -686,6 +686,7 @@ mod tests {
             OpConfig::SwiGlu { hidden: 4, intermediate: 8 },
             OpConfig::Add { dim: 4 },
             OpConfig::Router { hidden: 4, experts: 8, top_k: 2, normalize: false, hint: false },
+            OpConfig::Router { hidden: 4, experts: 8, top_k: 2, normalize: true, hint: true },
             OpConfig::Expert { hidden: 4, intermediate: 6, experts: 8, index: 7 },
             OpConfig::SigmoidGate { dim: 4 },
             OpConfig::LmHead { hidden: 4, vocab: 10 },
@@ -721,6 +722,11 @@ mod tests {
         let errs = OpConfig::from_params("router", &p(&[("hidden", 4), ("experts", 2), ("top_k", 3)])).unwrap_err();
         assert_eq!(errs[0].0.as_deref(), Some("top_k"));
         assert!(errs[0].1.contains("`top_k` (3) exceeds `experts` (2)"), "{errs:?}");
+        let mut r = p(&[("hidden", 4), ("experts", 2), ("top_k", 1)]);
+        r.insert("hint".into(), ParamValue::Int(1));
+        let errs = OpConfig::from_params("router", &r).unwrap_err();
+        assert_eq!(errs[0].0.as_deref(), Some("hint"));
+        assert!(errs[0].1.contains("`hint` must be true or false, found 1"), "{errs:?}");
         let e = p(&[("hidden", 4), ("intermediate", 8), ("experts", 2), ("index", 2)]);
         let errs = OpConfig::from_params("expert", &e).unwrap_err();
         assert!(errs[0].1.contains("`index` must be in 0..2, found 2"), "{errs:?}");
