@@ -383,3 +383,19 @@ fn expert_caches_and_streamed_weights_share_one_memory_budget() {
         .to_string();
     assert!(err.contains("does not hold the expert caches"), "{err}");
 }
+
+#[test]
+fn a_token_reads_its_top_k_experts_not_all_of_them() {
+    let model = weir::Model::open(fixture("tiny-mixtral")).unwrap();
+    let moe = model.config.moe.clone().unwrap();
+    let bytes = |pred: &dyn Fn(&str) -> bool| -> u64 {
+        model.weights.tensors.iter().filter(|(n, _)| pred(n)).map(|(_, t)| t.nbytes()).sum()
+    };
+    let embed = bytes(&|n| n == "model.embed_tokens.weight");
+    let one_expert = bytes(&|n| n.starts_with("model.layers.0.block_sparse_moe.experts.0."));
+    let dense = bytes(&|n| !n.contains(".experts.") && n != "model.embed_tokens.weight");
+    let layers = model.config.num_hidden_layers as u64;
+    let row = embed / model.config.vocab_size as u64;
+    assert!(one_expert > 0 && moe.top_k < moe.experts);
+    assert_eq!(model.weight_bytes_per_token(), dense + row + layers * moe.top_k as u64 * one_expert);
+}
