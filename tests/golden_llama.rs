@@ -36,15 +36,9 @@ fn three_prompts_in_one_batch_each_get_their_own_tokens() {
     let by_name = |n: &str| g["prompts"].as_array().unwrap().iter().find(|p| p["name"] == n).unwrap().clone();
     let names: Vec<String> =
         g["batch"]["prompts"].as_array().unwrap().iter().map(|n| n.as_str().unwrap().to_string()).collect();
-    // Submit all before reading any, so the scheduler runs them in shared passes.
-    let gens: Vec<_> = names
-        .iter()
-        .map(|n| {
-            engine.submit(Request { stop_at_eos: false, ..Request::greedy(ids(&by_name(n)["input_ids"]), 24) }).unwrap()
-        })
-        .collect();
-    for (i, gen) in gens.into_iter().enumerate() {
-        assert_eq!(gen.wait().unwrap().tokens, ids(&g["batch"]["new_ids"][i]), "sequence {} ({})", i, names[i]);
+    let prompts: Vec<Vec<u32>> = names.iter().map(|n| ids(&by_name(n)["input_ids"])).collect();
+    for (i, got) in generate_together(&engine, &prompts, 24).into_iter().enumerate() {
+        assert_eq!(got, ids(&g["batch"]["new_ids"][i]), "sequence {} ({})", i, names[i]);
     }
     engine.shutdown().unwrap();
 }

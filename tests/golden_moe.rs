@@ -71,14 +71,9 @@ fn every_router_choice_matches_transformers() {
 fn three_prompts_in_one_batch_each_get_their_own_tokens() {
     let g = golden("tiny-mixtral");
     let (_, engine) = engine(&fixture("tiny-mixtral"), EngineOptions::default());
-    let gens: Vec<_> = g["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| engine.submit(Request { stop_at_eos: false, ..Request::greedy(ids(&p["input_ids"]), 24) }).unwrap())
-        .collect();
-    for (i, gen) in gens.into_iter().enumerate() {
-        assert_eq!(gen.wait().unwrap().tokens, ids(&g["batch"]["new_ids"][i]), "sequence {i}");
+    let prompts: Vec<Vec<u32>> = g["prompts"].as_array().unwrap().iter().map(|p| ids(&p["input_ids"])).collect();
+    for (i, got) in generate_together(&engine, &prompts, 24).into_iter().enumerate() {
+        assert_eq!(got, ids(&g["batch"]["new_ids"][i]), "sequence {i}");
     }
     engine.shutdown().unwrap();
 }

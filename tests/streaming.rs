@@ -155,14 +155,9 @@ fn prefetch_zero_reads_on_the_compute_lane_and_gives_the_same_tokens() {
 
 fn three_prompts(engine: &Engine) {
     let g = golden("tiny-llama");
-    let gens: Vec<_> = g["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| engine.submit(Request { stop_at_eos: false, ..Request::greedy(ids(&p["input_ids"]), 24) }).unwrap())
-        .collect();
-    for (i, gen) in gens.into_iter().enumerate() {
-        assert_eq!(gen.wait().unwrap().tokens, ids(&g["prompts"][i]["greedy"]["new_ids"]), "prompt {i}");
+    let prompts: Vec<Vec<u32>> = g["prompts"].as_array().unwrap().iter().map(|p| ids(&p["input_ids"])).collect();
+    for (i, got) in generate_together(engine, &prompts, 24).into_iter().enumerate() {
+        assert_eq!(got, ids(&g["prompts"][i]["greedy"]["new_ids"]), "prompt {i}");
     }
 }
 

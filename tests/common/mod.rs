@@ -126,6 +126,16 @@ pub fn compare(got: &[f32], golden: &[f32], atol: f32, rtol: f32) -> (f32, bool)
 pub const ATOL: f32 = 2e-4;
 pub const RTOL: f32 = 1e-4;
 
+/// Greedy tokens for every prompt, all submitted before any is waited for (so the scheduler
+/// runs them in shared passes).
+pub fn generate_together(engine: &Engine, prompts: &[Vec<u32>], new_tokens: usize) -> Vec<Vec<u32>> {
+    let gens: Vec<_> = prompts
+        .iter()
+        .map(|p| engine.submit(Request { stop_at_eos: false, ..Request::greedy(p.clone(), new_tokens) }).unwrap())
+        .collect();
+    gens.into_iter().map(|g| g.wait().unwrap().tokens).collect()
+}
+
 pub fn engine(dir: &Path, opts: EngineOptions) -> (Model, Engine) {
     let model = Model::open(dir).unwrap();
     let engine = Engine::new(&model, opts).unwrap();
