@@ -6,9 +6,9 @@
 //!   prefetch (`tiled`); throughput in bytes, so criterion prints GB/s for both;
 //! * `decode/…` — matrix-vector (one token) over weights cycled through a set larger than the
 //!   caches, bf16 and f32, 1 and 2 threads;
-//! * `prefill/…` and `batch/…` — matrix-matrix at 512, 32 and 128 tokens (throughput in
+//! * `gemm/…` — matrix-matrix at 8 to 512 tokens, bf16 (f16 from 32, f32 at 512) (throughput in
 //!   floating-point operations: criterion's "elem/s" are FLOP/s);
-//! * `fma/…` — the FMA peak of the lane's cores (an unrolled register-only loop);
+//! * `gemm/fma-peak` — the FMA peak of the lane's cores (an unrolled register-only loop);
 //! * `attention/…` — one new token over a 512-position context (f32 and bf16 cache), 32
 //!   sequences of 100–720 positions decoding in one call, and a 512-token prompt block.
 //!
@@ -94,6 +94,7 @@ fn decode(c: &mut Criterion) {
 fn gemm(c: &mut Criterion) {
     let w32 = random(MLP * HIDDEN, 3);
     let w16: Vec<u16> = w32.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect();
+    let wh: Vec<u16> = w32.iter().map(|v| half::f16::from_f32(*v).to_bits()).collect();
     let par = pool(2);
     let mut g = c.benchmark_group("gemm");
     g.sample_size(10);
@@ -111,6 +112,14 @@ fn gemm(c: &mut Criterion) {
                 black_box(&y);
             })
         });
+        if t >= 32 {
+            g.bench_function(BenchmarkId::new("f16", t), |b| {
+                b.iter(|| {
+                    matmul::matmul(&x, t, WeightView::F16(&wh), MLP, None, &mut y, &par);
+                    black_box(&y);
+                })
+            });
+        }
         if t == 512 {
             g.bench_function(BenchmarkId::new("f32", t), |b| {
                 b.iter(|| {
