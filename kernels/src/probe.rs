@@ -13,7 +13,8 @@ use std::time::Instant;
 pub enum ReadPattern {
     /// One sequential stream per task.
     Sequential,
-    /// Eight streams side by side per task, prefetched ahead (as the decode tiles read).
+    /// Eight streams side by side per task, prefetched ahead (as the decode kernel read before
+    /// it took one row after another; kept as a second bound).
     Tiled,
 }
 
@@ -90,7 +91,7 @@ pub fn read_bandwidth(bytes: usize, par: &dyn Parallel) -> f64 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    /// How far ahead (in elements) the tiled pattern prefetches, as the decode tiles do.
+    /// How far ahead (in elements) the tiled pattern prefetches.
     const PREFETCH: usize = 512;
 
     /// Sums `part` read as `S` equal streams side by side, 128 bytes of each per round.
