@@ -456,9 +456,14 @@ fn injected_read_errors_and_short_reads_name_the_tensor_and_file() {
 fn every_instruction_set_path_gives_the_golden_tokens() {
     use weir_kernels::isa::Isa;
     let have = weir_kernels::isa::available();
-    // f32 weights, and bf16 weights (golden: the bf16 values upcast to f32); the longest prompt
-    // (126 tokens) prefills through the packed GEMM on the AVX2 path.
-    for (fx, prompts) in [("tiny-llama", "/prompts"), ("tiny-llama-bf16", "/f32_upcast/prompts")] {
+    // f32 weights, and bf16 weights (golden: the bf16 values upcast to f32), also held as f16;
+    // the longest prompt (126 tokens) prefills through the packed GEMM on the AVX2 path (f16:
+    // through the 4 × 3 tile).
+    for (fx, prompts, extra) in [
+        ("tiny-llama", "/prompts", None),
+        ("tiny-llama-bf16", "/f32_upcast/prompts", None),
+        ("tiny-llama-bf16", "/f32_upcast/prompts", Some("--bf16-as-f16")),
+    ] {
         let g = golden(fx);
         let model = fixture(fx);
         for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
@@ -468,17 +473,20 @@ fn every_instruction_set_path_gives_the_golden_tokens() {
             }
             for p in g.pointer(prompts).unwrap().as_array().unwrap() {
                 let ids_arg = ids(&p["input_ids"]).iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+                let mut args = vec!["run", "--model", s(&model), "--prompt-ids", &ids_arg, "--max-new-tokens", "24"];
+                args.extend(extra);
+                args.push("--json");
                 let o = Command::new(env!("CARGO_BIN_EXE_weir"))
                     .env("WEIR_CPU_ISA", isa.name())
-                    .args(["run", "--model", s(&model), "--prompt-ids", &ids_arg, "--max-new-tokens", "24", "--json"])
+                    .args(&args)
                     .output()
                     .unwrap();
-                assert!(o.status.success(), "{fx} {}: {}", isa.name(), String::from_utf8_lossy(&o.stderr));
+                assert!(o.status.success(), "{fx} {extra:?} {}: {}", isa.name(), String::from_utf8_lossy(&o.stderr));
                 let v: Value = serde_json::from_slice(&o.stdout).unwrap();
                 assert_eq!(
                     v["generated_ids"],
                     p["greedy"]["new_ids"],
-                    "{fx}, {} path, prompt of {} tokens",
+                    "{fx} {extra:?}, {} path, prompt of {} tokens",
                     isa.name(),
                     ids(&p["input_ids"]).len()
                 );

@@ -176,3 +176,11 @@ fn a_bf16_or_f16_kv_cache_stays_close_to_transformers() {
         engine.shutdown().unwrap();
     }
 }
+
+#[test]
+fn tiny_llama_bf16_held_as_f16_matches_the_f32_upcast() {
+    // f16 holds every bf16 weight of this model exactly but those under 2^-14, which move by at
+    // most 2^-25: the f32 tolerances and exact tokens still hold.
+    let opts = EngineOptions { threads: 2, bf16_as_f16: true, ..Default::default() };
+    check_prompts_with(&fixture("tiny-llama-bf16"), &golden("tiny-llama-bf16")["f32_upcast"]["prompts"], opts);
+}

@@ -6,6 +6,7 @@
 //!
 //! * [`matmul`] — `y = x · Wᵀ (+ b)` with f32, bf16 or f16 weights and f32 accumulation.
 //! * [`gemm`] — the packed, register-tiled kernel `matmul` uses for many tokens at once.
+//! * [`convert`] — bf16 weights rewritten as f16 in place (cheaper to widen without bf16 instructions).
 //! * [`norm`] — RMSNorm.
 //! * [`rope`] — rotary position embedding tables and the rotate-half application.
 //! * [`attention`] — causal grouped-query attention of new tokens over a KV cache.
@@ -24,6 +25,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod convert;
 pub mod gemm;
 pub mod isa;
 pub mod matmul;

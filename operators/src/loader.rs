@@ -274,6 +274,7 @@ pub struct Loader {
     /// Bytes read from storage so far.
     pub bytes_read: u64,
     counter: Option<Arc<std::sync::atomic::AtomicU64>>,
+    bf16_as_f16: bool,
 }
 
 /// At most this many tensors are being read at once (small tensors are many per chunk depth).
@@ -297,6 +298,7 @@ impl Loader {
             files: HashMap::new(),
             bytes_read: 0,
             counter: None,
+            bf16_as_f16: false,
         }
     }
 
@@ -423,15 +425,33 @@ impl Loader {
             c.fetch_add(got, std::sync::atomic::Ordering::Relaxed);
         }
         let off = (t.offset - start) as usize;
-        match Tensor::from_buffer_at(t.dtype, t.shape.clone(), buf, off) {
-            Ok(w) => Ok(w),
+        let mut w = match Tensor::from_buffer_at(t.dtype, t.shape.clone(), buf, off) {
+            Ok(w) => w,
             // Misaligned for its element type inside the block: copy into a fresh buffer.
             Err(buf) => {
                 let mut fresh = HostBuffer::zeroed(n as usize);
                 fresh.as_bytes_mut().copy_from_slice(&buf.as_bytes()[off..off + n as usize]);
-                Ok(Tensor::from_buffer(t.dtype, t.shape.clone(), fresh))
+                Tensor::from_buffer(t.dtype, t.shape.clone(), fresh)
+            }
+        };
+        if self.bf16_as_f16 && t.dtype == DType::BF16 && t.shape.len() == 2 && !self.streamed[i] {
+            match weir_kernels::convert::bf16_to_f16_in_place(w.u16_mut()) {
+                Ok(()) => w.dtype = DType::F16,
+                Err(at) => tracing::warn!(
+                    tensor = %t.name,
+                    "kept as bf16: element {at} ({}) has no f16",
+                    half::bf16::from_bits(w.u16()[at])
+                ),
             }
         }
+        Ok(w)
+    }
+
+    /// Holds resident bf16 matrices as f16 ([`weir_kernels::convert`]): rewritten in place
+    /// once read; a matrix with a value past f16's range stays bf16, said in the log. Streamed
+    /// tensors, read again every pass, stay as stored.
+    pub fn hold_bf16_as_f16(&mut self, on: bool) {
+        self.bf16_as_f16 = on;
     }
 
     /// Reads tensor `i` with `pread`: `Ok(None)` when the pool has no room yet.
@@ -751,6 +771,51 @@ mod tests {
             assert!(e.0.contains("tensor `c`") && e.0.contains("truncated"), "{mode:?}: {e}");
             std::fs::remove_dir_all(&dir).unwrap();
         }
+    }
+
+    #[test]
+    fn resident_bf16_matrices_are_held_as_f16_when_every_value_has_one() {
+        // Three bf16 tensors: a [2, 3] matrix, the same numbers with one past f16's range, and a
+        // [6] vector; a streamed copy of the first.
+        let vals = [1.0f32, -0.5, 3.0e-6, 65280.0, 0.0, 0.0078125];
+        let bf: Vec<u16> = vals.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect();
+        let mut big = bf.clone();
+        big[4] = half::bf16::from_f32(1.0e5).to_bits();
+        let bytes: Vec<u8> = [&bf[..], &big[..], &bf[..]].concat().iter().flat_map(|b| b.to_le_bytes()).collect();
+        let dir = std::env::temp_dir().join(format!("weir-loader-{}-f16", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("w.bin");
+        std::fs::write(&path, &bytes).unwrap();
+        let t = |name: &str, offset: u64, shape: Vec<usize>| TensorSource {
+            name: name.into(),
+            path: path.clone(),
+            offset,
+            dtype: DType::BF16,
+            shape,
+        };
+        let ts = vec![t("m", 0, vec![2, 3]), t("big", 12, vec![2, 3]), t("v", 24, vec![6]), t("s", 0, vec![2, 3])];
+        let pool = Pool::new("w", Tier::Host, 1 << 20);
+        for on in [true, false] {
+            let mut l = Loader::new(ts.clone(), vec![false, false, false, true], IoMode::Pread, Some(pool.clone()));
+            l.hold_bf16_as_f16(on);
+            let mut got = Vec::new();
+            for port in 0..4 {
+                let o = fire(&mut l, vec![], 4).unwrap();
+                got.push(o[port].as_ref().unwrap().weight(&ts[port].name).unwrap().1.clone());
+            }
+            let want = if on { DType::F16 } else { DType::BF16 };
+            assert_eq!(got[0].dtype, want, "on={on}");
+            for (g, b) in got[0].to_f32_vec().iter().zip(&bf) {
+                // Exact, but for 3e-6 (below f16's normal range): the nearest subnormal.
+                let w = half::bf16::from_bits(*b).to_f32();
+                let tol = if w.abs() < 2f32.powi(-14) { 2f32.powi(-25) } else { 0.0 };
+                assert!((g - w).abs() <= tol, "on={on}: {w} held as {g}");
+            }
+            // A value with no f16, a vector and a streamed tensor stay as stored.
+            assert_eq!((got[1].dtype, got[1].u16()), (DType::BF16, &big[..]));
+            assert_eq!((got[2].dtype, got[3].dtype), (DType::BF16, DType::BF16));
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

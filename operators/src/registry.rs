@@ -92,6 +92,8 @@ pub struct OpEnv {
     pub expert_reads_due: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// The host tier's meter, which expert stores' pools count into as well.
     pub host_meter: Option<weir_runtime::TierMeter>,
+    /// Loaders hold resident bf16 matrices as f16 (`Loader::hold_bf16_as_f16`).
+    pub bf16_as_f16: bool,
 }
 
 impl Default for OpEnv {
@@ -106,6 +108,7 @@ impl Default for OpEnv {
             expert_cache: Default::default(),
             expert_reads_due: Default::default(),
             host_meter: None,
+            bf16_as_f16: false,
         }
     }
 }
@@ -616,6 +619,7 @@ impl OpConfig {
             OpConfig::Load { tensors, streamed, mode } => {
                 let mut l = loader::Loader::new(tensors, streamed, mode, env.host_pool.clone());
                 l.count_into(env.disk_bytes.clone());
+                l.hold_bf16_as_f16(env.bf16_as_f16);
                 Box::new(l)
             }
             OpConfig::ExpertStore { served, experts, tensors, mode, prior, budget, cache, .. } => {
