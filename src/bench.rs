@@ -34,6 +34,10 @@ pub struct BenchReport {
     pub prompt_len: usize,
     pub gen_len: usize,
     pub threads: usize,
+    /// The CPU kernels' instruction set (`WEIR_CPU_ISA` or detected) and whether bf16
+    /// matrices were held as f16 (`--bf16-as-f16`): what the speeds below were measured with.
+    pub cpu_isa: &'static str,
+    pub bf16_as_f16: bool,
     pub prefill_tokens_per_s: f64,
     pub decode_tokens_per_s: f64,
     pub total_tokens_per_s: f64,
@@ -272,6 +276,8 @@ pub fn run(model: &Model, o: &BenchOptions) -> Result<BenchReport> {
         prompt_len: o.prompt_len,
         gen_len: o.gen_len,
         threads: o.engine.threads,
+        cpu_isa: weir_kernels::isa::detected().name(),
+        bf16_as_f16: o.engine.bf16_as_f16,
         prefill_tokens_per_s: (o.batch * o.prompt_len) as f64 / run.prefill_s.max(1e-9),
         decode_tokens_per_s: o.batch as f64 * steps_per_s,
         total_tokens_per_s: (o.batch * o.gen_len) as f64 / run.total_s,

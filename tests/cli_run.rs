@@ -392,6 +392,9 @@ fn bench_json_has_the_keys_other_tools_read_and_budgets_are_checked() {
     assert!(["weights", "kv", "activations"].iter().all(|p| pools[p].as_u64().unwrap() > 0), "{pools}");
     assert!(peak <= sum, "{peak} vs {pools}");
     assert_eq!(v["page_cache"], "bypassed");
+    // What the speeds were measured with.
+    assert_eq!(v["cpu_isa"], weir_kernels::isa::detected().name());
+    assert_eq!(v["bf16_as_f16"], false);
     fails(
         &["run", "--model", s(&model), "--prompt", "x", "--memory-budget", "7XB"],
         &["--memory-budget 7XB", "unknown unit"],

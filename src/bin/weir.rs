@@ -479,7 +479,15 @@ fn bench(a: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         println!("model            {}", a.model.display());
-        println!("batch {} × prompt {} + gen {}, {} threads", r.batch, r.prompt_len, r.gen_len, r.threads);
+        println!(
+            "batch {} × prompt {} + gen {}, {} threads, {} kernels{}",
+            r.batch,
+            r.prompt_len,
+            r.gen_len,
+            r.threads,
+            r.cpu_isa,
+            if r.bf16_as_f16 { ", bf16 held as f16" } else { "" }
+        );
         println!(
             "prefill          {:.1} tokens/s ({:.3} TFLOP/s)",
             r.prefill_tokens_per_s,
