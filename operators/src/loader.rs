@@ -438,8 +438,8 @@ impl Loader {
             match weir_kernels::convert::bf16_to_f16_in_place(w.u16_mut()) {
                 Ok(()) => w.dtype = DType::F16,
                 Err(at) => tracing::warn!(
-                    tensor = %t.name,
-                    "kept as bf16: element {at} ({}) has no f16",
+                    "--bf16-as-f16: tensor `{}` kept as bf16: its element {at} ({}) is past f16's range (±65504)",
+                    t.name,
                     half::bf16::from_bits(w.u16()[at])
                 ),
             }
