@@ -6,6 +6,9 @@
 //!   prefetch (`tiled`); throughput in bytes, so criterion prints GB/s for both;
 //! * `decode/…` — matrix-vector (one token) over weights cycled through a set larger than the
 //!   caches, bf16 and f32, 1 and 2 threads;
+//! * `decode-step/…` — one decode step's matrix-vector products over a whole TinyLlama-shaped
+//!   bf16 weight set (2.07 GB, the engine's mix of shapes), beside the read probe over as many
+//!   bytes;
 //! * `gemm/…` — matrix-matrix at 8 to 512 tokens, bf16 (f16 from 32, f32 at 512) (throughput in
 //!   floating-point operations: criterion's "elem/s" are FLOP/s);
 //! * `gemm/fma-peak` — the FMA peak of the lane's cores (an unrolled register-only loop);
@@ -88,6 +91,43 @@ fn decode(c: &mut Criterion) {
             });
         }
     }
+    g.finish();
+}
+
+/// One decode step's matrix-vector products over a whole TinyLlama-shaped bf16 weight set
+/// (22 layers of q, k, v, o, gate, up, down, and the LM head: 2.07 GB), as the engine runs
+/// them, beside the read probe over as many bytes. One shape cycled through copies (`decode`
+/// above) caches and prefetches differently from this mix; the engine sees this one.
+fn decode_step(c: &mut Criterion) {
+    // [out, in] of q, k, v, o, gate, up, down (4 KV heads of 64).
+    let layer =
+        [(HIDDEN, HIDDEN), (256, HIDDEN), (256, HIDDEN), (HIDDEN, HIDDEN), (MLP, HIDDEN), (MLP, HIDDEN), (HIDDEN, MLP)];
+    let mut shapes: Vec<(usize, usize)> = (0..22).flat_map(|_| layer).collect();
+    shapes.push((32000, HIDDEN));
+    // Values do not change the speed: a cheap pattern of normal bf16 numbers.
+    let ws: Vec<Vec<u16>> =
+        shapes.iter().map(|&(n, k)| (0..n * k).map(|i| 0x3c00u16 + (i % 251) as u16).collect()).collect();
+    let bytes: usize = ws.iter().map(|w| w.len() * 2).sum();
+    let words = vec![1f32; bytes / 4];
+    let x = random(MLP, 2);
+    let mut y = vec![0f32; 32000];
+    let mut g = c.benchmark_group("decode-step");
+    g.sample_size(10);
+    g.throughput(Throughput::Bytes(bytes as u64));
+    let par = pool(2);
+    for pattern in ReadPattern::ALL {
+        g.bench_function(BenchmarkId::new(format!("read-{}", pattern.name()), 2), |b| {
+            b.iter(|| black_box(probe::read(&words, pattern, &par)))
+        });
+    }
+    g.bench_function(BenchmarkId::new("matvec-bf16", 2), |b| {
+        b.iter(|| {
+            for (w, &(n, k)) in ws.iter().zip(&shapes) {
+                matmul::matmul(&x[..k], 1, WeightView::Bf16(w), n, None, &mut y[..n], &par);
+            }
+            black_box(&y);
+        })
+    });
     g.finish();
 }
 
@@ -215,5 +255,5 @@ fn attention(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, decode, gemm, attention);
+criterion_group!(benches, decode, decode_step, gemm, attention);
 criterion_main!(benches);
