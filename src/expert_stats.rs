@@ -42,11 +42,7 @@ pub fn load(stats: &RoutingStats, path: &Path) -> Result<()> {
 pub fn popularity(path: &Path) -> Result<std::collections::HashMap<u32, Vec<f64>>> {
     let stats = RoutingStats::default();
     load(&stats, path)?;
-    Ok(stats
-        .counts()
-        .into_iter()
-        .map(|(layer, (tokens, chosen))| (layer, chosen.iter().map(|&c| c as f64 / tokens.max(1) as f64).collect()))
-        .collect())
+    Ok(stats.popularity())
 }
 
 /// Writes `stats` to `path` (replacing it).

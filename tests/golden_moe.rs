@@ -200,15 +200,15 @@ fn qwen2_moe_without_renormalisation_a_shared_expert_and_a_dense_layer_each_chan
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// `bytes` for experts, no calibration, with the cache and prediction.
+fn placement(bytes: u64) -> ExpertPlacement {
+    ExpertPlacement { budget: ExpertBudget::Bytes(bytes), popularity: Default::default(), cache: true, predict: true }
+}
+
 /// All of tiny-mixtral's expert bytes, from an engine with every expert resident.
 fn expert_bytes() -> u64 {
-    let placement = ExpertPlacement {
-        budget: ExpertBudget::Bytes(u64::MAX),
-        popularity: Default::default(),
-        cache: true,
-        predict: true,
-    };
-    let (_, e) = engine(&fixture("tiny-mixtral"), EngineOptions { experts: Some(placement), ..Default::default() });
+    let opts = EngineOptions { experts: Some(placement(u64::MAX)), ..Default::default() };
+    let (_, e) = engine(&fixture("tiny-mixtral"), opts);
     e.expert_plan().unwrap().expert_bytes
 }
 
@@ -230,9 +230,8 @@ fn experts_read_when_chosen_give_the_golden_tokens_and_fewer_reads_with_a_cache(
     for (fraction, cache, predict) in [(0.25, true, false), (0.5, true, true), (0.25, false, false), (0.25, true, true)]
     {
         let budget = (total as f64 * fraction) as u64;
-        let placement =
-            ExpertPlacement { budget: ExpertBudget::Bytes(budget), popularity: Default::default(), cache, predict };
-        let opts = EngineOptions { threads: 1, experts: Some(placement), log_routes: true, ..Default::default() };
+        let experts = Some(ExpertPlacement { cache, predict, ..placement(budget) });
+        let opts = EngineOptions { threads: 1, experts, log_routes: true, ..Default::default() };
         let (_, engine) = engine(&fixture("tiny-mixtral"), opts);
         let plan = engine.expert_plan().unwrap().clone();
         let case = format!("budget {fraction} cache {cache} predict {predict}");
@@ -290,22 +289,12 @@ fn the_most_chosen_experts_of_a_calibration_run_stay_resident() {
         engine
     };
     let calibration = run(EngineOptions { threads: 1, ..Default::default() });
-    let popularity: std::collections::HashMap<u32, Vec<f64>> = calibration
-        .routing()
-        .counts()
-        .into_iter()
-        .map(|(l, (tokens, chosen))| (l, chosen.iter().map(|&c| c as f64 / tokens as f64).collect()))
-        .collect();
+    let popularity = calibration.routing().popularity();
     // 75% (six of the eight experts): a store per layer with room for top_k = 2 experts, and
     // two experts resident — the two chosen most over both layers.
     let budget = expert_bytes() * 3 / 4;
-    let placement = ExpertPlacement {
-        budget: ExpertBudget::Bytes(budget),
-        popularity: popularity.clone(),
-        cache: true,
-        predict: true,
-    };
-    let engine = run(EngineOptions { threads: 1, experts: Some(placement), ..Default::default() });
+    let experts = Some(ExpertPlacement { popularity: popularity.clone(), ..placement(budget) });
+    let engine = run(EngineOptions { threads: 1, experts, ..Default::default() });
     let plan = engine.expert_plan().unwrap();
     assert_eq!(plan.resident.len(), 2, "{plan:?}");
     let mut ranked: Vec<(u32, usize)> =
@@ -322,14 +311,8 @@ fn the_most_chosen_experts_of_a_calibration_run_stay_resident() {
 
 #[test]
 fn an_expert_budget_below_one_expert_per_layer_is_refused_saying_the_minimum() {
-    let placement = ExpertPlacement {
-        budget: ExpertBudget::Bytes(1000),
-        popularity: Default::default(),
-        cache: true,
-        predict: true,
-    };
     let model = weir::Model::open(fixture("tiny-mixtral")).unwrap();
-    let err = weir::Engine::new(&model, EngineOptions { experts: Some(placement), ..Default::default() })
+    let err = weir::Engine::new(&model, EngineOptions { experts: Some(placement(1000)), ..Default::default() })
         .err()
         .expect("refused")
         .to_string();
@@ -339,12 +322,7 @@ fn an_expert_budget_below_one_expert_per_layer_is_refused_saying_the_minimum() {
 #[test]
 fn expert_caches_and_streamed_weights_share_one_memory_budget() {
     let model = weir::Model::open(fixture("tiny-mixtral")).unwrap();
-    let placement = ExpertPlacement {
-        budget: ExpertBudget::Bytes(expert_bytes() / 4),
-        popularity: Default::default(),
-        cache: true,
-        predict: true,
-    };
+    let placement = placement(expert_bytes() / 4);
     let opts = EngineOptions {
         threads: 1,
         kv_tokens: Some(160),

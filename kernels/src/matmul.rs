@@ -562,21 +562,8 @@ pub(crate) mod avx2 {
         }
     }
 
-    /// The generic 4 × 3 tile, for the weight types the compiler allocates well.
-    macro_rules! tile_4x3 {
-        ($name:ident, $ty:ty, $tile:ident) => {
-            #[inline]
-            #[target_feature(enable = "avx2,fma,f16c")]
-            unsafe fn $name(x: *const f32, w: *const $ty, k: usize, y: *mut f32, n: usize) {
-                $tile::<4, 3>(x, w, k, y, n)
-            }
-        };
-    }
-    tile_4x3!(tile_f32_4x3, f32, tile_f32);
-    tile_4x3!(tile_bf16_4x3, u16, tile_bf16);
-
     macro_rules! block_fn {
-        ($name:ident, $ty:ty, $tile:ident, $tile43:ident, $dot:ident) => {
+        ($name:ident, $ty:ty, $tile:ident, $tile43:path, $dot:ident) => {
             #[target_feature(enable = "avx2,fma,f16c")]
             unsafe fn $name(
                 x: &[f32],
@@ -633,8 +620,9 @@ pub(crate) mod avx2 {
             }
         };
     }
-    block_fn!(block_f32, f32, tile_f32, tile_f32_4x3, dot_f32);
-    block_fn!(block_bf16, u16, tile_bf16, tile_bf16_4x3, dot_bf16);
+    // The 4 × 3 tile: the generic one where the compiler allocates it well, written out for f16.
+    block_fn!(block_f32, f32, tile_f32, tile_f32::<4, 3>, dot_f32);
+    block_fn!(block_bf16, u16, tile_bf16, tile_bf16::<4, 3>, dot_bf16);
     block_fn!(block_f16, u16, tile_f16, tile_f16_4x3, dot_f16);
 
     /// # Safety

@@ -420,10 +420,8 @@ impl Loader {
                 format!("short read: got {got} of {needed} bytes at offset {start} (file changed?)"),
             ));
         }
-        self.bytes_read += got;
-        if let Some(c) = &self.counter {
-            c.fetch_add(got, std::sync::atomic::Ordering::Relaxed);
-        }
+        self.count(got);
+        let t = &self.tensors[i];
         let off = (t.offset - start) as usize;
         let mut w = match Tensor::from_buffer_at(t.dtype, t.shape.clone(), buf, off) {
             Ok(w) => w,
@@ -534,9 +532,15 @@ impl Loader {
         let buf = head.buf.expect("a complete flight without an error has its buffer");
         self.finish(head.tensor, buf, head.start, got)
     }
-}
 
-impl Loader {
+    /// Counts `got` bytes read from storage (here and in the engine's total).
+    fn count(&mut self, got: u64) {
+        self.bytes_read += got;
+        if let Some(c) = &self.counter {
+            c.fetch_add(got, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     /// The io_uring reads' ring, made on first use (`i`: the tensor that needs it, for the
     /// error).
     fn open_stream(&mut self, i: usize, depth: usize, chunk: usize) -> Result<(), OpError> {
@@ -602,10 +606,7 @@ impl Loader {
         while !stream.flights.is_empty() {
             stream.pop();
         }
-        self.bytes_read += got;
-        if let Some(c) = &self.counter {
-            c.fetch_add(got, std::sync::atomic::Ordering::Relaxed);
-        }
+        self.count(got);
         Ok(got)
     }
 

@@ -74,6 +74,14 @@ impl RoutingStats {
     pub fn counts(&self) -> BTreeMap<u32, (u64, Vec<u64>)> {
         self.counts.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
+    /// Per layer: how often each expert was chosen per token routed (what expert placement
+    /// ranks experts by).
+    pub fn popularity(&self) -> std::collections::HashMap<u32, Vec<f64>> {
+        self.counts()
+            .into_iter()
+            .map(|(layer, (tokens, chosen))| (layer, chosen.iter().map(|&c| c as f64 / tokens.max(1) as f64).collect()))
+            .collect()
+    }
     /// Every token's choice so far (empty unless made with [`RoutingStats::logging`]).
     pub fn log(&self) -> Vec<RouteRecord> {
         self.log.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default()
