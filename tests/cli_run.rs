@@ -547,6 +547,11 @@ fn expert_budget_flags_are_checked_and_a_small_budget_names_the_minimum() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = weir(&[&run[..], &["--no-expert-prefetch"]].concat());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // `bench` reads a stats file and never writes one: a missing file, or one with nothing to
+    // rank, is refused naming the flag.
+    let bench = ["bench", "--model", d, "--prompt-len", "2", "--gen-len", "2", "--expert-stats", "/nonexistent/s.json"];
+    fails(&[&bench[..], &["--expert-budget", "25%"]].concat(), &["--expert-stats /nonexistent/s.json", "no such file"]);
+    fails(&bench, &["--expert-stats needs --expert-budget"]);
 }
 
 #[test]
@@ -572,5 +577,32 @@ fn a_node_on_a_gpu_lane_is_refused_saying_why() {
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn bf16_as_f16_keeps_a_matrix_past_f16s_range_as_bf16_and_says_which() {
+    // tiny-llama-bf16 with one weight of an MLP matrix set to 99840 (no f16 holds it).
+    let dir = tmpdir("bf16-big");
+    for f in std::fs::read_dir(fixture("tiny-llama-bf16")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
+    }
+    let st = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&st).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let name = "model.layers.0.mlp.up_proj.weight";
+    let at = 8 + n + header[name]["data_offsets"][0].as_u64().unwrap() as usize;
+    bytes[at..at + 2].copy_from_slice(&half::bf16::from_f32(99840.0).to_bits().to_le_bytes());
+    std::fs::write(&st, bytes).unwrap();
+    let run = ["run", "--model", s(&dir), "--prompt-ids", "1,2,3", "--max-new-tokens", "6", "--json"];
+    let o = weir(&[&run[..], &["--bf16-as-f16"]].concat());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains(&format!("--bf16-as-f16: tensor `{name}` kept as bf16")) && err.contains("99840"), "{err}");
+    // The other matrices are held as f16; the tokens are those of the model as stored.
+    let held: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(held["generated_ids"], ok_json(&run)["generated_ids"]);
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -456,6 +456,15 @@ fn synth(a: SynthArgs) -> Result<()> {
 
 fn bench(a: BenchArgs) -> Result<()> {
     let (graph, memory_budget) = a.place.resolve()?;
+    // `bench` only reads the counts (to rank the experts it keeps resident); `run` writes them.
+    if let Some(path) = &a.expert_stats {
+        if a.place.expert_budget.is_none() {
+            bail!("--expert-stats needs --expert-budget in `bench` (the counts rank which experts stay resident)");
+        }
+        if !path.exists() {
+            bail!("--expert-stats {}: no such file (`weir run --expert-stats` writes one)", path.display());
+        }
+    }
     let model = Model::open(&a.model).with_context(|| format!("--model {}", a.model.display()))?;
     let threads = if a.threads == 0 { weir_runtime_threads() } else { a.threads };
     let r = weir::bench::run(
