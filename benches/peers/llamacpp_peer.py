@@ -252,6 +252,8 @@ def main():
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--batch", type=int, default=1)
     a = p.parse_args()
+    if a.cmd == "bench" and a.batch < 1:
+        p.error(f"--batch {a.batch}: must be at least 1")
     if a.cmd == "convert":
         convert(a)
     elif a.batch > 1:
