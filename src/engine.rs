@@ -213,8 +213,8 @@ pub struct EngineOptions {
     /// `weir_graphs::experts`). `None`: every expert resident.
     pub experts: Option<weir_graphs::experts::ExpertPlacement>,
     /// Hold resident bf16 weight matrices as f16, rewritten in place as they are read: on a
-    /// CPU without bf16 instructions f16 is cheaper to widen, worth up to a quarter of batched
-    /// throughput. Exact for magnitudes from 2⁻¹⁴ to 65504; smaller ones are off by at most
+    /// CPU without bf16 instructions f16 is cheaper to widen (on the AVX2 machine of
+    /// BENCHMARKS.md batch-32 decode went from 43.9 to 58.7 tokens/s; at batch 1 no change). Exact for magnitudes from 2⁻¹⁴ to 65504; smaller ones are off by at most
     /// 2⁻²⁵; a matrix with a larger value stays bf16 (see `weir_kernels::convert`).
     pub bf16_as_f16: bool,
 }
