@@ -11,6 +11,7 @@
 //! * [`rope`] — rotary position embedding tables and the rotate-half application.
 //! * [`attention`] — causal grouped-query attention of new tokens over a KV cache.
 //! * [`activation`] — SiLU-gated product (SwiGLU's middle).
+//! * [`cuda`] — the same operations on a GPU: CUDA C compiled by NVRTC at start-up, cuBLAS GEMMs.
 //! * [`probe`] — the memory-read bound, read the ways the decode kernels read.
 //! * [`isa`] — which instruction set the fast paths use (`WEIR_CPU_ISA` overrides).
 //!
@@ -26,6 +27,7 @@
 pub mod activation;
 pub mod attention;
 pub mod convert;
+pub mod cuda;
 pub mod gemm;
 pub mod isa;
 pub mod matmul;

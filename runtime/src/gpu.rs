@@ -2,27 +2,15 @@
 //! dynamic loading: a build of weir needs no CUDA installed).
 //!
 //! cudarc panics on its first call when the driver library is missing (or lacks a function
-//! it binds), so the library's presence is checked first and every call runs under
-//! `catch_unwind`: without a driver, or without the device asked for, opening a device is a
-//! typed [`GpuError`], never a panic.
+//! it binds), so every call goes through `weir_kernels::cuda::call`, which checks the library
+//! first and runs the call under `catch_unwind`: without a driver, or without the device asked
+//! for, opening a device is a typed [`GpuError`], never a panic.
 
 use std::sync::Arc;
 
 pub use cudarc::driver::CudaContext;
-
-/// Why a CUDA device cannot be used.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum GpuError {
-    /// No CUDA driver library (`libcuda.so`) could be loaded.
-    #[error("no CUDA driver on this machine (libcuda could not be loaded)")]
-    NoDriver,
-    /// The driver is there but has no device of that ordinal.
-    #[error("no CUDA device {ordinal}: this machine has {count}")]
-    NoDevice { ordinal: usize, count: usize },
-    /// A driver call failed (or the library lacks a function weir needs).
-    #[error("CUDA: {0}")]
-    Cuda(String),
-}
+pub use weir_kernels::cuda::{driver_present, GpuError};
+use weir_kernels::cuda::call;
 
 /// What a device is.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,24 +20,6 @@ pub struct GpuInfo {
     pub total_bytes: usize,
     /// Compute capability (major, minor).
     pub capability: (i32, i32),
-}
-
-/// Whether the CUDA driver library can be loaded.
-pub fn driver_present() -> bool {
-    // SAFETY: only tries to open the library by its usual names.
-    std::panic::catch_unwind(|| unsafe { cudarc::driver::sys::is_culib_present() }).unwrap_or(false)
-}
-
-/// Runs a driver call, turning its error or its panic into a [`GpuError`].
-fn call<T>(what: &str, f: impl FnOnce() -> Result<T, cudarc::driver::DriverError>) -> Result<T, GpuError> {
-    if !driver_present() {
-        return Err(GpuError::NoDriver);
-    }
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(GpuError::Cuda(format!("{what}: {e}"))),
-        Err(p) => Err(GpuError::Cuda(format!("{what}: {}", crate::error::panic_message(p.as_ref())))),
-    }
 }
 
 /// The number of CUDA devices.
@@ -65,7 +35,12 @@ pub fn open(ordinal: usize) -> Result<(Arc<CudaContext>, GpuInfo), GpuError> {
     }
     let ctx = call(&format!("opening device {ordinal}"), || CudaContext::new(ordinal))?;
     let info = call(&format!("querying device {ordinal}"), || {
-        Ok(GpuInfo { ordinal, name: ctx.name()?, total_bytes: ctx.total_mem()?, capability: ctx.compute_capability()? })
+        Ok::<_, cudarc::driver::DriverError>(GpuInfo {
+            ordinal,
+            name: ctx.name()?,
+            total_bytes: ctx.total_mem()?,
+            capability: ctx.compute_capability()?,
+        })
     })?;
     Ok((ctx, info))
 }

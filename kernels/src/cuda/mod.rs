@@ -1,0 +1,547 @@
+//! The GPU kernels: the CUDA C of `weir.cu` compiled by NVRTC at start-up for the device's
+//! architecture (the PTX cached on disk), and cuBLAS for the linear layers. Activations are f32
+//! as on the CPU; weights and KV caches are f32, bf16 or f16 ([`Elem`]), held as raw bytes.
+//!
+//! CUDA comes through cudarc with its libraries loaded at run time, so a build needs no CUDA.
+//! cudarc panics on the first call into a library that is missing (or lacks a function it
+//! binds), so each library's presence is checked first and every call runs under
+//! `catch_unwind`: no driver, no device, no NVRTC or a failed call is a typed [`GpuError`],
+//! never a panic.
+//!
+//! Nothing here runs without a GPU except compiling the source to PTX, which needs only
+//! NVRTC's library (the tests do it wherever `libnvrtc` loads).
+
+use crate::attention::{AttnShape, KvType};
+use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
+    PushKernelArg,
+};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// The CUDA C source of every kernel.
+pub const SOURCE: &str = include_str!("weir.cu");
+
+/// The kernels `SOURCE` defines, by name.
+pub const KERNELS: [&str; 10] =
+    ["embed", "rmsnorm", "rope", "silu_mul", "add", "narrow", "kv_store", "attend", "argmax", "top_k"];
+
+/// The largest head dimension `attend` takes (`ATTN_MAX_HEAD_DIM` in the source).
+pub const MAX_HEAD_DIM: usize = 256;
+/// The most candidates `top_k` returns per row (`TOPK_MAX`).
+pub const MAX_TOP_K: usize = 64;
+
+/// Why the GPU cannot do what was asked.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum GpuError {
+    /// No CUDA driver library (`libcuda.so`) could be loaded.
+    #[error("no CUDA driver on this machine (libcuda could not be loaded)")]
+    NoDriver,
+    /// The driver is there but has no device of that ordinal.
+    #[error("no CUDA device {ordinal}: this machine has {count}")]
+    NoDevice { ordinal: usize, count: usize },
+    /// A CUDA library other than the driver could not be loaded.
+    #[error("no {0} library on this machine (set LD_LIBRARY_PATH to the CUDA libraries)")]
+    NoLibrary(&'static str),
+    /// NVRTC refused the kernels' source.
+    #[error("NVRTC could not compile weir's kernels for {arch}: {log}")]
+    Compile { arch: String, log: String },
+    /// A kernel was handed buffers that do not fit the shapes it was given.
+    #[error("{kernel}: {why}")]
+    Shape { kernel: &'static str, why: String },
+    /// A CUDA call failed.
+    #[error("CUDA: {0}")]
+    Cuda(String),
+}
+
+/// Element type of a weight or KV buffer on the GPU (the `dtype` argument of the kernels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Elem {
+    F32 = 0,
+    Bf16 = 1,
+    F16 = 2,
+}
+
+impl Elem {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Elem::F32 => 4,
+            Elem::Bf16 | Elem::F16 => 2,
+        }
+    }
+}
+
+impl From<KvType> for Elem {
+    fn from(t: KvType) -> Elem {
+        match t {
+            KvType::F32 => Elem::F32,
+            KvType::Bf16 => Elem::Bf16,
+            KvType::F16 => Elem::F16,
+        }
+    }
+}
+
+/// Whether the CUDA driver library can be loaded.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to open the library by its usual names.
+    std::panic::catch_unwind(|| unsafe { cudarc::driver::sys::is_culib_present() }).unwrap_or(false)
+}
+
+/// Whether NVRTC's library can be loaded (it compiles without a GPU).
+pub fn nvrtc_present() -> bool {
+    // SAFETY: as above.
+    std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false)
+}
+
+/// Whether cuBLAS's library can be loaded.
+pub fn cublas_present() -> bool {
+    // SAFETY: as above.
+    std::panic::catch_unwind(|| unsafe { cudarc::cublas::sys::is_culib_present() }).unwrap_or(false)
+}
+
+/// Runs a CUDA call, turning its error or its panic into a [`GpuError`] that says `what` failed.
+pub fn call<T, E: std::fmt::Display>(what: &str, f: impl FnOnce() -> Result<T, E>) -> Result<T, GpuError> {
+    if !driver_present() {
+        return Err(GpuError::NoDriver);
+    }
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(GpuError::Cuda(format!("{what}: {e}"))),
+        Err(p) => Err(GpuError::Cuda(format!("{what}: {}", panic_text(p.as_ref())))),
+    }
+}
+
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default()
+}
+
+/// The PTX of [`SOURCE`] for compute capability `arch` (e.g. `(9, 0)`): read from the cache
+/// folder if an earlier start compiled it, otherwise compiled by NVRTC and written there
+/// (`WEIR_CACHE_DIR`, else `$XDG_CACHE_HOME/weir`, else `~/.cache/weir`; a cache that cannot
+/// be written only costs the next start a compile).
+pub fn ptx(arch: (i32, i32)) -> Result<String, GpuError> {
+    ptx_cached_in(cache_dir(), arch)
+}
+
+fn ptx_cached_in(dir: Option<PathBuf>, arch: (i32, i32)) -> Result<String, GpuError> {
+    let name = format!("kernels-{:016x}-sm{}{}.ptx", source_hash(), arch.0, arch.1);
+    let file = dir.map(|d| d.join(&name));
+    if let Some(text) = file.as_ref().and_then(|f| std::fs::read_to_string(f).ok()) {
+        if text.contains(".entry") {
+            return Ok(text);
+        }
+    }
+    let text = compile(arch)?;
+    if let Some(f) = file {
+        // Written whole, then renamed: a reader never sees half a file.
+        let tmp = f.with_extension(format!("tmp{}", std::process::id()));
+        let written = f.parent().is_some_and(|d| std::fs::create_dir_all(d).is_ok())
+            && std::fs::write(&tmp, &text).is_ok()
+            && std::fs::rename(&tmp, &f).is_ok();
+        if !written {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+    Ok(text)
+}
+
+/// Compiles [`SOURCE`] with NVRTC for `arch`, without the cache.
+pub fn compile(arch: (i32, i32)) -> Result<String, GpuError> {
+    compile_source(SOURCE, arch)
+}
+
+fn compile_source(src: &str, arch: (i32, i32)) -> Result<String, GpuError> {
+    if !nvrtc_present() {
+        return Err(GpuError::NoLibrary("NVRTC (libnvrtc)"));
+    }
+    let arch_name = format!("compute_{}{}", arch.0, arch.1);
+    let opts = cudarc::nvrtc::CompileOptions {
+        options: vec![format!("--gpu-architecture={arch_name}"), "--std=c++17".into()],
+        name: Some("weir.cu".into()),
+        ..Default::default()
+    };
+    let out = std::panic::catch_unwind(|| cudarc::nvrtc::compile_ptx_with_opts(src, opts));
+    match out {
+        Ok(Ok(ptx)) => Ok(ptx.to_src()),
+        Ok(Err(cudarc::nvrtc::CompileError::CompileError { log, .. })) => {
+            Err(GpuError::Compile { arch: arch_name, log: log.to_string_lossy().into_owned() })
+        }
+        Ok(Err(e)) => Err(GpuError::Compile { arch: arch_name, log: e.to_string() }),
+        Err(p) => Err(GpuError::Compile { arch: arch_name, log: panic_text(p.as_ref()) }),
+    }
+}
+
+fn source_hash() -> u64 {
+    // FNV-1a: stable across builds and Rust versions, unlike `DefaultHasher`.
+    SOURCE.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+fn cache_dir() -> Option<PathBuf> {
+    let env = |k| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    env("WEIR_CACHE_DIR")
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("weir")))
+        .or_else(|| env("HOME").map(|d| d.join(".cache").join("weir")))
+}
+
+/// Threads per block of the row kernels (a multiple of 32, a power of two).
+const ROW_THREADS: u32 = 256;
+/// Threads per block of `attend` (`ATTN_THREADS`).
+const ATTN_THREADS: u32 = 128;
+
+fn grid_for(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(ROW_THREADS as usize).clamp(1, 65_535) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn rows_cfg(rows: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn check(kernel: &'static str, ok: bool, why: impl FnOnce() -> String) -> Result<(), GpuError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(GpuError::Shape { kernel, why: why() })
+    }
+}
+
+fn int(kernel: &'static str, what: &str, v: usize) -> Result<i32, GpuError> {
+    i32::try_from(v).map_err(|_| GpuError::Shape { kernel, why: format!("{what} {v} is past i32") })
+}
+
+/// weir's kernels loaded on one stream (a GPU compute lane), with a cuBLAS handle bound to it.
+/// Every method only enqueues work on the stream; cudarc orders it after earlier writes to its
+/// buffers from other streams through events, never a device-wide synchronise.
+pub struct GpuKernels {
+    stream: Arc<CudaStream>,
+    _module: Arc<CudaModule>,
+    f: Vec<CudaFunction>,
+    blas: CudaBlas,
+}
+
+impl std::fmt::Debug for GpuKernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuKernels").field("device", &self.stream.context().ordinal()).finish()
+    }
+}
+
+/// `silu_mul(gate, up)`'s and `add`'s element counts are `size_t` in the source.
+type Count = u64;
+
+impl GpuKernels {
+    /// Compiles (or reads from the cache) and loads the kernels for `stream`'s device.
+    pub fn new(stream: Arc<CudaStream>) -> Result<GpuKernels, GpuError> {
+        let ctx: Arc<CudaContext> = stream.context().clone();
+        let arch = call("querying the compute capability", || ctx.compute_capability())?;
+        let text = ptx(arch)?;
+        let module = call("loading the kernels' PTX", || ctx.load_module(cudarc::nvrtc::Ptx::from_src(text)))?;
+        let f = KERNELS
+            .iter()
+            .map(|name| call(&format!("finding kernel {name}"), || module.load_function(name)))
+            .collect::<Result<Vec<_>, _>>()?;
+        if !cublas_present() {
+            return Err(GpuError::NoLibrary("cuBLAS (libcublas)"));
+        }
+        let blas = call("creating a cuBLAS handle", || CudaBlas::new(stream.clone()))?;
+        Ok(GpuKernels { stream, _module: module, f, blas })
+    }
+
+    /// The stream every method enqueues on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    fn func(&self, name: &str) -> &CudaFunction {
+        let i = KERNELS.iter().position(|k| *k == name).expect("a kernel of KERNELS");
+        &self.f[i]
+    }
+
+    /// `out[t] = table[ids[t]]` as f32; `table`: `[rows, dim]` of `elem`.
+    pub fn embed(
+        &self,
+        ids: &CudaSlice<i32>,
+        table: &CudaSlice<u8>,
+        elem: Elem,
+        dim: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<(), GpuError> {
+        let t = ids.len();
+        check("embed", out.len() == t * dim && table.len() % (dim * elem.size()) == 0, || {
+            format!("{t} ids of dim {dim} into {} floats from a table of {} bytes", out.len(), table.len())
+        })?;
+        let (dt, d) = (elem as i32, int("embed", "dim", dim)?);
+        call("embed", || {
+            let mut b = self.stream.launch_builder(self.func("embed"));
+            b.arg(ids).arg(table).arg(&dt).arg(out).arg(&d);
+            // SAFETY: the argument list matches the kernel's; shapes were checked above (the
+            // ids are checked against the table by the caller, as on the CPU).
+            unsafe { b.launch(rows_cfg(t, ROW_THREADS)) }
+        })
+        .map(drop)
+    }
+
+    /// RMSNorm of each row of `x` (`[rows, w.len()]`) into `y`.
+    pub fn rmsnorm(&self, x: &CudaSlice<f32>, w: &CudaSlice<f32>, eps: f32, y: &mut CudaSlice<f32>) -> Result<(), GpuError> {
+        let dim = w.len();
+        check("rmsnorm", dim > 0 && x.len() % dim == 0 && y.len() == x.len(), || {
+            format!("x of {} floats, weight of {dim}, out of {}", x.len(), y.len())
+        })?;
+        let d = int("rmsnorm", "dim", dim)?;
+        call("rmsnorm", || {
+            let mut b = self.stream.launch_builder(self.func("rmsnorm"));
+            b.arg(x).arg(w).arg(y).arg(&d).arg(&eps);
+            // SAFETY: arguments match; shapes checked.
+            unsafe { b.launch(rows_cfg(x.len() / dim, ROW_THREADS)) }
+        })
+        .map(drop)
+    }
+
+    /// Rotates each row of `x` (`[tokens, heads*head_dim]`) for its position, in place.
+    pub fn rope(
+        &self,
+        x: &mut CudaSlice<f32>,
+        pos: &CudaSlice<i32>,
+        inv_freq: &CudaSlice<f32>,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<(), GpuError> {
+        let t = pos.len();
+        check("rope", head_dim % 2 == 0 && inv_freq.len() == head_dim / 2 && x.len() == t * heads * head_dim, || {
+            format!("{} floats for {t} positions × {heads} heads × {head_dim}, {} frequencies", x.len(), inv_freq.len())
+        })?;
+        let (h, hd) = (int("rope", "heads", heads)?, int("rope", "head_dim", head_dim)?);
+        call("rope", || {
+            let mut b = self.stream.launch_builder(self.func("rope"));
+            b.arg(x).arg(pos).arg(inv_freq).arg(&h).arg(&hd);
+            // SAFETY: arguments match; shapes checked.
+            unsafe { b.launch(rows_cfg(t, ROW_THREADS)) }
+        })
+        .map(drop)
+    }
+
+    /// `gate = silu(gate) * up`.
+    pub fn silu_mul(&self, gate: &mut CudaSlice<f32>, up: &CudaSlice<f32>) -> Result<(), GpuError> {
+        check("silu_mul", gate.len() == up.len(), || format!("gate of {}, up of {}", gate.len(), up.len()))?;
+        let n = gate.len() as Count;
+        call("silu_mul", || {
+            let mut b = self.stream.launch_builder(self.func("silu_mul"));
+            b.arg(gate).arg(up).arg(&n);
+            // SAFETY: arguments match; lengths checked.
+            unsafe { b.launch(grid_for(n as usize)) }
+        })
+        .map(drop)
+    }
+
+    /// `a += b`.
+    pub fn add(&self, a: &mut CudaSlice<f32>, b: &CudaSlice<f32>) -> Result<(), GpuError> {
+        check("add", a.len() == b.len(), || format!("{} and {} floats", a.len(), b.len()))?;
+        let n = a.len() as Count;
+        call("add", || {
+            let mut l = self.stream.launch_builder(self.func("add"));
+            l.arg(a).arg(b).arg(&n);
+            // SAFETY: arguments match; lengths checked.
+            unsafe { l.launch(grid_for(n as usize)) }
+        })
+        .map(drop)
+    }
+
+    /// `y = x` rounded to `elem` (bf16 or f16; `y` holds `x.len()` of them).
+    pub fn narrow(&self, x: &CudaSlice<f32>, elem: Elem, y: &mut CudaSlice<u8>) -> Result<(), GpuError> {
+        check("narrow", elem != Elem::F32 && y.len() >= x.len() * 2, || {
+            format!("{} floats to {elem:?} in {} bytes", x.len(), y.len())
+        })?;
+        let (dt, n) = (elem as i32, x.len() as Count);
+        call("narrow", || {
+            let mut b = self.stream.launch_builder(self.func("narrow"));
+            b.arg(x).arg(y).arg(&dt).arg(&n);
+            // SAFETY: arguments match; room checked.
+            unsafe { b.launch(grid_for(n as usize)) }
+        })
+        .map(drop)
+    }
+
+    /// Stores each token's keys and values (`[tokens, kv_dim]`) into the paged `cache` (blocks
+    /// of `[2, block_tokens, kv_dim]` of `elem`) at `slot[t] = block * block_tokens + offset`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_store(
+        &self,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        cache: &mut CudaSlice<u8>,
+        elem: Elem,
+        slots: &CudaSlice<i32>,
+        kv_dim: usize,
+        block_tokens: usize,
+    ) -> Result<(), GpuError> {
+        let t = slots.len();
+        check("kv_store", k.len() == t * kv_dim && v.len() == k.len() && block_tokens > 0, || {
+            format!("{t} slots, keys {} and values {} floats of dim {kv_dim}", k.len(), v.len())
+        })?;
+        check("kv_store", cache.len() % (2 * block_tokens * kv_dim * elem.size()) == 0, || {
+            format!("a cache of {} bytes is not whole blocks", cache.len())
+        })?;
+        let (dt, kd, bt) = (elem as i32, int("kv_store", "kv_dim", kv_dim)?, int("kv_store", "block_tokens", block_tokens)?);
+        call("kv_store", || {
+            let mut b = self.stream.launch_builder(self.func("kv_store"));
+            b.arg(k).arg(v).arg(cache).arg(&dt).arg(slots).arg(&kd).arg(&bt);
+            // SAFETY: arguments match; slots are the caller's blocks of this cache.
+            unsafe { b.launch(rows_cfg(t, ROW_THREADS)) }
+        })
+        .map(drop)
+    }
+
+    /// Attention of every query row of `q` (`[rows, heads*head_dim]`, rotated) over its
+    /// sequence's paged cache: row `r` sits at position `pos[r]`, its sequence's blocks are
+    /// `table[table_start[r]..]`; with `window` (> 0) only the last `window` positions count.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend(
+        &self,
+        q: &CudaSlice<f32>,
+        cache: &CudaSlice<u8>,
+        elem: Elem,
+        table: &CudaSlice<i32>,
+        table_start: &CudaSlice<i32>,
+        pos: &CudaSlice<i32>,
+        s: AttnShape,
+        block_tokens: usize,
+        window: Option<usize>,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<(), GpuError> {
+        let rows = pos.len();
+        let qd = s.heads * s.head_dim;
+        check("attend", s.kv_heads > 0 && s.heads % s.kv_heads == 0, || {
+            format!("{} heads over {} KV heads", s.heads, s.kv_heads)
+        })?;
+        check("attend", s.head_dim > 0 && s.head_dim <= MAX_HEAD_DIM, || {
+            format!("head dimension {} (at most {MAX_HEAD_DIM})", s.head_dim)
+        })?;
+        check("attend", q.len() == rows * qd && out.len() == q.len() && table_start.len() == rows, || {
+            format!("q of {} and out of {} floats for {rows} rows of {qd}", q.len(), out.len())
+        })?;
+        let h = int("attend", "heads", s.heads)?;
+        let (kvh, hd) = (int("attend", "kv_heads", s.kv_heads)?, int("attend", "head_dim", s.head_dim)?);
+        let (dt, bt) = (elem as i32, int("attend", "block_tokens", block_tokens)?);
+        let w = int("attend", "window", window.unwrap_or(0))?;
+        let cfg = LaunchConfig { grid_dim: (rows as u32, s.heads as u32, 1), block_dim: (ATTN_THREADS, 1, 1), shared_mem_bytes: 0 };
+        call("attend", || {
+            let mut b = self.stream.launch_builder(self.func("attend"));
+            b.arg(q).arg(out).arg(cache).arg(&dt).arg(table).arg(table_start).arg(pos);
+            b.arg(&h).arg(&kvh).arg(&hd).arg(&bt).arg(&w);
+            // SAFETY: arguments match; the tables name blocks of this cache holding every
+            // position up to each row's (the caller stored them with `kv_store`).
+            unsafe { b.launch(cfg) }
+        })
+        .map(drop)
+    }
+
+    /// The greedy choice of each row of `logits` (`[rows, vocab]`): the lowest index of the
+    /// largest value.
+    pub fn argmax(&self, logits: &CudaSlice<f32>, vocab: usize, out: &mut CudaSlice<i32>) -> Result<(), GpuError> {
+        let rows = out.len();
+        check("argmax", vocab > 0 && logits.len() == rows * vocab, || {
+            format!("{} logits for {rows} rows of {vocab}", logits.len())
+        })?;
+        let v = int("argmax", "vocab", vocab)?;
+        call("argmax", || {
+            let mut b = self.stream.launch_builder(self.func("argmax"));
+            b.arg(logits).arg(&v).arg(out);
+            // SAFETY: arguments match; shapes checked. 1024 threads: the shared arrays' size.
+            unsafe { b.launch(rows_cfg(rows, 1024)) }
+        })
+        .map(drop)
+    }
+
+    /// Each row's `k` largest logits, largest first (lower index first among equals): ids and
+    /// values, `[rows, k]` each.
+    pub fn top_k(
+        &self,
+        logits: &CudaSlice<f32>,
+        vocab: usize,
+        k: usize,
+        ids: &mut CudaSlice<i32>,
+        vals: &mut CudaSlice<f32>,
+    ) -> Result<(), GpuError> {
+        check("top_k", (1..=MAX_TOP_K.min(vocab)).contains(&k), || {
+            format!("k = {k} (1 to {} for a vocabulary of {vocab})", MAX_TOP_K.min(vocab))
+        })?;
+        let rows = ids.len() / k;
+        check("top_k", logits.len() == rows * vocab && ids.len() == rows * k && vals.len() == ids.len(), || {
+            format!("{} logits of {vocab}, {} ids and {} values for k = {k}", logits.len(), ids.len(), vals.len())
+        })?;
+        let (v, kk) = (int("top_k", "vocab", vocab)?, k as i32);
+        call("top_k", || {
+            let mut b = self.stream.launch_builder(self.func("top_k"));
+            b.arg(logits).arg(&v).arg(&kk).arg(ids).arg(vals);
+            // SAFETY: arguments match; shapes checked.
+            unsafe { b.launch(rows_cfg(rows, 1024)) }
+        })
+        .map(drop)
+    }
+
+    /// The linear layer `y = x · Wᵀ` (`x`: `[t, k]` f32, `w`: `[n, k]` of `elem`, `y`: `[t, n]`
+    /// f32) through cuBLAS with f32 accumulation: f32 weights in f32 (no TF32), bf16 and f16
+    /// weights against `x` rounded to their type into `scratch` (`t·k` of them).
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear(
+        &self,
+        x: &CudaSlice<f32>,
+        t: usize,
+        w: &CudaSlice<u8>,
+        elem: Elem,
+        n: usize,
+        y: &mut CudaSlice<f32>,
+        scratch: &mut CudaSlice<u8>,
+    ) -> Result<(), GpuError> {
+        let k = x.len() / t.max(1);
+        check("linear", t > 0 && x.len() == t * k && w.len() == n * k * elem.size() && y.len() == t * n, || {
+            format!("x of {} floats for {t} tokens, w of {} bytes for [{n}, {k}] {elem:?}, y of {}", x.len(), w.len(), y.len())
+        })?;
+        let (m_, n_, k_) = (int("linear", "n", n)?, int("linear", "t", t)?, int("linear", "k", k)?);
+        let ty = match elem {
+            Elem::F32 => blas_sys::cudaDataType::CUDA_R_32F,
+            Elem::Bf16 => blas_sys::cudaDataType::CUDA_R_16BF,
+            Elem::F16 => blas_sys::cudaDataType::CUDA_R_16F,
+        };
+        if elem != Elem::F32 {
+            self.narrow(x, elem, scratch)?;
+        }
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        call("linear (cuBLAS GEMM)", || {
+            let (wp, _w) = w.device_ptr(&self.stream);
+            let (xp, _x) = if elem == Elem::F32 { x.device_ptr(&self.stream) } else { scratch.device_ptr(&self.stream) };
+            let (yp, _y) = y.device_ptr_mut(&self.stream);
+            // cuBLAS is column-major: row-major y[t, n] is the column-major [n, t] product
+            // op(A)·B, A the column-major [k, n] that row-major W[n, k] is (transposed, lda k),
+            // B the column-major [k, t] that row-major x[t, k] is (ldb k).
+            // SAFETY: pointers are live device buffers of the sizes checked above.
+            unsafe {
+                blas::gemm_ex(
+                    *self.blas.handle(),
+                    blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                    blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                    m_,
+                    n_,
+                    k_,
+                    (&alpha) as *const f32 as *const _,
+                    wp as *const _,
+                    ty,
+                    k_,
+                    xp as *const _,
+                    ty,
+                    k_,
+                    (&beta) as *const f32 as *const _,
+                    yp as *mut _,
+                    blas_sys::cudaDataType::CUDA_R_32F,
+                    m_,
+                    blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
