@@ -8,6 +8,9 @@
 
 use std::sync::Arc;
 
+pub mod pool;
+pub use pool::{Block, BlockPool, DeviceBlock, Leased, PinnedBlock};
+
 pub use cudarc::driver::CudaContext;
 pub use weir_kernels::cuda::{driver_present, GpuError};
 use weir_kernels::cuda::call;
@@ -45,16 +48,17 @@ pub fn open(ordinal: usize) -> Result<(Arc<CudaContext>, GpuInfo), GpuError> {
     Ok((ctx, info))
 }
 
+/// Says a test was skipped where the log shows it: straight to standard error, past the test
+/// harness's capture (which only takes `print!` and `eprint!`).
+#[cfg(test)]
+pub(crate) fn skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skipped: {why}");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Says a test was skipped where the log shows it: straight to standard error, past the
-    /// test harness's capture (which only takes `print!` and `eprint!`).
-    fn skipped(why: &str) {
-        use std::io::Write;
-        let _ = writeln!(std::io::stderr(), "skipped: {why}");
-    }
 
     #[test]
     fn without_a_driver_every_device_is_a_typed_error() {
