@@ -14,8 +14,8 @@
 use crate::attention::{AttnShape, KvType};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
-    PushKernelArg,
+    CudaContext, CudaFunction, CudaModule, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
+    LaunchConfig, PushKernelArg,
 };
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -261,11 +261,11 @@ impl GpuKernels {
     /// `out[t] = table[ids[t]]` as f32; `table`: `[rows, dim]` of `elem`.
     pub fn embed(
         &self,
-        ids: &CudaSlice<i32>,
-        table: &CudaSlice<u8>,
+        ids: &CudaView<'_, i32>,
+        table: &CudaView<'_, u8>,
         elem: Elem,
         dim: usize,
-        out: &mut CudaSlice<f32>,
+        out: &mut CudaViewMut<'_, f32>,
     ) -> Result<(), GpuError> {
         let t = ids.len();
         check("embed", out.len() == t * dim && table.len() % (dim * elem.size()) == 0, || {
@@ -283,7 +283,7 @@ impl GpuKernels {
     }
 
     /// RMSNorm of each row of `x` (`[rows, w.len()]`) into `y`.
-    pub fn rmsnorm(&self, x: &CudaSlice<f32>, w: &CudaSlice<f32>, eps: f32, y: &mut CudaSlice<f32>) -> Result<(), GpuError> {
+    pub fn rmsnorm(&self, x: &CudaView<'_, f32>, w: &CudaView<'_, f32>, eps: f32, y: &mut CudaViewMut<'_, f32>) -> Result<(), GpuError> {
         let dim = w.len();
         check("rmsnorm", dim > 0 && x.len() % dim == 0 && y.len() == x.len(), || {
             format!("x of {} floats, weight of {dim}, out of {}", x.len(), y.len())
@@ -301,9 +301,9 @@ impl GpuKernels {
     /// Rotates each row of `x` (`[tokens, heads*head_dim]`) for its position, in place.
     pub fn rope(
         &self,
-        x: &mut CudaSlice<f32>,
-        pos: &CudaSlice<i32>,
-        inv_freq: &CudaSlice<f32>,
+        x: &mut CudaViewMut<'_, f32>,
+        pos: &CudaView<'_, i32>,
+        inv_freq: &CudaView<'_, f32>,
         heads: usize,
         head_dim: usize,
     ) -> Result<(), GpuError> {
@@ -322,7 +322,7 @@ impl GpuKernels {
     }
 
     /// `gate = silu(gate) * up`.
-    pub fn silu_mul(&self, gate: &mut CudaSlice<f32>, up: &CudaSlice<f32>) -> Result<(), GpuError> {
+    pub fn silu_mul(&self, gate: &mut CudaViewMut<'_, f32>, up: &CudaView<'_, f32>) -> Result<(), GpuError> {
         check("silu_mul", gate.len() == up.len(), || format!("gate of {}, up of {}", gate.len(), up.len()))?;
         let n = gate.len() as Count;
         call("silu_mul", || {
@@ -335,7 +335,7 @@ impl GpuKernels {
     }
 
     /// `a += b`.
-    pub fn add(&self, a: &mut CudaSlice<f32>, b: &CudaSlice<f32>) -> Result<(), GpuError> {
+    pub fn add(&self, a: &mut CudaViewMut<'_, f32>, b: &CudaView<'_, f32>) -> Result<(), GpuError> {
         check("add", a.len() == b.len(), || format!("{} and {} floats", a.len(), b.len()))?;
         let n = a.len() as Count;
         call("add", || {
@@ -348,7 +348,7 @@ impl GpuKernels {
     }
 
     /// `y = x` rounded to `elem` (bf16 or f16; `y` holds `x.len()` of them).
-    pub fn narrow(&self, x: &CudaSlice<f32>, elem: Elem, y: &mut CudaSlice<u8>) -> Result<(), GpuError> {
+    pub fn narrow(&self, x: &CudaView<'_, f32>, elem: Elem, y: &mut CudaViewMut<'_, u8>) -> Result<(), GpuError> {
         check("narrow", elem != Elem::F32 && y.len() >= x.len() * 2, || {
             format!("{} floats to {elem:?} in {} bytes", x.len(), y.len())
         })?;
@@ -362,52 +362,60 @@ impl GpuKernels {
         .map(drop)
     }
 
-    /// Stores each token's keys and values (`[tokens, kv_dim]`) into the paged `cache` (blocks
-    /// of `[2, block_tokens, kv_dim]` of `elem`) at `slot[t] = block * block_tokens + offset`.
+    /// Stores each token's keys and values (`[tokens, kv_dim]`) into a paged cache: token `t`
+    /// at position `offset[t]` of the block at device address `block[t]` (`[2, block_tokens,
+    /// kv_dim]` of `elem`: keys, then values).
+    ///
+    /// # Safety
+    /// Every address must be a live device block of at least `2·block_tokens·kv_dim` elements
+    /// of `elem`, not used by another stream until this stream's work on it is done, and every
+    /// offset below `block_tokens`.
     #[allow(clippy::too_many_arguments)]
-    pub fn kv_store(
+    pub unsafe fn kv_store(
         &self,
-        k: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
-        cache: &mut CudaSlice<u8>,
+        k: &CudaView<'_, f32>,
+        v: &CudaView<'_, f32>,
         elem: Elem,
-        slots: &CudaSlice<i32>,
+        block: &CudaView<'_, u64>,
+        offset: &CudaView<'_, i32>,
         kv_dim: usize,
         block_tokens: usize,
     ) -> Result<(), GpuError> {
-        let t = slots.len();
-        check("kv_store", k.len() == t * kv_dim && v.len() == k.len() && block_tokens > 0, || {
-            format!("{t} slots, keys {} and values {} floats of dim {kv_dim}", k.len(), v.len())
-        })?;
-        check("kv_store", cache.len() % (2 * block_tokens * kv_dim * elem.size()) == 0, || {
-            format!("a cache of {} bytes is not whole blocks", cache.len())
+        let t = block.len();
+        check("kv_store", k.len() == t * kv_dim && v.len() == k.len() && offset.len() == t && block_tokens > 0, || {
+            format!("{t} blocks, {} offsets, keys {} and values {} floats of dim {kv_dim}", offset.len(), k.len(), v.len())
         })?;
         let (dt, kd, bt) = (elem as i32, int("kv_store", "kv_dim", kv_dim)?, int("kv_store", "block_tokens", block_tokens)?);
         call("kv_store", || {
             let mut b = self.stream.launch_builder(self.func("kv_store"));
-            b.arg(k).arg(v).arg(cache).arg(&dt).arg(slots).arg(&kd).arg(&bt);
-            // SAFETY: arguments match; slots are the caller's blocks of this cache.
+            b.arg(k).arg(v).arg(&dt).arg(block).arg(offset).arg(&kd).arg(&bt);
+            // SAFETY: arguments match; the addresses are the caller's promise.
             unsafe { b.launch(rows_cfg(t, ROW_THREADS)) }
         })
         .map(drop)
     }
 
     /// Attention of every query row of `q` (`[rows, heads*head_dim]`, rotated) over its
-    /// sequence's paged cache: row `r` sits at position `pos[r]`, its sequence's blocks are
-    /// `table[table_start[r]..]`; with `window` (> 0) only the last `window` positions count.
+    /// sequence's paged cache: row `r` sits at position `pos[r]`; its sequence's blocks, in
+    /// order, are at the device addresses `table[table_start[r]..]`; with `window` only the
+    /// last `window` positions count.
+    ///
+    /// # Safety
+    /// The blocks a row reaches (`pos[r] / block_tokens + 1` of them from its start) must be
+    /// live device blocks laid out as [`GpuKernels::kv_store`] writes them, holding every
+    /// position up to the row's, written on this stream (or ordered before it).
     #[allow(clippy::too_many_arguments)]
-    pub fn attend(
+    pub unsafe fn attend(
         &self,
-        q: &CudaSlice<f32>,
-        cache: &CudaSlice<u8>,
+        q: &CudaView<'_, f32>,
         elem: Elem,
-        table: &CudaSlice<i32>,
-        table_start: &CudaSlice<i32>,
-        pos: &CudaSlice<i32>,
+        table: &CudaView<'_, u64>,
+        table_start: &CudaView<'_, i32>,
+        pos: &CudaView<'_, i32>,
         s: AttnShape,
         block_tokens: usize,
         window: Option<usize>,
-        out: &mut CudaSlice<f32>,
+        out: &mut CudaViewMut<'_, f32>,
     ) -> Result<(), GpuError> {
         let rows = pos.len();
         let qd = s.heads * s.head_dim;
@@ -424,13 +432,16 @@ impl GpuKernels {
         let (kvh, hd) = (int("attend", "kv_heads", s.kv_heads)?, int("attend", "head_dim", s.head_dim)?);
         let (dt, bt) = (elem as i32, int("attend", "block_tokens", block_tokens)?);
         let w = int("attend", "window", window.unwrap_or(0))?;
-        let cfg = LaunchConfig { grid_dim: (rows as u32, s.heads as u32, 1), block_dim: (ATTN_THREADS, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, s.heads as u32, 1),
+            block_dim: (ATTN_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
         call("attend", || {
             let mut b = self.stream.launch_builder(self.func("attend"));
-            b.arg(q).arg(out).arg(cache).arg(&dt).arg(table).arg(table_start).arg(pos);
+            b.arg(q).arg(out).arg(&dt).arg(table).arg(table_start).arg(pos);
             b.arg(&h).arg(&kvh).arg(&hd).arg(&bt).arg(&w);
-            // SAFETY: arguments match; the tables name blocks of this cache holding every
-            // position up to each row's (the caller stored them with `kv_store`).
+            // SAFETY: arguments match; the blocks are the caller's promise.
             unsafe { b.launch(cfg) }
         })
         .map(drop)
@@ -438,7 +449,7 @@ impl GpuKernels {
 
     /// The greedy choice of each row of `logits` (`[rows, vocab]`): the lowest index of the
     /// largest value.
-    pub fn argmax(&self, logits: &CudaSlice<f32>, vocab: usize, out: &mut CudaSlice<i32>) -> Result<(), GpuError> {
+    pub fn argmax(&self, logits: &CudaView<'_, f32>, vocab: usize, out: &mut CudaViewMut<'_, i32>) -> Result<(), GpuError> {
         let rows = out.len();
         check("argmax", vocab > 0 && logits.len() == rows * vocab, || {
             format!("{} logits for {rows} rows of {vocab}", logits.len())
@@ -457,11 +468,11 @@ impl GpuKernels {
     /// values, `[rows, k]` each.
     pub fn top_k(
         &self,
-        logits: &CudaSlice<f32>,
+        logits: &CudaView<'_, f32>,
         vocab: usize,
         k: usize,
-        ids: &mut CudaSlice<i32>,
-        vals: &mut CudaSlice<f32>,
+        ids: &mut CudaViewMut<'_, i32>,
+        vals: &mut CudaViewMut<'_, f32>,
     ) -> Result<(), GpuError> {
         check("top_k", (1..=MAX_TOP_K.min(vocab)).contains(&k), || {
             format!("k = {k} (1 to {} for a vocabulary of {vocab})", MAX_TOP_K.min(vocab))
@@ -486,13 +497,13 @@ impl GpuKernels {
     #[allow(clippy::too_many_arguments)]
     pub fn linear(
         &self,
-        x: &CudaSlice<f32>,
+        x: &CudaView<'_, f32>,
         t: usize,
-        w: &CudaSlice<u8>,
+        w: &CudaView<'_, u8>,
         elem: Elem,
         n: usize,
-        y: &mut CudaSlice<f32>,
-        scratch: &mut CudaSlice<u8>,
+        y: &mut CudaViewMut<'_, f32>,
+        scratch: &mut CudaViewMut<'_, u8>,
     ) -> Result<(), GpuError> {
         let k = x.len() / t.max(1);
         check("linear", t > 0 && x.len() == t * k && w.len() == n * k * elem.size() && y.len() == t * n, || {

@@ -6,6 +6,7 @@ use crate::attention::attend_reference;
 use crate::matmul::matmul_reference;
 use crate::rope::{Rope, RopeScaling};
 use crate::WeightView;
+use cudarc::driver::CudaSlice;
 
 /// Says a test was skipped where the log shows it: straight to standard error, past the test
 /// harness's capture.
@@ -141,19 +142,19 @@ fn row_kernels_match_the_cpu() {
     }
     let (xd, wd) = (up(&g, &x), up(&g, &w));
     let mut yd = up(&g, &vec![0f32; x.len()]);
-    g.rmsnorm(&xd, &wd, 1e-5, &mut yd).unwrap();
+    g.rmsnorm(&xd.as_view(), &wd.as_view(), 1e-5, &mut yd.as_view_mut()).unwrap();
     close("rmsnorm", &down(&g, &yd), &want, 1e-5);
     // SwiGLU's middle and the residual add.
     let upv = random(x.len(), 3);
     let mut gate = x.clone();
     crate::activation::silu_mul_inplace(&mut gate, &upv);
     let mut gd = up(&g, &x);
-    g.silu_mul(&mut gd, &up(&g, &upv)).unwrap();
+    g.silu_mul(&mut gd.as_view_mut(), &up(&g, &upv).as_view()).unwrap();
     close("silu_mul", &down(&g, &gd), &gate, 1e-6);
     let mut sum = x.clone();
     crate::activation::add_inplace(&mut sum, &upv);
     let mut ad = up(&g, &x);
-    g.add(&mut ad, &up(&g, &upv)).unwrap();
+    g.add(&mut ad.as_view_mut(), &up(&g, &upv).as_view()).unwrap();
     assert_eq!(down(&g, &ad), sum, "add is exact");
     // Embedding rows of every weight type.
     let (vocab, ids) = (17usize, vec![3i32, 0, 16, 3]);
@@ -162,13 +163,13 @@ fn row_kernels_match_the_cpu() {
         let t = rounded(&table, elem);
         let want: Vec<f32> = ids.iter().flat_map(|&i| t[i as usize * dim..][..dim].to_vec()).collect();
         let mut od = up(&g, &vec![0f32; ids.len() * dim]);
-        g.embed(&up(&g, &ids), &up(&g, &bytes_of(&table, elem)), elem, dim, &mut od).unwrap();
+        g.embed(&up(&g, &ids).as_view(), &up(&g, &bytes_of(&table, elem)).as_view(), elem, dim, &mut od.as_view_mut()).unwrap();
         assert_eq!(down(&g, &od), want, "embed {elem:?} is exact");
     }
     // Rounding to bf16 and f16: nearest even, as the `half` crate.
     for elem in [Elem::Bf16, Elem::F16] {
         let mut nd = up(&g, &vec![0u8; x.len() * 2]);
-        g.narrow(&xd, elem, &mut nd).unwrap();
+        g.narrow(&xd.as_view(), elem, &mut nd.as_view_mut()).unwrap();
         assert_eq!(down(&g, &nd), bytes_of(&x, elem), "narrow to {elem:?}");
     }
 }
@@ -191,7 +192,7 @@ fn rope_matches_the_cpu_with_llama3_scaling() {
         rope.apply(&mut want[t * heads * hd..][..heads * hd], *p as usize);
     }
     let mut xd = up(&g, &x);
-    g.rope(&mut xd, &up(&g, &pos), &up(&g, &rope.inv_freq), heads, hd).unwrap();
+    g.rope(&mut xd.as_view_mut(), &up(&g, &pos).as_view(), &up(&g, &rope.inv_freq).as_view(), heads, hd).unwrap();
     close("rope", &down(&g, &xd), &want, 2e-5);
 }
 
@@ -208,7 +209,7 @@ fn linear_matches_the_reference_for_every_weight_type() {
             let want = matmul_reference(&xr, t, WeightView::F32(&wr), n, None);
             let mut yd = up(&g, &vec![0f32; t * n]);
             let mut scratch = up(&g, &vec![0u8; t * k * 2]);
-            g.linear(&up(&g, &x), t, &up(&g, &bytes_of(&w, elem)), elem, n, &mut yd, &mut scratch).unwrap();
+            g.linear(&up(&g, &x).as_view(), t, &up(&g, &bytes_of(&w, elem)).as_view(), elem, n, &mut yd.as_view_mut(), &mut scratch.as_view_mut()).unwrap();
             close(&format!("linear {elem:?} {t}x{k}x{n}"), &down(&g, &yd), &want, 1e-4);
         }
     }
@@ -223,20 +224,38 @@ fn paged_attention_matches_the_reference_for_a_batch_of_sequences() {
     let seqs = [(300usize, 1usize), (0, 37), (0, 1), (127, 2)];
     for elem in [Elem::F32, Elem::Bf16, Elem::F16] {
         for window in [None, Some(50)] {
-            let blocks_total: usize = seqs.iter().map(|(p, n)| (p + n).div_ceil(bt)).sum();
-            let mut cache = up(&g, &vec![0u8; blocks_total * 2 * bt * kvd * elem.size()]);
-            // Blocks handed out in reverse so that a sequence's blocks are not in order.
-            let mut free: Vec<i32> = (0..blocks_total as i32).collect();
+            // Every block its own allocation, as from the GPU pool.
+            let mut blocks = Vec::new();
             let (mut table, mut starts, mut pos, mut q, mut want) = (vec![], vec![], vec![], vec![], vec![]);
             for (i, &(past, new)) in seqs.iter().enumerate() {
                 let len = past + new;
                 let k = random(len * kvd, 10 + i as u64);
                 let v = random(len * kvd, 20 + i as u64);
                 let start = table.len() as i32;
-                let mine: Vec<i32> = (0..len.div_ceil(bt)).map(|_| free.pop().unwrap()).collect();
-                let slots: Vec<i32> = (0..len).map(|p| mine[p / bt] * bt as i32 + (p % bt) as i32).collect();
+                let mine: Vec<u64> = (0..len.div_ceil(bt))
+                    .map(|_| {
+                        let b = up(&g, &vec![0u8; 2 * bt * kvd * elem.size()]);
+                        let p = cudarc::driver::DevicePtr::device_ptr(&b, g.stream()).0;
+                        blocks.push(b);
+                        p
+                    })
+                    .collect();
+                let addr: Vec<u64> = (0..len).map(|p| mine[p / bt]).collect();
+                let offset: Vec<i32> = (0..len).map(|p| (p % bt) as i32).collect();
                 table.extend(&mine);
-                g.kv_store(&up(&g, &k), &up(&g, &v), &mut cache, elem, &up(&g, &slots), kvd, bt).unwrap();
+                // SAFETY: the blocks above are live, of the right size, used on this stream only.
+                unsafe {
+                    g.kv_store(
+                        &up(&g, &k).as_view(),
+                        &up(&g, &v).as_view(),
+                        elem,
+                        &up(&g, &addr).as_view(),
+                        &up(&g, &offset).as_view(),
+                        kvd,
+                        bt,
+                    )
+                }
+                .unwrap();
                 let qs = random(new * qd, 30 + i as u64);
                 want.extend(attend_reference(&qs, &rounded(&k, elem), &rounded(&v, elem), past, window, s));
                 q.extend(qs);
@@ -246,9 +265,23 @@ fn paged_attention_matches_the_reference_for_a_batch_of_sequences() {
                 }
             }
             let mut out = up(&g, &vec![0f32; q.len()]);
-            g.attend(&up(&g, &q), &cache, elem, &up(&g, &table), &up(&g, &starts), &up(&g, &pos), s, bt, window, &mut out)
-                .unwrap();
+            // SAFETY: as above; every position up to each row's was stored.
+            unsafe {
+                g.attend(
+                    &up(&g, &q).as_view(),
+                    elem,
+                    &up(&g, &table).as_view(),
+                    &up(&g, &starts).as_view(),
+                    &up(&g, &pos).as_view(),
+                    s,
+                    bt,
+                    window,
+                    &mut out.as_view_mut(),
+                )
+            }
+            .unwrap();
             close(&format!("attend {elem:?} window {window:?}"), &down(&g, &out), &want, 1e-4);
+            drop(blocks);
         }
     }
 }
@@ -265,15 +298,15 @@ fn argmax_and_top_k_take_the_lowest_index_among_equals() {
     logits[vocab + 6] = 6.0;
     let ld = up(&g, &logits);
     let mut out = up(&g, &vec![0i32; 2]);
-    g.argmax(&ld, vocab, &mut out).unwrap();
+    g.argmax(&ld.as_view(), vocab, &mut out.as_view_mut()).unwrap();
     assert_eq!(down(&g, &out), vec![100, (vocab + 2999 - vocab) as i32]);
     let (mut ids, mut vals) = (up(&g, &vec![0i32; 6]), up(&g, &vec![0f32; 6]));
-    g.top_k(&ld, vocab, 3, &mut ids, &mut vals).unwrap();
+    g.top_k(&ld.as_view(), vocab, 3, &mut ids.as_view_mut(), &mut vals.as_view_mut()).unwrap();
     let ids = down(&g, &ids);
     assert_eq!(&ids[..2], &[100, 2000]);
     assert_eq!(&ids[3..], &[2999, 5, 6]);
     assert_eq!(&down(&g, &vals)[3..], &[7.0, 6.0, 6.0]);
     // Bad shapes are refused by name, not launched.
-    let e = g.top_k(&ld, vocab, 65, &mut up(&g, &vec![0i32; 130]), &mut up(&g, &vec![0f32; 130])).unwrap_err();
+    let e = g.top_k(&ld.as_view(), vocab, 65, &mut up(&g, &vec![0i32; 130]).as_view_mut(), &mut up(&g, &vec![0f32; 130]).as_view_mut()).unwrap_err();
     assert!(matches!(e, GpuError::Shape { kernel: "top_k", .. }), "{e}");
 }

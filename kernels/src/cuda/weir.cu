@@ -137,19 +137,21 @@ extern "C" __global__ void narrow(const float* x, void* y, int dtype, size_t n) 
     }
 }
 
-// Stores token t's keys and values (k, v: [tokens, kv_dim] f32) into a paged cache at slot
-// slot[t] = block * block_tokens + offset. A block holds its positions' keys, then their
-// values: [2, block_tokens, kv_dim] of `dtype`, as the CPU cache. Grid: tokens.
-extern "C" __global__ void kv_store(const float* k, const float* v, void* cache, int dtype, const int* slot,
-                                    int kv_dim, int block_tokens) {
-    int s = slot[blockIdx.x];
-    size_t base = (size_t)(s / block_tokens) * 2 * block_tokens * kv_dim + (size_t)(s % block_tokens) * kv_dim;
+// Stores token t's keys and values (k, v: [tokens, kv_dim] f32) into a paged cache: the block
+// at device address block[t], position offset[t] in it. A block holds its positions' keys,
+// then their values: [2, block_tokens, kv_dim] of `dtype`, as the CPU cache; blocks are
+// separate allocations from the GPU pool, so a sequence's cache grows a block at a time.
+// Grid: tokens.
+extern "C" __global__ void kv_store(const float* k, const float* v, int dtype, const unsigned long long* block,
+                                    const int* offset, int kv_dim, int block_tokens) {
+    void* b = (void*)block[blockIdx.x];
+    size_t base = (size_t)offset[blockIdx.x] * kv_dim;
     size_t vbase = base + (size_t)block_tokens * kv_dim;
     const float* kr = k + (size_t)blockIdx.x * kv_dim;
     const float* vr = v + (size_t)blockIdx.x * kv_dim;
     for (int d = threadIdx.x; d < kv_dim; d += blockDim.x) {
-        store_from_f32(cache, base + d, dtype, kr[d]);
-        store_from_f32(cache, vbase + d, dtype, vr[d]);
+        store_from_f32(b, base + d, dtype, kr[d]);
+        store_from_f32(b, vbase + d, dtype, vr[d]);
     }
 }
 
@@ -157,18 +159,18 @@ extern "C" __global__ void kv_store(const float* k, const float* v, void* cache,
 #define ATTN_MAX_HEAD_DIM 256
 
 // Fused attention over a paged cache, one query row and head per thread block (grid: rows,
-// heads; ATTN_THREADS threads). Row r sits at position pos[r] of its sequence, whose blocks
-// are table[table_start[r] ..]; it sees positions lo ..= pos[r], lo = 0 or, with a sliding
+// heads; ATTN_THREADS threads). Row r sits at position pos[r] of its sequence, whose blocks'
+// device addresses are table[table_start[r] ..]; it sees positions lo ..= pos[r], lo = 0 or, with a sliding
 // window w > 0, pos[r] + 1 - w. Positions are taken a tile of ATTN_THREADS at a time: each
 // thread scores one, the tile's softmax weights join a running (max, sum) — the online
 // softmax, stable for any length — and each thread accumulates its dimensions of the
 // weighted sum of values. q, out: [rows, heads * head_dim].
-extern "C" __global__ void attend(const float* q, float* out, const void* cache, int dtype, const int* table,
+extern "C" __global__ void attend(const float* q, float* out, int dtype, const unsigned long long* table,
                                   const int* table_start, const int* pos, int heads, int kv_heads, int head_dim,
                                   int block_tokens, int window) {
     __shared__ float qs[ATTN_MAX_HEAD_DIM];
     __shared__ float ws[ATTN_THREADS];
-    __shared__ int slots[ATTN_THREADS];
+    __shared__ const void* vrows[ATTN_THREADS];
     __shared__ float scratch[32];
     int r = blockIdx.x, h = blockIdx.y;
     int kvh = h / (heads / kv_heads);
@@ -178,7 +180,7 @@ extern "C" __global__ void attend(const float* q, float* out, const void* cache,
     __syncthreads();
     int p = pos[r];
     int lo = window > 0 && p + 1 > window ? p + 1 - window : 0;
-    const int* tab = table + table_start[r];
+    const unsigned long long* tab = table + table_start[r];
     float scale = 1.0f / sqrtf((float)head_dim);
     float m = -WEIR_INF, l = 0.0f;
     float acc[ATTN_MAX_HEAD_DIM / ATTN_THREADS];
@@ -187,12 +189,15 @@ extern "C" __global__ void attend(const float* q, float* out, const void* cache,
         int i = t0 + threadIdx.x;
         float s = -WEIR_INF;
         if (i <= p) {
-            int blk = tab[i / block_tokens], off = i % block_tokens;
-            size_t kb = (size_t)blk * 2 * block_tokens * kv_dim + (size_t)off * kv_dim + (size_t)kvh * head_dim;
+            const void* blk = (const void*)tab[i / block_tokens];
+            int off = i % block_tokens;
+            size_t kb = (size_t)off * kv_dim + (size_t)kvh * head_dim;
             float dot = 0.0f;
-            for (int d = 0; d < head_dim; d++) dot += qs[d] * load_as_f32(cache, kb + d, dtype);
+            for (int d = 0; d < head_dim; d++) dot += qs[d] * load_as_f32(blk, kb + d, dtype);
             s = dot * scale;
-            slots[threadIdx.x] = blk * 2 * block_tokens + block_tokens + off; // its value row
+            // Its value row: past the block's keys, at the same offset.
+            size_t vrow = ((size_t)block_tokens + off) * kv_dim + (size_t)kvh * head_dim;
+            vrows[threadIdx.x] = (const char*)blk + vrow * (dtype == WEIR_F32 ? 4 : 2);
         }
         float tile_max = block_max(s, scratch);
         float m_new = fmaxf(m, tile_max);
@@ -207,7 +212,7 @@ extern "C" __global__ void attend(const float* q, float* out, const void* cache,
             int d = j * ATTN_THREADS + threadIdx.x;
             float a = acc[j] * correction;
             for (int e = 0; e < n; e++) {
-                a += ws[e] * load_as_f32(cache, (size_t)slots[e] * kv_dim + (size_t)kvh * head_dim + d, dtype);
+                a += ws[e] * load_as_f32(vrows[e], d, dtype);
             }
             acc[j] = a;
         }
