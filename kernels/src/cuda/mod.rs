@@ -308,7 +308,7 @@ impl GpuKernels {
         head_dim: usize,
     ) -> Result<(), GpuError> {
         let t = pos.len();
-        check("rope", head_dim % 2 == 0 && inv_freq.len() == head_dim / 2 && x.len() == t * heads * head_dim, || {
+        check("rope", head_dim.is_multiple_of(2) && inv_freq.len() == head_dim / 2 && x.len() == t * heads * head_dim, || {
             format!("{} floats for {t} positions × {heads} heads × {head_dim}, {} frequencies", x.len(), inv_freq.len())
         })?;
         let (h, hd) = (int("rope", "heads", heads)?, int("rope", "head_dim", head_dim)?);
@@ -419,7 +419,7 @@ impl GpuKernels {
     ) -> Result<(), GpuError> {
         let rows = pos.len();
         let qd = s.heads * s.head_dim;
-        check("attend", s.kv_heads > 0 && s.heads % s.kv_heads == 0, || {
+        check("attend", s.kv_heads > 0 && s.heads.is_multiple_of(s.kv_heads), || {
             format!("{} heads over {} KV heads", s.heads, s.kv_heads)
         })?;
         check("attend", s.head_dim > 0 && s.head_dim <= MAX_HEAD_DIM, || {

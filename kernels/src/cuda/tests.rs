@@ -297,16 +297,16 @@ fn argmax_and_top_k_take_the_lowest_index_among_equals() {
     logits[vocab + 5] = 6.0;
     logits[vocab + 6] = 6.0;
     let ld = up(&g, &logits);
-    let mut out = up(&g, &vec![0i32; 2]);
+    let mut out = up(&g, &[0i32; 2][..]);
     g.argmax(&ld.as_view(), vocab, &mut out.as_view_mut()).unwrap();
     assert_eq!(down(&g, &out), vec![100, (vocab + 2999 - vocab) as i32]);
-    let (mut ids, mut vals) = (up(&g, &vec![0i32; 6]), up(&g, &vec![0f32; 6]));
+    let (mut ids, mut vals) = (up(&g, &[0i32; 6][..]), up(&g, &[0f32; 6][..]));
     g.top_k(&ld.as_view(), vocab, 3, &mut ids.as_view_mut(), &mut vals.as_view_mut()).unwrap();
     let ids = down(&g, &ids);
     assert_eq!(&ids[..2], &[100, 2000]);
     assert_eq!(&ids[3..], &[2999, 5, 6]);
     assert_eq!(&down(&g, &vals)[3..], &[7.0, 6.0, 6.0]);
     // Bad shapes are refused by name, not launched.
-    let e = g.top_k(&ld.as_view(), vocab, 65, &mut up(&g, &vec![0i32; 130]).as_view_mut(), &mut up(&g, &vec![0f32; 130]).as_view_mut()).unwrap_err();
+    let e = g.top_k(&ld.as_view(), vocab, 65, &mut up(&g, &[0i32; 130][..]).as_view_mut(), &mut up(&g, &[0f32; 130][..]).as_view_mut()).unwrap_err();
     assert!(matches!(e, GpuError::Shape { kernel: "top_k", .. }), "{e}");
 }
