@@ -217,6 +217,9 @@ pub struct EngineOptions {
     /// BENCHMARKS.md batch-32 decode went from 43.9 to 58.7 tokens/s; at batch 1 no change). Exact for magnitudes from 2⁻¹⁴ to 65504; smaller ones are off by at most
     /// 2⁻²⁵; a matrix with a larger value stays bf16 (see `weir_kernels::convert`).
     pub bf16_as_f16: bool,
+    /// The budget of each GPU's memory pool, shared by its lanes' weights, KV cache and
+    /// activations (`None`: the device's memory less 1 GiB). Only graphs with GPU lanes use it.
+    pub gpu_memory: Option<u64>,
 }
 
 impl EngineOptions {
@@ -255,6 +258,7 @@ impl Default for EngineOptions {
             log_routes: false,
             experts: None,
             bf16_as_f16: false,
+            gpu_memory: None,
         }
     }
 }
@@ -298,6 +302,8 @@ struct SchedParams {
     pass_tokens: usize,
     /// KV blocks per layer the reserve holds (`None`: no budget, no limit).
     kv_blocks: Option<usize>,
+    /// Each GPU's memory budget, for the compiler.
+    gpu_memory: Option<usize>,
 }
 
 /// A running model. Dropping it shuts it down. If an actor fails (an I/O error, a file changed
@@ -319,7 +325,7 @@ pub struct Engine {
 }
 
 fn start(graph: &weir_graphs::Graph, trace: bool, env: &weir_operators::OpEnv, p: &SchedParams) -> Result<Running> {
-    let Compiled { program, entry, exit } = compile(graph, trace, env, p.micro_batches)?;
+    let Compiled { program, entry, exit } = compile(graph, trace, env, p.micro_batches, p.gpu_memory)?;
     let program = Arc::new(Mutex::new(Some(program)));
     let (cmds, cmd_rx) = crossbeam_channel::bounded::<Cmd>(1024);
     let sched = Scheduler { cmds: cmd_rx, entry, exit, program: program.clone(), p: p.clone(), kv_free: p.kv_blocks };
@@ -411,6 +417,7 @@ impl Engine {
             micro_batches,
             pass_tokens: opts.max_pass_tokens,
             kv_blocks: split.map(|s| s.kv.checked_div(per_block).map_or(usize::MAX, |b| b as usize)),
+            gpu_memory: opts.gpu_memory.map(|b| b as usize),
         };
         let run = start(&graph, opts.trace, &env, &sched)?;
         let budget = split.map(|s| s.weights + s.kv + s.activations + caches);

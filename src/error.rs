@@ -33,6 +33,10 @@ pub enum Error {
     /// A graph file is wrong: every problem, as `file:line:col: message` lines.
     #[error("{0}")]
     Graph(weir_graphs::format::Report),
+    /// A node cannot run where the graph placed it (an operator with no GPU version on a
+    /// GPU lane, an edge between two GPUs).
+    #[error("placement: {0}")]
+    Placement(String),
     /// A file could not be written.
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },

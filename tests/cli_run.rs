@@ -555,7 +555,7 @@ fn expert_budget_flags_are_checked_and_a_small_budget_names_the_minimum() {
 }
 
 #[test]
-fn a_node_on_a_gpu_lane_is_refused_saying_why() {
+fn a_node_on_a_gpu_lane_runs_there_or_is_refused_saying_why() {
     let model = fixture("tiny-llama");
     let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("graphs/llama.weir")).unwrap();
     let text = text.replacen("lane loader io", "lane loader io\nlane card gpu device=0", 1).replacen(
@@ -567,16 +567,19 @@ fn a_node_on_a_gpu_lane_is_refused_saying_why() {
     let dir = tmpdir("gpulane");
     let f = dir.join("gpu.weir");
     std::fs::write(&f, text).unwrap();
-    // The file is valid; running it is not, on this build, anywhere.
     assert!(weir(&["graph", "check", s(&f), "--model", s(&model)]).status.success());
-    let o = weir(&["run", "--model", s(&model), "--graph", s(&f), "--prompt", "x"]);
+    let o = weir(&["run", "--model", s(&model), "--graph", s(&f), "--prompt", "x", "--max-new-tokens", "4"]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("device gpu0 unavailable"), "{err}");
-    assert!(
-        err.contains("no CUDA driver") || err.contains("no CUDA device 0") || err.contains("no operators on GPU lanes"),
-        "{err}"
-    );
     assert!(!err.contains("panicked"), "{err}");
+    if weir_runtime::gpu::driver_present() && weir_runtime::gpu::device_count().unwrap_or(0) > 0 {
+        // The LM head on the GPU, the rest on the CPU: the same tokens as all on the CPU.
+        let cpu = weir(&["run", "--model", s(&model), "--prompt", "x", "--max-new-tokens", "4"]);
+        assert!(o.status.success(), "{err}");
+        assert_eq!(String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&cpu.stdout));
+    } else {
+        assert!(!o.status.success() && err.contains("device gpu0 unavailable"), "{err}");
+        assert!(err.contains("no CUDA driver") || err.contains("no CUDA device 0"), "{err}");
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -34,6 +34,26 @@ impl Operator<Packet> for Add {
     }
 }
 
+/// [`Add`] on a GPU lane.
+pub struct GpuAdd {
+    pub dim: usize,
+}
+
+impl Operator<Packet> for GpuAdd {
+    fn kind(&self) -> &str {
+        "add"
+    }
+    fn fire(&mut self, ins: &mut Inputs<Packet>, out: &mut Emit<Packet>, cx: &FireCx) -> Result<Step, OpError> {
+        let g = cx.gpu()?;
+        let (batch, a) = crate::gpu::act("a", ins.get(0), self.dim)?;
+        let (_, b) = crate::gpu::act("b", ins.get(1), self.dim)?;
+        let mut y = crate::gpu::copy(g, a)?;
+        g.kernels.add(&mut y.f32_mut(), &b.f32()?).map_err(crate::gpu::err)?;
+        out.send(0, Packet::DevAct { batch: batch.clone(), x: y.freeze() });
+        Ok(Step::Continue)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,6 +16,7 @@
 use crate::{check_act, Packet};
 use std::collections::HashMap;
 use weir_kernels::attention::{attend_batch, store_row, AttnShape, KvBlocks, KvData, KvRowMut, KvType, SeqAttn};
+use weir_runtime::gpu::{DeviceBlock, Leased};
 use weir_runtime::{DType, Emit, FireCx, Inputs, OpError, Operator, Pool, Step, Tensor};
 
 /// Positions per KV block.
@@ -180,6 +181,136 @@ impl Operator<Packet> for Attention {
             .collect();
         attend_batch(q.f32(), &seqs, self.window, s, y.f32_mut(), cx.par);
         out.send(0, Packet::Act { batch: batch.clone(), x: y });
+        Ok(Step::Continue)
+    }
+}
+
+struct GpuKv {
+    /// Each block (from the GPU memory pool) with its device address.
+    blocks: Vec<(Leased<DeviceBlock>, u64)>,
+    len: usize,
+}
+
+/// [`Attention`] on a GPU lane: each sequence's cache in blocks of GPU memory taken from the
+/// device's pool as it grows (so `--gpu-memory` bounds it), the same layout and rounding as
+/// the CPU cache, one fused kernel for the whole batch.
+pub struct GpuAttention {
+    shape: AttnShape,
+    max_positions: usize,
+    window: Option<usize>,
+    kv_type: KvType,
+    caches: HashMap<u64, GpuKv>,
+}
+
+impl GpuAttention {
+    /// As [`Attention::new`], the blocks coming from the lane's GPU memory.
+    pub fn new(heads: usize, kv_heads: usize, head_dim: usize, max_positions: usize, window: Option<usize>, kv_type: KvType) -> Self {
+        GpuAttention { shape: AttnShape { heads, kv_heads, head_dim }, max_positions, window, kv_type, caches: HashMap::new() }
+    }
+}
+
+/// Gives a block back after the work already on `stream` (a later user on another stream
+/// waits for the event this records).
+fn release_block(stream: &std::sync::Arc<cudarc::driver::CudaStream>, mut b: Leased<DeviceBlock>) {
+    drop(cudarc::driver::DevicePtrMut::device_ptr_mut(&mut b.0, stream));
+}
+
+impl Operator<Packet> for GpuAttention {
+    fn kind(&self) -> &str {
+        "attention"
+    }
+    fn fire(&mut self, ins: &mut Inputs<Packet>, out: &mut Emit<Packet>, cx: &FireCx) -> Result<Step, OpError> {
+        let g = cx.gpu()?;
+        let s = self.shape;
+        let (qd, kvd, bt) = (s.heads * s.head_dim, s.kv_heads * s.head_dim, KV_BLOCK_TOKENS);
+        let (batch, q) = crate::gpu::act("q", ins.get(0), qd)?;
+        let (_, k) = crate::gpu::act("k", ins.get(1), kvd)?;
+        let (_, v) = crate::gpu::act("v", ins.get(2), kvd)?;
+        let stream = g.stream().clone();
+        for id in &batch.release {
+            if let Some(kv) = self.caches.remove(id) {
+                kv.blocks.into_iter().for_each(|(b, _)| release_block(&stream, b));
+            }
+        }
+        let (mut addr, mut offset) = (Vec::new(), Vec::new());
+        for seq in &batch.seqs {
+            if seq.start + seq.len > self.max_positions {
+                return Err(OpError::new(format!(
+                    "sequence {}: positions up to {} exceed max_position_embeddings {}",
+                    seq.id,
+                    seq.start + seq.len,
+                    self.max_positions
+                )));
+            }
+            if seq.start == 0 {
+                if let Some(old) = self.caches.insert(seq.id, GpuKv { blocks: Vec::new(), len: 0 }) {
+                    old.blocks.into_iter().for_each(|(b, _)| release_block(&stream, b));
+                }
+            }
+            let Some(kv) = self.caches.get_mut(&seq.id) else {
+                return Err(OpError::new(format!(
+                    "sequence {} continues at position {} but has no KV cache",
+                    seq.id, seq.start
+                )));
+            };
+            if kv.len != seq.start {
+                return Err(OpError::new(format!(
+                    "sequence {}: the KV cache holds {} tokens but the pass starts at {}",
+                    seq.id, kv.len, seq.start
+                )));
+            }
+            while kv.blocks.len() * bt < kv.len + seq.len {
+                let bytes = kv_block_bytes(kvd, self.kv_type);
+                let Some(mut b) = g.memory.try_alloc(bytes).map_err(crate::gpu::err)? else {
+                    return Err(OpError::new(format!(
+                        "sequence {}: the GPU memory pool `{}` has no room for KV position {} ({} of its {} bytes in use; \
+                         --gpu-memory sets it)",
+                        seq.id,
+                        g.memory.name(),
+                        kv.blocks.len() * bt,
+                        g.memory.in_use(),
+                        g.memory.budget()
+                    )));
+                };
+                // This stream waits for the block's earlier users before it writes it.
+                let a = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut b.0, &stream).0;
+                kv.blocks.push((b, a));
+            }
+            for p in kv.len..kv.len + seq.len {
+                addr.push(kv.blocks[p / bt].1);
+                offset.push((p % bt) as i32);
+            }
+            kv.len += seq.len;
+        }
+        let elem = weir_kernels::cuda::Elem::from(self.kv_type);
+        let (mut table, mut start, mut pos) = (Vec::new(), Vec::new(), Vec::new());
+        for seq in &batch.seqs {
+            let at = table.len() as i32;
+            table.extend(self.caches[&seq.id].blocks.iter().map(|(_, a)| *a));
+            for p in seq.start..seq.start + seq.len {
+                start.push(at);
+                pos.push(p as i32);
+            }
+        }
+        let mut y = g.alloc(DType::F32, vec![batch.tokens(), qd])?;
+        if !addr.is_empty() {
+            let (addr, offset) = (g.upload_values(&addr)?, g.upload_values(&offset)?);
+            let (table, start, pos) = (g.upload_values(&table)?, g.upload_values(&start)?, g.upload_values(&pos)?);
+            // SAFETY: every address is a block this operator holds (taken above or in an
+            // earlier pass, used on this lane's stream only, given back only through
+            // `release_block`), of `kv_block_bytes` for this shape and type; every offset is
+            // below `bt`; every row's blocks hold its sequence's positions up to its own,
+            // stored by the `kv_store` just before.
+            unsafe {
+                g.kernels
+                    .kv_store(&k.f32()?, &v.f32()?, elem, &addr.as_view(), &offset.as_view(), kvd, bt)
+                    .map_err(crate::gpu::err)?;
+                g.kernels
+                    .attend(&q.f32()?, elem, &table.as_view(), &start.as_view(), &pos.as_view(), s, bt, self.window, &mut y.f32_mut())
+                    .map_err(crate::gpu::err)?;
+            }
+        }
+        out.send(0, Packet::DevAct { batch: batch.clone(), x: y.freeze() });
         Ok(Step::Continue)
     }
 }

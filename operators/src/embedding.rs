@@ -36,6 +36,34 @@ impl Operator<Packet> for Embedding {
     }
 }
 
+/// [`Embedding`] on a GPU lane: the ids come from the host (checked there), the table is in
+/// GPU memory.
+pub struct GpuEmbedding {
+    pub vocab: usize,
+    pub hidden: usize,
+}
+
+impl Operator<Packet> for GpuEmbedding {
+    fn kind(&self) -> &str {
+        "embedding"
+    }
+    fn fire(&mut self, ins: &mut Inputs<Packet>, out: &mut Emit<Packet>, cx: &FireCx) -> Result<Step, OpError> {
+        let g = cx.gpu()?;
+        let (table, e) = crate::gpu::weight("weight", ins.get(1), &[self.vocab, self.hidden])?;
+        let Packet::Tokens { batch, ids } = ins.get(0) else {
+            return Err(OpError::new("port `ids` expected token ids"));
+        };
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.vocab) {
+            return Err(OpError::new(format!("token id {id} is outside the vocabulary (size {})", self.vocab)));
+        }
+        let ids_dev = g.upload_values(&ids.iter().map(|&i| i as i32).collect::<Vec<i32>>())?;
+        let mut y = g.alloc(weir_runtime::DType::F32, vec![ids.len(), self.hidden])?;
+        g.kernels.embed(&ids_dev.as_view(), &table.bytes(), e, self.hidden, &mut y.f32_mut()).map_err(crate::gpu::err)?;
+        out.send(0, Packet::DevAct { batch: batch.clone(), x: y.freeze() });
+        Ok(Step::Continue)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,6 +13,7 @@ pub mod attention;
 pub mod embedding;
 pub mod expert;
 pub mod expert_store;
+pub mod gpu;
 pub mod linear;
 pub mod lm_head;
 pub mod loader;
@@ -24,6 +25,8 @@ pub mod router;
 pub mod sampler;
 pub mod sigmoid_gate;
 pub mod swiglu;
+pub mod to_gpu;
+pub mod to_host;
 
 pub use packet::{Batch, LogitsWanted, Packet, Sampling, SeqSlice};
 pub use registry::{Carries, OpConfig, OpEnv, ParamValue};
@@ -123,7 +126,7 @@ pub(crate) mod testing {
         let mut ins = Inputs::new(&mut slots, &sticky);
         let mut out = Emit::new(outputs);
         let pool = weir_runtime::Pool::transient("activations", weir_runtime::Tier::Host, usize::MAX, None);
-        let cx = FireCx { par: &Serial, actor: "test", activations: &pool };
+        let cx = FireCx { par: &Serial, actor: "test", activations: &pool, gpu: None };
         op.fire(&mut ins, &mut out, &cx)?;
         Ok(out.into_staged())
     }

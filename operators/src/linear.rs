@@ -36,6 +36,28 @@ impl Operator<Packet> for Linear {
     }
 }
 
+/// [`Linear`] on a GPU lane (cuBLAS, f32 accumulation).
+pub struct GpuLinear {
+    pub in_dim: usize,
+    pub out_dim: usize,
+    pub bias: bool,
+}
+
+impl Operator<Packet> for GpuLinear {
+    fn kind(&self) -> &str {
+        "linear"
+    }
+    fn fire(&mut self, ins: &mut Inputs<Packet>, out: &mut Emit<Packet>, cx: &FireCx) -> Result<Step, OpError> {
+        let g = cx.gpu()?;
+        let (w, e) = crate::gpu::weight("weight", ins.get(1), &[self.out_dim, self.in_dim])?;
+        let bias = if self.bias { Some(crate::gpu::vector("bias", ins.get(2), self.out_dim)?) } else { None };
+        let (batch, x) = crate::gpu::act("x", ins.get(0), self.in_dim)?;
+        let y = crate::gpu::linear(g, &x.f32()?, batch.tokens(), w, e, self.out_dim, bias.as_ref())?;
+        out.send(0, Packet::DevAct { batch: batch.clone(), x: y.freeze() });
+        Ok(Step::Continue)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

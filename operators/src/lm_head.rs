@@ -44,6 +44,53 @@ impl Operator<Packet> for LmHead {
     }
 }
 
+/// [`LmHead`] on a GPU lane: the rows whose logits are needed gathered on the device, then
+/// one GEMM.
+pub struct GpuLmHead {
+    pub hidden: usize,
+    pub vocab: usize,
+}
+
+impl Operator<Packet> for GpuLmHead {
+    fn kind(&self) -> &str {
+        "lm_head"
+    }
+    fn fire(&mut self, ins: &mut Inputs<Packet>, out: &mut Emit<Packet>, cx: &FireCx) -> Result<Step, OpError> {
+        let g = cx.gpu()?;
+        let (w, e) = crate::gpu::weight("weight", ins.get(1), &[self.vocab, self.hidden])?;
+        let (batch, x) = crate::gpu::act("x", ins.get(0), self.hidden)?;
+        let row_bytes = self.hidden * 4;
+        let rows: usize = batch.seqs.iter().map(Batch::logit_rows).sum();
+        if rows == 0 {
+            let y = g.alloc(weir_runtime::DType::F32, vec![0, self.vocab])?;
+            out.send(0, Packet::DevAct { batch: batch.clone(), x: y.freeze() });
+            return Ok(Step::Continue);
+        }
+        let mut sel = g.alloc(weir_runtime::DType::F32, vec![rows, self.hidden])?;
+        {
+            let (xb, mut sb) = (x.bytes(), sel.bytes_mut());
+            let (mut row, mut at) = (0, 0);
+            let stream = g.stream().clone();
+            for s in &batch.seqs {
+                let n = Batch::logit_rows(s);
+                // The last `n` of the sequence's rows (all of them for `All`).
+                let from = row + s.len - n;
+                if n > 0 {
+                    let src = xb.slice(from * row_bytes..(from + n) * row_bytes);
+                    let mut dst = sb.slice_mut(at * row_bytes..(at + n) * row_bytes);
+                    weir_kernels::cuda::call("gathering rows on the GPU", || stream.memcpy_dtod(&src, &mut dst))
+                        .map_err(crate::gpu::err)?;
+                }
+                at += n;
+                row += s.len;
+            }
+        }
+        let y = crate::gpu::linear(g, &sel.f32(), rows, w, e, self.vocab, None)?;
+        out.send(0, Packet::DevAct { batch: batch.clone(), x: y.freeze() });
+        Ok(Step::Continue)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

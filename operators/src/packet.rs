@@ -1,6 +1,7 @@
 //! The message that travels on weir's edges, and the batch description every pass carries.
 
 use std::sync::Arc;
+use weir_runtime::gpu::DeviceTensor;
 use weir_runtime::{Message, Tensor};
 
 /// Which logits a sequence wants back from a pass.
@@ -96,6 +97,10 @@ pub enum Packet {
     Route { batch: Arc<Batch>, route: Arc<crate::router::Routing> },
     /// The sampled token of every sequence, with the logits rows that were asked for.
     Sampled { batch: Arc<Batch>, tokens: Vec<u32>, logits: Option<Tensor> },
+    /// Activations in GPU memory (as `Act`).
+    DevAct { batch: Arc<Batch>, x: DeviceTensor },
+    /// A weight in GPU memory (as `Weight`; vectors — norms, biases — as f32).
+    DevWeight { name: Arc<str>, w: DeviceTensor },
 }
 
 impl Message for Packet {
@@ -107,6 +112,8 @@ impl Message for Packet {
             Packet::Route { route, .. } => route.ids.len() * 8,
             Packet::Absent => 0,
             Packet::Sampled { tokens, logits, .. } => tokens.len() * 4 + logits.as_ref().map_or(0, |l| l.nbytes()),
+            Packet::DevAct { x, .. } => x.nbytes(),
+            Packet::DevWeight { w, .. } => w.nbytes(),
         }
     }
 }
@@ -128,6 +135,26 @@ impl Packet {
             other => Err(weir_runtime::OpError::new(format!("port `{port}` expected a weight, got {}", other.what()))),
         }
     }
+    /// Activations in GPU memory, or an error naming what arrived instead.
+    pub fn dev_act(&self, port: &str) -> Result<(&Arc<Batch>, &DeviceTensor), weir_runtime::OpError> {
+        match self {
+            Packet::DevAct { batch, x } => Ok((batch, x)),
+            other => Err(weir_runtime::OpError::new(format!(
+                "port `{port}` expected activations in GPU memory, got {}",
+                other.what()
+            ))),
+        }
+    }
+    /// A weight in GPU memory, or an error naming what arrived instead.
+    pub fn dev_weight(&self, port: &str) -> Result<(&str, &DeviceTensor), weir_runtime::OpError> {
+        match self {
+            Packet::DevWeight { name, w } => Ok((name, w)),
+            other => Err(weir_runtime::OpError::new(format!(
+                "port `{port}` expected a weight in GPU memory, got {}",
+                other.what()
+            ))),
+        }
+    }
     fn what(&self) -> &'static str {
         match self {
             Packet::Tokens { .. } => "token ids",
@@ -136,6 +163,8 @@ impl Packet {
             Packet::Route { .. } => "expert choices",
             Packet::Absent => "no weight (an expert store's answer for an expert no token chose)",
             Packet::Sampled { .. } => "sampled tokens",
+            Packet::DevAct { .. } => "activations in GPU memory",
+            Packet::DevWeight { .. } => "a weight in GPU memory",
         }
     }
 }

@@ -586,6 +586,32 @@ impl OpConfig {
         matches!(self, OpConfig::Embedding { .. }) && port == 0
     }
 
+    /// The operator for a node placed on a GPU lane (inputs and outputs in GPU memory; the
+    /// compiler moves data across). Kinds without a GPU version are an error naming the kind.
+    pub fn instantiate_gpu(&self) -> Result<Box<dyn Operator<Packet>>, String> {
+        Ok(match self.clone() {
+            OpConfig::Embedding { vocab, hidden } => Box::new(embedding::GpuEmbedding { vocab, hidden }),
+            OpConfig::RmsNorm { dim, eps } => Box::new(rmsnorm::GpuRmsNorm { dim, eps }),
+            OpConfig::Linear { in_dim, out_dim, bias } => Box::new(linear::GpuLinear { in_dim, out_dim, bias }),
+            OpConfig::Rope { heads, head_dim, theta, scaling } => {
+                Box::new(rope::GpuRope::new(heads, Rope::new(head_dim, theta, &scaling)))
+            }
+            OpConfig::Attention { heads, kv_heads, head_dim, max_positions, window, kv } => {
+                Box::new(attention::GpuAttention::new(heads, kv_heads, head_dim, max_positions, window, kv))
+            }
+            OpConfig::SwiGlu { hidden, intermediate } => Box::new(swiglu::GpuSwiGlu { hidden, intermediate }),
+            OpConfig::Add { dim } => Box::new(add::GpuAdd { dim }),
+            OpConfig::LmHead { hidden, vocab } => Box::new(lm_head::GpuLmHead { hidden, vocab }),
+            other => {
+                return Err(format!(
+                    "operator kind `{}` has no GPU version yet: place it on a cpu lane (GPU: embedding, rmsnorm, \
+                     linear, rope, attention, swiglu, add, lm_head)",
+                    other.kind()
+                ))
+            }
+        })
+    }
+
     /// A fresh operator with this configuration, drawing memory from `env`'s pools; `layer` is
     /// the node's layer tag (routers count their experts' use per layer).
     pub fn instantiate(&self, env: &OpEnv, layer: Option<u32>) -> Box<dyn Operator<Packet>> {

@@ -27,6 +27,27 @@ impl Operator<Packet> for RmsNorm {
     }
 }
 
+/// [`RmsNorm`] on a GPU lane.
+pub struct GpuRmsNorm {
+    pub dim: usize,
+    pub eps: f32,
+}
+
+impl Operator<Packet> for GpuRmsNorm {
+    fn kind(&self) -> &str {
+        "rmsnorm"
+    }
+    fn fire(&mut self, ins: &mut Inputs<Packet>, out: &mut Emit<Packet>, cx: &FireCx) -> Result<Step, OpError> {
+        let g = cx.gpu()?;
+        let w = crate::gpu::vector("weight", ins.get(1), self.dim)?;
+        let (batch, x) = crate::gpu::act("x", ins.get(0), self.dim)?;
+        let mut y = g.alloc(weir_runtime::DType::F32, x.shape.clone())?;
+        g.kernels.rmsnorm(&x.f32()?, &w, self.eps, &mut y.f32_mut()).map_err(crate::gpu::err)?;
+        out.send(0, Packet::DevAct { batch: batch.clone(), x: y.freeze() });
+        Ok(Step::Continue)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,6 +32,40 @@ impl Operator<Packet> for RopeOp {
     }
 }
 
+/// [`RopeOp`] on a GPU lane (the inverse frequencies uploaded at its first firing).
+pub struct GpuRope {
+    pub heads: usize,
+    pub rope: Rope,
+    inv_freq: Option<cudarc::driver::CudaSlice<f32>>,
+}
+
+impl GpuRope {
+    /// A RoPE operator for `heads` heads.
+    pub fn new(heads: usize, rope: Rope) -> GpuRope {
+        GpuRope { heads, rope, inv_freq: None }
+    }
+}
+
+impl Operator<Packet> for GpuRope {
+    fn kind(&self) -> &str {
+        "rope"
+    }
+    fn fire(&mut self, ins: &mut Inputs<Packet>, out: &mut Emit<Packet>, cx: &FireCx) -> Result<Step, OpError> {
+        let g = cx.gpu()?;
+        let hd = self.rope.head_dim;
+        let (batch, x) = crate::gpu::act("x", ins.get(0), self.heads * hd)?;
+        if self.inv_freq.is_none() {
+            self.inv_freq = Some(g.upload_values(&self.rope.inv_freq)?);
+        }
+        let inv = self.inv_freq.as_ref().expect("set above");
+        let pos = g.upload_values(&batch.positions().map(|p| p as i32).collect::<Vec<i32>>())?;
+        let mut y = crate::gpu::copy(g, x)?;
+        g.kernels.rope(&mut y.f32_mut(), &pos.as_view(), &inv.as_view(), self.heads, hd).map_err(crate::gpu::err)?;
+        out.send(0, Packet::DevAct { batch: batch.clone(), x: y.freeze() });
+        Ok(Step::Continue)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -55,6 +55,34 @@ impl Operator<Packet> for SwiGlu {
     }
 }
 
+/// [`SwiGlu`] on a GPU lane.
+pub struct GpuSwiGlu {
+    pub hidden: usize,
+    pub intermediate: usize,
+}
+
+impl Operator<Packet> for GpuSwiGlu {
+    fn kind(&self) -> &str {
+        "swiglu"
+    }
+    fn fire(&mut self, ins: &mut Inputs<Packet>, out: &mut Emit<Packet>, cx: &FireCx) -> Result<Step, OpError> {
+        let g = cx.gpu()?;
+        let (h, m) = (self.hidden, self.intermediate);
+        let (gate, ge) = crate::gpu::weight("gate", ins.get(1), &[m, h])?;
+        let (up, ue) = crate::gpu::weight("up", ins.get(2), &[m, h])?;
+        let (down, de) = crate::gpu::weight("down", ins.get(3), &[h, m])?;
+        let (batch, x) = crate::gpu::act("x", ins.get(0), h)?;
+        let (t, x) = (batch.tokens(), x.f32()?);
+        let mut a = crate::gpu::linear(g, &x, t, gate, ge, m, None)?;
+        let u = crate::gpu::linear(g, &x, t, up, ue, m, None)?;
+        g.kernels.silu_mul(&mut a.f32_mut(), &u.f32()).map_err(crate::gpu::err)?;
+        drop(u);
+        let y = crate::gpu::linear(g, &a.f32(), t, down, de, h, None)?;
+        out.send(0, Packet::DevAct { batch: batch.clone(), x: y.freeze() });
+        Ok(Step::Continue)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -89,9 +89,16 @@ pub struct FireCx<'a> {
     pub actor: &'a str,
     /// The program's activation pool: outputs and scratch come from it.
     pub activations: &'a crate::pool::Pool,
+    /// On a GPU lane: its stream, kernels and device memory.
+    pub gpu: Option<&'a crate::gpu::GpuLane>,
 }
 
 impl FireCx<'_> {
+    /// The GPU lane this actor runs on; an error naming the actor on any other lane.
+    pub fn gpu(&self) -> Result<&crate::gpu::GpuLane, OpError> {
+        self.gpu.ok_or_else(|| OpError::new(format!("`{}` computes on a GPU but was placed on a CPU or I/O lane", self.actor)))
+    }
+
     /// A zeroed f32 tensor from the activation pool; an error when the pool's budget has no
     /// room (the planner reserves enough for the passes the scheduler lets in flight, so this
     /// means a graph the reserve does not cover).
@@ -218,7 +225,12 @@ impl<M: crate::Message> Actor<M> {
     }
 
     /// Fires once if ready.
-    pub(crate) fn try_fire(&mut self, par: &dyn Parallel, lane: &crate::pool::LaneWaker) -> Result<Fired, OpError> {
+    pub(crate) fn try_fire(
+        &mut self,
+        par: &dyn Parallel,
+        gpu: Option<&crate::gpu::GpuLane>,
+        lane: &crate::pool::LaneWaker,
+    ) -> Result<Fired, OpError> {
         if self.finished || !self.ready(lane) {
             return Ok(Fired::No);
         }
@@ -244,7 +256,7 @@ impl<M: crate::Message> Actor<M> {
         let mut emit = Emit { staged: (0..self.outputs.len()).map(|_| None).collect(), overfull: None };
         let step = {
             let mut ins = Inputs { slots: &mut self.slots, sticky: &self.sticky };
-            let cx = FireCx { par, actor: &self.name, activations: &self.activations };
+            let cx = FireCx { par, actor: &self.name, activations: &self.activations, gpu };
             self.op.fire(&mut ins, &mut emit, &cx)?
         };
         if let Some(port) = emit.overfull {

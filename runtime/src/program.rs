@@ -46,6 +46,7 @@ pub struct ProgramBuilder<M> {
     problems: Vec<String>,
     sink: Arc<TraceSink>,
     activations: crate::pool::Pool,
+    gpu_memory: Option<usize>,
 }
 
 impl<M: Message> Default for ProgramBuilder<M> {
@@ -65,7 +66,15 @@ impl<M: Message> ProgramBuilder<M> {
             problems: Vec::new(),
             sink: Arc::new(TraceSink::new()),
             activations: crate::pool::Pool::transient("activations", crate::Tier::Host, usize::MAX, None),
+            gpu_memory: None,
         }
+    }
+
+    /// The budget of each GPU's memory pool, which its lanes' weights, KV cache and
+    /// activations share (default: the device's memory less 1 GiB).
+    pub fn gpu_memory(&mut self, bytes: usize) -> &mut Self {
+        self.gpu_memory = Some(bytes);
+        self
     }
 
     /// Records trace events (spans cost two clock reads and a lock each).
@@ -247,6 +256,7 @@ impl<M: Message> ProgramBuilder<M> {
         for l in &self.lanes {
             lane::validate(l, &allowed)?;
         }
+        let mut gpu_lanes = crate::gpu::lanes_for(&self.lanes, self.gpu_memory)?;
 
         let sink = self.sink.on().then(|| self.sink.clone());
         if let Some(t) = &sink {
@@ -289,9 +299,10 @@ impl<M: Message> ProgramBuilder<M> {
         for (i, (spec, actors)) in self.lanes.into_iter().zip(per_lane).enumerate() {
             let sh = shared.clone();
             let name = spec.name.clone();
+            let gpu = gpu_lanes[i].take();
             let h = std::thread::Builder::new()
                 .name(format!("lane-{name}"))
-                .spawn(move || lane_main(i, spec, actors, sh))
+                .spawn(move || lane_main(i, spec, gpu, actors, sh))
                 .map_err(|e| Error::Spawn { lane: name.clone(), reason: e.to_string() });
             match h {
                 Ok(h) => {
@@ -378,7 +389,13 @@ impl Shared {
     }
 }
 
-fn lane_main<M: Message>(index: usize, spec: LaneSpec, mut actors: Vec<Actor<M>>, sh: Arc<Shared>) {
+fn lane_main<M: Message>(
+    index: usize,
+    spec: LaneSpec,
+    gpu: Option<crate::gpu::GpuLane>,
+    mut actors: Vec<Actor<M>>,
+    sh: Arc<Shared>,
+) {
     sh.wait_gate();
     let pool = match &spec.kind {
         LaneKind::Cpu { cores } => {
@@ -417,7 +434,7 @@ fn lane_main<M: Message>(index: usize, spec: LaneSpec, mut actors: Vec<Actor<M>>
         let mut progressed = false;
         for a in actors.iter_mut() {
             let t0 = trace.as_ref().map(|t| t.now_ns());
-            match catch_unwind(AssertUnwindSafe(|| a.try_fire(par, &waker))) {
+            match catch_unwind(AssertUnwindSafe(|| a.try_fire(par, gpu.as_ref(), &waker))) {
                 Ok(Ok(Fired::No)) => {}
                 Ok(Ok(Fired::Yes { bytes })) => {
                     progressed = true;

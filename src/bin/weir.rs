@@ -182,15 +182,28 @@ struct PlaceArgs {
     /// 2^-25, a matrix with a larger value kept as bf16. Weights streamed from disk stay bf16.
     #[arg(long)]
     bf16_as_f16: bool,
+    /// Budget of each GPU's memory pool, shared by the weights, KV cache and activations of
+    /// the graph's GPU lanes (e.g. `8GB`: a 24 GB card imitated on a larger one). Default:
+    /// the device's memory less 1 GiB.
+    #[arg(long)]
+    gpu_memory: Option<String>,
+}
+
+/// The byte budgets the flags set.
+#[derive(Clone, Copy, Default)]
+struct Budgets {
+    memory: Option<u64>,
+    gpu: Option<u64>,
 }
 
 impl PlaceArgs {
     /// The engine options these flags set (the checked graph text and budget from `resolve`).
-    fn engine_options(&self, threads: usize, graph: GraphText, memory_budget: Option<u64>) -> EngineOptions {
+    fn engine_options(&self, threads: usize, graph: GraphText, budgets: Budgets) -> EngineOptions {
         EngineOptions {
             threads,
             graph,
-            memory_budget,
+            memory_budget: budgets.memory,
+            gpu_memory: budgets.gpu,
             prefetch: self.prefetch,
             micro_batches: self.micro_batches,
             kv_tokens: self.kv_tokens,
@@ -235,7 +248,7 @@ impl PlaceArgs {
     }
 
     /// Checks the flags together (what each needs, their ranges) and reads the graph file.
-    fn resolve(&self) -> Result<(GraphText, Option<u64>)> {
+    fn resolve(&self) -> Result<(GraphText, Budgets)> {
         if self.micro_batches == 0 {
             bail!("--micro-batches 0: a step needs at least one micro-batch");
         }
@@ -248,12 +261,14 @@ impl PlaceArgs {
         if self.prefetch.is_some() && self.memory_budget.is_none() {
             bail!("--prefetch needs --memory-budget (without a budget every weight is resident and nothing streams)");
         }
-        let budget = self
-            .memory_budget
-            .as_deref()
-            .map(|s| weir::parse_size(s).map_err(|e| anyhow!("--memory-budget {s}: {e}")))
-            .transpose()?;
-        Ok((read_graph(&self.graph)?, budget))
+        let size = |flag: &str, v: &Option<String>| {
+            v.as_deref().map(|s| weir::parse_size(s).map_err(|e| anyhow!("{flag} {s}: {e}"))).transpose()
+        };
+        let budgets = Budgets { memory: size("--memory-budget", &self.memory_budget)?, gpu: size("--gpu-memory", &self.gpu_memory)? };
+        if budgets.gpu == Some(0) {
+            bail!("--gpu-memory 0: GPU lanes need memory for their weights and activations");
+        }
+        Ok((read_graph(&self.graph)?, budgets))
     }
 }
 
@@ -343,7 +358,7 @@ fn run(a: RunArgs) -> Result<()> {
     if !(a.top_p > 0.0 && a.top_p <= 1.0) {
         bail!("--top-p {}: must be in (0, 1]", a.top_p);
     }
-    let (graph, memory_budget) = a.place.resolve()?;
+    let (graph, budgets) = a.place.resolve()?;
     let model = Model::open(&a.model).with_context(|| format!("--model {}", a.model.display()))?;
     let prompt = match (&a.prompt, &a.prompt_ids) {
         (Some(text), _) => model.encode(text)?,
@@ -358,7 +373,7 @@ fn run(a: RunArgs) -> Result<()> {
                 weir::engine::kv_tokens_needed(prompt.len(), a.max_new_tokens, model.config.max_position_embeddings)
             })),
             experts: a.place.experts(a.expert_stats.as_deref())?,
-            ..a.place.engine_options(a.threads, graph, memory_budget)
+            ..a.place.engine_options(a.threads, graph, budgets)
         },
     )?;
     if let Some(path) = a.expert_stats.as_ref().filter(|p| p.exists()) {
@@ -455,7 +470,7 @@ fn synth(a: SynthArgs) -> Result<()> {
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
-    let (graph, memory_budget) = a.place.resolve()?;
+    let (graph, budgets) = a.place.resolve()?;
     // `bench` only reads the counts (to rank the experts it keeps resident); `run` writes them.
     if let Some(path) = &a.expert_stats {
         if a.place.expert_budget.is_none() {
@@ -477,7 +492,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             trace: a.trace.is_some(),
             engine: EngineOptions {
                 experts: a.place.experts(a.expert_stats.as_deref())?,
-                ..a.place.engine_options(threads, graph, memory_budget)
+                ..a.place.engine_options(threads, graph, budgets)
             },
         },
     )?;
@@ -617,11 +632,11 @@ fn graph(cmd: GraphCmd) -> Result<()> {
 }
 
 fn load_model_graph(a: &GraphArgs) -> Result<weir_graphs::Graph> {
-    let (text, budget) = a.place.resolve()?;
+    let (text, budgets) = a.place.resolve()?;
     let model = Model::open(&a.model).with_context(|| format!("--model {}", a.model.display()))?;
     let mut g = model.graph(text.as_ref().map(|(t, n)| (t.as_str(), n.as_str())), a.threads, a.place.kv_dtype, 1)?;
-    if let Some(b) = budget {
-        let reserve = a.place.engine_options(a.threads, None, budget).reserve(model.config.max_position_embeddings);
+    if let Some(b) = budgets.memory {
+        let reserve = a.place.engine_options(a.threads, None, budgets).reserve(model.config.max_position_embeddings);
         weir_graphs::plan::fit(&mut g, b, a.place.prefetch, &reserve).map_err(weir::Error::from)?;
     }
     if a.place.micro_batches > 1 {

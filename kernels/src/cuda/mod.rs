@@ -24,8 +24,8 @@ use std::sync::Arc;
 pub const SOURCE: &str = include_str!("weir.cu");
 
 /// The kernels `SOURCE` defines, by name.
-pub const KERNELS: [&str; 10] =
-    ["embed", "rmsnorm", "rope", "silu_mul", "add", "narrow", "kv_store", "attend", "argmax", "top_k"];
+pub const KERNELS: [&str; 11] =
+    ["embed", "rmsnorm", "rope", "silu_mul", "add", "add_bias", "narrow", "kv_store", "attend", "argmax", "top_k"];
 
 /// The largest head dimension `attend` takes (`ATTN_MAX_HEAD_DIM` in the source).
 pub const MAX_HEAD_DIM: usize = 256;
@@ -343,6 +343,21 @@ impl GpuKernels {
             l.arg(a).arg(b).arg(&n);
             // SAFETY: arguments match; lengths checked.
             unsafe { l.launch(grid_for(n as usize)) }
+        })
+        .map(drop)
+    }
+
+    /// Each row of `y` (`[rows, b.len()]`) `+= b`.
+    pub fn add_bias(&self, y: &mut CudaViewMut<'_, f32>, b: &CudaView<'_, f32>) -> Result<(), GpuError> {
+        check("add_bias", !b.is_empty() && y.len().is_multiple_of(b.len()), || {
+            format!("{} floats in rows of {}", y.len(), b.len())
+        })?;
+        let (n, total) = (int("add_bias", "width", b.len())?, y.len() as Count);
+        call("add_bias", || {
+            let mut l = self.stream.launch_builder(self.func("add_bias"));
+            l.arg(y).arg(b).arg(&n).arg(&total);
+            // SAFETY: arguments match; lengths checked.
+            unsafe { l.launch(grid_for(total as usize)) }
         })
         .map(drop)
     }

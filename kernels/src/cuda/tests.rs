@@ -156,6 +156,11 @@ fn row_kernels_match_the_cpu() {
     let mut ad = up(&g, &x);
     g.add(&mut ad.as_view_mut(), &up(&g, &upv).as_view()).unwrap();
     assert_eq!(down(&g, &ad), sum, "add is exact");
+    let mut biased = x.clone();
+    biased.chunks_mut(dim).for_each(|r| r.iter_mut().zip(&w).for_each(|(a, b)| *a += b));
+    let mut bd = up(&g, &x);
+    g.add_bias(&mut bd.as_view_mut(), &wd.as_view()).unwrap();
+    assert_eq!(down(&g, &bd), biased, "add_bias is exact");
     // Embedding rows of every weight type.
     let (vocab, ids) = (17usize, vec![3i32, 0, 16, 3]);
     let table = random(vocab * dim, 4);

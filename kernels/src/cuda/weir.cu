@@ -130,6 +130,13 @@ extern "C" __global__ void add(float* a, const float* b, size_t n) {
     }
 }
 
+// Each row of y ([rows, n]) += b ([n]): a linear layer's bias.
+extern "C" __global__ void add_bias(float* y, const float* b, int n, size_t total) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        y[i] += b[i % n];
+    }
+}
+
 // y = x rounded to `dtype` (bf16 or f16, nearest even): a GEMM's input in its weights' type.
 extern "C" __global__ void narrow(const float* x, void* y, int dtype, size_t n) {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {

@@ -8,7 +8,9 @@
 
 use std::sync::Arc;
 
+pub mod lane;
 pub mod pool;
+pub use lane::{DeviceTensor, DeviceTensorMut, GpuLane};
 pub use pool::{Block, BlockPool, DeviceBlock, Leased, PinnedBlock};
 
 pub use cudarc::driver::CudaContext;
@@ -46,6 +48,41 @@ pub fn open(ordinal: usize) -> Result<(Arc<CudaContext>, GpuInfo), GpuError> {
         })
     })?;
     Ok((ctx, info))
+}
+
+/// The GPU side of every lane of a program (`None` for CPU and I/O lanes): per device one
+/// memory pool of `budget` bytes (default: the device's memory less 1 GiB), per GPU lane a
+/// stream of its own with weir's kernels loaded. A device that is missing, or kernels that do
+/// not load, refuse the program, naming the device and why.
+pub fn lanes_for(lanes: &[crate::LaneSpec], budget: Option<usize>) -> Result<Vec<Option<GpuLane>>, crate::Error> {
+    let mut devices: Vec<(usize, Arc<CudaContext>, BlockPool<DeviceBlock>)> = Vec::new();
+    let mut out = Vec::with_capacity(lanes.len());
+    for l in lanes {
+        let crate::LaneKind::GpuStream { device, .. } = l.kind else {
+            out.push(None);
+            continue;
+        };
+        let unavailable = |reason: String| crate::Error::DeviceUnavailable { device: format!("gpu{device}"), reason };
+        if !devices.iter().any(|d| d.0 == device) {
+            let (ctx, info) = open(device).map_err(|e| unavailable(e.to_string()))?;
+            let headroom = 1usize << 30;
+            let bytes = budget.unwrap_or(info.total_bytes.saturating_sub(headroom));
+            if bytes > info.total_bytes {
+                return Err(unavailable(format!(
+                    "--gpu-memory {bytes} is more than {}'s {} bytes",
+                    info.name, info.total_bytes
+                )));
+            }
+            let stream = call("creating a stream", || ctx.new_stream()).map_err(|e| unavailable(e.to_string()))?;
+            devices.push((device, ctx, BlockPool::new(&format!("gpu{device}"), bytes, stream)));
+        }
+        let (_, ctx, memory) = devices.iter().find(|d| d.0 == device).expect("added above");
+        let stream = call("creating a stream", || ctx.new_stream()).map_err(|e| unavailable(e.to_string()))?;
+        let kernels = weir_kernels::cuda::GpuKernels::new(stream)
+            .map_err(|e| unavailable(format!("lane `{}`: {e}", l.name)))?;
+        out.push(Some(GpuLane { kernels, memory: memory.clone() }));
+    }
+    Ok(out)
 }
 
 /// Says a test was skipped where the log shows it: straight to standard error, past the test

@@ -1,0 +1,49 @@
+//! To GPU: a host tensor copied into GPU memory, on a copy lane (a stream of its own, so
+//! copies overlap the compute lanes' work). The compiler puts one on every edge from host
+//! memory to a GPU lane; graph files do not name it.
+//!
+//! Port `x`: activations become [`Packet::DevAct`] (f32); weights become [`Packet::DevWeight`]
+//! as stored, except vectors (norms, biases), which the GPU kernels read as f32. Anything
+//! else (token ids: the GPU embedding reads them from the host) passes through unchanged.
+//! Output `y`.
+
+use crate::Packet;
+use weir_runtime::{DType, Emit, FireCx, Inputs, OpError, Operator, SpanKind, Step};
+
+/// See the module doc.
+pub struct ToGpu;
+
+impl Operator<Packet> for ToGpu {
+    fn kind(&self) -> &str {
+        "to_gpu"
+    }
+    fn span_kind(&self) -> SpanKind {
+        SpanKind::Transfer
+    }
+    fn fire(&mut self, ins: &mut Inputs<Packet>, out: &mut Emit<Packet>, cx: &FireCx) -> Result<Step, OpError> {
+        let g = cx.gpu()?;
+        let p = match ins.take(0) {
+            Packet::Act { batch, x } => {
+                if x.dtype != DType::F32 {
+                    return Err(OpError::new(format!("activations of {} (f32 expected)", x.dtype.name())));
+                }
+                Packet::DevAct { batch, x: g.upload(DType::F32, x.shape.clone(), x.bytes())? }
+            }
+            Packet::Weight { name, w } => {
+                if w.dtype == DType::U32 {
+                    return Err(OpError::new(format!("weight `{name}` has dtype u32, expected f32, bf16 or f16")));
+                }
+                let w = if w.shape.len() == 1 {
+                    let v: Vec<u8> = w.to_f32_vec().iter().flat_map(|f| f.to_le_bytes()).collect();
+                    g.upload(DType::F32, w.shape.clone(), &v)?
+                } else {
+                    g.upload(w.dtype, w.shape.clone(), w.bytes())?
+                };
+                Packet::DevWeight { name, w }
+            }
+            other => other,
+        };
+        out.send(0, p);
+        Ok(Step::Continue)
+    }
+}

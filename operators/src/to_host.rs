@@ -1,0 +1,40 @@
+//! To host: GPU activations copied back into host memory, on a copy lane. The compiler puts
+//! one on every edge from a GPU lane to a CPU lane (to the sampler, say, or to attention
+//! computed on the CPU where the KV cache lives); graph files do not name it.
+//!
+//! Port `x`: [`Packet::DevAct`] becomes [`Packet::Act`], in a buffer from the activation pool;
+//! anything else but a GPU weight passes through unchanged. Output `y`.
+
+use crate::Packet;
+use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, SpanKind, Step};
+
+/// See the module doc.
+pub struct ToHost;
+
+impl Operator<Packet> for ToHost {
+    fn kind(&self) -> &str {
+        "to_host"
+    }
+    fn span_kind(&self) -> SpanKind {
+        SpanKind::Transfer
+    }
+    fn fire(&mut self, ins: &mut Inputs<Packet>, out: &mut Emit<Packet>, cx: &FireCx) -> Result<Step, OpError> {
+        let g = cx.gpu()?;
+        let p = match ins.take(0) {
+            Packet::DevAct { batch, x } => {
+                let mut y = cx.zeros_f32(x.shape.clone())?;
+                let f = y.f32_mut();
+                // SAFETY: the same memory as `f`, viewed as its bytes.
+                let bytes = unsafe { std::slice::from_raw_parts_mut(f.as_mut_ptr() as *mut u8, std::mem::size_of_val(f)) };
+                g.download(&x, bytes)?;
+                Packet::Act { batch, x: y }
+            }
+            Packet::DevWeight { name, .. } => {
+                return Err(OpError::new(format!("weight `{name}` is in GPU memory; a CPU operator cannot read it")));
+            }
+            other => other,
+        };
+        out.send(0, p);
+        Ok(Step::Continue)
+    }
+}

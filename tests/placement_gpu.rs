@@ -1,0 +1,162 @@
+//! GPU placements: where the compiler moves data between host and GPU memory (checked on any
+//! machine), and the golden tests run with those placements (on a GPU; "skipped: no GPU"
+//! elsewhere).
+
+mod common;
+use common::*;
+use std::path::Path;
+use weir::compile::transfers;
+use weir::{EngineOptions, Model};
+
+fn skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skipped: {why}");
+}
+
+fn gpu_present() -> bool {
+    weir_runtime::gpu::driver_present() && weir_runtime::gpu::device_count().unwrap_or(0) > 0
+}
+
+fn example(name: &str) -> (String, String) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/graphs").join(name);
+    (std::fs::read_to_string(&path).unwrap(), path.display().to_string())
+}
+
+fn graph(model: &Model, file: &str) -> weir_graphs::Graph {
+    let (text, name) = example(file);
+    model.graph(Some((&text, &name)), 1, weir::KvType::F32, 1).unwrap()
+}
+
+fn options(file: &str) -> EngineOptions {
+    EngineOptions { graph: Some(example(file)), threads: 1, ..Default::default() }
+}
+
+#[test]
+fn all_on_gpu_uploads_each_weight_once_and_brings_back_only_the_logits() {
+    let model = Model::open(fixture("tiny-llama")).unwrap();
+    let g = graph(&model, "llama-gpu.weir");
+    let t = transfers(&g).unwrap();
+    let (up, down): (Vec<_>, Vec<_>) = t.iter().partition(|c| c.up);
+    // Every weight edge crosses (the loader is on an I/O lane), one transfer per tensor.
+    let weight_edges = g.edges.iter().filter(|e| e.sticky).count();
+    assert_eq!(up.iter().map(|c| c.edges.len()).sum::<usize>(), weight_edges);
+    let loader_ports: std::collections::HashSet<_> = up.iter().map(|c| (c.from.node, c.from.port)).collect();
+    assert_eq!(loader_ports.len(), up.len(), "one transfer per loader output");
+    // Activations stay on the GPU but for the logits, which go to the sampler on the CPU.
+    assert_eq!(down.len(), 1, "{down:?}");
+    assert_eq!(g.nodes[down[0].from.node].name, "lm_head");
+    assert_eq!(down[0].name(&g), "lm_head.to_host");
+    assert!(t.iter().all(|c| c.device == 0));
+}
+
+#[test]
+fn attention_on_the_cpu_moves_q_k_v_down_and_its_output_up_in_every_layer() {
+    let model = Model::open(fixture("tiny-llama")).unwrap();
+    let g = graph(&model, "llama-gpu-cpu-attention.weir");
+    let layers = model.config.num_hidden_layers;
+    let t = transfers(&g).unwrap();
+    let name = |c: &weir::compile::Crossing| g.nodes[c.from.node].name.clone();
+    let down: Vec<String> = t.iter().filter(|c| !c.up).map(name).collect();
+    let acts_up: Vec<String> =
+        t.iter().filter(|c| c.up && !g.lanes[g.nodes[c.from.node].lane].name.starts_with("loader")).map(name).collect();
+    assert_eq!(down.len(), 3 * layers + 1, "{down:?}");
+    for l in 0..layers {
+        for n in ["rope_q", "rope_k", "v_proj"] {
+            assert!(down.contains(&format!("l{l}/{n}")), "l{l}/{n} not brought down: {down:?}");
+        }
+        assert!(acts_up.contains(&format!("l{l}/attn")), "{acts_up:?}");
+    }
+    assert_eq!(acts_up.len(), layers);
+}
+
+#[test]
+fn a_graph_without_gpu_lanes_moves_nothing() {
+    let model = Model::open(fixture("tiny-llama")).unwrap();
+    let g = model.graph(None, 1, weir::KvType::F32, 1).unwrap();
+    assert!(transfers(&g).unwrap().is_empty());
+}
+
+#[test]
+fn an_edge_between_two_gpus_is_refused_by_name() {
+    let model = Model::open(fixture("tiny-llama")).unwrap();
+    let (text, name) = example("llama-gpu.weir");
+    let text = text.replacen("lane host cpu threads=1", "lane host cpu threads=1\nlane other gpu device=1", 1).replacen(
+        "node final_norm = rmsnorm dim=hidden eps=rms_norm_eps",
+        "node final_norm = rmsnorm dim=hidden eps=rms_norm_eps lane=other",
+        1,
+    );
+    let g = model.graph(Some((&text, &name)), 1, weir::KvType::F32, 1).unwrap();
+    let e = transfers(&g).unwrap_err().to_string();
+    assert!(e.contains("joins two GPUs") && e.contains("final_norm"), "{e}");
+}
+
+#[test]
+fn an_operator_without_a_gpu_version_on_a_gpu_lane_is_refused_by_name() {
+    // The sampler has no GPU version: put it on the GPU lane.
+    let (text, name) = example("llama-gpu.weir");
+    let text = text.replacen("node sampler = sampler vocab=vocab lane=host", "node sampler = sampler vocab=vocab", 1);
+    let opts = EngineOptions { graph: Some((text, name)), threads: 1, ..Default::default() };
+    let e = weir::Engine::new(&Model::open(fixture("tiny-llama")).unwrap(), opts).err().expect("refused").to_string();
+    assert!(e.contains("node `sampler`") && e.contains("no GPU version"), "{e}");
+}
+
+#[test]
+fn without_a_gpu_a_gpu_placement_is_refused_naming_the_device() {
+    if gpu_present() {
+        skipped("a GPU is present (this test is for machines without one)");
+        return;
+    }
+    let e = weir::Engine::new(&Model::open(fixture("tiny-llama")).unwrap(), options("llama-gpu.weir"))
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("device gpu0 unavailable") && e.contains("no CUDA"), "{e}");
+}
+
+#[test]
+fn tiny_llama_all_on_gpu_matches_transformers() {
+    if !gpu_present() {
+        skipped("no GPU");
+        return;
+    }
+    check_prompts_with(&fixture("tiny-llama"), &golden("tiny-llama")["prompts"], options("llama-gpu.weir"));
+}
+
+#[test]
+fn tiny_llama_with_attention_on_the_cpu_matches_transformers() {
+    if !gpu_present() {
+        skipped("no GPU");
+        return;
+    }
+    check_prompts_with(&fixture("tiny-llama"), &golden("tiny-llama")["prompts"], options("llama-gpu-cpu-attention.weir"));
+}
+
+#[test]
+fn tiny_llama_on_gpu_batches_sequences_like_the_cpu() {
+    if !gpu_present() {
+        skipped("no GPU");
+        return;
+    }
+    let g = golden("tiny-llama");
+    let (_, engine) = engine(&fixture("tiny-llama"), options("llama-gpu.weir"));
+    let by_name = |n: &str| g["prompts"].as_array().unwrap().iter().find(|p| p["name"] == n).unwrap().clone();
+    let names: Vec<String> =
+        g["batch"]["prompts"].as_array().unwrap().iter().map(|n| n.as_str().unwrap().to_string()).collect();
+    let prompts: Vec<Vec<u32>> = names.iter().map(|n| ids(&by_name(n)["input_ids"])).collect();
+    for (i, got) in generate_together(&engine, &prompts, 24).into_iter().enumerate() {
+        assert_eq!(got, ids(&g["batch"]["new_ids"][i]), "sequence {} ({})", i, names[i]);
+    }
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn a_gpu_memory_budget_too_small_for_the_weights_fails_naming_the_pool() {
+    if !gpu_present() {
+        skipped("no GPU");
+        return;
+    }
+    let opts = EngineOptions { gpu_memory: Some(1 << 16), ..options("llama-gpu.weir") };
+    let (_, engine) = engine(&fixture("tiny-llama"), opts);
+    let e = engine.generate(weir::Request::greedy(vec![1, 2, 3], 2)).err().expect("fails").to_string();
+    assert!(e.contains("GPU memory pool `gpu0`") && e.contains("--gpu-memory"), "{e}");
+}
