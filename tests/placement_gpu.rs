@@ -157,6 +157,6 @@ fn a_gpu_memory_budget_too_small_for_the_weights_fails_naming_the_pool() {
     }
     let opts = EngineOptions { gpu_memory: Some(1 << 16), ..options("llama-gpu.weir") };
     let (_, engine) = engine(&fixture("tiny-llama"), opts);
-    let e = engine.generate(weir::Request::greedy(vec![1, 2, 3], 2)).err().expect("fails").to_string();
+    let e = engine.generate(weir::Request::greedy(vec![1, 2, 3], 2)).expect_err("fails").to_string();
     assert!(e.contains("GPU memory pool `gpu0`") && e.contains("--gpu-memory"), "{e}");
 }

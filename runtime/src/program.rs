@@ -419,7 +419,17 @@ fn lane_main<M: Message>(
             }
             None
         }
-        LaneKind::GpuStream { .. } => None,
+        LaneKind::GpuStream { .. } => {
+            // Kernel launches bind the device's context themselves; cuBLAS and copies expect
+            // it current on this thread.
+            if let Some(g) = &gpu {
+                if let Err(e) = g.stream().context().bind_to_thread() {
+                    sh.fail(Error::DeviceUnavailable { device: spec.describe(), reason: e.to_string() });
+                    return;
+                }
+            }
+            None
+        }
     };
     let par: &dyn Parallel = match &pool {
         Some(p) => p,

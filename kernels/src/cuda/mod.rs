@@ -83,22 +83,28 @@ impl From<KvType> for Elem {
     }
 }
 
+/// Whether a library can be loaded, found out once per process (each look is a `dlopen`).
+fn present(cell: &'static std::sync::OnceLock<bool>, look: unsafe fn() -> bool) -> bool {
+    // SAFETY: `look` only tries to open the library by its usual names.
+    *cell.get_or_init(|| std::panic::catch_unwind(|| unsafe { look() }).unwrap_or(false))
+}
+
 /// Whether the CUDA driver library can be loaded.
 pub fn driver_present() -> bool {
-    // SAFETY: only tries to open the library by its usual names.
-    std::panic::catch_unwind(|| unsafe { cudarc::driver::sys::is_culib_present() }).unwrap_or(false)
+    static P: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    present(&P, cudarc::driver::sys::is_culib_present)
 }
 
 /// Whether NVRTC's library can be loaded (it compiles without a GPU).
 pub fn nvrtc_present() -> bool {
-    // SAFETY: as above.
-    std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false)
+    static P: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    present(&P, cudarc::nvrtc::sys::is_culib_present)
 }
 
 /// Whether cuBLAS's library can be loaded.
 pub fn cublas_present() -> bool {
-    // SAFETY: as above.
-    std::panic::catch_unwind(|| unsafe { cudarc::cublas::sys::is_culib_present() }).unwrap_or(false)
+    static P: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    present(&P, cudarc::cublas::sys::is_culib_present)
 }
 
 /// Runs a CUDA call, turning its error or its panic into a [`GpuError`] that says `what` failed.
@@ -534,6 +540,8 @@ impl GpuKernels {
             self.narrow(x, elem, scratch)?;
         }
         let (alpha, beta) = (1.0f32, 0.0f32);
+        // cuBLAS calls the driver on this thread's current context.
+        call("binding the device's context", || self.stream.context().bind_to_thread())?;
         call("linear (cuBLAS GEMM)", || {
             let (wp, _w) = w.device_ptr(&self.stream);
             let (xp, _x) = if elem == Elem::F32 { x.device_ptr(&self.stream) } else { scratch.device_ptr(&self.stream) };

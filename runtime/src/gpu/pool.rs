@@ -43,8 +43,11 @@ impl Block for DeviceBlock {
         // SAFETY: the contents are unset; every user writes a block before reading it (a copy
         // lane fills a weight block, a KV block's positions are stored before attention
         // reads them).
-        call(&format!("allocating {bytes} bytes of GPU memory"), || unsafe { stream.alloc::<u8>(bytes) })
-            .map(DeviceBlock)
+        let mut b = call(&format!("allocating {bytes} bytes of GPU memory"), || unsafe { stream.alloc::<u8>(bytes) })?;
+        // An asynchronous allocation is ordered on `stream` only: record that point as the
+        // block's last write, so that a lane's stream using it first waits for it.
+        drop(cudarc::driver::DevicePtrMut::device_ptr_mut(&mut b, stream));
+        Ok(DeviceBlock(b))
     }
     fn len(&self) -> usize {
         self.0.len()
