@@ -609,3 +609,22 @@ fn bf16_as_f16_keeps_a_matrix_past_f16s_range_as_bf16_and_says_which() {
     assert_eq!(held["generated_ids"], ok_json(&run)["generated_ids"]);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn gpu_copy_measures_three_sources_or_says_there_is_no_gpu() {
+    let o = weir(&["gpu", "copy", "--bytes", "8MiB", "--rounds", "2", "--json"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    if weir_runtime::gpu::driver_present() && weir_runtime::gpu::device_count().unwrap_or(0) > 0 {
+        assert!(o.status.success(), "{err}");
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        for k in ["pool_gbps", "plain_pinned_gbps", "pageable_gbps", "pool_ratio"] {
+            assert!(v[k].as_f64().unwrap() > 0.0, "{k}: {v}");
+        }
+        assert_eq!(v["bytes"], 8 << 20);
+    } else {
+        assert!(!o.status.success() && err.contains("device gpu0") && err.contains("no CUDA"), "{err}");
+    }
+    let o = weir(&["gpu", "copy", "--bytes", "lots"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--bytes lots"));
+}

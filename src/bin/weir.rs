@@ -27,6 +27,29 @@ enum Cmd {
     /// Read a trace written by `--trace`.
     #[command(subcommand)]
     Trace(TraceCmd),
+    /// Measure a GPU.
+    #[command(subcommand)]
+    Gpu(GpuCmd),
+}
+
+#[derive(Subcommand)]
+enum GpuCmd {
+    /// Host → device copy bandwidth: from the pinned pool, from plain pinned memory (the plain
+    /// cudaMemcpy) and from pageable memory, in one run.
+    Copy {
+        /// Bytes per copy.
+        #[arg(long, default_value = "256MiB")]
+        bytes: String,
+        /// The GPU.
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+        /// Copies from each source (they take turns); the best of each is reported.
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -334,10 +357,40 @@ fn main() {
         Cmd::Bench(a) => bench(a),
         Cmd::Graph(g) => graph(g),
         Cmd::Trace(t) => trace(t),
+        Cmd::Gpu(g) => gpu(g),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+fn gpu(c: GpuCmd) -> Result<()> {
+    match c {
+        GpuCmd::Copy { bytes, device, rounds, json } => {
+            let n = weir::parse_size(&bytes).map_err(|e| anyhow!("--bytes {bytes}: {e}"))?;
+            if rounds == 0 {
+                bail!("--rounds 0: nothing would be measured");
+            }
+            let c = weir_runtime::gpu::copy::h2d_bandwidth(device, n as usize, rounds)
+                .map_err(|e| anyhow!("device gpu{device}: {e}"))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "device": c.device, "bytes": c.bytes, "pool_gbps": c.pool_gbps,
+                        "plain_pinned_gbps": c.plain_pinned_gbps, "pageable_gbps": c.pageable_gbps,
+                        "pool_ratio": c.pool_ratio(),
+                    })
+                );
+            } else {
+                println!("{} — host → device, {} bytes, best of {rounds}", c.device, c.bytes);
+                println!("  pinned pool          {:7.2} GB/s ({:.2} of the plain copy)", c.pool_gbps, c.pool_ratio());
+                println!("  plain pinned memcpy  {:7.2} GB/s", c.plain_pinned_gbps);
+                println!("  pageable memcpy      {:7.2} GB/s", c.pageable_gbps);
+            }
+            Ok(())
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+pub mod copy;
 pub mod lane;
 pub mod pool;
 pub use lane::{DeviceTensor, DeviceTensorMut, GpuLane};

@@ -37,6 +37,13 @@ pub trait Block: Send + Sync + Sized + 'static {
 /// that use it).
 pub struct DeviceBlock(pub CudaSlice<u8>);
 
+impl DeviceBlock {
+    /// A block outside any pool (for measurements that compare against the pool).
+    pub fn alloc_on(stream: &Arc<CudaStream>, bytes: usize) -> Result<DeviceBlock, GpuError> {
+        <DeviceBlock as Block>::alloc(stream, bytes)
+    }
+}
+
 impl Block for DeviceBlock {
     type Source = Arc<CudaStream>;
     fn alloc(stream: &Arc<CudaStream>, bytes: usize) -> Result<DeviceBlock, GpuError> {
