@@ -628,3 +628,23 @@ fn gpu_copy_measures_three_sources_or_says_there_is_no_gpu() {
     let o = weir(&["gpu", "copy", "--bytes", "lots"]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--bytes lots"));
 }
+
+#[test]
+fn graph_check_says_what_runs_on_the_gpu_and_refuses_what_cannot() {
+    let model = fixture("tiny-llama");
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/graphs/llama-gpu-cpu-attention.weir");
+    let o = weir(&["graph", "check", s(&file), "--model", s(&model)]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // tiny-llama has 2 layers: attention and the sampler on the CPU, 25 operators on the GPU;
+    // 3 activations down and 1 up per layer, the logits down, every weight of a GPU node up.
+    assert!(out.contains("25 operators on GPU lanes") && out.contains("and 7 back"), "{out}");
+    let text = std::fs::read_to_string(&file).unwrap().replacen("vocab=vocab lane=cpu", "vocab=vocab", 1);
+    let dir = tmpdir("gpucheck");
+    let bad = dir.join("bad.weir");
+    std::fs::write(&bad, text).unwrap();
+    let o = weir(&["graph", "check", s(&bad), "--model", s(&model)]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("node `sampler`") && err.contains("no GPU version"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

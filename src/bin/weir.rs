@@ -668,7 +668,29 @@ fn graph(cmd: GraphCmd) -> Result<()> {
                 }
             };
             let ops = g.nodes.iter().filter(|n| n.op.kind() != "load").count();
-            println!("{name}: ok ({} lanes, {ops} operators, {} edges)", g.lanes.len(), g.edges.len());
+            // Where it runs on GPUs: what the compiler will do, checked here without a GPU.
+            let on_gpu = |n: &weir_graphs::graph::Node| matches!(g.lanes[n.lane].kind, weir_runtime::LaneKind::GpuStream { .. });
+            let mut problems = Vec::new();
+            for n in g.nodes.iter().filter(|n| on_gpu(n)) {
+                if let Err(e) = n.op.instantiate_gpu() {
+                    problems.push(format!("node `{}`: {e}", n.name));
+                }
+            }
+            if !problems.is_empty() {
+                bail!("{name}: placement: {}", problems.join("; "));
+            }
+            let t = weir::compile::transfers(&g).map_err(|e| anyhow!("{name}: {e}"))?;
+            let gpu = if t.is_empty() && !g.nodes.iter().any(on_gpu) {
+                String::new()
+            } else {
+                let up = t.iter().filter(|c| c.up).count();
+                format!(
+                    "; {} operators on GPU lanes, {up} transfers to GPU memory and {} back",
+                    g.nodes.iter().filter(|n| on_gpu(n)).count(),
+                    t.len() - up
+                )
+            };
+            println!("{name}: ok ({} lanes, {ops} operators, {} edges{gpu})", g.lanes.len(), g.edges.len());
             Ok(())
         }
         GraphCmd::Show(a) => {
