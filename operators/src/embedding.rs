@@ -56,8 +56,13 @@ impl Operator<Packet> for GpuEmbedding {
         if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.vocab) {
             return Err(OpError::new(format!("token id {id} is outside the vocabulary (size {})", self.vocab)));
         }
-        let ids_dev = g.upload_values(&ids.iter().map(|&i| i as i32).collect::<Vec<i32>>())?;
         let mut y = g.alloc(weir_runtime::DType::F32, vec![ids.len(), self.hidden])?;
+        if ids.is_empty() {
+            // A pass with no tokens (only releases): nothing to copy or launch.
+            out.send(0, Packet::DevAct { batch: batch.clone(), x: y.freeze() });
+            return Ok(Step::Continue);
+        }
+        let ids_dev = g.upload_values(&ids.iter().map(|&i| i as i32).collect::<Vec<i32>>())?;
         g.kernels.embed(&ids_dev.as_view(), &table.bytes(), e, self.hidden, &mut y.f32_mut()).map_err(crate::gpu::err)?;
         out.send(0, Packet::DevAct { batch: batch.clone(), x: y.freeze() });
         Ok(Step::Continue)

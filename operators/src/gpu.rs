@@ -83,6 +83,9 @@ pub(crate) fn linear(
 /// A copy of `x` on the lane's stream (for operators that change their input in place).
 pub(crate) fn copy(g: &GpuLane, x: &DeviceTensor) -> Result<DeviceTensorMut, OpError> {
     let mut y = g.alloc(x.dtype, x.shape.clone())?;
+    if x.nbytes() == 0 {
+        return Ok(y);
+    }
     let stream = g.stream().clone();
     weir_kernels::cuda::call("copying on the GPU", || stream.memcpy_dtod(&x.bytes(), &mut y.bytes_mut())).map_err(err)?;
     Ok(y)

@@ -54,6 +54,10 @@ impl Operator<Packet> for GpuRope {
         let g = cx.gpu()?;
         let hd = self.rope.head_dim;
         let (batch, x) = crate::gpu::act("x", ins.get(0), self.heads * hd)?;
+        if batch.tokens() == 0 {
+            out.send(0, Packet::DevAct { batch: batch.clone(), x: x.clone() });
+            return Ok(Step::Continue);
+        }
         if self.inv_freq.is_none() {
             self.inv_freq = Some(g.upload_values(&self.rope.inv_freq)?);
         }

@@ -171,6 +171,13 @@ fn row_kernels_match_the_cpu() {
         g.embed(&up(&g, &ids).as_view(), &up(&g, &bytes_of(&table, elem)).as_view(), elem, dim, &mut od.as_view_mut()).unwrap();
         assert_eq!(down(&g, &od), want, "embed {elem:?} is exact");
     }
+    // A pass with no tokens (only releases) launches nothing and is no error.
+    let empty = up(&g, &[0f32; 1][..0]);
+    g.rmsnorm(&empty.as_view(), &wd.as_view(), 1e-5, &mut up(&g, &[0f32; 1][..0]).as_view_mut()).unwrap();
+    let mut scratch = up(&g, &[0u8; 2]);
+    let mut y0 = up(&g, &[0f32; 1][..0]);
+    g.linear(&empty.as_view(), 0, &up(&g, &bytes_of(&table, Elem::F32)).as_view(), Elem::F32, vocab, &mut y0.as_view_mut(), &mut scratch.as_view_mut())
+        .unwrap();
     // Rounding to bf16 and f16: nearest even, as the `half` crate.
     for elem in [Elem::Bf16, Elem::F16] {
         let mut nd = up(&g, &vec![0u8; x.len() * 2]);

@@ -61,7 +61,7 @@ impl GpuLane {
             return Err(OpError::new(format!("uploading {} bytes into a tensor of {}", bytes.len(), t.nbytes())));
         }
         let stream = self.stream();
-        {
+        if !bytes.is_empty() {
             let mut dst = t.bytes_mut();
             call("copying to the GPU", || stream.memcpy_htod(bytes, &mut dst)).map_err(op_err)?;
         }
@@ -79,6 +79,9 @@ impl GpuLane {
     pub fn download(&self, t: &DeviceTensor, out: &mut [u8]) -> Result<(), OpError> {
         if out.len() != t.nbytes() {
             return Err(OpError::new(format!("downloading {} bytes into {}", t.nbytes(), out.len())));
+        }
+        if out.is_empty() {
+            return Ok(());
         }
         let stream = self.stream();
         call("copying from the GPU", || {
