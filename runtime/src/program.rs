@@ -449,6 +449,19 @@ fn lane_main<M: Message>(
                 Ok(Ok(Fired::Yes { bytes })) => {
                     progressed = true;
                     if let (Some(t), Some(t0)) = (&trace, t0) {
+                        // A GPU operator only enqueues work: while tracing, its span lasts
+                        // until its stream has done it (waiting on this stream alone), so the
+                        // trace shows device time. Tracing a GPU lane serialises it this way.
+                        if let Some(g) = &gpu {
+                            if let Err(e) = g.stream().synchronize() {
+                                sh.fail(Error::Actor {
+                                    actor: a.name.clone(),
+                                    lane: spec.name.clone(),
+                                    source: crate::OpError::new(format!("CUDA: {e}")),
+                                });
+                                return;
+                            }
+                        }
                         let t1 = t.now_ns();
                         t.push(Event::Span {
                             lane: index as u32,
