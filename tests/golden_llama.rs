@@ -31,16 +31,7 @@ fn tiny_llama_bf16_computed_in_f32_matches_the_f32_upcast() {
 
 #[test]
 fn three_prompts_in_one_batch_each_get_their_own_tokens() {
-    let g = golden("tiny-llama");
-    let (_, engine) = engine(&fixture("tiny-llama"), EngineOptions::default());
-    let by_name = |n: &str| g["prompts"].as_array().unwrap().iter().find(|p| p["name"] == n).unwrap().clone();
-    let names: Vec<String> =
-        g["batch"]["prompts"].as_array().unwrap().iter().map(|n| n.as_str().unwrap().to_string()).collect();
-    let prompts: Vec<Vec<u32>> = names.iter().map(|n| ids(&by_name(n)["input_ids"])).collect();
-    for (i, got) in generate_together(&engine, &prompts, 24).into_iter().enumerate() {
-        assert_eq!(got, ids(&g["batch"]["new_ids"][i]), "sequence {} ({})", i, names[i]);
-    }
-    engine.shutdown().unwrap();
+    check_batch(&fixture("tiny-llama"), EngineOptions::default());
 }
 
 #[test]

@@ -40,6 +40,38 @@ struct Kv {
     len: usize,
 }
 
+/// The cache of `seq`, checked: its positions within `max_positions`; a fresh one (`fresh`)
+/// where it starts at position 0 (with the one it replaces, if any), otherwise the one that
+/// holds exactly its earlier positions (`len`).
+fn cache_for<'a, K>(
+    caches: &'a mut HashMap<u64, K>,
+    seq: &crate::SeqSlice,
+    max_positions: usize,
+    fresh: impl FnOnce() -> K,
+    len: impl Fn(&K) -> usize,
+) -> Result<(&'a mut K, Option<K>), OpError> {
+    if seq.start + seq.len > max_positions {
+        return Err(OpError::new(format!(
+            "sequence {}: positions up to {} exceed max_position_embeddings {max_positions}",
+            seq.id,
+            seq.start + seq.len,
+        )));
+    }
+    let replaced = if seq.start == 0 { caches.insert(seq.id, fresh()) } else { None };
+    let Some(kv) = caches.get_mut(&seq.id) else {
+        return Err(OpError::new(format!("sequence {} continues at position {} but has no KV cache", seq.id, seq.start)));
+    };
+    if len(kv) != seq.start {
+        return Err(OpError::new(format!(
+            "sequence {}: the KV cache holds {} tokens but the pass starts at {}",
+            seq.id,
+            len(kv),
+            seq.start
+        )));
+    }
+    Ok((kv, replaced))
+}
+
 /// See the module doc.
 pub struct Attention {
     shape: AttnShape,
@@ -100,29 +132,8 @@ impl Operator<Packet> for Attention {
         // Store every sequence's new keys and values first, then attend for all at once.
         let mut row = 0;
         for seq in &batch.seqs {
-            if seq.start + seq.len > self.max_positions {
-                return Err(OpError::new(format!(
-                    "sequence {}: positions up to {} exceed max_position_embeddings {}",
-                    seq.id,
-                    seq.start + seq.len,
-                    self.max_positions
-                )));
-            }
-            if seq.start == 0 {
-                self.caches.insert(seq.id, Kv { blocks: Vec::new(), len: 0 });
-            }
-            let Some(kv) = self.caches.get_mut(&seq.id) else {
-                return Err(OpError::new(format!(
-                    "sequence {} continues at position {} but has no KV cache",
-                    seq.id, seq.start
-                )));
-            };
-            if kv.len != seq.start {
-                return Err(OpError::new(format!(
-                    "sequence {}: the KV cache holds {} tokens but the pass starts at {}",
-                    seq.id, kv.len, seq.start
-                )));
-            }
+            let (kv, _replaced) =
+                cache_for(&mut self.caches, seq, self.max_positions, || Kv { blocks: Vec::new(), len: 0 }, |k| k.len)?;
             while kv.blocks.len() * bt < kv.len + seq.len {
                 let Some(buf) = self.pool.try_alloc(kv_block_bytes(kvd, self.kv_type)) else {
                     return Err(OpError::new(format!(
@@ -234,30 +245,10 @@ impl Operator<Packet> for GpuAttention {
         }
         let (mut addr, mut offset) = (Vec::new(), Vec::new());
         for seq in &batch.seqs {
-            if seq.start + seq.len > self.max_positions {
-                return Err(OpError::new(format!(
-                    "sequence {}: positions up to {} exceed max_position_embeddings {}",
-                    seq.id,
-                    seq.start + seq.len,
-                    self.max_positions
-                )));
-            }
-            if seq.start == 0 {
-                if let Some(old) = self.caches.insert(seq.id, GpuKv { blocks: Vec::new(), len: 0 }) {
-                    old.blocks.into_iter().for_each(|(b, _)| release_block(&stream, b));
-                }
-            }
-            let Some(kv) = self.caches.get_mut(&seq.id) else {
-                return Err(OpError::new(format!(
-                    "sequence {} continues at position {} but has no KV cache",
-                    seq.id, seq.start
-                )));
-            };
-            if kv.len != seq.start {
-                return Err(OpError::new(format!(
-                    "sequence {}: the KV cache holds {} tokens but the pass starts at {}",
-                    seq.id, kv.len, seq.start
-                )));
+            let (kv, replaced) =
+                cache_for(&mut self.caches, seq, self.max_positions, || GpuKv { blocks: Vec::new(), len: 0 }, |k| k.len)?;
+            if let Some(old) = replaced {
+                old.blocks.into_iter().for_each(|(b, _)| release_block(&stream, b));
             }
             while kv.blocks.len() * bt < kv.len + seq.len {
                 let bytes = kv_block_bytes(kvd, self.kv_type);

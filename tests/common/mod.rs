@@ -186,3 +186,18 @@ pub fn check_prompts_with(dir: &Path, prompts: &Value, opts: EngineOptions) {
     }
     engine.shutdown().unwrap();
 }
+
+/// The golden `batch` case: its prompts generated together in one batch, each sequence's 24
+/// tokens exact.
+pub fn check_batch(dir: &Path, opts: EngineOptions) {
+    let g = golden("tiny-llama");
+    let (_, engine) = engine(dir, opts);
+    let by_name = |n: &str| g["prompts"].as_array().unwrap().iter().find(|p| p["name"] == n).unwrap().clone();
+    let names: Vec<String> =
+        g["batch"]["prompts"].as_array().unwrap().iter().map(|n| n.as_str().unwrap().to_string()).collect();
+    let prompts: Vec<Vec<u32>> = names.iter().map(|n| ids(&by_name(n)["input_ids"])).collect();
+    for (i, got) in generate_together(&engine, &prompts, 24).into_iter().enumerate() {
+        assert_eq!(got, ids(&g["batch"]["new_ids"][i]), "sequence {} ({})", i, names[i]);
+    }
+    engine.shutdown().unwrap();
+}

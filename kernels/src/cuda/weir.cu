@@ -164,6 +164,7 @@ extern "C" __global__ void kv_store(const float* k, const float* v, int dtype, c
 
 #define ATTN_THREADS 128
 #define ATTN_MAX_HEAD_DIM 256
+#define ATTN_DIMS (ATTN_MAX_HEAD_DIM / ATTN_THREADS)
 
 // Fused attention over a paged cache, one query row and head per thread block (grid: rows,
 // heads; ATTN_THREADS threads). Row r sits at position pos[r] of its sequence, whose blocks'
@@ -190,8 +191,11 @@ extern "C" __global__ void attend(const float* q, float* out, int dtype, const u
     const unsigned long long* tab = table + table_start[r];
     float scale = 1.0f / sqrtf((float)head_dim);
     float m = -WEIR_INF, l = 0.0f;
-    float acc[ATTN_MAX_HEAD_DIM / ATTN_THREADS];
-    for (int j = 0; j < ATTN_MAX_HEAD_DIM / ATTN_THREADS; j++) acc[j] = 0.0f;
+    // This thread's dimensions of the weighted sum: d = j * ATTN_THREADS + threadIdx.x (loops
+    // over j fully unrolled, so the array stays in registers).
+    float acc[ATTN_DIMS];
+#pragma unroll
+    for (int j = 0; j < ATTN_DIMS; j++) acc[j] = 0.0f;
     for (int t0 = lo; t0 <= p; t0 += ATTN_THREADS) {
         int i = t0 + threadIdx.x;
         float s = -WEIR_INF;
@@ -215,8 +219,10 @@ extern "C" __global__ void attend(const float* q, float* out, int dtype, const u
         m = m_new;
         __syncthreads();
         int n = min(ATTN_THREADS, p + 1 - t0);
-        for (int j = 0; j * ATTN_THREADS + (int)threadIdx.x < head_dim; j++) {
+#pragma unroll
+        for (int j = 0; j < ATTN_DIMS; j++) {
             int d = j * ATTN_THREADS + threadIdx.x;
+            if (d >= head_dim) break;
             float a = acc[j] * correction;
             for (int e = 0; e < n; e++) {
                 a += ws[e] * load_as_f32(vrows[e], d, dtype);
@@ -226,8 +232,29 @@ extern "C" __global__ void attend(const float* q, float* out, int dtype, const u
         __syncthreads();
     }
     float* o = out + ((size_t)r * heads + h) * head_dim;
-    for (int j = 0; j * ATTN_THREADS + (int)threadIdx.x < head_dim; j++) {
-        o[j * ATTN_THREADS + threadIdx.x] = acc[j] / l;
+#pragma unroll
+    for (int j = 0; j < ATTN_DIMS; j++) {
+        int d = j * ATTN_THREADS + threadIdx.x;
+        if (d < head_dim) o[d] = acc[j] / l;
+    }
+}
+
+// The block's largest (value, index) over each thread's (bv, bi) — the lower index among
+// equal values — left in best_v[0], best_i[0] (shared arrays of blockDim.x, a power of two).
+__device__ void block_best(float bv, int bi, float* best_v, int* best_i) {
+    best_v[threadIdx.x] = bv;
+    best_i[threadIdx.x] = bi;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if ((int)threadIdx.x < s) {
+            float v = best_v[threadIdx.x + s];
+            int i = best_i[threadIdx.x + s];
+            if (v > best_v[threadIdx.x] || (v == best_v[threadIdx.x] && i < best_i[threadIdx.x])) {
+                best_v[threadIdx.x] = v;
+                best_i[threadIdx.x] = i;
+            }
+        }
+        __syncthreads();
     }
 }
 
@@ -243,20 +270,7 @@ extern "C" __global__ void argmax(const float* logits, int vocab, int* out) {
         float v = x[i];
         if (v > bv) { bv = v; bi = i; } // strictly greater: the first of equal ones stays
     }
-    best_v[threadIdx.x] = bv;
-    best_i[threadIdx.x] = bi;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if ((int)threadIdx.x < s) {
-            float v = best_v[threadIdx.x + s];
-            int i = best_i[threadIdx.x + s];
-            if (v > best_v[threadIdx.x] || (v == best_v[threadIdx.x] && i < best_i[threadIdx.x])) {
-                best_v[threadIdx.x] = v;
-                best_i[threadIdx.x] = i;
-            }
-        }
-        __syncthreads();
-    }
+    block_best(bv, bi, best_v, best_i);
     if (threadIdx.x == 0) out[blockIdx.x] = best_i[0] == 0x7fffffff ? 0 : best_i[0];
 }
 
@@ -279,20 +293,7 @@ extern "C" __global__ void top_k(const float* logits, int vocab, int k, int* ids
             float v = x[i];
             if (!used && (v > bv || (v == bv && i < bi))) { bv = v; bi = i; }
         }
-        best_v[threadIdx.x] = bv;
-        best_i[threadIdx.x] = bi;
-        __syncthreads();
-        for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-            if ((int)threadIdx.x < s) {
-                float v = best_v[threadIdx.x + s];
-                int i = best_i[threadIdx.x + s];
-                if (v > best_v[threadIdx.x] || (v == best_v[threadIdx.x] && i < best_i[threadIdx.x])) {
-                    best_v[threadIdx.x] = v;
-                    best_i[threadIdx.x] = i;
-                }
-            }
-            __syncthreads();
-        }
+        block_best(bv, bi, best_v, best_i);
         if (threadIdx.x == 0) {
             taken[round] = best_i[0];
             ids[(size_t)blockIdx.x * k + round] = best_i[0];
