@@ -38,14 +38,9 @@ pub fn compile(
         b.gpu_memory(bytes);
     }
     let lanes: Vec<LaneId> = g.lanes.iter().map(|l| b.lane(l.clone())).collect();
-    // Whose memory a lane's operators read and write: the host's, or GPU d's.
-    let memory = |lane: usize| match g.lanes[lane].kind {
-        LaneKind::GpuStream { device, .. } => Some(device),
-        _ => None,
-    };
     let mut actors = Vec::with_capacity(g.nodes.len());
     for n in &g.nodes {
-        let op = match memory(n.lane) {
+        let op = match gpu_of(g, n.lane) {
             Some(_) => n.op.instantiate_gpu().map_err(|e| Error::Placement(format!("node `{}`: {e}", n.name)))?,
             None => n.op.instantiate(env, n.layer),
         };
@@ -84,6 +79,14 @@ pub fn compile(
     Ok(Compiled { program, entry, exit })
 }
 
+/// Whose memory lane `lane`'s operators read and write: GPU `d`'s (`Some(d)`) or the host's.
+pub fn gpu_of(g: &Graph, lane: usize) -> Option<usize> {
+    match g.lanes[lane].kind {
+        LaneKind::GpuStream { device, .. } => Some(device),
+        _ => None,
+    }
+}
+
 /// Where data crosses between host memory and a GPU's: one transfer actor, on the device's
 /// copy lane for that direction, for one output port and destination memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,10 +115,7 @@ impl Crossing {
 /// device, or the host for CPU and I/O lanes), grouped by output port and destination. An
 /// edge between two GPUs is refused.
 pub fn transfers(g: &Graph) -> Result<Vec<Crossing>> {
-    let memory = |node: usize| match g.lanes[g.nodes[node].lane].kind {
-        LaneKind::GpuStream { device, .. } => Some(device),
-        _ => None,
-    };
+    let memory = |node: usize| gpu_of(g, g.nodes[node].lane);
     let mut out: Vec<Crossing> = Vec::new();
     for (i, e) in g.edges.iter().enumerate() {
         let (src, dst) = (memory(e.from.node), memory(e.to.node));

@@ -669,7 +669,7 @@ fn graph(cmd: GraphCmd) -> Result<()> {
             };
             let ops = g.nodes.iter().filter(|n| n.op.kind() != "load").count();
             // Where it runs on GPUs: what the compiler will do, checked here without a GPU.
-            let on_gpu = |n: &weir_graphs::graph::Node| matches!(g.lanes[n.lane].kind, weir_runtime::LaneKind::GpuStream { .. });
+            let on_gpu = |n: &weir_graphs::graph::Node| weir::compile::gpu_of(&g, n.lane).is_some();
             let mut problems = Vec::new();
             for n in g.nodes.iter().filter(|n| on_gpu(n)) {
                 if let Err(e) = n.op.instantiate_gpu() {
