@@ -56,8 +56,14 @@ pub fn compile(
             let (name, stream) = if c.up { ("h2d", 1) } else { ("d2h", 2) };
             b.lane(LaneSpec { name: format!("gpu{}.{name}", c.device), kind: LaneKind::GpuStream { device: c.device, stream } })
         });
-        let op: Box<dyn weir_runtime::Operator<Packet>> =
-            if c.up { Box::new(weir_operators::to_gpu::ToGpu) } else { Box::new(weir_operators::to_host::ToHost) };
+        let op: Box<dyn weir_runtime::Operator<Packet>> = if c.up {
+            // A streamed weight: its host buffer bounds its GPU copies (see `ToGpu`).
+            let streamed = matches!(from.op, weir_operators::OpConfig::Load { .. })
+                && c.edges.iter().any(|&e| !g.edges[e].sticky);
+            Box::new(weir_operators::to_gpu::ToGpu { keep_host: streamed })
+        } else {
+            Box::new(weir_operators::to_host::ToHost)
+        };
         let x = b.actor(&c.name(g), lane, from.layer, op, 1, 1);
         b.connect((actors[c.from.node], c.from.port), (x, 0), c.capacity);
         for &e in &c.edges {

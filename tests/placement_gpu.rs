@@ -151,3 +151,40 @@ fn a_gpu_memory_budget_too_small_for_the_weights_fails_naming_the_pool() {
     let e = engine.generate(weir::Request::greedy(vec![1, 2, 3], 2)).expect_err("fails").to_string();
     assert!(e.contains("GPU memory pool `gpu0`") && e.contains("--gpu-memory"), "{e}");
 }
+
+#[test]
+fn gpu_memory_plans_which_weights_stay_on_the_gpu_and_which_stream() {
+    // tiny-llama's weights are 0.5 MB; its reserve (KV cache, activations) about 2.3 MB.
+    let model = fixture("tiny-llama");
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/graphs/llama-gpu.weir");
+    let show = |budget: &str| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args(["graph", "show", "--model", model.to_str().unwrap(), "--graph", file.to_str().unwrap()])
+            .args(["--gpu-memory", budget])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let text = String::from_utf8(o.stdout).unwrap();
+        (text.matches("tier=host").count(), text.matches("tier=nvme").count())
+    };
+    let (resident, streamed) = show("2.7MB");
+    assert!(resident > 0 && streamed > 0, "a tight budget splits the weights: {resident} / {streamed}");
+    assert_eq!(show("64MB"), (resident + streamed, 0), "a roomy one keeps every weight on the GPU");
+}
+
+#[test]
+fn prefetch_0_with_gpu_lanes_is_refused_saying_so() {
+    let opts = EngineOptions { gpu_memory: Some(64 << 20), prefetch: Some(0), ..options("llama-gpu.weir") };
+    let e = weir::Engine::new(&Model::open(fixture("tiny-llama")).unwrap(), opts).err().expect("refused").to_string();
+    assert!(e.contains("--prefetch 0") && e.contains("GPU lanes"), "{e}");
+}
+
+#[test]
+fn tiny_llama_on_gpu_with_weights_streamed_under_gpu_memory_matches_transformers() {
+    if !gpu_present() {
+        skipped("no GPU");
+        return;
+    }
+    let opts = EngineOptions { gpu_memory: Some(2_700_000), ..options("llama-gpu.weir") };
+    check_prompts_with(&fixture("tiny-llama"), &golden("tiny-llama")["prompts"], opts);
+}

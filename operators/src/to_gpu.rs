@@ -6,12 +6,20 @@
 //! as stored, except vectors (norms, biases), which the GPU kernels read as f32. Anything
 //! else (token ids: the GPU embedding reads them from the host) passes through unchanged.
 //! Output `y`.
+//!
+//! A streamed weight's upload keeps its host buffer (from the loader's budgeted pool) alive
+//! for as long as the GPU copy lives (`keep_host`): the loader then reads ahead only as far as
+//! GPU copies are used up, so the plan that fitted the weights into `--gpu-memory` holds on the
+//! device too, in the loader's order, with no waiting here.
 
 use crate::Packet;
 use weir_runtime::{DType, Emit, FireCx, Inputs, OpError, Operator, SpanKind, Step};
 
 /// See the module doc.
-pub struct ToGpu;
+pub struct ToGpu {
+    /// Keep a weight's host buffer alive with its GPU copy (streamed weights).
+    pub keep_host: bool,
+}
 
 impl Operator<Packet> for ToGpu {
     fn kind(&self) -> &str {
@@ -33,13 +41,14 @@ impl Operator<Packet> for ToGpu {
                 if w.dtype == DType::U32 {
                     return Err(OpError::new(format!("weight `{name}` has dtype u32, expected f32, bf16 or f16")));
                 }
-                let w = if w.shape.len() == 1 {
+                let up = if w.shape.len() == 1 {
                     let v: Vec<u8> = w.to_f32_vec().iter().flat_map(|f| f.to_le_bytes()).collect();
                     g.upload(DType::F32, w.shape.clone(), &v)?
                 } else {
                     g.upload(w.dtype, w.shape.clone(), w.bytes())?
                 };
-                Packet::DevWeight { name, w }
+                let up = if self.keep_host { up.holding(std::sync::Arc::new(w)) } else { up };
+                Packet::DevWeight { name, w: up }
             }
             other => other,
         };

@@ -278,11 +278,15 @@ impl PlaceArgs {
         if self.max_pass_tokens == 0 {
             bail!("--max-pass-tokens 0: a pass needs at least one token");
         }
-        if self.kv_tokens.is_some() && self.memory_budget.is_none() {
-            bail!("--kv-tokens needs --memory-budget (without a budget the KV cache grows as it needs)");
+        let budgeted = self.memory_budget.is_some() || self.gpu_memory.is_some();
+        if self.kv_tokens.is_some() && !budgeted {
+            bail!("--kv-tokens needs --memory-budget or --gpu-memory (without a budget the KV cache grows as it needs)");
         }
-        if self.prefetch.is_some() && self.memory_budget.is_none() {
-            bail!("--prefetch needs --memory-budget (without a budget every weight is resident and nothing streams)");
+        if self.prefetch.is_some() && !budgeted {
+            bail!(
+                "--prefetch needs --memory-budget or --gpu-memory (without a budget every weight is resident and \
+                 nothing streams)"
+            );
         }
         let size = |flag: &str, v: &Option<String>| {
             v.as_deref().map(|s| weir::parse_size(s).map_err(|e| anyhow!("{flag} {s}: {e}"))).transpose()
@@ -710,7 +714,7 @@ fn load_model_graph(a: &GraphArgs) -> Result<weir_graphs::Graph> {
     let (text, budgets) = a.place.resolve()?;
     let model = Model::open(&a.model).with_context(|| format!("--model {}", a.model.display()))?;
     let mut g = model.graph(text.as_ref().map(|(t, n)| (t.as_str(), n.as_str())), a.threads, a.place.kv_dtype, 1)?;
-    if let Some(b) = budgets.memory {
+    if let Some(b) = weir::engine::planned_budget(&g, budgets.memory, budgets.gpu) {
         let reserve = a.place.engine_options(a.threads, None, budgets).reserve(model.config.max_position_embeddings);
         weir_graphs::plan::fit(&mut g, b, a.place.prefetch, &reserve).map_err(weir::Error::from)?;
     }

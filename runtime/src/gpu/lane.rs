@@ -99,6 +99,8 @@ pub struct DeviceTensor {
     pub dtype: DType,
     pub shape: Vec<usize>,
     block: Arc<Leased<DeviceBlock>>,
+    /// Something held as long as this tensor is (see [`DeviceTensor::holding`]).
+    held: Option<Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 impl std::fmt::Debug for DeviceTensor {
@@ -115,6 +117,13 @@ impl DeviceTensor {
     /// Bytes of data.
     pub fn nbytes(&self) -> usize {
         self.numel() * self.dtype.size()
+    }
+    /// This tensor, keeping `x` alive as long as any copy of it lives: a streamed weight's host
+    /// buffer, so that the host pool's budget also bounds how many uploaded copies are in GPU
+    /// memory at once (the loader reads the next only when an earlier copy is done with).
+    pub fn holding(mut self, x: Arc<dyn std::any::Any + Send + Sync>) -> DeviceTensor {
+        self.held = Some(x);
+        self
     }
     /// The data as bytes.
     pub fn bytes(&self) -> CudaView<'_, u8> {
@@ -163,6 +172,6 @@ impl DeviceTensorMut {
     }
     /// Done writing: a shareable tensor.
     pub fn freeze(self) -> DeviceTensor {
-        DeviceTensor { dtype: self.dtype, shape: self.shape, block: Arc::new(self.block) }
+        DeviceTensor { dtype: self.dtype, shape: self.shape, block: Arc::new(self.block), held: None }
     }
 }
