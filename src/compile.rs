@@ -39,8 +39,13 @@ pub fn compile(
     }
     let lanes: Vec<LaneId> = g.lanes.iter().map(|l| b.lane(l.clone())).collect();
     let mut actors = Vec::with_capacity(g.nodes.len());
-    for n in &g.nodes {
-        let op = match gpu_of(g, n.lane) {
+    for (i, n) in g.nodes.iter().enumerate() {
+        // A loader on a GPU lane (`--prefetch 0`) reads there, in turn with the lane's work,
+        // which then waits for its stream after every firing: nothing overlaps.
+        if gpu_of(g, n.lane).is_some() && node_gpu(g, i).is_none() {
+            b.serial(lanes[n.lane]);
+        }
+        let op = match node_gpu(g, i) {
             Some(_) => n.op.instantiate_gpu().map_err(|e| Error::Placement(format!("node `{}`: {e}", n.name)))?,
             None => n.op.instantiate(env, n.layer),
         };
@@ -52,10 +57,13 @@ pub fn compile(
     let mut copy_lanes: HashMap<(usize, bool), LaneId> = HashMap::new();
     for c in &crossings {
         let from = &g.nodes[c.from.node];
-        let lane = *copy_lanes.entry((c.device, c.up)).or_insert_with(|| {
+        let lane = match c.lane {
+            Some(l) => lanes[l],
+            None => *copy_lanes.entry((c.device, c.up)).or_insert_with(|| {
             let (name, stream) = if c.up { ("h2d", 1) } else { ("d2h", 2) };
-            b.lane(LaneSpec { name: format!("gpu{}.{name}", c.device), kind: LaneKind::GpuStream { device: c.device, stream } })
-        });
+                b.lane(LaneSpec { name: format!("gpu{}.{name}", c.device), kind: LaneKind::GpuStream { device: c.device, stream } })
+            }),
+        };
         let op: Box<dyn weir_runtime::Operator<Packet>> = if c.up {
             // A streamed weight: its host buffer bounds its GPU copies (see `ToGpu`).
             let streamed = matches!(from.op, weir_operators::OpConfig::Load { .. })
@@ -93,6 +101,17 @@ pub fn gpu_of(g: &Graph, lane: usize) -> Option<usize> {
     }
 }
 
+/// Whose memory node `node`'s outputs are in: its lane's GPU, except for loaders, which read
+/// into host memory wherever they run.
+pub fn node_gpu(g: &Graph, node: usize) -> Option<usize> {
+    let n = &g.nodes[node];
+    if matches!(n.op, weir_operators::OpConfig::Load { .. }) {
+        None
+    } else {
+        gpu_of(g, n.lane)
+    }
+}
+
 /// Where data crosses between host memory and a GPU's: one transfer actor, on the device's
 /// copy lane for that direction, for one output port and destination memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,6 +126,9 @@ pub struct Crossing {
     pub edges: Vec<usize>,
     /// The capacity of the edge into the transfer (the first crossing edge's).
     pub capacity: usize,
+    /// The lane the transfer runs on when not the device's copy lane: a loader's own GPU lane
+    /// (`--prefetch 0`: reading, uploading and computing in turn).
+    pub lane: Option<usize>,
 }
 
 impl Crossing {
@@ -121,7 +143,7 @@ impl Crossing {
 /// device, or the host for CPU and I/O lanes), grouped by output port and destination. An
 /// edge between two GPUs is refused.
 pub fn transfers(g: &Graph) -> Result<Vec<Crossing>> {
-    let memory = |node: usize| gpu_of(g, g.nodes[node].lane);
+    let memory = |node: usize| node_gpu(g, node);
     let mut out: Vec<Crossing> = Vec::new();
     for (i, e) in g.edges.iter().enumerate() {
         let (src, dst) = (memory(e.from.node), memory(e.to.node));
@@ -140,7 +162,11 @@ pub fn transfers(g: &Graph) -> Result<Vec<Crossing>> {
         };
         match out.iter_mut().find(|c| c.from == e.from && c.device == device && c.up == up) {
             Some(c) => c.edges.push(i),
-            None => out.push(Crossing { from: e.from, device, up, edges: vec![i], capacity: e.capacity }),
+            None => {
+                let from_lane = g.nodes[e.from.node].lane;
+                let lane = (up && gpu_of(g, from_lane) == Some(device)).then_some(from_lane);
+                out.push(Crossing { from: e.from, device, up, edges: vec![i], capacity: e.capacity, lane })
+            }
         }
     }
     Ok(out)

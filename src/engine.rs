@@ -296,7 +296,7 @@ impl Running {
 /// GPU memory (uploaded once), the rest are read and uploaded every pass through a host window
 /// whose budget bounds their GPU copies in flight too (`weir_operators::to_gpu`).
 pub fn planned_budget(g: &weir_graphs::Graph, memory: Option<u64>, gpu: Option<u64>) -> Option<u64> {
-    let on_gpu = g.nodes.iter().any(|n| crate::compile::gpu_of(g, n.lane).is_some());
+    let on_gpu = (0..g.nodes.len()).any(|n| crate::compile::node_gpu(g, n).is_some());
     memory.or(if on_gpu { gpu } else { None })
 }
 
@@ -378,13 +378,7 @@ impl Engine {
                 ))
             })
         };
-        let on_gpu = graph.nodes.iter().any(|n| crate::compile::gpu_of(&graph, n.lane).is_some());
         let planned = planned_budget(&graph, opts.memory_budget, opts.gpu_memory);
-        if on_gpu && opts.prefetch == Some(0) {
-            return Err(Error::Request(
-                "--prefetch 0 (reading and computing in turn) is not built for graphs with GPU lanes yet".into(),
-            ));
-        }
         let (plan, split) = match (planned, graph.host_budget) {
             (Some(b), _) => {
                 let plan = weir_graphs::plan::fit(&mut graph, rest(b)?, opts.prefetch, &reserve)?;

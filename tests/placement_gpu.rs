@@ -173,10 +173,34 @@ fn gpu_memory_plans_which_weights_stay_on_the_gpu_and_which_stream() {
 }
 
 #[test]
-fn prefetch_0_with_gpu_lanes_is_refused_saying_so() {
-    let opts = EngineOptions { gpu_memory: Some(64 << 20), prefetch: Some(0), ..options("llama-gpu.weir") };
-    let e = weir::Engine::new(&Model::open(fixture("tiny-llama")).unwrap(), opts).err().expect("refused").to_string();
-    assert!(e.contains("--prefetch 0") && e.contains("GPU lanes"), "{e}");
+fn prefetch_0_reads_and_uploads_on_the_compute_lane_in_turn() {
+    let model = Model::open(fixture("tiny-llama")).unwrap();
+    let mut g = graph(&model, "llama-gpu.weir");
+    let reserve = EngineOptions::default().reserve(model.config.max_position_embeddings);
+    weir_graphs::plan::fit(&mut g, 2_700_000, Some(0), &reserve).unwrap();
+    let compute = g.lanes.iter().position(|l| l.name == "compute").unwrap();
+    let loaders: Vec<usize> =
+        (0..g.nodes.len()).filter(|&i| matches!(g.nodes[i].op, weir_operators::OpConfig::Load { .. })).collect();
+    assert!(!loaders.is_empty() && loaders.iter().all(|&i| g.nodes[i].lane == compute));
+    // The loader's outputs are host memory wherever it runs; their uploads run on its lane.
+    assert!(loaders.iter().all(|&i| weir::compile::node_gpu(&g, i).is_none()));
+    let t = transfers(&g).unwrap();
+    let ups: Vec<_> = t.iter().filter(|c| c.up).collect();
+    assert!(!ups.is_empty() && ups.iter().all(|c| c.lane == Some(compute)), "{ups:?}");
+    // With overlap (the default), uploads go on the copy lane.
+    let mut g = graph(&model, "llama-gpu.weir");
+    weir_graphs::plan::fit(&mut g, 2_700_000, None, &reserve).unwrap();
+    assert!(transfers(&g).unwrap().iter().all(|c| c.lane.is_none()));
+}
+
+#[test]
+fn tiny_llama_on_gpu_with_prefetch_0_matches_transformers() {
+    if !gpu_present() {
+        skipped("no GPU");
+        return;
+    }
+    let opts = EngineOptions { gpu_memory: Some(2_700_000), prefetch: Some(0), ..options("llama-gpu.weir") };
+    check_prompts_with(&fixture("tiny-llama"), &golden("tiny-llama")["prompts"], opts);
 }
 
 #[test]

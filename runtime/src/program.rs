@@ -47,6 +47,7 @@ pub struct ProgramBuilder<M> {
     sink: Arc<TraceSink>,
     activations: crate::pool::Pool,
     gpu_memory: Option<usize>,
+    serial: Vec<usize>,
 }
 
 impl<M: Message> Default for ProgramBuilder<M> {
@@ -67,7 +68,17 @@ impl<M: Message> ProgramBuilder<M> {
             sink: Arc::new(TraceSink::new()),
             activations: crate::pool::Pool::transient("activations", crate::Tier::Host, usize::MAX, None),
             gpu_memory: None,
+            serial: Vec::new(),
         }
+    }
+
+    /// Makes a GPU lane wait for its stream after every firing, so that nothing it enqueues
+    /// overlaps what it does next on the host (reading a weight, say): the no-overlap baseline.
+    pub fn serial(&mut self, lane: LaneId) -> &mut Self {
+        if !self.serial.contains(&lane.0) {
+            self.serial.push(lane.0);
+        }
+        self
     }
 
     /// The budget of each GPU's memory pool, which its lanes' weights, KV cache and
@@ -300,9 +311,10 @@ impl<M: Message> ProgramBuilder<M> {
             let sh = shared.clone();
             let name = spec.name.clone();
             let gpu = gpu_lanes[i].take();
+            let serial = self.serial.contains(&i);
             let h = std::thread::Builder::new()
                 .name(format!("lane-{name}"))
-                .spawn(move || lane_main(i, spec, gpu, actors, sh))
+                .spawn(move || lane_main(i, spec, gpu, serial, actors, sh))
                 .map_err(|e| Error::Spawn { lane: name.clone(), reason: e.to_string() });
             match h {
                 Ok(h) => {
@@ -393,6 +405,7 @@ fn lane_main<M: Message>(
     index: usize,
     spec: LaneSpec,
     gpu: Option<crate::gpu::GpuLane>,
+    serial: bool,
     mut actors: Vec<Actor<M>>,
     sh: Arc<Shared>,
 ) {
@@ -448,20 +461,20 @@ fn lane_main<M: Message>(
                 Ok(Ok(Fired::No)) => {}
                 Ok(Ok(Fired::Yes { bytes })) => {
                     progressed = true;
-                    if let (Some(t), Some(t0)) = (&trace, t0) {
-                        // A GPU operator only enqueues work: while tracing, its span lasts
-                        // until its stream has done it (waiting on this stream alone), so the
-                        // trace shows device time. Tracing a GPU lane serialises it this way.
-                        if let Some(g) = &gpu {
-                            if let Err(e) = g.stream().synchronize() {
-                                sh.fail(Error::Actor {
-                                    actor: a.name.clone(),
-                                    lane: spec.name.clone(),
-                                    source: crate::OpError::new(format!("CUDA: {e}")),
-                                });
-                                return;
-                            }
+                    // A GPU operator only enqueues work. On a serial lane, and while tracing
+                    // (so that a span shows device time), the lane waits for its stream — this
+                    // stream alone — before it goes on.
+                    if let (Some(g), true) = (&gpu, serial || trace.is_some()) {
+                        if let Err(e) = g.stream().synchronize() {
+                            sh.fail(Error::Actor {
+                                actor: a.name.clone(),
+                                lane: spec.name.clone(),
+                                source: crate::OpError::new(format!("CUDA: {e}")),
+                            });
+                            return;
                         }
+                    }
+                    if let (Some(t), Some(t0)) = (&trace, t0) {
                         let t1 = t.now_ns();
                         t.push(Event::Span {
                             lane: index as u32,

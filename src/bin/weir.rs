@@ -673,9 +673,9 @@ fn graph(cmd: GraphCmd) -> Result<()> {
             };
             let ops = g.nodes.iter().filter(|n| n.op.kind() != "load").count();
             // Where it runs on GPUs: what the compiler will do, checked here without a GPU.
-            let on_gpu = |n: &weir_graphs::graph::Node| weir::compile::gpu_of(&g, n.lane).is_some();
+            let on_gpu = |i: usize| weir::compile::node_gpu(&g, i).is_some();
             let mut problems = Vec::new();
-            for n in g.nodes.iter().filter(|n| on_gpu(n)) {
+            for n in (0..g.nodes.len()).filter(|&i| on_gpu(i)).map(|i| &g.nodes[i]) {
                 if let Err(e) = n.op.instantiate_gpu() {
                     problems.push(format!("node `{}`: {e}", n.name));
                 }
@@ -684,13 +684,13 @@ fn graph(cmd: GraphCmd) -> Result<()> {
                 bail!("{name}: placement: {}", problems.join("; "));
             }
             let t = weir::compile::transfers(&g).map_err(|e| anyhow!("{name}: {e}"))?;
-            let gpu = if t.is_empty() && !g.nodes.iter().any(on_gpu) {
+            let gpu = if t.is_empty() && !(0..g.nodes.len()).any(on_gpu) {
                 String::new()
             } else {
                 let up = t.iter().filter(|c| c.up).count();
                 format!(
                     "; {} operators on GPU lanes, {up} transfers to GPU memory and {} back",
-                    g.nodes.iter().filter(|n| on_gpu(n)).count(),
+                    (0..g.nodes.len()).filter(|&i| on_gpu(i)).count(),
                     t.len() - up
                 )
             };
