@@ -159,7 +159,9 @@ fn generate(model: &Model, o: &BenchOptions, budget: u64, prefetch: Option<usize
     let total_s = t0.elapsed().as_secs_f64();
     let disk_bytes = engine.disk_bytes_read() - disk0;
     let experts = engine.expert_cache().snapshot().since(&experts0);
-    let peak = BTreeMap::from([("host".to_string(), engine.peak_host_bytes())]);
+    let mut peak = BTreeMap::from([("host".to_string(), engine.peak_host_bytes())]);
+    // Each GPU's pool: its high-water mark against `--gpu-memory`.
+    peak.extend(engine.gpu_peaks().into_iter().map(|(name, high, _)| (name, high)));
     let peak_by_pool = engine.pools().iter().map(|p| (p.name().to_string(), p.high_water() as u64)).collect();
     let streamed_bytes = engine.plan().map_or(0, |p| p.streamed_bytes);
     let trace = trace.then(|| engine.trace());

@@ -520,6 +520,7 @@ impl Engine {
     /// The trace recorded so far (empty unless built with `trace: true`), with each memory
     /// pool's peak.
     pub fn trace(&self) -> Trace {
+        let gpu = self.gpu_peaks(); // before taking the lock it takes too
         let run = match self.run.lock() {
             Ok(r) => r,
             Err(_) => return Trace::default(),
@@ -533,6 +534,9 @@ impl Engine {
                     budget: p.budget() as u64,
                     peak: p.high_water() as u64,
                 });
+            }
+            for p in gpu {
+                t.events.push(weir_runtime::Event::PoolPeak { pool: p.0, tier: "Gpu".into(), budget: p.2, peak: p.1 });
             }
             t.events.push(weir_runtime::Event::PoolPeak {
                 pool: "all".into(),
@@ -548,6 +552,16 @@ impl Engine {
     /// (unbounded without a memory budget).
     pub fn pools(&self) -> &[weir_runtime::Pool] {
         &self.pools
+    }
+
+    /// Each GPU memory pool of the running program: its name (`gpu0`, …), the most bytes it
+    /// held at once, its budget (`--gpu-memory`). Empty without GPU lanes.
+    pub fn gpu_peaks(&self) -> Vec<(String, u64, u64)> {
+        let Ok(run) = self.run.lock() else { return Vec::new() };
+        let Ok(program) = run.program.lock() else { return Vec::new() };
+        program.as_ref().map_or(Vec::new(), |p| {
+            p.gpu_pools().iter().map(|g| (g.name().to_string(), g.high_water() as u64, g.budget() as u64)).collect()
+        })
     }
 
     /// The most bytes the host tier's pools held at once: weights read from storage, KV cache

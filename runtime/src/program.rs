@@ -267,7 +267,7 @@ impl<M: Message> ProgramBuilder<M> {
         for l in &self.lanes {
             lane::validate(l, &allowed)?;
         }
-        let mut gpu_lanes = crate::gpu::lanes_for(&self.lanes, self.gpu_memory)?;
+        let (mut gpu_lanes, gpu_pools) = crate::gpu::lanes_for(&self.lanes, self.gpu_memory)?;
 
         let sink = self.sink.on().then(|| self.sink.clone());
         if let Some(t) = &sink {
@@ -333,7 +333,7 @@ impl<M: Message> ProgramBuilder<M> {
         }
         // Every lane's waker is set before any lane runs, so no wake-up is lost.
         shared.open_gate();
-        Ok(Program { shared, threads })
+        Ok(Program { shared, threads, gpu_pools })
     }
 }
 
@@ -514,9 +514,16 @@ fn lane_main<M: Message>(
 pub struct Program {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
+    gpu_pools: Vec<crate::gpu::BlockPool<crate::gpu::DeviceBlock>>,
 }
 
 impl Program {
+    /// Each GPU's memory pool (`gpu0`, …): budget, bytes held, high-water mark. Empty without
+    /// GPU lanes.
+    pub fn gpu_pools(&self) -> &[crate::gpu::BlockPool<crate::gpu::DeviceBlock>] {
+        &self.gpu_pools
+    }
+
     /// The first failure, if an actor failed.
     pub fn fault(&self) -> Option<Error> {
         self.shared.fault.lock().unwrap_or_else(|p| p.into_inner()).clone()

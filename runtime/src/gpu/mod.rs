@@ -54,8 +54,8 @@ pub fn open(ordinal: usize) -> Result<(Arc<CudaContext>, GpuInfo), GpuError> {
 /// The GPU side of every lane of a program (`None` for CPU and I/O lanes): per device one
 /// memory pool of `budget` bytes (default: the device's memory less 1 GiB), per GPU lane a
 /// stream of its own with weir's kernels loaded. A device that is missing, or kernels that do
-/// not load, refuse the program, naming the device and why.
-pub fn lanes_for(lanes: &[crate::LaneSpec], budget: Option<usize>) -> Result<Vec<Option<GpuLane>>, crate::Error> {
+/// not load, refuse the program, naming the device and why. Also returns the devices' pools.
+pub fn lanes_for(lanes: &[crate::LaneSpec], budget: Option<usize>) -> Result<GpuLanes, crate::Error> {
     let mut devices: Vec<(usize, Arc<CudaContext>, BlockPool<DeviceBlock>)> = Vec::new();
     let mut out = Vec::with_capacity(lanes.len());
     for l in lanes {
@@ -83,8 +83,11 @@ pub fn lanes_for(lanes: &[crate::LaneSpec], budget: Option<usize>) -> Result<Vec
             .map_err(|e| unavailable(format!("lane `{}`: {e}", l.name)))?;
         out.push(Some(GpuLane { kernels, memory: memory.clone() }));
     }
-    Ok(out)
+    Ok((out, devices.into_iter().map(|d| d.2).collect()))
 }
+
+/// Per lane its GPU side (`None` for CPU and I/O lanes), and each device's memory pool.
+pub type GpuLanes = (Vec<Option<GpuLane>>, Vec<BlockPool<DeviceBlock>>);
 
 /// Says a test was skipped where the log shows it: straight to standard error, past the test
 /// harness's capture (which only takes `print!` and `eprint!`).
