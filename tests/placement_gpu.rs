@@ -212,3 +212,20 @@ fn tiny_llama_on_gpu_with_weights_streamed_under_gpu_memory_matches_transformers
     let opts = EngineOptions { gpu_memory: Some(2_700_000), ..options("llama-gpu.weir") };
     check_prompts_with(&fixture("tiny-llama"), &golden("tiny-llama")["prompts"], opts);
 }
+
+#[test]
+fn streaming_under_gpu_memory_stays_within_it() {
+    if !gpu_present() {
+        skipped("no GPU");
+        return;
+    }
+    let budget = 2_700_000u64;
+    let (_, engine) = engine(&fixture("tiny-llama"), EngineOptions { gpu_memory: Some(budget), ..options("llama-gpu.weir") });
+    engine.generate(weir::Request::greedy(vec![1, 2, 3, 4, 5], 8)).unwrap();
+    let peaks = engine.gpu_peaks();
+    assert_eq!(peaks.len(), 1, "{peaks:?}");
+    let (name, high, b) = &peaks[0];
+    assert_eq!((name.as_str(), *b), ("gpu0", budget));
+    assert!(*high > 0 && *high <= budget, "{peaks:?}");
+    engine.shutdown().unwrap();
+}
