@@ -73,7 +73,8 @@ pub fn compile(
             Box::new(weir_operators::to_host::ToHost)
         };
         let x = b.actor(&c.name(g), lane, from.layer, op, 1, 1);
-        b.connect((actors[c.from.node], c.from.port), (x, 0), c.capacity);
+        // The edge into the transfer: the first crossing edge's capacity.
+        b.connect((actors[c.from.node], c.from.port), (x, 0), g.edges[c.edges[0]].capacity);
         for &e in &c.edges {
             source.insert(e, (x, 0));
         }
@@ -124,8 +125,6 @@ pub struct Crossing {
     pub up: bool,
     /// The edges (indices into `Graph::edges`) that take the data from the transfer.
     pub edges: Vec<usize>,
-    /// The capacity of the edge into the transfer (the first crossing edge's).
-    pub capacity: usize,
     /// The lane the transfer runs on when not the device's copy lane: a loader's own GPU lane
     /// (`--prefetch 0`: reading, uploading and computing in turn).
     pub lane: Option<usize>,
@@ -165,7 +164,7 @@ pub fn transfers(g: &Graph) -> Result<Vec<Crossing>> {
             None => {
                 let from_lane = g.nodes[e.from.node].lane;
                 let lane = (up && gpu_of(g, from_lane) == Some(device)).then_some(from_lane);
-                out.push(Crossing { from: e.from, device, up, edges: vec![i], capacity: e.capacity, lane })
+                out.push(Crossing { from: e.from, device, up, edges: vec![i], lane })
             }
         }
     }
