@@ -9,7 +9,9 @@
 //! never a panic.
 //!
 //! Nothing here runs without a GPU except compiling the source to PTX, which needs only
-//! NVRTC's library (the tests do it wherever `libnvrtc` loads).
+//! NVRTC's library (the tests do it wherever `libnvrtc` loads). The tests also run the
+//! source itself on a CPU emulator of CUDA's execution model (`emu/emu.cpp`), which checks
+//! the kernels' logic on any x86-64 Linux machine with a C++ compiler.
 
 use crate::attention::{AttnShape, KvType};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
@@ -203,6 +205,11 @@ fn grid_for(n: usize) -> LaunchConfig {
 
 fn rows_cfg(rows: usize, threads: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// `attend`'s grid: a block per query row and head.
+fn attend_cfg(rows: usize, heads: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows as u32, heads as u32, 1), block_dim: (ATTN_THREADS, 1, 1), shared_mem_bytes: 0 }
 }
 
 fn check(kernel: &'static str, ok: bool, why: impl FnOnce() -> String) -> Result<(), GpuError> {
@@ -480,11 +487,7 @@ impl GpuKernels {
         let (kvh, hd) = (int("attend", "kv_heads", s.kv_heads)?, int("attend", "head_dim", s.head_dim)?);
         let (dt, bt) = (elem as i32, int("attend", "block_tokens", block_tokens)?);
         let w = int("attend", "window", window.unwrap_or(0))?;
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, s.heads as u32, 1),
-            block_dim: (ATTN_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = attend_cfg(rows, s.heads);
         call("attend", || {
             let mut b = self.stream.launch_builder(self.func("attend"));
             b.arg(q).arg(out).arg(&dt).arg(table).arg(table_start).arg(pos);

@@ -1,5 +1,8 @@
-//! The GPU kernels against the CPU ones. Compiling the source needs only NVRTC's library;
-//! the rest needs a GPU and says "skipped: no GPU" where there is none.
+//! The GPU kernels against the CPU ones. Compiling the source needs only NVRTC's library.
+//! Each kernel test runs twice: on a GPU ("skipped: no GPU" where there is none), and on the
+//! CPU emulator of CUDA's execution model (`emu`), which runs the same source wherever a C++
+//! compiler is — so the kernels' logic is checked on every machine, CI included. cuBLAS
+//! (`linear`) and the Rust side's shape checks are checked on a GPU only.
 
 use super::*;
 use crate::attention::attend_reference;
@@ -7,6 +10,8 @@ use crate::matmul::matmul_reference;
 use crate::rope::{Rope, RopeScaling};
 use crate::WeightView;
 use cudarc::driver::CudaSlice;
+
+mod emu;
 
 /// Says a test was skipped where the log shows it: straight to standard error, past the test
 /// harness's capture.
@@ -94,6 +99,70 @@ fn without_nvrtc_compiling_is_a_typed_error() {
     assert_eq!(compile((9, 0)), Err(GpuError::NoLibrary("NVRTC (libnvrtc)")));
 }
 
+/// What the kernel tests need of a device: buffers to and from it, and weir's kernels on them
+/// (the signatures of [`GpuKernels`], with the device's own buffer type).
+trait Dev {
+    type Buf<T: Elt>;
+    fn up<T: Elt>(&self, v: &[T]) -> Self::Buf<T>;
+    fn down<T: Elt>(&self, b: &Self::Buf<T>) -> Vec<T>;
+    /// A buffer's device address, as a KV block table holds it.
+    fn addr(&self, b: &Self::Buf<u8>) -> u64;
+    fn embed(&self, ids: &Self::Buf<i32>, table: &Self::Buf<u8>, elem: Elem, dim: usize, out: &mut Self::Buf<f32>);
+    fn rmsnorm(&self, x: &Self::Buf<f32>, w: &Self::Buf<f32>, eps: f32, y: &mut Self::Buf<f32>);
+    fn rope(
+        &self,
+        x: &mut Self::Buf<f32>,
+        pos: &Self::Buf<i32>,
+        inv_freq: &Self::Buf<f32>,
+        heads: usize,
+        head_dim: usize,
+    );
+    fn silu_mul(&self, gate: &mut Self::Buf<f32>, up: &Self::Buf<f32>);
+    fn add(&self, a: &mut Self::Buf<f32>, b: &Self::Buf<f32>);
+    fn add_bias(&self, y: &mut Self::Buf<f32>, b: &Self::Buf<f32>);
+    fn narrow(&self, x: &Self::Buf<f32>, elem: Elem, y: &mut Self::Buf<u8>);
+    #[allow(clippy::too_many_arguments)]
+    fn kv_store(
+        &self,
+        k: &Self::Buf<f32>,
+        v: &Self::Buf<f32>,
+        elem: Elem,
+        block: &Self::Buf<u64>,
+        offset: &Self::Buf<i32>,
+        kv_dim: usize,
+        bt: usize,
+    );
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q: &Self::Buf<f32>,
+        elem: Elem,
+        table: &Self::Buf<u64>,
+        starts: &Self::Buf<i32>,
+        pos: &Self::Buf<i32>,
+        s: AttnShape,
+        bt: usize,
+        window: Option<usize>,
+        out: &mut Self::Buf<f32>,
+    );
+    fn argmax(&self, logits: &Self::Buf<f32>, vocab: usize, out: &mut Self::Buf<i32>);
+    fn top_k(
+        &self,
+        logits: &Self::Buf<f32>,
+        vocab: usize,
+        k: usize,
+        ids: &mut Self::Buf<i32>,
+        vals: &mut Self::Buf<f32>,
+    );
+}
+
+/// The element types the tests move.
+trait Elt: cudarc::driver::DeviceRepr + Default + Clone + Copy + 'static {}
+impl Elt for f32 {}
+impl Elt for i32 {}
+impl Elt for u8 {}
+impl Elt for u64 {}
+
 /// A stream on device 0, or `None` (and "skipped: no GPU") where there is none.
 fn gpu() -> Option<GpuKernels> {
     if !driver_present() || CudaContext::device_count().unwrap_or(0) < 1 {
@@ -104,12 +173,99 @@ fn gpu() -> Option<GpuKernels> {
     Some(GpuKernels::new(ctx.new_stream().expect("a stream")).unwrap_or_else(|e| panic!("{e}")))
 }
 
-fn up<T: cudarc::driver::DeviceRepr>(g: &GpuKernels, v: &[T]) -> CudaSlice<T> {
-    g.stream().clone_htod(v).expect("copy to the GPU")
-}
-
-fn down<T: cudarc::driver::DeviceRepr + Default + Clone>(g: &GpuKernels, v: &CudaSlice<T>) -> Vec<T> {
-    g.stream().clone_dtoh(v).expect("copy from the GPU")
+impl Dev for GpuKernels {
+    type Buf<T: Elt> = CudaSlice<T>;
+    fn up<T: Elt>(&self, v: &[T]) -> CudaSlice<T> {
+        self.stream().clone_htod(v).expect("copy to the GPU")
+    }
+    fn down<T: Elt>(&self, b: &CudaSlice<T>) -> Vec<T> {
+        self.stream().clone_dtoh(b).expect("copy from the GPU")
+    }
+    fn addr(&self, b: &CudaSlice<u8>) -> u64 {
+        cudarc::driver::DevicePtr::device_ptr(b, self.stream()).0
+    }
+    fn embed(&self, ids: &CudaSlice<i32>, table: &CudaSlice<u8>, elem: Elem, dim: usize, out: &mut CudaSlice<f32>) {
+        GpuKernels::embed(self, &ids.as_view(), &table.as_view(), elem, dim, &mut out.as_view_mut()).unwrap()
+    }
+    fn rmsnorm(&self, x: &CudaSlice<f32>, w: &CudaSlice<f32>, eps: f32, y: &mut CudaSlice<f32>) {
+        GpuKernels::rmsnorm(self, &x.as_view(), &w.as_view(), eps, &mut y.as_view_mut()).unwrap()
+    }
+    fn rope(
+        &self,
+        x: &mut CudaSlice<f32>,
+        pos: &CudaSlice<i32>,
+        inv_freq: &CudaSlice<f32>,
+        heads: usize,
+        head_dim: usize,
+    ) {
+        GpuKernels::rope(self, &mut x.as_view_mut(), &pos.as_view(), &inv_freq.as_view(), heads, head_dim).unwrap()
+    }
+    fn silu_mul(&self, gate: &mut CudaSlice<f32>, up: &CudaSlice<f32>) {
+        GpuKernels::silu_mul(self, &mut gate.as_view_mut(), &up.as_view()).unwrap()
+    }
+    fn add(&self, a: &mut CudaSlice<f32>, b: &CudaSlice<f32>) {
+        GpuKernels::add(self, &mut a.as_view_mut(), &b.as_view()).unwrap()
+    }
+    fn add_bias(&self, y: &mut CudaSlice<f32>, b: &CudaSlice<f32>) {
+        GpuKernels::add_bias(self, &mut y.as_view_mut(), &b.as_view()).unwrap()
+    }
+    fn narrow(&self, x: &CudaSlice<f32>, elem: Elem, y: &mut CudaSlice<u8>) {
+        GpuKernels::narrow(self, &x.as_view(), elem, &mut y.as_view_mut()).unwrap()
+    }
+    fn kv_store(
+        &self,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        elem: Elem,
+        block: &CudaSlice<u64>,
+        offset: &CudaSlice<i32>,
+        kv_dim: usize,
+        bt: usize,
+    ) {
+        // SAFETY: the tests' blocks are live, of the right size, used on this stream only.
+        unsafe {
+            GpuKernels::kv_store(
+                self,
+                &k.as_view(),
+                &v.as_view(),
+                elem,
+                &block.as_view(),
+                &offset.as_view(),
+                kv_dim,
+                bt,
+            )
+        }
+        .unwrap()
+    }
+    fn attend(
+        &self,
+        q: &CudaSlice<f32>,
+        elem: Elem,
+        table: &CudaSlice<u64>,
+        starts: &CudaSlice<i32>,
+        pos: &CudaSlice<i32>,
+        s: AttnShape,
+        bt: usize,
+        window: Option<usize>,
+        out: &mut CudaSlice<f32>,
+    ) {
+        let (q, t, st, p) = (q.as_view(), table.as_view(), starts.as_view(), pos.as_view());
+        // SAFETY: as for kv_store; every position up to each row's was stored.
+        unsafe { GpuKernels::attend(self, &q, elem, &t, &st, &p, s, bt, window, &mut out.as_view_mut()) }.unwrap()
+    }
+    fn argmax(&self, logits: &CudaSlice<f32>, vocab: usize, out: &mut CudaSlice<i32>) {
+        GpuKernels::argmax(self, &logits.as_view(), vocab, &mut out.as_view_mut()).unwrap()
+    }
+    fn top_k(
+        &self,
+        logits: &CudaSlice<f32>,
+        vocab: usize,
+        k: usize,
+        ids: &mut CudaSlice<i32>,
+        vals: &mut CudaSlice<f32>,
+    ) {
+        GpuKernels::top_k(self, &logits.as_view(), vocab, k, &mut ids.as_view_mut(), &mut vals.as_view_mut()).unwrap()
+    }
 }
 
 fn bytes_of(v: &[f32], elem: Elem) -> Vec<u8> {
@@ -129,9 +285,34 @@ fn rounded(v: &[f32], elem: Elem) -> Vec<f32> {
     }
 }
 
-#[test]
-fn row_kernels_match_the_cpu() {
-    let Some(g) = gpu() else { return };
+/// Runs a kernel test on a GPU and on the emulator, each where it can.
+macro_rules! on_both {
+    ($body:ident, $gpu:ident, $emu:ident) => {
+        #[test]
+        fn $gpu() {
+            if let Some(g) = gpu() {
+                $body(&g)
+            }
+        }
+        #[test]
+        fn $emu() {
+            if let Some(e) = emu::Emu::get() {
+                $body(e)
+            }
+        }
+    };
+}
+
+on_both!(row_kernels, row_kernels_match_the_cpu, row_kernels_match_the_cpu_emulated);
+on_both!(rope_llama3, rope_matches_the_cpu_with_llama3_scaling, rope_matches_the_cpu_with_llama3_scaling_emulated);
+on_both!(paged_attention, paged_attention_matches_the_reference, paged_attention_matches_the_reference_emulated);
+on_both!(
+    argmax_top_k,
+    argmax_and_top_k_take_the_lowest_index_among_equals,
+    argmax_and_top_k_take_the_lowest_index_among_equals_emulated
+);
+
+fn row_kernels<D: Dev>(g: &D) {
     let (rows, dim) = (5, 333);
     let x = random(rows * dim, 1);
     let w = random(dim, 2);
@@ -140,55 +321,56 @@ fn row_kernels_match_the_cpu() {
     for r in 0..rows {
         crate::norm::rmsnorm_row(&x[r * dim..][..dim], &w, 1e-5, &mut want[r * dim..][..dim]);
     }
-    let (xd, wd) = (up(&g, &x), up(&g, &w));
-    let mut yd = up(&g, &vec![0f32; x.len()]);
-    g.rmsnorm(&xd.as_view(), &wd.as_view(), 1e-5, &mut yd.as_view_mut()).unwrap();
-    close("rmsnorm", &down(&g, &yd), &want, 1e-5);
+    let (xd, wd) = (g.up(&x), g.up(&w));
+    let mut yd = g.up(&vec![0f32; x.len()]);
+    g.rmsnorm(&xd, &wd, 1e-5, &mut yd);
+    close("rmsnorm", &g.down(&yd), &want, 1e-5);
     // SwiGLU's middle and the residual add.
     let upv = random(x.len(), 3);
     let mut gate = x.clone();
     crate::activation::silu_mul_inplace(&mut gate, &upv);
-    let mut gd = up(&g, &x);
-    g.silu_mul(&mut gd.as_view_mut(), &up(&g, &upv).as_view()).unwrap();
-    close("silu_mul", &down(&g, &gd), &gate, 1e-6);
+    let mut gd = g.up(&x);
+    g.silu_mul(&mut gd, &g.up(&upv));
+    close("silu_mul", &g.down(&gd), &gate, 1e-6);
     let mut sum = x.clone();
     crate::activation::add_inplace(&mut sum, &upv);
-    let mut ad = up(&g, &x);
-    g.add(&mut ad.as_view_mut(), &up(&g, &upv).as_view()).unwrap();
-    assert_eq!(down(&g, &ad), sum, "add is exact");
+    let mut ad = g.up(&x);
+    g.add(&mut ad, &g.up(&upv));
+    assert_eq!(g.down(&ad), sum, "add is exact");
     let mut biased = x.clone();
     biased.chunks_mut(dim).for_each(|r| r.iter_mut().zip(&w).for_each(|(a, b)| *a += b));
-    let mut bd = up(&g, &x);
-    g.add_bias(&mut bd.as_view_mut(), &wd.as_view()).unwrap();
-    assert_eq!(down(&g, &bd), biased, "add_bias is exact");
+    let mut bd = g.up(&x);
+    g.add_bias(&mut bd, &wd);
+    assert_eq!(g.down(&bd), biased, "add_bias is exact");
     // Embedding rows of every weight type.
     let (vocab, ids) = (17usize, vec![3i32, 0, 16, 3]);
     let table = random(vocab * dim, 4);
     for elem in [Elem::F32, Elem::Bf16, Elem::F16] {
         let t = rounded(&table, elem);
         let want: Vec<f32> = ids.iter().flat_map(|&i| t[i as usize * dim..][..dim].to_vec()).collect();
-        let mut od = up(&g, &vec![0f32; ids.len() * dim]);
-        g.embed(&up(&g, &ids).as_view(), &up(&g, &bytes_of(&table, elem)).as_view(), elem, dim, &mut od.as_view_mut()).unwrap();
-        assert_eq!(down(&g, &od), want, "embed {elem:?} is exact");
+        let mut od = g.up(&vec![0f32; ids.len() * dim]);
+        g.embed(&g.up(&ids), &g.up(&bytes_of(&table, elem)), elem, dim, &mut od);
+        assert_eq!(g.down(&od), want, "embed {elem:?} is exact");
     }
-    // A pass with no tokens (only releases) launches nothing and is no error.
-    let empty = up(&g, &[0f32; 1][..0]);
-    g.rmsnorm(&empty.as_view(), &wd.as_view(), 1e-5, &mut up(&g, &[0f32; 1][..0]).as_view_mut()).unwrap();
-    let mut scratch = up(&g, &[0u8; 2]);
-    let mut y0 = up(&g, &[0f32; 1][..0]);
-    g.linear(&empty.as_view(), 0, &up(&g, &bytes_of(&table, Elem::F32)).as_view(), Elem::F32, vocab, &mut y0.as_view_mut(), &mut scratch.as_view_mut())
-        .unwrap();
-    // Rounding to bf16 and f16: nearest even, as the `half` crate.
+    // Rounding to bf16 and f16: nearest even, as the `half` crate — ties and values past
+    // f16's range included.
+    let mut xs = x.clone();
+    xs.extend([
+        1.0 + 2f32.powi(-11),
+        1.0 + 3.0 * 2f32.powi(-11),
+        70000.0,
+        -1e-8,
+        1.0 + 2f32.powi(-8),
+        1.0 + 3.0 * 2f32.powi(-8),
+    ]);
     for elem in [Elem::Bf16, Elem::F16] {
-        let mut nd = up(&g, &vec![0u8; x.len() * 2]);
-        g.narrow(&xd.as_view(), elem, &mut nd.as_view_mut()).unwrap();
-        assert_eq!(down(&g, &nd), bytes_of(&x, elem), "narrow to {elem:?}");
+        let mut nd = g.up(&vec![0u8; xs.len() * 2]);
+        g.narrow(&g.up(&xs), elem, &mut nd);
+        assert_eq!(g.down(&nd), bytes_of(&xs, elem), "narrow to {elem:?}");
     }
 }
 
-#[test]
-fn rope_matches_the_cpu_with_llama3_scaling() {
-    let Some(g) = gpu() else { return };
+fn rope_llama3<D: Dev>(g: &D) {
     let (heads, hd) = (3, 128);
     let scaling = RopeScaling::Llama3 {
         factor: 8.0,
@@ -203,9 +385,97 @@ fn rope_matches_the_cpu_with_llama3_scaling() {
     for (t, p) in pos.iter().enumerate() {
         rope.apply(&mut want[t * heads * hd..][..heads * hd], *p as usize);
     }
-    let mut xd = up(&g, &x);
-    g.rope(&mut xd.as_view_mut(), &up(&g, &pos).as_view(), &up(&g, &rope.inv_freq).as_view(), heads, hd).unwrap();
-    close("rope", &down(&g, &xd), &want, 2e-5);
+    let mut xd = g.up(&x);
+    g.rope(&mut xd, &g.up(&pos), &g.up(&rope.inv_freq), heads, hd);
+    close("rope", &g.down(&xd), &want, 2e-5);
+}
+
+fn paged_attention<D: Dev>(g: &D) {
+    // GQA, then multi-head with each thread holding two dimensions, the largest head, and a
+    // head dimension that is no multiple of 32 — each with every cache type.
+    let shapes = [(8, 2, 64), (4, 4, 128), (2, 1, 256), (6, 3, 80)];
+    for (i, (heads, kv_heads, head_dim)) in shapes.into_iter().enumerate() {
+        let s = AttnShape { heads, kv_heads, head_dim };
+        for elem in [Elem::F32, Elem::Bf16, Elem::F16] {
+            // Windows only on the first shape: they change which positions count, not how.
+            let windows: &[Option<usize>] = if i == 0 { &[None, Some(50)] } else { &[None] };
+            for &window in windows {
+                paged_attention_case(g, s, elem, window);
+            }
+        }
+    }
+}
+
+fn paged_attention_case<D: Dev>(g: &D, s: AttnShape, elem: Elem, window: Option<usize>) {
+    let (kvd, qd, bt) = (s.kv_heads * s.head_dim, s.heads * s.head_dim, 16usize);
+    // (past, new): a long decode, a prompt block, a one-position sequence, a tile boundary.
+    let seqs = [(300usize, 1usize), (0, 37), (0, 1), (127, 2)];
+    {
+        {
+            // Every block its own allocation, as from the GPU pool.
+            let mut blocks = Vec::new();
+            let (mut table, mut starts, mut pos, mut q, mut want) = (vec![], vec![], vec![], vec![], vec![]);
+            for (i, &(past, new)) in seqs.iter().enumerate() {
+                let len = past + new;
+                let k = random(len * kvd, 10 + i as u64);
+                let v = random(len * kvd, 20 + i as u64);
+                let start = table.len() as i32;
+                let mine: Vec<u64> = (0..len.div_ceil(bt))
+                    .map(|_| {
+                        let b = g.up(&vec![0u8; 2 * bt * kvd * elem.size()]);
+                        let p = g.addr(&b);
+                        blocks.push(b);
+                        p
+                    })
+                    .collect();
+                // Stored in a different order from the blocks' (the pool hands them out in any).
+                let mut order: Vec<usize> = (0..len).collect();
+                order.reverse();
+                let addr: Vec<u64> = order.iter().map(|p| mine[p / bt]).collect();
+                let offset: Vec<i32> = order.iter().map(|p| (p % bt) as i32).collect();
+                let pick = |m: &[f32]| order.iter().flat_map(|&p| m[p * kvd..][..kvd].to_vec()).collect::<Vec<f32>>();
+                table.extend(&mine);
+                g.kv_store(&g.up(&pick(&k)), &g.up(&pick(&v)), elem, &g.up(&addr), &g.up(&offset), kvd, bt);
+                let qs = random(new * qd, 30 + i as u64);
+                want.extend(attend_reference(&qs, &rounded(&k, elem), &rounded(&v, elem), past, window, s));
+                q.extend(qs);
+                for j in 0..new {
+                    starts.push(start);
+                    pos.push((past + j) as i32);
+                }
+            }
+            let mut out = g.up(&vec![0f32; q.len()]);
+            g.attend(&g.up(&q), elem, &g.up(&table), &g.up(&starts), &g.up(&pos), s, bt, window, &mut out);
+            close(&format!("attend {s:?} {elem:?} window {window:?}"), &g.down(&out), &want, 1e-4);
+            drop(blocks);
+        }
+    }
+}
+
+fn argmax_top_k<D: Dev>(g: &D) {
+    let vocab = 3001;
+    let mut logits = random(2 * vocab, 8);
+    logits[100] = 5.0;
+    logits[2000] = 5.0; // a tie: 100 wins
+    logits[vocab + 2999] = 7.0;
+    logits[vocab + 5] = 6.0;
+    logits[vocab + 6] = 6.0;
+    let ld = g.up(&logits);
+    let mut out = g.up(&[0i32; 2][..]);
+    g.argmax(&ld, vocab, &mut out);
+    assert_eq!(g.down(&out), vec![100, 2999]);
+    let (mut ids, mut vals) = (g.up(&[0i32; 6][..]), g.up(&[0f32; 6][..]));
+    g.top_k(&ld, vocab, 3, &mut ids, &mut vals);
+    let ids = g.down(&ids);
+    assert_eq!(&ids[..2], &[100, 2000]);
+    assert_eq!(&ids[3..], &[2999, 5, 6]);
+    assert_eq!(&g.down(&vals)[3..], &[7.0, 6.0, 6.0]);
+    // The third of row 0 is its largest random logit after the two fives.
+    let third = (0..vocab)
+        .filter(|&i| i != 100 && i != 2000)
+        .max_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a)))
+        .unwrap();
+    assert_eq!(ids[2], third as i32);
 }
 
 #[test]
@@ -219,106 +489,59 @@ fn linear_matches_the_reference_for_every_weight_type() {
             let wr = rounded(&w, elem);
             let xr = if elem == Elem::F32 { x.clone() } else { rounded(&x, elem) };
             let want = matmul_reference(&xr, t, WeightView::F32(&wr), n, None);
-            let mut yd = up(&g, &vec![0f32; t * n]);
-            let mut scratch = up(&g, &vec![0u8; t * k * 2]);
-            g.linear(&up(&g, &x).as_view(), t, &up(&g, &bytes_of(&w, elem)).as_view(), elem, n, &mut yd.as_view_mut(), &mut scratch.as_view_mut()).unwrap();
-            close(&format!("linear {elem:?} {t}x{k}x{n}"), &down(&g, &yd), &want, 1e-4);
-        }
-    }
-}
-
-#[test]
-fn paged_attention_matches_the_reference_for_a_batch_of_sequences() {
-    let Some(g) = gpu() else { return };
-    let s = AttnShape { heads: 8, kv_heads: 2, head_dim: 64 };
-    let (kvd, qd, bt) = (s.kv_heads * s.head_dim, s.heads * s.head_dim, 16usize);
-    // (past, new): a long decode, a prompt block, a one-position sequence, a tile boundary.
-    let seqs = [(300usize, 1usize), (0, 37), (0, 1), (127, 2)];
-    for elem in [Elem::F32, Elem::Bf16, Elem::F16] {
-        for window in [None, Some(50)] {
-            // Every block its own allocation, as from the GPU pool.
-            let mut blocks = Vec::new();
-            let (mut table, mut starts, mut pos, mut q, mut want) = (vec![], vec![], vec![], vec![], vec![]);
-            for (i, &(past, new)) in seqs.iter().enumerate() {
-                let len = past + new;
-                let k = random(len * kvd, 10 + i as u64);
-                let v = random(len * kvd, 20 + i as u64);
-                let start = table.len() as i32;
-                let mine: Vec<u64> = (0..len.div_ceil(bt))
-                    .map(|_| {
-                        let b = up(&g, &vec![0u8; 2 * bt * kvd * elem.size()]);
-                        let p = cudarc::driver::DevicePtr::device_ptr(&b, g.stream()).0;
-                        blocks.push(b);
-                        p
-                    })
-                    .collect();
-                let addr: Vec<u64> = (0..len).map(|p| mine[p / bt]).collect();
-                let offset: Vec<i32> = (0..len).map(|p| (p % bt) as i32).collect();
-                table.extend(&mine);
-                // SAFETY: the blocks above are live, of the right size, used on this stream only.
-                unsafe {
-                    g.kv_store(
-                        &up(&g, &k).as_view(),
-                        &up(&g, &v).as_view(),
-                        elem,
-                        &up(&g, &addr).as_view(),
-                        &up(&g, &offset).as_view(),
-                        kvd,
-                        bt,
-                    )
-                }
-                .unwrap();
-                let qs = random(new * qd, 30 + i as u64);
-                want.extend(attend_reference(&qs, &rounded(&k, elem), &rounded(&v, elem), past, window, s));
-                q.extend(qs);
-                for j in 0..new {
-                    starts.push(start);
-                    pos.push((past + j) as i32);
-                }
-            }
-            let mut out = up(&g, &vec![0f32; q.len()]);
-            // SAFETY: as above; every position up to each row's was stored.
-            unsafe {
-                g.attend(
-                    &up(&g, &q).as_view(),
-                    elem,
-                    &up(&g, &table).as_view(),
-                    &up(&g, &starts).as_view(),
-                    &up(&g, &pos).as_view(),
-                    s,
-                    bt,
-                    window,
-                    &mut out.as_view_mut(),
-                )
-            }
+            let mut yd = g.up(&vec![0f32; t * n]);
+            let mut scratch = g.up(&vec![0u8; t * k * 2]);
+            g.linear(
+                &g.up(&x).as_view(),
+                t,
+                &g.up(&bytes_of(&w, elem)).as_view(),
+                elem,
+                n,
+                &mut yd.as_view_mut(),
+                &mut scratch.as_view_mut(),
+            )
             .unwrap();
-            close(&format!("attend {elem:?} window {window:?}"), &down(&g, &out), &want, 1e-4);
-            drop(blocks);
+            close(&format!("linear {elem:?} {t}x{k}x{n}"), &g.down(&yd), &want, 1e-4);
         }
     }
 }
 
 #[test]
-fn argmax_and_top_k_take_the_lowest_index_among_equals() {
+fn passes_with_no_tokens_launch_nothing_and_bad_shapes_are_refused_by_name() {
     let Some(g) = gpu() else { return };
-    let vocab = 3001;
-    let mut logits = random(2 * vocab, 8);
-    logits[100] = 5.0;
-    logits[2000] = 5.0; // a tie: 100 wins
-    logits[vocab + 2999] = 7.0;
-    logits[vocab + 5] = 6.0;
-    logits[vocab + 6] = 6.0;
-    let ld = up(&g, &logits);
-    let mut out = up(&g, &[0i32; 2][..]);
-    g.argmax(&ld.as_view(), vocab, &mut out.as_view_mut()).unwrap();
-    assert_eq!(down(&g, &out), vec![100, (vocab + 2999 - vocab) as i32]);
-    let (mut ids, mut vals) = (up(&g, &[0i32; 6][..]), up(&g, &[0f32; 6][..]));
-    g.top_k(&ld.as_view(), vocab, 3, &mut ids.as_view_mut(), &mut vals.as_view_mut()).unwrap();
-    let ids = down(&g, &ids);
-    assert_eq!(&ids[..2], &[100, 2000]);
-    assert_eq!(&ids[3..], &[2999, 5, 6]);
-    assert_eq!(&down(&g, &vals)[3..], &[7.0, 6.0, 6.0]);
-    // Bad shapes are refused by name, not launched.
-    let e = g.top_k(&ld.as_view(), vocab, 65, &mut up(&g, &[0i32; 130][..]).as_view_mut(), &mut up(&g, &[0f32; 130][..]).as_view_mut()).unwrap_err();
+    let w = g.up(&random(8, 2));
+    let empty = g.up(&[0f32; 1][..0]);
+    GpuKernels::rmsnorm(&g, &empty.as_view(), &w.as_view(), 1e-5, &mut g.up(&[0f32; 1][..0]).as_view_mut()).unwrap();
+    let mut scratch = g.up(&[0u8; 2]);
+    let mut y0 = g.up(&[0f32; 1][..0]);
+    g.linear(
+        &empty.as_view(),
+        0,
+        &g.up(&bytes_of(&random(16, 1), Elem::F32)).as_view(),
+        Elem::F32,
+        2,
+        &mut y0.as_view_mut(),
+        &mut scratch.as_view_mut(),
+    )
+    .unwrap();
+    let ld = g.up(&random(2 * 3001, 8));
+    let e = GpuKernels::top_k(
+        &g,
+        &ld.as_view(),
+        3001,
+        65,
+        &mut g.up(&[0i32; 130][..]).as_view_mut(),
+        &mut g.up(&[0f32; 130][..]).as_view_mut(),
+    )
+    .unwrap_err();
     assert!(matches!(e, GpuError::Shape { kernel: "top_k", .. }), "{e}");
+    let e = GpuKernels::rmsnorm(
+        &g,
+        &g.up(&random(10, 1)).as_view(),
+        &w.as_view(),
+        1e-5,
+        &mut g.up(&[0f32; 10][..]).as_view_mut(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, GpuError::Shape { kernel: "rmsnorm", .. }), "{e}");
 }
