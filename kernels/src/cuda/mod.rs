@@ -26,8 +26,22 @@ use std::sync::Arc;
 pub const SOURCE: &str = include_str!("weir.cu");
 
 /// The kernels `SOURCE` defines, by name.
-pub const KERNELS: [&str; 11] =
-    ["embed", "rmsnorm", "rope", "silu_mul", "add", "add_bias", "narrow", "kv_store", "attend", "argmax", "top_k"];
+pub const KERNELS: [&str; 14] = [
+    "embed",
+    "rmsnorm",
+    "rope",
+    "silu_mul",
+    "add",
+    "add_bias",
+    "narrow",
+    "gather_rows",
+    "scatter_rows",
+    "sigmoid_gate",
+    "kv_store",
+    "attend",
+    "argmax",
+    "top_k",
+];
 
 /// The largest head dimension `attend` takes (`ATTN_MAX_HEAD_DIM` in the source).
 pub const MAX_HEAD_DIM: usize = 256;
@@ -409,6 +423,83 @@ impl GpuKernels {
             unsafe { b.launch(grid_for(n as usize)) }
         })
         .map(drop)
+    }
+
+    /// `out[r] = x[idx[r]]` (rows of `width`): the rows of the tokens routed to one expert.
+    /// The indices must be rows of `x` (the caller's routing).
+    pub fn gather_rows(
+        &self,
+        x: &CudaView<'_, f32>,
+        idx: &CudaView<'_, i32>,
+        width: usize,
+        out: &mut CudaViewMut<'_, f32>,
+    ) -> Result<(), GpuError> {
+        if idx.is_empty() {
+            return Ok(());
+        }
+        check("gather_rows", width > 0 && x.len() % width == 0 && out.len() == idx.len() * width, || {
+            format!("{} rows of {width} from {} floats into {}", idx.len(), x.len(), out.len())
+        })?;
+        let w = int("gather_rows", "width", width)?;
+        call("gather_rows", || {
+            let mut b = self.stream.launch_builder(self.func("gather_rows"));
+            b.arg(x).arg(idx).arg(out).arg(&w);
+            // SAFETY: arguments match; shapes checked, indices the caller's promise.
+            unsafe { b.launch(rows_cfg(idx.len(), ROW_THREADS)) }
+        })
+        .map(drop)
+    }
+
+    /// `y[idx[r]] = w[r] · rows[r]` (rows of `width`), leaving `y`'s other rows as they are:
+    /// an expert's weighted outputs back in their tokens' rows. No index may repeat.
+    pub fn scatter_rows(
+        &self,
+        rows: &CudaView<'_, f32>,
+        idx: &CudaView<'_, i32>,
+        w: &CudaView<'_, f32>,
+        width: usize,
+        y: &mut CudaViewMut<'_, f32>,
+    ) -> Result<(), GpuError> {
+        if idx.is_empty() {
+            return Ok(());
+        }
+        check(
+            "scatter_rows",
+            width > 0 && rows.len() == idx.len() * width && w.len() == idx.len() && y.len() % width == 0,
+            || format!("{} rows of {width} ({} floats, {} weights) into {} floats", idx.len(), rows.len(), w.len(), y.len()),
+        )?;
+        let wd = int("scatter_rows", "width", width)?;
+        call("scatter_rows", || {
+            let mut b = self.stream.launch_builder(self.func("scatter_rows"));
+            b.arg(rows).arg(idx).arg(w).arg(y).arg(&wd);
+            // SAFETY: arguments match; shapes checked, indices the caller's promise.
+            unsafe { b.launch(rows_cfg(idx.len(), ROW_THREADS)) }
+        })
+        .map(drop)
+    }
+
+    /// Each row of `x` (`[tokens, dim]`) scaled by the sigmoid of its gate `g[t]`.
+    pub fn sigmoid_gate(&self, x: &mut CudaViewMut<'_, f32>, g: &CudaView<'_, f32>, dim: usize) -> Result<(), GpuError> {
+        if g.is_empty() && x.is_empty() {
+            return Ok(());
+        }
+        check("sigmoid_gate", x.len() == g.len() * dim, || format!("{} floats for {} gates of {dim}", x.len(), g.len()))?;
+        let d = int("sigmoid_gate", "dim", dim)?;
+        call("sigmoid_gate", || {
+            let mut b = self.stream.launch_builder(self.func("sigmoid_gate"));
+            b.arg(x).arg(g).arg(&d);
+            // SAFETY: arguments match; shapes checked.
+            unsafe { b.launch(rows_cfg(g.len(), ROW_THREADS)) }
+        })
+        .map(drop)
+    }
+
+    /// Zeros on the stream.
+    pub fn zero(&self, y: &mut CudaViewMut<'_, f32>) -> Result<(), GpuError> {
+        if y.is_empty() {
+            return Ok(());
+        }
+        call("zeroing", || self.stream.memset_zeros(y))
     }
 
     /// Stores each token's keys and values (`[tokens, kv_dim]`) into a paged cache: token `t`

@@ -121,6 +121,16 @@ trait Dev {
     fn add(&self, a: &mut Self::Buf<f32>, b: &Self::Buf<f32>);
     fn add_bias(&self, y: &mut Self::Buf<f32>, b: &Self::Buf<f32>);
     fn narrow(&self, x: &Self::Buf<f32>, elem: Elem, y: &mut Self::Buf<u8>);
+    fn gather_rows(&self, x: &Self::Buf<f32>, idx: &Self::Buf<i32>, width: usize, out: &mut Self::Buf<f32>);
+    fn scatter_rows(
+        &self,
+        rows: &Self::Buf<f32>,
+        idx: &Self::Buf<i32>,
+        w: &Self::Buf<f32>,
+        width: usize,
+        y: &mut Self::Buf<f32>,
+    );
+    fn sigmoid_gate(&self, x: &mut Self::Buf<f32>, g: &Self::Buf<f32>, dim: usize);
     #[allow(clippy::too_many_arguments)]
     fn kv_store(
         &self,
@@ -211,6 +221,23 @@ impl Dev for GpuKernels {
     }
     fn narrow(&self, x: &CudaSlice<f32>, elem: Elem, y: &mut CudaSlice<u8>) {
         GpuKernels::narrow(self, &x.as_view(), elem, &mut y.as_view_mut()).unwrap()
+    }
+    fn gather_rows(&self, x: &CudaSlice<f32>, idx: &CudaSlice<i32>, width: usize, out: &mut CudaSlice<f32>) {
+        GpuKernels::gather_rows(self, &x.as_view(), &idx.as_view(), width, &mut out.as_view_mut()).unwrap()
+    }
+    fn scatter_rows(
+        &self,
+        rows: &CudaSlice<f32>,
+        idx: &CudaSlice<i32>,
+        w: &CudaSlice<f32>,
+        width: usize,
+        y: &mut CudaSlice<f32>,
+    ) {
+        GpuKernels::scatter_rows(self, &rows.as_view(), &idx.as_view(), &w.as_view(), width, &mut y.as_view_mut())
+            .unwrap()
+    }
+    fn sigmoid_gate(&self, x: &mut CudaSlice<f32>, g: &CudaSlice<f32>, dim: usize) {
+        GpuKernels::sigmoid_gate(self, &mut x.as_view_mut(), &g.as_view(), dim).unwrap()
     }
     fn kv_store(
         &self,
@@ -304,6 +331,7 @@ macro_rules! on_both {
 }
 
 on_both!(row_kernels, row_kernels_match_the_cpu, row_kernels_match_the_cpu_emulated);
+on_both!(moe_kernels, expert_rows_and_gates_match_the_cpu, expert_rows_and_gates_match_the_cpu_emulated);
 on_both!(rope_llama3, rope_matches_the_cpu_with_llama3_scaling, rope_matches_the_cpu_with_llama3_scaling_emulated);
 on_both!(paged_attention, paged_attention_matches_the_reference, paged_attention_matches_the_reference_emulated);
 on_both!(
@@ -368,6 +396,36 @@ fn row_kernels<D: Dev>(g: &D) {
         g.narrow(&g.up(&xs), elem, &mut nd);
         assert_eq!(g.down(&nd), bytes_of(&xs, elem), "narrow to {elem:?}");
     }
+}
+
+fn moe_kernels<D: Dev>(g: &D) {
+    let (tokens, width) = (7, 300);
+    let x = random(tokens * width, 40);
+    // The tokens routed to one expert, out of order, and their weights.
+    let (idx, w) = (vec![5i32, 0, 3], vec![0.5f32, -1.25, 2.0]);
+    let want: Vec<f32> = idx.iter().flat_map(|&t| x[t as usize * width..][..width].to_vec()).collect();
+    let mut rows = g.up(&vec![0f32; idx.len() * width]);
+    g.gather_rows(&g.up(&x), &g.up(&idx), width, &mut rows);
+    assert_eq!(g.down(&rows), want, "gather_rows is exact");
+    let out = random(idx.len() * width, 41);
+    let mut want = x.clone();
+    for (r, (&t, &s)) in idx.iter().zip(&w).enumerate() {
+        for d in 0..width {
+            want[t as usize * width + d] = out[r * width + d] * s;
+        }
+    }
+    let mut y = g.up(&x);
+    g.scatter_rows(&g.up(&out), &g.up(&idx), &g.up(&w), width, &mut y);
+    assert_eq!(g.down(&y), want, "scatter_rows is exact and leaves the other rows");
+    let gates = random(tokens, 42).iter().map(|v| v * 8.0).collect::<Vec<f32>>();
+    let mut want = x.clone();
+    for (row, &gv) in want.chunks_exact_mut(width).zip(&gates) {
+        let s = 1.0 / (1.0 + (-gv).exp());
+        row.iter_mut().for_each(|v| *v *= s);
+    }
+    let mut xd = g.up(&x);
+    g.sigmoid_gate(&mut xd, &g.up(&gates), width);
+    close("sigmoid_gate", &g.down(&xd), &want, 1e-6);
 }
 
 fn rope_llama3<D: Dev>(g: &D) {

@@ -147,6 +147,29 @@ extern "C" __global__ void narrow(const float* x, void* y, int dtype, size_t n) 
     }
 }
 
+// out[r, :] = x[idx[r], :]: the rows of the tokens routed to one expert. Grid: rows.
+extern "C" __global__ void gather_rows(const float* x, const int* idx, float* out, int width) {
+    const float* xr = x + (size_t)idx[blockIdx.x] * width;
+    float* o = out + (size_t)blockIdx.x * width;
+    for (int d = threadIdx.x; d < width; d += blockDim.x) o[d] = xr[d];
+}
+
+// y[idx[r], :] = w[r] * rows[r, :]: an expert's outputs, weighted, back in their tokens' rows
+// (a token comes to an expert at most once, so no two rows write the same place). Grid: rows.
+extern "C" __global__ void scatter_rows(const float* rows, const int* idx, const float* w, float* y, int width) {
+    const float* r = rows + (size_t)blockIdx.x * width;
+    float* yr = y + (size_t)idx[blockIdx.x] * width;
+    float s = w[blockIdx.x];
+    for (int d = threadIdx.x; d < width; d += blockDim.x) yr[d] = r[d] * s;
+}
+
+// x[t, :] *= sigmoid(g[t]): a gated branch (Qwen2-MoE's shared expert). Grid: tokens.
+extern "C" __global__ void sigmoid_gate(float* x, const float* g, int dim) {
+    float s = 1.0f / (1.0f + expf(-g[blockIdx.x]));
+    float* xr = x + (size_t)blockIdx.x * dim;
+    for (int d = threadIdx.x; d < dim; d += blockDim.x) xr[d] *= s;
+}
+
 // Stores token t's keys and values (k, v: [tokens, kv_dim] f32) into a paged cache: the block
 // at device address block[t], position offset[t] in it. A block holds its positions' keys,
 // then their values: [2, block_tokens, kv_dim] of `dtype`, as the CPU cache; blocks are

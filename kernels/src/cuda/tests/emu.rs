@@ -147,6 +147,17 @@ impl Dev for Emu {
         let n = x.len();
         self.run("narrow", grid_for(n), Args::default().buf(x).out(y).val(elem as i32).val(n as Count))
     }
+    fn gather_rows(&self, x: &Vec<f32>, idx: &Vec<i32>, width: usize, out: &mut Vec<f32>) {
+        let a = Args::default().buf(x).buf(idx).out(out).val(i(width));
+        self.run("gather_rows", rows_cfg(idx.len(), ROW_THREADS), a)
+    }
+    fn scatter_rows(&self, rows: &Vec<f32>, idx: &Vec<i32>, w: &Vec<f32>, width: usize, y: &mut Vec<f32>) {
+        let a = Args::default().buf(rows).buf(idx).buf(w).out(y).val(i(width));
+        self.run("scatter_rows", rows_cfg(idx.len(), ROW_THREADS), a)
+    }
+    fn sigmoid_gate(&self, x: &mut Vec<f32>, g: &Vec<f32>, dim: usize) {
+        self.run("sigmoid_gate", rows_cfg(g.len(), ROW_THREADS), Args::default().out(x).buf(g).val(i(dim)))
+    }
     fn kv_store(
         &self,
         k: &Vec<f32>,
