@@ -46,7 +46,7 @@ pub fn compile(
             b.serial(lanes[n.lane]);
         }
         let op = match node_gpu(g, i) {
-            Some(_) => n.op.instantiate_gpu().map_err(|e| Error::Placement(format!("node `{}`: {e}", n.name)))?,
+            Some(_) => n.op.instantiate_gpu(env, n.layer).map_err(|e| Error::Placement(format!("node `{}`: {e}", n.name)))?,
             None => n.op.instantiate(env, n.layer),
         };
         actors.push(b.actor(&n.name, lanes[n.lane], n.layer, op, n.op.inputs().len(), n.op.outputs().len()));

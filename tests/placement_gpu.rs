@@ -80,11 +80,12 @@ fn a_graph_without_gpu_lanes_moves_nothing() {
 fn an_edge_between_two_gpus_is_refused_by_name() {
     let model = Model::open(fixture("tiny-llama")).unwrap();
     let (text, name) = example("llama-gpu.weir");
-    let text = text.replacen("lane host cpu threads=1", "lane host cpu threads=1\nlane other gpu device=1", 1).replacen(
-        "node final_norm = rmsnorm dim=hidden eps=rms_norm_eps",
-        "node final_norm = rmsnorm dim=hidden eps=rms_norm_eps lane=other",
-        1,
-    );
+    let text =
+        text.replacen("lane host cpu threads=1", "lane host cpu threads=1\nlane other gpu device=1", 1).replacen(
+            "node final_norm = rmsnorm dim=hidden eps=rms_norm_eps",
+            "node final_norm = rmsnorm dim=hidden eps=rms_norm_eps lane=other",
+            1,
+        );
     let g = model.graph(Some((&text, &name)), 1, weir::KvType::F32, 1).unwrap();
     let e = transfers(&g).unwrap_err().to_string();
     assert!(e.contains("joins two GPUs") && e.contains("final_norm"), "{e}");
@@ -128,7 +129,11 @@ fn tiny_llama_with_attention_on_the_cpu_matches_transformers() {
         skipped("no GPU");
         return;
     }
-    check_prompts_with(&fixture("tiny-llama"), &golden("tiny-llama")["prompts"], options("llama-gpu-cpu-attention.weir"));
+    check_prompts_with(
+        &fixture("tiny-llama"),
+        &golden("tiny-llama")["prompts"],
+        options("llama-gpu-cpu-attention.weir"),
+    );
 }
 
 #[test]
@@ -220,7 +225,8 @@ fn streaming_under_gpu_memory_stays_within_it() {
         return;
     }
     let budget = 2_700_000u64;
-    let (_, engine) = engine(&fixture("tiny-llama"), EngineOptions { gpu_memory: Some(budget), ..options("llama-gpu.weir") });
+    let (_, engine) =
+        engine(&fixture("tiny-llama"), EngineOptions { gpu_memory: Some(budget), ..options("llama-gpu.weir") });
     engine.generate(weir::Request::greedy(vec![1, 2, 3, 4, 5], 8)).unwrap();
     let peaks = engine.gpu_peaks();
     assert_eq!(peaks.len(), 1, "{peaks:?}");
@@ -228,4 +234,82 @@ fn streaming_under_gpu_memory_stays_within_it() {
     assert_eq!((name.as_str(), *b), ("gpu0", budget));
     assert!(*high > 0 && *high <= budget, "{peaks:?}");
     engine.shutdown().unwrap();
+}
+
+#[test]
+fn mixtral_all_on_gpu_routes_there_and_brings_back_only_the_logits() {
+    let model = Model::open(fixture("tiny-mixtral")).unwrap();
+    let g = graph(&model, "mixtral-gpu.weir");
+    let t = transfers(&g).unwrap();
+    let down: Vec<_> = t.iter().filter(|c| !c.up).collect();
+    assert_eq!(down.len(), 1, "{down:?}");
+    assert_eq!(g.nodes[down[0].from.node].name, "lm_head");
+    // Only weights go up: the routes stay with the experts on the GPU.
+    for c in t.iter().filter(|c| c.up) {
+        assert_eq!(g.nodes[c.from.node].op.kind(), "load", "{} goes up", c.name(&g));
+    }
+}
+
+#[test]
+fn mixtral_with_experts_on_the_cpu_moves_activations_not_expert_weights() {
+    let model = Model::open(fixture("tiny-mixtral")).unwrap();
+    let g = graph(&model, "mixtral-gpu-cpu-experts.weir");
+    let (layers, experts) = (model.config.num_hidden_layers, model.config.moe.as_ref().unwrap().experts);
+    let t = transfers(&g).unwrap();
+    let name = |c: &&weir::compile::Crossing| g.nodes[c.from.node].name.clone();
+    // Per layer, down: the hidden state the experts read, and the route; up: their sum.
+    let down: Vec<String> = t.iter().filter(|c| !c.up).map(|c| name(&c)).collect();
+    let acts_up: Vec<String> =
+        t.iter().filter(|c| c.up && g.nodes[c.from.node].op.kind() != "load").map(|c| name(&c)).collect();
+    assert_eq!(down.len(), 2 * layers + 1, "{down:?}");
+    for l in 0..layers {
+        assert!(down.contains(&format!("l{l}/mlp_norm")) && down.contains(&format!("l{l}/router")), "{down:?}");
+        assert!(acts_up.contains(&format!("l{l}/experts_sum{}", experts - 1)), "{acts_up:?}");
+    }
+    assert_eq!(acts_up.len(), layers, "{acts_up:?}");
+    // No expert weight crosses: the experts read theirs in DRAM.
+    for c in &t {
+        for &e in &c.edges {
+            let to = &g.nodes[g.edges[e].to.node];
+            let weight = g.edges[e].sticky;
+            assert!(!(weight && to.op.kind() == "expert"), "{} moves {}'s weights", c.name(&g), to.name);
+        }
+    }
+}
+
+#[test]
+fn tiny_mixtral_all_on_gpu_matches_transformers() {
+    if !gpu_present() {
+        skipped("no GPU");
+        return;
+    }
+    check_prompts_with(&fixture("tiny-mixtral"), &golden("tiny-mixtral")["prompts"], options("mixtral-gpu.weir"));
+}
+
+#[test]
+fn tiny_mixtral_with_experts_on_the_cpu_matches_transformers() {
+    if !gpu_present() {
+        skipped("no GPU");
+        return;
+    }
+    let opts = options("mixtral-gpu-cpu-experts.weir");
+    check_prompts_with(&fixture("tiny-mixtral"), &golden("tiny-mixtral")["prompts"], opts);
+}
+
+#[test]
+fn tiny_mixtral_on_gpu_with_experts_read_when_chosen_matches_transformers() {
+    if !gpu_present() {
+        skipped("no GPU");
+        return;
+    }
+    // Half the expert bytes resident on the GPU; the rest read from disk by the host's expert
+    // stores and uploaded when chosen (an unchosen expert's `Absent` passes the upload).
+    let experts = Some(weir_graphs::experts::ExpertPlacement {
+        budget: weir_graphs::experts::ExpertBudget::Fraction(0.5),
+        popularity: Default::default(),
+        cache: true,
+        predict: true,
+    });
+    let opts = EngineOptions { experts, ..options("mixtral-gpu.weir") };
+    check_prompts_with(&fixture("tiny-mixtral"), &golden("tiny-mixtral")["prompts"], opts);
 }

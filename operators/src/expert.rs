@@ -8,7 +8,7 @@
 //! lane, with its weights in their own tier.
 
 use crate::{check_act, swiglu, weight_view, Packet};
-use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, Step};
+use weir_runtime::{DType, Emit, FireCx, Inputs, OpError, Operator, Step};
 
 /// See the module doc.
 pub struct Expert {
@@ -26,21 +26,7 @@ impl Operator<Packet> for Expert {
         let (h, m) = (self.hidden, self.intermediate);
         let (batch, x) = ins.get(0).act("x")?;
         check_act("x", batch, x, h)?;
-        let Packet::Route { batch: rb, route } = ins.get(1) else {
-            return Err(OpError::new("port `route` expected a router's choices"));
-        };
-        if rb.pass != batch.pass || route.tokens() != batch.tokens() || route.experts != self.experts {
-            return Err(OpError::new(format!(
-                "port `route` carries pass {} with {} tokens over {} experts; `x` carries pass {} with {} tokens \
-                 and this expert is one of {}",
-                rb.pass,
-                route.tokens(),
-                route.experts,
-                batch.pass,
-                batch.tokens(),
-                self.experts
-            )));
-        }
+        let route = self.route(batch, ins.get(1))?;
         let t = batch.tokens();
         let mut y = cx.zeros_f32(vec![t, h])?;
         let mine = route.tokens_of(self.index);
@@ -62,6 +48,61 @@ impl Operator<Packet> for Expert {
             }
         }
         out.send(0, Packet::Act { batch: batch.clone(), x: y });
+        Ok(Step::Continue)
+    }
+}
+
+impl Expert {
+    /// The router's choices for `batch`'s pass, checked against it and this expert.
+    fn route<'a>(&self, batch: &crate::Batch, p: &'a Packet) -> Result<&'a crate::router::Routing, OpError> {
+        let Packet::Route { batch: rb, route } = p else {
+            return Err(OpError::new("port `route` expected a router's choices"));
+        };
+        if rb.pass != batch.pass || route.tokens() != batch.tokens() || route.experts != self.experts {
+            return Err(OpError::new(format!(
+                "port `route` carries pass {} with {} tokens over {} experts; `x` carries pass {} with {} tokens \
+                 and this expert is one of {}",
+                rb.pass,
+                route.tokens(),
+                route.experts,
+                batch.pass,
+                batch.tokens(),
+                self.experts
+            )));
+        }
+        Ok(route)
+    }
+}
+
+/// [`Expert`] on a GPU lane: its tokens' rows gathered, the SwiGLU MLP by cuBLAS, the weighted
+/// outputs scattered back into zeros. Its weights are read only when a token comes to it.
+pub struct GpuExpert(pub Expert);
+
+impl Operator<Packet> for GpuExpert {
+    fn kind(&self) -> &str {
+        "expert"
+    }
+    fn fire(&mut self, ins: &mut Inputs<Packet>, out: &mut Emit<Packet>, cx: &FireCx) -> Result<Step, OpError> {
+        let g = cx.gpu()?;
+        let (h, m) = (self.0.hidden, self.0.intermediate);
+        let (batch, x) = crate::gpu::act("x", ins.get(0), h)?;
+        let route = self.0.route(batch, ins.get(1))?;
+        let mut y = g.alloc(DType::F32, vec![batch.tokens(), h])?;
+        g.kernels.zero(&mut y.f32_mut()).map_err(crate::gpu::err)?;
+        let mine = route.tokens_of(self.0.index);
+        if !mine.is_empty() {
+            let gate = crate::gpu::weight("gate", ins.get(2), &[m, h])?;
+            let up = crate::gpu::weight("up", ins.get(3), &[m, h])?;
+            let down = crate::gpu::weight("down", ins.get(4), &[h, m])?;
+            let n = mine.len();
+            let idx = g.upload_values(&mine.iter().map(|p| p.0 as i32).collect::<Vec<i32>>())?;
+            let w = g.upload_values(&mine.iter().map(|p| p.1).collect::<Vec<f32>>())?;
+            let mut rows = g.alloc(DType::F32, vec![n, h])?;
+            g.kernels.gather_rows(&x.f32()?, &idx.as_view(), h, &mut rows.f32_mut()).map_err(crate::gpu::err)?;
+            let e = swiglu::gpu_forward(g, &rows.f32(), n, gate, up, down, h, m)?;
+            g.kernels.scatter_rows(&e.f32(), &idx.as_view(), &w.as_view(), h, &mut y.f32_mut()).map_err(crate::gpu::err)?;
+        }
+        out.send(0, Packet::DevAct { batch: batch.clone(), x: y.freeze() });
         Ok(Step::Continue)
     }
 }

@@ -588,7 +588,7 @@ impl OpConfig {
 
     /// The operator for a node placed on a GPU lane (inputs and outputs in GPU memory; the
     /// compiler moves data across). Kinds without a GPU version are an error naming the kind.
-    pub fn instantiate_gpu(&self) -> Result<Box<dyn Operator<Packet>>, String> {
+    pub fn instantiate_gpu(&self, env: &OpEnv, layer: Option<u32>) -> Result<Box<dyn Operator<Packet>>, String> {
         Ok(match self.clone() {
             OpConfig::Embedding { vocab, hidden } => Box::new(embedding::GpuEmbedding { vocab, hidden }),
             OpConfig::RmsNorm { dim, eps } => Box::new(rmsnorm::GpuRmsNorm { dim, eps }),
@@ -602,10 +602,23 @@ impl OpConfig {
             OpConfig::SwiGlu { hidden, intermediate } => Box::new(swiglu::GpuSwiGlu { hidden, intermediate }),
             OpConfig::Add { dim } => Box::new(add::GpuAdd { dim }),
             OpConfig::LmHead { hidden, vocab } => Box::new(lm_head::GpuLmHead { hidden, vocab }),
+            OpConfig::Router { hidden, experts, top_k, normalize, hint } => Box::new(router::GpuRouter(router::Router {
+                hidden,
+                experts,
+                top_k,
+                normalize,
+                hint,
+                layer: layer.unwrap_or(0),
+                stats: env.routing.clone(),
+            })),
+            OpConfig::Expert { hidden, intermediate, experts, index } => {
+                Box::new(expert::GpuExpert(expert::Expert { hidden, intermediate, experts, index }))
+            }
+            OpConfig::SigmoidGate { dim } => Box::new(sigmoid_gate::GpuSigmoidGate { dim }),
             other => {
                 return Err(format!(
                     "operator kind `{}` has no GPU version yet: place it on a cpu lane (GPU: embedding, rmsnorm, \
-                     linear, rope, attention, swiglu, add, lm_head)",
+                     linear, rope, attention, swiglu, add, lm_head, router, expert, sigmoid_gate)",
                     other.kind()
                 ))
             }

@@ -166,16 +166,50 @@ impl Operator<Packet> for Router {
         let t = batch.tokens();
         let mut logits = cx.zeros_f32(vec![t, e])?;
         weir_kernels::matmul::matmul(x.f32(), t, w, e, None, logits.f32_mut(), cx.par);
+        let route = self.route(batch, logits.f32());
+        out.send(0, Packet::Route { batch: batch.clone(), route: Arc::new(route) });
+        Ok(Step::Continue)
+    }
+}
+
+impl Router {
+    /// The route from the logits (`[tokens, experts]`), counted unless this is a hint.
+    fn route(&self, batch: &crate::Batch, logits: &[f32]) -> Routing {
+        let t = batch.tokens();
         let (mut ids, mut weights) = (Vec::with_capacity(t * self.top_k), Vec::with_capacity(t * self.top_k));
-        for row in logits.f32().chunks_exact(e) {
+        for row in logits.chunks_exact(self.experts) {
             let (i, w) = top_k(row, self.top_k, self.normalize);
             ids.extend(i);
             weights.extend(w);
         }
-        let route = Routing { experts: e, top_k: self.top_k, ids, weights };
+        let route = Routing { experts: self.experts, top_k: self.top_k, ids, weights };
         if !self.hint {
             self.stats.record(self.layer, batch, &route);
         }
+        route
+    }
+}
+
+/// [`Router`] on a GPU lane: the logits by cuBLAS, brought to the host (`experts` floats a
+/// token, waiting for the lane's stream), where the softmax and top-k run as on the CPU: the
+/// route is a host value, read by the experts' lanes and the expert stores wherever they are.
+pub struct GpuRouter(pub Router);
+
+impl Operator<Packet> for GpuRouter {
+    fn kind(&self) -> &str {
+        "router"
+    }
+    fn fire(&mut self, ins: &mut Inputs<Packet>, out: &mut Emit<Packet>, cx: &FireCx) -> Result<Step, OpError> {
+        let g = cx.gpu()?;
+        let (h, e) = (self.0.hidden, self.0.experts);
+        let (w, we) = crate::gpu::weight("weight", ins.get(1), &[e, h])?;
+        let (batch, x) = crate::gpu::act("x", ins.get(0), h)?;
+        let t = batch.tokens();
+        let logits = crate::gpu::linear(g, &x.f32()?, t, w, we, e, None)?.freeze();
+        let mut bytes = vec![0u8; t * e * 4];
+        g.download(&logits, &mut bytes)?;
+        let logits: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let route = self.0.route(batch, &logits);
         out.send(0, Packet::Route { batch: batch.clone(), route: Arc::new(route) });
         Ok(Step::Continue)
     }

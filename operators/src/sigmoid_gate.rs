@@ -38,6 +38,32 @@ impl Operator<Packet> for SigmoidGate {
     }
 }
 
+/// [`SigmoidGate`] on a GPU lane (into a copy of `x`: GPU activations are shared read-only).
+pub struct GpuSigmoidGate {
+    pub dim: usize,
+}
+
+impl Operator<Packet> for GpuSigmoidGate {
+    fn kind(&self) -> &str {
+        "sigmoid_gate"
+    }
+    fn fire(&mut self, ins: &mut Inputs<Packet>, out: &mut Emit<Packet>, cx: &FireCx) -> Result<Step, OpError> {
+        let gpu = cx.gpu()?;
+        let (batch, x) = crate::gpu::act("x", ins.get(0), self.dim)?;
+        let (gb, g) = crate::gpu::act("g", ins.get(1), 1)?;
+        if gb.pass != batch.pass {
+            return Err(OpError::new(format!(
+                "ports `x` and `g` carry different passes ({} and {})",
+                batch.pass, gb.pass
+            )));
+        }
+        let mut y = crate::gpu::copy(gpu, x)?;
+        gpu.kernels.sigmoid_gate(&mut y.f32_mut(), &g.f32()?, self.dim).map_err(crate::gpu::err)?;
+        out.send(0, Packet::DevAct { batch: batch.clone(), x: y.freeze() });
+        Ok(Step::Continue)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

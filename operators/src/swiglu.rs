@@ -68,19 +68,37 @@ impl Operator<Packet> for GpuSwiGlu {
     fn fire(&mut self, ins: &mut Inputs<Packet>, out: &mut Emit<Packet>, cx: &FireCx) -> Result<Step, OpError> {
         let g = cx.gpu()?;
         let (h, m) = (self.hidden, self.intermediate);
-        let (gate, ge) = crate::gpu::weight("gate", ins.get(1), &[m, h])?;
-        let (up, ue) = crate::gpu::weight("up", ins.get(2), &[m, h])?;
-        let (down, de) = crate::gpu::weight("down", ins.get(3), &[h, m])?;
+        let gate = crate::gpu::weight("gate", ins.get(1), &[m, h])?;
+        let up = crate::gpu::weight("up", ins.get(2), &[m, h])?;
+        let down = crate::gpu::weight("down", ins.get(3), &[h, m])?;
         let (batch, x) = crate::gpu::act("x", ins.get(0), h)?;
-        let (t, x) = (batch.tokens(), x.f32()?);
-        let mut a = crate::gpu::linear(g, &x, t, gate, ge, m, None)?;
-        let u = crate::gpu::linear(g, &x, t, up, ue, m, None)?;
-        g.kernels.silu_mul(&mut a.f32_mut(), &u.f32()).map_err(crate::gpu::err)?;
-        drop(u);
-        let y = crate::gpu::linear(g, &a.f32(), t, down, de, h, None)?;
+        let y = gpu_forward(g, &x.f32()?, batch.tokens(), gate, up, down, h, m)?;
         out.send(0, Packet::DevAct { batch: batch.clone(), x: y.freeze() });
         Ok(Step::Continue)
     }
+}
+
+/// A GPU weight and its element type.
+pub(crate) type GpuWeight<'a> = (&'a weir_runtime::gpu::DeviceTensor, weir_kernels::cuda::Elem);
+
+/// `down(silu(gate(x)) · up(x))` on the lane's stream, `x` `[t, h]`: the MLP of [`GpuSwiGlu`]
+/// and of each expert on a GPU.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gpu_forward(
+    g: &weir_runtime::gpu::GpuLane,
+    x: &cudarc::driver::CudaView<'_, f32>,
+    t: usize,
+    (gate, ge): GpuWeight<'_>,
+    (up, ue): GpuWeight<'_>,
+    (down, de): GpuWeight<'_>,
+    h: usize,
+    m: usize,
+) -> Result<weir_runtime::gpu::DeviceTensorMut, OpError> {
+    let mut a = crate::gpu::linear(g, x, t, gate, ge, m, None)?;
+    let u = crate::gpu::linear(g, x, t, up, ue, m, None)?;
+    g.kernels.silu_mul(&mut a.f32_mut(), &u.f32()).map_err(crate::gpu::err)?;
+    drop(u);
+    crate::gpu::linear(g, &a.f32(), t, down, de, h, None)
 }
 
 #[cfg(test)]

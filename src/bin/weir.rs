@@ -673,7 +673,7 @@ fn graph(cmd: GraphCmd) -> Result<()> {
             let on_gpu = |i: usize| weir::compile::node_gpu(&g, i).is_some();
             let mut problems = Vec::new();
             for n in (0..g.nodes.len()).filter(|&i| on_gpu(i)).map(|i| &g.nodes[i]) {
-                if let Err(e) = n.op.instantiate_gpu() {
+                if let Err(e) = n.op.instantiate_gpu(&weir_operators::OpEnv::default(), n.layer) {
                     problems.push(format!("node `{}`: {e}", n.name));
                 }
             }
