@@ -218,7 +218,9 @@ pub struct EngineOptions {
     /// 2⁻²⁵; a matrix with a larger value stays bf16 (see `weir_kernels::convert`).
     pub bf16_as_f16: bool,
     /// The budget of each GPU's memory pool, shared by its lanes' weights, KV cache and
-    /// activations (`None`: the device's memory less 1 GiB). Only graphs with GPU lanes use it.
+    /// activations (`None`: the device's memory less 1 GiB, which the weights and the KV cache
+    /// are then planned into as under an explicit budget: `default_gpu_memory`). Only graphs
+    /// with GPU lanes use it.
     pub gpu_memory: Option<u64>,
 }
 
@@ -300,6 +302,19 @@ pub fn planned_budget(g: &weir_graphs::Graph, memory: Option<u64>, gpu: Option<u
     memory.or(if on_gpu { gpu } else { None })
 }
 
+/// The GPU memory a graph's plan fits into when `--gpu-memory` is not given: each device's
+/// default pool (its memory less `weir_runtime::gpu::HEADROOM`), the smallest if several. So
+/// weights that do not fit stream, and the KV cache is admitted within it, as under an explicit
+/// budget. `None` without GPU lanes, or where a device cannot be opened (the program's start
+/// then says why).
+pub fn default_gpu_memory(g: &weir_graphs::Graph) -> Option<u64> {
+    let mut devices: Vec<usize> =
+        (0..g.nodes.len()).filter_map(|n| crate::compile::node_gpu(g, n)).collect();
+    devices.sort_unstable();
+    devices.dedup();
+    devices.iter().map(|&d| weir_runtime::gpu::default_budget(d).ok().map(|b| b as u64)).min().flatten()
+}
+
 /// What the scheduler needs to know of the model.
 #[derive(Clone)]
 struct SchedParams {
@@ -378,7 +393,8 @@ impl Engine {
                 ))
             })
         };
-        let planned = planned_budget(&graph, opts.memory_budget, opts.gpu_memory);
+        let gpu_memory = opts.gpu_memory.or_else(|| default_gpu_memory(&graph));
+        let planned = planned_budget(&graph, opts.memory_budget, gpu_memory);
         let (plan, split) = match (planned, graph.host_budget) {
             (Some(b), _) => {
                 let plan = weir_graphs::plan::fit(&mut graph, rest(b)?, opts.prefetch, &reserve)?;
@@ -427,7 +443,7 @@ impl Engine {
             micro_batches,
             pass_tokens: opts.max_pass_tokens,
             kv_blocks: split.map(|s| s.kv.checked_div(per_block).map_or(usize::MAX, |b| b as usize)),
-            gpu_memory: opts.gpu_memory.map(|b| b as usize),
+            gpu_memory: gpu_memory.map(|b| b as usize),
         };
         let run = start(&graph, opts.trace, &env, &sched)?;
         let budget = split.map(|s| s.weights + s.kv + s.activations + caches);

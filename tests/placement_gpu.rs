@@ -313,3 +313,21 @@ fn tiny_mixtral_on_gpu_with_experts_read_when_chosen_matches_transformers() {
     let opts = EngineOptions { experts, ..options("mixtral-gpu.weir") };
     check_prompts_with(&fixture("tiny-mixtral"), &golden("tiny-mixtral")["prompts"], opts);
 }
+
+#[test]
+fn without_gpu_memory_the_plan_fits_the_devices_default_budget() {
+    let model = Model::open(fixture("tiny-llama")).unwrap();
+    let g = graph(&model, "llama-gpu.weir");
+    if !gpu_present() {
+        // No device to ask: no default, and the program's start refuses the placement.
+        assert_eq!(weir::engine::default_gpu_memory(&g), None);
+        skipped("no GPU");
+        return;
+    }
+    let want = weir_runtime::gpu::default_budget(0).unwrap() as u64;
+    assert_eq!(weir::engine::default_gpu_memory(&g), Some(want));
+    let (_, engine) = engine(&fixture("tiny-llama"), options("llama-gpu.weir"));
+    let plan = engine.plan().expect("a plan under the default budget");
+    assert!(plan.split.weights + plan.split.kv + plan.split.activations <= want, "{plan:?}");
+    assert_eq!(plan.streamed_bytes, 0, "tiny-llama fits: {plan:?}");
+}

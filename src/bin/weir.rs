@@ -711,7 +711,8 @@ fn load_model_graph(a: &GraphArgs) -> Result<weir_graphs::Graph> {
     let (text, budgets) = a.place.resolve()?;
     let model = Model::open(&a.model).with_context(|| format!("--model {}", a.model.display()))?;
     let mut g = model.graph(text.as_ref().map(|(t, n)| (t.as_str(), n.as_str())), a.threads, a.place.kv_dtype, 1)?;
-    if let Some(b) = weir::engine::planned_budget(&g, budgets.memory, budgets.gpu) {
+    let gpu = budgets.gpu.or_else(|| weir::engine::default_gpu_memory(&g));
+    if let Some(b) = weir::engine::planned_budget(&g, budgets.memory, gpu) {
         let reserve = a.place.engine_options(a.threads, None, budgets).reserve(model.config.max_position_embeddings);
         weir_graphs::plan::fit(&mut g, b, a.place.prefetch, &reserve).map_err(weir::Error::from)?;
     }

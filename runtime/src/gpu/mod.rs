@@ -51,6 +51,16 @@ pub fn open(ordinal: usize) -> Result<(Arc<CudaContext>, GpuInfo), GpuError> {
     Ok((ctx, info))
 }
 
+/// What a device's pool leaves to everything else by default (the CUDA context, cuBLAS's
+/// workspace, other processes).
+pub const HEADROOM: usize = 1 << 30;
+
+/// The default budget of device `ordinal`'s pool: its memory less [`HEADROOM`].
+pub fn default_budget(ordinal: usize) -> Result<usize, GpuError> {
+    let (_, info) = open(ordinal)?;
+    Ok(info.total_bytes.saturating_sub(HEADROOM))
+}
+
 /// The GPU side of every lane of a program (`None` for CPU and I/O lanes): per device one
 /// memory pool of `budget` bytes (default: the device's memory less 1 GiB), per GPU lane a
 /// stream of its own with weir's kernels loaded. A device that is missing, or kernels that do
@@ -66,8 +76,7 @@ pub fn lanes_for(lanes: &[crate::LaneSpec], budget: Option<usize>) -> Result<Gpu
         let unavailable = |reason: String| crate::Error::DeviceUnavailable { device: format!("gpu{device}"), reason };
         if !devices.iter().any(|d| d.0 == device) {
             let (ctx, info) = open(device).map_err(|e| unavailable(e.to_string()))?;
-            let headroom = 1usize << 30;
-            let bytes = budget.unwrap_or(info.total_bytes.saturating_sub(headroom));
+            let bytes = budget.unwrap_or(info.total_bytes.saturating_sub(HEADROOM));
             if bytes > info.total_bytes {
                 return Err(unavailable(format!(
                     "--gpu-memory {bytes} is more than {}'s {} bytes",
