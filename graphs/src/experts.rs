@@ -183,6 +183,7 @@ pub fn place(g: &mut Graph, p: &ExpertPlacement) -> Result<ExpertPlan> {
             budget,
             cache: p.cache,
             hinted: hint.is_some(),
+            twins: None,
         };
         let store = g.nodes.len();
         g.nodes.push(Node { name: format!("l{layer}/expert_store"), op, lane, layer: Some(layer) });

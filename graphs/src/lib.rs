@@ -17,7 +17,8 @@ pub mod experts;
 pub mod format;
 pub mod graph;
 pub mod llama;
-pub mod offload;
+/// The per-step decision lives with the expert stores that make it.
+pub use weir_operators::offload;
 pub mod plan;
 pub mod safetensors;
 

@@ -1,7 +1,8 @@
 //! Residual add: `y = a + b`.
 //!
 //! Ports: `a`, `b` `[tokens, dim]` f32. Output: `y` `[tokens, dim]` f32 (reuses `a`'s buffer
-//! when nothing else holds it).
+//! when nothing else holds it). A `b` that is [`Packet::Absent`] adds nothing: `a` goes on as
+//! it is (a twin expert that computed nothing this pass, see `expert`).
 
 use crate::{check_act, Packet};
 use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, Step};
@@ -16,6 +17,10 @@ impl Operator<Packet> for Add {
         "add"
     }
     fn fire(&mut self, ins: &mut Inputs<Packet>, out: &mut Emit<Packet>, _cx: &FireCx) -> Result<Step, OpError> {
+        if matches!(ins.get(1), Packet::Absent) {
+            out.send(0, ins.take(0));
+            return Ok(Step::Continue);
+        }
         let Packet::Act { batch, mut x } = ins.take(0) else {
             return Err(OpError::new("port `a` expected activations"));
         };
@@ -44,6 +49,10 @@ impl Operator<Packet> for GpuAdd {
         "add"
     }
     fn fire(&mut self, ins: &mut Inputs<Packet>, out: &mut Emit<Packet>, cx: &FireCx) -> Result<Step, OpError> {
+        if matches!(ins.get(1), Packet::Absent) {
+            out.send(0, ins.take(0));
+            return Ok(Step::Continue);
+        }
         let g = cx.gpu()?;
         let (batch, a) = crate::gpu::act("a", ins.get(0), self.dim)?;
         let (_, b) = crate::gpu::act("b", ins.get(1), self.dim)?;
@@ -66,5 +75,7 @@ mod tests {
         assert_eq!(out[0].as_ref().unwrap().act("y").unwrap().1.f32(), &[11., 22.]);
         let e = fire(&mut Add { dim: 3 }, vec![act(&b, 2, &[1., 2.]), act(&b, 2, &[1., 2.])], 1).unwrap_err();
         assert!(e.0.contains("expected [1, 3]"));
+        let out = fire(&mut Add { dim: 2 }, vec![act(&b, 2, &[1., 2.]), Packet::Absent], 1).unwrap();
+        assert_eq!(out[0].as_ref().unwrap().act("y").unwrap().1.f32(), &[1., 2.], "an absent `b` adds nothing");
     }
 }

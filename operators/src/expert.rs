@@ -6,6 +6,11 @@
 //! · up(x))`; zero for the others. The layer's output is the sum of its experts' outputs (a
 //! chain of `add` nodes in the graph), so each expert is its own node: it can sit on its own
 //! lane, with its weights in their own tier.
+//!
+//! An expert served by an expert store may have a *twin* (`twin = true`): the same expert on
+//! another lane, which the store sends the weights to instead when the step finishes sooner
+//! that way (see `expert_store`). Whichever of the two gets [`Packet::Absent`] weights computes
+//! nothing: the expert itself then gives zeros, the twin `Absent` (which an `add` passes over).
 
 use crate::{check_act, swiglu, weight_view, Packet};
 use weir_runtime::{DType, Emit, FireCx, Inputs, OpError, Operator, Step};
@@ -16,6 +21,7 @@ pub struct Expert {
     pub intermediate: usize,
     pub experts: usize,
     pub index: usize,
+    pub twin: bool,
 }
 
 impl Operator<Packet> for Expert {
@@ -28,9 +34,14 @@ impl Operator<Packet> for Expert {
         check_act("x", batch, x, h)?;
         let route = self.route(batch, ins.get(1))?;
         let t = batch.tokens();
-        let mut y = cx.zeros_f32(vec![t, h])?;
         let mine = route.tokens_of(self.index);
-        if !mine.is_empty() {
+        let computes = !mine.is_empty() && !matches!(ins.get(2), Packet::Absent);
+        if self.twin && !computes {
+            out.send(0, Packet::Absent);
+            return Ok(Step::Continue);
+        }
+        let mut y = cx.zeros_f32(vec![t, h])?;
+        if computes {
             let (gn, g) = ins.get(2).weight("gate")?;
             let (un, u) = ins.get(3).weight("up")?;
             let (dn, d) = ins.get(4).weight("down")?;
@@ -87,10 +98,15 @@ impl Operator<Packet> for GpuExpert {
         let (h, m) = (self.0.hidden, self.0.intermediate);
         let (batch, x) = crate::gpu::act("x", ins.get(0), h)?;
         let route = self.0.route(batch, ins.get(1))?;
+        let mine = route.tokens_of(self.0.index);
+        let computes = !mine.is_empty() && !matches!(ins.get(2), Packet::Absent);
+        if self.0.twin && !computes {
+            out.send(0, Packet::Absent);
+            return Ok(Step::Continue);
+        }
         let mut y = g.alloc(DType::F32, vec![batch.tokens(), h])?;
         g.kernels.zero(&mut y.f32_mut()).map_err(crate::gpu::err)?;
-        let mine = route.tokens_of(self.0.index);
-        if !mine.is_empty() {
+        if computes {
             let gate = crate::gpu::weight("gate", ins.get(2), &[m, h])?;
             let up = crate::gpu::weight("up", ins.get(3), &[m, h])?;
             let down = crate::gpu::weight("down", ins.get(4), &[h, m])?;
@@ -120,7 +136,7 @@ mod tests {
         // Token 0 → experts (1, 0); token 1 → (0, 2); token 2 → (2, 1).
         let route =
             Routing { experts: 3, top_k: 2, ids: vec![1, 0, 0, 2, 2, 1], weights: vec![0.7, 0.3, 0.6, 0.4, 0.9, 0.1] };
-        let mut op = Expert { hidden: 1, intermediate: 1, experts: 3, index: 1 };
+        let mut op = Expert { hidden: 1, intermediate: 1, experts: 3, index: 1, twin: false };
         let x = [2.0f32, -1.0, 0.5];
         let out = fire(
             &mut op,
@@ -143,11 +159,35 @@ mod tests {
     }
 
     #[test]
+    fn without_weights_an_expert_gives_zeros_and_its_twin_gives_absent() {
+        let b = batch(&[(0, 2)]);
+        let route = || Packet::Route {
+            batch: b.clone(),
+            route: Arc::new(Routing { experts: 2, top_k: 1, ids: vec![0, 1], weights: vec![1.0, 1.0] }),
+        };
+        let w = || weight(vec![1, 1], &[1.0]);
+        for twin in [false, true] {
+            let mut op = Expert { hidden: 1, intermediate: 1, experts: 2, index: 0, twin };
+            // Its token routed, but the weights went to the other of the pair.
+            let ins = vec![act(&b, 1, &[1.0, 2.0]), route(), Packet::Absent, Packet::Absent, Packet::Absent];
+            let out = fire(&mut op, ins, 1).unwrap();
+            match (twin, out[0].as_ref().unwrap()) {
+                (false, p) => assert_eq!(p.act("y").unwrap().1.f32(), &[0.0, 0.0]),
+                (true, p) => assert!(matches!(p, Packet::Absent), "{p:?}"),
+            }
+            // With its weights, the twin computes like the expert.
+            let out = fire(&mut op, vec![act(&b, 1, &[1.0, 2.0]), route(), w(), w(), w()], 1).unwrap();
+            let y = out[0].as_ref().unwrap().act("y").unwrap().1.f32().to_vec();
+            assert!(y[0] != 0.0 && y[1] == 0.0, "{y:?}");
+        }
+    }
+
+    #[test]
     fn a_route_from_another_pass_is_refused() {
         let b = batch(&[(0, 1)]);
         let other = Arc::new(crate::Batch { pass: 9, ..(*b).clone() });
         let route = Routing { experts: 2, top_k: 1, ids: vec![0], weights: vec![1.0] };
-        let mut op = Expert { hidden: 1, intermediate: 1, experts: 2, index: 0 };
+        let mut op = Expert { hidden: 1, intermediate: 1, experts: 2, index: 0, twin: false };
         let w = || weight(vec![1, 1], &[1.0]);
         let e = fire(
             &mut op,

@@ -17,6 +17,14 @@
 //! expert it caches nothing useful: every chosen expert is read every time (the baseline
 //! policy).
 //!
+//! With *twins* (each served expert also placed on a second lane, see `expert`), the store
+//! decides each pass, for the chosen experts, which of the pair computes each one — the expert
+//! on its own lane or its twin — so that the step finishes soonest ([`crate::offload::decide`],
+//! over costs measured at start-up: lane 0 is the experts' own lane, lane 1 the twins', tier 0
+//! the store's memory; the experts' own lane is first busy with the layer's resident experts
+//! the route chose). Each expert's ports are then six: its weights, then its twin's; the one not
+//! chosen gets `Absent`.
+//!
 //! A hint, when it comes before the pass's route, names the experts the layer will likely
 //! choose (most predicted first); while no store has a chosen expert still to read (demand
 //! first: the stores of an engine share one NVMe lane and a count of reads due), the store reads
@@ -29,6 +37,7 @@
 //! experts, resident ones too.
 
 use crate::loader::{IoMode, Loader, TensorSource};
+use crate::offload::{decide, Active, Choice, Costs};
 use crate::Packet;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -62,6 +71,9 @@ pub struct ExpertCacheStats {
     /// Chosen experts in passes that had a hint, and how many of them the hint named.
     pub hinted: AtomicU64,
     pub predicted: AtomicU64,
+    /// With twins: chosen experts computed on their own lane, and on their twins'.
+    pub on_own_lane: AtomicU64,
+    pub on_twin: AtomicU64,
 }
 
 /// The counters of [`ExpertCacheStats`] at one moment.
@@ -76,6 +88,8 @@ pub struct ExpertCounts {
     pub prefetch_cancels: u64,
     pub hinted: u64,
     pub predicted: u64,
+    pub on_own_lane: u64,
+    pub on_twin: u64,
 }
 
 impl ExpertCacheStats {
@@ -92,6 +106,8 @@ impl ExpertCacheStats {
             prefetch_cancels: l(&self.prefetch_cancels),
             hinted: l(&self.hinted),
             predicted: l(&self.predicted),
+            on_own_lane: l(&self.on_own_lane),
+            on_twin: l(&self.on_twin),
         }
     }
 }
@@ -109,6 +125,8 @@ impl ExpertCounts {
             prefetch_cancels: self.prefetch_cancels - earlier.prefetch_cancels,
             hinted: self.hinted - earlier.hinted,
             predicted: self.predicted - earlier.predicted,
+            on_own_lane: self.on_own_lane - earlier.on_own_lane,
+            on_twin: self.on_twin - earlier.on_twin,
         }
     }
     /// Chosen cold experts found cached, of all chosen cold experts (`None`: none chosen).
@@ -157,6 +175,10 @@ pub struct ExpertStore {
     due: Arc<AtomicUsize>,
     cache: bool,
     stats: Arc<ExpertCacheStats>,
+    /// With twins: the costs the choice is made from, and this pass's choice per served expert
+    /// (true: its twin computes it).
+    twins: Option<Costs>,
+    on_twin: Vec<bool>,
 }
 
 impl ExpertStore {
@@ -177,6 +199,7 @@ impl ExpertStore {
         cache: bool,
         due: Arc<AtomicUsize>,
         stats: Arc<ExpertCacheStats>,
+        twins: Option<Costs>,
     ) -> ExpertStore {
         assert_eq!(tensors.len(), 3 * served.len(), "gate, up, down per served expert");
         assert_eq!(prior.len(), served.len(), "a prior per served expert");
@@ -190,7 +213,6 @@ impl ExpertStore {
         let slots =
             prior.iter().map(|p| Slot { weights: None, score: p * PRIOR_PASSES, last: 0, ahead: false }).collect();
         ExpertStore {
-            served,
             experts,
             reader,
             names,
@@ -206,6 +228,18 @@ impl ExpertStore {
             due,
             cache,
             stats,
+            on_twin: vec![false; served.len()],
+            served,
+            twins,
+        }
+    }
+
+    /// Output ports per served expert: its three weights, and its twin's three.
+    fn stride(&self) -> usize {
+        if self.twins.is_some() {
+            6
+        } else {
+            3
         }
     }
 
@@ -235,11 +269,49 @@ impl ExpertStore {
         }
     }
 
-    /// Sends expert `j`'s weights on its three ports.
+    /// Sends expert `j`'s weights to whichever of it and its twin computes it this pass, and
+    /// `Absent` to the other.
     fn send(&self, j: usize, w: &[Tensor; 3], out: &mut Emit<Packet>) {
+        let (k, twin) = (self.stride(), self.on_twin[j]);
         for (i, t) in w.iter().enumerate() {
-            out.send(3 * j + i, Packet::Weight { name: self.names[3 * j + i].clone(), w: t.clone() });
+            out.send(k * j + 3 * twin as usize + i, Packet::Weight { name: self.names[3 * j + i].clone(), w: t.clone() });
+            if self.twins.is_some() {
+                out.send(k * j + 3 * !twin as usize + i, Packet::Absent);
+            }
         }
+    }
+
+    /// With twins: which of each chosen expert and its twin computes it this pass, so that the
+    /// step finishes soonest.
+    fn choose(&mut self, route: &crate::router::Routing) -> Result<(), OpError> {
+        let Some(costs) = &self.twins else { return Ok(()) };
+        let mut costs = costs.clone();
+        // The experts' own lane first computes the chosen experts that are resident there.
+        let own = &costs.lanes[0];
+        let busy: f64 = (0..self.experts)
+            .filter(|e| !self.served.contains(e))
+            .map(|e| route.tokens_of(e).len())
+            .filter(|&t| t > 0)
+            .map(|t| own.compute_s(t))
+            .sum();
+        costs.lanes[0].busy_s += busy;
+        let active: Vec<Active> = (0..self.served.len())
+            .filter_map(|j| {
+                let tokens = route.tokens_of(self.served[j]).len();
+                (tokens > 0).then_some(Active { expert: j, tokens, tier: 0 })
+            })
+            .collect();
+        let d = decide(&active, &costs).map_err(|e| OpError::new(format!("choosing where experts run: {e}")))?;
+        for (a, c) in active.iter().zip(&d.choices) {
+            let lane = match *c {
+                Choice::InPlace { lane } => lane,
+                Choice::Moved { link } => costs.links[link].to,
+            };
+            self.on_twin[a.expert] = lane == 1;
+            let n = if lane == 1 { &self.stats.on_twin } else { &self.stats.on_own_lane };
+            n.fetch_add(1, Relaxed);
+        }
+        Ok(())
     }
 
     /// The router's choices `p` carries, checked against the experts this store serves.
@@ -275,14 +347,15 @@ impl ExpertStore {
             self.stats.hinted.fetch_add(n, Relaxed);
             self.stats.predicted.fetch_add(right, Relaxed);
         }
-        let tokens = route.tokens().max(1) as f64;
+        self.choose(route)?;
+        let (tokens, k) = (route.tokens().max(1) as f64, self.stride());
         for j in 0..self.served.len() {
             let mine = route.tokens_of(self.served[j]).len();
             let s = &mut self.slots[j];
             s.score = s.score * DECAY + mine as f64 / tokens;
             if mine == 0 {
-                for i in 0..3 {
-                    out.send(3 * j + i, Packet::Absent);
+                for i in 0..k {
+                    out.send(k * j + i, Packet::Absent);
                 }
                 continue;
             }
@@ -428,7 +501,8 @@ impl Operator<Packet> for ExpertStore {
         }
     }
     fn next_outputs(&self) -> Option<std::ops::Range<usize>> {
-        self.pending.front().map(|&j| 3 * j..3 * j + 3)
+        let k = self.stride();
+        self.pending.front().map(|&j| k * j..k * j + k)
     }
     fn ready(&mut self, cx: &ReadyCx) -> bool {
         let Some(&j) = self.pending.front() else {
@@ -490,6 +564,15 @@ mod tests {
     /// A store over four experts written to a real file (tensor `i` of expert `e` holds
     /// `10e + i`), with room for two; `due` shared as the engine shares it.
     fn store(name: &str, due: Arc<AtomicUsize>) -> (ExpertStore, Arc<ExpertCacheStats>, std::path::PathBuf) {
+        store_with(name, due, None)
+    }
+
+    /// [`store`], with twins choosing from `twins`.
+    fn store_with(
+        name: &str,
+        due: Arc<AtomicUsize>,
+        twins: Option<Costs>,
+    ) -> (ExpertStore, Arc<ExpertCacheStats>, std::path::PathBuf) {
         let dir = std::env::temp_dir().join(format!("weir-expert-store-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("experts.bin");
@@ -510,7 +593,7 @@ mod tests {
         let stats = Arc::new(ExpertCacheStats::default());
         let mode = IoMode::Uring { depth: 2, chunk: 4096, ahead: false };
         let pool = Pool::new("experts", Tier::Host, 2 * 3 * 4 * N);
-        let s = ExpertStore::new(vec![0, 1, 2, 3], 4, tensors, mode, pool, vec![0.0; 4], true, due, stats.clone());
+        let s = ExpertStore::new(vec![0, 1, 2, 3], 4, tensors, mode, pool, vec![0.0; 4], true, due, stats.clone(), twins);
         (s, stats, dir)
     }
 
@@ -545,6 +628,51 @@ mod tests {
             }
         }
         got
+    }
+
+    #[test]
+    fn with_twins_each_chosen_expert_goes_where_the_step_finishes_soonest() {
+        use crate::offload::LaneCost;
+        let lane = |fixed_s: f64| LaneCost { name: "l".into(), fixed_s, per_token_s: 0.0, busy_s: 0.0, reads: vec![0] };
+        // (expert, 0 for its own lane or 1 for its twin) of every expert sent weights.
+        let placed = |out: &[Option<Packet>]| -> Vec<(usize, usize)> {
+            let mut got = Vec::new();
+            for e in 0..4 {
+                for side in 0..2 {
+                    if let Some(Packet::Weight { w, .. }) = &out[6 * e + 3 * side] {
+                        assert_eq!(w.f32()[0], (10 * e) as f32, "expert {e}'s own weights");
+                        for i in 0..3 {
+                            assert!(matches!(out[6 * e + 3 * (1 - side) + i], Some(Packet::Absent)), "the other side");
+                        }
+                        got.push((e, side));
+                    }
+                }
+            }
+            got
+        };
+        // Equal lanes: the two chosen experts split (a step of 1 s, not 2). A costly twin: both
+        // stay.
+        for (twin_s, want) in [(1.0, vec![(0, 0), (2, 1)]), (100.0, vec![(0, 0), (2, 0)])] {
+            let costs = Costs { lanes: vec![lane(1.0), lane(twin_s)], links: vec![] };
+            let (mut s, stats, dir) = store_with(&format!("twins-{twin_s}"), Arc::new(AtomicUsize::new(0)), Some(costs));
+            let out = fire_some(&mut s, vec![Some(route([0, 2])), None], 24).unwrap();
+            for e in [1, 3] {
+                assert!((0..6).all(|i| matches!(out[6 * e + i], Some(Packet::Absent))), "expert {e} not chosen");
+            }
+            let mut got = Vec::new();
+            for _ in 0..2 {
+                assert_eq!(s.next_outputs().map(|r| r.len()), Some(6));
+                got.extend(placed(&fire_some(&mut s, vec![None, None], 24).unwrap()));
+            }
+            assert_eq!(got, want, "twin cost {twin_s}");
+            // The next pass finds both cached and sends them at once, choosing again.
+            let out = fire_some(&mut s, vec![Some(route([2, 0])), None], 24).unwrap();
+            assert_eq!(placed(&out), want);
+            let c = stats.snapshot();
+            let twins = want.iter().filter(|w| w.1 == 1).count() as u64;
+            assert_eq!((c.on_own_lane, c.on_twin), (2 * (2 - twins), 2 * twins));
+            std::fs::remove_dir_all(dir).unwrap();
+        }
     }
 
     /// Fires with no input while it has reading ahead to do (a chunk or more per firing).

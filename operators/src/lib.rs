@@ -6,7 +6,8 @@
 //! its kernels over that lane's cores through the `par` it is handed.
 //!
 //! [`OpConfig`] (in [`registry`]) is the registry: every operator kind, its parameters, its
-//! ports with their shape rules, and how to instantiate it.
+//! ports with their shape rules, and how to instantiate it. [`offload`] is not an operator: it
+//! is the per-step decision the expert stores make (where each chosen expert runs).
 
 pub mod add;
 pub mod attention;
@@ -17,6 +18,7 @@ pub mod gpu;
 pub mod linear;
 pub mod lm_head;
 pub mod loader;
+pub mod offload;
 pub mod packet;
 pub mod registry;
 pub mod rmsnorm;

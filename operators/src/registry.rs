@@ -44,7 +44,7 @@ pub enum OpConfig {
     /// routing statistics.
     Router { hidden: usize, experts: usize, top_k: usize, normalize: bool, hint: bool },
     /// Expert `index` of `experts`: a SwiGLU MLP over the tokens routed to it, weighted.
-    Expert { hidden: usize, intermediate: usize, experts: usize, index: usize },
+    Expert { hidden: usize, intermediate: usize, experts: usize, index: usize, twin: bool },
     /// `sigmoid(g) · x`, one gate per token.
     SigmoidGate { dim: usize },
     /// The output projection, on the rows whose logits are needed.
@@ -70,6 +70,9 @@ pub enum OpConfig {
         budget: u64,
         cache: bool,
         hinted: bool,
+        /// Each served expert has a twin on another lane, and the store chooses per pass which
+        /// computes it, from these costs (see `expert_store`).
+        twins: Option<crate::offload::Costs>,
     },
 }
 
@@ -364,7 +367,7 @@ impl OpConfig {
                         0
                     }
                 };
-                OpConfig::Expert { hidden, intermediate, experts, index }
+                OpConfig::Expert { hidden, intermediate, experts, index, twin: g.bool("twin", false) }
             }
             "sigmoid_gate" => OpConfig::SigmoidGate { dim: g.usize("dim") },
             "lm_head" => OpConfig::LmHead { hidden: g.usize("hidden"), vocab: g.usize("vocab") },
@@ -440,12 +443,18 @@ impl OpConfig {
                 }
                 p
             }
-            OpConfig::Expert { hidden, intermediate, experts, index } => vec![
-                ("hidden", u(*hidden)),
-                ("intermediate", u(*intermediate)),
-                ("experts", u(*experts)),
-                ("index", u(*index)),
-            ],
+            OpConfig::Expert { hidden, intermediate, experts, index, twin } => {
+                let mut p = vec![
+                    ("hidden", u(*hidden)),
+                    ("intermediate", u(*intermediate)),
+                    ("experts", u(*experts)),
+                    ("index", u(*index)),
+                ];
+                if *twin {
+                    p.push(("twin", Bool(true)));
+                }
+                p
+            }
             OpConfig::LmHead { hidden, vocab } => vec![("hidden", u(*hidden)), ("vocab", u(*vocab))],
             OpConfig::Sampler { vocab } => vec![("vocab", u(*vocab))],
             OpConfig::Load { .. } | OpConfig::ExpertStore { .. } => vec![],
@@ -477,9 +486,17 @@ impl OpConfig {
     /// Output port names, in port order.
     pub fn outputs(&self) -> Vec<String> {
         match self {
-            OpConfig::Load { tensors, .. } | OpConfig::ExpertStore { tensors, .. } => {
+            OpConfig::Load { tensors, .. } | OpConfig::ExpertStore { tensors, twins: None, .. } => {
                 tensors.iter().map(|t| t.name.clone()).collect()
             }
+            // Per expert: its three weights, then its twin's.
+            OpConfig::ExpertStore { tensors, twins: Some(_), .. } => tensors
+                .chunks(3)
+                .flat_map(|w| {
+                    let own = w.iter().map(|t| t.name.clone());
+                    own.clone().chain(own.map(|n| format!("{n} (twin)"))).collect::<Vec<_>>()
+                })
+                .collect(),
             OpConfig::Sampler { .. } => vec!["tokens".into()],
             OpConfig::Router { .. } => vec!["route".into()],
             _ => vec!["y".into()],
@@ -611,8 +628,8 @@ impl OpConfig {
                 layer: layer.unwrap_or(0),
                 stats: env.routing.clone(),
             })),
-            OpConfig::Expert { hidden, intermediate, experts, index } => {
-                Box::new(expert::GpuExpert(expert::Expert { hidden, intermediate, experts, index }))
+            OpConfig::Expert { hidden, intermediate, experts, index, twin } => {
+                Box::new(expert::GpuExpert(expert::Expert { hidden, intermediate, experts, index, twin }))
             }
             OpConfig::SigmoidGate { dim } => Box::new(sigmoid_gate::GpuSigmoidGate { dim }),
             other => {
@@ -649,8 +666,8 @@ impl OpConfig {
                 layer: layer.unwrap_or(0),
                 stats: env.routing.clone(),
             }),
-            OpConfig::Expert { hidden, intermediate, experts, index } => {
-                Box::new(expert::Expert { hidden, intermediate, experts, index })
+            OpConfig::Expert { hidden, intermediate, experts, index, twin } => {
+                Box::new(expert::Expert { hidden, intermediate, experts, index, twin })
             }
             OpConfig::SigmoidGate { dim } => Box::new(sigmoid_gate::SigmoidGate { dim }),
             OpConfig::LmHead { hidden, vocab } => Box::new(lm_head::LmHead { hidden, vocab }),
@@ -661,7 +678,7 @@ impl OpConfig {
                 l.hold_bf16_as_f16(env.bf16_as_f16);
                 Box::new(l)
             }
-            OpConfig::ExpertStore { served, experts, tensors, mode, prior, budget, cache, .. } => {
+            OpConfig::ExpertStore { served, experts, tensors, mode, prior, budget, cache, twins, .. } => {
                 let name = format!("experts l{}", layer.unwrap_or(0));
                 let pool = weir_runtime::Pool::with(
                     &name,
@@ -680,6 +697,7 @@ impl OpConfig {
                     cache,
                     env.expert_reads_due.clone(),
                     env.expert_cache.clone(),
+                    twins,
                 );
                 s.count_into(env.disk_bytes.clone());
                 Box::new(s)
@@ -730,7 +748,7 @@ mod tests {
             OpConfig::Add { dim: 4 },
             OpConfig::Router { hidden: 4, experts: 8, top_k: 2, normalize: false, hint: false },
             OpConfig::Router { hidden: 4, experts: 8, top_k: 2, normalize: true, hint: true },
-            OpConfig::Expert { hidden: 4, intermediate: 6, experts: 8, index: 7 },
+            OpConfig::Expert { hidden: 4, intermediate: 6, experts: 8, index: 7, twin: false },
             OpConfig::SigmoidGate { dim: 4 },
             OpConfig::LmHead { hidden: 4, vocab: 10 },
             OpConfig::Sampler { vocab: 10 },
