@@ -67,6 +67,9 @@ pub struct BenchReport {
     pub expert_prediction_hit_rate: Option<f64>,
     pub expert_prefetches: u64,
     pub expert_prefetch_hits: u64,
+    /// With `--expert-twins`: chosen cold experts computed on their own lane, and on the twins'.
+    pub experts_on_own_lane: u64,
+    pub experts_on_twin: u64,
     /// Those bytes ÷ the generation's time.
     pub disk_gb_per_s: f64,
     /// Storage read bandwidth (io_uring, O_DIRECT, depth 8 × 1 MiB): with streaming, the bytes
@@ -296,6 +299,8 @@ pub fn run(model: &Model, o: &BenchOptions) -> Result<BenchReport> {
         expert_prediction_hit_rate: run.experts.prediction_hit_rate(),
         expert_prefetches: run.experts.prefetches,
         expert_prefetch_hits: run.experts.prefetch_hits,
+        experts_on_own_lane: run.experts.on_own_lane,
+        experts_on_twin: run.experts.on_twin,
         disk_gb_per_s: run.disk_bytes as f64 / run.total_s / 1e9,
         disk_probe_gb_per_s: disk_bw / 1e9,
         peak_bytes: run.peak.clone(),

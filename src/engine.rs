@@ -380,7 +380,11 @@ impl Engine {
         let reserve = opts.reserve(max_positions);
         // Experts first: their stores' caches come out of a host budget, the resident experts
         // are weights like any other for the plan that fits the rest.
-        let expert_plan = match &opts.experts {
+        let mut experts = opts.experts.clone();
+        if let Some(t) = experts.as_mut().and_then(|p| p.twins.as_mut()) {
+            crate::costs::fill(&graph, t)?;
+        }
+        let expert_plan = match &experts {
             Some(p) => Some(weir_graphs::experts::place(&mut graph, p)?),
             None => None,
         };

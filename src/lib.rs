@@ -9,6 +9,7 @@
 //! * [`Engine`] — compile a model onto this machine and run requests, batching them.
 //! * [`synth`] — write a random-weight model of a named shape.
 //! * [`bench`] — the end-to-end benchmark and the memory-bandwidth probe behind `weir bench`.
+//! * [`costs`] — an expert's cost on each lane, measured at start-up for twin experts.
 //!
 //! ```
 //! use weir::{Engine, EngineOptions, Event, Model, Request};
@@ -36,6 +37,7 @@
 
 pub mod bench;
 pub mod compile;
+pub mod costs;
 pub mod engine;
 pub mod error;
 pub mod expert_stats;

@@ -540,6 +540,9 @@ fn expert_budget_flags_are_checked_and_a_small_budget_names_the_minimum() {
         (vec!["--no-expert-prefetch"], "--no-expert-prefetch needs --expert-budget"),
         (vec!["--expert-budget", "1KB"], "holds less than one expert per MoE layer"),
         (vec!["--expert-budget", "lots"], "--expert-budget lots"),
+        (vec!["--expert-twins", "compute"], "--expert-twins needs --expert-budget"),
+        (vec!["--expert-budget", "25%", "--expert-twins", "gpu9"], "twin lane `gpu9`: the graph has no such lane (lanes: compute, loader"),
+        (vec!["--expert-budget", "25%", "--expert-twins", "loader"], "twin lane `loader` is an I/O lane"),
     ] {
         let mut args = vec!["run", "--model", d, "--prompt-ids", "1,2,3", "--max-new-tokens", "2"];
         args.extend(flags.iter().copied());
@@ -551,6 +554,9 @@ fn expert_budget_flags_are_checked_and_a_small_budget_names_the_minimum() {
     let o = weir(&run);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = weir(&[&run[..], &["--no-expert-prefetch"]].concat());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Twins on the graph's own compute lane: a choice between equals, measured at start-up.
+    let o = weir(&[&run[..], &["--expert-twins", "compute"]].concat());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // `bench` reads a stats file and never writes one: a missing file, or one with nothing to
     // rank, is refused naming the flag.

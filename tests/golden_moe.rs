@@ -202,7 +202,7 @@ fn qwen2_moe_without_renormalisation_a_shared_expert_and_a_dense_layer_each_chan
 
 /// `bytes` for experts, no calibration, with the cache and prediction.
 fn placement(bytes: u64) -> ExpertPlacement {
-    ExpertPlacement { budget: ExpertBudget::Bytes(bytes), popularity: Default::default(), cache: true, predict: true }
+    ExpertPlacement { budget: ExpertBudget::Bytes(bytes), popularity: Default::default(), cache: true, predict: true, twins: None }
 }
 
 /// All of tiny-mixtral's expert bytes, from an engine with every expert resident.
@@ -371,4 +371,53 @@ fn a_token_reads_its_top_k_experts_not_all_of_them() {
     let row = embed / model.config.vocab_size as u64;
     assert!(one_expert > 0 && moe.top_k < moe.experts);
     assert_eq!(model.weight_bytes_per_token(), dense + row + layers * moe.top_k as u64 * one_expert);
+}
+
+/// tiny-mixtral's built-in graph with a second CPU lane, `twin`, for twin experts.
+fn with_twin_lane() -> (String, String) {
+    let text = weir_graphs::builtin::MIXTRAL.replacen("lane loader io", "lane twin cpu threads=1\nlane loader io", 1);
+    (text, "mixtral-with-twin-lane.weir".into())
+}
+
+#[test]
+fn twin_experts_give_the_golden_tokens_wherever_the_decision_puts_them() {
+    use weir_graphs::experts::{LaneTiming, Twins};
+    let g = golden("tiny-mixtral");
+    let budget = expert_bytes() / 2;
+    let timing = |fixed_s: f64| LaneTiming { fixed_s, per_token_s: 0.0, upload_s: None };
+    // Costs given: equal lanes (the chosen cold experts split between them), a slow twin lane
+    // (all on their own lane), a slow own lane (all on the twins'); then measured here.
+    let cases: [Option<(f64, f64)>; 4] = [Some((1.0, 1.0)), Some((1.0, 100.0)), Some((100.0, 1.0)), None];
+    for case in cases {
+        let timings = match case {
+            Some((own, twin)) => [("compute".to_string(), timing(own)), ("twin".to_string(), timing(twin))].into(),
+            None => Default::default(),
+        };
+        let twins = Some(Twins { lane: "twin".into(), timings });
+        let experts = Some(ExpertPlacement { twins, ..placement(budget) });
+        let opts = EngineOptions { graph: Some(with_twin_lane()), threads: 1, experts, ..Default::default() };
+        let (_, engine) = engine(&fixture("tiny-mixtral"), opts);
+        assert!(!engine.expert_plan().unwrap().stores.is_empty());
+        for p in g["prompts"].as_array().unwrap() {
+            let want = ids(&p["greedy"]["new_ids"]);
+            let req = Request {
+                stop_at_eos: false,
+                logits: weir::LogitsMode::Steps,
+                ..Request::greedy(ids(&p["input_ids"]), want.len())
+            };
+            let out = engine.generate(req).unwrap();
+            assert_eq!(out.tokens, want, "{case:?}");
+            let (worst, ok) = compare(&out.step_logits[0], &floats(&p["last_logits"]), ATOL, RTOL);
+            assert!(ok, "{case:?}: last-position logits off by up to {worst}");
+        }
+        let c = engine.expert_cache().snapshot();
+        assert_eq!(c.on_own_lane + c.on_twin, c.hits + c.misses, "{case:?}: every chosen cold expert placed once");
+        match case {
+            Some((own, twin)) if own == twin => assert!(c.on_own_lane > 0 && c.on_twin > 0, "{c:?}"),
+            Some((own, twin)) if own < twin => assert_eq!(c.on_twin, 0, "{c:?}"),
+            Some(_) => assert_eq!(c.on_own_lane, 0, "{c:?}"),
+            None => eprintln!("measured costs: {} on their own lane, {} on the twin lane", c.on_own_lane, c.on_twin),
+        }
+        engine.shutdown().unwrap();
+    }
 }

@@ -309,6 +309,7 @@ fn tiny_mixtral_on_gpu_with_experts_read_when_chosen_matches_transformers() {
         popularity: Default::default(),
         cache: true,
         predict: true,
+        twins: None,
     });
     let opts = EngineOptions { experts, ..options("mixtral-gpu.weir") };
     check_prompts_with(&fixture("tiny-mixtral"), &golden("tiny-mixtral")["prompts"], opts);
@@ -330,4 +331,54 @@ fn without_gpu_memory_the_plan_fits_the_devices_default_budget() {
     let plan = engine.plan().expect("a plan under the default budget");
     assert!(plan.split.weights + plan.split.kv + plan.split.activations <= want, "{plan:?}");
     assert_eq!(plan.streamed_bytes, 0, "tiny-llama fits: {plan:?}");
+}
+
+/// tiny-mixtral on mixtral-gpu.weir with half its expert bytes resident and twins on `host`,
+/// the lanes' costs given (equal: the chosen cold experts split between GPU and CPU).
+fn mixtral_gpu_twins() -> weir_graphs::experts::ExpertPlacement {
+    use weir_graphs::experts::{ExpertBudget, ExpertPlacement, LaneTiming, Twins};
+    let t = LaneTiming { fixed_s: 1e-3, per_token_s: 0.0, upload_s: Some(1e-3) };
+    ExpertPlacement {
+        budget: ExpertBudget::Fraction(0.5),
+        popularity: Default::default(),
+        cache: true,
+        predict: true,
+        twins: Some(Twins { lane: "host".into(), timings: [("compute".into(), t), ("host".into(), t)].into() }),
+    }
+}
+
+#[test]
+fn twin_experts_on_the_cpu_get_their_weights_in_place_and_send_their_sums_up() {
+    let model = Model::open(fixture("tiny-mixtral")).unwrap();
+    let mut g = graph(&model, "mixtral-gpu.weir");
+    let plan = weir_graphs::experts::place(&mut g, &mixtral_gpu_twins()).unwrap();
+    let cold: usize = plan.stores.iter().map(|s| s.1.len()).sum();
+    let twins: Vec<usize> =
+        (0..g.nodes.len()).filter(|&n| matches!(g.nodes[n].op, weir_operators::OpConfig::Expert { twin: true, .. })).collect();
+    assert_eq!(twins.len(), cold, "a twin per cold expert");
+    let t = transfers(&g).unwrap();
+    for &n in &twins {
+        assert_eq!(g.lanes[g.nodes[n].lane].name, "host");
+        // Its weights come from the store on the host: no transfer (its tokens and route come
+        // down from the GPU); its output goes up to the sum on the GPU.
+        for c in &t {
+            for &e in c.edges.iter().filter(|&&e| g.edges[e].to.node == n) {
+                assert!(g.edges[e].to.port < 2, "{} moves weights to a twin on the host", c.name(&g));
+            }
+        }
+        assert!(t.iter().any(|c| c.up && c.from.node == n), "{}'s output goes up", g.nodes[n].name);
+    }
+    // The cold experts' own copies on the GPU get their weights uploaded from the store.
+    let store_ups = t.iter().filter(|c| c.up && g.nodes[c.from.node].op.kind() == "expert_store").count();
+    assert_eq!(store_ups, 3 * cold, "{store_ups}");
+}
+
+#[test]
+fn tiny_mixtral_on_gpu_with_twin_experts_on_the_cpu_matches_transformers() {
+    if !gpu_present() {
+        skipped("no GPU");
+        return;
+    }
+    let opts = EngineOptions { experts: Some(mixtral_gpu_twins()), ..options("mixtral-gpu.weir") };
+    check_prompts_with(&fixture("tiny-mixtral"), &golden("tiny-mixtral")["prompts"], opts);
 }

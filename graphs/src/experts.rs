@@ -22,6 +22,7 @@ use crate::graph::{Edge, Graph, Node, Port};
 use crate::plan::held_bytes;
 use std::collections::{BTreeMap, HashMap};
 use weir_operators::loader::{IoMode, TensorSource};
+use weir_operators::offload::{Costs, LaneCost, LinkCost};
 use weir_operators::OpConfig;
 use weir_runtime::{LaneKind, LaneSpec};
 
@@ -53,6 +54,52 @@ pub struct ExpertPlacement {
     pub cache: bool,
     /// Read ahead the experts the next layer's router predicts (only with `cache`).
     pub predict: bool,
+    /// A second lane for the experts read by stores, chosen between per pass (see [`Twins`]).
+    pub twins: Option<Twins>,
+}
+
+/// Twins of the cold experts (Fiddler's decision): every expert a store serves is placed on a
+/// second lane as well, and each pass its store sends the weights to whichever of the two
+/// finishes the step soonest (`weir_operators::offload::decide`). A lane computes an expert over
+/// the store's memory in place if it is a CPU lane; a GPU lane takes the weights moved to it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Twins {
+    /// The twins' lane, by name.
+    pub lane: String,
+    /// What one expert costs on each lane, by lane name: the experts' own lanes and the twins'
+    /// (the engine measures the lanes missing here at start-up).
+    pub timings: BTreeMap<String, LaneTiming>,
+}
+
+/// One lane's cost of one expert.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct LaneTiming {
+    /// Seconds to compute an expert over `t` tokens: `fixed_s + per_token_s × t`.
+    pub fixed_s: f64,
+    pub per_token_s: f64,
+    /// For a GPU lane: seconds to move one expert's weights to it from host memory.
+    pub upload_s: Option<f64>,
+}
+
+/// What the engine needs to time the experts of `g`: their hidden and intermediate sizes, their
+/// weights' type, and the lanes they are on. `None` without experts.
+pub fn expert_shape(g: &Graph) -> Option<(usize, usize, weir_runtime::DType, Vec<usize>)> {
+    let mut lanes: Vec<usize> = g
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op, OpConfig::Expert { twin: false, .. }))
+        .map(|n| n.lane)
+        .collect();
+    lanes.sort_unstable();
+    lanes.dedup();
+    let (ni, n) = g.nodes.iter().enumerate().find(|(_, n)| matches!(n.op, OpConfig::Expert { .. }))?;
+    let OpConfig::Expert { hidden, intermediate, .. } = n.op else { return None };
+    let gate = g.edges.iter().find(|e| e.to.node == ni && e.to.port == 2)?;
+    let dtype = match &g.nodes[gate.from.node].op {
+        OpConfig::Load { tensors, .. } => tensors[gate.from.port].dtype,
+        _ => weir_runtime::DType::F32,
+    };
+    Some((hidden, intermediate, dtype, lanes))
 }
 
 /// What the placement did.
@@ -152,6 +199,10 @@ pub fn place(g: &mut Graph, p: &ExpertPlacement) -> Result<ExpertPlan> {
     plan.resident = (0..nodes.len()).filter(|&i| resident[i]).map(|i| (nodes[i].layer, nodes[i].index)).collect();
     plan.resident_bytes = (0..nodes.len()).filter(|&i| resident[i]).map(|i| nodes[i].bytes).sum();
 
+    let twin_lane = match &p.twins {
+        Some(t) => Some(twin_lane(g, t)?),
+        None => None,
+    };
     let lane = nvme_lane(g);
     let (depth, chunk) = match g.lanes[lane].kind {
         LaneKind::Nvme { depth, chunk, .. } => (depth, chunk),
@@ -183,8 +234,12 @@ pub fn place(g: &mut Graph, p: &ExpertPlacement) -> Result<ExpertPlan> {
             budget,
             cache: p.cache,
             hinted: hint.is_some(),
-            twins: None,
+            twins: match (&p.twins, twin_lane) {
+                (Some(t), Some(tl)) => Some(costs(g, t, g.nodes[nodes[cold[0]].node].lane, tl)?),
+                _ => None,
+            },
         };
+        let stride = if p.twins.is_some() { 6 } else { 3 };
         let store = g.nodes.len();
         g.nodes.push(Node { name: format!("l{layer}/expert_store"), op, lane, layer: Some(layer) });
         g.edges.push(Edge { from: route, to: Port { node: store, port: 0 }, capacity: 1, sticky: false, uses: 1 });
@@ -193,15 +248,19 @@ pub fn place(g: &mut Graph, p: &ExpertPlacement) -> Result<ExpertPlan> {
             plan.predicted.push(layer);
         }
         for (j, &i) in cold.iter().enumerate() {
+            let twin = twin_lane.map(|tl| add_twin(g, nodes[i].node, tl));
             for w in 0..3 {
                 drop_edges.push((nodes[i].node, 2 + w));
-                g.edges.push(Edge {
-                    from: Port { node: store, port: 3 * j + w },
-                    to: Port { node: nodes[i].node, port: 2 + w },
-                    capacity: 1,
-                    sticky: false,
-                    uses: 1,
-                });
+                let to = [Some(nodes[i].node), twin].into_iter().flatten();
+                for (side, node) in to.enumerate() {
+                    g.edges.push(Edge {
+                        from: Port { node: store, port: stride * j + 3 * side + w },
+                        to: Port { node, port: 2 + w },
+                        capacity: 1,
+                        sticky: false,
+                        uses: 1,
+                    });
+                }
             }
         }
         plan.stores.push((layer, served, budget));
@@ -211,6 +270,82 @@ pub fn place(g: &mut Graph, p: &ExpertPlacement) -> Result<ExpertPlan> {
     });
     prune_loaders(g);
     Ok(plan)
+}
+
+/// The twins' lane: one of the graph's CPU or GPU lanes.
+fn twin_lane(g: &Graph, t: &Twins) -> Result<usize> {
+    let names = || g.lanes.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(", ");
+    let Some(i) = g.lanes.iter().position(|l| l.name == t.lane) else {
+        return Err(Error::Placement(format!("twin lane `{}`: the graph has no such lane (lanes: {})", t.lane, names())));
+    };
+    match g.lanes[i].kind {
+        LaneKind::Cpu { .. } | LaneKind::GpuStream { .. } => Ok(i),
+        _ => Err(Error::Placement(format!("twin lane `{}` is an I/O lane; experts run on cpu or gpu lanes", t.lane))),
+    }
+}
+
+/// A store's costs: lane 0 its experts' own lane, lane 1 the twins'; tier 0 the store's
+/// memory, which a CPU lane reads in place and a GPU lane has moved to it.
+fn costs(g: &Graph, t: &Twins, own: usize, twin: usize) -> Result<Costs> {
+    let mut c = Costs::default();
+    for (i, &l) in [own, twin].iter().enumerate() {
+        let name = &g.lanes[l].name;
+        let Some(timing) = t.timings.get(name) else {
+            return Err(Error::Placement(format!("no timing of an expert on lane `{name}`")));
+        };
+        let gpu = matches!(g.lanes[l].kind, LaneKind::GpuStream { .. });
+        c.lanes.push(LaneCost {
+            name: name.clone(),
+            fixed_s: timing.fixed_s,
+            per_token_s: timing.per_token_s,
+            busy_s: 0.0,
+            reads: if gpu { vec![] } else { vec![0] },
+        });
+        if let (true, Some(s)) = (gpu, timing.upload_s) {
+            c.links.push(LinkCost { from: 0, to: i, per_expert_s: s });
+        }
+    }
+    Ok(c)
+}
+
+/// Places a twin of expert node `node` on `lane`: the same inputs but its weights, and a sum of
+/// the two outputs where the expert's went (on the expert's lane).
+fn add_twin(g: &mut Graph, node: usize, lane: usize) -> usize {
+    let OpConfig::Expert { hidden, intermediate, experts, index, .. } = g.nodes[node].op else {
+        unreachable!("twins are made for expert nodes")
+    };
+    let (name, layer, own) = (g.nodes[node].name.clone(), g.nodes[node].layer, g.nodes[node].lane);
+    let twin = g.nodes.len();
+    g.nodes.push(Node {
+        name: format!("{name}/twin"),
+        op: OpConfig::Expert { hidden, intermediate, experts, index, twin: true },
+        lane,
+        layer,
+    });
+    let sum = g.nodes.len();
+    g.nodes.push(Node { name: format!("{name}/sum"), op: OpConfig::Add { dim: hidden }, lane: own, layer });
+    let inputs: Vec<Edge> = g
+        .edges
+        .iter()
+        .filter(|e| e.to.node == node && e.to.port < 2)
+        .map(|e| Edge { to: Port { node: twin, port: e.to.port }, ..e.clone() })
+        .collect();
+    g.edges.extend(inputs);
+    let mut capacity = 1;
+    for e in g.edges.iter_mut().filter(|e| e.from.node == node) {
+        e.from.node = sum;
+        capacity = e.capacity;
+    }
+    for (from, port) in [(node, 0), (twin, 1)] {
+        g.edges.push(Edge {
+            from: Port { node: from, port: 0 },
+            to: Port { node: sum, port },
+            capacity,
+            sticky: false,
+            uses: 1,
+        });
+    }
+    twin
 }
 
 /// Adds `router`'s copy as a hint, on `earlier`'s lane and input, feeding `store`'s port 1.

@@ -200,6 +200,11 @@ struct PlaceArgs {
     /// previous layer's hidden state, predicts.
     #[arg(long)]
     no_expert_prefetch: bool,
+    /// With --expert-budget: the experts read from disk may also run on this lane of the graph
+    /// (a cpu or gpu lane): each pass, each chosen one runs on its own lane or here, whichever
+    /// finishes the step soonest, from costs measured at start-up (Fiddler's decision).
+    #[arg(long, value_name = "LANE")]
+    expert_twins: Option<String>,
     /// Hold bf16 weight matrices as f16 (rewritten once, as read): faster on CPUs without bf16
     /// instructions; exact for magnitudes from 2^-14 to 65504, smaller ones off by at most
     /// 2^-25, a matrix with a larger value kept as bf16. Weights streamed from disk stay bf16.
@@ -242,9 +247,11 @@ impl PlaceArgs {
     fn experts(&self, stats: Option<&std::path::Path>) -> Result<Option<weir_graphs::experts::ExpertPlacement>> {
         use weir_graphs::experts::{ExpertBudget, ExpertPlacement};
         let Some(s) = &self.expert_budget else {
-            for (set, flag) in
-                [(self.no_expert_cache, "--no-expert-cache"), (self.no_expert_prefetch, "--no-expert-prefetch")]
-            {
+            for (set, flag) in [
+                (self.no_expert_cache, "--no-expert-cache"),
+                (self.no_expert_prefetch, "--no-expert-prefetch"),
+                (self.expert_twins.is_some(), "--expert-twins"),
+            ] {
                 if set {
                     bail!("{flag} needs --expert-budget (without one every expert is resident)");
                 }
@@ -267,6 +274,7 @@ impl PlaceArgs {
             popularity,
             cache: !self.no_expert_cache,
             predict: !self.no_expert_prefetch,
+            twins: self.expert_twins.as_ref().map(|lane| weir_graphs::experts::Twins { lane: lane.clone(), ..Default::default() }),
         }))
     }
 
@@ -596,6 +604,12 @@ fn bench(a: BenchArgs) -> Result<()> {
                 "experts          cache hit rate {hit:.2}; {predicted}; {:.3} GB read per token",
                 r.expert_bytes_per_token / 1e9
             );
+            if r.experts_on_own_lane + r.experts_on_twin > 0 {
+                println!(
+                    "expert twins     {} chosen cold experts on their own lane, {} on the twins'",
+                    r.experts_on_own_lane, r.experts_on_twin
+                );
+            }
         }
         let peaks: Vec<String> = r.peak_bytes.iter().map(|(k, v)| format!("{k} {:.3} GB", *v as f64 / 1e9)).collect();
         let pools: Vec<String> =

@@ -1,0 +1,157 @@
+//! What one expert costs on each lane, measured at start-up for the twin decision
+//! (`weir_graphs::experts::Twins`, Fiddler's choice between computing an expert where its
+//! weights are and moving them): the real kernels, on the lane's own cores or device, over
+//! random weights of the model's expert shape and type — at 1 and 8 tokens, best of three runs
+//! each, so that the cost is `fixed + per_token × tokens`. For a GPU lane, also the time to move
+//! one expert's weights to it from host memory.
+
+use crate::{Error, Result};
+use std::time::Instant;
+use weir_graphs::experts::{expert_shape, LaneTiming, Twins};
+use weir_graphs::Graph;
+use weir_kernels::WeightView;
+use weir_runtime::{DType, LaneKind, LaneSpec};
+
+/// Times one expert on every lane `t` needs (the experts' own lanes and the twins') that it has
+/// no timing for. A twin lane that does not exist or computes nothing is left for the
+/// placement to refuse, naming it.
+pub fn fill(g: &Graph, t: &mut Twins) -> Result<()> {
+    let Some((hidden, intermediate, dtype, mut lanes)) = expert_shape(g) else { return Ok(()) };
+    lanes.extend(g.lanes.iter().position(|l| l.name == t.lane));
+    for l in lanes {
+        let lane = &g.lanes[l];
+        let computes = matches!(lane.kind, LaneKind::Cpu { .. } | LaneKind::GpuStream { .. });
+        if computes && !t.timings.contains_key(&lane.name) {
+            let timing = expert_timing(lane, hidden, intermediate, dtype)
+                .map_err(|e| Error::Request(format!("timing an expert on lane `{}`: {e}", lane.name)))?;
+            t.timings.insert(lane.name.clone(), timing);
+        }
+    }
+    Ok(())
+}
+
+/// One expert's cost on `lane` (see the module doc).
+pub fn expert_timing(lane: &LaneSpec, hidden: usize, intermediate: usize, dtype: DType) -> std::result::Result<LaneTiming, String> {
+    let (h, m) = (hidden, intermediate);
+    let weights = [random(m * h, dtype, 1), random(m * h, dtype, 2), random(h * m, dtype, 3)];
+    let fit = |run: &mut dyn FnMut(usize) -> std::result::Result<(), String>| {
+        let mut best = |t: usize| -> std::result::Result<f64, String> {
+            run(t)?; // warm
+            let mut b = f64::INFINITY;
+            for _ in 0..3 {
+                let t0 = Instant::now();
+                run(t)?;
+                b = b.min(t0.elapsed().as_secs_f64());
+            }
+            Ok(b)
+        };
+        let (one, eight) = (best(1)?, best(8)?);
+        let per_token_s = ((eight - one) / 7.0).max(0.0);
+        Ok::<_, String>(((one - per_token_s).max(0.0), per_token_s))
+    };
+    match &lane.kind {
+        LaneKind::Cpu { cores } => {
+            let pool = weir_runtime::WorkerPool::new(&format!("{}-timing", lane.name), cores.get(1..).unwrap_or(&[]))
+                .map_err(|e| e.to_string())?;
+            let mut run = |t: usize| {
+                let x = vec![0.01f32; t * h];
+                let (mut a, mut u, mut y) = (vec![0f32; t * m], vec![0f32; t * m], vec![0f32; t * h]);
+                weir_kernels::matmul::matmul(&x, t, weights[0].view(), m, None, &mut a, &pool);
+                weir_kernels::matmul::matmul(&x, t, weights[1].view(), m, None, &mut u, &pool);
+                weir_kernels::activation::silu_mul_inplace(&mut a, &u);
+                weir_kernels::matmul::matmul(&a, t, weights[2].view(), h, None, &mut y, &pool);
+                std::hint::black_box(&y);
+                Ok(())
+            };
+            let (fixed_s, per_token_s) = fit(&mut run)?;
+            Ok(LaneTiming { fixed_s, per_token_s, upload_s: None })
+        }
+        LaneKind::GpuStream { device, .. } => gpu_timing(*device, h, m, dtype, &weights, fit),
+        _ => Err("an I/O lane computes no experts".into()),
+    }
+}
+
+/// [`expert_timing`] on a GPU: cuBLAS linears and the SiLU kernel on a stream of its own, and
+/// the expert's three tensors copied from (pageable) host memory, each waited for.
+fn gpu_timing(
+    device: usize,
+    h: usize,
+    m: usize,
+    dtype: DType,
+    weights: &[Weights; 3],
+    fit: impl Fn(&mut dyn FnMut(usize) -> std::result::Result<(), String>) -> std::result::Result<(f64, f64), String>,
+) -> std::result::Result<LaneTiming, String> {
+    use weir_kernels::cuda::{call, Elem, GpuKernels};
+    let (ctx, _) = weir_runtime::gpu::open(device).map_err(|e| e.to_string())?;
+    let stream = call("creating a stream", || ctx.new_stream()).map_err(|e| e.to_string())?;
+    let k = GpuKernels::new(stream.clone()).map_err(|e| e.to_string())?;
+    let elem = match dtype {
+        DType::BF16 => Elem::Bf16,
+        DType::F16 => Elem::F16,
+        _ => Elem::F32,
+    };
+    let bytes: Vec<Vec<u8>> = weights.iter().map(Weights::bytes).collect();
+    let up = |b: &Vec<u8>| call("copying to the GPU", || stream.clone_htod(b)).map_err(|e| e.to_string());
+    let w = [up(&bytes[0])?, up(&bytes[1])?, up(&bytes[2])?];
+    let sync = || call("waiting for the stream", || stream.synchronize()).map_err(|e| e.to_string());
+    let mut run = |t: usize| -> std::result::Result<(), String> {
+        let zeros = |n: usize| call("allocating", || stream.alloc_zeros::<f32>(n)).map_err(|e| e.to_string());
+        let (x, mut a, mut u, mut y) = (zeros(t * h)?, zeros(t * m)?, zeros(t * m)?, zeros(t * h)?);
+        let mut scratch = call("allocating", || stream.alloc_zeros::<u8>(2 * t * h.max(m))).map_err(|e| e.to_string())?;
+        let e = |r: std::result::Result<(), weir_kernels::cuda::GpuError>| r.map_err(|e| e.to_string());
+        e(k.linear(&x.as_view(), t, &w[0].as_view(), elem, m, &mut a.as_view_mut(), &mut scratch.as_view_mut()))?;
+        e(k.linear(&x.as_view(), t, &w[1].as_view(), elem, m, &mut u.as_view_mut(), &mut scratch.as_view_mut()))?;
+        e(k.silu_mul(&mut a.as_view_mut(), &u.as_view()))?;
+        e(k.linear(&a.as_view(), t, &w[2].as_view(), elem, h, &mut y.as_view_mut(), &mut scratch.as_view_mut()))?;
+        sync()
+    };
+    let (fixed_s, per_token_s) = fit(&mut run)?;
+    let mut upload_s = f64::INFINITY;
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        let copies = [up(&bytes[0])?, up(&bytes[1])?, up(&bytes[2])?];
+        sync()?;
+        upload_s = upload_s.min(t0.elapsed().as_secs_f64());
+        drop(copies);
+    }
+    Ok(LaneTiming { fixed_s, per_token_s, upload_s: Some(upload_s) })
+}
+
+/// Random weights of one type.
+enum Weights {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+    F16(Vec<u16>),
+}
+
+impl Weights {
+    fn view(&self) -> WeightView<'_> {
+        match self {
+            Weights::F32(w) => WeightView::F32(w),
+            Weights::Bf16(w) => WeightView::Bf16(w),
+            Weights::F16(w) => WeightView::F16(w),
+        }
+    }
+    fn bytes(&self) -> Vec<u8> {
+        match self {
+            Weights::F32(w) => w.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            Weights::Bf16(w) | Weights::F16(w) => w.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+}
+
+/// `n` random weights of `dtype` in [-0.05, 0.05).
+fn random(n: usize, dtype: DType, seed: u64) -> Weights {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+    };
+    match dtype {
+        DType::BF16 => Weights::Bf16((0..n).map(|_| half::bf16::from_f32(next()).to_bits()).collect()),
+        DType::F16 => Weights::F16((0..n).map(|_| half::f16::from_f32(next()).to_bits()).collect()),
+        _ => Weights::F32((0..n).map(|_| next()).collect()),
+    }
+}
