@@ -331,6 +331,7 @@ macro_rules! on_both {
 }
 
 on_both!(row_kernels, row_kernels_match_the_cpu, row_kernels_match_the_cpu_emulated);
+on_both!(edge_shapes, edge_shapes_match_the_cpu, edge_shapes_match_the_cpu_emulated);
 on_both!(moe_kernels, expert_rows_and_gates_match_the_cpu, expert_rows_and_gates_match_the_cpu_emulated);
 on_both!(rope_llama3, rope_matches_the_cpu_with_llama3_scaling, rope_matches_the_cpu_with_llama3_scaling_emulated);
 on_both!(paged_attention, paged_attention_matches_the_reference, paged_attention_matches_the_reference_emulated);
@@ -396,6 +397,45 @@ fn row_kernels<D: Dev>(g: &D) {
         g.narrow(&g.up(&xs), elem, &mut nd);
         assert_eq!(g.down(&nd), bytes_of(&xs, elem), "narrow to {elem:?}");
     }
+}
+
+/// Shapes at the kernels' edges: rows shorter than a block's threads and longer than several
+/// strides, a vocabulary below the block size, the largest top-k.
+fn edge_shapes<D: Dev>(g: &D) {
+    for dim in [1usize, 7, 255, 257, 5000] {
+        let (rows, x, w) = (3, random(3 * dim, 50), random(dim, 51));
+        let mut want = vec![0f32; x.len()];
+        for r in 0..rows {
+            crate::norm::rmsnorm_row(&x[r * dim..][..dim], &w, 1e-6, &mut want[r * dim..][..dim]);
+        }
+        let mut y = g.up(&vec![0f32; x.len()]);
+        g.rmsnorm(&g.up(&x), &g.up(&w), 1e-6, &mut y);
+        close(&format!("rmsnorm dim {dim}"), &g.down(&y), &want, 1e-5);
+        let ids = vec![2i32, 0];
+        let table = random(3 * dim, 52);
+        let mut out = g.up(&vec![0f32; 2 * dim]);
+        g.embed(&g.up(&ids), &g.up(&bytes_of(&table, Elem::F32)), Elem::F32, dim, &mut out);
+        let want: Vec<f32> = ids.iter().flat_map(|&i| table[i as usize * dim..][..dim].to_vec()).collect();
+        assert_eq!(g.down(&out), want, "embed dim {dim}");
+    }
+    // A vocabulary smaller than the block: most threads see nothing.
+    let logits = vec![0.5f32, -1.0, 3.0, 3.0, 2.0, -7.0, 0.0];
+    let mut out = g.up(&[0i32; 1][..]);
+    g.argmax(&g.up(&logits), 7, &mut out);
+    assert_eq!(g.down(&out), vec![2]);
+    let (mut ids, mut vals) = (g.up(&[0i32; 7][..]), g.up(&[0f32; 7][..]));
+    g.top_k(&g.up(&logits), 7, 7, &mut ids, &mut vals);
+    assert_eq!(g.down(&ids), vec![2, 3, 4, 0, 6, 1, 5]);
+    // The largest k over a row with many ties: by value, then by index.
+    let vocab = 1000;
+    let logits: Vec<f32> = (0..vocab).map(|i| ((i * 37) % 101) as f32).collect();
+    let mut order: Vec<usize> = (0..vocab).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    let k = super::MAX_TOP_K;
+    let (mut ids, mut vals) = (g.up(&vec![0i32; k]), g.up(&vec![0f32; k]));
+    g.top_k(&g.up(&logits), vocab, k, &mut ids, &mut vals);
+    assert_eq!(g.down(&ids), order[..k].iter().map(|&i| i as i32).collect::<Vec<_>>());
+    assert_eq!(g.down(&vals), order[..k].iter().map(|&i| logits[i]).collect::<Vec<_>>());
 }
 
 fn moe_kernels<D: Dev>(g: &D) {

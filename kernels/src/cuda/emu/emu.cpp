@@ -83,7 +83,7 @@ struct Fiber {
     State state = DONE;
     unsigned syncs = 0;  // barriers reached in this block
     unsigned shuffles = 0;
-    void* site = nullptr; // where it waits
+    int site = 0;        // the source line it waits at
     float give = 0.0f, got = 0.0f;
     int mask = 0;
 };
@@ -155,20 +155,22 @@ static void start(Fiber& f) {
     f.state = RUNNING;
 }
 
-__attribute__((noinline)) static void sync() {
+// `line`: the barrier's line in the source (not the code address: a compiler may copy one
+// barrier into several paths).
+static void sync(int line) {
     running->syncs++;
-    running->site = __builtin_return_address(0);
+    running->site = line;
     running->state = AT_BARRIER;
     yield();
 }
 
 // A warp-wide exchange: this lane gives `v` and gets the value lane ^ mask gave, once every
 // lane of the warp still running has reached the same exchange (other warps run on).
-__attribute__((noinline)) static float shfl_xor(float v, int mask) {
+static float shfl_xor(float v, int mask, int line) {
     running->give = v;
     running->mask = mask;
     running->shuffles++;
-    running->site = __builtin_return_address(0);
+    running->site = line;
     running->state = AT_SHUFFLE;
     yield();
     return running->got;
@@ -256,8 +258,8 @@ static void run_block(std::vector<Fiber>& fibers, unsigned long long& seed) {
 
 } // namespace emu
 
-#define __syncthreads() emu::sync()
-#define __shfl_xor_sync(mask, v, o) emu::shfl_xor((v), (o))
+#define __syncthreads() emu::sync(__LINE__)
+#define __shfl_xor_sync(mask, v, o) emu::shfl_xor((v), (o), __LINE__)
 #define WEIR_EMU 1
 
 #include "../weir.cu"
