@@ -221,6 +221,27 @@ fn rows_cfg(rows: usize, threads: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
 }
 
+/// The arguments of a column-major cuBLAS GEMM `C = op(A) · op(B)` (`C` m × n, inner size k).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct GemmShape {
+    transa: bool,
+    transb: bool,
+    m: i32,
+    n: i32,
+    k: i32,
+    lda: i32,
+    ldb: i32,
+    ldc: i32,
+}
+
+/// `linear`'s GEMM: row-major `y[t, n] = x[t, k] · W[n, k]ᵀ` as cuBLAS sees it. Row-major
+/// `y[t, n]` is column-major `[n, t]`; it is `op(A) · B` with `A` the column-major `[k, n]`
+/// that row-major `W[n, k]` is, transposed (lda k), and `B` the column-major `[k, t]` that
+/// row-major `x[t, k]` is (ldb k). Checked against the CPU by a column-major GEMM in the tests.
+fn gemm_shape(t: i32, n: i32, k: i32) -> GemmShape {
+    GemmShape { transa: true, transb: false, m: n, n: t, k, lda: k, ldb: k, ldc: n }
+}
+
 /// `attend`'s grid: a block per query row and head.
 fn attend_cfg(rows: usize, heads: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows as u32, heads as u32, 1), block_dim: (ATTN_THREADS, 1, 1), shared_mem_bytes: 0 }
@@ -660,7 +681,7 @@ impl GpuKernels {
         check("linear", t > 0 && x.len() == t * k && w.len() == n * k * elem.size() && y.len() == t * n, || {
             format!("x of {} floats for {t} tokens, w of {} bytes for [{n}, {k}] {elem:?}, y of {}", x.len(), w.len(), y.len())
         })?;
-        let (m_, n_, k_) = (int("linear", "n", n)?, int("linear", "t", t)?, int("linear", "k", k)?);
+        let g = gemm_shape(int("linear", "t", t)?, int("linear", "n", n)?, int("linear", "k", k)?);
         let ty = match elem {
             Elem::F32 => blas_sys::cudaDataType::CUDA_R_32F,
             Elem::Bf16 => blas_sys::cudaDataType::CUDA_R_16BF,
@@ -676,29 +697,33 @@ impl GpuKernels {
             let (wp, _w) = w.device_ptr(&self.stream);
             let (xp, _x) = if elem == Elem::F32 { x.device_ptr(&self.stream) } else { scratch.device_ptr(&self.stream) };
             let (yp, _y) = y.device_ptr_mut(&self.stream);
-            // cuBLAS is column-major: row-major y[t, n] is the column-major [n, t] product
-            // op(A)·B, A the column-major [k, n] that row-major W[n, k] is (transposed, lda k),
-            // B the column-major [k, t] that row-major x[t, k] is (ldb k).
+            let op = |transposed| {
+                if transposed {
+                    blas_sys::cublasOperation_t::CUBLAS_OP_T
+                } else {
+                    blas_sys::cublasOperation_t::CUBLAS_OP_N
+                }
+            };
             // SAFETY: pointers are live device buffers of the sizes checked above.
             unsafe {
                 blas::gemm_ex(
                     *self.blas.handle(),
-                    blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                    blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                    m_,
-                    n_,
-                    k_,
+                    op(g.transa),
+                    op(g.transb),
+                    g.m,
+                    g.n,
+                    g.k,
                     (&alpha) as *const f32 as *const _,
                     wp as *const _,
                     ty,
-                    k_,
+                    g.lda,
                     xp as *const _,
                     ty,
-                    k_,
+                    g.ldb,
                     (&beta) as *const f32 as *const _,
                     yp as *mut _,
                     blas_sys::cudaDataType::CUDA_R_32F,
-                    m_,
+                    g.ldc,
                     blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                     blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
                 )

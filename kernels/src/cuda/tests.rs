@@ -576,6 +576,36 @@ fn argmax_top_k<D: Dev>(g: &D) {
     assert_eq!(ids[2], third as i32);
 }
 
+/// A column-major GEMM as cuBLAS defines it: `C[i + j·ldc] = Σ_l op(A)[i, l] · op(B)[l, j]`,
+/// where `op(X)[r, c]` is `X[r + c·ld]`, or `X[c + r·ld]` if transposed.
+fn gemm_column_major(g: &GemmShape, a: &[f32], b: &[f32], c: &mut [f32]) {
+    let at = |x: &[f32], tr: bool, ld: i32, r: usize, col: usize| {
+        if tr {
+            x[col + r * ld as usize]
+        } else {
+            x[r + col * ld as usize]
+        }
+    };
+    for i in 0..g.m as usize {
+        for j in 0..g.n as usize {
+            let s = (0..g.k as usize).map(|l| at(a, g.transa, g.lda, i, l) * at(b, g.transb, g.ldb, l, j)).sum();
+            c[i + j * g.ldc as usize] = s;
+        }
+    }
+}
+
+#[test]
+fn linear_hands_cublas_the_row_major_product() {
+    // What `linear` asks cuBLAS for, computed by cuBLAS's definition, is y = x · Wᵀ row-major.
+    for (t, k, n) in [(1, 5, 3), (4, 7, 2), (3, 16, 9)] {
+        let (x, w) = (random(t * k, 60), random(n * k, 61));
+        let mut y = vec![0f32; t * n];
+        gemm_column_major(&gemm_shape(t as i32, n as i32, k as i32), &w, &x, &mut y);
+        let want = matmul_reference(&x, t, WeightView::F32(&w), n, None);
+        close(&format!("linear's GEMM {t}x{k}x{n}"), &y, &want, 1e-6);
+    }
+}
+
 #[test]
 fn linear_matches_the_reference_for_every_weight_type() {
     let Some(g) = gpu() else { return };
