@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# The first GPU session's work, ready to run (issue 7): the GPU tests, the copy benchmark, and
+# the offloading benchmarks (a), (b), (c) of BENCHMARKS.md, on a lent H100/H200 machine.
+#
+# The device machine has no network and no Rust toolchain, so everything is built here and
+# carried: `pack` builds the release test binaries and the CLI, strips them and copies them,
+# with the fixtures, into .gpu/ (ignored by git, as is gpu-out/). Then each step is one device
+# call that carries .gpu (the device tool's `carry: [".gpu"]`), each well inside 10 minutes:
+#
+#   benches/gpu_session.sh pack                      # here
+#   bash benches/gpu_session.sh test                 # there: every test binary, GPU tests included
+#   bash benches/gpu_session.sh copy                 # there: weir gpu copy
+#   bash benches/gpu_session.sh offload              # there: synth Llama-3-8B shape, (a) (b) (c), trace of (b)
+#   bash benches/gpu_session.sh moe                  # there: tiny-mixtral on the GPU, twins on the CPU
+#
+# The test binaries have this checkout's paths compiled in (CARGO_MANIFEST_DIR), so on the
+# device the script links them to where the copy is. Logs and JSON go to $OUT (or ./gpu-out).
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+step=${1:?usage: gpu_session.sh pack|test|copy|offload|moe}
+out=${OUT:-$here/gpu-out}
+mkdir -p "$out"
+
+case $step in
+pack)
+    cd "$here"
+    rm -rf .gpu && mkdir -p .gpu/tests .gpu/fixtures
+    cargo build --release --bin weir
+    # The test executables that hold GPU tests (the device tool carries 64 MiB at most).
+    keep=" weir_kernels weir_runtime placement_gpu cli_run "
+    cargo test --release --workspace --no-run --message-format=json 2>/dev/null |
+        python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        print(m["target"]["name"], m["executable"])' |
+        while read -r name exe; do
+            case $keep in *" $name "*) cp "$exe" ".gpu/tests/$name" ;; esac
+        done
+    cp target/release/weir .gpu/weir
+    strip .gpu/weir .gpu/tests/*
+    cp -r ../shared/fixtures/. .gpu/fixtures/
+    echo "$here" >.gpu/built-at
+    du -sh .gpu
+    ls .gpu/tests
+    ;;
+test | copy | offload | moe)
+    cd "$here"
+    [ -d .gpu ] || { echo "no .gpu: run 'gpu_session.sh pack' here and carry .gpu" >&2; exit 1; }
+    built=$(cat .gpu/built-at)
+    # The paths compiled into the binaries: the checkout, its target/release/weir and the
+    # fixtures beside it.
+    if [ "$built" != "$here" ]; then
+        mkdir -p "$(dirname "$built")"
+        [ -e "$built" ] || ln -s "$here" "$built"
+    fi
+    mkdir -p "$here/target/release" "$(dirname "$built")/shared"
+    cp .gpu/weir "$here/target/release/weir"
+    [ -e "$(dirname "$built")/shared/fixtures" ] || ln -s "$here/.gpu/fixtures" "$(dirname "$built")/shared/fixtures"
+    export WEIR_FIXTURES=$here/.gpu/fixtures
+    # NVRTC and cuBLAS: the CUDA toolkit's, or the Python environment's wheels.
+    for d in /usr/local/cuda/lib64 /opt/torch/.venv/lib/python3*/site-packages/nvidia/cu13/lib \
+        /opt/torch/.venv/lib/python3*/site-packages/nvidia/*/lib; do
+        [ -d "$d" ] && LD_LIBRARY_PATH=$d:${LD_LIBRARY_PATH:-}
+    done
+    export LD_LIBRARY_PATH
+    weir=$here/target/release/weir
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt" || true
+    ;;
+*)
+    echo "unknown step $step (pack, test, copy, offload, moe)" >&2
+    exit 2
+    ;;
+esac
+
+case $step in
+test)
+    status=0
+    for t in .gpu/tests/*; do
+        echo "== $(basename "$t")"
+        "$t" --test-threads 4 2>&1 || status=1
+    done | tee "$out/test.log"
+    grep -c "skipped: no GPU" "$out/test.log" | sed 's/^/skipped for want of a GPU: /'
+    exit $status
+    ;;
+copy)
+    "$weir" gpu copy --bytes 256MiB --rounds 20 --json | tee "$out/copy.json"
+    ;;
+offload)
+    model=/tmp/l3-8b
+    [ -d $model ] || "$weir" synth --shape llama3-8b --dtype bf16 --seed 0 --out $model
+    common=(--model $model --gpu-memory 8GB --batch 32 --prompt-len 512 --gen-len 32 --json)
+    "$weir" bench "${common[@]}" --graph examples/graphs/llama-gpu.weir | tee "$out/a.json"
+    "$weir" bench "${common[@]}" --graph examples/graphs/llama-gpu-cpu-attention.weir --trace "$out/b.trace.json" | tee "$out/b.json"
+    "$weir" bench "${common[@]}" --graph examples/graphs/llama-gpu.weir --prefetch 0 | tee "$out/c.json"
+    "$weir" trace summary "$out/b.trace.json" | tee "$out/b.summary.txt"
+    ;;
+moe)
+    m=.gpu/fixtures/tiny-mixtral
+    for args in "" "--expert-budget 50%" "--expert-budget 50% --expert-twins host"; do
+        echo "== mixtral-gpu.weir $args"
+        # shellcheck disable=SC2086
+        "$weir" bench --model $m --graph examples/graphs/mixtral-gpu.weir --prompt-len 16 --gen-len 16 $args --json
+    done | tee "$out/moe.log"
+    ;;
+esac
