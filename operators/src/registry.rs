@@ -431,30 +431,25 @@ impl OpConfig {
                 vec![("hidden", u(*hidden)), ("intermediate", u(*intermediate))]
             }
             OpConfig::Add { dim } | OpConfig::SigmoidGate { dim } => vec![("dim", u(*dim))],
-            OpConfig::Router { hidden, experts, top_k, normalize, hint } => {
-                let mut p = vec![
-                    ("hidden", u(*hidden)),
-                    ("experts", u(*experts)),
-                    ("top_k", u(*top_k)),
-                    ("normalize", Bool(*normalize)),
-                ];
-                if *hint {
-                    p.push(("hint", Bool(true)));
-                }
-                p
-            }
-            OpConfig::Expert { hidden, intermediate, experts, index, twin } => {
-                let mut p = vec![
-                    ("hidden", u(*hidden)),
-                    ("intermediate", u(*intermediate)),
-                    ("experts", u(*experts)),
-                    ("index", u(*index)),
-                ];
-                if *twin {
-                    p.push(("twin", Bool(true)));
-                }
-                p
-            }
+            // Set by placement, not by graph files: printed only when set.
+            OpConfig::Router { hidden, experts, top_k, normalize, hint } => [
+                ("hidden", u(*hidden)),
+                ("experts", u(*experts)),
+                ("top_k", u(*top_k)),
+                ("normalize", Bool(*normalize)),
+            ]
+            .into_iter()
+            .chain(hint.then_some(("hint", Bool(true))))
+            .collect(),
+            OpConfig::Expert { hidden, intermediate, experts, index, twin } => [
+                ("hidden", u(*hidden)),
+                ("intermediate", u(*intermediate)),
+                ("experts", u(*experts)),
+                ("index", u(*index)),
+            ]
+            .into_iter()
+            .chain(twin.then_some(("twin", Bool(true))))
+            .collect(),
             OpConfig::LmHead { hidden, vocab } => vec![("hidden", u(*hidden)), ("vocab", u(*vocab))],
             OpConfig::Sampler { vocab } => vec![("vocab", u(*vocab))],
             OpConfig::Load { .. } | OpConfig::ExpertStore { .. } => vec![],
@@ -749,6 +744,7 @@ mod tests {
             OpConfig::Router { hidden: 4, experts: 8, top_k: 2, normalize: false, hint: false },
             OpConfig::Router { hidden: 4, experts: 8, top_k: 2, normalize: true, hint: true },
             OpConfig::Expert { hidden: 4, intermediate: 6, experts: 8, index: 7, twin: false },
+            OpConfig::Expert { hidden: 4, intermediate: 6, experts: 8, index: 7, twin: true },
             OpConfig::SigmoidGate { dim: 4 },
             OpConfig::LmHead { hidden: 4, vocab: 10 },
             OpConfig::Sampler { vocab: 10 },
