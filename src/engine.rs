@@ -298,8 +298,27 @@ impl Running {
 /// GPU memory (uploaded once), the rest are read and uploaded every pass through a host window
 /// whose budget bounds their GPU copies in flight too (`weir_operators::to_gpu`).
 pub fn planned_budget(g: &weir_graphs::Graph, memory: Option<u64>, gpu: Option<u64>) -> Option<u64> {
-    let on_gpu = (0..g.nodes.len()).any(|n| crate::compile::node_gpu(g, n).is_some());
-    memory.or(if on_gpu { gpu } else { None })
+    if on_gpu(g) {
+        gpu.or(memory)
+    } else {
+        memory
+    }
+}
+
+fn on_gpu(g: &weir_graphs::Graph) -> bool {
+    (0..g.nodes.len()).any(|n| crate::compile::node_gpu(g, n).is_some())
+}
+
+/// FlexGen's three tiers for a graph with GPU lanes given both budgets: `plan` (fitted into the
+/// GPU memory) keeps what fits on the GPU; of the rest, the memory budget beyond the host pools
+/// the plan sized (`pools` bytes: the streaming window, KV cache, activations) holds weights in
+/// DRAM, sent every pass from there (`weir_graphs::plan::hold`); what is left is read from
+/// storage every pass. Returns the bytes held.
+pub fn hold_in_dram(g: &mut weir_graphs::Graph, plan: &mut weir_graphs::plan::Plan, memory: Option<u64>, gpu: Option<u64>, pools: u64) -> u64 {
+    if let (true, Some(_), Some(m)) = (on_gpu(g), gpu, memory) {
+        weir_graphs::plan::hold(g, plan, m.saturating_sub(pools));
+    }
+    plan.held_bytes
 }
 
 /// The GPU memory a graph's plan fits into when `--gpu-memory` is not given: each device's
@@ -401,7 +420,9 @@ impl Engine {
         let planned = planned_budget(&graph, opts.memory_budget, gpu_memory);
         let (plan, split) = match (planned, graph.host_budget) {
             (Some(b), _) => {
-                let plan = weir_graphs::plan::fit(&mut graph, rest(b)?, opts.prefetch, &reserve)?;
+                let mut plan = weir_graphs::plan::fit(&mut graph, rest(b)?, opts.prefetch, &reserve)?;
+                let pools = plan.split.weights + plan.split.kv + plan.split.activations + caches;
+                hold_in_dram(&mut graph, &mut plan, opts.memory_budget, gpu_memory, pools);
                 (Some(plan.clone()), Some(plan.split))
             }
             // A graph file's own budget: its placement stands, the reserve comes off the top.
@@ -434,6 +455,9 @@ impl Engine {
             expert_reads_due: Default::default(),
             host_meter: Some(meter.clone()),
             bf16_as_f16: opts.bf16_as_f16,
+            held_pool: plan.as_ref().filter(|p| p.held_bytes > 0).map(|p| {
+                weir_runtime::Pool::with("held", weir_runtime::Tier::Host, p.held_bytes as usize, false, Some(&meter))
+            }),
         };
         let disk_bytes = env.disk_bytes.clone();
         let pools: Vec<weir_runtime::Pool> =
@@ -450,7 +474,7 @@ impl Engine {
             gpu_memory: gpu_memory.map(|b| b as usize),
         };
         let run = start(&graph, opts.trace, &env, &sched)?;
-        let budget = split.map(|s| s.weights + s.kv + s.activations + caches);
+        let budget = split.map(|s| s.weights + s.kv + s.activations + caches + plan.as_ref().map_or(0, |p| p.held_bytes));
         Ok(Engine {
             run: Mutex::new(run),
             graph,

@@ -158,23 +158,29 @@ fn a_gpu_memory_budget_too_small_for_the_weights_fails_naming_the_pool() {
 }
 
 #[test]
-fn gpu_memory_plans_which_weights_stay_on_the_gpu_and_which_stream() {
+fn gpu_memory_plans_which_weights_stay_on_the_gpu_and_memory_budget_which_are_held_in_dram() {
     // tiny-llama's weights are 0.5 MB; its reserve (KV cache, activations) about 2.3 MB.
     let model = fixture("tiny-llama");
     let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/graphs/llama-gpu.weir");
-    let show = |budget: &str| {
+    let show = |budgets: &[&str]| {
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
             .args(["graph", "show", "--model", model.to_str().unwrap(), "--graph", file.to_str().unwrap()])
-            .args(["--gpu-memory", budget])
+            .args(budgets)
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let text = String::from_utf8(o.stdout).unwrap();
-        (text.matches("tier=host").count(), text.matches("tier=nvme").count())
+        (text.matches("tier=host").count(), text.matches("tier=nvme").count(), text.matches("tier=dram").count())
     };
-    let (resident, streamed) = show("2.7MB");
-    assert!(resident > 0 && streamed > 0, "a tight budget splits the weights: {resident} / {streamed}");
-    assert_eq!(show("64MB"), (resident + streamed, 0), "a roomy one keeps every weight on the GPU");
+    let (resident, streamed, held) = show(&["--gpu-memory", "2.7MB"]);
+    assert!(resident > 0 && streamed > 0 && held == 0, "a tight budget splits the weights: {resident} / {streamed}");
+    assert_eq!(show(&["--gpu-memory", "64MB"]), (resident + streamed, 0, 0), "a roomy one keeps every weight on the GPU");
+    // With a memory budget too, FlexGen's three tiers: what streams is held in DRAM as far as
+    // the memory beyond the host pools allows (here 2.7 MB of pools), read from disk past that.
+    let (r, nvme, dram) = show(&["--gpu-memory", "2.7MB", "--memory-budget", "2.9MB"]);
+    assert_eq!(r, resident, "the GPU's share is the GPU budget's");
+    assert!(dram > 0 && nvme > 0 && dram + nvme == streamed, "a tight memory budget splits the rest: {dram} / {nvme}");
+    assert_eq!(show(&["--gpu-memory", "2.7MB", "--memory-budget", "64MB"]), (resident, 0, streamed), "a roomy one holds it all");
 }
 
 #[test]
@@ -381,4 +387,19 @@ fn tiny_mixtral_on_gpu_with_twin_experts_on_the_cpu_matches_transformers() {
     }
     let opts = EngineOptions { experts: Some(mixtral_gpu_twins()), ..options("mixtral-gpu.weir") };
     check_prompts_with(&fixture("tiny-mixtral"), &golden("tiny-mixtral")["prompts"], opts);
+}
+
+#[test]
+fn tiny_llama_on_gpu_with_weights_over_gpu_dram_and_nvme_matches_transformers() {
+    if !gpu_present() {
+        skipped("no GPU");
+        return;
+    }
+    let opts =
+        EngineOptions { gpu_memory: Some(2_700_000), memory_budget: Some(2_900_000), ..options("llama-gpu.weir") };
+    let (_, engine) = engine(&fixture("tiny-llama"), opts.clone());
+    let plan = engine.plan().unwrap().clone();
+    assert!(plan.held_tensors > 0 && plan.held_tensors < plan.streamed_tensors, "three tiers: {plan:?}");
+    engine.shutdown().unwrap();
+    check_prompts_with(&fixture("tiny-llama"), &golden("tiny-llama")["prompts"], opts);
 }

@@ -218,3 +218,33 @@ fn requests_wait_for_kv_room_and_one_that_never_fits_is_refused() {
     assert_eq!(out.tokens, ids(&p["greedy"]["new_ids"]));
     engine.shutdown().unwrap();
 }
+
+/// tiny-llama's built-in graph with every layer's weights at `tier` (`dram` or `nvme`), under
+/// the graph's own budget.
+fn layers_at(tier: &str) -> EngineOptions {
+    let text = format!("{}\nlane disk nvme\nplace layers=0..1000 tier={tier}\nbudget host=100000000\n", weir_graphs::builtin::LLAMA);
+    EngineOptions { graph: Some((text, format!("tiny-llama-{tier}.weir"))), ..opts(None) }
+}
+
+#[test]
+fn weights_held_in_dram_are_read_from_storage_once_and_give_the_golden_tokens() {
+    let model = Model::open(fixture("tiny-llama")).unwrap();
+    let g = golden("tiny-llama");
+    let p = &g["prompts"][1];
+    let mut growth = Vec::new();
+    for tier in ["dram", "nvme"] {
+        let engine = Engine::new(&model, layers_at(tier)).unwrap();
+        assert!(engine.graph_dump().contains(&format!("tier={tier}")), "{tier}");
+        let mut read = Vec::new();
+        for _ in 0..3 {
+            let req = Request { stop_at_eos: false, ..Request::greedy(ids(&p["input_ids"]), 24) };
+            assert_eq!(engine.generate(req).unwrap().tokens, ids(&p["greedy"]["new_ids"]), "{tier}");
+            read.push(engine.disk_bytes_read());
+        }
+        // The third generation reads nothing more if the layers are held, as much again if not.
+        growth.push(read[2] - read[1]);
+        engine.shutdown().unwrap();
+    }
+    assert_eq!(growth[0], 0, "held in DRAM: nothing read once every layer has its copy");
+    assert!(growth[1] > 0, "from storage every pass");
+}

@@ -407,21 +407,21 @@ fn nvme_lane(g: &mut Graph) -> usize {
 /// left with nothing is left with no tensors (it finishes at once).
 fn prune_loaders(g: &mut Graph) {
     for ni in 0..g.nodes.len() {
-        let OpConfig::Load { tensors, streamed, .. } = &g.nodes[ni].op else { continue };
+        let OpConfig::Load { tensors, streamed, held, .. } = &g.nodes[ni].op else { continue };
         let used: Vec<bool> =
             (0..tensors.len()).map(|p| g.edges.iter().any(|e| e.from.node == ni && e.from.port == p)).collect();
         let mut new_port = vec![usize::MAX; tensors.len()];
-        let (mut ts, mut ss) = (Vec::new(), Vec::new());
+        let (mut ts, mut ss, mut hs) = (Vec::new(), Vec::new(), Vec::new());
         for p in 0..tensors.len() {
             if used[p] {
                 new_port[p] = ts.len();
                 ts.push(tensors[p].clone());
                 ss.push(streamed[p]);
+                hs.push(held[p]);
             }
         }
-        if let OpConfig::Load { tensors, streamed, .. } = &mut g.nodes[ni].op {
-            *tensors = ts;
-            *streamed = ss;
+        if let OpConfig::Load { tensors, streamed, held, .. } = &mut g.nodes[ni].op {
+            (*tensors, *streamed, *held) = (ts, ss, hs);
         }
         for e in g.edges.iter_mut().filter(|e| e.from.node == ni) {
             e.from.port = new_port[e.from.port];

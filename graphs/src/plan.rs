@@ -112,6 +112,10 @@ pub struct Plan {
     pub streamed_bytes: u64,
     pub resident_tensors: usize,
     pub streamed_tensors: usize,
+    /// Of the streamed ones, those held in host memory and sent every pass from there (the DRAM
+    /// tier of a GPU's weights, [`hold`]); the rest are read from storage every pass.
+    pub held_bytes: u64,
+    pub held_tensors: usize,
     /// The least budget this graph can run in (everything streamed) with this reserve.
     pub minimum: u64,
     /// How the budget is split between weights, KV cache and activations.
@@ -193,6 +197,8 @@ pub fn fit(g: &mut Graph, budget: u64, prefetch: Option<usize>, reserve: &Reserv
         streamed_bytes: 0,
         resident_tensors: 0,
         streamed_tensors: 0,
+        held_bytes: 0,
+        held_tensors: 0,
         minimum: window_min + split.kv + split.activations,
     };
     for (i, &(node, port, bytes, _, _)) in tensors.iter().enumerate() {
@@ -234,6 +240,26 @@ pub fn fit(g: &mut Graph, budget: u64, prefetch: Option<usize>, reserve: &Reserv
     }
     g.host_budget = Some(whole);
     Ok(plan)
+}
+
+/// FlexGen's DRAM tier, for a graph whose weights a GPU computes with: of the weights `fit`
+/// streams (those not kept in GPU memory), holds in host memory as many as `bytes` allow, in the
+/// loaders' order (layer order) — read from storage once, then sent every pass from memory.
+/// What is left is read from storage every pass. Records them in `plan`.
+pub fn hold(g: &mut Graph, plan: &mut Plan, bytes: u64) {
+    let mut left = bytes;
+    for n in g.nodes.iter_mut() {
+        let OpConfig::Load { tensors, streamed, held, .. } = &mut n.op else { continue };
+        for (i, t) in tensors.iter().enumerate() {
+            let b = held_bytes(t.offset, t.nbytes());
+            if streamed[i] && !held[i] && b <= left {
+                held[i] = true;
+                left -= b;
+                plan.held_bytes += b;
+                plan.held_tensors += 1;
+            }
+        }
+    }
 }
 
 /// Throughput mode (FlexGen's zig-zag block): every streamed weight serves `micro_batches`

@@ -7,6 +7,12 @@
 //! the bytes. The loader is ready only when the pool has room for the next tensor, so the pool's
 //! budget bounds how far reading runs ahead of compute: prefetch is backpressure.
 //!
+//! *Held* tensors (a subset of the streamed ones: FlexGen's DRAM tier, for weights computed
+//! on a GPU) are read from storage once and kept in memory (twice where reading runs ahead into
+//! the second pass before the first read has landed); every pass after takes them from there
+//! instead of the disk — through the same pool, in the same order, so the
+//! window bounds them (and their copies on the GPU) as it bounds those read from storage.
+//!
 //! Two ways to read: `pread` into an aligned buffer (I/O lanes), or io_uring with `O_DIRECT`,
 //! several chunk reads in flight (NVMe lanes), falling back to buffered reads, said once in the
 //! log, where the filesystem refuses `O_DIRECT`. Every read is checked against the tensor's
@@ -121,13 +127,21 @@ struct Flight {
     /// error): reported when the tensor is next to send.
     error: Option<String>,
     failed: Option<OpError>,
+    /// Copied from a held tensor's copy, not read from storage.
+    from_memory: bool,
 }
 
 impl Flight {
     /// Tensor `tensor`'s read of `want` bytes from file offset `start` into `buf`, not begun.
     fn new(tensor: usize, buf: Option<HostBuffer>, fd: i32, start: u64, want: u64, failed: Option<OpError>) -> Flight {
         let (submitted, got, in_flight, eof_at, retry, error) = (0, 0, 0, None, Vec::new(), None);
-        Flight { tensor, buf, fd, start, want, submitted, got, in_flight, eof_at, retry, error, failed }
+        Flight { tensor, buf, fd, start, want, submitted, got, in_flight, eof_at, retry, error, failed, from_memory: false }
+    }
+    /// Tensor `tensor`, already in `buf` (`got` bytes from file offset `start`'s place).
+    fn copied(tensor: usize, buf: HostBuffer, start: u64, got: u64) -> Flight {
+        let mut f = Flight::new(tensor, Some(buf), -1, start, got, None);
+        (f.submitted, f.got, f.from_memory) = (got, got, true);
+        f
     }
     fn has_work(&self) -> bool {
         self.error.is_none()
@@ -275,6 +289,10 @@ pub struct Loader {
     pub bytes_read: u64,
     counter: Option<Arc<std::sync::atomic::AtomicU64>>,
     bf16_as_f16: bool,
+    /// Held tensors, their copies once read, and where the copies' memory comes from.
+    held: Vec<bool>,
+    copies: Vec<Option<Tensor>>,
+    held_pool: Option<Pool>,
 }
 
 /// At most this many tensors are being read at once (small tensors are many per chunk depth).
@@ -299,7 +317,58 @@ impl Loader {
             bytes_read: 0,
             counter: None,
             bf16_as_f16: false,
+            held: Vec::new(),
+            copies: Vec::new(),
+            held_pool: None,
         }
+    }
+
+    /// Keeps the streamed tensors with `held[i]` in memory after their first read (their
+    /// copies from `pool`, which the plan sizes for them; the heap without one), and takes them
+    /// from there every pass after.
+    pub fn hold(&mut self, held: Vec<bool>, pool: Option<Pool>) {
+        assert_eq!(held.len(), self.tensors.len(), "a flag per tensor");
+        debug_assert!(held.iter().zip(&self.streamed).all(|(h, s)| !h || *s), "only streamed tensors are held");
+        self.copies = vec![None; held.len()];
+        (self.held, self.held_pool) = (held, pool);
+    }
+
+    /// Whether tensor `i` comes from its copy in memory.
+    fn copied(&self, i: usize) -> bool {
+        self.copies.get(i).is_some_and(Option::is_some)
+    }
+
+    /// Tensor `i`'s copy placed in `buf` as a read from storage would place it; returns the
+    /// file offset the buffer's start stands for and the bytes it covers (for `finish`).
+    fn copy_into(&self, i: usize, buf: &mut HostBuffer) -> (u64, u64) {
+        let t = &self.tensors[i];
+        let n = t.nbytes() as usize;
+        let off = if self.buffer_len(t) > n { (t.offset % BLOCK) as usize } else { 0 };
+        let copy = self.copies[i].as_ref().expect("a held tensor's copy");
+        buf.as_bytes_mut()[off..off + n].copy_from_slice(copy.bytes());
+        (t.offset - off as u64, (off + n) as u64)
+    }
+
+    /// Keeps a copy of held tensor `i`, just read, unless it has one.
+    fn keep(&mut self, i: usize, w: &Tensor) -> Result<(), OpError> {
+        if !self.held.get(i).copied().unwrap_or(false) || self.copied(i) {
+            return Ok(());
+        }
+        let n = w.bytes().len();
+        let mut buf = match &self.held_pool {
+            Some(pool) => pool.try_alloc(n).ok_or_else(|| {
+                OpError::new(format!(
+                    "tensor `{}`: the {} pool ({} bytes) has no room to hold its {n} bytes in memory",
+                    self.tensors[i].name,
+                    pool.name(),
+                    pool.budget()
+                ))
+            })?,
+            None => HostBuffer::zeroed(n),
+        };
+        buf.as_bytes_mut().copy_from_slice(w.bytes());
+        self.copies[i] = Some(Tensor::from_buffer(w.dtype, w.shape.clone(), buf));
+        Ok(())
     }
 
     /// Also adds the bytes read to `counter` (shared by every loader of a program).
@@ -400,7 +469,7 @@ impl Loader {
 
     /// Checks a finished read of tensor `i` (`got` bytes from file offset `start`) and makes
     /// the tensor.
-    fn finish(&mut self, i: usize, buf: HostBuffer, start: u64, got: u64) -> Result<Tensor, OpError> {
+    fn finish(&mut self, i: usize, buf: HostBuffer, start: u64, got: u64, from_disk: bool) -> Result<Tensor, OpError> {
         let t = &self.tensors[i];
         let n = t.nbytes();
         // Test hooks: `WEIR_INJECT_READ_ERROR=TENSOR` and `WEIR_INJECT_SHORT_READ=TENSOR` make the
@@ -420,7 +489,9 @@ impl Loader {
                 format!("short read: got {got} of {needed} bytes at offset {start} (file changed?)"),
             ));
         }
-        self.count(got);
+        if from_disk {
+            self.count(got);
+        }
         let t = &self.tensors[i];
         let off = (t.offset - start) as usize;
         let mut w = match Tensor::from_buffer_at(t.dtype, t.shape.clone(), buf, off) {
@@ -455,13 +526,17 @@ impl Loader {
     /// Reads tensor `i` with `pread`: `Ok(None)` when the pool has no room yet.
     fn read_pread(&mut self, i: usize) -> Result<Option<Tensor>, OpError> {
         let Some(mut buf) = self.alloc(i)? else { return Ok(None) };
+        if self.copied(i) {
+            let (start, got) = self.copy_into(i, &mut buf);
+            return self.finish(i, buf, start, got, false).map(Some);
+        }
         let (_, start, want) = self.prepare(i)?;
         let t = &self.tensors[i];
         self.files[&t.path]
             .file
             .read_exact_at(&mut buf.as_bytes_mut()[..want as usize], start)
             .map_err(|e| Self::ctx(t, format!("read failed: {e}")))?;
-        self.finish(i, buf, start, want).map(Some)
+        self.finish(i, buf, start, want, true).map(Some)
     }
 
     /// Queues the tensor at `ahead` for reading if the pool has room for it: `false` if not,
@@ -477,6 +552,17 @@ impl Loader {
             Ok(Some(b)) => (Some(b), None),
             Ok(None) => return Ok(false),
             Err(e) => (None, Some(e)),
+        };
+        // A held tensor read before: from its copy, in its turn (its buffer is the window's).
+        let buf = match buf {
+            Some(mut b) if self.copied(i) => {
+                let (start, got) = self.copy_into(i, &mut b);
+                let stream = self.stream.as_mut().expect("stream made before reading");
+                stream.flights.push_back(Flight::copied(i, b, start, got));
+                self.ahead.step(&self.streamed);
+                return Ok(true);
+            }
+            other => other,
         };
         let (mut fd, mut start, mut want) = (-1, 0, 0);
         if failed.is_none() {
@@ -530,7 +616,7 @@ impl Loader {
         }
         let got = head.got.min(head.eof_at.unwrap_or(u64::MAX));
         let buf = head.buf.expect("a complete flight without an error has its buffer");
-        self.finish(head.tensor, buf, head.start, got)
+        self.finish(head.tensor, buf, head.start, got, !head.from_memory)
     }
 
     /// Counts `got` bytes read from storage (here and in the engine's total).
@@ -649,6 +735,7 @@ impl Operator<Packet> for Loader {
         };
         // No room in the pool: another allocation won the race since `ready`; try again when woken.
         let Some(w) = w else { return Ok(Step::Continue) };
+        self.keep(i, &w)?;
         out.send(i, Packet::Weight { name: Arc::from(self.tensors[i].name.as_str()), w });
         self.next.step(&self.streamed);
         if self.stream.as_ref().is_none_or(|s| s.flights.is_empty()) {
@@ -850,6 +937,42 @@ mod tests {
         assert!(queued > 0 && pool.in_use() == queued, "{pool:?}");
         drop(l);
         assert_eq!(pool.in_use(), 0, "{pool:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn held_tensors_are_read_from_storage_once_then_from_memory_through_the_window() {
+        let values: Vec<f32> = (0..5000).map(|i| i as f32).collect();
+        let (dir, path) = file_with("held", &values);
+        // b is held, c streamed from storage every pass; both unaligned, so direct reads take
+        // whole blocks around them and the copy must land where a read would.
+        let ts = vec![src("b", &path, 40, 1500), src("c", &path, 6040, 2000)];
+        for mode in [IoMode::Pread, IoMode::Uring { depth: 3, chunk: 4096, ahead: true }] {
+            let pool = Pool::new("window", Tier::Host, 64 << 10);
+            let held_pool = Pool::new("held", Tier::Host, 6000);
+            let mut l = Loader::new(ts.clone(), vec![true, true], mode, Some(pool.clone()));
+            l.hold(vec![true, false], Some(held_pool.clone()));
+            let mut read_after = Vec::new();
+            for _ in 0..6 {
+                let o = fire(&mut l, vec![], 2).unwrap();
+                let (port, p) = o.iter().enumerate().find_map(|(i, p)| p.as_ref().map(|p| (i, p))).unwrap();
+                let (_, w) = p.weight("w").unwrap();
+                let want: Vec<f32> = values[[10, 1510][port]..][..[1500, 2000][port]].to_vec();
+                assert_eq!(w.f32(), &want[..], "{mode:?}: tensor {port}, as stored");
+                read_after.push(l.bytes_read);
+            }
+            // b came from storage on the first pass (and, reading ahead, on the second, started
+            // before its first read landed), c on every pass: from the third pass on the bytes
+            // read grow only when c is sent.
+            assert_eq!(held_pool.in_use(), 6000, "b's copy is kept, from its pool");
+            if mode == IoMode::Pread {
+                assert_eq!(read_after[2], read_after[1], "b's second pass read nothing: {read_after:?}");
+            }
+            assert_eq!(read_after[4], read_after[3], "{mode:?}: b's third pass read nothing: {read_after:?}");
+            assert!(read_after[3] > read_after[2] && read_after[5] > read_after[4], "{mode:?}: c is read every pass");
+            drop(l);
+            assert_eq!((pool.in_use(), held_pool.in_use()), (0, 0));
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

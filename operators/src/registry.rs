@@ -54,7 +54,9 @@ pub enum OpConfig {
     /// Reads weight tensors from files and sends each on its own output port (made from a
     /// graph's `weight` statements, not written as a node). `streamed[i]`: tensor `i` is read
     /// again for every pass instead of once.
-    Load { tensors: Vec<TensorSource>, streamed: Vec<bool>, mode: IoMode },
+    /// `held[i]` (streamed tensors only): read once, held in memory and sent every pass — the
+    /// DRAM tier of weights a GPU computes with (see `loader`).
+    Load { tensors: Vec<TensorSource>, streamed: Vec<bool>, held: Vec<bool>, mode: IoMode },
     /// Reads the experts `served` (of a router's `experts`) when the router chooses them, into
     /// a cache of `budget` bytes (made by the expert placement, not written as a node): see
     /// [`crate::expert_store`]. `tensors`: gate, up, down of each served expert; `prior[j]`:
@@ -97,6 +99,8 @@ pub struct OpEnv {
     pub host_meter: Option<weir_runtime::TierMeter>,
     /// Loaders hold resident bf16 matrices as f16 (`Loader::hold_bf16_as_f16`).
     pub bf16_as_f16: bool,
+    /// Where loaders keep their held tensors (the DRAM tier), when the plan holds some.
+    pub held_pool: Option<weir_runtime::Pool>,
 }
 
 impl Default for OpEnv {
@@ -112,6 +116,7 @@ impl Default for OpEnv {
             expert_reads_due: Default::default(),
             host_meter: None,
             bf16_as_f16: false,
+            held_pool: None,
         }
     }
 }
@@ -667,8 +672,11 @@ impl OpConfig {
             OpConfig::SigmoidGate { dim } => Box::new(sigmoid_gate::SigmoidGate { dim }),
             OpConfig::LmHead { hidden, vocab } => Box::new(lm_head::LmHead { hidden, vocab }),
             OpConfig::Sampler { vocab } => Box::new(sampler::Sampler::new(vocab)),
-            OpConfig::Load { tensors, streamed, mode } => {
+            OpConfig::Load { tensors, streamed, held, mode } => {
                 let mut l = loader::Loader::new(tensors, streamed, mode, env.host_pool.clone());
+                if held.iter().any(|h| *h) {
+                    l.hold(held, env.held_pool.clone());
+                }
                 l.count_into(env.disk_bytes.clone());
                 l.hold_bf16_as_f16(env.bf16_as_f16);
                 Box::new(l)

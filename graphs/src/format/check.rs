@@ -131,8 +131,9 @@ struct WeightDecl {
     tensor_span: Span,
     lane: Option<(String, Span)>,
     capacity: Option<(usize, Span)>,
-    /// `tier=nvme` (read every pass) or `tier=host` (resident); `None`: as placed.
-    streamed: Option<bool>,
+    /// `tier=host` (resident), `dram` (held in memory, sent every pass: for a GPU) or `nvme`
+    /// (read every pass); `None`: as placed.
+    tier: Option<Kept>,
     /// `uses=K`: a streamed weight serves K firings (micro-batches).
     uses: Option<(usize, Span)>,
 }
@@ -141,8 +142,25 @@ struct PlaceDecl {
     layers: Option<(i64, i64)>,
     kind: Option<String>,
     lane: Option<(String, Span)>,
-    /// The tier of the weights of the operators placed: `Some(true)` streams them.
-    streamed: Option<bool>,
+    /// The tier of the weights of the operators placed.
+    tier: Option<Kept>,
+}
+
+/// Where a weight is kept (`tier=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kept {
+    /// Resident: read once, kept by its consumers.
+    Host,
+    /// Read once, held in memory and sent every pass (FlexGen's DRAM tier, for a GPU).
+    Dram,
+    /// Read from storage every pass.
+    Nvme,
+}
+
+impl Kept {
+    fn streamed(self) -> bool {
+        self != Kept::Host
+    }
 }
 
 #[derive(Default)]
@@ -351,14 +369,18 @@ impl Elab<'_> {
         out
     }
     /// `host` (resident) → false, `nvme` (streamed every pass) → true.
-    fn tier(&mut self, v: &Value, sp: Span) -> Option<bool> {
+    fn tier(&mut self, v: &Value, sp: Span) -> Option<Kept> {
         match v {
-            Value::Str(s) if s == "host" => Some(false),
-            Value::Str(s) if s == "nvme" => Some(true),
+            Value::Str(s) if s == "host" => Some(Kept::Host),
+            Value::Str(s) if s == "dram" => Some(Kept::Dram),
+            Value::Str(s) if s == "nvme" => Some(Kept::Nvme),
             v => {
                 self.err(
                     sp,
-                    format!("unknown tier {v} (known: host — resident in memory; nvme — read from storage every pass)"),
+                    format!(
+                        "unknown tier {v} (known: host — resident in memory; dram — held in memory and sent every \
+                         pass, for a GPU; nvme — read from storage every pass)"
+                    ),
                 );
                 None
             }
@@ -477,7 +499,7 @@ impl Elab<'_> {
                     let sp = *sp;
                     self.usize_of(v, sp, "`uses`", 1).map(|u| (u, sp))
                 });
-                let streamed = attrs.iter().find(|(k, _, _)| k == "tier").and_then(|(_, v, sp)| self.tier(v, *sp));
+                let tier = attrs.iter().find(|(k, _, _)| k == "tier").and_then(|(_, v, sp)| self.tier(v, *sp));
                 let lane = self.lane_ref(&attrs, "lane");
                 let capacity = self.capacity(&attrs);
                 let (Some(to), Some(t)) = (self.ep(to), self.eval(tensor)) else { return };
@@ -488,7 +510,7 @@ impl Elab<'_> {
                     tensor_span: tensor.span(),
                     lane,
                     capacity,
-                    streamed,
+                    tier,
                     uses,
                 });
             }
@@ -514,7 +536,7 @@ impl Elab<'_> {
             Stmt::Place { attrs, .. } => {
                 let attrs = self.attrs(attrs);
                 self.unknown_attrs(&attrs, &["layers", "kind", "lane", "tier"], "`place`");
-                let mut p = PlaceDecl { layers: None, kind: None, lane: None, streamed: None };
+                let mut p = PlaceDecl { layers: None, kind: None, lane: None, tier: None };
                 for (k, v, sp) in &attrs {
                     match (k.as_str(), v) {
                         ("layers", Value::Range(a, b)) => p.layers = Some((*a, *b)),
@@ -527,7 +549,7 @@ impl Elab<'_> {
                         ("kind" | "lane", v) => {
                             self.err(*sp, format!("`{k}` must be a name, found {v} (a variable of that name?)"))
                         }
-                        ("tier", v) => p.streamed = self.tier(v, *sp),
+                        ("tier", v) => p.tier = self.tier(v, *sp),
                         _ => {}
                     }
                 }
@@ -926,8 +948,8 @@ fn resolve(f: Flat, input: &CheckInput, errors: &mut Vec<Diagnostic>) -> Graph {
         (0..graph.lanes.len()).filter(|&i| matches!(graph.lanes[i].kind, LaneKind::Io { .. })).collect();
     let uring_lanes: Vec<usize> =
         (0..graph.lanes.len()).filter(|&i| matches!(graph.lanes[i].kind, LaneKind::Nvme { .. })).collect();
-    let mut per_lane: BTreeMap<usize, Vec<(TensorSource, bool)>> = BTreeMap::new();
-    let mut tensor_home: HashMap<String, (usize, usize, bool)> = HashMap::new(); // name → (lane, port, streamed)
+    let mut per_lane: BTreeMap<usize, Vec<(TensorSource, Kept)>> = BTreeMap::new();
+    let mut tensor_home: HashMap<String, (usize, usize, Kept)> = HashMap::new(); // name → (lane, port, tier)
     let mut weight_edges = Vec::new();
     let mut rr = 0;
     for w in &f.weights {
@@ -970,23 +992,25 @@ fn resolve(f: Flat, input: &CheckInput, errors: &mut Vec<Diagnostic>) -> Graph {
         if !connect_in(to, w.to.span, &nodes, &mut err) {
             continue;
         }
-        let streamed = w.streamed.unwrap_or_else(|| {
+        let tier = w.tier.unwrap_or_else(|| {
             f.places
                 .iter()
                 .rev()
                 .find(|p| {
-                    p.streamed.is_some()
+                    p.tier.is_some()
                         && p.layers.is_none_or(|(a, b)| node.layer.is_some_and(|l| (l as i64) >= a && (l as i64) < b))
                         && p.kind.as_ref().is_none_or(|k| k == node.op.kind())
                 })
-                .and_then(|p| p.streamed)
-                .unwrap_or(false)
+                .and_then(|p| p.tier)
+                .unwrap_or(Kept::Host)
         });
+        let streamed = tier.streamed();
         let (lane, port) = match tensor_home.get(&w.tensor) {
-            Some(&(_, _, s)) if s != streamed => {
+            Some(&(_, _, t)) if t != tier => {
+                let name = |t: Kept| format!("{t:?}").to_lowercase();
                 err(
                     w.to.span,
-                    format!("tensor `{}` is placed both resident (tier=host) and streamed (tier=nvme)", w.tensor),
+                    format!("tensor `{}` is placed both tier={} and tier={}", w.tensor, name(t), name(tier)),
                 );
                 continue;
             }
@@ -1010,8 +1034,8 @@ fn resolve(f: Flat, input: &CheckInput, errors: &mut Vec<Diagnostic>) -> Graph {
                     }
                 };
                 let list = per_lane.entry(lane).or_default();
-                list.push((source, streamed));
-                tensor_home.insert(w.tensor.clone(), (lane, list.len() - 1, streamed));
+                list.push((source, tier));
+                tensor_home.insert(w.tensor.clone(), (lane, list.len() - 1, tier));
                 (lane, list.len() - 1)
             }
         };
@@ -1139,8 +1163,10 @@ fn resolve(f: Flat, input: &CheckInput, errors: &mut Vec<Diagnostic>) -> Graph {
             LaneKind::Cpu { .. } => IoMode::Uring { depth: 8, chunk: 1 << 20, ahead: false },
             _ => IoMode::Pread,
         };
-        let (tensors, streamed) = list.into_iter().unzip();
-        graph.nodes.push(Node { name, op: OpConfig::Load { tensors, streamed, mode }, lane, layer: None });
+        let streamed = list.iter().map(|(_, t)| t.streamed()).collect();
+        let held = list.iter().map(|(_, t)| *t == Kept::Dram).collect();
+        let tensors = list.into_iter().map(|(s, _)| s).collect();
+        graph.nodes.push(Node { name, op: OpConfig::Load { tensors, streamed, held, mode }, lane, layer: None });
     }
     graph.host_budget = f.host_budget;
     let loader_of: HashMap<usize, usize> = graph

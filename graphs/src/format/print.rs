@@ -91,10 +91,14 @@ pub fn print(g: &Graph) -> String {
     let _ = writeln!(s, "output {}.{}", x.name, x.op.outputs()[g.exit.port]);
     s.push('\n');
     for (li, l) in g.nodes.iter().enumerate() {
-        let OpConfig::Load { tensors, streamed, .. } = &l.op else { continue };
+        let OpConfig::Load { tensors, streamed, held, .. } = &l.op else { continue };
         for (port, t) in tensors.iter().enumerate() {
             for e in g.edges.iter().filter(|e| e.from.node == li && e.from.port == port) {
-                let tier = if streamed[port] { "nvme" } else { "host" };
+                let tier = match (streamed[port], held[port]) {
+                    (false, _) => "host",
+                    (true, true) => "dram",
+                    (true, false) => "nvme",
+                };
                 let uses = if e.uses > 1 { format!(" uses={}", e.uses) } else { String::new() };
                 let _ = writeln!(
                     s,
