@@ -31,7 +31,12 @@ pub fn fill(g: &Graph, t: &mut Twins) -> Result<()> {
 }
 
 /// One expert's cost on `lane` (see the module doc).
-pub fn expert_timing(lane: &LaneSpec, hidden: usize, intermediate: usize, dtype: DType) -> std::result::Result<LaneTiming, String> {
+pub fn expert_timing(
+    lane: &LaneSpec,
+    hidden: usize,
+    intermediate: usize,
+    dtype: DType,
+) -> std::result::Result<LaneTiming, String> {
     let (h, m) = (hidden, intermediate);
     let weights = [random(m * h, dtype, 1), random(m * h, dtype, 2), random(h * m, dtype, 3)];
     let fit = |run: &mut dyn FnMut(usize) -> std::result::Result<(), String>| {
@@ -97,7 +102,8 @@ fn gpu_timing(
     let mut run = |t: usize| -> std::result::Result<(), String> {
         let zeros = |n: usize| call("allocating", || stream.alloc_zeros::<f32>(n)).map_err(|e| e.to_string());
         let (x, mut a, mut u, mut y) = (zeros(t * h)?, zeros(t * m)?, zeros(t * m)?, zeros(t * h)?);
-        let mut scratch = call("allocating", || stream.alloc_zeros::<u8>(2 * t * h.max(m))).map_err(|e| e.to_string())?;
+        let mut scratch =
+            call("allocating", || stream.alloc_zeros::<u8>(2 * t * h.max(m))).map_err(|e| e.to_string())?;
         let e = |r: std::result::Result<(), weir_kernels::cuda::GpuError>| r.map_err(|e| e.to_string());
         e(k.linear(&x.as_view(), t, &w[0].as_view(), elem, m, &mut a.as_view_mut(), &mut scratch.as_view_mut()))?;
         e(k.linear(&x.as_view(), t, &w[1].as_view(), elem, m, &mut u.as_view_mut(), &mut scratch.as_view_mut()))?;
