@@ -11,7 +11,7 @@
 #   bash benches/gpu_session.sh test                 # there: every test binary, GPU tests included
 #   bash benches/gpu_session.sh copy                 # there: weir gpu copy
 #   bash benches/gpu_session.sh offload              # there: synth Llama-3-8B shape, (a) (b) (c), trace of (b)
-#   bash benches/gpu_session.sh moe                  # there: tiny-mixtral on the GPU, twins on the CPU
+#   bash benches/gpu_session.sh moe                  # there: a Mixtral shape, experts on GPU/DRAM, with and without twins
 #
 # The test binaries have this checkout's paths compiled in (CARGO_MANIFEST_DIR), so on the
 # device the script links them to where the copy is. Logs and JSON go to $OUT (or ./gpu-out).
@@ -98,11 +98,18 @@ offload)
     "$weir" trace summary "$out/b.trace.json" | tee "$out/b.summary.txt"
     ;;
 moe)
-    m=.gpu/fixtures/tiny-mixtral
-    for args in "" "--expert-budget 50%" "--expert-budget 50% --expert-twins host"; do
-        echo "== mixtral-gpu.weir $args"
-        # shellcheck disable=SC2086
-        "$weir" bench --model $m --graph examples/graphs/mixtral-gpu.weir --prompt-len 16 --gen-len 16 $args --json
+    # Mixtral-8x7B layers, 4 deep (12 GB of bf16): a quarter of the experts on the GPU, the rest
+    # read into DRAM caches when chosen, then uploaded (a), or each pass uploaded or computed on
+    # the CPU where the step finishes soonest (b: Fiddler's decision); batch 1 and 16.
+    m=/tmp/mixtral-4l
+    [ -d $m ] || "$weir" synth --shape mixtral-4l --dtype bf16 --seed 0 --out $m
+    for batch in 1 16; do
+        for twins in "" "--expert-twins host"; do
+            echo "== batch $batch ${twins:-no twins}"
+            # shellcheck disable=SC2086
+            "$weir" bench --model $m --graph examples/graphs/mixtral-gpu.weir --batch $batch --prompt-len 16 \
+                --gen-len 16 --expert-budget 25% $twins --json
+        done
     done | tee "$out/moe.log"
     ;;
 esac
