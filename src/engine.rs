@@ -294,9 +294,10 @@ impl Running {
 }
 
 /// The budget the weights are planned into: the host's (`--memory-budget`), or, for a graph
-/// with GPU lanes and no host budget, the GPU's (`--gpu-memory`): the weights that fit stay in
+/// with GPU lanes, the GPU's (`--gpu-memory`, else the host's): the weights that fit stay in
 /// GPU memory (uploaded once), the rest are read and uploaded every pass through a host window
-/// whose budget bounds their GPU copies in flight too (`weir_operators::to_gpu`).
+/// whose budget bounds their GPU copies in flight too (`weir_operators::to_gpu`); with both,
+/// the host's budget holds some of those in DRAM ([`hold_in_dram`]).
 pub fn planned_budget(g: &weir_graphs::Graph, memory: Option<u64>, gpu: Option<u64>) -> Option<u64> {
     if on_gpu(g) {
         gpu.or(memory)
@@ -314,7 +315,13 @@ fn on_gpu(g: &weir_graphs::Graph) -> bool {
 /// the plan sized (`pools` bytes: the streaming window, KV cache, activations) holds weights in
 /// DRAM, sent every pass from there (`weir_graphs::plan::hold`); what is left is read from
 /// storage every pass. Returns the bytes held.
-pub fn hold_in_dram(g: &mut weir_graphs::Graph, plan: &mut weir_graphs::plan::Plan, memory: Option<u64>, gpu: Option<u64>, pools: u64) -> u64 {
+pub fn hold_in_dram(
+    g: &mut weir_graphs::Graph,
+    plan: &mut weir_graphs::plan::Plan,
+    memory: Option<u64>,
+    gpu: Option<u64>,
+    pools: u64,
+) -> u64 {
     if let (true, Some(_), Some(m)) = (on_gpu(g), gpu, memory) {
         weir_graphs::plan::hold(g, plan, m.saturating_sub(pools));
     }
@@ -327,8 +334,7 @@ pub fn hold_in_dram(g: &mut weir_graphs::Graph, plan: &mut weir_graphs::plan::Pl
 /// budget. `None` without GPU lanes, or where a device cannot be opened (the program's start
 /// then says why).
 pub fn default_gpu_memory(g: &weir_graphs::Graph) -> Option<u64> {
-    let mut devices: Vec<usize> =
-        (0..g.nodes.len()).filter_map(|n| crate::compile::node_gpu(g, n)).collect();
+    let mut devices: Vec<usize> = (0..g.nodes.len()).filter_map(|n| crate::compile::node_gpu(g, n)).collect();
     devices.sort_unstable();
     devices.dedup();
     devices.iter().map(|&d| weir_runtime::gpu::default_budget(d).ok().map(|b| b as u64)).min().flatten()
@@ -474,7 +480,8 @@ impl Engine {
             gpu_memory: gpu_memory.map(|b| b as usize),
         };
         let run = start(&graph, opts.trace, &env, &sched)?;
-        let budget = split.map(|s| s.weights + s.kv + s.activations + caches + plan.as_ref().map_or(0, |p| p.held_bytes));
+        let held = plan.as_ref().map_or(0, |p| p.held_bytes);
+        let budget = split.map(|s| s.weights + s.kv + s.activations + caches + held);
         Ok(Engine {
             run: Mutex::new(run),
             graph,
