@@ -12,23 +12,80 @@ use crate::tensor::{HostBuffer, Tier};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-pub(crate) struct PoolInner {
+/// A budget's bookkeeping, the same for the host pools and the GPU's block pools
+/// (`gpu::pool`): bytes held (on loan or kept for reuse), bytes kept, the high-water mark of
+/// bytes held, and the lanes waiting for room.
+pub(crate) struct Ledger {
     pub(crate) name: String,
-    pub(crate) tier: Tier,
     pub(crate) budget: usize,
+    /// Bytes held: on loan and kept for reuse.
+    pub(crate) used: AtomicUsize,
+    pub(crate) high_water: AtomicUsize,
+    /// Bytes kept for reuse (changed under the owner's free-list lock).
+    pub(crate) free_bytes: AtomicUsize,
+    waiters: Mutex<Vec<Arc<Waker>>>,
+}
+
+impl Ledger {
+    pub(crate) fn new(name: &str, budget: usize) -> Ledger {
+        Ledger {
+            name: name.to_string(),
+            budget,
+            used: AtomicUsize::new(0),
+            high_water: AtomicUsize::new(0),
+            free_bytes: AtomicUsize::new(0),
+            waiters: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Bytes on loan now.
+    pub(crate) fn in_use(&self) -> usize {
+        self.used.load(Ordering::Acquire) - self.free_bytes.load(Ordering::Acquire)
+    }
+
+    /// Whether `bytes` could be had now (kept blocks can make room).
+    pub(crate) fn has_room(&self, bytes: usize) -> bool {
+        self.in_use() + bytes <= self.budget
+    }
+
+    /// `bytes` more held; the high-water mark follows.
+    pub(crate) fn hold(&self, bytes: usize) {
+        let now = self.used.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        self.high_water.fetch_max(now, Ordering::AcqRel);
+    }
+
+    /// Wakes `lane` the next time bytes come back (once).
+    pub(crate) fn notify_on_release(&self, lane: &LaneWaker) {
+        let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        if !w.iter().any(|x| Arc::ptr_eq(x, &lane.0)) {
+            w.push(lane.0.clone());
+        }
+        // Bytes released between the caller's check and this registration are not seen here:
+        // the caller checks again after registering (a release after it unparks the lane, and
+        // an unpark before the lane parks makes the park return at once). Waking the lane here
+        // would make an actor waiting on a full pool spin its lane at full speed.
+    }
+
+    /// Bytes came back: wakes every lane waiting (each once).
+    pub(crate) fn wake_waiters(&self) {
+        let waiters = std::mem::take(&mut *self.waiters.lock().unwrap_or_else(|p| p.into_inner()));
+        for w in waiters {
+            w.wake();
+        }
+    }
+}
+
+pub(crate) struct PoolInner {
+    pub(crate) ledger: Ledger,
+    pub(crate) tier: Tier,
     /// Keep returned buffers for reuse (weights, KV blocks: the same sizes come back), or free
     /// them at once (activations: their sizes change with every pass).
     reuse: bool,
     /// The tier's bytes over every pool that shares this meter.
     meter: Option<TierMeter>,
-    /// Bytes held: buffers in use and buffers kept for reuse.
-    pub(crate) used: AtomicUsize,
-    pub(crate) high_water: AtomicUsize,
     /// Buffers returned and kept for reuse (streamed tensors come round with the same sizes
     /// every pass, so a returned buffer is usually the next one asked for).
     free: Mutex<Vec<HostBuffer>>,
-    free_bytes: AtomicUsize,
-    waiters: Mutex<Vec<Arc<Waker>>>,
 }
 
 impl PoolInner {
@@ -38,28 +95,25 @@ impl PoolInner {
         if self.reuse {
             // Counted as free under the lock that `try_alloc` holds, together with the list.
             let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-            self.free_bytes.fetch_add(buf.len(), Ordering::AcqRel);
+            self.ledger.free_bytes.fetch_add(buf.len(), Ordering::AcqRel);
             free.push(buf);
         } else {
             self.release(buf.len());
             drop(buf); // no lease: the memory is freed
         }
-        let waiters = std::mem::take(&mut *self.waiters.lock().unwrap_or_else(|p| p.into_inner()));
-        for w in waiters {
-            w.wake();
-        }
+        self.ledger.wake_waiters();
     }
 
     /// A kept buffer is freed (the caller holds the free list's lock and took it off).
     fn drop_kept(&self, b: HostBuffer) {
-        self.free_bytes.fetch_sub(b.len(), Ordering::AcqRel);
+        self.ledger.free_bytes.fetch_sub(b.len(), Ordering::AcqRel);
         self.release(b.len());
         drop(b); // no lease: the memory is freed
     }
 
     /// `bytes` leave the pool (and the tier).
     fn release(&self, bytes: usize) {
-        self.used.fetch_sub(bytes, Ordering::AcqRel);
+        self.ledger.used.fetch_sub(bytes, Ordering::AcqRel);
         if let Some(m) = &self.meter {
             m.0.used.fetch_sub(bytes, Ordering::AcqRel);
         }
@@ -70,7 +124,7 @@ impl Drop for PoolInner {
     fn drop(&mut self) {
         // Buffers kept for reuse die with the pool.
         if let Some(m) = &self.meter {
-            m.0.used.fetch_sub(*self.free_bytes.get_mut(), Ordering::AcqRel);
+            m.0.used.fetch_sub(*self.ledger.free_bytes.get_mut(), Ordering::AcqRel);
         }
     }
 }
@@ -123,7 +177,7 @@ impl std::fmt::Debug for Pool {
         write!(
             f,
             "Pool({} {:?}: {}/{} bytes, high water {})",
-            self.inner.name,
+            self.inner.ledger.name,
             self.inner.tier,
             self.used(),
             self.budget(),
@@ -160,16 +214,11 @@ impl Pool {
     pub fn with(name: &str, tier: Tier, budget: usize, reuse: bool, meter: Option<&TierMeter>) -> Pool {
         Pool {
             inner: Arc::new(PoolInner {
-                name: name.to_string(),
+                ledger: Ledger::new(name, budget),
                 tier,
-                budget,
                 reuse,
                 meter: meter.cloned(),
-                used: AtomicUsize::new(0),
-                high_water: AtomicUsize::new(0),
                 free: Mutex::new(Vec::new()),
-                free_bytes: AtomicUsize::new(0),
-                waiters: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -186,12 +235,11 @@ impl Pool {
         let mut free = p.free.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(i) = free.iter().position(|b| b.len() == bytes) {
             let mut b = free.swap_remove(i);
-            p.free_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            p.ledger.free_bytes.fetch_sub(bytes, Ordering::AcqRel);
             b.lease = Some(p.clone());
             return Some(b);
         }
-        let in_use = p.used.load(Ordering::Acquire) - p.free_bytes.load(Ordering::Acquire);
-        if in_use.checked_add(bytes)? > p.budget {
+        if p.ledger.in_use().checked_add(bytes)? > p.ledger.budget {
             return None;
         }
         let mut fresh = None;
@@ -200,7 +248,7 @@ impl Pool {
             // Kept pages of other sizes: move them into the new buffer rather than unmap
             // them and have the kernel clear fresh ones.
             let (b, m) = HostBuffer::assemble(bytes, &mut free)?;
-            p.free_bytes.fetch_sub(m, Ordering::AcqRel);
+            p.ledger.free_bytes.fetch_sub(m, Ordering::AcqRel);
             moved = m;
             fresh = Some(b);
             // What is left of a moved-from buffer after its last whole unit is of no more use.
@@ -209,18 +257,17 @@ impl Pool {
             remnants.into_iter().for_each(|b| p.drop_kept(b));
         }
         let add = bytes - moved;
-        while p.used.load(Ordering::Acquire) + add > p.budget {
+        while p.ledger.used.load(Ordering::Acquire) + add > p.ledger.budget {
             let Some(old) = free.pop() else { break };
             p.drop_kept(old);
         }
-        if p.used.load(Ordering::Acquire) + add > p.budget {
+        if p.ledger.used.load(Ordering::Acquire) + add > p.ledger.budget {
             // Cannot happen while every change to the free list and its bytes holds the lock;
             // should it, the moved pages go and the request waits.
             p.release(moved);
             return None;
         }
-        let next = p.used.fetch_add(add, Ordering::AcqRel) + add;
-        p.high_water.fetch_max(next, Ordering::AcqRel);
+        p.ledger.hold(add);
         if let Some(m) = &p.meter {
             m.add(add);
         }
@@ -232,38 +279,30 @@ impl Pool {
 
     /// Whether `bytes` could be allocated now (kept buffers can make room).
     pub fn has_room(&self, bytes: usize) -> bool {
-        let p = &self.inner;
-        p.used.load(Ordering::Acquire) - p.free_bytes.load(Ordering::Acquire) + bytes <= p.budget
+        self.inner.ledger.has_room(bytes)
     }
 
     /// Wakes `lane` the next time bytes are released (once). Check for room again after
     /// calling this: a release just before it is not announced.
     pub fn notify_on_release(&self, lane: &LaneWaker) {
-        let mut w = self.inner.waiters.lock().unwrap_or_else(|p| p.into_inner());
-        if !w.iter().any(|x| Arc::ptr_eq(x, &lane.0)) {
-            w.push(lane.0.clone());
-        }
-        // Bytes released between the caller's check and this registration are not seen here:
-        // the caller checks again after registering (a release after it unparks the lane, and
-        // an unpark before the lane parks makes the park return at once). Waking the lane here
-        // would make an actor waiting on a full pool spin its lane at full speed.
+        self.inner.ledger.notify_on_release(lane)
     }
 
     /// Bytes held (in use, or kept for reuse).
     pub fn used(&self) -> usize {
-        self.inner.used.load(Ordering::Acquire)
+        self.inner.ledger.used.load(Ordering::Acquire)
     }
     /// Bytes in buffers that are in use now.
     pub fn in_use(&self) -> usize {
-        self.used() - self.inner.free_bytes.load(Ordering::Acquire)
+        self.inner.ledger.in_use()
     }
-    /// The most bytes ever in use at once.
+    /// The most bytes ever held at once (in use, or kept for reuse).
     pub fn high_water(&self) -> usize {
-        self.inner.high_water.load(Ordering::Acquire)
+        self.inner.ledger.high_water.load(Ordering::Acquire)
     }
     /// The budget.
     pub fn budget(&self) -> usize {
-        self.inner.budget
+        self.inner.ledger.budget
     }
     /// The tier.
     pub fn tier(&self) -> Tier {
@@ -275,7 +314,7 @@ impl Pool {
     }
     /// The pool's name.
     pub fn name(&self) -> &str {
-        &self.inner.name
+        &self.inner.ledger.name
     }
 }
 

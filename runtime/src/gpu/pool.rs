@@ -12,10 +12,9 @@
 //! uploads from at full speed and what NVMe reads land in).
 
 use super::GpuError;
-use crate::channel::Waker;
-use crate::pool::LaneWaker;
+use crate::pool::{LaneWaker, Ledger};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, PinnedHostSlice};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use weir_kernels::cuda::call;
 
@@ -79,27 +78,20 @@ impl Block for PinnedBlock {
 }
 
 struct Inner<B: Block> {
-    name: String,
-    budget: usize,
+    ledger: Ledger,
     src: B::Source,
-    /// Bytes held: blocks in use and blocks kept for reuse.
-    used: AtomicUsize,
-    high_water: AtomicUsize,
+    /// Blocks kept for reuse.
     free: Mutex<Vec<B>>,
-    free_bytes: AtomicUsize,
-    waiters: Mutex<Vec<Arc<Waker>>>,
 }
 
 impl<B: Block> Inner<B> {
     fn give_back(&self, b: B) {
         {
             let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-            self.free_bytes.fetch_add(b.len(), Ordering::AcqRel);
+            self.ledger.free_bytes.fetch_add(b.len(), Ordering::AcqRel);
             free.push(b);
         }
-        for w in std::mem::take(&mut *self.waiters.lock().unwrap_or_else(|p| p.into_inner())) {
-            w.wake();
-        }
+        self.ledger.wake_waiters();
     }
 }
 
@@ -151,16 +143,7 @@ impl<B: Block> BlockPool<B> {
     /// A pool of `budget` bytes allocating from `src`.
     pub fn new(name: &str, budget: usize, src: B::Source) -> BlockPool<B> {
         BlockPool {
-            inner: Arc::new(Inner {
-                name: name.to_string(),
-                budget,
-                src,
-                used: AtomicUsize::new(0),
-                high_water: AtomicUsize::new(0),
-                free: Mutex::new(Vec::new()),
-                free_bytes: AtomicUsize::new(0),
-                waiters: Mutex::new(Vec::new()),
-            }),
+            inner: Arc::new(Inner { ledger: Ledger::new(name, budget), src, free: Mutex::new(Vec::new()) }),
         }
     }
 
@@ -170,68 +153,62 @@ impl<B: Block> BlockPool<B> {
     /// the whole budget, or an allocation the device refuses, is an error naming the pool.
     pub fn try_alloc(&self, bytes: usize) -> Result<Option<Leased<B>>, GpuError> {
         let p = &self.inner;
-        if bytes > p.budget {
+        if bytes > p.ledger.budget {
             return Err(GpuError::Cuda(format!(
                 "pool {}: a block of {bytes} bytes can never fit its budget of {} bytes",
-                p.name, p.budget
+                p.ledger.name, p.ledger.budget
             )));
         }
         let mut free = p.free.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(i) = free.iter().position(|b| b.len() == bytes) {
             let b = free.swap_remove(i);
-            p.free_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            p.ledger.free_bytes.fetch_sub(bytes, Ordering::AcqRel);
             return Ok(Some(Leased { block: Some(b), pool: p.clone() }));
         }
-        let in_use = p.used.load(Ordering::Acquire) - p.free_bytes.load(Ordering::Acquire);
-        if in_use + bytes > p.budget {
+        if !p.ledger.has_room(bytes) {
             return Ok(None);
         }
-        while p.used.load(Ordering::Acquire) + bytes > p.budget {
+        while p.ledger.used.load(Ordering::Acquire) + bytes > p.ledger.budget {
             let Some(old) = free.pop() else { break };
-            p.free_bytes.fetch_sub(old.len(), Ordering::AcqRel);
-            p.used.fetch_sub(old.len(), Ordering::AcqRel);
+            p.ledger.free_bytes.fetch_sub(old.len(), Ordering::AcqRel);
+            p.ledger.used.fetch_sub(old.len(), Ordering::AcqRel);
             drop(old);
         }
-        let b = B::alloc(&p.src, bytes).map_err(|e| GpuError::Cuda(format!("pool {}: {e}", p.name)))?;
-        let now = p.used.fetch_add(bytes, Ordering::AcqRel) + bytes;
-        p.high_water.fetch_max(now, Ordering::AcqRel);
+        let b = B::alloc(&p.src, bytes).map_err(|e| GpuError::Cuda(format!("pool {}: {e}", p.ledger.name)))?;
+        p.ledger.hold(bytes);
         Ok(Some(Leased { block: Some(b), pool: p.clone() }))
     }
 
     /// Whether `bytes` could be had now (kept blocks can make room).
     pub fn has_room(&self, bytes: usize) -> bool {
-        let p = &self.inner;
-        p.used.load(Ordering::Acquire) - p.free_bytes.load(Ordering::Acquire) + bytes <= p.budget
+        self.inner.ledger.has_room(bytes)
     }
 
     /// Wakes `lane` the next time a block comes back (once). Check for room again after
     /// calling this: a release just before it is not announced.
     pub fn notify_on_release(&self, lane: &LaneWaker) {
-        let mut w = self.inner.waiters.lock().unwrap_or_else(|p| p.into_inner());
-        if !w.iter().any(|x| Arc::ptr_eq(x, &lane.0)) {
-            w.push(lane.0.clone());
-        }
+        self.inner.ledger.notify_on_release(lane)
     }
 
     /// Bytes held (in use, or kept for reuse).
     pub fn used(&self) -> usize {
-        self.inner.used.load(Ordering::Acquire)
+        self.inner.ledger.used.load(Ordering::Acquire)
     }
     /// Bytes in blocks on loan now.
     pub fn in_use(&self) -> usize {
-        self.used() - self.inner.free_bytes.load(Ordering::Acquire)
+        self.inner.ledger.in_use()
     }
     /// The most bytes ever held at once.
     pub fn high_water(&self) -> usize {
-        self.inner.high_water.load(Ordering::Acquire)
+        self.inner.ledger.high_water.load(Ordering::Acquire)
     }
     /// The budget.
     pub fn budget(&self) -> usize {
-        self.inner.budget
+        self.inner.ledger.budget
     }
     /// The pool's name.
     pub fn name(&self) -> &str {
-        &self.inner.name
+        &self.inner.ledger.name
     }
 }
 
