@@ -30,6 +30,9 @@ pub fn fill(g: &Graph, t: &mut Twins) -> Result<()> {
     Ok(())
 }
 
+/// The most tokens an expert is timed over (and the fewest: one).
+const MOST: usize = 8;
+
 /// One expert's cost on `lane` (see the module doc).
 pub fn expert_timing(
     lane: &LaneSpec,
@@ -50,21 +53,23 @@ pub fn expert_timing(
             }
             Ok(b)
         };
-        let (one, eight) = (best(1)?, best(8)?);
-        let per_token_s = ((eight - one) / 7.0).max(0.0);
+        let (one, most) = (best(1)?, best(MOST)?);
+        let per_token_s = ((most - one) / (MOST - 1) as f64).max(0.0);
         Ok::<_, String>(((one - per_token_s).max(0.0), per_token_s))
     };
     match &lane.kind {
         LaneKind::Cpu { cores } => {
             let pool = weir_runtime::WorkerPool::new(&format!("{}-timing", lane.name), cores.get(1..).unwrap_or(&[]))
                 .map_err(|e| e.to_string())?;
+            // Buffers for the most tokens timed, made once: only the kernels are timed.
+            let x = vec![0.01f32; MOST * h];
+            let (mut a, mut u, mut y) = (vec![0f32; MOST * m], vec![0f32; MOST * m], vec![0f32; MOST * h]);
             let mut run = |t: usize| {
-                let x = vec![0.01f32; t * h];
-                let (mut a, mut u, mut y) = (vec![0f32; t * m], vec![0f32; t * m], vec![0f32; t * h]);
-                weir_kernels::matmul::matmul(&x, t, weights[0].view(), m, None, &mut a, &pool);
-                weir_kernels::matmul::matmul(&x, t, weights[1].view(), m, None, &mut u, &pool);
-                weir_kernels::activation::silu_mul_inplace(&mut a, &u);
-                weir_kernels::matmul::matmul(&a, t, weights[2].view(), h, None, &mut y, &pool);
+                let (x, a, u, y) = (&x[..t * h], &mut a[..t * m], &mut u[..t * m], &mut y[..t * h]);
+                weir_kernels::matmul::matmul(x, t, weights[0].view(), m, None, a, &pool);
+                weir_kernels::matmul::matmul(x, t, weights[1].view(), m, None, u, &pool);
+                weir_kernels::activation::silu_mul_inplace(a, u);
+                weir_kernels::matmul::matmul(a, t, weights[2].view(), h, None, y, &pool);
                 std::hint::black_box(&y);
                 Ok(())
             };
@@ -99,26 +104,31 @@ fn gpu_timing(
     let up = |b: &Vec<u8>| call("copying to the GPU", || stream.clone_htod(b)).map_err(|e| e.to_string());
     let w = [up(&bytes[0])?, up(&bytes[1])?, up(&bytes[2])?];
     let sync = || call("waiting for the stream", || stream.synchronize()).map_err(|e| e.to_string());
+    // Buffers for the most tokens timed, made once: only the kernels and copies are timed.
+    let zeros = |n: usize| call("allocating", || stream.alloc_zeros::<f32>(n)).map_err(|e| e.to_string());
+    let (x, mut a, mut u, mut y) = (zeros(MOST * h)?, zeros(MOST * m)?, zeros(MOST * m)?, zeros(MOST * h)?);
+    let mut scratch =
+        call("allocating", || stream.alloc_zeros::<u8>(2 * MOST * h.max(m))).map_err(|e| e.to_string())?;
     let mut run = |t: usize| -> std::result::Result<(), String> {
-        let zeros = |n: usize| call("allocating", || stream.alloc_zeros::<f32>(n)).map_err(|e| e.to_string());
-        let (x, mut a, mut u, mut y) = (zeros(t * h)?, zeros(t * m)?, zeros(t * m)?, zeros(t * h)?);
-        let mut scratch =
-            call("allocating", || stream.alloc_zeros::<u8>(2 * t * h.max(m))).map_err(|e| e.to_string())?;
         let e = |r: std::result::Result<(), weir_kernels::cuda::GpuError>| r.map_err(|e| e.to_string());
-        e(k.linear(&x.as_view(), t, &w[0].as_view(), elem, m, &mut a.as_view_mut(), &mut scratch.as_view_mut()))?;
-        e(k.linear(&x.as_view(), t, &w[1].as_view(), elem, m, &mut u.as_view_mut(), &mut scratch.as_view_mut()))?;
-        e(k.silu_mul(&mut a.as_view_mut(), &u.as_view()))?;
-        e(k.linear(&a.as_view(), t, &w[2].as_view(), elem, h, &mut y.as_view_mut(), &mut scratch.as_view_mut()))?;
+        let (xv, mut sv) = (x.slice(..t * h), scratch.slice_mut(..2 * t * h.max(m)));
+        e(k.linear(&xv, t, &w[0].as_view(), elem, m, &mut a.slice_mut(..t * m), &mut sv))?;
+        e(k.linear(&xv, t, &w[1].as_view(), elem, m, &mut u.slice_mut(..t * m), &mut sv))?;
+        e(k.silu_mul(&mut a.slice_mut(..t * m), &u.slice(..t * m)))?;
+        e(k.linear(&a.slice(..t * m), t, &w[2].as_view(), elem, h, &mut y.slice_mut(..t * h), &mut sv))?;
         sync()
     };
     let (fixed_s, per_token_s) = fit(&mut run)?;
+    // Moving one expert: its three tensors copied into memory already allocated (a pool's).
+    let mut dst = [up(&bytes[0])?, up(&bytes[1])?, up(&bytes[2])?];
     let mut upload_s = f64::INFINITY;
     for _ in 0..3 {
         let t0 = Instant::now();
-        let copies = [up(&bytes[0])?, up(&bytes[1])?, up(&bytes[2])?];
+        for (d, b) in dst.iter_mut().zip(&bytes) {
+            call("copying to the GPU", || stream.memcpy_htod(b.as_slice(), d)).map_err(|e| e.to_string())?;
+        }
         sync()?;
         upload_s = upload_s.min(t0.elapsed().as_secs_f64());
-        drop(copies);
     }
     Ok(LaneTiming { fixed_s, per_token_s, upload_s: Some(upload_s) })
 }
