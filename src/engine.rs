@@ -426,7 +426,16 @@ impl Engine {
         let planned = planned_budget(&graph, opts.memory_budget, gpu_memory);
         let (plan, split) = match (planned, graph.host_budget) {
             (Some(b), _) => {
-                let mut plan = weir_graphs::plan::fit(&mut graph, rest(b)?, opts.prefetch, &reserve)?;
+                // Which budget this is, for an error that says which to raise.
+                let which = match (on_gpu(&graph), opts.gpu_memory, gpu_memory) {
+                    (true, Some(_), _) => "the GPU memory budget, --gpu-memory",
+                    (true, None, Some(_)) => "the GPU's default budget, its memory less 1 GiB (--gpu-memory sets another)",
+                    _ => "--memory-budget",
+                };
+                let mut plan = weir_graphs::plan::fit(&mut graph, rest(b)?, opts.prefetch, &reserve).map_err(|e| match e {
+                    weir_graphs::Error::Placement(m) => weir_graphs::Error::Placement(format!("{m} (the budget is {which})")),
+                    e => e,
+                })?;
                 let pools = plan.split.weights + plan.split.kv + plan.split.activations + caches;
                 hold_in_dram(&mut graph, &mut plan, opts.memory_budget, gpu_memory, pools);
                 (Some(plan.clone()), Some(plan.split))

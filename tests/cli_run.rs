@@ -659,3 +659,10 @@ fn graph_check_says_what_runs_on_the_gpu_and_refuses_what_cannot() {
     assert!(!o.status.success() && err.contains("node `sampler`") && err.contains("no GPU version"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// The tests above that run on a GPU where there is one, again in a child process on the
+/// emulated CUDA device (`weir_kernels::cuda::emulated`): the CLI's GPU commands end to end.
+#[test]
+fn the_gpu_tests_pass_on_the_emulated_device() {
+    weir_kernels::cuda::emulated::assert_tests_pass(&["gpu", "--skip", "emulated"], 3);
+}

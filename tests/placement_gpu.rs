@@ -146,15 +146,14 @@ fn tiny_llama_on_gpu_batches_sequences_like_the_cpu() {
 }
 
 #[test]
-fn a_gpu_memory_budget_too_small_for_the_weights_fails_naming_the_pool() {
+fn a_gpu_memory_budget_too_small_for_the_model_is_refused_naming_the_flag() {
     if !gpu_present() {
         skipped("no GPU");
         return;
     }
     let opts = EngineOptions { gpu_memory: Some(1 << 16), ..options("llama-gpu.weir") };
-    let (_, engine) = engine(&fixture("tiny-llama"), opts);
-    let e = engine.generate(weir::Request::greedy(vec![1, 2, 3], 2)).expect_err("fails").to_string();
-    assert!(e.contains("GPU memory pool `gpu0`") && e.contains("--gpu-memory"), "{e}");
+    let e = weir::Engine::new(&Model::open(fixture("tiny-llama")).unwrap(), opts).err().expect("refused").to_string();
+    assert!(e.contains("65536 bytes is too small") && e.contains("--gpu-memory"), "{e}");
 }
 
 #[test]
@@ -402,4 +401,11 @@ fn tiny_llama_on_gpu_with_weights_over_gpu_dram_and_nvme_matches_transformers() 
     assert!(plan.held_tensors > 0 && plan.held_tensors < plan.streamed_tensors, "three tiers: {plan:?}");
     engine.shutdown().unwrap();
     check_prompts_with(&fixture("tiny-llama"), &golden("tiny-llama")["prompts"], opts);
+}
+
+/// Every test above again, in a child process on the emulated CUDA device
+/// (`weir_kernels::cuda::emulated`): the GPU placements' golden tests run where there is no GPU.
+#[test]
+fn the_gpu_tests_pass_on_the_emulated_device() {
+    weir_kernels::cuda::emulated::assert_tests_pass(&["--skip", "emulated"], 20);
 }

@@ -22,6 +22,8 @@ use cudarc::driver::{
 use std::path::PathBuf;
 use std::sync::Arc;
 
+pub mod emulated;
+
 /// The CUDA C source of every kernel.
 pub const SOURCE: &str = include_str!("weir.cu");
 
@@ -195,7 +197,7 @@ fn compile_source(src: &str, arch: (i32, i32)) -> Result<String, GpuError> {
     }
 }
 
-fn source_hash() -> u64 {
+pub(crate) fn source_hash() -> u64 {
     // FNV-1a: stable across builds and Rust versions, unlike `DefaultHasher`.
     SOURCE.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }

@@ -99,6 +99,15 @@ fn without_nvrtc_compiling_is_a_typed_error() {
     assert_eq!(compile((9, 0)), Err(GpuError::NoLibrary("NVRTC (libnvrtc)")));
 }
 
+/// Every GPU test of this module again, in a child process on the emulated device
+/// (`emulated`): the Rust side of the kernels — loading, launching, cuBLAS's arguments, shape
+/// checks, copies — runs where there is no GPU. NVRTC's own tests are left out: the emulated
+/// NVRTC is not NVRTC.
+#[test]
+fn the_gpu_tests_pass_on_the_emulated_device() {
+    emulated::assert_tests_pass(&["cuda::tests::", "--skip", "nvrtc", "--skip", "emulated"], 10);
+}
+
 /// What the kernel tests need of a device: buffers to and from it, and weir's kernels on them
 /// (the signatures of [`GpuKernels`], with the device's own buffer type).
 trait Dev {

@@ -121,6 +121,13 @@ mod tests {
         assert!(GpuError::NoDriver.to_string().contains("no CUDA driver"));
     }
 
+    /// The GPU tests of this crate again, in a child process on the emulated CUDA device
+    /// (`weir_kernels::cuda::emulated`): pools, copies and lanes run where there is no GPU.
+    #[test]
+    fn the_gpu_tests_pass_on_the_emulated_device() {
+        weir_kernels::cuda::emulated::assert_tests_pass(&["gpu", "--skip", "emulated"], 3);
+    }
+
     #[test]
     fn a_gpu_opens_and_names_itself_and_a_missing_ordinal_is_refused() {
         if !driver_present() || device_count().unwrap_or(0) == 0 {

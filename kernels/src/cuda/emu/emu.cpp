@@ -283,7 +283,9 @@ static void launch(void (*f)(A...), dim3 grid, dim3 block, void** args) {
     blockDim = block;
     gridDim = grid;
     std::vector<Fiber> fibers(threads);
-    std::vector<char> stacks((size_t)threads * STACK);
+    // The stacks are kept from launch to launch (a launch runs under one_launch_at_a_time).
+    static std::vector<char> stacks;
+    if (stacks.size() < (size_t)threads * STACK) stacks.resize((size_t)threads * STACK);
     for (unsigned t = 0; t < threads; t++) {
         fibers[t].stack = stacks.data() + (size_t)t * STACK;
         fibers[t].idx = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
@@ -299,31 +301,40 @@ static void launch(void (*f)(A...), dim3 grid, dim3 block, void** args) {
 
 static std::mutex one_launch_at_a_time; // the statics standing in for shared memory
 
+// The size of each of `f`'s parameters, as cuLaunchKernel's caller lays them out.
+template <class... A>
+static int arg_sizes(void (*)(A...), unsigned* sizes, int max) {
+    const unsigned s[] = {(unsigned)sizeof(A)..., 0};
+    int n = (int)sizeof...(A);
+    for (int i = 0; i < n && i < max; i++) sizes[i] = s[i];
+    return n;
+}
+
 } // namespace emu
+
+#define WEIR_EMU_KERNELS(X) \
+    X(embed) X(rmsnorm) X(rope) X(silu_mul) X(add) X(add_bias) X(narrow) X(gather_rows) X(scatter_rows) \
+    X(sigmoid_gate) X(kv_store) X(attend) X(argmax) X(top_k)
+
+// How many parameters kernel `name` takes (their sizes in `sizes`, up to `max`); -1 for an
+// unknown name.
+extern "C" int weir_emu_arg_sizes(const char* name, unsigned* sizes, int max) {
+#define WEIR_SIZES(k) \
+    if (strcmp(name, #k) == 0) return emu::arg_sizes(k, sizes, max);
+    WEIR_EMU_KERNELS(WEIR_SIZES)
+    return -1;
+}
 
 // Launches kernel `name`; 0 on success, -1 for an unknown name.
 extern "C" int weir_emu_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                                unsigned bz, void** args) {
     std::lock_guard<std::mutex> l(emu::one_launch_at_a_time);
     dim3 g = {gx, gy, gz}, b = {bx, by, bz};
-#define WEIR_KERNEL(k)                 \
+#define WEIR_LAUNCH(k)                 \
     if (strcmp(name, #k) == 0) {       \
         emu::launch(k, g, b, args);    \
         return 0;                      \
     }
-    WEIR_KERNEL(embed)
-    WEIR_KERNEL(rmsnorm)
-    WEIR_KERNEL(rope)
-    WEIR_KERNEL(silu_mul)
-    WEIR_KERNEL(add)
-    WEIR_KERNEL(add_bias)
-    WEIR_KERNEL(narrow)
-    WEIR_KERNEL(gather_rows)
-    WEIR_KERNEL(scatter_rows)
-    WEIR_KERNEL(sigmoid_gate)
-    WEIR_KERNEL(kv_store)
-    WEIR_KERNEL(attend)
-    WEIR_KERNEL(argmax)
-    WEIR_KERNEL(top_k)
+    WEIR_EMU_KERNELS(WEIR_LAUNCH)
     return -1;
 }

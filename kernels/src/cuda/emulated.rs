@@ -1,0 +1,139 @@
+//! An emulated CUDA device for the tests, so that every GPU test runs on machines without a GPU.
+//!
+//! `emu/driver.cpp` implements what weir calls of the CUDA driver, cuBLAS and NVRTC on the CPU,
+//! running weir's kernels on the emulator of `emu/emu.cpp` (see the file for what it checks:
+//! streams that run only when the host waits and then in a random order, poisoned fresh and
+//! freed memory, copies checked against allocations). It is built by the machine's C++
+//! compiler into a folder as `libcuda.so`, `libcublas.so` and `libnvrtc.so`; a process started
+//! with that folder first in `LD_LIBRARY_PATH` then finds one device, "weir emulated GPU (CPU)"
+//! of compute capability 99.0, through cudarc exactly as it would find a real one.
+//!
+//! The dynamic loader reads `LD_LIBRARY_PATH` when a process starts, so a test binary reruns
+//! its own GPU tests in a child process ([`rerun`]). Nothing of this is used outside tests.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// Set in the child processes [`rerun`] starts (so that they do not start their own).
+pub const MARK: &str = "WEIR_EMULATED_GPU";
+
+/// The folder holding the emulated libraries, built on first use (once per process); an
+/// error says why they could not be (no C++ compiler, not x86-64 Linux).
+pub fn libraries() -> Result<PathBuf, String> {
+    static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    DIR.get_or_init(build).clone()
+}
+
+fn build() -> Result<PathBuf, String> {
+    if !cfg!(all(target_arch = "x86_64", target_os = "linux")) {
+        return Err("the CUDA emulator switches threads with x86-64 Linux code".into());
+    }
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/cuda");
+    let src = here.join("emu/driver.cpp");
+    // Built once per version of its sources, into a folder named after them.
+    let mut key = super::source_hash();
+    for f in ["emu/driver.cpp", "emu/emu.cpp"] {
+        let text = std::fs::read(here.join(f)).map_err(|e| format!("reading {f}: {e}"))?;
+        key = text.iter().fold(key, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3));
+    }
+    let dir = std::env::temp_dir().join(format!("weir-emulated-cuda-{key:016x}"));
+    let lib = dir.join("libweir_emulated_cuda.so");
+    let names = ["libcuda.so", "libcublas.so", "libnvrtc.so"];
+    if lib.exists() && names.iter().all(|n| dir.join(n).exists()) {
+        return Ok(dir);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    // Written under a name of this process's, then renamed: another test binary building the
+    // same library at the same time never loads half of one.
+    let tmp = dir.join(format!("build-{}.so", std::process::id()));
+    let hash = format!("-DWEIR_SOURCE_FNV={:#x}ull", super::source_hash());
+    let out = Command::new(&cxx)
+        .args(["-std=c++17", "-O2", "-shared", "-fPIC", "-pthread", "-Wall", "-Wno-unknown-pragmas", &hash, "-o"])
+        .arg(&tmp)
+        .arg(&src)
+        .output()
+        .map_err(|e| format!("no C++ compiler ({cxx}: {e})"))?;
+    if !out.status.success() {
+        return Err(format!("{cxx} could not build {}:\n{}", src.display(), String::from_utf8_lossy(&out.stderr)));
+    }
+    std::fs::rename(&tmp, &lib).map_err(|e| format!("renaming {}: {e}", tmp.display()))?;
+    for name in names {
+        let link = dir.join(format!("{name}.{}", std::process::id()));
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink("libweir_emulated_cuda.so", &link)
+            .and_then(|()| std::fs::rename(&link, dir.join(name)))
+            .map_err(|e| format!("linking {name} in {}: {e}", dir.display()))?;
+    }
+    Ok(dir)
+}
+
+/// What a rerun printed.
+#[derive(Debug)]
+pub struct Rerun {
+    /// Whether every test passed.
+    pub ok: bool,
+    /// Standard output and standard error, one after the other.
+    pub output: String,
+}
+
+impl Rerun {
+    /// How many tests passed, from the harness's summary line.
+    pub fn passed(&self) -> usize {
+        self.output
+            .lines()
+            .filter_map(|l| l.strip_prefix("test result: "))
+            .filter_map(|l| l.split("; ").next())
+            .filter_map(|l| l.rsplit(' ').nth(1))
+            .filter_map(|n| n.parse::<usize>().ok())
+            .sum()
+    }
+}
+
+/// Runs the tests of this test binary that `args` selects (libtest's arguments: filters,
+/// `--exact`, `--skip`) again in a child process on the emulated device. `None` when this
+/// is that child already, or (with "skipped: …" on standard error) when the libraries cannot
+/// be built here.
+pub fn rerun(args: &[&str]) -> Option<Rerun> {
+    if std::env::var_os(MARK).is_some() {
+        return None;
+    }
+    let dir = match libraries() {
+        Ok(d) => d,
+        Err(why) => {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "skipped: no emulated GPU ({why})");
+            return None;
+        }
+    };
+    let path = match std::env::var_os("LD_LIBRARY_PATH") {
+        Some(p) if !p.is_empty() => {
+            let mut v = dir.clone().into_os_string();
+            v.push(":");
+            v.push(p);
+            v
+        }
+        _ => dir.clone().into_os_string(),
+    };
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let out = Command::new(exe)
+        .args(args)
+        .arg("--test-threads=1")
+        .env("LD_LIBRARY_PATH", path)
+        .env(MARK, "1")
+        .env("WEIR_CACHE_DIR", dir.join("ptx-cache"))
+        .output()
+        .expect("starting the test binary again");
+    let output = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    Some(Rerun { ok: out.status.success(), output })
+}
+
+/// [`rerun`], then panics with the child's output unless every test passed, none said
+/// "skipped: no GPU", and at least `least` passed. Does nothing in the child itself.
+pub fn assert_tests_pass(args: &[&str], least: usize) {
+    let Some(run) = rerun(args) else { return };
+    assert!(run.ok, "on the emulated GPU:\n{}", run.output);
+    assert!(!run.output.contains("skipped: no GPU"), "a GPU test did not run on the emulated GPU:\n{}", run.output);
+    assert!(run.passed() >= least, "{} tests passed on the emulated GPU, not {least}:\n{}", run.passed(), run.output);
+}
