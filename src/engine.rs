@@ -306,6 +306,65 @@ pub fn planned_budget(g: &weir_graphs::Graph, memory: Option<u64>, gpu: Option<u
     }
 }
 
+/// `weir_graphs::plan::fit` into the budget [`planned_budget`] chose (`budget`), with an error
+/// that names it: `--gpu-memory` if it was given (`gpu_given`), the GPU's default, or
+/// `--memory-budget`.
+pub fn fit(
+    g: &mut weir_graphs::Graph,
+    budget: u64,
+    prefetch: Option<usize>,
+    reserve: &weir_graphs::plan::Reserve,
+    gpu_given: Option<u64>,
+) -> Result<weir_graphs::plan::Plan> {
+    let which = match (on_gpu(g), gpu_given) {
+        (true, Some(_)) => "the GPU memory budget, --gpu-memory",
+        (true, None) => "the GPU's default budget, its memory less 1 GiB (--gpu-memory sets another)",
+        _ => "--memory-budget",
+    };
+    weir_graphs::plan::fit(g, budget, prefetch, reserve).map_err(|e| match e {
+        weir_graphs::Error::Placement(m) => Error::Model(weir_graphs::Error::Placement(format!("{m} (the budget is {which})"))),
+        e => Error::Model(e),
+    })
+}
+
+/// The host's side of a plan: the host pools' split ([`host_split`]), and for a GPU graph given
+/// both budgets the weights held in DRAM beyond those pools and `extra` bytes of others (expert
+/// caches) ([`hold_in_dram`]). Returns the host split.
+pub fn place_host(
+    g: &mut weir_graphs::Graph,
+    plan: &mut weir_graphs::plan::Plan,
+    memory: Option<u64>,
+    gpu: Option<u64>,
+    extra: u64,
+) -> weir_graphs::plan::Split {
+    let host = host_split(g, plan);
+    hold_in_dram(g, plan, memory, gpu, host.weights + host.kv + host.activations + extra);
+    host
+}
+
+/// The host pools' split for a plan. On a CPU graph it is the plan's. On a GPU graph the plan
+/// fitted GPU memory, and the weights it keeps there are uploaded once and leave the host:
+/// the host's weights pool is what the plan streams through (at least one operator's weights
+/// at once), so that the streamed copies a GPU holds — each keeps its host buffer — stay
+/// within the room the plan left them in GPU memory.
+pub fn host_split(g: &weir_graphs::Graph, plan: &weir_graphs::plan::Plan) -> weir_graphs::plan::Split {
+    let mut split = plan.split;
+    if on_gpu(g) {
+        let one_op = plan.minimum - split.kv - split.activations;
+        let kept_on_gpu: u64 = weir_graphs::plan::kept_tensors(g)
+            .filter(|&(node, port, _)| {
+                g.edges
+                    .iter()
+                    .filter(|e| e.from.node == node && e.from.port == port)
+                    .all(|e| crate::compile::node_gpu(g, e.to.node).is_some())
+            })
+            .map(|(_, _, bytes)| bytes)
+            .sum();
+        split.weights = split.weights.saturating_sub(kept_on_gpu).max(one_op);
+    }
+    split
+}
+
 fn on_gpu(g: &weir_graphs::Graph) -> bool {
     (0..g.nodes.len()).any(|n| crate::compile::node_gpu(g, n).is_some())
 }
@@ -426,19 +485,9 @@ impl Engine {
         let planned = planned_budget(&graph, opts.memory_budget, gpu_memory);
         let (plan, split) = match (planned, graph.host_budget) {
             (Some(b), _) => {
-                // Which budget this is, for an error that says which to raise.
-                let which = match (on_gpu(&graph), opts.gpu_memory, gpu_memory) {
-                    (true, Some(_), _) => "the GPU memory budget, --gpu-memory",
-                    (true, None, Some(_)) => "the GPU's default budget, its memory less 1 GiB (--gpu-memory sets another)",
-                    _ => "--memory-budget",
-                };
-                let mut plan = weir_graphs::plan::fit(&mut graph, rest(b)?, opts.prefetch, &reserve).map_err(|e| match e {
-                    weir_graphs::Error::Placement(m) => weir_graphs::Error::Placement(format!("{m} (the budget is {which})")),
-                    e => e,
-                })?;
-                let pools = plan.split.weights + plan.split.kv + plan.split.activations + caches;
-                hold_in_dram(&mut graph, &mut plan, opts.memory_budget, gpu_memory, pools);
-                (Some(plan.clone()), Some(plan.split))
+                let mut plan = fit(&mut graph, rest(b)?, opts.prefetch, &reserve, opts.gpu_memory)?;
+                let host = place_host(&mut graph, &mut plan, opts.memory_budget, gpu_memory, caches);
+                (Some(plan.clone()), Some(host))
             }
             // A graph file's own budget: its placement stands, the reserve comes off the top.
             (None, Some(b)) => (None, Some(weir_graphs::plan::split(&graph, rest(b)?, &reserve, 0)?)),

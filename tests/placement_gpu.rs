@@ -204,6 +204,32 @@ fn prefetch_0_reads_and_uploads_on_the_compute_lane_in_turn() {
 }
 
 #[test]
+fn a_gpu_graphs_host_window_holds_only_what_the_gpu_has_room_for() {
+    // Each streamed GPU copy keeps its host buffer, so the host's weights pool bounds the
+    // copies in flight: with the weights kept on the GPU it must fit the GPU's weights part.
+    let model = Model::open(fixture("tiny-llama")).unwrap();
+    let reserve = EngineOptions::default().reserve(model.config.max_position_embeddings);
+    let mut split_cases = 0;
+    for budget in [2_500_000u64, 2_700_000, 2_850_000] {
+        for prefetch in [Some(0), None, Some(4)] {
+            let mut g = graph(&model, "llama-gpu.weir");
+            let plan = weir_graphs::plan::fit(&mut g, budget, prefetch, &reserve).unwrap();
+            let host = weir::engine::host_split(&g, &plan);
+            let one_op = plan.minimum - plan.split.kv - plan.split.activations;
+            let on_gpu = plan.resident_bytes; // every weight of llama-gpu.weir is used on the GPU
+            split_cases += usize::from(on_gpu > 0 && plan.streamed_bytes > 0);
+            assert!(host.weights + on_gpu <= plan.split.weights, "{budget} {prefetch:?}: {host:?} {plan:?}");
+            assert!(host.weights >= one_op && (host.kv, host.activations) == (plan.split.kv, plan.split.activations));
+        }
+    }
+    assert!(split_cases >= 4, "budgets that both keep and stream weights: {split_cases}");
+    // On a CPU graph the host holds the kept weights too: the plan's split as it is.
+    let mut g = model.graph(None, 1, weir::KvType::F32, 1).unwrap();
+    let plan = weir_graphs::plan::fit(&mut g, 2_700_000, None, &reserve).unwrap();
+    assert_eq!(weir::engine::host_split(&g, &plan), plan.split);
+}
+
+#[test]
 fn tiny_llama_on_gpu_with_prefetch_0_matches_transformers() {
     if !gpu_present() {
         skipped("no GPU");

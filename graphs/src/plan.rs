@@ -242,6 +242,22 @@ pub fn fit(g: &mut Graph, budget: u64, prefetch: Option<usize>, reserve: &Reserv
     Ok(plan)
 }
 
+/// The weights a plan keeps (does not stream): loader node, port, and bytes held.
+pub fn kept_tensors(g: &Graph) -> impl Iterator<Item = (usize, usize, u64)> + '_ {
+    g.nodes.iter().enumerate().flat_map(|(ni, n)| {
+        let kept: Vec<(usize, usize, u64)> = match &n.op {
+            OpConfig::Load { tensors, streamed, .. } => tensors
+                .iter()
+                .enumerate()
+                .filter(|&(p, _)| !streamed[p])
+                .map(|(p, t)| (ni, p, held_bytes(t.offset, t.nbytes())))
+                .collect(),
+            _ => Vec::new(),
+        };
+        kept
+    })
+}
+
 /// FlexGen's DRAM tier, for a graph whose weights a GPU computes with: of the weights `fit`
 /// streams (those not kept in GPU memory), holds in host memory as many as `bytes` allow, in the
 /// loaders' order (layer order) — read from storage once, then sent every pass from memory.

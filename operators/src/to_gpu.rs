@@ -9,8 +9,10 @@
 //!
 //! A streamed weight's upload keeps its host buffer (from the loader's budgeted pool) alive
 //! for as long as the GPU copy lives (`keep_host`): the loader then reads ahead only as far as
-//! GPU copies are used up, so the plan that fitted the weights into `--gpu-memory` holds on the
-//! device too, in the loader's order, with no waiting here.
+//! GPU copies are used up. The engine sizes a GPU graph's host weights pool to what the plan
+//! streams (`weir::engine::host_split`: the weights kept on the GPU only pass through it), so
+//! the plan that fitted the weights into `--gpu-memory` holds on the device too, in the
+//! loader's order, with no waiting here.
 
 use crate::Packet;
 use weir_runtime::{DType, Emit, FireCx, Inputs, OpError, Operator, SpanKind, Step};

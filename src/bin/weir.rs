@@ -728,9 +728,8 @@ fn load_model_graph(a: &GraphArgs) -> Result<weir_graphs::Graph> {
     let gpu = budgets.gpu.or_else(|| weir::engine::default_gpu_memory(&g));
     if let Some(b) = weir::engine::planned_budget(&g, budgets.memory, gpu) {
         let reserve = a.place.engine_options(a.threads, None, budgets).reserve(model.config.max_position_embeddings);
-        let mut plan = weir_graphs::plan::fit(&mut g, b, a.place.prefetch, &reserve).map_err(weir::Error::from)?;
-        let pools = plan.split.weights + plan.split.kv + plan.split.activations;
-        weir::engine::hold_in_dram(&mut g, &mut plan, budgets.memory, gpu, pools);
+        let mut plan = weir::engine::fit(&mut g, b, a.place.prefetch, &reserve, budgets.gpu)?;
+        weir::engine::place_host(&mut g, &mut plan, budgets.memory, gpu, 0);
     }
     if a.place.micro_batches > 1 {
         weir_graphs::plan::share_streamed(&mut g, a.place.micro_batches as u32);
