@@ -7,7 +7,8 @@
 //! else (token ids: the GPU embedding reads them from the host) passes through unchanged.
 //! Output `y`.
 //!
-//! A streamed weight's upload keeps its host buffer (from the loader's budgeted pool) alive
+//! A streamed weight is uploaded from its pool buffer pinned (`GpuLane::upload_pinned`): a
+//! DMA, not the driver's copy through staging memory. Its upload keeps its host buffer (from the loader's budgeted pool) alive
 //! for as long as the GPU copy lives (`keep_host`): the loader then reads ahead only as far as
 //! GPU copies are used up. The engine sizes a GPU graph's host weights pool to what the plan
 //! streams (`weir::engine::host_split`: the weights kept on the GPU only pass through it), so
@@ -46,6 +47,9 @@ impl Operator<Packet> for ToGpu {
                 let up = if w.shape.len() == 1 {
                     let v: Vec<u8> = w.to_f32_vec().iter().flat_map(|f| f.to_le_bytes()).collect();
                     g.upload(DType::F32, w.shape.clone(), &v)?
+                } else if self.keep_host {
+                    // Streamed: uploaded every pass from the window's buffers, pinned once.
+                    g.upload_pinned(w.dtype, w.shape.clone(), &w)?
                 } else {
                     g.upload(w.dtype, w.shape.clone(), w.bytes())?
                 };

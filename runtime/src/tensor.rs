@@ -159,6 +159,8 @@ impl HostBuffer {
                 }
                 let src = s.ptr.as_ptr() as usize;
                 let dst = base + moved * HUGE;
+                // Pages pinned for a copy lane are unpinned before they move.
+                crate::gpu::pinned::forget(s.ptr.as_ptr(), s.len);
                 // SAFETY: src..src+HUGE is a whole unit of `s`'s own mapping (2 MiB aligned:
                 // mapped buffers start on a 2 MiB boundary and shrink by whole units), and
                 // dst..dst+HUGE lies in the mapping just made; MREMAP_FIXED replaces the latter
@@ -227,6 +229,7 @@ impl Drop for HostBuffer {
             pool.give_back(b);
             return;
         }
+        crate::gpu::pinned::forget(self.ptr.as_ptr(), self.len);
         if self.mapped {
             if self.len > 0 {
                 // SAFETY: this range is mapped and owned by this buffer alone; unmapped once.
@@ -309,6 +312,10 @@ impl Tensor {
     /// The raw bytes.
     pub fn bytes(&self) -> &[u8] {
         &self.buf.as_bytes()[self.off..self.off + self.data_len()]
+    }
+    /// The whole buffer this tensor's data lies in: its start and length.
+    pub fn buffer(&self) -> (*const u8, usize) {
+        (self.buf.ptr.as_ptr(), self.buf.len)
     }
     /// Bytes held in memory for this tensor (its whole buffer).
     pub fn held_bytes(&self) -> usize {

@@ -68,6 +68,22 @@ impl GpuLane {
         Ok(t.freeze())
     }
 
+    /// A host tensor copied to a new device tensor as [`GpuLane::upload`] does, but from its
+    /// buffer pinned ([`super::pinned`]: registered on first use) where the driver allows, so
+    /// the copy is a DMA from it. The buffer must be one that will be uploaded from again (a
+    /// streamed weight's pool buffer): pinning costs about as much as one copy. Returns once
+    /// the copy is done, so the buffer may be reused as soon as it is dropped.
+    pub fn upload_pinned(&self, dtype: DType, shape: Vec<usize>, t: &crate::Tensor) -> Result<DeviceTensor, OpError> {
+        let (ptr, len) = t.buffer();
+        if !super::pinned::pin(self.stream().context(), ptr, len).map_err(op_err)? {
+            return self.upload(dtype, shape, t.bytes());
+        }
+        let up = self.upload(dtype, shape, t.bytes())?;
+        // From pinned memory the copy is still running: wait for it (this lane's stream only).
+        call("waiting for a copy to the GPU", || self.stream().synchronize()).map_err(op_err)?;
+        Ok(up)
+    }
+
     /// Small host values (token ids, positions, block tables) as a device array, on this
     /// lane's stream.
     pub fn upload_values<T: cudarc::driver::DeviceRepr>(&self, v: &[T]) -> Result<cudarc::driver::CudaSlice<T>, OpError> {

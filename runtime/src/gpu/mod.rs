@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 pub mod copy;
 pub mod lane;
+pub mod pinned;
 pub mod pool;
 pub use lane::{DeviceTensor, DeviceTensorMut, GpuLane};
 pub use pool::{Block, BlockPool, DeviceBlock, Leased, PinnedBlock};

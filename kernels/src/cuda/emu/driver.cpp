@@ -39,6 +39,8 @@ enum {
     CUDA_ERROR_INVALID_HANDLE = 400,
     CUDA_ERROR_NOT_FOUND = 500,
     CUDA_ERROR_NOT_READY = 600,
+    CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED = 712,
+    CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED = 713,
     CUDA_ERROR_NOT_SUPPORTED = 801,
 };
 typedef unsigned long long CUdeviceptr;
@@ -427,13 +429,16 @@ API CUresult cuMemFreeHost(void* p) {
 }
 API CUresult cuMemHostRegister_v2(void* p, size_t bytes, unsigned) {
     LOCKED;
-    if (!p || !bytes || inside(pinned_mem, (uintptr_t)p, 1)) return CUDA_ERROR_INVALID_VALUE;
+    if (!p || !bytes) return CUDA_ERROR_INVALID_VALUE;
+    auto next = pinned_mem.lower_bound((uintptr_t)p);
+    if (inside(pinned_mem, (uintptr_t)p, 1) || (next != pinned_mem.end() && next->first < (uintptr_t)p + bytes))
+        return CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED;
     pinned_mem[(uintptr_t)p] = bytes;
     return CUDA_SUCCESS;
 }
 API CUresult cuMemHostUnregister(void* p) {
     LOCKED;
-    if (!pinned_mem.count((uintptr_t)p)) return CUDA_ERROR_INVALID_VALUE;
+    if (!pinned_mem.count((uintptr_t)p)) return CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED;
     run_all();
     pinned_mem.erase((uintptr_t)p);
     return CUDA_SUCCESS;
