@@ -127,20 +127,20 @@ struct Flight {
     /// error): reported when the tensor is next to send.
     error: Option<String>,
     failed: Option<OpError>,
-    /// Copied from a held tensor's copy, not read from storage.
-    from_memory: bool,
+    /// A held tensor sent from its copy: complete from the start, read from nothing.
+    ready: Option<Tensor>,
 }
 
 impl Flight {
     /// Tensor `tensor`'s read of `want` bytes from file offset `start` into `buf`, not begun.
     fn new(tensor: usize, buf: Option<HostBuffer>, fd: i32, start: u64, want: u64, failed: Option<OpError>) -> Flight {
         let (submitted, got, in_flight, eof_at, retry, error) = (0, 0, 0, None, Vec::new(), None);
-        Flight { tensor, buf, fd, start, want, submitted, got, in_flight, eof_at, retry, error, failed, from_memory: false }
+        Flight { tensor, buf, fd, start, want, submitted, got, in_flight, eof_at, retry, error, failed, ready: None }
     }
-    /// Tensor `tensor`, already in `buf` (`got` bytes from file offset `start`'s place).
-    fn copied(tensor: usize, buf: HostBuffer, start: u64, got: u64) -> Flight {
-        let mut f = Flight::new(tensor, Some(buf), -1, start, got, None);
-        (f.submitted, f.got, f.from_memory) = (got, got, true);
+    /// Held tensor `tensor`, sent from its copy (`t`).
+    fn held(tensor: usize, t: Tensor) -> Flight {
+        let mut f = Flight::new(tensor, None, -1, 0, 0, None);
+        f.ready = Some(t);
         f
     }
     fn has_work(&self) -> bool {
@@ -338,15 +338,28 @@ impl Loader {
         self.copies.get(i).is_some_and(Option::is_some)
     }
 
-    /// Tensor `i`'s copy placed in `buf` as a read from storage would place it; returns the
-    /// file offset the buffer's start stands for and the bytes it covers (for `finish`).
-    fn copy_into(&self, i: usize, buf: &mut HostBuffer) -> (u64, u64) {
-        let t = &self.tensors[i];
-        let n = t.nbytes() as usize;
-        let off = if self.buffer_len(t) > n { (t.offset % BLOCK) as usize } else { 0 };
-        let copy = self.copies[i].as_ref().expect("a held tensor's copy");
-        buf.as_bytes_mut()[off..off + n].copy_from_slice(copy.bytes());
-        (t.offset - off as u64, (off + n) as u64)
+    /// Held tensor `i` from its copy, sent as it is — no copy into the window: it takes the
+    /// window's room that its buffer would have (a reservation the tensor keeps), not its
+    /// memory, so the window still bounds what is in flight downstream (a GPU's streamed
+    /// copies). `Ok(None)` when the window has no room now.
+    fn from_copy(&self, i: usize) -> Result<Option<Tensor>, OpError> {
+        let copy = self.copies[i].clone().expect("a held tensor's copy");
+        let Some(pool) = &self.pool else { return Ok(Some(copy)) };
+        let len = self.buffer_len(&self.tensors[i]);
+        match pool.try_reserve(len) {
+            Some(r) => Ok(Some(copy.holding(Arc::new(r)))),
+            None if len > pool.budget() => Err(self.too_big(i, len, pool)),
+            None => Ok(None),
+        }
+    }
+
+    fn too_big(&self, i: usize, len: usize, pool: &Pool) -> OpError {
+        OpError::new(format!(
+            "tensor `{}` needs {len} bytes but the {} pool's budget is {} bytes",
+            self.tensors[i].name,
+            pool.name(),
+            pool.budget()
+        ))
     }
 
     /// Keeps a copy of held tensor `i`, just read, unless it has one.
@@ -408,14 +421,7 @@ impl Loader {
         Ok(match &self.pool {
             Some(pool) => match pool.try_alloc(len) {
                 Some(b) => Some(b),
-                None if len > pool.budget() => {
-                    return Err(OpError::new(format!(
-                        "tensor `{}` needs {len} bytes but the {} pool's budget is {} bytes",
-                        t.name,
-                        pool.name(),
-                        pool.budget()
-                    )))
-                }
+                None if len > pool.budget() => return Err(self.too_big(i, len, pool)),
                 None => None,
             },
             None => Some(HostBuffer::zeroed(len)),
@@ -469,7 +475,7 @@ impl Loader {
 
     /// Checks a finished read of tensor `i` (`got` bytes from file offset `start`) and makes
     /// the tensor.
-    fn finish(&mut self, i: usize, buf: HostBuffer, start: u64, got: u64, from_disk: bool) -> Result<Tensor, OpError> {
+    fn finish(&mut self, i: usize, buf: HostBuffer, start: u64, got: u64) -> Result<Tensor, OpError> {
         let t = &self.tensors[i];
         let n = t.nbytes();
         // Test hooks: `WEIR_INJECT_READ_ERROR=TENSOR` and `WEIR_INJECT_SHORT_READ=TENSOR` make the
@@ -489,9 +495,7 @@ impl Loader {
                 format!("short read: got {got} of {needed} bytes at offset {start} (file changed?)"),
             ));
         }
-        if from_disk {
-            self.count(got);
-        }
+        self.count(got);
         let t = &self.tensors[i];
         let off = (t.offset - start) as usize;
         let mut w = match Tensor::from_buffer_at(t.dtype, t.shape.clone(), buf, off) {
@@ -525,18 +529,17 @@ impl Loader {
 
     /// Reads tensor `i` with `pread`: `Ok(None)` when the pool has no room yet.
     fn read_pread(&mut self, i: usize) -> Result<Option<Tensor>, OpError> {
-        let Some(mut buf) = self.alloc(i)? else { return Ok(None) };
         if self.copied(i) {
-            let (start, got) = self.copy_into(i, &mut buf);
-            return self.finish(i, buf, start, got, false).map(Some);
+            return self.from_copy(i);
         }
+        let Some(mut buf) = self.alloc(i)? else { return Ok(None) };
         let (_, start, want) = self.prepare(i)?;
         let t = &self.tensors[i];
         self.files[&t.path]
             .file
             .read_exact_at(&mut buf.as_bytes_mut()[..want as usize], start)
             .map_err(|e| Self::ctx(t, format!("read failed: {e}")))?;
-        self.finish(i, buf, start, want, true).map(Some)
+        self.finish(i, buf, start, want).map(Some)
     }
 
     /// Queues the tensor at `ahead` for reading if the pool has room for it: `false` if not,
@@ -548,21 +551,18 @@ impl Loader {
         if i >= self.tensors.len() || queued >= MAX_AHEAD {
             return Ok(false);
         }
+        // A held tensor read before: from its copy, in its turn.
+        if self.copied(i) {
+            let Some(t) = self.from_copy(i)? else { return Ok(false) };
+            let stream = self.stream.as_mut().expect("stream made before reading");
+            stream.flights.push_back(Flight::held(i, t));
+            self.ahead.step(&self.streamed);
+            return Ok(true);
+        }
         let (buf, mut failed) = match self.alloc(i) {
             Ok(Some(b)) => (Some(b), None),
             Ok(None) => return Ok(false),
             Err(e) => (None, Some(e)),
-        };
-        // A held tensor read before: from its copy, in its turn (its buffer is the window's).
-        let buf = match buf {
-            Some(mut b) if self.copied(i) => {
-                let (start, got) = self.copy_into(i, &mut b);
-                let stream = self.stream.as_mut().expect("stream made before reading");
-                stream.flights.push_back(Flight::copied(i, b, start, got));
-                self.ahead.step(&self.streamed);
-                return Ok(true);
-            }
-            other => other,
         };
         let (mut fd, mut start, mut want) = (-1, 0, 0);
         if failed.is_none() {
@@ -608,6 +608,9 @@ impl Loader {
 
     /// The tensor of a complete flight, or the error its read met.
     fn land(&mut self, head: Flight) -> Result<Tensor, OpError> {
+        if let Some(t) = head.ready {
+            return Ok(t);
+        }
         if let Some(e) = head.failed {
             return Err(e);
         }
@@ -616,7 +619,7 @@ impl Loader {
         }
         let got = head.got.min(head.eof_at.unwrap_or(u64::MAX));
         let buf = head.buf.expect("a complete flight without an error has its buffer");
-        self.finish(head.tensor, buf, head.start, got, !head.from_memory)
+        self.finish(head.tensor, buf, head.start, got)
     }
 
     /// Counts `got` bytes read from storage (here and in the engine's total).
@@ -941,7 +944,7 @@ mod tests {
     }
 
     #[test]
-    fn held_tensors_are_read_from_storage_once_then_from_memory_through_the_window() {
+    fn held_tensors_are_read_from_storage_once_then_sent_from_memory_taking_the_windows_room() {
         let values: Vec<f32> = (0..5000).map(|i| i as f32).collect();
         let (dir, path) = file_with("held", &values);
         // b is held, c streamed from storage every pass; both unaligned, so direct reads take
@@ -953,14 +956,23 @@ mod tests {
             let mut l = Loader::new(ts.clone(), vec![true, true], mode, Some(pool.clone()));
             l.hold(vec![true, false], Some(held_pool.clone()));
             let mut read_after = Vec::new();
-            for _ in 0..6 {
+            let mut sent_from = Vec::new();
+            for pass in 0..8 {
                 let o = fire(&mut l, vec![], 2).unwrap();
                 let (port, p) = o.iter().enumerate().find_map(|(i, p)| p.as_ref().map(|p| (i, p))).unwrap();
                 let (_, w) = p.weight("w").unwrap();
                 let want: Vec<f32> = values[[10, 1510][port]..][..[1500, 2000][port]].to_vec();
                 assert_eq!(w.f32(), &want[..], "{mode:?}: tensor {port}, as stored");
                 read_after.push(l.bytes_read);
+                if port == 0 && pass >= 4 {
+                    // From b's third send on (reading ahead may have read its second from
+                    // storage too), b from its copy as it is (the held pool's buffer), not copied into the
+                    // window; the window's room it would take is taken while it lives.
+                    sent_from.push(w.buffer().0 as usize);
+                    assert!(pool.in_use() >= 6000, "{mode:?}: the window holds b's room");
+                }
             }
+            assert!(sent_from.len() == 2 && sent_from[0] == sent_from[1], "{mode:?}: {sent_from:?}");
             // b came from storage on the first pass (and, reading ahead, on the second, started
             // before its first read landed), c on every pass: from the third pass on the bytes
             // read grow only when c is sent.

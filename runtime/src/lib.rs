@@ -56,7 +56,7 @@ pub use actor::{Emit, FireCx, Inputs, Needs, Operator, ReadyCx, Step};
 pub use channel::{ExternalRx, ExternalTx};
 pub use error::{Error, OpError};
 pub use lane::{LaneId, LaneKind, LaneSpec, WorkerPool};
-pub use pool::{LaneWaker, Pool, TierMeter};
+pub use pool::{LaneWaker, Pool, Reservation, TierMeter};
 pub use program::{ActorId, Program, ProgramBuilder};
 pub use tensor::{DType, HostBuffer, Tensor, Tier};
 pub use trace::{summary::Summary, Event, SpanKind, Trace};

@@ -186,6 +186,19 @@ impl std::fmt::Debug for Pool {
     }
 }
 
+/// Room in a pool's budget without memory ([`Pool::try_reserve`]); given back when dropped.
+pub struct Reservation {
+    pool: Arc<PoolInner>,
+    bytes: usize,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.pool.ledger.used.fetch_sub(self.bytes, Ordering::AcqRel);
+        self.pool.ledger.wake_waiters();
+    }
+}
+
 /// A waker for the lane an actor runs on, for resources that free up outside any channel.
 #[derive(Clone)]
 pub struct LaneWaker(pub(crate) Arc<Waker>);
@@ -275,6 +288,25 @@ impl Pool {
         let mut b = fresh.unwrap_or_else(|| HostBuffer::zeroed(bytes));
         b.lease = Some(p.clone());
         Some(b)
+    }
+
+    /// Room for `bytes` in the budget, held without memory, if the budget has it now (kept
+    /// buffers are freed to make it). A tensor sent from memory held elsewhere takes it in
+    /// place of the buffer a copy would have taken, so that what the pool bounds downstream
+    /// (a GPU's streamed copies) stays bounded. Not counted in the high-water mark or on the
+    /// tier's meter: no memory is taken.
+    pub fn try_reserve(&self, bytes: usize) -> Option<Reservation> {
+        let p = &self.inner;
+        let mut free = p.free.lock().unwrap_or_else(|e| e.into_inner());
+        if p.ledger.in_use().checked_add(bytes)? > p.ledger.budget {
+            return None;
+        }
+        while p.ledger.used.load(Ordering::Acquire) + bytes > p.ledger.budget {
+            let Some(old) = free.pop() else { return None };
+            p.drop_kept(old);
+        }
+        p.ledger.used.fetch_add(bytes, Ordering::AcqRel);
+        Some(Reservation { pool: p.clone(), bytes })
     }
 
     /// Whether `bytes` could be allocated now (kept buffers can make room).

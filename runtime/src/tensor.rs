@@ -262,6 +262,8 @@ pub struct Tensor {
     buf: Arc<HostBuffer>,
     /// Where the data starts in `buf` (direct I/O reads whole aligned blocks around a tensor).
     off: usize,
+    /// Something held as long as this tensor (any clone of it) lives ([`Tensor::holding`]).
+    held: Option<Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 impl std::fmt::Debug for Tensor {
@@ -274,7 +276,7 @@ impl Tensor {
     /// Wraps a buffer whose length matches `shape` and `dtype`.
     pub fn from_buffer(dtype: DType, shape: Vec<usize>, buf: HostBuffer) -> Tensor {
         debug_assert_eq!(buf.len(), shape.iter().product::<usize>() * dtype.size());
-        Tensor { dtype, shape, tier: Tier::Host, buf: Arc::new(buf), off: 0 }
+        Tensor { dtype, shape, tier: Tier::Host, buf: Arc::new(buf), off: 0, held: None }
     }
 
     /// Wraps the bytes `off..off + numel·size` of a larger buffer. `off` must be a multiple of
@@ -284,7 +286,7 @@ impl Tensor {
         if !off.is_multiple_of(dtype.size()) || off + n > buf.len() {
             return Err(buf);
         }
-        Ok(Tensor { dtype, shape, tier: Tier::Host, buf: Arc::new(buf), off })
+        Ok(Tensor { dtype, shape, tier: Tier::Host, buf: Arc::new(buf), off, held: None })
     }
 
     fn data_len(&self) -> usize {
@@ -312,6 +314,12 @@ impl Tensor {
     /// The raw bytes.
     pub fn bytes(&self) -> &[u8] {
         &self.buf.as_bytes()[self.off..self.off + self.data_len()]
+    }
+    /// This tensor, keeping `x` alive as long as any clone of it lives (a held weight sent
+    /// from where it is held keeps the window's room it takes: `Pool::try_reserve`).
+    pub fn holding(mut self, x: Arc<dyn std::any::Any + Send + Sync>) -> Tensor {
+        self.held = Some(x);
+        self
     }
     /// The whole buffer this tensor's data lies in: its start and length.
     pub fn buffer(&self) -> (*const u8, usize) {
