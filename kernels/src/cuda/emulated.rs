@@ -125,7 +125,17 @@ pub fn rerun(args: &[&str]) -> Option<Rerun> {
         .env("WEIR_CACHE_DIR", dir.join("ptx-cache"))
         .output()
         .expect("starting the test binary again");
-    let output = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let mut output = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    use std::os::unix::process::ExitStatusExt;
+    match out.status.signal() {
+        Some(11) => output.push_str(
+            "\n[the test process died of SIGSEGV: on the emulated device that is most often a kernel or a copy \
+             past the end of a device buffer, which ends against a page that may not be touched]\n",
+        ),
+        Some(6) => output.push_str("\n[the test process aborted: the emulator says why above]\n"),
+        Some(sig) => output.push_str(&format!("\n[the test process died of signal {sig}]\n")),
+        None => {}
+    }
     Some(Rerun { ok: out.status.success(), output })
 }
 

@@ -10,7 +10,8 @@
 // streams taking turns at random, one operation at a time. A stream that reads a buffer another
 // stream writes, without waiting for that stream's event, can therefore read it before it is
 // written. Freed device memory is filled with 0xff bytes (NaN as f32) before it is given back,
-// and new device memory starts that way, so reading memory nobody wrote shows in the results.
+// and new device memory starts that way, so reading memory nobody wrote shows in the results;
+// each buffer ends against an inaccessible page, so a kernel that runs past its end crashes.
 // Copies are checked against the device allocations they touch. Pinned host memory is read
 // and written when the copy runs, as a DMA engine would; pageable memory when the call is made,
 // as the driver's staging does.
@@ -27,6 +28,8 @@
 #include <map>
 #include <memory>
 #include <string>
+
+#include <sys/mman.h>
 
 typedef int CUresult;
 enum {
@@ -91,18 +94,34 @@ static bool inside(const std::map<uintptr_t, size_t>& m, uintptr_t p, size_t n) 
     return p >= it->first && p + n <= it->first + it->second;
 }
 
+static const size_t PAGE = 4096;
+
+// Device memory is mapped on its own, its end flush against a page that may not be touched:
+// a kernel reading or writing past the end of a buffer stops the process there (SIGSEGV)
+// instead of reading its neighbour. Starts are 16-byte aligned (the end is the page's start,
+// less the size rounded to 16).
+static size_t span_of(size_t rounded) { return (rounded + PAGE - 1) / PAGE * PAGE + PAGE; }
+
 static CUresult device_alloc(CUdeviceptr* out, size_t bytes) {
     if (!out) return CUDA_ERROR_INVALID_VALUE;
-    size_t rounded = (bytes + 255) / 256 * 256;
-    if (rounded == 0) rounded = 256;
+    size_t rounded = bytes == 0 ? 16 : (bytes + 15) / 16 * 16;
     if (device_in_use + rounded > total_bytes()) return CUDA_ERROR_OUT_OF_MEMORY;
-    void* p = aligned_alloc(256, rounded);
-    if (!p) return CUDA_ERROR_OUT_OF_MEMORY;
+    size_t span = span_of(rounded);
+    void* m = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
+    char* guard = (char*)m + span - PAGE;
+    mprotect(guard, PAGE, PROT_NONE);
+    char* p = guard - rounded;
     memset(p, 0xff, rounded);
     device_mem[(uintptr_t)p] = rounded;
     device_in_use += rounded;
     *out = (CUdeviceptr)p;
     return CUDA_SUCCESS;
+}
+
+static void unmap(void* p, size_t rounded) {
+    size_t span = span_of(rounded);
+    munmap((char*)p + rounded + PAGE - span, span);
 }
 
 static CUresult device_free(CUdeviceptr d) {
@@ -114,7 +133,7 @@ static CUresult device_free(CUdeviceptr d) {
     device_in_use -= it->second;
     device_mem.erase(it);
     while (quarantined > ((size_t)64 << 20)) {
-        free(quarantine.front().first);
+        unmap(quarantine.front().first, quarantine.front().second);
         quarantined -= quarantine.front().second;
         quarantine.pop_front();
     }
