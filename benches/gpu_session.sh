@@ -15,6 +15,14 @@
 #
 # The test binaries have this checkout's paths compiled in (CARGO_MANIFEST_DIR), so on the
 # device the script links them to where the copy is. Logs and JSON go to $OUT (or ./gpu-out).
+#
+# The sizes are those of BENCHMARKS.md; each can be set smaller to try the script where there
+# is no GPU, on the tests' emulated CUDA device (what runs, not how fast), e.g.:
+#
+#   cargo test --release -p weir-kernels --lib emulated     # builds it in /tmp/weir-emulated-cuda-*
+#   benches/gpu_session.sh pack
+#   EMULATED=$(ls -td /tmp/weir-emulated-cuda-* | head -1) SHAPE=small GPU_MEMORY=30MB MEMORY_BUDGET=60MB \
+#     BATCH=4 PROMPT=16 GEN=4 MOE_SHAPE=tiny-moe COPY_BYTES=8MiB bash benches/gpu_session.sh offload
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 step=${1:?usage: gpu_session.sh pack|test|copy|offload|moe}
@@ -63,6 +71,11 @@ test | copy | offload | moe)
         /opt/torch/.venv/lib/python3*/site-packages/nvidia/*/lib; do
         [ -d "$d" ] && LD_LIBRARY_PATH=$d:${LD_LIBRARY_PATH:-}
     done
+    # The emulated device, to try the script without a GPU (see the top).
+    if [ -n "${EMULATED:-}" ]; then
+        LD_LIBRARY_PATH=$EMULATED:${LD_LIBRARY_PATH:-}
+        export WEIR_CACHE_DIR=$EMULATED/ptx-cache WEIR_EMULATED_GPU=1
+    fi
     export LD_LIBRARY_PATH
     weir=$here/target/release/weir
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt" || true
@@ -84,14 +97,17 @@ test)
     exit $status
     ;;
 copy)
-    "$weir" gpu copy --bytes 256MiB --rounds 20 --json | tee "$out/copy.json"
+    "$weir" gpu copy --bytes "${COPY_BYTES:-256MiB}" --rounds 20 --json | tee "$out/copy.json"
     ;;
 offload)
-    model=/tmp/l3-8b
-    [ -d $model ] || "$weir" synth --shape llama3-8b --dtype bf16 --seed 0 --out $model
+    shape=${SHAPE:-llama3-8b}
+    model=/tmp/weir-bench-$shape
+    [ -d "$model" ] || "$weir" synth --shape "$shape" --dtype bf16 --seed 0 --out "$model"
     # Half the weights on the GPU, the other half held in DRAM (FlexGen's and Park et al.'s
-    # setting; the memory budget covers the host pools the GPU plan sizes, 8 GB, and the DRAM tier).
-    common=(--model $model --gpu-memory 8GB --memory-budget 20GB --batch 32 --prompt-len 512 --gen-len 32 --json)
+    # setting; the memory budget covers the host pools — window, KV and activation reserves —
+    # and the DRAM tier).
+    common=(--model "$model" --gpu-memory "${GPU_MEMORY:-8GB}" --memory-budget "${MEMORY_BUDGET:-20GB}"
+        --batch "${BATCH:-32}" --prompt-len "${PROMPT:-512}" --gen-len "${GEN:-32}" --json)
     "$weir" bench "${common[@]}" --graph examples/graphs/llama-gpu.weir | tee "$out/a.json"
     "$weir" bench "${common[@]}" --graph examples/graphs/llama-gpu-cpu-attention.weir --trace "$out/b.trace.json" | tee "$out/b.json"
     "$weir" bench "${common[@]}" --graph examples/graphs/llama-gpu.weir --prefetch 0 | tee "$out/c.json"
@@ -101,8 +117,8 @@ moe)
     # Mixtral-8x7B layers, 4 deep (12 GB of bf16): a quarter of the experts on the GPU, the rest
     # read into DRAM caches when chosen, then uploaded (a), or each pass uploaded or computed on
     # the CPU where the step finishes soonest (b: Fiddler's decision); batch 1 and 16.
-    m=/tmp/mixtral-4l
-    [ -d $m ] || "$weir" synth --shape mixtral-4l --dtype bf16 --seed 0 --out $m
+    m=/tmp/weir-bench-${MOE_SHAPE:-mixtral-4l}
+    [ -d "$m" ] || "$weir" synth --shape "${MOE_SHAPE:-mixtral-4l}" --dtype bf16 --seed 0 --out "$m"
     for batch in 1 16; do
         for twins in "" "--expert-twins host"; do
             echo "== batch $batch ${twins:-no twins}"
