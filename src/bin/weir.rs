@@ -34,8 +34,9 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum GpuCmd {
-    /// Host → device copy bandwidth: from the pinned pool, from plain pinned memory (the plain
-    /// cudaMemcpy) and from pageable memory, in one run.
+    /// Host → device copy bandwidth: from a host pool's buffer pinned as the copy lanes pin
+    /// theirs, from plain pinned memory (the plain cudaMemcpy) and from pageable memory, in one
+    /// run.
     Copy {
         /// Bytes per copy.
         #[arg(long, default_value = "256MiB")]
@@ -394,7 +395,7 @@ fn gpu(c: GpuCmd) -> Result<()> {
                 );
             } else {
                 println!("{} — host → device, {} bytes, best of {rounds}", c.device, c.bytes);
-                println!("  pinned pool          {:7.2} GB/s ({:.2} of the plain copy)", c.pool_gbps, c.pool_ratio());
+                println!("  pinned pool buffer   {:7.2} GB/s ({:.2} of the plain copy)", c.pool_gbps, c.pool_ratio());
                 println!("  plain pinned memcpy  {:7.2} GB/s", c.plain_pinned_gbps);
                 println!("  pageable memcpy      {:7.2} GB/s", c.pageable_gbps);
             }

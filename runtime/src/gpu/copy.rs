@@ -1,9 +1,11 @@
 //! Host → device copy bandwidth, measured three ways in one run (issue 7's first GPU
-//! benchmark): from a block of the pinned pool (what a copy lane uploads from), from plain
-//! pinned memory (`cuMemAllocHost` and a copy: the plain `cudaMemcpy`), and from pageable
-//! memory (an ordinary heap buffer, which the driver stages). `weir gpu copy` prints it.
+//! benchmark): from a buffer of a host pool pinned as the copy lanes pin their window's
+//! buffers (`super::pinned`: what streamed weights are uploaded from), from plain pinned memory
+//! (`cuMemAllocHost` and a copy: the plain `cudaMemcpy`), and from pageable memory (an
+//! ordinary heap buffer, which the driver stages). `weir gpu copy` prints it.
 
-use super::{call, open, BlockPool, DeviceBlock, GpuError, PinnedBlock};
+use super::{call, open, pinned, BlockPool, DeviceBlock, GpuError};
+use crate::{Pool, Tier};
 use cudarc::driver::sys::CUevent_flags;
 
 /// One measurement: GB/s of each source, best of its rounds.
@@ -13,7 +15,8 @@ pub struct CopyBandwidth {
     pub device: String,
     /// Bytes per copy.
     pub bytes: usize,
-    /// From a block of the pinned pool into a block of the device pool.
+    /// From a host pool's buffer, pinned as the copy lanes pin theirs, into a block of the
+    /// device pool.
     pub pool_gbps: f64,
     /// From plain pinned memory into plain device memory.
     pub plain_pinned_gbps: f64,
@@ -22,7 +25,7 @@ pub struct CopyBandwidth {
 }
 
 impl CopyBandwidth {
-    /// The pinned pool's bandwidth as a share of the plain copy's (the goal is ≥ 0.9).
+    /// The pinned pool buffer's bandwidth as a share of the plain copy's (the goal is ≥ 0.9).
     pub fn pool_ratio(&self) -> f64 {
         self.pool_gbps / self.plain_pinned_gbps
     }
@@ -36,7 +39,7 @@ pub fn h2d_bandwidth(ordinal: usize, bytes: usize, rounds: usize) -> Result<Copy
     }
     let (ctx, info) = open(ordinal)?;
     let stream = call("creating a stream", || ctx.new_stream())?;
-    let pinned: BlockPool<PinnedBlock> = BlockPool::new("pinned", bytes, ctx.clone());
+    let window = Pool::new("window", Tier::Host, bytes);
     let device: BlockPool<DeviceBlock> = BlockPool::new("gpu", 2 * bytes, stream.clone());
     // SAFETY: written below before any copy reads it.
     let mut plain_src = call("allocating pinned memory", || unsafe { ctx.alloc_pinned_with_flags::<u8>(bytes, 0) })?;
@@ -44,8 +47,11 @@ pub fn h2d_bandwidth(ordinal: usize, bytes: usize, rounds: usize) -> Result<Copy
     let mut plain_dst = DeviceBlock::alloc_on(&stream, bytes)?;
     let pageable = vec![1u8; bytes];
     let room = || GpuError::Cuda("a pool without room for one copy".into());
-    let mut src = pinned.try_alloc(bytes)?.ok_or_else(room)?;
-    call("filling pinned memory", || src.0.as_mut_slice().map(|s| s.fill(1)))?;
+    let mut src = window.try_alloc(bytes).ok_or_else(room)?;
+    src.as_bytes_mut().fill(1);
+    if !pinned::pin(&ctx, src.as_bytes().as_ptr(), src.len())? {
+        return Err(GpuError::Cuda(format!("the driver would not pin a host buffer of {bytes} bytes")));
+    }
     let mut dst = device.try_alloc(bytes)?.ok_or_else(room)?;
     let timed = |f: &mut dyn FnMut() -> Result<(), cudarc::driver::DriverError>| -> Result<f64, GpuError> {
         call("timing a copy", || {
@@ -59,7 +65,7 @@ pub fn h2d_bandwidth(ordinal: usize, bytes: usize, rounds: usize) -> Result<Copy
     };
     let (mut pool, mut plain, mut page) = (0f64, 0f64, 0f64);
     for _ in 0..rounds {
-        pool = pool.max(timed(&mut || stream.memcpy_htod(&src.0, &mut dst.0))?);
+        pool = pool.max(timed(&mut || stream.memcpy_htod(src.as_bytes(), &mut dst.0))?);
         plain = plain.max(timed(&mut || stream.memcpy_htod(&plain_src, &mut plain_dst.0))?);
         page = page.max(timed(&mut || stream.memcpy_htod(&pageable, &mut plain_dst.0))?);
     }

@@ -13,7 +13,7 @@ pub mod lane;
 pub mod pinned;
 pub mod pool;
 pub use lane::{DeviceTensor, DeviceTensorMut, GpuLane};
-pub use pool::{Block, BlockPool, DeviceBlock, Leased, PinnedBlock};
+pub use pool::{Block, BlockPool, DeviceBlock, Leased};
 
 pub use cudarc::driver::CudaContext;
 pub use weir_kernels::cuda::{driver_present, GpuError};

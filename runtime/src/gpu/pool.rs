@@ -1,4 +1,4 @@
-//! Budgeted pools of GPU memory and of pinned (page-locked) host memory.
+//! Budgeted pools of GPU memory.
 //!
 //! The same rule as the host pools (`crate::pool`): a pool hands out blocks only while the
 //! bytes it holds stay within its budget (`--gpu-memory` for the device); a block returns to
@@ -7,20 +7,21 @@
 //! needs a block — a copy lane about to upload the next layer — is simply not ready while the
 //! pool is full: backpressure, on GPU memory.
 //!
-//! [`BlockPool`] is generic over what a block is ([`Block`]): [`DeviceBlock`] (device memory,
-//! allocated on a stream) and [`PinnedBlock`] (page-locked host memory, what a copy lane
-//! uploads from at full speed and what NVMe reads land in).
+//! [`BlockPool`] is generic over what a block is ([`Block`]): [`DeviceBlock`], device memory
+//! allocated on a stream (the tests use host blocks to check the accounting without a GPU).
+//! Pinned host memory is not a pool of its own: the host pools' buffers that copy lanes upload
+//! from are pinned where they are (`super::pinned`).
 
 use super::GpuError;
 use crate::pool::{LaneWaker, Ledger};
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, PinnedHostSlice};
+use cudarc::driver::{CudaSlice, CudaStream};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use weir_kernels::cuda::call;
 
 /// A block of memory a [`BlockPool`] hands out.
 pub trait Block: Send + Sync + Sized + 'static {
-    /// Where blocks are allocated from (a stream for device memory, a context for pinned).
+    /// Where blocks are allocated from (a stream, for device memory).
     type Source: Send + Sync;
     /// A new block of `bytes` (contents unspecified).
     fn alloc(src: &Self::Source, bytes: usize) -> Result<Self, GpuError>;
@@ -54,23 +55,6 @@ impl Block for DeviceBlock {
         // block's last write, so that a lane's stream using it first waits for it.
         drop(cudarc::driver::DevicePtrMut::device_ptr_mut(&mut b, stream));
         Ok(DeviceBlock(b))
-    }
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-}
-
-/// Page-locked host memory (cacheable, not write-combined: the CPU reads it too).
-pub struct PinnedBlock(pub PinnedHostSlice<u8>);
-
-impl Block for PinnedBlock {
-    type Source = Arc<CudaContext>;
-    fn alloc(ctx: &Arc<CudaContext>, bytes: usize) -> Result<PinnedBlock, GpuError> {
-        // SAFETY: as above, written before it is read.
-        call(&format!("allocating {bytes} bytes of pinned host memory"), || unsafe {
-            ctx.alloc_pinned_with_flags::<u8>(bytes, 0)
-        })
-        .map(PinnedBlock)
     }
     fn len(&self) -> usize {
         self.0.len()
@@ -272,20 +256,16 @@ mod tests {
     }
 
     #[test]
-    fn device_and_pinned_pools_allocate_on_a_gpu() {
+    fn device_pools_allocate_on_a_gpu() {
         if !crate::gpu::driver_present() || crate::gpu::device_count().unwrap_or(0) == 0 {
             crate::gpu::skipped("no GPU");
             return;
         }
         let (ctx, _) = crate::gpu::open(0).unwrap();
         let dev: BlockPool<DeviceBlock> = BlockPool::new("gpu", 3 << 20, ctx.new_stream().unwrap());
-        let pinned: BlockPool<PinnedBlock> = BlockPool::new("pinned", 1 << 20, ctx.clone());
         let a = dev.try_alloc(2 << 20).unwrap().unwrap();
         assert!(dev.try_alloc(2 << 20).unwrap().is_none());
         drop(a);
         assert!(dev.try_alloc(2 << 20).unwrap().is_some(), "reused");
-        let mut h = pinned.try_alloc(1 << 20).unwrap().unwrap();
-        h.0.as_mut_slice().unwrap()[5] = 9;
-        assert_eq!(h.0.as_slice().unwrap()[5], 9);
     }
 }
