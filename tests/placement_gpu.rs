@@ -429,6 +429,41 @@ fn tiny_llama_on_gpu_with_weights_over_gpu_dram_and_nvme_matches_transformers() 
     check_prompts_with(&fixture("tiny-llama"), &golden("tiny-llama")["prompts"], opts);
 }
 
+#[test]
+fn a_trace_of_attention_on_the_cpu_shows_the_gpu_its_copy_lanes_and_the_cpu_at_work() {
+    if !gpu_present() {
+        skipped("no GPU");
+        return;
+    }
+    // Benchmark (b)'s placement, weights streamed: what `weir trace summary` reports of it.
+    let dir = std::env::temp_dir().join(format!("weir-gpu-trace-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let trace = dir.join("b.trace.json");
+    let weir = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_weir")).args(args).output().unwrap();
+    let (graph, model) = (example("llama-gpu-cpu-attention.weir").1, fixture("tiny-llama"));
+    let o = weir(&[
+        "run", "--model", model.to_str().unwrap(), "--graph", &graph, "--gpu-memory", "2.7MB", "--prompt-ids", "1,2,3,4",
+        "--max-new-tokens", "6", "--trace", trace.to_str().unwrap(), "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = weir(&["trace", "summary", trace.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let busy = |name: &str| {
+        let l = v["lanes"].as_array().unwrap().iter().find(|l| l["name"] == name).unwrap_or_else(|| panic!("{name}: {v}"));
+        (l["kind"].as_str().unwrap().to_string(), l["utilisation"].as_f64().unwrap())
+    };
+    for (lane, kind) in [("compute", "gpu0:s0"), ("gpu0.h2d", "gpu0:s"), ("gpu0.d2h", "gpu0:s"), ("cpu", "cpu")] {
+        let (k, u) = busy(lane);
+        assert!(k.starts_with(kind) && u > 0.0 && u <= 1.0, "{lane}: {k} {u}");
+    }
+    let ops: Vec<&str> = v["ops"].as_array().unwrap().iter().map(|o| o["kind"].as_str().unwrap()).collect();
+    for k in ["to_gpu", "to_host", "attention", "linear", "load"] {
+        assert!(ops.contains(&k), "{ops:?}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 /// Every test above again, in a child process on the emulated CUDA device
 /// (`weir_kernels::cuda::emulated`): the GPU placements' golden tests run where there is no GPU.
 #[test]
