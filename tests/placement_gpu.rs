@@ -268,6 +268,26 @@ fn streaming_under_gpu_memory_stays_within_it() {
 }
 
 #[test]
+fn streaming_to_a_gpu_never_waits_for_the_whole_device_and_uploads_from_pinned_memory() {
+    // How the host drives the device while it generates, counted by the emulated one: order
+    // across streams comes from events, never from a device-wide synchronise (cudarc makes one
+    // when a context's first stream is made, at start-up); streamed weights go up by DMA.
+    if weir_kernels::cuda::emulated::counts().is_none() {
+        skipped("only on the emulated CUDA device, which counts the driver calls");
+        return;
+    }
+    let opts = EngineOptions { gpu_memory: Some(2_700_000), ..options("llama-gpu.weir") };
+    let (_, engine) = engine(&fixture("tiny-llama"), opts);
+    let before = weir_kernels::cuda::emulated::counts().unwrap();
+    engine.generate(weir::Request::greedy(vec![1, 2, 3, 4, 5], 8)).unwrap();
+    let after = weir_kernels::cuda::emulated::counts().unwrap();
+    engine.shutdown().unwrap();
+    assert_eq!(after.ctx_synchronize, before.ctx_synchronize, "{after:?}");
+    assert_eq!(after.mem_free_sync, before.mem_free_sync, "{after:?}");
+    assert!(after.h2d_pinned > before.h2d_pinned && after.launches > before.launches, "{before:?} {after:?}");
+}
+
+#[test]
 fn mixtral_all_on_gpu_routes_there_and_brings_back_only_the_logits() {
     let model = Model::open(fixture("tiny-mixtral")).unwrap();
     let g = graph(&model, "mixtral-gpu.weir");

@@ -147,3 +147,49 @@ pub fn assert_tests_pass(args: &[&str], least: usize) {
     assert!(!run.output.contains("skipped: no GPU"), "a GPU test did not run on the emulated GPU:\n{}", run.output);
     assert!(run.passed() >= least, "{} tests passed on the emulated GPU, not {least}:\n{}", run.passed(), run.output);
 }
+
+/// What the emulated device has been asked to do so far in this process, for tests of how the
+/// host drives a GPU.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// `cuCtxSynchronize`: waits for the whole device.
+    pub ctx_synchronize: u64,
+    /// `cuMemFree`: also waits for the whole device (stream-ordered frees do not).
+    pub mem_free_sync: u64,
+    pub stream_synchronize: u64,
+    pub event_synchronize: u64,
+    pub launches: u64,
+    /// Copies to the device from pinned host memory (DMA) and from pageable memory (staged).
+    pub h2d_pinned: u64,
+    pub h2d_pageable: u64,
+    pub d2h: u64,
+}
+
+/// The emulated device's counts, where this process runs on it ([`MARK`] set and its driver
+/// loaded); `None` elsewhere.
+pub fn counts() -> Option<Counts> {
+    if std::env::var_os(MARK).is_none() {
+        return None;
+    }
+    type Get = unsafe extern "C" fn(*mut u64, i32) -> i32;
+    // SAFETY: the process already has this library loaded (cudarc loaded it as the driver):
+    // opening it again returns the same one, and `weir_emu_counts` has the signature of `Get`.
+    unsafe {
+        let lib = libloading::Library::new("libcuda.so").ok()?;
+        let get = *lib.get::<Get>(b"weir_emu_counts\0").ok()?;
+        let mut v = [0u64; 8];
+        get(v.as_mut_ptr(), v.len() as i32);
+        let [ctx_synchronize, mem_free_sync, stream_synchronize, event_synchronize, launches, h2d_pinned, h2d_pageable, d2h] =
+            v;
+        Some(Counts {
+            ctx_synchronize,
+            mem_free_sync,
+            stream_synchronize,
+            event_synchronize,
+            launches,
+            h2d_pinned,
+            h2d_pageable,
+            d2h,
+        })
+    }
+}

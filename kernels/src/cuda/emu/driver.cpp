@@ -223,6 +223,20 @@ struct Module {
 
 static const char* PTX_MARK = "// weir emulated PTX";
 
+// Calls counted, for tests of how the host drives the device (`weir_emu_counts`).
+enum Count {
+    CTX_SYNCHRONIZE,   // cuCtxSynchronize: the whole device
+    MEM_FREE_SYNC,     // cuMemFree: waits for the whole device as well
+    STREAM_SYNCHRONIZE,
+    EVENT_SYNCHRONIZE,
+    LAUNCHES,
+    H2D_PINNED, // copies to the device from pinned memory
+    H2D_PAGEABLE,
+    D2H,
+    COUNTS
+};
+static unsigned long long counts[COUNTS];
+
 } // namespace drv
 
 using namespace drv;
@@ -310,6 +324,7 @@ API CUresult cuCtxGetDevice(int* d) {
 }
 API CUresult cuCtxSynchronize() {
     LOCKED;
+    counts[CTX_SYNCHRONIZE]++;
     run_all();
     return CUDA_SUCCESS;
 }
@@ -336,6 +351,7 @@ API CUresult cuStreamDestroy_v2(void* s) {
 }
 API CUresult cuStreamSynchronize(void* s) {
     LOCKED;
+    counts[STREAM_SYNCHRONIZE]++;
     finish(stream_of(s));
     return CUDA_SUCCESS;
 }
@@ -386,6 +402,7 @@ API CUresult cuEventSynchronize(void* e) {
     LOCKED;
     Event* ev = (Event*)e;
     if (!ev || ev->destroyed) return CUDA_ERROR_INVALID_HANDLE;
+    counts[EVENT_SYNCHRONIZE]++;
     unsigned long long n = ev->recorded;
     run_until([ev, n] { return ev->completed >= n; });
     return CUDA_SUCCESS;
@@ -412,6 +429,7 @@ API CUresult cuMemAllocAsync(CUdeviceptr* d, size_t bytes, void*) {
 }
 API CUresult cuMemFree_v2(CUdeviceptr d) {
     LOCKED;
+    counts[MEM_FREE_SYNC]++;
     run_all(); // as cuMemFree does, the device is idle first
     return device_free(d);
 }
@@ -478,8 +496,10 @@ static CUresult check_device(const char* what, CUdeviceptr d, size_t n) {
 static CUresult h2d(CUdeviceptr dst, const void* src, size_t n, void* s) {
     if (CUresult r = check_device("a copy to the device", dst, n)) return r;
     if (inside(pinned_mem, (uintptr_t)src, n)) {
+        counts[H2D_PINNED]++;
         enqueue(s, [dst, src, n] { memcpy((void*)dst, src, n); });
     } else {
+        counts[H2D_PAGEABLE]++;
         auto staged = std::make_shared<std::vector<char>>((const char*)src, (const char*)src + n);
         enqueue(s, [dst, staged] { memcpy((void*)dst, staged->data(), staged->size()); });
     }
@@ -497,6 +517,7 @@ API CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
 }
 static CUresult d2h(void* dst, CUdeviceptr src, size_t n, void* s) {
     if (CUresult r = check_device("a copy from the device", src, n)) return r;
+    counts[D2H]++;
     enqueue(s, [dst, src, n] { memcpy(dst, (const void*)src, n); });
     // Into pageable memory the call returns once the copy is done.
     if (!inside(pinned_mem, (uintptr_t)dst, n)) finish(stream_of(s));
@@ -601,12 +622,21 @@ API CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsi
         if (fn->sizes[i] > 8) return CUDA_ERROR_NOT_SUPPORTED;
         memcpy(&(*slots)[i], params[i], fn->sizes[i]);
     }
+    counts[LAUNCHES]++;
     enqueue(s, [fn, slots, gx, gy, gz, bx, by, bz] {
         std::vector<void*> args(slots->size());
         for (size_t i = 0; i < slots->size(); i++) args[i] = &(*slots)[i];
         weir_emu_launch(fn->name.c_str(), gx, gy, gz, bx, by, bz, args.data());
     });
     return CUDA_SUCCESS;
+}
+
+// The calls counted so far, in the order of `drv::Count`, into `out` (up to `n` of them);
+// returns how many there are.
+API int weir_emu_counts(unsigned long long* out, int n) {
+    LOCKED;
+    for (int i = 0; i < n && i < COUNTS; i++) out[i] = counts[i];
+    return COUNTS;
 }
 
 // --- cuBLAS ------------------------------------------------------------------------------
