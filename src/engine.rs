@@ -306,6 +306,18 @@ pub fn planned_budget(g: &weir_graphs::Graph, memory: Option<u64>, gpu: Option<u
     }
 }
 
+/// `--prefetch` without a budget to plan ([`planned_budget`]) is an error: nothing would stream.
+pub fn prefetch_needs_budget(prefetch: Option<usize>, planned: Option<u64>) -> Result<()> {
+    if prefetch.is_some() && planned.is_none() {
+        return Err(Error::Request(
+            "--prefetch needs --memory-budget or --gpu-memory, or a graph with GPU lanes on a machine with the GPU \
+             (without a budget every weight is resident and nothing streams)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 /// `weir_graphs::plan::fit` into the budget [`planned_budget`] chose (`budget`), with an error
 /// that names it: `--gpu-memory` if it was given (`gpu_given`), the GPU's default, or
 /// `--memory-budget`.
@@ -483,6 +495,7 @@ impl Engine {
         };
         let gpu_memory = opts.gpu_memory.or_else(|| default_gpu_memory(&graph));
         let planned = planned_budget(&graph, opts.memory_budget, gpu_memory);
+        prefetch_needs_budget(opts.prefetch, planned)?;
         let (plan, split) = match (planned, graph.host_budget) {
             (Some(b), _) => {
                 let mut plan = fit(&mut graph, rest(b)?, opts.prefetch, &reserve, opts.gpu_memory)?;

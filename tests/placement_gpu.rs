@@ -382,6 +382,12 @@ fn without_gpu_memory_the_plan_fits_the_devices_default_budget() {
     let plan = engine.plan().expect("a plan under the default budget");
     assert!(plan.split.weights + plan.split.kv + plan.split.activations <= want, "{plan:?}");
     assert_eq!(plan.streamed_bytes, 0, "tiny-llama fits: {plan:?}");
+    // A budget to plan in, so --prefetch means something without --gpu-memory.
+    let opts = EngineOptions { prefetch: Some(0), ..options("llama-gpu.weir") };
+    assert!(weir::Engine::new(&model, opts).is_ok());
+    // On the CPU it needs a budget given.
+    let e = weir::Engine::new(&model, EngineOptions { prefetch: Some(0), ..Default::default() }).err().unwrap();
+    assert!(e.to_string().contains("--prefetch needs --memory-budget"), "{e}");
 }
 
 /// tiny-mixtral on mixtral-gpu.weir with half its expert bytes resident and twins on `host`,

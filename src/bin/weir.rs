@@ -291,12 +291,6 @@ impl PlaceArgs {
         if self.kv_tokens.is_some() && !budgeted {
             bail!("--kv-tokens needs --memory-budget or --gpu-memory (without a budget the KV cache grows as it needs)");
         }
-        if self.prefetch.is_some() && !budgeted {
-            bail!(
-                "--prefetch needs --memory-budget or --gpu-memory (without a budget every weight is resident and \
-                 nothing streams)"
-            );
-        }
         let size = |flag: &str, v: &Option<String>| {
             v.as_deref().map(|s| weir::parse_size(s).map_err(|e| anyhow!("{flag} {s}: {e}"))).transpose()
         };
@@ -727,7 +721,9 @@ fn load_model_graph(a: &GraphArgs) -> Result<weir_graphs::Graph> {
     let model = Model::open(&a.model).with_context(|| format!("--model {}", a.model.display()))?;
     let mut g = model.graph(text.as_ref().map(|(t, n)| (t.as_str(), n.as_str())), a.threads, a.place.kv_dtype, 1)?;
     let gpu = budgets.gpu.or_else(|| weir::engine::default_gpu_memory(&g));
-    if let Some(b) = weir::engine::planned_budget(&g, budgets.memory, gpu) {
+    let planned = weir::engine::planned_budget(&g, budgets.memory, gpu);
+    weir::engine::prefetch_needs_budget(a.place.prefetch, planned)?;
+    if let Some(b) = planned {
         let reserve = a.place.engine_options(a.threads, None, budgets).reserve(model.config.max_position_embeddings);
         let mut plan = weir::engine::fit(&mut g, b, a.place.prefetch, &reserve, budgets.gpu)?;
         weir::engine::place_host(&mut g, &mut plan, budgets.memory, gpu, 0);
