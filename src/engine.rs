@@ -498,7 +498,17 @@ impl Engine {
         prefetch_needs_budget(opts.prefetch, planned)?;
         let (plan, split) = match (planned, graph.host_budget) {
             (Some(b), _) => {
-                let mut plan = fit(&mut graph, rest(b)?, opts.prefetch, &reserve, opts.gpu_memory)?;
+                // The expert caches are host memory: on a GPU graph they come out of the memory
+                // budget (with the DRAM tier, `place_host`), not out of the GPU's.
+                let b = if on_gpu(&graph) {
+                    if let Some(m) = opts.memory_budget {
+                        rest(m)?;
+                    }
+                    b
+                } else {
+                    rest(b)?
+                };
+                let mut plan = fit(&mut graph, b, opts.prefetch, &reserve, opts.gpu_memory)?;
                 let host = place_host(&mut graph, &mut plan, opts.memory_budget, gpu_memory, caches);
                 (Some(plan.clone()), Some(host))
             }

@@ -362,8 +362,18 @@ fn tiny_mixtral_on_gpu_with_experts_read_when_chosen_matches_transformers() {
         predict: true,
         twins: None,
     });
-    let opts = EngineOptions { experts, ..options("mixtral-gpu.weir") };
+    let opts = EngineOptions { experts: experts.clone(), ..options("mixtral-gpu.weir") };
     check_prompts_with(&fixture("tiny-mixtral"), &golden("tiny-mixtral")["prompts"], opts);
+    // The host's expert caches do not come out of the GPU's budget, and must fit the memory
+    // budget.
+    let gpu_memory = Some(64 << 20);
+    let opts = EngineOptions { experts: experts.clone(), gpu_memory, ..options("mixtral-gpu.weir") };
+    let (_, engine) = engine(&fixture("tiny-mixtral"), opts);
+    assert_eq!(engine.plan().unwrap().budget, 64 << 20);
+    engine.shutdown().unwrap();
+    let opts = EngineOptions { experts, gpu_memory, memory_budget: Some(1000), ..options("mixtral-gpu.weir") };
+    let e = weir::Engine::new(&Model::open(fixture("tiny-mixtral")).unwrap(), opts).err().unwrap().to_string();
+    assert!(e.contains("memory budget of 1000 bytes does not hold the expert caches"), "{e}");
 }
 
 #[test]
