@@ -1,13 +1,19 @@
 //! Which instruction set the fast kernels use, detected once at run time.
 //!
-//! `WEIR_CPU_ISA=avx512|avx2|portable` forces a path (a path the CPU lacks falls back to portable
-//! with a warning on stderr), so every path can be tested on one machine.
+//! `WEIR_CPU_ISA=amx|avx512|avx2|portable` forces a path (a path the CPU lacks falls back to the
+//! best one with a warning on stderr), so every path can be tested on one machine.
+//!
+//! `amx` (AVX-512 with AMX tiles for bf16 GEMMs, [`crate::amx`]) is chosen only when asked for:
+//! its kernel is checked on an emulated tile unit everywhere but has not yet run on an AMX
+//! CPU, and it rounds the input to bf16 (the other paths keep it f32).
 
 use std::sync::OnceLock;
 
 /// An instruction-set path of the CPU kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
+    /// AVX-512 with AMX bf16 tiles for GEMMs of bf16 weights (only when asked for).
+    Amx,
     /// AVX-512 F/BW/VL (x86-64).
     Avx512,
     /// AVX2 with FMA and F16C (x86-64).
@@ -20,6 +26,7 @@ impl Isa {
     /// The name used by `WEIR_CPU_ISA`.
     pub fn name(self) -> &'static str {
         match self {
+            Isa::Amx => "amx",
             Isa::Avx512 => "avx512",
             Isa::Avx2 => "avx2",
             Isa::Portable => "portable",
@@ -92,9 +99,13 @@ pub fn flush_subnormals() {
     }
 }
 
-/// Every path this CPU can run, best first (for tests that check each against the reference).
+/// Every path this CPU can run, best first (for tests that check each against the reference);
+/// `amx` only when `WEIR_CPU_ISA=amx` asks for it.
 pub fn available() -> Vec<Isa> {
     let mut v = Vec::new();
+    if avx512_present() && crate::amx::available() && std::env::var("WEIR_CPU_ISA").is_ok_and(|v| v == "amx") {
+        v.push(Isa::Amx);
+    }
     if avx512_present() {
         v.push(Isa::Avx512);
     }

@@ -6,6 +6,7 @@
 //!
 //! * [`matmul`] — `y = x · Wᵀ (+ b)` with f32, bf16 or f16 weights and f32 accumulation.
 //! * [`gemm`] — the packed, register-tiled kernel `matmul` uses for many tokens at once.
+//! * [`amx`] — the same on AMX tiles for bf16 weights (`WEIR_CPU_ISA=amx`; not yet run on an AMX CPU).
 //! * [`convert`] — bf16 weights rewritten as f16 in place (cheaper to widen without bf16 instructions).
 //! * [`norm`] — RMSNorm.
 //! * [`rope`] — rotary position embedding tables and the rotate-half application.
@@ -25,6 +26,7 @@
 //! ```
 
 pub mod activation;
+pub mod amx;
 pub mod attention;
 pub mod convert;
 pub mod cuda;

@@ -115,17 +115,28 @@ pub fn matmul_with(
     }
     let threads = par.threads().max(1);
     let packed = packs(isa, t, w);
+    // On AMX tiles the input is rounded to bf16 and padded once, for every task.
+    let tiles = match w {
+        WeightView::Bf16(_) if isa == Isa::Amx && t >= crate::amx::MIN_TOKENS => Some(crate::amx::pack_x(x, t, k)),
+        _ => None,
+    };
     // Decode is memory-bound: one even slice of rows per worker. Prefill is compute-bound and
     // finer tasks balance better.
     let tasks = if t == 1 { threads } else { (n.div_ceil(ROW_BLOCK)).clamp(1, threads * 4) };
-    let align = if packed { 16 } else { 4 };
+    let align = if tiles.is_some() {
+        32
+    } else if packed {
+        16
+    } else {
+        4
+    };
     let tasks = tasks.min(n.div_ceil(align)).max(1);
     let yp = SharedMut(y.as_mut_ptr());
     par.run(tasks, &|i| {
         let rows = split_range(n, tasks, align, i);
         // SAFETY: the row ranges of the tasks are disjoint; each task writes y[.., rows] only,
         // which lies inside `y` (checked above).
-        unsafe { rows_task(isa, x, t, k, w, n, bias, yp, rows) };
+        unsafe { rows_task(isa, x, t, k, w, n, bias, yp, rows, tiles.as_ref()) };
     });
 }
 
@@ -140,8 +151,14 @@ unsafe fn rows_task(
     bias: Option<&[f32]>,
     y: SharedMut<f32>,
     rows: std::ops::Range<usize>,
+    tiles: Option<&(Vec<u16>, usize)>,
 ) {
     let mut rb = rows.start;
+    #[cfg(target_arch = "x86_64")]
+    if let (Some((a, kp)), WeightView::Bf16(wb)) = (tiles, w) {
+        crate::amx::rows(&mut crate::amx::Hardware, a, *kp, t, wb, n, k, y, rows.clone());
+        rb = rows.end;
+    }
     #[cfg(target_arch = "x86_64")]
     if packs(isa, t, w) {
         crate::gemm::rows_avx2(x, t, k, w, n, y, rows.clone());
@@ -151,7 +168,7 @@ unsafe fn rows_task(
         let re = (rb + ROW_BLOCK).min(rows.end);
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => avx512::block(x, t, k, w, n, y, rb..re),
+            Isa::Avx512 | Isa::Amx => avx512::block(x, t, k, w, n, y, rb..re),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => avx2::block(x, t, k, w, n, y, rb..re),
             _ => portable_block(x, t, k, w, n, y, rb..re),
@@ -705,8 +722,11 @@ mod tests {
                         let want = matmul_reference(&x, t, w, n, Some(&bias));
                         let mut got = vec![0f32; t * n];
                         matmul_with(isa, &x, t, w, n, Some(&bias), &mut got, par);
+                        // AMX tiles round the input to bf16 (a relative error of up to 2⁻⁹ per
+                        // element) where the other paths keep it f32.
+                        let rounded = isa == Isa::Amx && name == "bf16" && t >= crate::amx::MIN_TOKENS;
                         for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                            let tol = 1e-5 * (k as f32).sqrt() * 4.0;
+                            let tol = if rounded { 4e-3 } else { 1e-5 } * (k as f32).sqrt() * 4.0;
                             assert!((a - b).abs() <= tol, "{isa:?} {name} t={t} k={k} n={n} at {i}: {a} vs {b}");
                         }
                     }

@@ -342,7 +342,7 @@ impl Loader {
     /// window's room that its buffer would have (a reservation the tensor keeps), not its
     /// memory, so the window still bounds what is in flight downstream (a GPU's streamed
     /// copies). `Ok(None)` when the window has no room now.
-    fn from_copy(&self, i: usize) -> Result<Option<Tensor>, OpError> {
+    fn held_copy(&self, i: usize) -> Result<Option<Tensor>, OpError> {
         let copy = self.copies[i].clone().expect("a held tensor's copy");
         let Some(pool) = &self.pool else { return Ok(Some(copy)) };
         let len = self.buffer_len(&self.tensors[i]);
@@ -530,7 +530,7 @@ impl Loader {
     /// Reads tensor `i` with `pread`: `Ok(None)` when the pool has no room yet.
     fn read_pread(&mut self, i: usize) -> Result<Option<Tensor>, OpError> {
         if self.copied(i) {
-            return self.from_copy(i);
+            return self.held_copy(i);
         }
         let Some(mut buf) = self.alloc(i)? else { return Ok(None) };
         let (_, start, want) = self.prepare(i)?;
@@ -553,7 +553,7 @@ impl Loader {
         }
         // A held tensor read before: from its copy, in its turn.
         if self.copied(i) {
-            let Some(t) = self.from_copy(i)? else { return Ok(false) };
+            let Some(t) = self.held_copy(i)? else { return Ok(false) };
             let stream = self.stream.as_mut().expect("stream made before reading");
             stream.flights.push_back(Flight::held(i, t));
             self.ahead.step(&self.streamed);

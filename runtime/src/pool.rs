@@ -302,7 +302,7 @@ impl Pool {
             return None;
         }
         while p.ledger.used.load(Ordering::Acquire) + bytes > p.ledger.budget {
-            let Some(old) = free.pop() else { return None };
+            let old = free.pop()?;
             p.drop_kept(old);
         }
         p.ledger.used.fetch_add(bytes, Ordering::AcqRel);
