@@ -319,18 +319,19 @@ pub fn prefetch_needs_budget(prefetch: Option<usize>, planned: Option<u64>) -> R
 }
 
 /// `weir_graphs::plan::fit` into the budget [`planned_budget`] chose (`budget`), with an error
-/// that names it: `--gpu-memory` if it was given (`gpu_given`), the GPU's default, or
-/// `--memory-budget`.
+/// that names it: `--gpu-memory` if it was given (`gpu_given`), the GPU's default if that was
+/// used (`gpu`: the GPU budget in effect), or `--memory-budget`.
 pub fn fit(
     g: &mut weir_graphs::Graph,
     budget: u64,
     prefetch: Option<usize>,
     reserve: &weir_graphs::plan::Reserve,
     gpu_given: Option<u64>,
+    gpu: Option<u64>,
 ) -> Result<weir_graphs::plan::Plan> {
-    let which = match (on_gpu(g), gpu_given) {
-        (true, Some(_)) => "the GPU memory budget, --gpu-memory",
-        (true, None) => "the GPU's default budget, its memory less 1 GiB (--gpu-memory sets another)",
+    let which = match (on_gpu(g), gpu_given, gpu) {
+        (true, Some(_), _) => "the GPU memory budget, --gpu-memory",
+        (true, None, Some(_)) => "the GPU's default budget, its memory less 1 GiB (--gpu-memory sets another)",
         _ => "--memory-budget",
     };
     weir_graphs::plan::fit(g, budget, prefetch, reserve).map_err(|e| match e {
@@ -508,7 +509,7 @@ impl Engine {
                 } else {
                     rest(b)?
                 };
-                let mut plan = fit(&mut graph, b, opts.prefetch, &reserve, opts.gpu_memory)?;
+                let mut plan = fit(&mut graph, b, opts.prefetch, &reserve, opts.gpu_memory, gpu_memory)?;
                 let host = place_host(&mut graph, &mut plan, opts.memory_budget, gpu_memory, caches);
                 (Some(plan.clone()), Some(host))
             }

@@ -411,7 +411,18 @@ fn bench_json_has_the_keys_other_tools_read_and_budgets_are_checked() {
     fails(&["run", "--model", s(&model), "--prompt", "x", "--gpu-memory", "lots"], &["--gpu-memory lots", "not a size"]);
     fails(&["run", "--model", s(&model), "--prompt", "x", "--gpu-memory", "0"], &["--gpu-memory 0", "positive"]);
     let gpu_graph = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/graphs/llama-gpu.weir");
-    fails(&["graph", "show", "--model", s(&model), "--graph", s(&gpu_graph), "--gpu-memory", "1KB"], &["too small", "at least"]);
+    fails(
+        &["graph", "show", "--model", s(&model), "--graph", s(&gpu_graph), "--gpu-memory", "1KB"],
+        &["too small", "at least", "the budget is the GPU memory budget, --gpu-memory"],
+    );
+    // A GPU graph planned into --memory-budget (no --gpu-memory, and no device here to give a
+    // default): the error names that flag.
+    if !weir_runtime::gpu::driver_present() {
+        fails(
+            &["graph", "show", "--model", s(&model), "--graph", s(&gpu_graph), "--memory-budget", "1KB"],
+            &["too small", "the budget is --memory-budget"],
+        );
+    }
     fails(&["gpu", "copy", "--rounds", "0"], &["--rounds 0"]);
     fails(
         &["bench", "--model", s(&model), "--prompt-len", "2", "--gen-len", "2", "--trace", "/nonexistent/dir/t.json"],

@@ -725,7 +725,7 @@ fn load_model_graph(a: &GraphArgs) -> Result<weir_graphs::Graph> {
     weir::engine::prefetch_needs_budget(a.place.prefetch, planned)?;
     if let Some(b) = planned {
         let reserve = a.place.engine_options(a.threads, None, budgets).reserve(model.config.max_position_embeddings);
-        let mut plan = weir::engine::fit(&mut g, b, a.place.prefetch, &reserve, budgets.gpu)?;
+        let mut plan = weir::engine::fit(&mut g, b, a.place.prefetch, &reserve, budgets.gpu, gpu)?;
         weir::engine::place_host(&mut g, &mut plan, budgets.memory, gpu, 0);
     }
     if a.place.micro_batches > 1 {
