@@ -285,18 +285,7 @@ pub(crate) unsafe fn rows<U: Unit>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn random(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::cuda::tests::random;
 
     /// The product the tiles compute: `x` rounded to bf16, f32 sums (in f64 here).
     fn reference(x: &[f32], t: usize, w: &[u16], n: usize) -> Vec<f32> {

@@ -735,4 +735,4 @@ impl GpuKernels {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

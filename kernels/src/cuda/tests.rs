@@ -34,7 +34,8 @@ fn real_nvrtc() -> bool {
     true
 }
 
-fn random(n: usize, seed: u64) -> Vec<f32> {
+/// `n` values in [-1, 1), the same for the same seed (also the AMX tests').
+pub(crate) fn random(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
         .map(|_| {
