@@ -485,7 +485,8 @@ fn every_instruction_set_path_gives_the_golden_tokens() {
     ] {
         let g = golden(fx);
         let model = fixture(fx);
-        for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
+        // `amx` is in `available()` only where asked for (`WEIR_CPU_ISA=amx cargo test`) and present.
+        for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Amx] {
             if !have.contains(&isa) {
                 println!("skipped: the {} path — not on this CPU", isa.name());
                 continue;
