@@ -1,14 +1,13 @@
 //! The kernel tests' second device: `emu/emu.cpp`, a CPU emulator of CUDA's execution model
-//! that runs `weir.cu` itself, compiled by the machine's C++ compiler (`$CXX`, else `c++`)
-//! into a library once per test run. Each kernel is launched with the grid, block and
-//! arguments [`GpuKernels`] gives it.
+//! that runs `weir.cu` itself, from the library the emulated device is built into
+//! (`crate::cuda::emulated`: the machine's C++ compiler, `$CXX` else `c++`). Each kernel is
+//! launched directly, with the grid, block and arguments [`GpuKernels`] gives it.
 
 use super::{skipped, Dev, Elt};
 use crate::attention::AttnShape;
 use crate::cuda::{attend_cfg, grid_for, rows_cfg, Count, Elem, ROW_THREADS};
 use cudarc::driver::LaunchConfig;
 use std::ffi::{c_char, c_int, c_void, CString};
-use std::path::PathBuf;
 use std::sync::OnceLock;
 
 type Launch = unsafe extern "C" fn(*const c_char, u32, u32, u32, u32, u32, u32, *mut *mut c_void) -> c_int;
@@ -24,38 +23,20 @@ impl Emu {
     pub fn get() -> Option<&'static Emu> {
         static EMU: OnceLock<Option<Emu>> = OnceLock::new();
         let emu = EMU.get_or_init(|| {
-            if !cfg!(all(target_arch = "x86_64", target_os = "linux")) {
-                eprintln!("the emulator switches threads with x86-64 Linux code");
-                return None;
-            }
-            let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-            let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/cuda/emu/emu.cpp");
-            let dir = std::env::temp_dir().join(format!("weir-cuda-emu-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).expect("a temporary folder");
-            let lib = dir.join("libweir_emu.so");
-            let out = match std::process::Command::new(&cxx)
-                .args(["-std=c++17", "-O2", "-shared", "-fPIC", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-o"])
-                .arg(&lib)
-                .arg(&src)
-                .output()
-            {
-                Ok(out) => out,
-                Err(e) => {
-                    eprintln!("no C++ compiler ({cxx}: {e})");
+            // The emulated device's library holds the emulator too (its source includes it).
+            let dir = match crate::cuda::emulated::libraries() {
+                Ok(d) => d,
+                Err(why) => {
+                    eprintln!("{why}");
                     return None;
                 }
             };
-            assert!(
-                out.status.success(),
-                "{cxx} could not build the emulator:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            // SAFETY: the library was just built from emu.cpp; it has no initialisers that
-            // matter, and `weir_emu_launch` has the signature of `Launch`.
+            // SAFETY: the library was built from emu/driver.cpp; loading it under its own name
+            // does not make it the process's CUDA driver (cudarc looks for `libcuda.so`), and
+            // `weir_emu_launch` has the signature of `Launch`.
             unsafe {
-                let l = libloading::Library::new(&lib).expect("loading the emulator");
+                let l = libloading::Library::new(dir.join("libweir_emulated_cuda.so")).expect("loading the emulator");
                 let launch = *l.get::<Launch>(b"weir_emu_launch\0").expect("weir_emu_launch");
-                let _ = std::fs::remove_dir_all(&dir);
                 Some(Emu { _lib: l, launch })
             }
         });
