@@ -116,15 +116,18 @@ pub fn rerun(args: &[&str]) -> Option<Rerun> {
         }
         _ => dir.clone().into_os_string(),
     };
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let out = Command::new(exe)
-        .args(args)
-        .arg("--test-threads=1")
-        .env("LD_LIBRARY_PATH", path)
-        .env(MARK, "1")
-        .env("WEIR_CACHE_DIR", dir.join("ptx-cache"))
-        .output()
-        .expect("starting the test binary again");
+    let out = match std::env::current_exe().and_then(|exe| {
+        Command::new(exe)
+            .args(args)
+            .arg("--test-threads=1")
+            .env("LD_LIBRARY_PATH", path)
+            .env(MARK, "1")
+            .env("WEIR_CACHE_DIR", dir.join("ptx-cache"))
+            .output()
+    }) {
+        Ok(out) => out,
+        Err(e) => return Some(Rerun { ok: false, output: format!("starting this test binary again failed: {e}") }),
+    };
     let mut output = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     use std::os::unix::process::ExitStatusExt;
     match out.status.signal() {
