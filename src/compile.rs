@@ -46,7 +46,9 @@ pub fn compile(
             b.serial(lanes[n.lane]);
         }
         let op = match node_gpu(g, i) {
-            Some(_) => n.op.instantiate_gpu(env, n.layer).map_err(|e| Error::Placement(format!("node `{}`: {e}", n.name)))?,
+            Some(_) => {
+                n.op.instantiate_gpu(env, n.layer).map_err(|e| Error::Placement(format!("node `{}`: {e}", n.name)))?
+            }
             None => n.op.instantiate(env, n.layer),
         };
         actors.push(b.actor(&n.name, lanes[n.lane], n.layer, op, n.op.inputs().len(), n.op.outputs().len()));
@@ -60,14 +62,17 @@ pub fn compile(
         let lane = match c.lane {
             Some(l) => lanes[l],
             None => *copy_lanes.entry((c.device, c.up)).or_insert_with(|| {
-            let (name, stream) = if c.up { ("h2d", 1) } else { ("d2h", 2) };
-                b.lane(LaneSpec { name: format!("gpu{}.{name}", c.device), kind: LaneKind::GpuStream { device: c.device, stream } })
+                let (name, stream) = if c.up { ("h2d", 1) } else { ("d2h", 2) };
+                b.lane(LaneSpec {
+                    name: format!("gpu{}.{name}", c.device),
+                    kind: LaneKind::GpuStream { device: c.device, stream },
+                })
             }),
         };
         let op: Box<dyn weir_runtime::Operator<Packet>> = if c.up {
             // A streamed weight: its host buffer bounds its GPU copies (see `ToGpu`).
-            let streamed = matches!(from.op, weir_operators::OpConfig::Load { .. })
-                && c.edges.iter().any(|&e| !g.edges[e].sticky);
+            let streamed =
+                matches!(from.op, weir_operators::OpConfig::Load { .. }) && c.edges.iter().any(|&e| !g.edges[e].sticky);
             Box::new(weir_operators::to_gpu::ToGpu { keep_host: streamed })
         } else {
             Box::new(weir_operators::to_host::ToHost)

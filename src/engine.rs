@@ -335,7 +335,9 @@ pub fn fit(
         _ => "--memory-budget",
     };
     weir_graphs::plan::fit(g, budget, prefetch, reserve).map_err(|e| match e {
-        weir_graphs::Error::Placement(m) => Error::Model(weir_graphs::Error::Placement(format!("{m} (the budget is {which})"))),
+        weir_graphs::Error::Placement(m) => {
+            Error::Model(weir_graphs::Error::Placement(format!("{m} (the budget is {which})")))
+        }
         e => Error::Model(e),
     })
 }

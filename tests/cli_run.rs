@@ -408,7 +408,10 @@ fn bench_json_has_the_keys_other_tools_read_and_budgets_are_checked() {
     fails(&["run", "--model", s(&model), "--prompt", "x", "--kv-dtype", "fp8"], &["--kv-dtype fp8", "bf16"]);
     fails(&["graph", "show", "--model", s(&model), "--memory-budget", "1KB"], &["too small", "at least"]);
     fails(&["graph", "show", "--model", s(&model), "--kv-tokens", "64"], &["--kv-tokens needs --memory-budget"]);
-    fails(&["run", "--model", s(&model), "--prompt", "x", "--gpu-memory", "lots"], &["--gpu-memory lots", "not a size"]);
+    fails(
+        &["run", "--model", s(&model), "--prompt", "x", "--gpu-memory", "lots"],
+        &["--gpu-memory lots", "not a size"],
+    );
     fails(&["run", "--model", s(&model), "--prompt", "x", "--gpu-memory", "0"], &["--gpu-memory 0", "positive"]);
     let gpu_graph = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/graphs/llama-gpu.weir");
     fails(
@@ -553,7 +556,10 @@ fn expert_budget_flags_are_checked_and_a_small_budget_names_the_minimum() {
         (vec!["--expert-budget", "1KB"], "holds less than one expert per MoE layer"),
         (vec!["--expert-budget", "lots"], "--expert-budget lots"),
         (vec!["--expert-twins", "compute"], "--expert-twins needs --expert-budget"),
-        (vec!["--expert-budget", "25%", "--expert-twins", "gpu9"], "twin lane `gpu9`: the graph has no such lane (lanes: compute, loader"),
+        (
+            vec!["--expert-budget", "25%", "--expert-twins", "gpu9"],
+            "twin lane `gpu9`: the graph has no such lane (lanes: compute, loader",
+        ),
         (vec!["--expert-budget", "25%", "--expert-twins", "loader"], "twin lane `loader` is an I/O lane"),
     ] {
         let mut args = vec!["run", "--model", d, "--prompt-ids", "1,2,3", "--max-new-tokens", "2"];

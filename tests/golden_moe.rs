@@ -202,7 +202,13 @@ fn qwen2_moe_without_renormalisation_a_shared_expert_and_a_dense_layer_each_chan
 
 /// `bytes` for experts, no calibration, with the cache and prediction.
 fn placement(bytes: u64) -> ExpertPlacement {
-    ExpertPlacement { budget: ExpertBudget::Bytes(bytes), popularity: Default::default(), cache: true, predict: true, twins: None }
+    ExpertPlacement {
+        budget: ExpertBudget::Bytes(bytes),
+        popularity: Default::default(),
+        cache: true,
+        predict: true,
+        twins: None,
+    }
 }
 
 /// All of tiny-mixtral's expert bytes, from an engine with every expert resident.

@@ -173,13 +173,21 @@ fn gpu_memory_plans_which_weights_stay_on_the_gpu_and_memory_budget_which_are_he
     };
     let (resident, streamed, held) = show(&["--gpu-memory", "2.7MB"]);
     assert!(resident > 0 && streamed > 0 && held == 0, "a tight budget splits the weights: {resident} / {streamed}");
-    assert_eq!(show(&["--gpu-memory", "64MB"]), (resident + streamed, 0, 0), "a roomy one keeps every weight on the GPU");
+    assert_eq!(
+        show(&["--gpu-memory", "64MB"]),
+        (resident + streamed, 0, 0),
+        "a roomy one keeps every weight on the GPU"
+    );
     // With a memory budget too, FlexGen's three tiers: what streams is held in DRAM as far as
     // the memory beyond the host pools allows (here 2.7 MB of pools), read from disk past that.
     let (r, nvme, dram) = show(&["--gpu-memory", "2.7MB", "--memory-budget", "2.9MB"]);
     assert_eq!(r, resident, "the GPU's share is the GPU budget's");
     assert!(dram > 0 && nvme > 0 && dram + nvme == streamed, "a tight memory budget splits the rest: {dram} / {nvme}");
-    assert_eq!(show(&["--gpu-memory", "2.7MB", "--memory-budget", "64MB"]), (resident, 0, streamed), "a roomy one holds it all");
+    assert_eq!(
+        show(&["--gpu-memory", "2.7MB", "--memory-budget", "64MB"]),
+        (resident, 0, streamed),
+        "a roomy one holds it all"
+    );
 }
 
 #[test]
@@ -420,8 +428,9 @@ fn twin_experts_on_the_cpu_get_their_weights_in_place_and_send_their_sums_up() {
     let mut g = graph(&model, "mixtral-gpu.weir");
     let plan = weir_graphs::experts::place(&mut g, &mixtral_gpu_twins()).unwrap();
     let cold: usize = plan.stores.iter().map(|s| s.1.len()).sum();
-    let twins: Vec<usize> =
-        (0..g.nodes.len()).filter(|&n| matches!(g.nodes[n].op, weir_operators::OpConfig::Expert { twin: true, .. })).collect();
+    let twins: Vec<usize> = (0..g.nodes.len())
+        .filter(|&n| matches!(g.nodes[n].op, weir_operators::OpConfig::Expert { twin: true, .. }))
+        .collect();
     assert_eq!(twins.len(), cold, "a twin per cold expert");
     let t = transfers(&g).unwrap();
     for &n in &twins {
@@ -478,15 +487,28 @@ fn a_trace_of_attention_on_the_cpu_shows_the_gpu_its_copy_lanes_and_the_cpu_at_w
     let weir = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_weir")).args(args).output().unwrap();
     let (graph, model) = (example("llama-gpu-cpu-attention.weir").1, fixture("tiny-llama"));
     let o = weir(&[
-        "run", "--model", model.to_str().unwrap(), "--graph", &graph, "--gpu-memory", "2.7MB", "--prompt-ids", "1,2,3,4",
-        "--max-new-tokens", "6", "--trace", trace.to_str().unwrap(), "--json",
+        "run",
+        "--model",
+        model.to_str().unwrap(),
+        "--graph",
+        &graph,
+        "--gpu-memory",
+        "2.7MB",
+        "--prompt-ids",
+        "1,2,3,4",
+        "--max-new-tokens",
+        "6",
+        "--trace",
+        trace.to_str().unwrap(),
+        "--json",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = weir(&["trace", "summary", trace.to_str().unwrap(), "--json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let busy = |name: &str| {
-        let l = v["lanes"].as_array().unwrap().iter().find(|l| l["name"] == name).unwrap_or_else(|| panic!("{name}: {v}"));
+        let l =
+            v["lanes"].as_array().unwrap().iter().find(|l| l["name"] == name).unwrap_or_else(|| panic!("{name}: {v}"));
         (l["kind"].as_str().unwrap().to_string(), l["utilisation"].as_f64().unwrap())
     };
     for (lane, kind) in [("compute", "gpu0:s0"), ("gpu0.h2d", "gpu0:s"), ("gpu0.d2h", "gpu0:s"), ("cpu", "cpu")] {

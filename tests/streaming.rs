@@ -222,7 +222,10 @@ fn requests_wait_for_kv_room_and_one_that_never_fits_is_refused() {
 /// tiny-llama's built-in graph with every layer's weights at `tier` (`dram` or `nvme`), under
 /// the graph's own budget.
 fn layers_at(tier: &str) -> EngineOptions {
-    let text = format!("{}\nlane disk nvme\nplace layers=0..1000 tier={tier}\nbudget host=100000000\n", weir_graphs::builtin::LLAMA);
+    let text = format!(
+        "{}\nlane disk nvme\nplace layers=0..1000 tier={tier}\nbudget host=100000000\n",
+        weir_graphs::builtin::LLAMA
+    );
     EngineOptions { graph: Some((text, format!("tiny-llama-{tier}.weir"))), ..opts(None) }
 }
 

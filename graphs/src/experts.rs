@@ -84,12 +84,8 @@ pub struct LaneTiming {
 /// What the engine needs to time the experts of `g`: their hidden and intermediate sizes, their
 /// weights' type, and the lanes they are on. `None` without experts.
 pub fn expert_shape(g: &Graph) -> Option<(usize, usize, weir_runtime::DType, Vec<usize>)> {
-    let mut lanes: Vec<usize> = g
-        .nodes
-        .iter()
-        .filter(|n| matches!(n.op, OpConfig::Expert { twin: false, .. }))
-        .map(|n| n.lane)
-        .collect();
+    let mut lanes: Vec<usize> =
+        g.nodes.iter().filter(|n| matches!(n.op, OpConfig::Expert { twin: false, .. })).map(|n| n.lane).collect();
     lanes.sort_unstable();
     lanes.dedup();
     let (ni, n) = g.nodes.iter().enumerate().find(|(_, n)| matches!(n.op, OpConfig::Expert { .. }))?;
@@ -276,7 +272,11 @@ pub fn place(g: &mut Graph, p: &ExpertPlacement) -> Result<ExpertPlan> {
 fn twin_lane(g: &Graph, t: &Twins) -> Result<usize> {
     let names = || g.lanes.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(", ");
     let Some(i) = g.lanes.iter().position(|l| l.name == t.lane) else {
-        return Err(Error::Placement(format!("twin lane `{}`: the graph has no such lane (lanes: {})", t.lane, names())));
+        return Err(Error::Placement(format!(
+            "twin lane `{}`: the graph has no such lane (lanes: {})",
+            t.lane,
+            names()
+        )));
     };
     match g.lanes[i].kind {
         LaneKind::Cpu { .. } | LaneKind::GpuStream { .. } => Ok(i),

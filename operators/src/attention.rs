@@ -59,7 +59,10 @@ fn cache_for<'a, K>(
     }
     let replaced = if seq.start == 0 { caches.insert(seq.id, fresh()) } else { None };
     let Some(kv) = caches.get_mut(&seq.id) else {
-        return Err(OpError::new(format!("sequence {} continues at position {} but has no KV cache", seq.id, seq.start)));
+        return Err(OpError::new(format!(
+            "sequence {} continues at position {} but has no KV cache",
+            seq.id, seq.start
+        )));
     };
     if len(kv) != seq.start {
         return Err(OpError::new(format!(
@@ -215,8 +218,21 @@ pub struct GpuAttention {
 
 impl GpuAttention {
     /// As [`Attention::new`], the blocks coming from the lane's GPU memory.
-    pub fn new(heads: usize, kv_heads: usize, head_dim: usize, max_positions: usize, window: Option<usize>, kv_type: KvType) -> Self {
-        GpuAttention { shape: AttnShape { heads, kv_heads, head_dim }, max_positions, window, kv_type, caches: HashMap::new() }
+    pub fn new(
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        max_positions: usize,
+        window: Option<usize>,
+        kv_type: KvType,
+    ) -> Self {
+        GpuAttention {
+            shape: AttnShape { heads, kv_heads, head_dim },
+            max_positions,
+            window,
+            kv_type,
+            caches: HashMap::new(),
+        }
     }
 }
 
@@ -245,8 +261,13 @@ impl Operator<Packet> for GpuAttention {
         }
         let (mut addr, mut offset) = (Vec::new(), Vec::new());
         for seq in &batch.seqs {
-            let (kv, replaced) =
-                cache_for(&mut self.caches, seq, self.max_positions, || GpuKv { blocks: Vec::new(), len: 0 }, |k| k.len)?;
+            let (kv, replaced) = cache_for(
+                &mut self.caches,
+                seq,
+                self.max_positions,
+                || GpuKv { blocks: Vec::new(), len: 0 },
+                |k| k.len,
+            )?;
             if let Some(old) = replaced {
                 old.blocks.into_iter().for_each(|(b, _)| release_block(&stream, b));
             }
@@ -297,7 +318,17 @@ impl Operator<Packet> for GpuAttention {
                     .kv_store(&k.f32()?, &v.f32()?, elem, &addr.as_view(), &offset.as_view(), kvd, bt)
                     .map_err(crate::gpu::err)?;
                 g.kernels
-                    .attend(&q.f32()?, elem, &table.as_view(), &start.as_view(), &pos.as_view(), s, bt, self.window, &mut y.f32_mut())
+                    .attend(
+                        &q.f32()?,
+                        elem,
+                        &table.as_view(),
+                        &start.as_view(),
+                        &pos.as_view(),
+                        s,
+                        bt,
+                        self.window,
+                        &mut y.f32_mut(),
+                    )
                     .map_err(crate::gpu::err)?;
             }
         }

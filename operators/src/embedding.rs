@@ -63,7 +63,9 @@ impl Operator<Packet> for GpuEmbedding {
             return Ok(Step::Continue);
         }
         let ids_dev = g.upload_values(&ids.iter().map(|&i| i as i32).collect::<Vec<i32>>())?;
-        g.kernels.embed(&ids_dev.as_view(), &table.bytes(), e, self.hidden, &mut y.f32_mut()).map_err(crate::gpu::err)?;
+        g.kernels
+            .embed(&ids_dev.as_view(), &table.bytes(), e, self.hidden, &mut y.f32_mut())
+            .map_err(crate::gpu::err)?;
         out.send(0, Packet::DevAct { batch: batch.clone(), x: y.freeze() });
         Ok(Step::Continue)
     }

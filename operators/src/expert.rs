@@ -116,7 +116,9 @@ impl Operator<Packet> for GpuExpert {
             let mut rows = g.alloc(DType::F32, vec![n, h])?;
             g.kernels.gather_rows(&x.f32()?, &idx.as_view(), h, &mut rows.f32_mut()).map_err(crate::gpu::err)?;
             let e = swiglu::gpu_forward(g, &rows.f32(), n, gate, up, down, h, m)?;
-            g.kernels.scatter_rows(&e.f32(), &idx.as_view(), &w.as_view(), h, &mut y.f32_mut()).map_err(crate::gpu::err)?;
+            g.kernels
+                .scatter_rows(&e.f32(), &idx.as_view(), &w.as_view(), h, &mut y.f32_mut())
+                .map_err(crate::gpu::err)?;
         }
         out.send(0, Packet::DevAct { batch: batch.clone(), x: y.freeze() });
         Ok(Step::Continue)

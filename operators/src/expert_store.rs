@@ -274,7 +274,10 @@ impl ExpertStore {
     fn send(&self, j: usize, w: &[Tensor; 3], out: &mut Emit<Packet>) {
         let (k, twin) = (self.stride(), self.on_twin[j]);
         for (i, t) in w.iter().enumerate() {
-            out.send(k * j + 3 * twin as usize + i, Packet::Weight { name: self.names[3 * j + i].clone(), w: t.clone() });
+            out.send(
+                k * j + 3 * twin as usize + i,
+                Packet::Weight { name: self.names[3 * j + i].clone(), w: t.clone() },
+            );
             if self.twins.is_some() {
                 out.send(k * j + 3 * !twin as usize + i, Packet::Absent);
             }
@@ -593,7 +596,8 @@ mod tests {
         let stats = Arc::new(ExpertCacheStats::default());
         let mode = IoMode::Uring { depth: 2, chunk: 4096, ahead: false };
         let pool = Pool::new("experts", Tier::Host, 2 * 3 * 4 * N);
-        let s = ExpertStore::new(vec![0, 1, 2, 3], 4, tensors, mode, pool, vec![0.0; 4], true, due, stats.clone(), twins);
+        let s =
+            ExpertStore::new(vec![0, 1, 2, 3], 4, tensors, mode, pool, vec![0.0; 4], true, due, stats.clone(), twins);
         (s, stats, dir)
     }
 
@@ -654,7 +658,8 @@ mod tests {
         // stay.
         for (twin_s, want) in [(1.0, vec![(0, 0), (2, 1)]), (100.0, vec![(0, 0), (2, 0)])] {
             let costs = Costs { lanes: vec![lane(1.0), lane(twin_s)], links: vec![] };
-            let (mut s, stats, dir) = store_with(&format!("twins-{twin_s}"), Arc::new(AtomicUsize::new(0)), Some(costs));
+            let (mut s, stats, dir) =
+                store_with(&format!("twins-{twin_s}"), Arc::new(AtomicUsize::new(0)), Some(costs));
             let out = fire_some(&mut s, vec![Some(route([0, 2])), None], 24).unwrap();
             for e in [1, 3] {
                 assert!((0..6).all(|i| matches!(out[6 * e + i], Some(Packet::Absent))), "expert {e} not chosen");

@@ -47,7 +47,11 @@ pub(crate) fn vector<'a>(port: &str, p: &'a Packet, len: usize) -> Result<CudaVi
 }
 
 /// GPU activations `[tokens, width]` with `tokens` matching the batch.
-pub(crate) fn act<'a>(port: &str, p: &'a Packet, width: usize) -> Result<(&'a std::sync::Arc<Batch>, &'a DeviceTensor), OpError> {
+pub(crate) fn act<'a>(
+    port: &str,
+    p: &'a Packet,
+    width: usize,
+) -> Result<(&'a std::sync::Arc<Batch>, &'a DeviceTensor), OpError> {
     let (batch, x) = p.dev_act(port)?;
     if x.shape != [batch.tokens(), width] {
         return Err(OpError::new(format!(
@@ -87,6 +91,7 @@ pub(crate) fn copy(g: &GpuLane, x: &DeviceTensor) -> Result<DeviceTensorMut, OpE
         return Ok(y);
     }
     let stream = g.stream().clone();
-    weir_kernels::cuda::call("copying on the GPU", || stream.memcpy_dtod(&x.bytes(), &mut y.bytes_mut())).map_err(err)?;
+    weir_kernels::cuda::call("copying on the GPU", || stream.memcpy_dtod(&x.bytes(), &mut y.bytes_mut()))
+        .map_err(err)?;
     Ok(y)
 }

@@ -983,7 +983,11 @@ mod tests {
                 assert_eq!(read_after[2], read_after[1], "b's second pass read nothing: {read_after:?}");
             }
             for pass in [6, 8, 10] {
-                assert_eq!(read_after[pass], read_after[pass - 1], "{mode:?}: b's send {pass} read nothing: {read_after:?}");
+                assert_eq!(
+                    read_after[pass],
+                    read_after[pass - 1],
+                    "{mode:?}: b's send {pass} read nothing: {read_after:?}"
+                );
                 assert!(read_after[pass + 1] > read_after[pass], "{mode:?}: c is read every pass: {read_after:?}");
             }
             drop(l);

@@ -619,15 +619,17 @@ impl OpConfig {
             OpConfig::SwiGlu { hidden, intermediate } => Box::new(swiglu::GpuSwiGlu { hidden, intermediate }),
             OpConfig::Add { dim } => Box::new(add::GpuAdd { dim }),
             OpConfig::LmHead { hidden, vocab } => Box::new(lm_head::GpuLmHead { hidden, vocab }),
-            OpConfig::Router { hidden, experts, top_k, normalize, hint } => Box::new(router::GpuRouter(router::Router {
-                hidden,
-                experts,
-                top_k,
-                normalize,
-                hint,
-                layer: layer.unwrap_or(0),
-                stats: env.routing.clone(),
-            })),
+            OpConfig::Router { hidden, experts, top_k, normalize, hint } => {
+                Box::new(router::GpuRouter(router::Router {
+                    hidden,
+                    experts,
+                    top_k,
+                    normalize,
+                    hint,
+                    layer: layer.unwrap_or(0),
+                    stats: env.routing.clone(),
+                }))
+            }
             OpConfig::Expert { hidden, intermediate, experts, index, twin } => {
                 Box::new(expert::GpuExpert(expert::Expert { hidden, intermediate, experts, index, twin }))
             }

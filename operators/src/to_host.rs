@@ -25,7 +25,8 @@ impl Operator<Packet> for ToHost {
                 let mut y = cx.zeros_f32(x.shape.clone())?;
                 let f = y.f32_mut();
                 // SAFETY: the same memory as `f`, viewed as its bytes.
-                let bytes = unsafe { std::slice::from_raw_parts_mut(f.as_mut_ptr() as *mut u8, std::mem::size_of_val(f)) };
+                let bytes =
+                    unsafe { std::slice::from_raw_parts_mut(f.as_mut_ptr() as *mut u8, std::mem::size_of_val(f)) };
                 g.download(&x, bytes)?;
                 Packet::Act { batch, x: y }
             }

@@ -96,7 +96,9 @@ pub struct FireCx<'a> {
 impl FireCx<'_> {
     /// The GPU lane this actor runs on; an error naming the actor on any other lane.
     pub fn gpu(&self) -> Result<&crate::gpu::GpuLane, OpError> {
-        self.gpu.ok_or_else(|| OpError::new(format!("`{}` computes on a GPU but was placed on a CPU or I/O lane", self.actor)))
+        self.gpu.ok_or_else(|| {
+            OpError::new(format!("`{}` computes on a GPU but was placed on a CPU or I/O lane", self.actor))
+        })
     }
 
     /// A zeroed f32 tensor from the activation pool; an error when the pool's budget has no

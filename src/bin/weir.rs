@@ -275,7 +275,10 @@ impl PlaceArgs {
             popularity,
             cache: !self.no_expert_cache,
             predict: !self.no_expert_prefetch,
-            twins: self.expert_twins.as_ref().map(|lane| weir_graphs::experts::Twins { lane: lane.clone(), ..Default::default() }),
+            twins: self
+                .expert_twins
+                .as_ref()
+                .map(|lane| weir_graphs::experts::Twins { lane: lane.clone(), ..Default::default() }),
         }))
     }
 
@@ -289,12 +292,17 @@ impl PlaceArgs {
         }
         let budgeted = self.memory_budget.is_some() || self.gpu_memory.is_some();
         if self.kv_tokens.is_some() && !budgeted {
-            bail!("--kv-tokens needs --memory-budget or --gpu-memory (without a budget the KV cache grows as it needs)");
+            bail!(
+                "--kv-tokens needs --memory-budget or --gpu-memory (without a budget the KV cache grows as it needs)"
+            );
         }
         let size = |flag: &str, v: &Option<String>| {
             v.as_deref().map(|s| weir::parse_size(s).map_err(|e| anyhow!("{flag} {s}: {e}"))).transpose()
         };
-        let budgets = Budgets { memory: size("--memory-budget", &self.memory_budget)?, gpu: size("--gpu-memory", &self.gpu_memory)? };
+        let budgets = Budgets {
+            memory: size("--memory-budget", &self.memory_budget)?,
+            gpu: size("--gpu-memory", &self.gpu_memory)?,
+        };
         Ok((read_graph(&self.graph)?, budgets))
     }
 }

@@ -16,8 +16,8 @@
 use crate::attention::{AttnShape, KvType};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
-    LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaModule, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig,
+    PushKernelArg,
 };
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -336,7 +336,13 @@ impl GpuKernels {
     }
 
     /// RMSNorm of each row of `x` (`[rows, w.len()]`) into `y`.
-    pub fn rmsnorm(&self, x: &CudaView<'_, f32>, w: &CudaView<'_, f32>, eps: f32, y: &mut CudaViewMut<'_, f32>) -> Result<(), GpuError> {
+    pub fn rmsnorm(
+        &self,
+        x: &CudaView<'_, f32>,
+        w: &CudaView<'_, f32>,
+        eps: f32,
+        y: &mut CudaViewMut<'_, f32>,
+    ) -> Result<(), GpuError> {
         if x.is_empty() && y.is_empty() {
             return Ok(());
         }
@@ -367,9 +373,17 @@ impl GpuKernels {
             return Ok(());
         }
         let t = pos.len();
-        check("rope", head_dim.is_multiple_of(2) && inv_freq.len() == head_dim / 2 && x.len() == t * heads * head_dim, || {
-            format!("{} floats for {t} positions × {heads} heads × {head_dim}, {} frequencies", x.len(), inv_freq.len())
-        })?;
+        check(
+            "rope",
+            head_dim.is_multiple_of(2) && inv_freq.len() == head_dim / 2 && x.len() == t * heads * head_dim,
+            || {
+                format!(
+                    "{} floats for {t} positions × {heads} heads × {head_dim}, {} frequencies",
+                    x.len(),
+                    inv_freq.len()
+                )
+            },
+        )?;
         let (h, hd) = (int("rope", "heads", heads)?, int("rope", "head_dim", head_dim)?);
         call("rope", || {
             let mut b = self.stream.launch_builder(self.func("rope"));
@@ -489,7 +503,15 @@ impl GpuKernels {
         check(
             "scatter_rows",
             width > 0 && rows.len() == idx.len() * width && w.len() == idx.len() && y.len() % width == 0,
-            || format!("{} rows of {width} ({} floats, {} weights) into {} floats", idx.len(), rows.len(), w.len(), y.len()),
+            || {
+                format!(
+                    "{} rows of {width} ({} floats, {} weights) into {} floats",
+                    idx.len(),
+                    rows.len(),
+                    w.len(),
+                    y.len()
+                )
+            },
         )?;
         let wd = int("scatter_rows", "width", width)?;
         call("scatter_rows", || {
@@ -502,11 +524,18 @@ impl GpuKernels {
     }
 
     /// Each row of `x` (`[tokens, dim]`) scaled by the sigmoid of its gate `g[t]`.
-    pub fn sigmoid_gate(&self, x: &mut CudaViewMut<'_, f32>, g: &CudaView<'_, f32>, dim: usize) -> Result<(), GpuError> {
+    pub fn sigmoid_gate(
+        &self,
+        x: &mut CudaViewMut<'_, f32>,
+        g: &CudaView<'_, f32>,
+        dim: usize,
+    ) -> Result<(), GpuError> {
         if g.is_empty() && x.is_empty() {
             return Ok(());
         }
-        check("sigmoid_gate", x.len() == g.len() * dim, || format!("{} floats for {} gates of {dim}", x.len(), g.len()))?;
+        check("sigmoid_gate", x.len() == g.len() * dim, || {
+            format!("{} floats for {} gates of {dim}", x.len(), g.len())
+        })?;
         let d = int("sigmoid_gate", "dim", dim)?;
         call("sigmoid_gate", || {
             let mut b = self.stream.launch_builder(self.func("sigmoid_gate"));
@@ -548,10 +577,20 @@ impl GpuKernels {
             return Ok(());
         }
         let t = block.len();
-        check("kv_store", k.len() == t * kv_dim && v.len() == k.len() && offset.len() == t && block_tokens > 0, || {
-            format!("{t} blocks, {} offsets, keys {} and values {} floats of dim {kv_dim}", offset.len(), k.len(), v.len())
-        })?;
-        let (dt, kd, bt) = (elem as i32, int("kv_store", "kv_dim", kv_dim)?, int("kv_store", "block_tokens", block_tokens)?);
+        check(
+            "kv_store",
+            k.len() == t * kv_dim && v.len() == k.len() && offset.len() == t && block_tokens > 0,
+            || {
+                format!(
+                    "{t} blocks, {} offsets, keys {} and values {} floats of dim {kv_dim}",
+                    offset.len(),
+                    k.len(),
+                    v.len()
+                )
+            },
+        )?;
+        let (dt, kd, bt) =
+            (elem as i32, int("kv_store", "kv_dim", kv_dim)?, int("kv_store", "block_tokens", block_tokens)?);
         call("kv_store", || {
             let mut b = self.stream.launch_builder(self.func("kv_store"));
             b.arg(k).arg(v).arg(&dt).arg(block).arg(offset).arg(&kd).arg(&bt);
@@ -614,7 +653,12 @@ impl GpuKernels {
 
     /// The greedy choice of each row of `logits` (`[rows, vocab]`): the lowest index of the
     /// largest value.
-    pub fn argmax(&self, logits: &CudaView<'_, f32>, vocab: usize, out: &mut CudaViewMut<'_, i32>) -> Result<(), GpuError> {
+    pub fn argmax(
+        &self,
+        logits: &CudaView<'_, f32>,
+        vocab: usize,
+        out: &mut CudaViewMut<'_, i32>,
+    ) -> Result<(), GpuError> {
         if out.is_empty() && logits.is_empty() {
             return Ok(());
         }
@@ -681,7 +725,12 @@ impl GpuKernels {
         }
         let k = x.len() / t.max(1);
         check("linear", t > 0 && x.len() == t * k && w.len() == n * k * elem.size() && y.len() == t * n, || {
-            format!("x of {} floats for {t} tokens, w of {} bytes for [{n}, {k}] {elem:?}, y of {}", x.len(), w.len(), y.len())
+            format!(
+                "x of {} floats for {t} tokens, w of {} bytes for [{n}, {k}] {elem:?}, y of {}",
+                x.len(),
+                w.len(),
+                y.len()
+            )
         })?;
         let g = gemm_shape(int("linear", "t", t)?, int("linear", "n", n)?, int("linear", "k", k)?);
         let ty = match elem {
@@ -697,7 +746,8 @@ impl GpuKernels {
         call("binding the device's context", || self.stream.context().bind_to_thread())?;
         call("linear (cuBLAS GEMM)", || {
             let (wp, _w) = w.device_ptr(&self.stream);
-            let (xp, _x) = if elem == Elem::F32 { x.device_ptr(&self.stream) } else { scratch.device_ptr(&self.stream) };
+            let (xp, _x) =
+                if elem == Elem::F32 { x.device_ptr(&self.stream) } else { scratch.device_ptr(&self.stream) };
             let (yp, _y) = y.device_ptr_mut(&self.stream);
             let op = |transposed| {
                 if transposed {

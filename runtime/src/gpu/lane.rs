@@ -86,7 +86,10 @@ impl GpuLane {
 
     /// Small host values (token ids, positions, block tables) as a device array, on this
     /// lane's stream.
-    pub fn upload_values<T: cudarc::driver::DeviceRepr>(&self, v: &[T]) -> Result<cudarc::driver::CudaSlice<T>, OpError> {
+    pub fn upload_values<T: cudarc::driver::DeviceRepr>(
+        &self,
+        v: &[T],
+    ) -> Result<cudarc::driver::CudaSlice<T>, OpError> {
         let stream = self.stream();
         call("copying to the GPU", || stream.clone_htod(v)).map_err(op_err)
     }

@@ -16,8 +16,8 @@ pub use lane::{DeviceTensor, DeviceTensorMut, GpuLane};
 pub use pool::{Block, BlockPool, DeviceBlock, Leased};
 
 pub use cudarc::driver::CudaContext;
-pub use weir_kernels::cuda::{driver_present, GpuError};
 use weir_kernels::cuda::call;
+pub use weir_kernels::cuda::{driver_present, GpuError};
 
 /// What a device is.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,8 +89,8 @@ pub fn lanes_for(lanes: &[crate::LaneSpec], budget: Option<usize>) -> Result<Gpu
         }
         let (_, ctx, memory) = devices.iter().find(|d| d.0 == device).expect("added above");
         let stream = call("creating a stream", || ctx.new_stream()).map_err(|e| unavailable(e.to_string()))?;
-        let kernels = weir_kernels::cuda::GpuKernels::new(stream)
-            .map_err(|e| unavailable(format!("lane `{}`: {e}", l.name)))?;
+        let kernels =
+            weir_kernels::cuda::GpuKernels::new(stream).map_err(|e| unavailable(format!("lane `{}`: {e}", l.name)))?;
         out.push(Some(GpuLane { kernels, memory: memory.clone() }));
     }
     Ok((out, devices.into_iter().map(|d| d.2).collect()))

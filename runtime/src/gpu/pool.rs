@@ -92,7 +92,14 @@ impl<B: Block> Clone for BlockPool<B> {
 
 impl<B: Block> std::fmt::Debug for BlockPool<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "BlockPool({}: {}/{} bytes, high water {})", self.name(), self.used(), self.budget(), self.high_water())
+        write!(
+            f,
+            "BlockPool({}: {}/{} bytes, high water {})",
+            self.name(),
+            self.used(),
+            self.budget(),
+            self.high_water()
+        )
     }
 }
 
@@ -126,9 +133,7 @@ impl<B: Block> Drop for Leased<B> {
 impl<B: Block> BlockPool<B> {
     /// A pool of `budget` bytes allocating from `src`.
     pub fn new(name: &str, budget: usize, src: B::Source) -> BlockPool<B> {
-        BlockPool {
-            inner: Arc::new(Inner { ledger: Ledger::new(name, budget), src, free: Mutex::new(Vec::new()) }),
-        }
+        BlockPool { inner: Arc::new(Inner { ledger: Ledger::new(name, budget), src, free: Mutex::new(Vec::new()) }) }
     }
 
     /// A block of `bytes` if the budget has room for it now (`Ok(None)`: wait for a release,
