@@ -679,8 +679,8 @@ fn graph_check_says_what_runs_on_the_gpu_and_refuses_what_cannot() {
 }
 
 /// The tests above that run on a GPU where there is one, again in a child process on the
-/// emulated CUDA device (`weir_kernels::cuda::emulated`): the CLI's GPU commands end to end.
+/// emulated CUDA device (`weir_gpu_emu`): the CLI's GPU commands end to end.
 #[test]
 fn the_gpu_tests_pass_on_the_emulated_device() {
-    weir_kernels::cuda::emulated::assert_tests_pass(&["gpu", "--skip", "emulated"], 3);
+    weir_gpu_emu::assert_tests_pass(&["gpu", "--skip", "emulated"], 3);
 }

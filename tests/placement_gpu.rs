@@ -280,15 +280,15 @@ fn streaming_to_a_gpu_never_waits_for_the_whole_device_and_uploads_from_pinned_m
     // How the host drives the device while it generates, counted by the emulated one: order
     // across streams comes from events, never from a device-wide synchronise (cudarc makes one
     // when a context's first stream is made, at start-up); streamed weights go up by DMA.
-    if weir_kernels::cuda::emulated::counts().is_none() {
+    if weir_gpu_emu::counts().is_none() {
         skipped("only on the emulated CUDA device, which counts the driver calls");
         return;
     }
     let opts = EngineOptions { gpu_memory: Some(2_700_000), ..options("llama-gpu.weir") };
     let (_, engine) = engine(&fixture("tiny-llama"), opts);
-    let before = weir_kernels::cuda::emulated::counts().unwrap();
+    let before = weir_gpu_emu::counts().unwrap();
     engine.generate(weir::Request::greedy(vec![1, 2, 3, 4, 5], 8)).unwrap();
-    let after = weir_kernels::cuda::emulated::counts().unwrap();
+    let after = weir_gpu_emu::counts().unwrap();
     engine.shutdown().unwrap();
     assert_eq!(after.ctx_synchronize, before.ctx_synchronize, "{after:?}");
     assert_eq!(after.mem_free_sync, before.mem_free_sync, "{after:?}");
@@ -523,8 +523,8 @@ fn a_trace_of_attention_on_the_cpu_shows_the_gpu_its_copy_lanes_and_the_cpu_at_w
 }
 
 /// Every test above again, in a child process on the emulated CUDA device
-/// (`weir_kernels::cuda::emulated`): the GPU placements' golden tests run where there is no GPU.
+/// (`weir_gpu_emu`): the GPU placements' golden tests run where there is no GPU.
 #[test]
 fn the_gpu_tests_pass_on_the_emulated_device() {
-    weir_kernels::cuda::emulated::assert_tests_pass(&["--skip", "emulated"], 20);
+    weir_gpu_emu::assert_tests_pass(&["--skip", "emulated"], 20);
 }

@@ -22,8 +22,6 @@ use cudarc::driver::{
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub mod emulated;
-
 /// The CUDA C source of every kernel.
 pub const SOURCE: &str = include_str!("weir.cu");
 

@@ -23,7 +23,7 @@ fn skipped(why: &str) {
 /// Whether NVRTC's own tests can run: its library loads, and it is not the emulated device's
 /// stand-in (which compiles only `weir.cu`, to no real PTX).
 fn real_nvrtc() -> bool {
-    if std::env::var_os(emulated::MARK).is_some() {
+    if std::env::var_os(weir_gpu_emu::MARK).is_some() {
         skipped("on the emulated CUDA device, whose NVRTC is a stand-in");
         return false;
     }
@@ -118,7 +118,7 @@ fn without_nvrtc_compiling_is_a_typed_error() {
 /// NVRTC is not NVRTC.
 #[test]
 fn the_gpu_tests_pass_on_the_emulated_device() {
-    emulated::assert_tests_pass(&["cuda::tests::", "--skip", "emulated"], 10);
+    weir_gpu_emu::assert_tests_pass(&["cuda::tests::", "--skip", "emulated"], 10);
 }
 
 /// What the kernel tests need of a device: buffers to and from it, and weir's kernels on them

@@ -123,10 +123,10 @@ mod tests {
     }
 
     /// The GPU tests of this crate again, in a child process on the emulated CUDA device
-    /// (`weir_kernels::cuda::emulated`): pools, copies and lanes run where there is no GPU.
+    /// (`weir_gpu_emu`): pools, copies and lanes run where there is no GPU.
     #[test]
     fn the_gpu_tests_pass_on_the_emulated_device() {
-        weir_kernels::cuda::emulated::assert_tests_pass(&["gpu", "--skip", "emulated"], 3);
+        weir_gpu_emu::assert_tests_pass(&["gpu", "--skip", "emulated"], 3);
     }
 
     #[test]

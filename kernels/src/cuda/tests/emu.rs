@@ -1,43 +1,29 @@
-//! The kernel tests' second device: `emu/emu.cpp`, a CPU emulator of CUDA's execution model
-//! that runs `weir.cu` itself, from the library the emulated device is built into
-//! (`crate::cuda::emulated`: the machine's C++ compiler, `$CXX` else `c++`). Each kernel is
-//! launched directly, with the grid, block and arguments [`GpuKernels`] gives it.
+//! The kernel tests' second device: `gpu-emu/emu/emu.cpp`, a CPU emulator of CUDA's execution
+//! model that runs `weir.cu` itself, from the library the emulated device is built into
+//! (`weir_gpu_emu`: the machine's C++ compiler, `$CXX` else `c++`). Each kernel is launched
+//! directly, with the grid, block and arguments [`GpuKernels`] gives it.
 
 use super::{skipped, Dev, Elt};
 use crate::attention::AttnShape;
 use crate::cuda::{attend_cfg, grid_for, rows_cfg, Count, Elem, ROW_THREADS};
 use cudarc::driver::LaunchConfig;
-use std::ffi::{c_char, c_int, c_void, CString};
+use std::ffi::{c_void, CString};
 use std::sync::OnceLock;
-
-type Launch = unsafe extern "C" fn(*const c_char, u32, u32, u32, u32, u32, u32, *mut *mut c_void) -> c_int;
 
 /// The loaded emulator.
 pub struct Emu {
-    _lib: libloading::Library,
-    launch: Launch,
+    launch: weir_gpu_emu::Launch,
 }
 
 impl Emu {
     /// The emulator, built on first use; `None` (and "skipped: …") without a C++ compiler.
     pub fn get() -> Option<&'static Emu> {
         static EMU: OnceLock<Option<Emu>> = OnceLock::new();
-        let emu = EMU.get_or_init(|| {
-            // The emulated device's library holds the emulator too (its source includes it).
-            let dir = match crate::cuda::emulated::libraries() {
-                Ok(d) => d,
-                Err(why) => {
-                    eprintln!("{why}");
-                    return None;
-                }
-            };
-            // SAFETY: the library was built from emu/driver.cpp; loading it under its own name
-            // does not make it the process's CUDA driver (cudarc looks for `libcuda.so`), and
-            // `weir_emu_launch` has the signature of `Launch`.
-            unsafe {
-                let l = libloading::Library::new(dir.join("libweir_emulated_cuda.so")).expect("loading the emulator");
-                let launch = *l.get::<Launch>(b"weir_emu_launch\0").expect("weir_emu_launch");
-                Some(Emu { _lib: l, launch })
+        let emu = EMU.get_or_init(|| match weir_gpu_emu::launcher() {
+            Ok(launch) => Some(Emu { launch }),
+            Err(why) => {
+                eprintln!("{why}");
+                None
             }
         });
         if emu.is_none() {

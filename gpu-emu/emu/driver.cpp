@@ -1,7 +1,7 @@
 // An emulated CUDA device for the tests: the parts of the CUDA driver API, cuBLAS and NVRTC
 // that weir calls (through cudarc), implemented on the CPU, with weir's kernels run by the
 // emulator of emu.cpp. Built as one library and loaded under the names cudarc looks for
-// (libcuda.so, libcublas.so, libnvrtc.so: `weir_kernels::cuda::emulated`), it lets every GPU
+// (libcuda.so, libcublas.so, libnvrtc.so: the `weir-gpu-emu` crate), it lets every GPU
 // test and GPU graph run on a machine without a GPU: the Rust around the kernels — contexts,
 // streams, events, pools, uploads, operators, whole engines — is exercised as on a GPU.
 //

@@ -1,6 +1,6 @@
-// A CPU emulator of CUDA's execution model for weir's kernels (../weir.cu), for the tests:
+// A CPU emulator of CUDA's execution model for weir's kernels (kernels/src/cuda/weir.cu), for the tests:
 // it lets the kernels' own source run where there is no GPU, so their indexing, reductions and
-// barriers are checked against the CPU kernels on every machine (kernels/src/cuda/tests).
+// barriers are checked against the CPU kernels on every machine (kernels/src/cuda/tests.rs).
 //
 // Each thread of a block is a fiber (its own stack, switched by hand: no OS thread, no
 // system call), all in the launching thread. A fiber runs until it must wait: at a
@@ -262,7 +262,7 @@ static void run_block(std::vector<Fiber>& fibers, unsigned long long& seed) {
 #define __shfl_xor_sync(mask, v, o) emu::shfl_xor((v), (o), __LINE__)
 #define WEIR_EMU 1
 
-#include "../weir.cu"
+#include "../../kernels/src/cuda/weir.cu"
 
 namespace emu {
 

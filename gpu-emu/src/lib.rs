@@ -1,4 +1,5 @@
-//! An emulated CUDA device for the tests, so that every GPU test runs on machines without a GPU.
+//! weir-gpu-emu: an emulated CUDA device for the tests, so that every GPU test runs on machines
+//! without a GPU. A dev-dependency only: nothing of the product builds or loads it.
 //!
 //! `emu/driver.cpp` implements what weir calls of the CUDA driver, cuBLAS and NVRTC on the CPU,
 //! running weir's kernels on the emulator of `emu/emu.cpp` (see the file for what it checks:
@@ -9,11 +10,28 @@
 //! of compute capability 99.0, through cudarc exactly as it would find a real one.
 //!
 //! The dynamic loader reads `LD_LIBRARY_PATH` when a process starts, so a test binary reruns
-//! its own GPU tests in a child process ([`rerun`]). Nothing of this is used outside tests.
+//! its own GPU tests in a child process ([`rerun`]); [`assert_tests_pass`] is what each test
+//! binary with GPU tests calls. The kernel tests also launch kernels on the emulator directly
+//! ([`launcher`]), and the tests of how the host drives a GPU read the device's call counts
+//! ([`counts`]).
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
+
+/// The kernels' CUDA source, which the emulator runs (and the emulated NVRTC accepts: only it).
+const KERNELS: &str = include_str!("../../kernels/src/cuda/weir.cu");
+
+/// FNV-1a, continued from `h` over `bytes`.
+fn fnv(h: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(h, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// The hash `weir_kernels::cuda` names its PTX by (FNV-1a of `weir.cu`): the emulated NVRTC
+/// checks that the source it is handed is the one it was built with.
+fn source_hash() -> u64 {
+    fnv(0xcbf2_9ce4_8422_2325, KERNELS.as_bytes())
+}
 
 /// Set in the child processes [`rerun`] starts (so that they do not start their own).
 pub const MARK: &str = "WEIR_EMULATED_GPU";
@@ -30,13 +48,13 @@ fn build() -> Result<PathBuf, String> {
         return Err("the CUDA emulator switches threads with x86-64 Linux code".into());
     }
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/cuda");
-    let src = here.join("emu/driver.cpp");
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("emu");
+    let src = here.join("driver.cpp");
     // Built once per version of its sources, into a folder named after them.
-    let mut key = super::source_hash();
-    for f in ["emu/driver.cpp", "emu/emu.cpp"] {
-        let text = std::fs::read(here.join(f)).map_err(|e| format!("reading {f}: {e}"))?;
-        key = text.iter().fold(key, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3));
+    let mut key = source_hash();
+    for f in ["driver.cpp", "emu.cpp"] {
+        let text = std::fs::read(here.join(f)).map_err(|e| format!("reading emu/{f}: {e}"))?;
+        key = fnv(key, &text);
     }
     let dir = std::env::temp_dir().join(format!("weir-emulated-cuda-{key:016x}"));
     let lib = dir.join("libweir_emulated_cuda.so");
@@ -48,7 +66,7 @@ fn build() -> Result<PathBuf, String> {
     // Written under a name of this process's, then renamed: another test binary building the
     // same library at the same time never loads half of one.
     let tmp = dir.join(format!("build-{}.so", std::process::id()));
-    let hash = format!("-DWEIR_SOURCE_FNV={:#x}ull", super::source_hash());
+    let hash = format!("-DWEIR_SOURCE_FNV={:#x}ull", source_hash());
     let out = Command::new(&cxx)
         .args(["-std=c++17", "-O2", "-shared", "-fPIC", "-pthread", "-Wall", "-Wno-unknown-pragmas", &hash, "-o"])
         .arg(&tmp)
@@ -193,4 +211,29 @@ pub fn counts() -> Option<Counts> {
             d2h,
         })
     }
+}
+
+/// `weir_emu_launch`: runs one kernel of `weir.cu` on the emulator, on host memory — name, grid
+/// (x, y, z), block (x, y, z), and one pointer per argument, as `cuLaunchKernel` takes them.
+/// Returns 0, or non-zero if there is no such kernel.
+pub type Launch =
+    unsafe extern "C" fn(*const std::ffi::c_char, u32, u32, u32, u32, u32, u32, *mut *mut std::ffi::c_void) -> i32;
+
+/// The emulator's kernel launcher, for tests that run a kernel on host buffers directly (built
+/// on first use; an error says why it could not be). It is loaded under the library's own name,
+/// so it does not become the process's CUDA driver (cudarc looks for `libcuda.so`).
+pub fn launcher() -> Result<Launch, String> {
+    static LAUNCH: OnceLock<Result<(libloading::Library, Launch), String>> = OnceLock::new();
+    let loaded = LAUNCH.get_or_init(|| {
+        let dir = libraries()?;
+        // SAFETY: the library was built from emu/driver.cpp, whose `weir_emu_launch` has the
+        // signature of `Launch`; it stays loaded for the life of the process (the static).
+        unsafe {
+            let lib = libloading::Library::new(dir.join("libweir_emulated_cuda.so"))
+                .map_err(|e| format!("loading the emulator: {e}"))?;
+            let launch = *lib.get::<Launch>(b"weir_emu_launch\0").map_err(|e| format!("weir_emu_launch: {e}"))?;
+            Ok((lib, launch))
+        }
+    });
+    loaded.as_ref().map(|(_, l)| *l).map_err(Clone::clone)
 }
