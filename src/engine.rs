@@ -542,7 +542,6 @@ impl Engine {
             disk_bytes: Default::default(),
             routing: Arc::new(if opts.log_routes { RoutingStats::logging() } else { RoutingStats::default() }),
             expert_cache: Default::default(),
-            expert_reads_due: Default::default(),
             host_meter: Some(meter.clone()),
             bf16_as_f16: opts.bf16_as_f16,
             held_pool: plan.as_ref().filter(|p| p.held_bytes > 0).map(|p| {

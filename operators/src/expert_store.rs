@@ -26,8 +26,9 @@
 //! chosen gets `Absent`.
 //!
 //! A hint, when it comes before the pass's route, names the experts the layer will likely
-//! choose (most predicted first); while no store has a chosen expert still to read (demand
-//! first: the stores of an engine share one NVMe lane and a count of reads due), the store reads
+//! choose (most predicted first); as background work (`Needs::Optional`), which the runtime runs
+//! only when nothing else on the lane can fire (demand first: the stores of an engine share one
+//! NVMe lane, so a store's chosen expert is read before another's prediction), the store reads
 //! the predicted experts it does not hold, one after another, into room it makes by dropping
 //! experts the hint did not name — never waiting for memory, never sending. Reading ahead moves
 //! on a chunk per firing, so a route that comes is taken at once (a message before background
@@ -40,7 +41,7 @@ use crate::loader::{IoMode, Loader, TensorSource};
 use crate::offload::{decide, Active, Choice, Costs};
 use crate::Packet;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use weir_runtime::{Emit, FireCx, Inputs, Needs, OpError, Operator, Pool, ReadyCx, SpanKind, Step, Tensor};
 
@@ -171,8 +172,6 @@ pub struct ExpertStore {
     /// have landed.
     reading: Option<usize>,
     landed: Vec<Tensor>,
-    /// Chosen experts due to be read by every store sharing this one's lane.
-    due: Arc<AtomicUsize>,
     cache: bool,
     stats: Arc<ExpertCacheStats>,
     /// With twins: the costs the choice is made from, and this pass's choice per served expert
@@ -184,8 +183,7 @@ pub struct ExpertStore {
 impl ExpertStore {
     /// A store for `served` (expert ids of `experts`), reading `tensors` (gate, up, down of each
     /// served expert, in order) into `pool`; `prior[j]`: how often expert `served[j]` was chosen
-    /// per token in calibration (0 if unknown); `cache`: keep what it reads; `due`: the count of
-    /// chosen experts still to read, shared by the stores of a lane. It reads with io_uring
+    /// per token in calibration (0 if unknown); `cache`: keep what it reads. It reads with io_uring
     /// (`mode` must be [`IoMode::Uring`]). The expert placement sizes the pool to hold at least
     /// its largest expert.
     #[allow(clippy::too_many_arguments)]
@@ -197,7 +195,6 @@ impl ExpertStore {
         pool: Pool,
         prior: Vec<f64>,
         cache: bool,
-        due: Arc<AtomicUsize>,
         stats: Arc<ExpertCacheStats>,
         twins: Option<Costs>,
     ) -> ExpertStore {
@@ -225,7 +222,6 @@ impl ExpertStore {
             ahead: VecDeque::new(),
             reading: None,
             landed: Vec::new(),
-            due,
             cache,
             stats,
             on_twin: vec![false; served.len()],
@@ -379,7 +375,6 @@ impl ExpertStore {
                     } else {
                         self.pending.push_back(j);
                     }
-                    self.due.fetch_add(1, Relaxed);
                 }
             }
         }
@@ -509,9 +504,9 @@ impl Operator<Packet> for ExpertStore {
     }
     fn ready(&mut self, cx: &ReadyCx) -> bool {
         let Some(&j) = self.pending.front() else {
-            // Reading ahead waits while any store has a chosen expert to read (they share the
-            // lane, which sweeps again when that read is done).
-            return (self.reading.is_none() && self.ahead.is_empty()) || self.due.load(Relaxed) == 0;
+            // Taking a route or a hint, or reading ahead: the runtime runs reading ahead only
+            // when nothing else on the lane can fire.
+            return true;
         };
         if self.reading == Some(j) {
             return true; // its memory is taken
@@ -545,7 +540,6 @@ impl Operator<Packet> for ExpertStore {
         }
         let w = self.finish_reading()?;
         self.pending.pop_front();
-        self.due.fetch_sub(1, Relaxed);
         self.stats.misses.fetch_add(1, Relaxed);
         self.send(j, &w, out);
         if self.cache {
@@ -565,17 +559,13 @@ mod tests {
     const N: usize = 1024; // floats per tensor: one 4 KiB block
 
     /// A store over four experts written to a real file (tensor `i` of expert `e` holds
-    /// `10e + i`), with room for two; `due` shared as the engine shares it.
-    fn store(name: &str, due: Arc<AtomicUsize>) -> (ExpertStore, Arc<ExpertCacheStats>, std::path::PathBuf) {
-        store_with(name, due, None)
+    /// `10e + i`), with room for two.
+    fn store(name: &str) -> (ExpertStore, Arc<ExpertCacheStats>, std::path::PathBuf) {
+        store_with(name, None)
     }
 
     /// [`store`], with twins choosing from `twins`.
-    fn store_with(
-        name: &str,
-        due: Arc<AtomicUsize>,
-        twins: Option<Costs>,
-    ) -> (ExpertStore, Arc<ExpertCacheStats>, std::path::PathBuf) {
+    fn store_with(name: &str, twins: Option<Costs>) -> (ExpertStore, Arc<ExpertCacheStats>, std::path::PathBuf) {
         let dir = std::env::temp_dir().join(format!("weir-expert-store-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("experts.bin");
@@ -596,8 +586,7 @@ mod tests {
         let stats = Arc::new(ExpertCacheStats::default());
         let mode = IoMode::Uring { depth: 2, chunk: 4096, ahead: false };
         let pool = Pool::new("experts", Tier::Host, 2 * 3 * 4 * N);
-        let s =
-            ExpertStore::new(vec![0, 1, 2, 3], 4, tensors, mode, pool, vec![0.0; 4], true, due, stats.clone(), twins);
+        let s = ExpertStore::new(vec![0, 1, 2, 3], 4, tensors, mode, pool, vec![0.0; 4], true, stats.clone(), twins);
         (s, stats, dir)
     }
 
@@ -658,8 +647,7 @@ mod tests {
         // stay.
         for (twin_s, want) in [(1.0, vec![(0, 0), (2, 1)]), (100.0, vec![(0, 0), (2, 0)])] {
             let costs = Costs { lanes: vec![lane(1.0), lane(twin_s)], links: vec![] };
-            let (mut s, stats, dir) =
-                store_with(&format!("twins-{twin_s}"), Arc::new(AtomicUsize::new(0)), Some(costs));
+            let (mut s, stats, dir) = store_with(&format!("twins-{twin_s}"), Some(costs));
             let out = fire_some(&mut s, vec![Some(route([0, 2])), None], 24).unwrap();
             for e in [1, 3] {
                 assert!((0..6).all(|i| matches!(out[6 * e + i], Some(Packet::Absent))), "expert {e} not chosen");
@@ -693,18 +681,13 @@ mod tests {
 
     #[test]
     fn a_hint_reads_the_named_experts_ahead_and_their_route_finds_them() {
-        let due = Arc::new(AtomicUsize::new(0));
-        let (mut s, stats, dir) = store("ahead", due.clone());
+        let (mut s, stats, dir) = store("ahead");
         let lane = LaneWaker::detached();
         assert_eq!(s.needs(), Needs::Any);
         // The hint names 3 and 1: nothing is sent, both are queued to read ahead.
         let out = fire_some(&mut s, vec![None, Some(route([3, 1]))], 12).unwrap();
         assert!(out.iter().all(Option::is_none));
         assert_eq!(s.needs(), Needs::Optional);
-        // Another store's chosen expert is due: reading ahead waits.
-        due.store(1, Relaxed);
-        assert!(!s.ready(&ReadyCx { lane: &lane }));
-        due.store(0, Relaxed);
         assert!(s.ready(&ReadyCx { lane: &lane }));
         read_ahead_all(&mut s);
         assert_eq!(cached(&s), vec![1, 3]);
@@ -715,11 +698,11 @@ mod tests {
         let out = fire_some(&mut s, vec![Some(route([1, 2])), None], 12).unwrap();
         assert_eq!(sent(&out), vec![1]);
         assert!(matches!(out[0], Some(Packet::Absent)) && matches!(out[9], Some(Packet::Absent)));
-        assert_eq!((s.needs(), due.load(Relaxed)), (Needs::Nothing, 1));
+        assert_eq!(s.needs(), Needs::Nothing);
         assert!(s.ready(&ReadyCx { lane: &lane }), "room made by dropping 3");
         let out = fire_some(&mut s, vec![None, None], 12).unwrap();
         assert_eq!(sent(&out), vec![2]);
-        assert_eq!(due.load(Relaxed), 0);
+        assert_ne!(s.needs(), Needs::Nothing, "nothing left to read on demand");
         assert_eq!(cached(&s), vec![1, 2]);
         let c = stats.snapshot();
         assert_eq!((c.hits, c.prefetch_hits, c.misses, c.evictions), (1, 1, 1, 1));
@@ -731,7 +714,7 @@ mod tests {
 
     #[test]
     fn a_route_finishes_the_expert_being_read_ahead_if_chosen_and_gives_it_up_if_not() {
-        let (mut s, stats, dir) = store("cancel", Arc::new(AtomicUsize::new(0)));
+        let (mut s, stats, dir) = store("cancel");
         let lane = LaneWaker::detached();
         // Pass 1: the hint names 0 and 2; 0's reads start, then the route (0 and 1) comes.
         fire_some(&mut s, vec![None, Some(route([0, 2]))], 12).unwrap();
@@ -764,7 +747,7 @@ mod tests {
 
     #[test]
     fn reading_ahead_drops_only_unnamed_experts_and_a_hint_after_its_route_is_stale() {
-        let (mut s, stats, dir) = store("stale", Arc::new(AtomicUsize::new(0)));
+        let (mut s, stats, dir) = store("stale");
         let lane = LaneWaker::detached();
         let fire = |s: &mut ExpertStore, route_in: Option<Packet>, hint: Option<Packet>| {
             fire_some(s, vec![route_in, hint], 12).unwrap()

@@ -93,8 +93,6 @@ pub struct OpEnv {
     pub routing: std::sync::Arc<router::RoutingStats>,
     /// Where expert stores count hits, misses and bytes.
     pub expert_cache: std::sync::Arc<expert_store::ExpertCacheStats>,
-    /// Chosen experts the expert stores have still to read (none reads ahead meanwhile).
-    pub expert_reads_due: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// The host tier's meter, which expert stores' pools count into as well.
     pub host_meter: Option<weir_runtime::TierMeter>,
     /// Loaders hold resident bf16 matrices as f16 (`Loader::hold_bf16_as_f16`).
@@ -113,7 +111,6 @@ impl Default for OpEnv {
             disk_bytes: Default::default(),
             routing: Default::default(),
             expert_cache: Default::default(),
-            expert_reads_due: Default::default(),
             host_meter: None,
             bf16_as_f16: false,
             held_pool: None,
@@ -700,7 +697,6 @@ impl OpConfig {
                     pool,
                     prior,
                     cache,
-                    env.expert_reads_due.clone(),
                     env.expert_cache.clone(),
                     twins,
                 );

@@ -131,7 +131,9 @@ pub enum Needs {
     /// one piece per firing) and leaves new messages waiting.
     Nothing,
     /// Whatever has come, even nothing: the firing does background work (a prefetch) when no
-    /// message is there and takes a message first when one is.
+    /// message is there and takes a message first when one is. Background work yields to its
+    /// lane: a firing with no message runs only in a sweep where no other actor of the lane
+    /// could fire (so reading ahead never delays a read somebody is waiting for on that lane).
     Optional,
 }
 
@@ -199,7 +201,9 @@ pub(crate) enum Fired {
 }
 
 impl<M: crate::Message> Actor<M> {
-    fn ready(&mut self, lane: &crate::pool::LaneWaker) -> bool {
+    /// Whether the actor can fire now; a firing that would be background work (see
+    /// [`Needs::Optional`]) only when `background` allows it.
+    fn ready(&mut self, lane: &crate::pool::LaneWaker, background: bool) -> bool {
         let needs = self.op.needs();
         let mut any = false;
         for (port, slot) in self.inputs.iter().zip(&self.slots) {
@@ -219,6 +223,9 @@ impl<M: crate::Message> Actor<M> {
         if needs == Needs::Any && has_plain && !any {
             return false;
         }
+        if needs == Needs::Optional && !any && !background {
+            return false;
+        }
         let room = match self.op.next_outputs() {
             Some(ports) => self.outputs.get(ports).is_none_or(|p| p.iter().flatten().all(|tx| tx.has_room())),
             None => self.outputs.iter().flatten().all(|tx| tx.has_room()),
@@ -226,14 +233,15 @@ impl<M: crate::Message> Actor<M> {
         room && self.op.ready(&ReadyCx { lane })
     }
 
-    /// Fires once if ready.
+    /// Fires once if ready; background work (see [`Needs::Optional`]) only if `background`.
     pub(crate) fn try_fire(
         &mut self,
         par: &dyn Parallel,
         gpu: Option<&crate::gpu::GpuLane>,
         lane: &crate::pool::LaneWaker,
+        background: bool,
     ) -> Result<Fired, OpError> {
-        if self.finished || !self.ready(lane) {
+        if self.finished || !self.ready(lane, background) {
             return Ok(Fired::No);
         }
         let needs = self.op.needs();

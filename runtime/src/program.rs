@@ -450,6 +450,9 @@ fn lane_main<M: Message>(
     };
     let trace = sh.trace.clone();
     let waker = crate::pool::LaneWaker(sh.wakers[index].clone());
+    // Background work (`Needs::Optional` with no message) runs only in a sweep that follows
+    // one where nothing could fire.
+    let mut background = false;
     loop {
         if sh.stop.load(Ordering::Acquire) {
             break;
@@ -457,7 +460,7 @@ fn lane_main<M: Message>(
         let mut progressed = false;
         for a in actors.iter_mut() {
             let t0 = trace.as_ref().map(|t| t.now_ns());
-            match catch_unwind(AssertUnwindSafe(|| a.try_fire(par, gpu.as_ref(), &waker))) {
+            match catch_unwind(AssertUnwindSafe(|| a.try_fire(par, gpu.as_ref(), &waker, background))) {
                 Ok(Ok(Fired::No)) => {}
                 Ok(Ok(Fired::Yes { bytes })) => {
                     progressed = true;
@@ -504,7 +507,12 @@ fn lane_main<M: Message>(
         if actors.is_empty() {
             break;
         }
-        if !progressed {
+        if progressed {
+            background = false;
+        } else if !background {
+            background = true; // an idle sweep: background work may go next
+        } else {
+            background = false;
             std::thread::park();
         }
     }
@@ -773,6 +781,62 @@ mod tests {
         assert_eq!(rx.recv(), Some(N(101)));
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert_eq!(rx.inner.recv_now(), None, "fired with neither work nor input");
+        p.shutdown().unwrap();
+    }
+
+    /// Passes each message on, recording its value in `log` as it fires.
+    struct Logged(Arc<std::sync::Mutex<Vec<i64>>>, i64);
+    impl Operator<N> for Logged {
+        fn fire(&mut self, ins: &mut Inputs<N>, out: &mut Emit<N>, _: &FireCx) -> Result<Step, OpError> {
+            let n = ins.take(0).0;
+            self.0.lock().unwrap().push(self.1 + n);
+            out.send(0, N(n));
+            Ok(Step::Continue)
+        }
+    }
+
+    /// [`Background`] that records each piece of background work in `log` (as -1).
+    struct LoggedBackground(Arc<std::sync::Mutex<Vec<i64>>>, i64);
+    impl Operator<N> for LoggedBackground {
+        fn needs(&self) -> crate::actor::Needs {
+            if self.1 > 0 {
+                crate::actor::Needs::Optional
+            } else {
+                crate::actor::Needs::Any
+            }
+        }
+        fn fire(&mut self, ins: &mut Inputs<N>, out: &mut Emit<N>, _: &FireCx) -> Result<Step, OpError> {
+            if ins.try_get(0).is_none() {
+                self.1 -= 1;
+                self.0.lock().unwrap().push(-1);
+                out.send(0, N(-1));
+            }
+            Ok(Step::Continue)
+        }
+    }
+
+    #[test]
+    fn background_work_yields_to_actors_with_messages_on_its_lane() {
+        // One lane: `fg` forwards messages (work somebody waits for), `bg` has background work.
+        // While `fg` has messages, `bg` does none; it works only when the lane would idle.
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut b = ProgramBuilder::<N>::new();
+        let l = b.lane(LaneSpec::io("shared", None));
+        let fg = b.actor("fg", l, None, Box::new(Logged(log.clone(), 0)), 1, 1);
+        let bg = b.actor("bg", l, None, Box::new(LoggedBackground(log.clone(), 3)), 1, 1);
+        let tx = b.input(fg, 0, 8);
+        let _bg_in = b.input(bg, 0, 1);
+        let rx = b.output(fg, 0, 8);
+        let bg_out = b.output(bg, 0, 8);
+        for i in 1..=5 {
+            tx.send(N(i)).unwrap();
+        }
+        let p = b.build().unwrap();
+        let got: Vec<i64> = (0..5).map(|_| rx.recv().unwrap().0).collect();
+        let bg_got: Vec<i64> = (0..3).map(|_| bg_out.recv().unwrap().0).collect();
+        assert_eq!((got, bg_got), ((1..=5).collect(), vec![-1; 3]));
+        // Every forwarded message before any background work: the queue was full from the start.
+        assert_eq!(*log.lock().unwrap(), vec![1, 2, 3, 4, 5, -1, -1, -1]);
         p.shutdown().unwrap();
     }
 
