@@ -67,6 +67,17 @@ pub enum FinishReason {
     ContextFull,
 }
 
+impl FinishReason {
+    /// The name other tools use (OpenAI's `finish_reason`): `stop` for an EOS token, `length`
+    /// for the token limit or the end of the context.
+    pub fn name(self) -> &'static str {
+        match self {
+            FinishReason::Eos => "stop",
+            FinishReason::MaxTokens | FinishReason::ContextFull => "length",
+        }
+    }
+}
+
 /// What a request produces, as it is produced.
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -665,17 +676,22 @@ impl Engine {
                 t.events.push(weir_runtime::Event::PoolPeak {
                     pool: p.name().to_string(),
                     tier: format!("{:?}", p.tier()),
-                    budget: p.budget() as u64,
+                    budget: (p.budget() != usize::MAX).then_some(p.budget() as u64),
                     peak: p.high_water() as u64,
                 });
             }
             for p in gpu {
-                t.events.push(weir_runtime::Event::PoolPeak { pool: p.0, tier: "Gpu".into(), budget: p.2, peak: p.1 });
+                t.events.push(weir_runtime::Event::PoolPeak {
+                    pool: p.0,
+                    tier: "Gpu".into(),
+                    budget: Some(p.2),
+                    peak: p.1,
+                });
             }
             t.events.push(weir_runtime::Event::PoolPeak {
                 pool: "all".into(),
                 tier: "Host".into(),
-                budget: self.budget.unwrap_or(u64::MAX),
+                budget: self.budget,
                 peak: self.meter.high_water() as u64,
             });
         }

@@ -37,9 +37,10 @@ pub enum Error {
     /// GPU lane, an edge between two GPUs).
     #[error("placement: {0}")]
     Placement(String),
-    /// A file could not be written.
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// A file could not be written. (Each error's message is whole: none of them repeats its
+    /// cause through `source()`, so a printed chain says each cause once.)
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
 }
 
 /// Shorthand.

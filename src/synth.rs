@@ -186,7 +186,7 @@ pub fn config_json(shape: &Shape, dtype: DType, seed: u64) -> serde_json::Value 
 pub fn write_model(dir: &Path, shape: &Shape, dtype: DType, seed: u64) -> Result<()> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
-        move |source| Error::Io { path, source }
+        move |error| Error::Io { path, error }
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let config = config_json(shape, dtype, seed);

@@ -54,6 +54,8 @@ fn run_json_gives_the_golden_tokens_text_and_speeds() {
     assert_eq!(v["text"], p["greedy"]["new_text"]);
     assert!(v["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(v["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    // All 24 tokens, no EOS: stopped by the limit, named as other tools name it.
+    assert_eq!((v["generated_ids"].as_array().unwrap().len(), &v["finish_reason"]), (24, &serde_json::json!("length")));
     // The same through --prompt-ids.
     let ids_arg = ids(&p["input_ids"]).iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
     let v2 = ok_json(&[
@@ -154,16 +156,17 @@ fn stops_at_eos() {
     edit_json(&dir.join("generation_config.json"), |c| c["eos_token_id"] = serde_json::json!([2, 146]));
     let v = ok_json(&["run", "--model", s(&dir), "--prompt", "The man", "--max-new-tokens", "24", "--json"]);
     assert_eq!(v["generated_ids"], serde_json::json!([81, 319, 51, 146]));
-    assert_eq!(v["finish_reason"], "eos");
+    assert_eq!(v["finish_reason"], "stop");
     std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
 fn bad_input_gets_a_clear_error_and_no_panic() {
     let good = fixture("tiny-llama");
-    // Missing config.json.
+    // Missing config.json: the OS's reason said once.
     let d = tmpdir("noconfig");
-    fails(&["run", "--model", s(&d), "--prompt", "x"], &["config.json"]);
+    let err = fails(&["run", "--model", s(&d), "--prompt", "x"], &["config.json", "No such file or directory"]);
+    assert_eq!(err.matches("No such file or directory").count(), 1, "each cause once:\n{err}");
     // A folder that does not exist.
     fails(
         &["run", "--model", "/nonexistent/weir-model", "--prompt", "x"],

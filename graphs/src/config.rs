@@ -152,8 +152,8 @@ impl Reader<'_> {
 }
 
 pub(crate) fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-    serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })
+    let text = std::fs::read_to_string(path).map_err(|error| Error::Io { path: path.to_path_buf(), error })?;
+    serde_json::from_str(&text).map_err(|error| Error::Json { path: path.to_path_buf(), error })
 }
 
 impl ModelConfig {

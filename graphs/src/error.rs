@@ -3,15 +3,17 @@
 use std::path::PathBuf;
 use thiserror::Error;
 
-/// What is wrong with a model folder, its weights, or a graph built from them.
+/// What is wrong with a model folder, its weights, or a graph built from them. Each message is
+/// whole, its cause included: none is repeated through `source()`, so a printed chain says
+/// each cause once.
 #[derive(Debug, Error)]
 pub enum Error {
     /// A file could not be read.
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     /// A JSON file is malformed.
-    #[error("{path}: invalid JSON: {source}")]
-    Json { path: PathBuf, source: serde_json::Error },
+    #[error("{path}: invalid JSON: {error}")]
+    Json { path: PathBuf, error: serde_json::Error },
     /// A config key is missing or has the wrong type or value.
     #[error("{path}: {key}: {problem}")]
     Config { path: PathBuf, key: String, problem: String },

@@ -61,7 +61,7 @@ impl WeightIndex {
         } else {
             return Err(Error::Io {
                 path: single,
-                source: std::io::Error::new(
+                error: std::io::Error::new(
                     std::io::ErrorKind::NotFound,
                     "no model.safetensors or model.safetensors.index.json in the model folder",
                 ),
@@ -89,7 +89,7 @@ fn parse_dtype(s: &str) -> Option<DType> {
 /// matches its shape and dtype, and tensors do not overlap.
 pub fn read_header(path: &Path) -> Result<BTreeMap<String, TensorSource>> {
     let bad = |problem: String| Error::Safetensors { path: path.to_path_buf(), problem };
-    let io = |source| Error::Io { path: path.to_path_buf(), source };
+    let io = |error| Error::Io { path: path.to_path_buf(), error };
     let mut f = std::fs::File::open(path).map_err(io)?;
     let file_len = f.metadata().map_err(io)?.len();
     let mut len8 = [0u8; 8];

@@ -14,7 +14,8 @@ impl OpError {
     }
 }
 
-/// Errors from building or running a program.
+/// Errors from building or running a program. Each message is whole, its cause included (none
+/// is repeated through `source()`).
 #[derive(Debug, Error, Clone)]
 pub enum Error {
     /// The graph handed to the builder is inconsistent.
@@ -27,8 +28,8 @@ pub enum Error {
     #[error("device {device} unavailable: {reason}")]
     DeviceUnavailable { device: String, reason: String },
     /// An actor failed; every lane stopped.
-    #[error("actor `{actor}` on lane `{lane}` failed: {source}")]
-    Actor { actor: String, lane: String, source: OpError },
+    #[error("actor `{actor}` on lane `{lane}` failed: {error}")]
+    Actor { actor: String, lane: String, error: OpError },
     /// An actor panicked (a bug in weir); every lane stopped.
     #[error("actor `{actor}` on lane `{lane}` panicked: {message}")]
     Panic { actor: String, lane: String, message: String },

@@ -472,7 +472,7 @@ fn lane_main<M: Message>(
                             sh.fail(Error::Actor {
                                 actor: a.name.clone(),
                                 lane: spec.name.clone(),
-                                source: crate::OpError::new(format!("CUDA: {e}")),
+                                error: crate::OpError::new(format!("CUDA: {e}")),
                             });
                             return;
                         }
@@ -490,7 +490,7 @@ fn lane_main<M: Message>(
                     }
                 }
                 Ok(Err(e)) => {
-                    sh.fail(Error::Actor { actor: a.name.clone(), lane: spec.name.clone(), source: e });
+                    sh.fail(Error::Actor { actor: a.name.clone(), lane: spec.name.clone(), error: e });
                     return;
                 }
                 Err(p) => {
@@ -881,9 +881,9 @@ mod tests {
         }
         assert!(refused);
         match p.shutdown() {
-            Err(Error::Actor { actor, lane, source }) => {
+            Err(Error::Actor { actor, lane, error }) => {
                 assert_eq!((actor.as_str(), lane.as_str()), ("add", "a"));
-                assert!(source.0.contains("negative input -5"));
+                assert!(error.0.contains("negative input -5"));
             }
             other => panic!("expected an actor error, got {other:?}"),
         }

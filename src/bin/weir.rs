@@ -497,16 +497,16 @@ fn run(a: RunArgs) -> Result<()> {
         let v = serde_json::json!({
             "prompt_ids": prompt, "generated_ids": ids, "text": text,
             "prefill_tokens_per_s": stats.prefill_tokens_per_s(), "decode_tokens_per_s": stats.decode_tokens_per_s(),
-            "finish_reason": format!("{:?}", stats.finish).to_lowercase(),
+            "finish_reason": stats.finish.name(),
         });
         writeln!(stdout, "{v}")?;
     } else {
         writeln!(stdout)?;
         eprintln!(
-            "{} prompt tokens, {} generated ({:?}); prefill {:.1} tokens/s, decode {:.2} tokens/s",
+            "{} prompt tokens, {} generated (finish: {}); prefill {:.1} tokens/s, decode {:.2} tokens/s",
             prompt.len(),
             ids.len(),
-            stats.finish,
+            stats.finish.name(),
             stats.prefill_tokens_per_s(),
             stats.decode_tokens_per_s()
         );

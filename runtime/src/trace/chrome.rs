@@ -148,7 +148,12 @@ impl Trace {
             events.push(Event::PoolPeak {
                 pool: str_of(&p["name"], &what)?,
                 tier: str_of(&p["tier"], &what)?,
-                budget: p["budget"].as_u64().ok_or_else(|| format!("{what}: budget is not a number"))?,
+                // `null`: unbudgeted (so are the largest numbers, as traces before it wrote them).
+                budget: match &p["budget"] {
+                    Value::Null => None,
+                    b => Some(b.as_u64().ok_or_else(|| format!("{what}: budget is not a number or null"))?)
+                        .filter(|&b| b < usize::MAX as u64),
+                },
                 peak: p["peak"].as_u64().ok_or_else(|| format!("{what}: peak is not a number"))?,
             });
         }

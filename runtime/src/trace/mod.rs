@@ -52,8 +52,8 @@ pub enum Event {
     Span { lane: u32, actor: u32, kind: SpanKind, start_ns: u64, dur_ns: u64, bytes: u64 },
     /// An edge holds `level` messages from `t_ns` on.
     ChannelLevel { edge: u32, t_ns: u64, level: u32 },
-    /// A memory pool's budget and the most bytes it held at once.
-    PoolPeak { pool: String, tier: String, budget: u64, peak: u64 },
+    /// A memory pool's budget (`None`: unbudgeted) and the most bytes it held at once.
+    PoolPeak { pool: String, tier: String, budget: Option<u64>, peak: u64 },
 }
 
 /// Where a program's events collect. Recording is off unless the builder turned it on.

@@ -70,8 +70,8 @@ pub struct Summary {
     pub overlaps: Vec<Overlap>,
     pub links: Vec<LinkStat>,
     pub channels: Vec<ChannelStat>,
-    /// Per memory pool: (name, tier, budget, peak bytes).
-    pub pools: Vec<(String, String, u64, u64)>,
+    /// Per memory pool: (name, tier, budget — `None` if unbudgeted —, peak bytes).
+    pub pools: Vec<(String, String, Option<u64>, u64)>,
 }
 
 /// Sorted, merged intervals.
@@ -293,6 +293,7 @@ impl Summary {
         if !self.pools.is_empty() {
             let _ = writeln!(s, "\nmemory pools                        peak bytes       budget");
             for (name, tier, budget, peak) in &self.pools {
+                let budget = budget.map_or("unbudgeted".to_string(), |b| b.to_string());
                 let _ = writeln!(s, "  {:<30} {:>14} {:>12}", format!("{name} ({tier})"), peak, budget);
             }
         }
@@ -339,7 +340,8 @@ mod tests {
         // The edge: empty 0..10, 1 message 10..50, full (2) 50..100.
         ev.push(Event::ChannelLevel { edge: 0, t_ns: 10, level: 1 });
         ev.push(Event::ChannelLevel { edge: 0, t_ns: 50, level: 2 });
-        ev.push(Event::PoolPeak { pool: "host".into(), tier: "Host".into(), budget: 1000, peak: 900 });
+        ev.push(Event::PoolPeak { pool: "host".into(), tier: "Host".into(), budget: Some(1000), peak: 900 });
+        ev.push(Event::PoolPeak { pool: "kv".into(), tier: "Host".into(), budget: None, peak: 300 });
         Trace { events: ev }
     }
 
@@ -359,8 +361,11 @@ mod tests {
         assert_eq!(s.ops[0].kind, "load");
         let text = s.to_text();
         assert!(text.contains("compute (cpu[0])") && text.contains("load[0] -> mm[1]"), "{text}");
-        assert_eq!(s.pools, vec![("host".to_string(), "Host".to_string(), 1000, 900)]);
+        assert_eq!(s.pools[0], ("host".to_string(), "Host".to_string(), Some(1000), 900));
         assert!(text.contains("host (Host)") && text.contains("900"), "{text}");
+        // An unbudgeted pool says so, not the largest number there is.
+        let kv = text.lines().find(|l| l.contains("kv (Host)")).expect("the kv pool's line");
+        assert!(kv.ends_with("unbudgeted") && !text.contains(&u64::MAX.to_string()), "{text}");
     }
 
     #[test]
@@ -388,6 +393,10 @@ mod tests {
         let back = Trace::from_chrome_json(&t.to_chrome_json()).unwrap();
         assert_eq!(Summary::of(&back).to_text(), Summary::of(&t).to_text());
         assert!(Trace::from_chrome_json("{}").unwrap_err().contains("not a weir trace"));
+        // A trace written before `null` meant unbudgeted gave the largest number instead.
+        let old = t.to_chrome_json().replace("\"budget\":null", &format!("\"budget\":{}", u64::MAX));
+        assert_ne!(old, t.to_chrome_json());
+        assert_eq!(Summary::of(&Trace::from_chrome_json(&old).unwrap()).to_text(), Summary::of(&t).to_text());
         assert!(Trace::from_chrome_json("[1,").unwrap_err().contains("not JSON"));
     }
 }
