@@ -3,9 +3,9 @@
 //! step with every weight resident — so that a streamed run reports how close it comes to the
 //! larger of its I/O and compute bounds (overlap efficiency).
 
-use crate::engine::{Engine, EngineOptions, Request};
 use crate::error::{Error, Result};
 use crate::model::Model;
+use crate::{Engine, EngineOptions, Request};
 use std::collections::BTreeMap;
 use std::time::Instant;
 use weir_operators::Sampling;
@@ -98,6 +98,92 @@ pub struct BenchReport {
     pub page_cache: String,
 }
 
+impl BenchReport {
+    /// The report as text, a line per measure, for the model at `model`.
+    pub fn to_text(&self, model: &std::path::Path) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(s, "model            {}", model.display());
+        let _ = writeln!(
+            s,
+            "batch {} × prompt {} + gen {}, {} threads, {} kernels{}",
+            self.batch,
+            self.prompt_len,
+            self.gen_len,
+            self.threads,
+            self.cpu_isa,
+            if self.bf16_as_f16 { ", bf16 held as f16" } else { "" }
+        );
+        let _ = writeln!(
+            s,
+            "prefill          {:.1} tokens/s ({:.3} TFLOP/s)",
+            self.prefill_tokens_per_s,
+            self.prefill_flops_per_s / 1e12
+        );
+        let _ = writeln!(
+            s,
+            "decode           {:.2} tokens/s ({:.3} TFLOP/s)",
+            self.decode_tokens_per_s,
+            self.decode_flops_per_s / 1e12
+        );
+        let _ = writeln!(s, "total            {:.2} tokens/s", self.total_tokens_per_s);
+        let _ = writeln!(
+            s,
+            "memory read      {:.1} GB/s (measured now, {} threads)",
+            self.memory_read_gb_per_s, self.threads
+        );
+        let _ = writeln!(s, "weights / step   {:.3} GB", self.weight_bytes_per_token as f64 / 1e9);
+        let _ = writeln!(
+            s,
+            "bandwidth bound  {:.2} steps/s; achieved {:.0}% of it",
+            self.bandwidth_bound_steps_per_s,
+            100.0 * self.fraction_of_bandwidth_bound
+        );
+        let _ = writeln!(
+            s,
+            "disk             {:.2} GB/s probed (O_DIRECT); {} bytes read, {:.2} GB/s during the run (page cache {})",
+            self.disk_probe_gb_per_s, self.disk_bytes_read, self.disk_gb_per_s, self.page_cache
+        );
+        if let Some(hit) = self.expert_cache_hit_rate {
+            let predicted = match self.expert_prediction_hit_rate {
+                Some(p) => format!(
+                    "prediction hit rate {p:.2} ({} read ahead, {} then chosen)",
+                    self.expert_prefetches, self.expert_prefetch_hits
+                ),
+                None => "no prediction".into(),
+            };
+            let _ = writeln!(
+                s,
+                "experts          cache hit rate {hit:.2}; {predicted}; {:.3} GB read per token",
+                self.expert_bytes_per_token / 1e9
+            );
+            if self.experts_on_own_lane + self.experts_on_twin > 0 {
+                let _ = writeln!(
+                    s,
+                    "expert twins     {} chosen cold experts on their own lane, {} on the twins'",
+                    self.experts_on_own_lane, self.experts_on_twin
+                );
+            }
+        }
+        let peaks: Vec<String> =
+            self.peak_bytes.iter().map(|(k, v)| format!("{k} {:.3} GB", *v as f64 / 1e9)).collect();
+        let pools: Vec<String> =
+            self.peak_bytes_by_pool.iter().map(|(k, v)| format!("{k} {:.3}", *v as f64 / 1e9)).collect();
+        let _ = writeln!(s, "peak memory      {} (pools: {})", peaks.join(", "), pools.join(", "));
+        let _ = writeln!(
+            s,
+            "per decode step  streamed {:.3} GB; compute {:.4} s (resident); bound {:.4} s; actual {:.4} s; \
+             overlap efficiency {:.2}",
+            self.streamed_bytes_per_step as f64 / 1e9,
+            self.compute_s_per_step,
+            self.bound_s_per_step,
+            self.actual_s_per_step,
+            self.overlap_efficiency
+        );
+        s
+    }
+}
+
 /// Reads a buffer of `bytes` with the cores of a lane of `threads` cores, in each of the
 /// patterns of [`weir_kernels::probe`], and returns the best of a few rounds, in GB/s.
 pub fn read_bandwidth(threads: usize, bytes: usize) -> Result<f64> {
@@ -130,11 +216,7 @@ fn generate(model: &Model, o: &BenchOptions, budget: u64, prefetch: Option<usize
             memory_budget: Some(budget),
             prefetch,
             max_batch: o.batch.max(1),
-            kv_tokens: Some(
-                o.engine
-                    .kv_tokens
-                    .unwrap_or(o.batch * crate::engine::kv_tokens_needed(o.prompt_len, o.gen_len, max_positions)),
-            ),
+            kv_tokens_default: Some(o.batch * crate::kv_tokens_needed(o.prompt_len, o.gen_len, max_positions)),
             trace,
             ..o.engine.clone()
         },

@@ -1,34 +1,14 @@
 //! What one expert costs on each lane, measured at start-up for the twin decision
-//! (`weir_graphs::experts::Twins`, Fiddler's choice between computing an expert where its
+//! (`weir_graphs::place::experts::Twins`, Fiddler's choice between computing an expert where its
 //! weights are and moving them): the real kernels, on the lane's own cores or device, over
 //! random weights of the model's expert shape and type — at 1 and 8 tokens, best of three runs
 //! each, so that the cost is `fixed + per_token × tokens`. For a GPU lane, also the time to move
 //! one expert's weights to it from host memory.
 
-use crate::{Error, Result};
 use std::time::Instant;
-use weir_graphs::experts::{expert_shape, LaneTiming, Twins};
-use weir_graphs::Graph;
+use weir_graphs::place::experts::LaneTiming;
 use weir_kernels::WeightView;
 use weir_runtime::{DType, LaneKind, LaneSpec};
-
-/// Times one expert on every lane `t` needs (the experts' own lanes and the twins') that it has
-/// no timing for. A twin lane that does not exist or computes nothing is left for the
-/// placement to refuse, naming it.
-pub fn fill(g: &Graph, t: &mut Twins) -> Result<()> {
-    let Some((hidden, intermediate, dtype, mut lanes)) = expert_shape(g) else { return Ok(()) };
-    lanes.extend(g.lanes.iter().position(|l| l.name == t.lane));
-    for l in lanes {
-        let lane = &g.lanes[l];
-        let computes = matches!(lane.kind, LaneKind::Cpu { .. } | LaneKind::GpuStream { .. });
-        if computes && !t.timings.contains_key(&lane.name) {
-            let timing = expert_timing(lane, hidden, intermediate, dtype)
-                .map_err(|e| Error::Request(format!("timing an expert on lane `{}`: {e}", lane.name)))?;
-            t.timings.insert(lane.name.clone(), timing);
-        }
-    }
-    Ok(())
-}
 
 /// The most tokens an expert is timed over (and the fewest: one).
 const MOST: usize = 8;

@@ -6,9 +6,10 @@ use thiserror::Error;
 /// Anything that can go wrong opening a model, building an engine or running a request.
 #[derive(Debug, Error)]
 pub enum Error {
-    /// The model folder, its config or its weights are wrong.
+    /// The model folder, its config or its weights are wrong, or the placement asks for
+    /// something impossible.
     #[error(transparent)]
-    Model(#[from] weir_graphs::Error),
+    Model(weir_graphs::Error),
     /// The runtime failed: an actor failed, a lane could not be placed.
     #[error(transparent)]
     Runtime(#[from] weir_runtime::Error),
@@ -41,6 +42,15 @@ pub enum Error {
     /// cause through `source()`, so a printed chain says each cause once.)
     #[error("{path}: {error}")]
     Io { path: PathBuf, error: std::io::Error },
+}
+
+impl From<weir_graphs::Error> for Error {
+    fn from(e: weir_graphs::Error) -> Error {
+        match e {
+            weir_graphs::Error::Graph(r) => Error::Graph(r),
+            e => Error::Model(e),
+        }
+    }
 }
 
 /// Shorthand.

@@ -1,15 +1,19 @@
 //! weir: runs large language models on every device of one machine at once.
 //!
-//! The model is compiled into a dataflow graph of operator actors pinned to lanes (CPU core
-//! sets today; GPU streams and NVMe readers slot in as lane kinds), every edge a bounded
-//! channel, weights delivered to operators as messages by loader actors. This crate is the
-//! library face of that engine; the `weir` binary is a thin CLI over it.
+//! The model is compiled into a dataflow graph of operator actors pinned to lanes (CPU cores,
+//! I/O threads, io_uring NVMe readers, CUDA streams), every edge a bounded channel, weights
+//! delivered to operators as messages by loader actors. This crate is the library face of that
+//! engine; the `weir` binary is a thin CLI over it.
 //!
-//! * [`Model`] — open and check a Hugging Face folder (config, safetensors, tokenizer).
-//! * [`Engine`] — compile a model onto this machine and run requests, batching them.
+//! * [`Model`] — open and check a Hugging Face folder (config, safetensors, tokenizer), and
+//!   place it on this machine (`weir_graphs::place`, asking [`machine`] about it).
+//! * [`Engine`] — a placed model running, and the [`scheduler`] batching requests into passes;
+//!   [`EngineOptions`] (in [`options`]) say how to place and run it; [`Request`] and its
+//!   [`Event`]s (in [`request`]) what a caller submits and gets back.
+//! * [`compile`] — a placed graph → a running program.
 //! * [`synth`] — write a random-weight model of a named shape.
 //! * [`bench`] — the end-to-end benchmark and the memory-bandwidth probe behind `weir bench`.
-//! * [`costs`] — an expert's cost on each lane, measured at start-up for twin experts.
+//! * [`costs`] — an expert's cost on a lane, measured for twin experts.
 //!
 //! ```
 //! use weir::{Engine, EngineOptions, Event, Model, Request};
@@ -41,35 +45,22 @@ pub mod costs;
 pub mod engine;
 pub mod error;
 pub mod expert_stats;
+pub mod graph_check;
+pub mod log;
+pub mod machine;
 pub mod model;
+pub mod options;
+pub mod request;
+pub mod scheduler;
 pub mod synth;
 
-pub use engine::{Engine, EngineOptions, Event, FinishReason, Generation, LogitsMode, Output, Request, Stats};
+pub use engine::Engine;
 pub use error::{Error, Result};
+pub use graph_check::check_graph;
 pub use model::Model;
+pub use options::EngineOptions;
+pub use request::{Event, FinishReason, Generation, LogitsMode, Output, Request, Stats};
+pub use scheduler::kv_tokens_needed;
+pub use weir_graphs::parse_size;
 pub use weir_operators::{KvType, RouteRecord, RoutingStats, Sampling};
 pub use weir_runtime::{DType, Trace};
-
-/// Parses a byte size: `123`, `700MB`, `4GB`, `1.5GiB`, `512KiB` (decimal and binary units).
-pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num.trim().parse().map_err(|_| format!("`{s}` is not a size (like 700MB or 4GiB)"))?;
-    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kb" => 1e3,
-        "m" | "mb" => 1e6,
-        "g" | "gb" => 1e9,
-        "t" | "tb" => 1e12,
-        "kib" => 1024.0,
-        "mib" => 1024.0 * 1024.0,
-        "gib" => 1024.0 * 1024.0 * 1024.0,
-        "tib" => 1024f64.powi(4),
-        u => return Err(format!("unknown unit `{u}` in `{s}` (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")),
-    };
-    if !(n.is_finite() && n > 0.0) {
-        return Err(format!("`{s}` must be a positive size"));
-    }
-    Ok((n * mult) as u64)
-}

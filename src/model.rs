@@ -1,8 +1,9 @@
 //! A Hugging Face model folder, opened and checked.
 
 use crate::error::{Error, Result};
+use crate::machine::ThisMachine;
 use std::path::{Path, PathBuf};
-use weir_graphs::{llama, Graph, ModelConfig, WeightIndex};
+use weir_graphs::{llama, Graph, ModelConfig, PlaceOptions, Placed, WeightIndex};
 use weir_operators::KvType;
 
 /// A model folder: config, weight index (headers only) and tokenizer. Opening reads and checks
@@ -76,35 +77,15 @@ impl Model {
         total
     }
 
-    /// The placed graph of this model: from `graph` (a graph file's text and name) or the
-    /// architecture's built-in graph file, with `threads` compute threads (0 = all) and
-    /// `loader_lanes` loader lanes for the built-in file.
-    pub fn graph(
-        &self,
-        graph: Option<(&str, &str)>,
-        threads: usize,
-        kv_dtype: KvType,
-        loader_lanes: usize,
-    ) -> Result<Graph> {
-        let (file, text) = match graph {
-            Some((text, file)) => (file.to_string(), text.to_string()),
-            None => {
-                let (file, text) = weir_graphs::builtin::for_architecture(self.config.architecture);
-                let mut text = text.to_string();
-                // Extra loader lanes for the built-in file: weights are dealt over them.
-                for i in 1..loader_lanes.max(1) {
-                    text.push_str(&format!("\nlane loader{i} io\n"));
-                }
-                (file.to_string(), text)
-            }
-        };
-        let cpus = weir_runtime::lane::allowed_cpus();
-        if threads > cpus.len() {
-            return Err(Error::Request(format!(
-                "{threads} threads asked for, but this process may use {} CPUs ({cpus:?})",
-                cpus.len()
-            )));
-        }
-        weir_graphs::load_graph(&text, &file, &self.config, &self.weights, threads, kv_dtype).map_err(Error::Graph)
+    /// Places this model on this machine: `graph` is a graph file's text and name, `None` for
+    /// the architecture's built-in one. What `weir graph show` prints and the engine runs.
+    pub fn place(&self, graph: Option<(&str, &str)>, o: &PlaceOptions) -> Result<Placed> {
+        Ok(weir_graphs::place(&self.config, &self.weights, graph, o, &ThisMachine)?)
+    }
+
+    /// The checked graph of this model before any placement pass: `graph` (a graph file's text
+    /// and name) or the architecture's built-in one, with `threads` compute threads (0 = all).
+    pub fn expand(&self, graph: Option<(&str, &str)>, threads: usize, kv_dtype: KvType) -> Result<Graph> {
+        Ok(weir_graphs::place::expand(&self.config, &self.weights, graph, threads, kv_dtype, &ThisMachine)?)
     }
 }

@@ -7,7 +7,7 @@ use common::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use weir::{DType, EngineOptions, Request};
-use weir_graphs::experts::{ExpertBudget, ExpertPlacement};
+use weir_graphs::place::experts::{ExpertBudget, ExpertPlacement};
 
 #[test]
 fn tiny_mixtral_matches_transformers() {
@@ -337,11 +337,11 @@ fn expert_caches_and_streamed_weights_share_one_memory_budget() {
         ..Default::default()
     };
     // The least the rest of the model needs once the experts are placed, and the caches.
-    let mut g = model.graph(None, 1, weir::KvType::F32, 1).unwrap();
-    let experts = weir_graphs::experts::place(&mut g, &placement).unwrap();
+    let mut g = model.expand(None, 1, weir::KvType::F32).unwrap();
+    let experts = weir_graphs::place::experts::place(&mut g, &placement).unwrap();
     let caches: u64 = experts.stores.iter().map(|s| s.2).sum();
     let reserve = opts.reserve(model.config.max_position_embeddings);
-    let minimum = weir_graphs::plan::fit(&mut g, u64::MAX, None, &reserve).unwrap().minimum;
+    let minimum = weir_graphs::place::memory::fit(&mut g, u64::MAX, None, &reserve).unwrap().minimum;
     let budget = caches + minimum;
     let engine = weir::Engine::new(&model, EngineOptions { memory_budget: Some(budget), ..opts.clone() }).unwrap();
     assert_eq!(engine.host_budget(), Some(budget), "the caches come out of the budget");
@@ -387,7 +387,7 @@ fn with_twin_lane() -> (String, String) {
 
 #[test]
 fn twin_experts_give_the_golden_tokens_wherever_the_decision_puts_them() {
-    use weir_graphs::experts::{LaneTiming, Twins};
+    use weir_graphs::place::experts::{LaneTiming, Twins};
     let g = golden("tiny-mixtral");
     let budget = expert_bytes() / 2;
     let timing = |fixed_s: f64| LaneTiming { fixed_s, per_token_s: 0.0, upload_s: None };

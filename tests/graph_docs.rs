@@ -29,7 +29,7 @@ fn every_complete_example_in_the_reference_checks_and_every_error_example_gives_
     assert!(complete.len() >= 2);
     for (line, text) in &complete {
         // The lane fragment is documented as incomplete; the others must check.
-        let r = model.graph(Some((text, "doc.weir")), 1, weir::KvType::F32, 1);
+        let r = model.expand(Some((text, "doc.weir")), 1, weir::KvType::F32);
         if text.lines().count() <= 3 {
             assert!(r.is_err(), "docs line {line}: a fragment unexpectedly checked");
             continue;
@@ -43,7 +43,7 @@ fn every_complete_example_in_the_reference_checks_and_every_error_example_gives_
     assert_eq!(errors.len(), 1);
     let (line, text) = &errors[0];
     let want = &outputs.iter().find(|(l, _)| l > line).expect("the messages follow the example").1;
-    match model.graph(Some((text, "broken.weir")), 1, weir::KvType::F32, 1) {
+    match model.expand(Some((text, "broken.weir")), 1, weir::KvType::F32) {
         Err(weir::Error::Graph(r)) => assert_eq!(r.to_string().trim(), want.trim()),
         other => panic!("docs line {line}: expected a report, got {:?}", other.map(|_| ())),
     }

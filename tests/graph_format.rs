@@ -17,7 +17,7 @@ fn cpus() -> Vec<usize> {
 fn the_builtin_graph_round_trips_through_show() {
     for fx in ["tiny-llama", "tiny-llama-bf16"] {
         let model = Model::open(fixture(fx)).unwrap();
-        let g = model.graph(None, 1, weir::KvType::F32, 1).unwrap();
+        let g = model.expand(None, 1, weir::KvType::F32).unwrap();
         let text = print(&g);
         let input = CheckInput { vars: vec![], weights: Some(&model.weights), cpus: cpus() };
         let g2 = load_str(&text, "shown.weir", &input).unwrap_or_else(|r| panic!("{r}\n{text}"));
@@ -78,10 +78,10 @@ fn printing_and_parsing_random_placed_graphs_gives_the_same_graph() {
         if rng.next_u64().is_multiple_of(2) {
             for i in 0..g.nodes.len() {
                 let lane = g.nodes[i].lane;
-                let weir_operators::OpConfig::Load { streamed, mode, .. } = &mut g.nodes[i].op else { continue };
-                *mode = weir_operators::loader::IoMode::Uring { depth: 8, chunk: 1 << 20, ahead: true };
+                let weir_operators::OpConfig::Load(l) = &mut g.nodes[i].op else { continue };
+                l.mode = weir_operators::loader::IoMode::Uring { depth: 8, chunk: 1 << 20, ahead: true };
                 g.lanes[lane].kind = LaneKind::Nvme { core: None, depth: 8, chunk: 1 << 20 };
-                for (port, st) in streamed.iter_mut().enumerate() {
+                for (port, st) in l.streamed.iter_mut().enumerate() {
                     *st = rng.next_u64().is_multiple_of(2);
                     let uses = 1 + (rng.next_u64() % 3) as u32;
                     for e in g.edges.iter_mut().filter(|e| e.from.node == i && e.from.port == port) {
@@ -109,7 +109,7 @@ fn a_user_placement_across_two_lanes_gives_the_same_tokens() {
         cpus[cpus.len() - 1]
     );
     let model = Model::open(fixture("tiny-llama")).unwrap();
-    let g = model.graph(Some((&text, "user.weir")), 1, weir::KvType::F32, 1).unwrap();
+    let g = model.expand(Some((&text, "user.weir")), 1, weir::KvType::F32).unwrap();
     let second = g.lanes.iter().position(|l| l.name == "second").unwrap();
     let on_second: Vec<&str> = g.nodes.iter().filter(|n| n.lane == second).map(|n| n.name.as_str()).collect();
     assert_eq!(on_second.len(), 12, "{on_second:?}");
@@ -136,7 +136,7 @@ fn every_broken_file_in_the_corpus_reports_exactly_its_errors() {
         let expect: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# expect: ")).collect();
         assert!(!expect.is_empty(), "{}: no `# expect:` lines", f.display());
         let name = f.file_name().unwrap().to_string_lossy().to_string();
-        let report = match model.graph(Some((&text, &name)), 1, weir::KvType::F32, 1) {
+        let report = match model.expand(Some((&text, &name)), 1, weir::KvType::F32) {
             Err(weir::Error::Graph(r)) => r,
             other => panic!("{name}: expected a graph report, got {:?}", other.map(|_| "a graph")),
         };

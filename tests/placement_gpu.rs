@@ -5,8 +5,8 @@
 mod common;
 use common::*;
 use std::path::Path;
-use weir::compile::transfers;
 use weir::{EngineOptions, Model};
+use weir_graphs::place::transfers::{crossings as transfers, Crossing};
 
 fn skipped(why: &str) {
     use std::io::Write;
@@ -24,7 +24,7 @@ fn example(name: &str) -> (String, String) {
 
 fn graph(model: &Model, file: &str) -> weir_graphs::Graph {
     let (text, name) = example(file);
-    model.graph(Some((&text, &name)), 1, weir::KvType::F32, 1).unwrap()
+    model.expand(Some((&text, &name)), 1, weir::KvType::F32).unwrap()
 }
 
 fn options(file: &str) -> EngineOptions {
@@ -45,7 +45,11 @@ fn all_on_gpu_uploads_each_weight_once_and_brings_back_only_the_logits() {
     // Activations stay on the GPU but for the logits, which go to the sampler on the CPU.
     assert_eq!(down.len(), 1, "{down:?}");
     assert_eq!(g.nodes[down[0].from.node].name, "lm_head");
-    assert_eq!(down[0].name(&g), "lm_head.to_host");
+    // The pass names it after its source and puts it on the device's copy lane back.
+    let mut placed = g.clone();
+    weir_graphs::place::transfers::insert(&mut placed).unwrap();
+    let x = placed.node_named("lm_head/to_host").expect("lm_head/to_host");
+    assert_eq!(placed.lanes[placed.nodes[x].lane].name, "gpu0/d2h");
     assert!(t.iter().all(|c| c.device == 0));
 }
 
@@ -55,7 +59,7 @@ fn attention_on_the_cpu_moves_q_k_v_down_and_its_output_up_in_every_layer() {
     let g = graph(&model, "llama-gpu-cpu-attention.weir");
     let layers = model.config.num_hidden_layers;
     let t = transfers(&g).unwrap();
-    let name = |c: &weir::compile::Crossing| g.nodes[c.from.node].name.clone();
+    let name = |c: &Crossing| g.nodes[c.from.node].name.clone();
     let down: Vec<String> = t.iter().filter(|c| !c.up).map(name).collect();
     let acts_up: Vec<String> =
         t.iter().filter(|c| c.up && !g.lanes[g.nodes[c.from.node].lane].name.starts_with("loader")).map(name).collect();
@@ -72,7 +76,7 @@ fn attention_on_the_cpu_moves_q_k_v_down_and_its_output_up_in_every_layer() {
 #[test]
 fn a_graph_without_gpu_lanes_moves_nothing() {
     let model = Model::open(fixture("tiny-llama")).unwrap();
-    let g = model.graph(None, 1, weir::KvType::F32, 1).unwrap();
+    let g = model.expand(None, 1, weir::KvType::F32).unwrap();
     assert!(transfers(&g).unwrap().is_empty());
 }
 
@@ -86,7 +90,7 @@ fn an_edge_between_two_gpus_is_refused_by_name() {
             "node final_norm = rmsnorm dim=hidden eps=rms_norm_eps lane=other",
             1,
         );
-    let g = model.graph(Some((&text, &name)), 1, weir::KvType::F32, 1).unwrap();
+    let g = model.expand(Some((&text, &name)), 1, weir::KvType::F32).unwrap();
     let e = transfers(&g).unwrap_err().to_string();
     assert!(e.contains("joins two GPUs") && e.contains("final_norm"), "{e}");
 }
@@ -195,20 +199,29 @@ fn prefetch_0_reads_and_uploads_on_the_compute_lane_in_turn() {
     let model = Model::open(fixture("tiny-llama")).unwrap();
     let mut g = graph(&model, "llama-gpu.weir");
     let reserve = EngineOptions::default().reserve(model.config.max_position_embeddings);
-    weir_graphs::plan::fit(&mut g, 2_700_000, Some(0), &reserve).unwrap();
+    weir_graphs::place::memory::fit(&mut g, 2_700_000, Some(0), &reserve).unwrap();
+    weir_graphs::place::loaders::assign(&mut g, 1, false, true, Some(0));
     let compute = g.lanes.iter().position(|l| l.name == "compute").unwrap();
-    let loaders: Vec<usize> =
-        (0..g.nodes.len()).filter(|&i| matches!(g.nodes[i].op, weir_operators::OpConfig::Load { .. })).collect();
+    let loaders: Vec<usize> = g.loaders().map(|(i, _)| i).collect();
     assert!(!loaders.is_empty() && loaders.iter().all(|&i| g.nodes[i].lane == compute));
     // The loader's outputs are host memory wherever it runs; their uploads run on its lane.
-    assert!(loaders.iter().all(|&i| weir::compile::node_gpu(&g, i).is_none()));
-    let t = transfers(&g).unwrap();
-    let ups: Vec<_> = t.iter().filter(|c| c.up).collect();
-    assert!(!ups.is_empty() && ups.iter().all(|c| c.lane == Some(compute)), "{ups:?}");
+    assert!(loaders.iter().all(|&i| g.memory(i, true).is_none()));
+    weir_graphs::place::transfers::insert(&mut g).unwrap();
+    let ups: Vec<usize> =
+        (0..g.nodes.len()).filter(|&i| matches!(g.nodes[i].op, weir_operators::OpConfig::ToGpu(_))).collect();
+    assert!(!ups.is_empty() && ups.iter().all(|&i| g.nodes[i].lane == compute));
     // With overlap (the default), uploads go on the copy lane.
     let mut g = graph(&model, "llama-gpu.weir");
-    weir_graphs::plan::fit(&mut g, 2_700_000, None, &reserve).unwrap();
-    assert!(transfers(&g).unwrap().iter().all(|c| c.lane.is_none()));
+    weir_graphs::place::memory::fit(&mut g, 2_700_000, None, &reserve).unwrap();
+    weir_graphs::place::loaders::assign(&mut g, 1, false, true, None);
+    weir_graphs::place::transfers::insert(&mut g).unwrap();
+    let lanes: std::collections::BTreeSet<&str> = g
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op, weir_operators::OpConfig::ToGpu(_)))
+        .map(|n| g.lanes[n.lane].name.as_str())
+        .collect();
+    assert_eq!(lanes, ["gpu0/h2d"].into());
 }
 
 #[test]
@@ -221,8 +234,9 @@ fn a_gpu_graphs_host_window_holds_only_what_the_gpu_has_room_for() {
     for budget in [2_500_000u64, 2_700_000, 2_850_000] {
         for prefetch in [Some(0), None, Some(4)] {
             let mut g = graph(&model, "llama-gpu.weir");
-            let plan = weir_graphs::plan::fit(&mut g, budget, prefetch, &reserve).unwrap();
-            let host = weir::engine::host_split(&g, &plan);
+            let plan = weir_graphs::place::memory::fit(&mut g, budget, prefetch, &reserve).unwrap();
+            g.gpu_budget = Some(budget);
+            let host = weir_graphs::place::memory::host_pools(&g, &reserve).unwrap().unwrap().split;
             let one_op = plan.minimum - plan.split.kv - plan.split.activations;
             let on_gpu = plan.resident_bytes; // every weight of llama-gpu.weir is used on the GPU
             split_cases += usize::from(on_gpu > 0 && plan.streamed_bytes > 0);
@@ -232,9 +246,10 @@ fn a_gpu_graphs_host_window_holds_only_what_the_gpu_has_room_for() {
     }
     assert!(split_cases >= 4, "budgets that both keep and stream weights: {split_cases}");
     // On a CPU graph the host holds the kept weights too: the plan's split as it is.
-    let mut g = model.graph(None, 1, weir::KvType::F32, 1).unwrap();
-    let plan = weir_graphs::plan::fit(&mut g, 2_700_000, None, &reserve).unwrap();
-    assert_eq!(weir::engine::host_split(&g, &plan), plan.split);
+    let mut g = model.expand(None, 1, weir::KvType::F32).unwrap();
+    let plan = weir_graphs::place::memory::fit(&mut g, 2_700_000, None, &reserve).unwrap();
+    g.host_budget = Some(2_700_000);
+    assert_eq!(weir_graphs::place::memory::host_pools(&g, &reserve).unwrap().unwrap().split, plan.split);
 }
 
 #[test]
@@ -305,7 +320,7 @@ fn mixtral_all_on_gpu_routes_there_and_brings_back_only_the_logits() {
     assert_eq!(g.nodes[down[0].from.node].name, "lm_head");
     // Only weights go up: the routes stay with the experts on the GPU.
     for c in t.iter().filter(|c| c.up) {
-        assert_eq!(g.nodes[c.from.node].op.kind(), "load", "{} goes up", c.name(&g));
+        assert_eq!(g.nodes[c.from.node].op.kind(), "load", "{} goes up", g.nodes[c.from.node].name);
     }
 }
 
@@ -315,7 +330,7 @@ fn mixtral_with_experts_on_the_cpu_moves_activations_not_expert_weights() {
     let g = graph(&model, "mixtral-gpu-cpu-experts.weir");
     let (layers, experts) = (model.config.num_hidden_layers, model.config.moe.as_ref().unwrap().experts);
     let t = transfers(&g).unwrap();
-    let name = |c: &&weir::compile::Crossing| g.nodes[c.from.node].name.clone();
+    let name = |c: &&Crossing| g.nodes[c.from.node].name.clone();
     // Per layer, down: the hidden state the experts read, and the route; up: their sum.
     let down: Vec<String> = t.iter().filter(|c| !c.up).map(|c| name(&c)).collect();
     let acts_up: Vec<String> =
@@ -331,7 +346,7 @@ fn mixtral_with_experts_on_the_cpu_moves_activations_not_expert_weights() {
         for &e in &c.edges {
             let to = &g.nodes[g.edges[e].to.node];
             let weight = g.edges[e].sticky;
-            assert!(!(weight && to.op.kind() == "expert"), "{} moves {}'s weights", c.name(&g), to.name);
+            assert!(!(weight && to.op.kind() == "expert"), "{} moves {}'s weights", g.nodes[c.from.node].name, to.name);
         }
     }
 }
@@ -363,8 +378,8 @@ fn tiny_mixtral_on_gpu_with_experts_read_when_chosen_matches_transformers() {
     }
     // Half the expert bytes resident on the GPU; the rest read from disk by the host's expert
     // stores and uploaded when chosen (an unchosen expert's `Absent` passes the upload).
-    let experts = Some(weir_graphs::experts::ExpertPlacement {
-        budget: weir_graphs::experts::ExpertBudget::Fraction(0.5),
+    let experts = Some(weir_graphs::place::experts::ExpertPlacement {
+        budget: weir_graphs::place::experts::ExpertBudget::Fraction(0.5),
         popularity: Default::default(),
         cache: true,
         predict: true,
@@ -390,12 +405,13 @@ fn without_gpu_memory_the_plan_fits_the_devices_default_budget() {
     let g = graph(&model, "llama-gpu.weir");
     if !gpu_present() {
         // No device to ask: no default, and the program's start refuses the placement.
-        assert_eq!(weir::engine::default_gpu_memory(&g), None);
+        assert_eq!(weir_graphs::Machine::gpu_memory(&weir::machine::ThisMachine, 0), None);
+        assert!(g.on_gpu());
         skipped("no GPU");
         return;
     }
     let want = weir_runtime::gpu::default_budget(0).unwrap() as u64;
-    assert_eq!(weir::engine::default_gpu_memory(&g), Some(want));
+    assert_eq!(weir_graphs::Machine::gpu_memory(&weir::machine::ThisMachine, 0), Some(want));
     let (_, engine) = engine(&fixture("tiny-llama"), options("llama-gpu.weir"));
     let plan = engine.plan().expect("a plan under the default budget");
     assert!(plan.split.weights + plan.split.kv + plan.split.activations <= want, "{plan:?}");
@@ -410,8 +426,8 @@ fn without_gpu_memory_the_plan_fits_the_devices_default_budget() {
 
 /// tiny-mixtral on mixtral-gpu.weir with half its expert bytes resident and twins on `host`,
 /// the lanes' costs given (equal: the chosen cold experts split between GPU and CPU).
-fn mixtral_gpu_twins() -> weir_graphs::experts::ExpertPlacement {
-    use weir_graphs::experts::{ExpertBudget, ExpertPlacement, LaneTiming, Twins};
+fn mixtral_gpu_twins() -> weir_graphs::place::experts::ExpertPlacement {
+    use weir_graphs::place::experts::{ExpertBudget, ExpertPlacement, LaneTiming, Twins};
     let t = LaneTiming { fixed_s: 1e-3, per_token_s: 0.0, upload_s: Some(1e-3) };
     ExpertPlacement {
         budget: ExpertBudget::Fraction(0.5),
@@ -426,10 +442,10 @@ fn mixtral_gpu_twins() -> weir_graphs::experts::ExpertPlacement {
 fn twin_experts_on_the_cpu_get_their_weights_in_place_and_send_their_sums_up() {
     let model = Model::open(fixture("tiny-mixtral")).unwrap();
     let mut g = graph(&model, "mixtral-gpu.weir");
-    let plan = weir_graphs::experts::place(&mut g, &mixtral_gpu_twins()).unwrap();
+    let plan = weir_graphs::place::experts::place(&mut g, &mixtral_gpu_twins()).unwrap();
     let cold: usize = plan.stores.iter().map(|s| s.1.len()).sum();
     let twins: Vec<usize> = (0..g.nodes.len())
-        .filter(|&n| matches!(g.nodes[n].op, weir_operators::OpConfig::Expert { twin: true, .. }))
+        .filter(|&n| matches!(&g.nodes[n].op, weir_operators::OpConfig::Expert(e) if e.twin))
         .collect();
     assert_eq!(twins.len(), cold, "a twin per cold expert");
     let t = transfers(&g).unwrap();
@@ -439,7 +455,7 @@ fn twin_experts_on_the_cpu_get_their_weights_in_place_and_send_their_sums_up() {
         // down from the GPU); its output goes up to the sum on the GPU.
         for c in &t {
             for &e in c.edges.iter().filter(|&&e| g.edges[e].to.node == n) {
-                assert!(g.edges[e].to.port < 2, "{} moves weights to a twin on the host", c.name(&g));
+                assert!(g.edges[e].to.port < 2, "{} moves weights to a twin on the host", g.nodes[c.from.node].name);
             }
         }
         assert!(t.iter().any(|c| c.up && c.from.node == n), "{}'s output goes up", g.nodes[n].name);
@@ -511,7 +527,7 @@ fn a_trace_of_attention_on_the_cpu_shows_the_gpu_its_copy_lanes_and_the_cpu_at_w
             v["lanes"].as_array().unwrap().iter().find(|l| l["name"] == name).unwrap_or_else(|| panic!("{name}: {v}"));
         (l["kind"].as_str().unwrap().to_string(), l["utilisation"].as_f64().unwrap())
     };
-    for (lane, kind) in [("compute", "gpu0:s0"), ("gpu0.h2d", "gpu0:s"), ("gpu0.d2h", "gpu0:s"), ("cpu", "cpu")] {
+    for (lane, kind) in [("compute", "gpu0:s0"), ("gpu0/h2d", "gpu0:s"), ("gpu0/d2h", "gpu0:s"), ("cpu", "cpu")] {
         let (k, u) = busy(lane);
         assert!(k.starts_with(kind) && u > 0.0 && u <= 1.0, "{lane}: {k} {u}");
     }

@@ -15,8 +15,9 @@ fn opts(budget: Option<u64>) -> EngineOptions {
 /// For `o`: the least budget, the weights' bytes, and what the budget sets aside for KV cache
 /// and activations.
 fn plan_limits(model: &Model, o: &EngineOptions) -> (u64, u64, u64) {
-    let mut g = model.graph(None, 1, weir::KvType::F32, 1).unwrap();
-    let p = weir_graphs::plan::fit(&mut g, u64::MAX, None, &o.reserve(model.config.max_position_embeddings)).unwrap();
+    let mut g = model.expand(None, 1, weir::KvType::F32).unwrap();
+    let p = weir_graphs::place::memory::fit(&mut g, u64::MAX, None, &o.reserve(model.config.max_position_embeddings))
+        .unwrap();
     (p.minimum, p.resident_bytes, p.split.kv + p.split.activations)
 }
 

@@ -29,6 +29,12 @@ pub enum Error {
     /// The placement asks for something impossible.
     #[error("placement: {0}")]
     Placement(String),
+    /// A graph file is wrong: every problem, as `file:line:col: message` lines.
+    #[error("{0}")]
+    Graph(crate::format::Report),
+    /// The options ask for something impossible or contradictory (named by their flags).
+    #[error("{0}")]
+    Options(String),
 }
 
 /// Shorthand.

@@ -1,45 +1,53 @@
-//! weir-graphs: turns a model folder and a placement into a placed graph; runs nothing.
+//! weir-graphs: turns a model folder, a graph file and the run's options into a placed graph;
+//! runs nothing.
 //!
 //! * [`config`] — `config.json` / `generation_config.json` (both transformers spellings).
 //! * [`safetensors`] — safetensors headers, single-file and sharded; the data stays on disk.
 //! * [`llama`] — the Llama family's tensors, checked against the config.
-//! * [`experts`] — expert placement across tiers: hot experts resident, the rest read when chosen.
-//! * [`offload`] — where each activated expert outside the fast tier is computed (makespan).
-//! * [`plan`] — the memory planner: which weights stay resident, which stream, under a budget.
-//! * [`graph`] — the IR: nodes on lanes, bounded edges, one entry and one exit; DOT dumps.
 //! * [`format`] — graph definition files: parse (with spans), check, print.
 //! * [`builtin`] — the built-in architectures as graph files (`graphs/*.weir`).
+//! * [`graph`] — the IR: nodes on lanes, bounded edges, one entry and one exit; DOT dumps.
+//! * [`place`] — the placement pipeline: expand → place experts → plan memory → assign
+//!   loaders → insert transfers, each pass a function over the IR.
+//! * [`offload`] — where each activated expert outside the fast tier is computed (makespan).
 
 pub mod builtin;
 pub mod config;
 pub mod error;
-pub mod experts;
 pub mod format;
 pub mod graph;
 pub mod llama;
 /// The per-step decision lives with the expert stores that make it.
 pub use weir_operators::offload;
-pub mod plan;
+pub mod place;
 pub mod safetensors;
 
 pub use config::{Architecture, ModelConfig, MoeConfig};
 pub use error::{Error, Result};
 pub use graph::Graph;
+pub use place::{place, Machine, PlaceOptions, Placed};
 pub use safetensors::WeightIndex;
 
-/// Parses and checks a graph file for a model: `text` is the file's content, `file` its name
-/// in messages, `threads` and `kv_dtype` the values of those variables.
-pub fn load_graph(
-    text: &str,
-    file: &str,
-    config: &ModelConfig,
-    weights: &WeightIndex,
-    threads: usize,
-    kv_dtype: weir_operators::KvType,
-) -> std::result::Result<Graph, format::Report> {
-    let cpus = weir_runtime::lane::allowed_cpus();
-    let threads = if threads == 0 { cpus.len() } else { threads };
-    let input =
-        format::CheckInput { vars: format::model_vars(config, threads, kv_dtype), weights: Some(weights), cpus };
-    format::load_str(text, file, &input)
+/// Parses a byte size: `123`, `700MB`, `4GB`, `1.5GiB`, `512KiB` (decimal and binary units).
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.trim().parse().map_err(|_| format!("`{s}` is not a size (like 700MB or 4GiB)"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024f64.powi(4),
+        u => return Err(format!("unknown unit `{u}` in `{s}` (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")),
+    };
+    if !(n.is_finite() && n > 0.0) {
+        return Err(format!("`{s}` must be a positive size"));
+    }
+    Ok((n * mult) as u64)
 }

@@ -4,8 +4,42 @@
 //! when nothing else holds it). A `b` that is [`Packet::Absent`] adds nothing: `a` goes on as
 //! it is (a twin expert that computed nothing this pass, see `expert`).
 
+use crate::spec::{int, OpEnv, OpSpec, ParamValue, Params, Port};
 use crate::{check_act, Packet};
 use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, Step};
+
+/// A residual add node: `add dim=…`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spec {
+    pub dim: usize,
+}
+
+impl OpSpec for Spec {
+    const KIND: &'static str = "add";
+    const GPU: bool = true;
+    fn from_params(p: &mut Params) -> Spec {
+        Spec { dim: p.usize("dim") }
+    }
+    fn params(&self) -> Vec<(&'static str, ParamValue)> {
+        vec![("dim", int(self.dim))]
+    }
+    fn inputs(&self) -> Vec<Port> {
+        vec![Port::act("a", self.dim), Port::act("b", self.dim)]
+    }
+    fn outputs(&self) -> Vec<Port> {
+        vec![Port::act("y", self.dim)]
+    }
+    /// In place: `a`'s buffer.
+    fn activation_floats(&self, _tokens: usize) -> usize {
+        0
+    }
+    fn instantiate(&self, _: &OpEnv, _: Option<u32>) -> Box<dyn Operator<Packet>> {
+        Box::new(Add { dim: self.dim })
+    }
+    fn instantiate_gpu(&self, _: &OpEnv, _: Option<u32>) -> Option<Box<dyn Operator<Packet>>> {
+        Some(Box::new(GpuAdd { dim: self.dim }))
+    }
+}
 
 /// See the module doc.
 pub struct Add {

@@ -13,11 +13,72 @@
 //! only while its whole length fits the reserve, so running out here means a broken promise
 //! and is reported as a fault, naming the sequence.
 
+use crate::spec::{int, OpEnv, OpSpec, ParamValue, Params, Port};
 use crate::{check_act, Packet};
 use std::collections::HashMap;
 use weir_kernels::attention::{attend_batch, store_row, AttnShape, KvBlocks, KvData, KvRowMut, KvType, SeqAttn};
 use weir_runtime::gpu::{DeviceBlock, Leased};
 use weir_runtime::{DType, Emit, FireCx, Inputs, OpError, Operator, Pool, Step, Tensor};
+
+/// An attention node: `attention heads=… kv_heads=… head_dim=… max_positions=… [window=none]
+/// [kv="f32"]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spec {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub max_positions: usize,
+    pub window: Option<usize>,
+    /// Element type of the KV cache.
+    pub kv: KvType,
+}
+
+impl OpSpec for Spec {
+    const KIND: &'static str = "attention";
+    const GPU: bool = true;
+    fn from_params(p: &mut Params) -> Spec {
+        let (heads, kv_heads) = (p.usize("heads"), p.usize("kv_heads"));
+        if heads % kv_heads != 0 {
+            p.error(Some("kv_heads"), format!("`kv_heads` ({kv_heads}) must divide `heads` ({heads})"));
+        }
+        Spec {
+            heads,
+            kv_heads,
+            head_dim: p.usize("head_dim"),
+            max_positions: p.usize("max_positions"),
+            window: p.opt_usize("window"),
+            kv: p.kv_type("kv"),
+        }
+    }
+    fn params(&self) -> Vec<(&'static str, ParamValue)> {
+        vec![
+            ("heads", int(self.heads)),
+            ("kv_heads", int(self.kv_heads)),
+            ("head_dim", int(self.head_dim)),
+            ("max_positions", int(self.max_positions)),
+            ("window", self.window.map_or(ParamValue::None, int)),
+            ("kv", ParamValue::Str(self.kv.name().into())),
+        ]
+    }
+    fn inputs(&self) -> Vec<Port> {
+        let kv = self.kv_heads * self.head_dim;
+        vec![Port::act("q", self.heads * self.head_dim), Port::act("k", kv), Port::act("v", kv)]
+    }
+    fn outputs(&self) -> Vec<Port> {
+        vec![Port::act("y", self.heads * self.head_dim)]
+    }
+    fn kv_block_bytes(&self) -> Option<usize> {
+        Some(kv_block_bytes(self.kv_heads * self.head_dim, self.kv))
+    }
+    fn instantiate(&self, env: &OpEnv, _: Option<u32>) -> Box<dyn Operator<Packet>> {
+        let s = self;
+        Box::new(Attention::new(s.heads, s.kv_heads, s.head_dim, s.max_positions, s.window, s.kv, env.kv_pool.clone()))
+    }
+    fn instantiate_gpu(&self, _: &OpEnv, _: Option<u32>) -> Option<Box<dyn Operator<Packet>>> {
+        let s = self;
+        Some(Box::new(GpuAttention::new(s.heads, s.kv_heads, s.head_dim, s.max_positions, s.window, s.kv)))
+    }
+}
 
 /// Positions per KV block.
 pub const KV_BLOCK_TOKENS: usize = 16;

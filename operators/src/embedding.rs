@@ -3,8 +3,39 @@
 //! Ports: `ids` (`Tokens`, `[tokens]`), `weight` (`[vocab, hidden]`, any float dtype).
 //! Output: `y` `[tokens, hidden]` f32.
 
+use crate::spec::{int, Carries, OpEnv, OpSpec, ParamValue, Params, Port};
 use crate::{weight_view, Packet};
 use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, Step};
+
+/// An embedding node: `embedding vocab=… hidden=…`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spec {
+    pub vocab: usize,
+    pub hidden: usize,
+}
+
+impl OpSpec for Spec {
+    const KIND: &'static str = "embedding";
+    const GPU: bool = true;
+    fn from_params(p: &mut Params) -> Spec {
+        Spec { vocab: p.usize("vocab"), hidden: p.usize("hidden") }
+    }
+    fn params(&self) -> Vec<(&'static str, ParamValue)> {
+        vec![("vocab", int(self.vocab)), ("hidden", int(self.hidden))]
+    }
+    fn inputs(&self) -> Vec<Port> {
+        vec![Port::of("ids", Carries::Ids), Port::weight("weight", vec![self.vocab, self.hidden])]
+    }
+    fn outputs(&self) -> Vec<Port> {
+        vec![Port::act("y", self.hidden)]
+    }
+    fn instantiate(&self, _: &OpEnv, _: Option<u32>) -> Box<dyn Operator<Packet>> {
+        Box::new(Embedding { vocab: self.vocab, hidden: self.hidden })
+    }
+    fn instantiate_gpu(&self, _: &OpEnv, _: Option<u32>) -> Option<Box<dyn Operator<Packet>>> {
+        Some(Box::new(GpuEmbedding { vocab: self.vocab, hidden: self.hidden }))
+    }
+}
 
 /// See the module doc.
 pub struct Embedding {

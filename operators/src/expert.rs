@@ -12,8 +12,70 @@
 //! that way (see `expert_store`). Whichever of the two gets [`Packet::Absent`] weights computes
 //! nothing: the expert itself then gives zeros, the twin `Absent` (which an `add` passes over).
 
+use crate::spec::{int, Carries, OpEnv, OpSpec, ParamValue, Params, Port};
 use crate::{check_act, swiglu, weight_view, Packet};
 use weir_runtime::{DType, Emit, FireCx, Inputs, OpError, Operator, Step};
+
+/// An expert node: `expert hidden=… intermediate=… experts=… index=… [twin=false]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spec {
+    pub hidden: usize,
+    pub intermediate: usize,
+    /// The router's experts, and which of them this is.
+    pub experts: usize,
+    pub index: usize,
+    /// The copy `--expert-twins` places on a second lane (printed only when set).
+    pub twin: bool,
+}
+
+impl OpSpec for Spec {
+    const KIND: &'static str = "expert";
+    const GPU: bool = true;
+    fn from_params(p: &mut Params) -> Spec {
+        let (hidden, intermediate, experts) = (p.usize("hidden"), p.usize("intermediate"), p.usize("experts"));
+        Spec { hidden, intermediate, experts, index: p.index("index", experts), twin: p.bool("twin", false) }
+    }
+    fn params(&self) -> Vec<(&'static str, ParamValue)> {
+        let mut v = vec![
+            ("hidden", int(self.hidden)),
+            ("intermediate", int(self.intermediate)),
+            ("experts", int(self.experts)),
+            ("index", int(self.index)),
+        ];
+        v.extend(self.twin.then_some(("twin", ParamValue::Bool(true))));
+        v
+    }
+    fn inputs(&self) -> Vec<Port> {
+        let (h, m) = (self.hidden, self.intermediate);
+        vec![
+            Port::act("x", h),
+            Port::of("route", Carries::Route { experts: self.experts }),
+            Port::weight("gate", vec![m, h]),
+            Port::weight("up", vec![m, h]),
+            Port::weight("down", vec![h, m]),
+        ]
+    }
+    fn outputs(&self) -> Vec<Port> {
+        vec![Port::act("y", self.hidden)]
+    }
+    /// Its output, the gathered rows and the MLP's scratch, for every token at most.
+    fn activation_floats(&self, tokens: usize) -> usize {
+        tokens * (3 * self.hidden + 2 * self.intermediate)
+    }
+    fn instantiate(&self, _: &OpEnv, _: Option<u32>) -> Box<dyn Operator<Packet>> {
+        Box::new(self.expert())
+    }
+    fn instantiate_gpu(&self, _: &OpEnv, _: Option<u32>) -> Option<Box<dyn Operator<Packet>>> {
+        Some(Box::new(GpuExpert(self.expert())))
+    }
+}
+
+impl Spec {
+    fn expert(&self) -> Expert {
+        let s = self;
+        Expert { hidden: s.hidden, intermediate: s.intermediate, experts: s.experts, index: s.index, twin: s.twin }
+    }
+}
 
 /// See the module doc.
 pub struct Expert {

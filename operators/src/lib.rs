@@ -1,13 +1,14 @@
 //! weir-operators: what each operator consumes and produces, and which kernel computes it.
 //!
-//! One operator per file. Each file holds the operator's ports, its shape rules, the
-//! [`weir_runtime::Operator`] implementation that calls the kernels, and its tests. Nothing
-//! here knows of threads: an operator is fired by whatever lane it was placed on, and splits
-//! its kernels over that lane's cores through the `par` it is handed.
+//! One operator per file. Each file holds the operator's `Spec` — what a graph node declares:
+//! its parameters, ports and shape rules, and how to make the operator that runs it, behind
+//! [`OpSpec`] (see [`spec`]) —, the [`weir_runtime::Operator`] implementations that call the
+//! kernels (on a CPU lane and, where it has one, on a GPU lane), and its tests. Nothing here
+//! knows of threads: an operator is fired by whatever lane it was placed on, and splits its
+//! kernels over that lane's cores through the `par` it is handed.
 //!
-//! [`OpConfig`] (in [`registry`]) is the registry: every operator kind, its parameters, its
-//! ports with their shape rules, and how to instantiate it. [`offload`] is not an operator: it
-//! is the per-step decision the expert stores make (where each chosen expert runs).
+//! [`OpConfig`] (in [`registry`]) is the list of kinds. [`offload`] is not an operator: it is
+//! the per-step decision the expert stores make (where each chosen expert runs).
 
 pub mod add;
 pub mod attention;
@@ -26,13 +27,15 @@ pub mod rope;
 pub mod router;
 pub mod sampler;
 pub mod sigmoid_gate;
+pub mod spec;
 pub mod swiglu;
 pub mod to_gpu;
 pub mod to_host;
 
 pub use packet::{Batch, LogitsWanted, Packet, Sampling, SeqSlice};
-pub use registry::{Carries, OpConfig, OpEnv, ParamValue};
+pub use registry::{kinds, OpConfig};
 pub use router::{RouteRecord, Routing, RoutingStats};
+pub use spec::{Carries, Mem, OpEnv, OpSpec, ParamValue, Params, Port};
 pub use weir_kernels::attention::KvType;
 pub use weir_kernels::rope::{Rope, RopeScaling};
 

@@ -3,8 +3,44 @@
 //! Ports: `x` `[tokens, in]` f32, `weight` `[out, in]`, optional `bias` `[out]`.
 //! Output: `y` `[tokens, out]` f32.
 
+use crate::spec::{int, OpEnv, OpSpec, ParamValue, Params, Port};
 use crate::{check_act, weight_vec, weight_view, Packet};
 use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, Step};
+
+/// A linear node: `linear in=… out=… [bias=false]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spec {
+    pub in_dim: usize,
+    pub out_dim: usize,
+    pub bias: bool,
+}
+
+impl OpSpec for Spec {
+    const KIND: &'static str = "linear";
+    const GPU: bool = true;
+    fn from_params(p: &mut Params) -> Spec {
+        Spec { in_dim: p.usize("in"), out_dim: p.usize("out"), bias: p.bool("bias", false) }
+    }
+    fn params(&self) -> Vec<(&'static str, ParamValue)> {
+        vec![("in", int(self.in_dim)), ("out", int(self.out_dim)), ("bias", ParamValue::Bool(self.bias))]
+    }
+    fn inputs(&self) -> Vec<Port> {
+        let mut v = vec![Port::act("x", self.in_dim), Port::weight("weight", vec![self.out_dim, self.in_dim])];
+        if self.bias {
+            v.push(Port::weight("bias", vec![self.out_dim]));
+        }
+        v
+    }
+    fn outputs(&self) -> Vec<Port> {
+        vec![Port::act("y", self.out_dim)]
+    }
+    fn instantiate(&self, _: &OpEnv, _: Option<u32>) -> Box<dyn Operator<Packet>> {
+        Box::new(Linear { in_dim: self.in_dim, out_dim: self.out_dim, bias: self.bias })
+    }
+    fn instantiate_gpu(&self, _: &OpEnv, _: Option<u32>) -> Option<Box<dyn Operator<Packet>>> {
+        Some(Box::new(GpuLinear { in_dim: self.in_dim, out_dim: self.out_dim, bias: self.bias }))
+    }
+}
 
 /// See the module doc.
 pub struct Linear {

@@ -4,8 +4,43 @@
 //! Ports: `x` `[tokens, hidden]` f32, `weight` `[vocab, hidden]`.
 //! Output: `y` `[rows, vocab]` f32, rows as given by [`crate::Batch::logit_rows`].
 
+use crate::spec::{int, OpEnv, OpSpec, ParamValue, Params, Port};
 use crate::{check_act, weight_view, Batch, LogitsWanted, Packet};
 use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, Step};
+
+/// An LM head node: `lm_head hidden=… vocab=…`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spec {
+    pub hidden: usize,
+    pub vocab: usize,
+}
+
+impl OpSpec for Spec {
+    const KIND: &'static str = "lm_head";
+    const GPU: bool = true;
+    fn from_params(p: &mut Params) -> Spec {
+        Spec { hidden: p.usize("hidden"), vocab: p.usize("vocab") }
+    }
+    fn params(&self) -> Vec<(&'static str, ParamValue)> {
+        vec![("hidden", int(self.hidden)), ("vocab", int(self.vocab))]
+    }
+    fn inputs(&self) -> Vec<Port> {
+        vec![Port::act("x", self.hidden), Port::weight("weight", vec![self.vocab, self.hidden])]
+    }
+    fn outputs(&self) -> Vec<Port> {
+        vec![Port::act("y", self.vocab)]
+    }
+    /// The logits and the gathered rows: one row per token at most.
+    fn activation_floats(&self, tokens: usize) -> usize {
+        tokens * (self.hidden + self.vocab)
+    }
+    fn instantiate(&self, _: &OpEnv, _: Option<u32>) -> Box<dyn Operator<Packet>> {
+        Box::new(LmHead { hidden: self.hidden, vocab: self.vocab })
+    }
+    fn instantiate_gpu(&self, _: &OpEnv, _: Option<u32>) -> Option<Box<dyn Operator<Packet>>> {
+        Some(Box::new(GpuLmHead { hidden: self.hidden, vocab: self.vocab }))
+    }
+}
 
 /// See the module doc.
 pub struct LmHead {

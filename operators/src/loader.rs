@@ -18,6 +18,7 @@
 //! log, where the filesystem refuses `O_DIRECT`. Every read is checked against the tensor's
 //! place in the file; a short read or a changed file is an error naming the tensor and file.
 
+use crate::spec::{Mem, OpEnv, OpSpec, ParamValue, Params, Port};
 use crate::Packet;
 use io_uring::{opcode, types, IoUring};
 use std::collections::HashMap;
@@ -27,6 +28,60 @@ use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use weir_runtime::{DType, Emit, FireCx, HostBuffer, Inputs, OpError, Operator, Pool, ReadyCx, SpanKind, Step, Tensor};
+
+/// A loader node: made from a graph's `weight` statements (one per loader lane), not written
+/// as a node. `streamed[i]`: tensor `i` is read again for every pass instead of once;
+/// `held[i]` (streamed tensors only): read once, held in memory and sent every pass — the DRAM
+/// tier of weights a GPU computes with. `mode` follows from the lane it reads on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spec {
+    pub tensors: Vec<TensorSource>,
+    pub streamed: Vec<bool>,
+    pub held: Vec<bool>,
+    pub mode: IoMode,
+}
+
+impl OpSpec for Spec {
+    const KIND: &'static str = "load";
+    const WRITTEN: bool = false;
+    fn from_params(_: &mut Params) -> Spec {
+        Spec { tensors: Vec::new(), streamed: Vec::new(), held: Vec::new(), mode: IoMode::Pread }
+    }
+    fn params(&self) -> Vec<(&'static str, ParamValue)> {
+        Vec::new()
+    }
+    fn inputs(&self) -> Vec<Port> {
+        Vec::new()
+    }
+    /// Each tensor on a port of its own, named after it.
+    fn outputs(&self) -> Vec<Port> {
+        self.tensors.iter().map(|t| Port::weight(&t.name, t.shape.clone())).collect()
+    }
+    /// It reads into host memory wherever it runs.
+    fn memories(&self) -> (Mem, Mem) {
+        (Mem::Host, Mem::Host)
+    }
+    fn instantiate(&self, env: &OpEnv, _: Option<u32>) -> Box<dyn Operator<Packet>> {
+        let mut l = Loader::new(self.tensors.clone(), self.streamed.clone(), self.mode, env.host_pool.clone());
+        if self.held.iter().any(|h| *h) {
+            l.hold(self.held.clone(), env.held_pool.clone());
+        }
+        l.count_into(env.disk_bytes.clone());
+        l.hold_bf16_as_f16(env.bf16_as_f16);
+        Box::new(l)
+    }
+}
+
+impl Spec {
+    /// Tensor `i`'s tier: `host` (resident), `dram` (held) or `nvme` (read every pass).
+    pub fn tier(&self, i: usize) -> &'static str {
+        match (self.streamed[i], self.held[i]) {
+            (false, _) => "host",
+            (true, true) => "dram",
+            (true, false) => "nvme",
+        }
+    }
+}
 
 /// Where one tensor's bytes are.
 #[derive(Debug, Clone, PartialEq)]

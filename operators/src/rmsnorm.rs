@@ -2,8 +2,39 @@
 //!
 //! Ports: `x` `[tokens, dim]` f32, `weight` `[dim]`. Output: `y` `[tokens, dim]` f32.
 
+use crate::spec::{float, int, OpEnv, OpSpec, ParamValue, Params, Port};
 use crate::{check_act, weight_vec, Packet};
 use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, Step};
+
+/// An RMSNorm node: `rmsnorm dim=… eps=…`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spec {
+    pub dim: usize,
+    pub eps: f32,
+}
+
+impl OpSpec for Spec {
+    const KIND: &'static str = "rmsnorm";
+    const GPU: bool = true;
+    fn from_params(p: &mut Params) -> Spec {
+        Spec { dim: p.usize("dim"), eps: p.f32("eps", None) }
+    }
+    fn params(&self) -> Vec<(&'static str, ParamValue)> {
+        vec![("dim", int(self.dim)), ("eps", float(self.eps))]
+    }
+    fn inputs(&self) -> Vec<Port> {
+        vec![Port::act("x", self.dim), Port::weight("weight", vec![self.dim])]
+    }
+    fn outputs(&self) -> Vec<Port> {
+        vec![Port::act("y", self.dim)]
+    }
+    fn instantiate(&self, _: &OpEnv, _: Option<u32>) -> Box<dyn Operator<Packet>> {
+        Box::new(RmsNorm { dim: self.dim, eps: self.eps })
+    }
+    fn instantiate_gpu(&self, _: &OpEnv, _: Option<u32>) -> Option<Box<dyn Operator<Packet>>> {
+        Some(Box::new(GpuRmsNorm { dim: self.dim, eps: self.eps }))
+    }
+}
 
 /// See the module doc.
 pub struct RmsNorm {

@@ -3,9 +3,82 @@
 //! Ports: `x` `[tokens, heads*head_dim]` f32. Output: `y`, same shape. Positions come from the
 //! batch: sequence `s`'s tokens sit at `start..start+len`.
 
+use crate::spec::{float, int, OpEnv, OpSpec, ParamValue, Params, Port};
 use crate::{check_act, Packet};
 use weir_kernels::rope::Rope;
+use weir_kernels::rope::RopeScaling;
 use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, Step};
+
+/// A rotary embedding node: `rope heads=… head_dim=… theta=… [scaling="default"|"linear"|"llama3"]
+/// [factor=… low_freq_factor=… high_freq_factor=… original_max=…]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spec {
+    pub heads: usize,
+    pub head_dim: usize,
+    pub theta: f32,
+    pub scaling: RopeScaling,
+}
+
+impl OpSpec for Spec {
+    const KIND: &'static str = "rope";
+    const GPU: bool = true;
+    fn from_params(p: &mut Params) -> Spec {
+        let (heads, head_dim, theta) = (p.usize("heads"), p.usize("head_dim"), p.f32("theta", None));
+        let scaling = match p.string("scaling", "default").as_str() {
+            "default" => RopeScaling::Default,
+            "linear" => RopeScaling::Linear { factor: p.f32("factor", None) },
+            "llama3" => RopeScaling::Llama3 {
+                factor: p.f32("factor", None),
+                low_freq_factor: p.f32("low_freq_factor", None),
+                high_freq_factor: p.f32("high_freq_factor", None),
+                original_max_position_embeddings: p.f32("original_max", None),
+            },
+            other => {
+                p.error(Some("scaling"), format!("unknown scaling \"{other}\" (known: default, linear, llama3)"));
+                RopeScaling::Default
+            }
+        };
+        // Scaling parameters that the chosen scaling does not read are not errors.
+        p.allow(&["factor", "low_freq_factor", "high_freq_factor", "original_max"]);
+        if head_dim % 2 != 0 {
+            p.error(Some("head_dim"), format!("`head_dim` must be even, found {head_dim}"));
+        }
+        Spec { heads, head_dim, theta, scaling }
+    }
+    fn params(&self) -> Vec<(&'static str, ParamValue)> {
+        let mut v = vec![("heads", int(self.heads)), ("head_dim", int(self.head_dim)), ("theta", float(self.theta))];
+        let name = |s: &str| ParamValue::Str(s.into());
+        match self.scaling {
+            RopeScaling::Default => v.push(("scaling", name("default"))),
+            RopeScaling::Linear { factor } => v.extend([("scaling", name("linear")), ("factor", float(factor))]),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => v
+                .extend([
+                    ("scaling", name("llama3")),
+                    ("factor", float(factor)),
+                    ("low_freq_factor", float(low_freq_factor)),
+                    ("high_freq_factor", float(high_freq_factor)),
+                    ("original_max", float(original_max_position_embeddings)),
+                ]),
+        }
+        v
+    }
+    fn inputs(&self) -> Vec<Port> {
+        vec![Port::act("x", self.heads * self.head_dim)]
+    }
+    fn outputs(&self) -> Vec<Port> {
+        vec![Port::act("y", self.heads * self.head_dim)]
+    }
+    /// In place.
+    fn activation_floats(&self, _tokens: usize) -> usize {
+        0
+    }
+    fn instantiate(&self, _: &OpEnv, _: Option<u32>) -> Box<dyn Operator<Packet>> {
+        Box::new(RopeOp { heads: self.heads, rope: Rope::new(self.head_dim, self.theta, &self.scaling) })
+    }
+    fn instantiate_gpu(&self, _: &OpEnv, _: Option<u32>) -> Option<Box<dyn Operator<Packet>>> {
+        Some(Box::new(GpuRope::new(self.heads, Rope::new(self.head_dim, self.theta, &self.scaling))))
+    }
+}
 
 /// See the module doc.
 pub struct RopeOp {

@@ -11,10 +11,69 @@
 //! later layer's router applied to an earlier hidden state, predicting which experts that
 //! layer will choose so its expert store can read them ahead (see `expert_store`).
 
+use crate::spec::{int, Carries, OpEnv, OpSpec, ParamValue, Params, Port};
 use crate::{check_act, weight_view, Packet};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, Step};
+
+/// A router node: `router hidden=… experts=… top_k=… [normalize=true] [hint=false]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spec {
+    pub hidden: usize,
+    pub experts: usize,
+    pub top_k: usize,
+    pub normalize: bool,
+    /// A prediction of a later layer's choices for its expert store, not counted in the routing
+    /// statistics (the expert placement adds these; printed only when set).
+    pub hint: bool,
+}
+
+impl OpSpec for Spec {
+    const KIND: &'static str = "router";
+    const GPU: bool = true;
+    fn from_params(p: &mut Params) -> Spec {
+        let (hidden, experts, top_k) = (p.usize("hidden"), p.usize("experts"), p.usize("top_k"));
+        if top_k > experts {
+            p.error(Some("top_k"), format!("`top_k` ({top_k}) exceeds `experts` ({experts})"));
+        }
+        Spec { hidden, experts, top_k, normalize: p.bool("normalize", true), hint: p.bool("hint", false) }
+    }
+    fn params(&self) -> Vec<(&'static str, ParamValue)> {
+        let mut v = vec![
+            ("hidden", int(self.hidden)),
+            ("experts", int(self.experts)),
+            ("top_k", int(self.top_k)),
+            ("normalize", ParamValue::Bool(self.normalize)),
+        ];
+        v.extend(self.hint.then_some(("hint", ParamValue::Bool(true))));
+        v
+    }
+    fn inputs(&self) -> Vec<Port> {
+        vec![Port::act("x", self.hidden), Port::weight("weight", vec![self.experts, self.hidden])]
+    }
+    fn outputs(&self) -> Vec<Port> {
+        vec![Port::of("route", Carries::Route { experts: self.experts })]
+    }
+    /// The logits.
+    fn activation_floats(&self, tokens: usize) -> usize {
+        tokens * self.experts
+    }
+    fn instantiate(&self, env: &OpEnv, layer: Option<u32>) -> Box<dyn Operator<Packet>> {
+        Box::new(self.router(env, layer))
+    }
+    fn instantiate_gpu(&self, env: &OpEnv, layer: Option<u32>) -> Option<Box<dyn Operator<Packet>>> {
+        Some(Box::new(GpuRouter(self.router(env, layer))))
+    }
+}
+
+impl Spec {
+    fn router(&self, env: &OpEnv, layer: Option<u32>) -> Router {
+        let s = self;
+        let (hidden, experts, top_k, normalize, hint) = (s.hidden, s.experts, s.top_k, s.normalize, s.hint);
+        Router { hidden, experts, top_k, normalize, hint, layer: layer.unwrap_or(0), stats: env.routing.clone() }
+    }
+}
 
 /// The experts chosen for every token of a pass.
 #[derive(Debug, Clone, PartialEq)]

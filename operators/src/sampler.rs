@@ -6,9 +6,35 @@
 //! Port: `logits` `[rows, vocab]` f32 (rows per [`crate::Batch::logit_rows`]).
 //! Output: `tokens` — a `Sampled` packet, carrying the logits when a sequence asked for them.
 
+use crate::spec::{int, Carries, OpEnv, OpSpec, ParamValue, Params, Port};
 use crate::{Batch, LogitsWanted, Packet, Sampling};
 use std::collections::HashMap;
 use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, Step};
+
+/// A sampler node: `sampler vocab=…`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spec {
+    pub vocab: usize,
+}
+
+impl OpSpec for Spec {
+    const KIND: &'static str = "sampler";
+    fn from_params(p: &mut Params) -> Spec {
+        Spec { vocab: p.usize("vocab") }
+    }
+    fn params(&self) -> Vec<(&'static str, ParamValue)> {
+        vec![("vocab", int(self.vocab))]
+    }
+    fn inputs(&self) -> Vec<Port> {
+        vec![Port::act("logits", self.vocab)]
+    }
+    fn outputs(&self) -> Vec<Port> {
+        vec![Port::of("tokens", Carries::Tokens)]
+    }
+    fn instantiate(&self, _: &OpEnv, _: Option<u32>) -> Box<dyn Operator<Packet>> {
+        Box::new(Sampler::new(self.vocab))
+    }
+}
 
 /// xoshiro256** seeded through SplitMix64: small, fast, reproducible everywhere.
 #[derive(Debug, Clone)]

@@ -4,8 +4,42 @@
 //! Ports: `x` `[tokens, dim]` f32; `g` `[tokens, 1]` f32. Output: `y` `[tokens, dim]` (reuses
 //! `x`'s buffer when nothing else holds it).
 
+use crate::spec::{int, OpEnv, OpSpec, ParamValue, Params, Port};
 use crate::{check_act, Packet};
 use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, Step};
+
+/// A gate node: `sigmoid_gate dim=…`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spec {
+    pub dim: usize,
+}
+
+impl OpSpec for Spec {
+    const KIND: &'static str = "sigmoid_gate";
+    const GPU: bool = true;
+    fn from_params(p: &mut Params) -> Spec {
+        Spec { dim: p.usize("dim") }
+    }
+    fn params(&self) -> Vec<(&'static str, ParamValue)> {
+        vec![("dim", int(self.dim))]
+    }
+    fn inputs(&self) -> Vec<Port> {
+        vec![Port::act("x", self.dim), Port::act("g", 1)]
+    }
+    fn outputs(&self) -> Vec<Port> {
+        vec![Port::act("y", self.dim)]
+    }
+    /// In place: `x`'s buffer.
+    fn activation_floats(&self, _tokens: usize) -> usize {
+        0
+    }
+    fn instantiate(&self, _: &OpEnv, _: Option<u32>) -> Box<dyn Operator<Packet>> {
+        Box::new(SigmoidGate { dim: self.dim })
+    }
+    fn instantiate_gpu(&self, _: &OpEnv, _: Option<u32>) -> Option<Box<dyn Operator<Packet>>> {
+        Some(Box::new(GpuSigmoidGate { dim: self.dim }))
+    }
+}
 
 /// See the module doc.
 pub struct SigmoidGate {

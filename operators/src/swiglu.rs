@@ -3,9 +3,50 @@
 //! Ports: `x` `[tokens, hidden]` f32; `gate`, `up` `[intermediate, hidden]`; `down`
 //! `[hidden, intermediate]`. Output: `y` `[tokens, hidden]` f32.
 
+use crate::spec::{int, OpEnv, OpSpec, ParamValue, Params, Port};
 use crate::{check_act, weight_view, Packet};
 use weir_kernels::WeightView;
 use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, Step, Tensor};
+
+/// A SwiGLU MLP node: `swiglu hidden=… intermediate=…`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spec {
+    pub hidden: usize,
+    pub intermediate: usize,
+}
+
+impl OpSpec for Spec {
+    const KIND: &'static str = "swiglu";
+    const GPU: bool = true;
+    fn from_params(p: &mut Params) -> Spec {
+        Spec { hidden: p.usize("hidden"), intermediate: p.usize("intermediate") }
+    }
+    fn params(&self) -> Vec<(&'static str, ParamValue)> {
+        vec![("hidden", int(self.hidden)), ("intermediate", int(self.intermediate))]
+    }
+    fn inputs(&self) -> Vec<Port> {
+        let (h, m) = (self.hidden, self.intermediate);
+        vec![
+            Port::act("x", h),
+            Port::weight("gate", vec![m, h]),
+            Port::weight("up", vec![m, h]),
+            Port::weight("down", vec![h, m]),
+        ]
+    }
+    fn outputs(&self) -> Vec<Port> {
+        vec![Port::act("y", self.hidden)]
+    }
+    /// Its output and the gate and up products.
+    fn activation_floats(&self, tokens: usize) -> usize {
+        tokens * (2 * self.intermediate + self.hidden)
+    }
+    fn instantiate(&self, _: &OpEnv, _: Option<u32>) -> Box<dyn Operator<Packet>> {
+        Box::new(SwiGlu { hidden: self.hidden, intermediate: self.intermediate })
+    }
+    fn instantiate_gpu(&self, _: &OpEnv, _: Option<u32>) -> Option<Box<dyn Operator<Packet>>> {
+        Some(Box::new(GpuSwiGlu { hidden: self.hidden, intermediate: self.intermediate }))
+    }
+}
 
 /// `down(silu(gate(x)) * up(x))` for `t` rows of `x` (`[t, h]`); `gate`, `up` `[m, h]`, `down`
 /// `[h, m]`. Outputs and scratch come from the activation pool.

@@ -15,8 +15,45 @@
 //! the plan that fitted the weights into `--gpu-memory` holds on the device too, in the
 //! loader's order, with no waiting here.
 
+use crate::spec::{Carries, Mem, OpEnv, OpSpec, ParamValue, Params, Port};
 use crate::Packet;
 use weir_runtime::{DType, Emit, FireCx, Inputs, OpError, Operator, SpanKind, Step};
+
+/// A transfer to GPU memory: `to_gpu`, on a GPU lane (a device's copy lane, or a loader's own
+/// GPU lane under `--prefetch 0`). The placement puts one wherever an edge goes from host
+/// memory to a GPU's; a graph file may write them itself (`weir graph show` does).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Spec {
+    /// What it carries is a weight streamed from the host (set by the checker from the tier of
+    /// the weight that feeds it, not a parameter): see [`ToGpu::keep_host`].
+    pub keep_host: bool,
+}
+
+impl OpSpec for Spec {
+    const KIND: &'static str = "to_gpu";
+    const GPU: bool = true;
+    fn from_params(_: &mut Params) -> Spec {
+        Spec::default()
+    }
+    fn params(&self) -> Vec<(&'static str, ParamValue)> {
+        Vec::new()
+    }
+    fn inputs(&self) -> Vec<Port> {
+        vec![Port::of("x", Carries::Any)]
+    }
+    fn outputs(&self) -> Vec<Port> {
+        vec![Port::of("y", Carries::Any)]
+    }
+    fn memories(&self) -> (Mem, Mem) {
+        (Mem::Host, Mem::Lane)
+    }
+    fn instantiate(&self, _: &OpEnv, _: Option<u32>) -> Box<dyn Operator<Packet>> {
+        Box::new(ToGpu { keep_host: self.keep_host })
+    }
+    fn instantiate_gpu(&self, env: &OpEnv, layer: Option<u32>) -> Option<Box<dyn Operator<Packet>>> {
+        Some(self.instantiate(env, layer))
+    }
+}
 
 /// See the module doc.
 pub struct ToGpu {

@@ -5,8 +5,41 @@
 //! Port `x`: [`Packet::DevAct`] becomes [`Packet::Act`], in a buffer from the activation pool;
 //! anything else but a GPU weight passes through unchanged. Output `y`.
 
+use crate::spec::{Carries, Mem, OpEnv, OpSpec, ParamValue, Params, Port};
 use crate::Packet;
 use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, SpanKind, Step};
+
+/// A transfer to host memory: `to_host`, on a GPU lane (the device's copy lane for that
+/// direction). The placement puts one wherever an edge goes from a GPU's memory to the host's;
+/// a graph file may write them itself (`weir graph show` does).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Spec;
+
+impl OpSpec for Spec {
+    const KIND: &'static str = "to_host";
+    const GPU: bool = true;
+    fn from_params(_: &mut Params) -> Spec {
+        Spec
+    }
+    fn params(&self) -> Vec<(&'static str, ParamValue)> {
+        Vec::new()
+    }
+    fn inputs(&self) -> Vec<Port> {
+        vec![Port::of("x", Carries::Any)]
+    }
+    fn outputs(&self) -> Vec<Port> {
+        vec![Port::of("y", Carries::Any)]
+    }
+    fn memories(&self) -> (Mem, Mem) {
+        (Mem::Lane, Mem::Host)
+    }
+    fn instantiate(&self, _: &OpEnv, _: Option<u32>) -> Box<dyn Operator<Packet>> {
+        Box::new(ToHost)
+    }
+    fn instantiate_gpu(&self, env: &OpEnv, layer: Option<u32>) -> Option<Box<dyn Operator<Packet>>> {
+        Some(self.instantiate(env, layer))
+    }
+}
 
 /// See the module doc.
 pub struct ToHost;

@@ -32,6 +32,13 @@ pub enum LaneKind {
     GpuStream { device: usize, stream: usize },
 }
 
+impl LaneKind {
+    /// Whether it is a GPU stream.
+    pub fn is_gpu(&self) -> bool {
+        matches!(self, LaneKind::GpuStream { .. })
+    }
+}
+
 /// A lane as the builder receives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LaneSpec {

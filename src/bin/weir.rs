@@ -3,8 +3,9 @@
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use weir::{Engine, EngineOptions, Event, KvType, LogitsMode, Model, Request, Sampling};
+use weir_graphs::place::experts::{ExpertBudget, ExpertPlacement, Twins};
 
 #[derive(Parser)]
 #[command(name = "weir", version, about = "Run large language models on every device of one machine")]
@@ -159,9 +160,6 @@ fn parse_kv_dtype(s: &str) -> std::result::Result<KvType, String> {
     })
 }
 
-/// A graph file's text and its name for messages.
-type GraphText = Option<(String, String)>;
-
 /// How a model is placed and streamed (shared by `run` and `bench`).
 #[derive(Args)]
 struct PlaceArgs {
@@ -218,95 +216,6 @@ struct PlaceArgs {
     gpu_memory: Option<String>,
 }
 
-/// The byte budgets the flags set.
-#[derive(Clone, Copy, Default)]
-struct Budgets {
-    memory: Option<u64>,
-    gpu: Option<u64>,
-}
-
-impl PlaceArgs {
-    /// The engine options these flags set (the checked graph text and budget from `resolve`).
-    fn engine_options(&self, threads: usize, graph: GraphText, budgets: Budgets) -> EngineOptions {
-        EngineOptions {
-            threads,
-            graph,
-            memory_budget: budgets.memory,
-            gpu_memory: budgets.gpu,
-            prefetch: self.prefetch,
-            micro_batches: self.micro_batches,
-            kv_tokens: self.kv_tokens,
-            max_pass_tokens: self.max_pass_tokens,
-            kv_dtype: self.kv_dtype,
-            bf16_as_f16: self.bf16_as_f16,
-            ..Default::default()
-        }
-    }
-
-    /// The expert placement `--expert-budget` asks for, ranked by the counts in `stats` (if
-    /// the file exists).
-    fn experts(&self, stats: Option<&std::path::Path>) -> Result<Option<weir_graphs::experts::ExpertPlacement>> {
-        use weir_graphs::experts::{ExpertBudget, ExpertPlacement};
-        let Some(s) = &self.expert_budget else {
-            for (set, flag) in [
-                (self.no_expert_cache, "--no-expert-cache"),
-                (self.no_expert_prefetch, "--no-expert-prefetch"),
-                (self.expert_twins.is_some(), "--expert-twins"),
-            ] {
-                if set {
-                    bail!("{flag} needs --expert-budget (without one every expert is resident)");
-                }
-            }
-            return Ok(None);
-        };
-        let budget = match s.trim().strip_suffix('%') {
-            Some(p) => match p.trim().parse::<f64>() {
-                Ok(v) if (0.0..=100.0).contains(&v) => ExpertBudget::Fraction(v / 100.0),
-                _ => bail!("--expert-budget {s}: a percentage must be a number from 0 to 100"),
-            },
-            None => ExpertBudget::Bytes(weir::parse_size(s).map_err(|e| anyhow!("--expert-budget {s}: {e}"))?),
-        };
-        let popularity = match stats.filter(|p| p.exists()) {
-            Some(path) => weir::expert_stats::popularity(path)?,
-            None => Default::default(),
-        };
-        Ok(Some(ExpertPlacement {
-            budget,
-            popularity,
-            cache: !self.no_expert_cache,
-            predict: !self.no_expert_prefetch,
-            twins: self
-                .expert_twins
-                .as_ref()
-                .map(|lane| weir_graphs::experts::Twins { lane: lane.clone(), ..Default::default() }),
-        }))
-    }
-
-    /// Checks the flags together (what each needs, their ranges) and reads the graph file.
-    fn resolve(&self) -> Result<(GraphText, Budgets)> {
-        if self.micro_batches == 0 {
-            bail!("--micro-batches 0: a step needs at least one micro-batch");
-        }
-        if self.max_pass_tokens == 0 {
-            bail!("--max-pass-tokens 0: a pass needs at least one token");
-        }
-        let budgeted = self.memory_budget.is_some() || self.gpu_memory.is_some();
-        if self.kv_tokens.is_some() && !budgeted {
-            bail!(
-                "--kv-tokens needs --memory-budget or --gpu-memory (without a budget the KV cache grows as it needs)"
-            );
-        }
-        let size = |flag: &str, v: &Option<String>| {
-            v.as_deref().map(|s| weir::parse_size(s).map_err(|e| anyhow!("{flag} {s}: {e}"))).transpose()
-        };
-        let budgets = Budgets {
-            memory: size("--memory-budget", &self.memory_budget)?,
-            gpu: size("--gpu-memory", &self.gpu_memory)?,
-        };
-        Ok((read_graph(&self.graph)?, budgets))
-    }
-}
-
 #[derive(Args)]
 struct SynthArgs {
     /// Shape: tiny, small, tinyllama-1.1b, llama3-8b, tiny-moe, mixtral-4l.
@@ -357,11 +266,68 @@ struct BenchArgs {
     place: PlaceArgs,
 }
 
+impl PlaceArgs {
+    /// The engine options these flags set: sizes parsed and the graph file read, each error
+    /// naming its flag; `Engine::new` checks the rest (`EngineOptions::check`).
+    fn engine_options(&self, threads: usize, expert_stats: Option<&Path>) -> Result<EngineOptions> {
+        let size = |flag: &str, v: &Option<String>| {
+            v.as_deref().map(|s| weir::parse_size(s).map_err(|e| anyhow!("{flag} {s}: {e}"))).transpose()
+        };
+        let graph = match &self.graph {
+            None => None,
+            Some(p) => {
+                let text = std::fs::read_to_string(p).with_context(|| format!("--graph {}", p.display()))?;
+                Some((text, p.display().to_string()))
+            }
+        };
+        Ok(EngineOptions {
+            threads,
+            graph,
+            memory_budget: size("--memory-budget", &self.memory_budget)?,
+            gpu_memory: size("--gpu-memory", &self.gpu_memory)?,
+            prefetch: self.prefetch,
+            micro_batches: self.micro_batches,
+            kv_tokens: self.kv_tokens,
+            max_pass_tokens: self.max_pass_tokens,
+            kv_dtype: self.kv_dtype,
+            bf16_as_f16: self.bf16_as_f16,
+            experts: self.experts(expert_stats)?,
+            ..Default::default()
+        })
+    }
+
+    /// The expert placement `--expert-budget` asks for, ranked by the counts in `stats` (if
+    /// the file exists).
+    fn experts(&self, stats: Option<&Path>) -> Result<Option<ExpertPlacement>> {
+        let Some(s) = &self.expert_budget else {
+            for (set, flag) in [
+                (self.no_expert_cache, "--no-expert-cache"),
+                (self.no_expert_prefetch, "--no-expert-prefetch"),
+                (self.expert_twins.is_some(), "--expert-twins"),
+            ] {
+                if set {
+                    bail!("{flag} needs --expert-budget (without one every expert is resident)");
+                }
+            }
+            return Ok(None);
+        };
+        let budget = ExpertBudget::parse(s).map_err(|e| anyhow!("--expert-budget {e}"))?;
+        let popularity = match stats.filter(|p| p.exists()) {
+            Some(path) => weir::expert_stats::popularity(path)?,
+            None => Default::default(),
+        };
+        Ok(Some(ExpertPlacement {
+            budget,
+            popularity,
+            cache: !self.no_expert_cache,
+            predict: !self.no_expert_prefetch,
+            twins: self.expert_twins.as_ref().map(|lane| Twins { lane: lane.clone(), ..Default::default() }),
+        }))
+    }
+}
+
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG").unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    weir::log::init();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Run(a) => run(a),
@@ -377,33 +343,8 @@ fn main() {
     }
 }
 
-fn gpu(c: GpuCmd) -> Result<()> {
-    match c {
-        GpuCmd::Copy { bytes, device, rounds, json } => {
-            let n = weir::parse_size(&bytes).map_err(|e| anyhow!("--bytes {bytes}: {e}"))?;
-            if rounds == 0 {
-                bail!("--rounds 0: nothing would be measured");
-            }
-            let c = weir_runtime::gpu::copy::h2d_bandwidth(device, n as usize, rounds)
-                .map_err(|e| anyhow!("device gpu{device}: {e}"))?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "device": c.device, "bytes": c.bytes, "pool_gbps": c.pool_gbps,
-                        "plain_pinned_gbps": c.plain_pinned_gbps, "pageable_gbps": c.pageable_gbps,
-                        "pool_ratio": c.pool_ratio(),
-                    })
-                );
-            } else {
-                println!("{} — host → device, {} bytes, best of {rounds}", c.device, c.bytes);
-                println!("  pinned pool buffer   {:7.2} GB/s ({:.2} of the plain copy)", c.pool_gbps, c.pool_ratio());
-                println!("  plain pinned memcpy  {:7.2} GB/s", c.plain_pinned_gbps);
-                println!("  pageable memcpy      {:7.2} GB/s", c.pageable_gbps);
-            }
-            Ok(())
-        }
-    }
+fn open(model: &Path) -> Result<Model> {
+    Model::open(model).with_context(|| format!("--model {}", model.display()))
 }
 
 fn parse_ids(s: &str) -> Result<Vec<u32>> {
@@ -417,54 +358,30 @@ fn parse_ids(s: &str) -> Result<Vec<u32>> {
 }
 
 fn run(a: RunArgs) -> Result<()> {
-    if !(a.temperature >= 0.0 && a.temperature.is_finite()) {
-        bail!("--temperature {}: must be a number ≥ 0", a.temperature);
-    }
-    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
-        bail!("--top-p {}: must be in (0, 1]", a.top_p);
-    }
-    let (graph, budgets) = a.place.resolve()?;
-    let model = Model::open(&a.model).with_context(|| format!("--model {}", a.model.display()))?;
+    let opts = a.place.engine_options(a.threads, a.expert_stats.as_deref())?;
+    opts.check()?;
+    let model = open(&a.model)?;
     let prompt = match (&a.prompt, &a.prompt_ids) {
         (Some(text), _) => model.encode(text)?,
         (None, Some(ids)) => parse_ids(ids)?,
         (None, None) => bail!("give --prompt or --prompt-ids"),
     };
-    let engine = Engine::new(
-        &model,
-        EngineOptions {
-            trace: a.trace.is_some(),
-            kv_tokens: Some(a.place.kv_tokens.unwrap_or_else(|| {
-                weir::engine::kv_tokens_needed(prompt.len(), a.max_new_tokens, model.config.max_position_embeddings)
-            })),
-            experts: a.place.experts(a.expert_stats.as_deref())?,
-            ..a.place.engine_options(a.threads, graph, budgets)
-        },
-    )?;
+    let max_positions = model.config.max_position_embeddings;
+    let kv_tokens_default = Some(weir::kv_tokens_needed(prompt.len(), a.max_new_tokens, max_positions));
+    let engine = Engine::new(&model, EngineOptions { trace: a.trace.is_some(), kv_tokens_default, ..opts })?;
     if let Some(path) = a.expert_stats.as_ref().filter(|p| p.exists()) {
         weir::expert_stats::load(engine.routing(), path)?;
     }
     let logits = if a.logits_out.is_some() { LogitsMode::Steps } else { LogitsMode::None };
-    let req = Request {
-        prompt: prompt.clone(),
-        max_new_tokens: a.max_new_tokens,
-        sampling: Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed },
-        stop_at_eos: true,
-        logits,
-    };
-    let generation = engine.submit(req)?;
-    let mut ids = Vec::new();
-    let mut step_logits = Vec::new();
-    let mut stats = None;
-    let mut shown = String::new();
+    let sampling = Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
+    let req = Request { prompt: prompt.clone(), max_new_tokens: a.max_new_tokens, sampling, stop_at_eos: true, logits };
+    let (mut ids, mut step_logits, mut stats, mut shown) = (Vec::new(), Vec::new(), None, String::new());
     let mut stdout = std::io::stdout().lock();
-    for ev in generation {
+    for ev in engine.submit(req)? {
         match ev {
             Event::Token { id, logits } => {
                 ids.push(id);
-                if let Some(l) = logits {
-                    step_logits.push(l);
-                }
+                step_logits.extend(logits);
                 if !a.json {
                     // Stream text: print what the decoding of all ids so far adds.
                     let text = model.decode(&ids)?;
@@ -490,7 +407,8 @@ fn run(a: RunArgs) -> Result<()> {
     }
     engine.shutdown()?;
     if let Some(path) = &a.logits_out {
-        let v = serde_json::json!({"last_prompt_logits": step_logits.first().cloned().unwrap_or_default(), "step_logits": step_logits});
+        let first = step_logits.first().cloned().unwrap_or_default();
+        let v = serde_json::json!({"last_prompt_logits": first, "step_logits": step_logits});
         std::fs::write(path, serde_json::to_string(&v)?).with_context(|| format!("--logits-out {}", path.display()))?;
     }
     if a.json {
@@ -523,19 +441,12 @@ fn synth(a: SynthArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     weir::synth::write_model(&a.out, &shape, dtype, a.seed)?;
     let bytes = std::fs::metadata(a.out.join("model.safetensors")).map(|m| m.len()).unwrap_or(0);
-    eprintln!(
-        "wrote {} ({}, {}, {:.2} GB) in {:.1} s",
-        a.out.display(),
-        shape.name,
-        a.dtype,
-        bytes as f64 / 1e9,
-        t0.elapsed().as_secs_f64()
-    );
+    let (out, secs) = (a.out.display(), t0.elapsed().as_secs_f64());
+    eprintln!("wrote {out} ({}, {}, {:.2} GB) in {secs:.1} s", shape.name, a.dtype, bytes as f64 / 1e9);
     Ok(())
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
-    let (graph, budgets) = a.place.resolve()?;
     // `bench` only reads the counts (to rank the experts it keeps resident); `run` writes them.
     if let Some(path) = &a.expert_stats {
         if a.place.expert_budget.is_none() {
@@ -545,92 +456,31 @@ fn bench(a: BenchArgs) -> Result<()> {
             bail!("--expert-stats {}: no such file (`weir run --expert-stats` writes one)", path.display());
         }
     }
-    let model = Model::open(&a.model).with_context(|| format!("--model {}", a.model.display()))?;
-    let threads = if a.threads == 0 { weir_runtime_threads() } else { a.threads };
-    let r = weir::bench::run(
-        &model,
-        &weir::bench::BenchOptions {
-            batch: a.batch,
-            prompt_len: a.prompt_len,
-            gen_len: a.gen_len,
-            seed: a.seed,
-            trace: a.trace.is_some(),
-            engine: EngineOptions {
-                experts: a.place.experts(a.expert_stats.as_deref())?,
-                ..a.place.engine_options(threads, graph, budgets)
-            },
-        },
-    )?;
+    let threads = if a.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { a.threads };
+    let engine = a.place.engine_options(threads, a.expert_stats.as_deref())?;
+    engine.check()?;
+    let model = open(&a.model)?;
+    let o = weir::bench::BenchOptions {
+        batch: a.batch,
+        prompt_len: a.prompt_len,
+        gen_len: a.gen_len,
+        seed: a.seed,
+        trace: a.trace.is_some(),
+        engine,
+    };
+    let r = weir::bench::run(&model, &o)?;
     if let (Some(path), Some(t)) = (&a.trace, &r.trace) {
         std::fs::write(path, t.to_chrome_json()).with_context(|| format!("--trace {}", path.display()))?;
     }
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
-        println!("model            {}", a.model.display());
-        println!(
-            "batch {} × prompt {} + gen {}, {} threads, {} kernels{}",
-            r.batch,
-            r.prompt_len,
-            r.gen_len,
-            r.threads,
-            r.cpu_isa,
-            if r.bf16_as_f16 { ", bf16 held as f16" } else { "" }
-        );
-        println!(
-            "prefill          {:.1} tokens/s ({:.3} TFLOP/s)",
-            r.prefill_tokens_per_s,
-            r.prefill_flops_per_s / 1e12
-        );
-        println!("decode           {:.2} tokens/s ({:.3} TFLOP/s)", r.decode_tokens_per_s, r.decode_flops_per_s / 1e12);
-        println!("total            {:.2} tokens/s", r.total_tokens_per_s);
-        println!("memory read      {:.1} GB/s (measured now, {} threads)", r.memory_read_gb_per_s, r.threads);
-        println!("weights / step   {:.3} GB", r.weight_bytes_per_token as f64 / 1e9);
-        println!(
-            "bandwidth bound  {:.2} steps/s; achieved {:.0}% of it",
-            r.bandwidth_bound_steps_per_s,
-            100.0 * r.fraction_of_bandwidth_bound
-        );
-        println!(
-            "disk             {:.2} GB/s probed (O_DIRECT); {} bytes read, {:.2} GB/s during the run (page cache {})",
-            r.disk_probe_gb_per_s, r.disk_bytes_read, r.disk_gb_per_s, r.page_cache
-        );
-        if let Some(hit) = r.expert_cache_hit_rate {
-            let predicted = match r.expert_prediction_hit_rate {
-                Some(p) => format!(
-                    "prediction hit rate {p:.2} ({} read ahead, {} then chosen)",
-                    r.expert_prefetches, r.expert_prefetch_hits
-                ),
-                None => "no prediction".into(),
-            };
-            println!(
-                "experts          cache hit rate {hit:.2}; {predicted}; {:.3} GB read per token",
-                r.expert_bytes_per_token / 1e9
-            );
-            if r.experts_on_own_lane + r.experts_on_twin > 0 {
-                println!(
-                    "expert twins     {} chosen cold experts on their own lane, {} on the twins'",
-                    r.experts_on_own_lane, r.experts_on_twin
-                );
-            }
-        }
-        let peaks: Vec<String> = r.peak_bytes.iter().map(|(k, v)| format!("{k} {:.3} GB", *v as f64 / 1e9)).collect();
-        let pools: Vec<String> =
-            r.peak_bytes_by_pool.iter().map(|(k, v)| format!("{k} {:.3}", *v as f64 / 1e9)).collect();
-        println!("peak memory      {} (pools: {})", peaks.join(", "), pools.join(", "));
-        println!(
-            "per decode step  streamed {:.3} GB; compute {:.4} s (resident); bound {:.4} s; actual {:.4} s; overlap efficiency {:.2}",
-            r.streamed_bytes_per_step as f64 / 1e9,
-            r.compute_s_per_step,
-            r.bound_s_per_step,
-            r.actual_s_per_step,
-            r.overlap_efficiency
-        );
+        print!("{}", r.to_text(&a.model));
     }
     Ok(())
 }
 
-fn read_trace(path: &PathBuf) -> Result<weir::Trace> {
+fn read_trace(path: &Path) -> Result<weir::Trace> {
     let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
     weir::Trace::from_chrome_json(&text).map_err(|e| anyhow!("{}: {e}", path.display()))
 }
@@ -655,93 +505,58 @@ fn trace(cmd: TraceCmd) -> Result<()> {
     Ok(())
 }
 
-/// Reads a `--graph` file: (text, name for messages).
-fn read_graph(path: &Option<PathBuf>) -> Result<GraphText> {
-    match path {
-        None => Ok(None),
-        Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("--graph {}", p.display()))?;
-            Ok(Some((text, p.display().to_string())))
-        }
-    }
-}
-
 fn graph(cmd: GraphCmd) -> Result<()> {
     match cmd {
         GraphCmd::Check { file, model, threads } => {
             let text = std::fs::read_to_string(&file).with_context(|| format!("{}", file.display()))?;
             let name = file.display().to_string();
-            let g = match &model {
-                Some(dir) => {
-                    let m = Model::open(dir).with_context(|| format!("--model {}", dir.display()))?;
-                    m.graph(Some((&text, &name)), threads, KvType::F32, 1)?
-                }
-                None => {
-                    let input = weir_graphs::format::CheckInput {
-                        vars: vec![],
-                        weights: None,
-                        cpus: weir_runtime::lane::allowed_cpus(),
-                    };
-                    weir_graphs::format::load_str(&text, &name, &input).map_err(weir::Error::Graph)?
-                }
-            };
-            let ops = g.nodes.iter().filter(|n| n.op.kind() != "load").count();
-            // Where it runs on GPUs: what the compiler will do, checked here without a GPU.
-            let on_gpu = |i: usize| weir::compile::node_gpu(&g, i).is_some();
-            let mut problems = Vec::new();
-            for n in (0..g.nodes.len()).filter(|&i| on_gpu(i)).map(|i| &g.nodes[i]) {
-                if let Err(e) = n.op.instantiate_gpu(&weir_operators::OpEnv::default(), n.layer) {
-                    problems.push(format!("node `{}`: {e}", n.name));
-                }
-            }
-            if !problems.is_empty() {
-                bail!("{name}: placement: {}", problems.join("; "));
-            }
-            let t = weir::compile::transfers(&g).map_err(|e| anyhow!("{name}: {e}"))?;
-            let gpu = if t.is_empty() && !(0..g.nodes.len()).any(on_gpu) {
-                String::new()
-            } else {
-                let up = t.iter().filter(|c| c.up).count();
-                format!(
-                    "; {} operators on GPU lanes, {up} transfers to GPU memory and {} back",
-                    (0..g.nodes.len()).filter(|&i| on_gpu(i)).count(),
-                    t.len() - up
-                )
-            };
-            println!("{name}: ok ({} lanes, {ops} operators, {} edges{gpu})", g.lanes.len(), g.edges.len());
+            let model = model.as_deref().map(open).transpose()?;
+            let report = weir::check_graph(&text, &name, model.as_ref(), threads)?;
+            println!("{report}");
             Ok(())
         }
         GraphCmd::Show(a) => {
-            let g = load_model_graph(&a)?;
-            print!("{}", weir_graphs::format::print::print(&g));
+            print!("{}", weir_graphs::format::print::print(&placed_graph(&a)?));
             Ok(())
         }
         GraphCmd::Dot(a) => {
-            let g = load_model_graph(&a)?;
-            print!("{}", g.dot());
+            print!("{}", placed_graph(&a)?.dot());
             Ok(())
         }
     }
 }
 
-fn load_model_graph(a: &GraphArgs) -> Result<weir_graphs::Graph> {
-    let (text, budgets) = a.place.resolve()?;
-    let model = Model::open(&a.model).with_context(|| format!("--model {}", a.model.display()))?;
-    let mut g = model.graph(text.as_ref().map(|(t, n)| (t.as_str(), n.as_str())), a.threads, a.place.kv_dtype, 1)?;
-    let gpu = budgets.gpu.or_else(|| weir::engine::default_gpu_memory(&g));
-    let planned = weir::engine::planned_budget(&g, budgets.memory, gpu);
-    weir::engine::prefetch_needs_budget(a.place.prefetch, planned)?;
-    if let Some(b) = planned {
-        let reserve = a.place.engine_options(a.threads, None, budgets).reserve(model.config.max_position_embeddings);
-        let mut plan = weir::engine::fit(&mut g, b, a.place.prefetch, &reserve, budgets.gpu, gpu)?;
-        weir::engine::place_host(&mut g, &mut plan, budgets.memory, gpu, 0);
-    }
-    if a.place.micro_batches > 1 {
-        weir_graphs::plan::share_streamed(&mut g, a.place.micro_batches as u32);
-    }
-    Ok(g)
+/// The graph `weir run` with these flags would run: the same placement.
+fn placed_graph(a: &GraphArgs) -> Result<weir_graphs::Graph> {
+    let opts = a.place.engine_options(a.threads, None)?;
+    opts.check()?;
+    let model = open(&a.model)?;
+    let file = opts.graph.as_ref().map(|(t, n)| (t.as_str(), n.as_str()));
+    let placed = model.place(file, &opts.placement(model.config.max_position_embeddings))?;
+    opts.check_placed(&placed)?;
+    Ok(placed.graph)
 }
 
-fn weir_runtime_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+fn gpu(c: GpuCmd) -> Result<()> {
+    let GpuCmd::Copy { bytes, device, rounds, json } = c;
+    let n = weir::parse_size(&bytes).map_err(|e| anyhow!("--bytes {bytes}: {e}"))?;
+    if rounds == 0 {
+        bail!("--rounds 0: nothing would be measured");
+    }
+    let c = weir_runtime::gpu::copy::h2d_bandwidth(device, n as usize, rounds)
+        .map_err(|e| anyhow!("device gpu{device}: {e}"))?;
+    if json {
+        let v = serde_json::json!({
+            "device": c.device, "bytes": c.bytes, "pool_gbps": c.pool_gbps,
+            "plain_pinned_gbps": c.plain_pinned_gbps, "pageable_gbps": c.pageable_gbps,
+            "pool_ratio": c.pool_ratio(),
+        });
+        println!("{v}");
+    } else {
+        println!("{} — host → device, {} bytes, best of {rounds}", c.device, c.bytes);
+        println!("  pinned pool buffer   {:7.2} GB/s ({:.2} of the plain copy)", c.pool_gbps, c.pool_ratio());
+        println!("  plain pinned memcpy  {:7.2} GB/s", c.plain_pinned_gbps);
+        println!("  pageable memcpy      {:7.2} GB/s", c.pageable_gbps);
+    }
+    Ok(())
 }

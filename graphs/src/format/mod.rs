@@ -1,16 +1,22 @@
 //! Graph definition files: the text format users write, in two stages.
 //!
 //! 1. [`syntax`] — text → statements with source spans (every syntax error reported).
-//! 2. [`check`] — statements → a checked, placed [`Graph`] (every semantic error reported).
+//! 2. [`check`] — statements → a checked [`Graph`] (every semantic error reported): `expand`
+//!    expands loops and conditions and evaluates expressions, `check` resolves lanes, nodes
+//!    and edges, `weights` the weights, expert stores and transfers.
 //!
 //! [`print`] writes a graph back as text (`weir graph show`); parsing that text gives the same
 //! graph. `docs/graph-format.md` is the reference.
 
 pub mod check;
+mod expand;
+mod lanes;
 pub mod print;
 pub mod syntax;
+mod weights;
 
-pub use check::{model_vars, CheckInput, Value};
+pub use check::CheckInput;
+pub use expand::{model_vars, Value};
 pub use syntax::{Diagnostic, Span};
 
 use crate::graph::Graph;

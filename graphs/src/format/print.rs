@@ -1,8 +1,10 @@
-//! A graph → graph-file text. What `weir graph show` prints: every node with every parameter,
-//! lane and layer, every edge with its capacity, every weight with its loader lane — nothing
-//! left to defaults or loops. Parsing the text back gives the same graph.
+//! A graph → graph-file text. What `weir graph show` prints: every lane, every node with every
+//! parameter, lane and layer — transfers and expert stores included —, every edge with its
+//! capacity, every weight with its loader lane and tier or its expert store: nothing left to
+//! defaults or loops. Parsing the text back gives the same graph, and running it runs the same
+//! actors.
 
-use crate::graph::Graph;
+use crate::graph::{Graph, Port};
 use std::fmt::Write;
 use weir_operators::OpConfig;
 use weir_runtime::LaneKind;
@@ -27,41 +29,34 @@ pub fn quote(s: &str) -> String {
 /// The graph as a version-1 graph file.
 pub fn print(g: &Graph) -> String {
     let mut s = String::new();
-    let compute = g.nodes.iter().filter(|n| !matches!(n.op, OpConfig::Load { .. })).count();
+    let compute = g.nodes.iter().filter(|n| !matches!(n.op, OpConfig::Load(_))).count();
     let _ = writeln!(s, "weir {}", super::syntax::VERSION);
     let _ = writeln!(s, "# compiled and placed: {} lanes, {compute} operators, {} edges", g.lanes.len(), g.edges.len());
     s.push('\n');
     for l in &g.lanes {
         let _ = match &l.kind {
             LaneKind::Cpu { cores } => {
-                writeln!(
-                    s,
-                    "lane {} cpu cores={}",
-                    l.name,
-                    cores.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",")
-                )
+                let cores = cores.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",");
+                writeln!(s, "lane {} cpu cores={cores}", l.name)
             }
             LaneKind::Io { core: Some(c) } => writeln!(s, "lane {} io core={c}", l.name),
             LaneKind::Io { core: None } => writeln!(s, "lane {} io", l.name),
-            LaneKind::Nvme { core, depth, chunk } => writeln!(
-                s,
-                "lane {} nvme depth={depth} chunk={chunk}{}",
-                l.name,
-                core.map_or(String::new(), |c| format!(" core={c}"))
-            ),
+            LaneKind::Nvme { core, depth, chunk } => {
+                let core = core.map_or(String::new(), |c| format!(" core={c}"));
+                writeln!(s, "lane {} nvme depth={depth} chunk={chunk}{core}", l.name)
+            }
             LaneKind::GpuStream { device, stream } => {
                 writeln!(s, "lane {} gpu device={device} stream={stream}", l.name)
             }
         };
     }
-    if let Some(b) = g.host_budget {
-        let _ = writeln!(s, "budget host={b}");
+    for (k, b) in [("host", g.host_budget), ("gpu", g.gpu_budget)] {
+        if let Some(b) = b {
+            let _ = writeln!(s, "budget {k}={b}");
+        }
     }
     s.push('\n');
-    for n in &g.nodes {
-        if matches!(n.op, OpConfig::Load { .. } | OpConfig::ExpertStore { .. }) {
-            continue;
-        }
+    for n in g.nodes.iter().filter(|n| !matches!(n.op, OpConfig::Load(_))) {
         let _ = write!(s, "node {} = {}", n.name, n.op.kind());
         for (k, v) in n.op.params() {
             let _ = write!(s, " {k}={v}");
@@ -73,61 +68,43 @@ pub fn print(g: &Graph) -> String {
         s.push('\n');
     }
     s.push('\n');
-    let in_name = |p: &crate::graph::Port| format!("{}.{}", g.nodes[p.node].name, g.nodes[p.node].op.inputs()[p.port]);
+    let in_name = |p: &Port| format!("{}.{}", g.nodes[p.node].name, g.nodes[p.node].op.inputs()[p.port]);
     let _ = writeln!(s, "input {}", in_name(&g.entry));
-    let reader = |i: usize| matches!(g.nodes[i].op, OpConfig::Load { .. } | OpConfig::ExpertStore { .. });
-    for e in g.edges.iter().filter(|e| !reader(e.from.node) && !reader(e.to.node)) {
+    let reader = |i: usize| matches!(g.nodes[i].op, OpConfig::Load(_) | OpConfig::ExpertStore(_));
+    for e in g.edges.iter().filter(|e| !reader(e.from.node)) {
         let from = &g.nodes[e.from.node];
-        let _ = writeln!(
-            s,
-            "edge {}.{} -> {} capacity={}",
-            from.name,
-            from.op.outputs()[e.from.port],
-            in_name(&e.to),
-            e.capacity
-        );
+        let out = &from.op.outputs()[e.from.port];
+        let _ = writeln!(s, "edge {}.{out} -> {} capacity={}", from.name, in_name(&e.to), e.capacity);
     }
     let x = &g.nodes[g.exit.node];
     let _ = writeln!(s, "output {}.{}", x.name, x.op.outputs()[g.exit.port]);
     s.push('\n');
-    for (li, l) in g.nodes.iter().enumerate() {
-        let OpConfig::Load { tensors, streamed, held, .. } = &l.op else { continue };
-        for (port, t) in tensors.iter().enumerate() {
-            for e in g.edges.iter().filter(|e| e.from.node == li && e.from.port == port) {
-                let tier = match (streamed[port], held[port]) {
-                    (false, _) => "host",
-                    (true, true) => "dram",
-                    (true, false) => "nvme",
+    for (li, l) in g.loaders() {
+        for (port, t) in l.tensors.iter().enumerate() {
+            for e in g.edges_from(li, port) {
+                // Into a transfer: its edges say how the weight is used on the other side.
+                let uses = match &g.nodes[e.to.node].op {
+                    OpConfig::ToGpu(_) | OpConfig::ToHost(_) => g.edges_from(e.to.node, 0).map(|x| x.uses).max(),
+                    _ => Some(e.uses),
                 };
-                let uses = if e.uses > 1 { format!(" uses={}", e.uses) } else { String::new() };
+                let uses = uses.filter(|&u| u > 1).map_or(String::new(), |u| format!(" uses={u}"));
+                let (to, lane, tier) = (in_name(&e.to), &g.lanes[g.nodes[li].lane].name, l.tier(port));
                 let _ = writeln!(
                     s,
-                    "weight {} = {} lane={} capacity={} tier={tier}{uses}",
-                    in_name(&e.to),
+                    "weight {to} = {} lane={lane} capacity={} tier={tier}{uses}",
                     quote(&t.name),
-                    g.lanes[l.lane].name,
                     e.capacity
                 );
             }
         }
     }
-    // Expert stores are made by the expert placement, not written in files: said as comments.
     for (si, st) in g.nodes.iter().enumerate() {
-        let OpConfig::ExpertStore { served, tensors, budget, cache, hinted, .. } = &st.op else { continue };
-        let list: Vec<String> = served.iter().map(|e| e.to_string()).collect();
-        let _ = writeln!(
-            s,
-            "# {} (lane {}): experts {} read from storage when chosen, {budget} bytes{}{}",
-            st.name,
-            g.lanes[st.lane].name,
-            list.join(", "),
-            if *cache { " of cache" } else { ", nothing kept" },
-            if *hinted { ", read ahead when predicted" } else { "" }
-        );
-        for (port, t) in tensors.iter().enumerate() {
-            for e in g.edges.iter().filter(|e| e.from.node == si && e.from.port == port) {
-                let _ = writeln!(s, "#   weight {} = {}", in_name(&e.to), quote(&t.name));
-            }
+        let OpConfig::ExpertStore(spec) = &st.op else { continue };
+        let sides = if spec.twins.is_some() { 2 } else { 1 };
+        for e in g.edges.iter().filter(|e| e.from.node == si) {
+            let t = &spec.tensors[3 * (e.from.port / (3 * sides)) + e.from.port % 3];
+            let _ =
+                writeln!(s, "weight {} = {} store={} capacity={}", in_name(&e.to), quote(&t.name), st.name, e.capacity);
         }
     }
     s

@@ -1,5 +1,8 @@
-//! The memory planner: which weights stay resident and which stream from storage every pass,
-//! so that a model fits a memory budget.
+//! Pass: plan memory. Which weights stay resident and which stream from storage every pass, so
+//! that a model fits a memory budget — the host's (`--memory-budget`) or, for a graph with GPU
+//! lanes, the GPU's (`--gpu-memory`, else the device's default) — and, given both, FlexGen's
+//! three tiers: what does not fit the GPU is held in DRAM as far as the host budget allows, the
+//! rest read from NVMe every pass.
 //!
 //! Every weight streamed is read once per pass, whichever it is, so which bytes stay resident
 //! matters for when reading stalls, not for how much is read. The planner keeps the weights
@@ -20,11 +23,10 @@
 //! activations at once, so the bound is twice the hungriest layer plus the operators outside
 //! layers). The three pools share one meter, whose high-water mark is the tier's peak.
 
+use super::{Machine, PlaceOptions};
 use crate::error::{Error, Result};
 use crate::graph::Graph;
-use weir_operators::loader::IoMode;
 use weir_operators::OpConfig;
-use weir_runtime::LaneKind;
 
 /// Bytes a direct read of a tensor holds: whole 4 KiB blocks around it.
 pub fn held_bytes(offset: u64, len: u64) -> u64 {
@@ -122,32 +124,180 @@ pub struct Plan {
     pub split: Split,
 }
 
-/// Fits `g` into `budget` bytes of host memory: sets `reserve` aside, then decides which
-/// weights stream, turns the loader lanes that stream into io_uring readers, and sets the host
-/// budget.
+/// The pass: plans `g`'s memory for `o` (see the module doc), or leaves a graph file's own
+/// placement as it stands. Returns what the planner decided, when it planned.
 ///
-/// `prefetch`: how many layers' weights reading may run ahead of compute (`None`: two, up to
-/// half the budget). `Some(0)` turns overlap off: the loaders run on the compute lane, so
-/// reading and computing take turns — the baseline that overlap is measured against.
-pub fn fit(g: &mut Graph, budget: u64, prefetch: Option<usize>, reserve: &Reserve) -> Result<Plan> {
-    // (loader node, port) → (bytes held, consumers)
-    let mut tensors: Vec<(usize, usize, u64, usize, usize)> = Vec::new(); // node, port, bytes, consumers, layer order
-    for (ni, n) in g.nodes.iter().enumerate() {
-        if let OpConfig::Load { tensors: ts, .. } = &n.op {
-            for (p, t) in ts.iter().enumerate() {
-                let consumers = g.edges.iter().filter(|e| e.from.node == ni && e.from.port == p).count();
-                tensors.push((ni, p, held_bytes(t.offset, t.nbytes()), consumers, tensors.len()));
-            }
+/// Budgets, in order: `--memory-budget` / `--gpu-memory` if given (they override a file's
+/// tiers); else a file's own `budget` statements (its placement stands); else, for a graph
+/// with GPU lanes, each device's default budget (`machine`); else none — every weight
+/// resident, nothing streams.
+pub fn plan(g: &mut Graph, o: &PlaceOptions, machine: &dyn Machine) -> Result<Option<Plan>> {
+    let given = o.memory_budget.is_some() || o.gpu_memory.is_some();
+    let own = g.host_budget.is_some() || g.gpu_budget.is_some();
+    let gpu_default = if given || own { None } else { gpu_default(g, machine) };
+    let gpu = if g.on_gpu() { o.gpu_memory.or(gpu_default) } else { None };
+    let planned = if g.on_gpu() { gpu.or(o.memory_budget) } else { o.memory_budget };
+    let Some(budget) = planned else {
+        if o.prefetch.is_some() {
+            return Err(Error::Options(
+                "--prefetch needs --memory-budget or --gpu-memory, or a graph with GPU lanes on a machine with the GPU \
+                 (without a budget every weight is resident and nothing streams)"
+                    .into(),
+            ));
+        }
+        share_streamed(g, o.micro_batches as u32);
+        return Ok(None);
+    };
+    // The expert caches are host memory: they come out of the host budget first. On a GPU graph
+    // the plan fits the GPU's budget, and the caches only have to fit the host's.
+    let caches = cache_bytes(g);
+    let rest = |b: u64| {
+        b.checked_sub(caches).filter(|&r| r > 0).ok_or_else(|| {
+            Error::Options(format!(
+                "the memory budget of {b} bytes does not hold the expert caches' {caches} bytes (from the expert \
+                 budget) and the rest of the model: give more memory (--memory-budget) or a smaller expert budget"
+            ))
+        })
+    };
+    let budget = match (g.on_gpu(), o.memory_budget) {
+        (true, Some(m)) => rest(m).map(|_| budget)?,
+        (true, None) => budget,
+        (false, _) => rest(budget)?,
+    };
+    let which = match (g.on_gpu(), o.gpu_memory, gpu) {
+        (true, Some(_), _) => "the GPU memory budget, --gpu-memory",
+        (true, None, Some(_)) => "the GPU's default budget, its memory less 1 GiB (--gpu-memory sets another)",
+        _ => "--memory-budget",
+    };
+    let mut plan = fit(g, budget, o.prefetch, &o.reserve).map_err(|e| match e {
+        Error::Placement(m) => Error::Placement(format!("{m} (the budget is {which})")),
+        e => e,
+    })?;
+    let host = host_split(g, &plan.split, plan.minimum);
+    if let (true, Some(_), Some(m)) = (g.on_gpu(), gpu, o.memory_budget) {
+        hold(g, &mut plan, m.saturating_sub(host.weights + host.kv + host.activations + caches));
+    }
+    g.host_budget = o.memory_budget;
+    g.gpu_budget = gpu;
+    share_streamed(g, o.micro_batches as u32);
+    Ok(Some(plan))
+}
+
+/// The memory a graph's plan fits when `--gpu-memory` is not given: each device's default pool
+/// (the smallest if several). `None` without GPU lanes, or where a device cannot be opened (the
+/// program's start then says why).
+fn gpu_default(g: &Graph, machine: &dyn Machine) -> Option<u64> {
+    g.devices().into_iter().map(|d| machine.gpu_memory(d)).min().flatten()
+}
+
+/// Bytes of the expert stores' caches (host memory, outside the planned pools).
+pub fn cache_bytes(g: &Graph) -> u64 {
+    g.nodes.iter().filter_map(|n| if let OpConfig::ExpertStore(s) = &n.op { Some(s.budget) } else { None }).sum()
+}
+
+/// The host pools a placed graph runs in, from its budgets and tiers alone (so a printed graph
+/// run again gets the same pools).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostPools {
+    /// The weights pool (the streaming window), the KV cache, activations.
+    pub split: Split,
+    /// Weights held in DRAM beyond those (FlexGen's middle tier).
+    pub held: u64,
+    /// The expert stores' caches.
+    pub caches: u64,
+}
+
+impl HostPools {
+    /// Everything together: what the host tier may hold.
+    pub fn total(&self) -> u64 {
+        self.split.weights + self.split.kv + self.split.activations + self.held + self.caches
+    }
+}
+
+/// The host pools of placed graph `g` with `reserve` set aside (see [`HostPools`]); `None`
+/// without a budget.
+pub fn host_pools(g: &Graph, reserve: &Reserve) -> Result<Option<HostPools>> {
+    let caches = cache_bytes(g);
+    let split = if g.on_gpu() {
+        let Some(b) = g.gpu_budget.or(g.host_budget) else { return Ok(None) };
+        let s = split(g, b, reserve, 0)?;
+        host_split(g, &s, window_min(g) + s.kv + s.activations)
+    } else {
+        let Some(b) = g.host_budget else { return Ok(None) };
+        let rest = b.checked_sub(caches).filter(|&r| r > 0).ok_or_else(|| {
+            Error::Options(format!(
+                "the host budget of {b} bytes does not hold the expert caches' {caches} bytes and the rest of the model"
+            ))
+        })?;
+        split(g, rest, reserve, 0)?
+    };
+    let held =
+        g.loaders().flat_map(|(_, l)| (0..l.tensors.len()).filter(|&i| l.held[i]).map(|i| tensor_bytes(l, i))).sum();
+    Ok(Some(HostPools { split, held, caches }))
+}
+
+/// The host pools' split for a plan's (`split`, `minimum`). On a CPU graph it is the plan's. On
+/// a GPU graph the plan fitted GPU memory, and the weights it keeps there are uploaded once and
+/// leave the host: the host's weights pool is what the plan streams through (at least one
+/// operator's weights at once), so that the streamed copies a GPU holds — each keeps its host
+/// buffer — stay within the room the plan left them in GPU memory.
+fn host_split(g: &Graph, split: &Split, minimum: u64) -> Split {
+    let mut split = *split;
+    if g.on_gpu() {
+        let one_op = minimum - split.kv - split.activations;
+        let kept_on_gpu: u64 = kept_tensors(g)
+            .filter(|&(node, port, _)| g.edges_from(node, port).all(|e| reaches_gpu(g, e.to.node)))
+            .map(|(_, _, bytes)| bytes)
+            .sum();
+        split.weights = split.weights.saturating_sub(kept_on_gpu).max(one_op);
+    }
+    split
+}
+
+/// Whether data sent to `node` ends up in a GPU's memory (through a transfer, or there).
+fn reaches_gpu(g: &Graph, node: usize) -> bool {
+    match g.nodes[node].op {
+        OpConfig::ToGpu(_) => true,
+        _ => g.memory(node, false).is_some(),
+    }
+}
+
+fn tensor_bytes(l: &weir_operators::loader::Spec, i: usize) -> u64 {
+    held_bytes(l.tensors[i].offset, l.tensors[i].nbytes())
+}
+
+/// Every loader tensor: (loader node, port, bytes held, consumers, order).
+fn loader_tensors(g: &Graph) -> Vec<(usize, usize, u64, usize, usize)> {
+    let mut tensors = Vec::new();
+    for (ni, l) in g.loaders() {
+        for p in 0..l.tensors.len() {
+            tensors.push((ni, p, tensor_bytes(l, p), g.edges_from(ni, p).count(), tensors.len()));
         }
     }
-    // The hungriest operator: the sum of the weights it holds at once.
+    tensors
+}
+
+/// What the hungriest operator holds at once: the sum of the weights it takes.
+fn window_min(g: &Graph) -> u64 {
+    let tensors = loader_tensors(g);
     let mut per_op: std::collections::HashMap<usize, u64> = Default::default();
     for e in &g.edges {
         if let Some(t) = tensors.iter().find(|t| t.0 == e.from.node && t.1 == e.from.port) {
             *per_op.entry(e.to.node).or_default() += t.2;
         }
     }
-    let window_min = per_op.values().copied().max().unwrap_or(0);
+    per_op.values().copied().max().unwrap_or(0)
+}
+
+/// Fits `g`'s weights into `budget` bytes: sets `reserve` aside, then decides which weights
+/// stream (`tier=nvme`) and which stay resident, and records it in the loaders' specs and the
+/// weight edges' stickiness. How the loaders then read is the next pass's (`loaders`).
+///
+/// `prefetch`: how many layers' weights reading may run ahead of compute (`None`: two, up to
+/// half the budget).
+pub fn fit(g: &mut Graph, budget: u64, prefetch: Option<usize>, reserve: &Reserve) -> Result<Plan> {
+    let tensors = loader_tensors(g);
+    let window_min = window_min(g);
     // Two layers' worth of weights, for reading to run ahead of compute.
     let mut per_layer: std::collections::HashMap<u32, u64> = Default::default();
     for e in &g.edges {
@@ -174,13 +324,7 @@ pub fn fit(g: &mut Graph, budget: u64, prefetch: Option<usize>, reserve: &Reserv
     // Weights outside the layers first (the embedding, the LM head): the window is sized for
     // layers, and one of these streamed fills it, so reading the next layers stalls until the
     // step's end has used it. Then the most reused, then small first; ties in layer order.
-    let outside = |i: usize| {
-        let (node, port) = (tensors[i].0, tensors[i].1);
-        g.edges
-            .iter()
-            .filter(|e| e.from.node == node && e.from.port == port)
-            .all(|e| g.nodes[e.to.node].layer.is_none())
-    };
+    let outside = |i: usize| g.edges_from(tensors[i].0, tensors[i].1).all(|e| g.nodes[e.to.node].layer.is_none());
     let mut order: Vec<usize> = (0..tensors.len()).collect();
     order.sort_by_key(|&i| (!outside(i), std::cmp::Reverse(tensors[i].3), tensors[i].2, tensors[i].4));
     let mut resident = vec![false; tensors.len()];
@@ -203,8 +347,9 @@ pub fn fit(g: &mut Graph, budget: u64, prefetch: Option<usize>, reserve: &Reserv
     };
     for (i, &(node, port, bytes, _, _)) in tensors.iter().enumerate() {
         let streamed = !resident[i];
-        if let OpConfig::Load { streamed: s, .. } = &mut g.nodes[node].op {
-            s[port] = streamed;
+        if let OpConfig::Load(l) = &mut g.nodes[node].op {
+            l.streamed[port] = streamed;
+            l.held[port] = false;
         }
         for e in g.edges.iter_mut().filter(|e| e.from.node == node && e.from.port == port) {
             e.sticky = !streamed;
@@ -217,44 +362,13 @@ pub fn fit(g: &mut Graph, budget: u64, prefetch: Option<usize>, reserve: &Reserv
             plan.resident_tensors += 1;
         }
     }
-    // Loaders that stream read with io_uring and O_DIRECT (so buffers are whole blocks).
-    for n in g.nodes.iter_mut() {
-        if let OpConfig::Load { mode, .. } = &mut n.op {
-            if let LaneKind::Io { core } = g.lanes[n.lane].kind {
-                g.lanes[n.lane].kind = LaneKind::Nvme { core, depth: 8, chunk: 1 << 20 };
-            }
-            *mode = IoMode::Uring { depth: 8, chunk: 1 << 20, ahead: true };
-        }
-    }
-    if prefetch == Some(0) {
-        let compute = g.nodes.iter().find(|n| !matches!(n.op, OpConfig::Load { .. })).map(|n| n.lane);
-        if let Some(lane) = compute {
-            for n in g.nodes.iter_mut() {
-                if let OpConfig::Load { mode, .. } = &mut n.op {
-                    n.lane = lane;
-                    // Nothing read between firings: reading and computing take turns.
-                    *mode = IoMode::Uring { depth: 8, chunk: 1 << 20, ahead: false };
-                }
-            }
-        }
-    }
-    g.host_budget = Some(whole);
     Ok(plan)
 }
 
 /// The weights a plan keeps (does not stream): loader node, port, and bytes held.
 pub fn kept_tensors(g: &Graph) -> impl Iterator<Item = (usize, usize, u64)> + '_ {
-    g.nodes.iter().enumerate().flat_map(|(ni, n)| {
-        let kept: Vec<(usize, usize, u64)> = match &n.op {
-            OpConfig::Load { tensors, streamed, .. } => tensors
-                .iter()
-                .enumerate()
-                .filter(|&(p, _)| !streamed[p])
-                .map(|(p, t)| (ni, p, held_bytes(t.offset, t.nbytes())))
-                .collect(),
-            _ => Vec::new(),
-        };
-        kept
+    g.loaders().flat_map(|(ni, l)| {
+        (0..l.tensors.len()).filter(|&p| !l.streamed[p]).map(move |p| (ni, p, tensor_bytes(l, p))).collect::<Vec<_>>()
     })
 }
 
@@ -265,11 +379,11 @@ pub fn kept_tensors(g: &Graph) -> impl Iterator<Item = (usize, usize, u64)> + '_
 pub fn hold(g: &mut Graph, plan: &mut Plan, bytes: u64) {
     let mut left = bytes;
     for n in g.nodes.iter_mut() {
-        let OpConfig::Load { tensors, streamed, held, .. } = &mut n.op else { continue };
-        for (i, t) in tensors.iter().enumerate() {
-            let b = held_bytes(t.offset, t.nbytes());
-            if streamed[i] && !held[i] && b <= left {
-                held[i] = true;
+        let OpConfig::Load(l) = &mut n.op else { continue };
+        for i in 0..l.tensors.len() {
+            let b = held_bytes(l.tensors[i].offset, l.tensors[i].nbytes());
+            if l.streamed[i] && !l.held[i] && b <= left {
+                l.held[i] = true;
                 left -= b;
                 plan.held_bytes += b;
                 plan.held_tensors += 1;
@@ -282,8 +396,11 @@ pub fn hold(g: &mut Graph, plan: &mut Plan, bytes: u64) {
 /// passes — one per micro-batch of a step — before the next copy is taken, so one load of a
 /// layer's weights is used by the whole block.
 pub fn share_streamed(g: &mut Graph, micro_batches: u32) {
-    let loaders: Vec<usize> = (0..g.nodes.len()).filter(|&i| matches!(g.nodes[i].op, OpConfig::Load { .. })).collect();
+    if micro_batches <= 1 {
+        return;
+    }
+    let loaders: Vec<usize> = g.loaders().map(|(i, _)| i).collect();
     for e in g.edges.iter_mut().filter(|e| loaders.contains(&e.from.node) && !e.sticky) {
-        e.uses = micro_batches.max(1);
+        e.uses = micro_batches;
     }
 }

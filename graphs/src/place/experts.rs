@@ -1,4 +1,4 @@
-//! Expert placement across tiers: under a budget of fast-tier bytes for expert weights, the
+//! Pass: place experts. Expert placement across tiers: under a budget of fast-tier bytes for expert weights, the
 //! most used experts stay resident and the rest are read from storage when chosen, into a
 //! bounded popularity-aware cache (`weir_operators::expert_store`).
 //!
@@ -17,13 +17,13 @@
 //! MoE layer's router lane, applied to that router's input — the previous layer's hidden
 //! state — so the store can read the likely experts while the previous layer computes.
 
+use super::memory::held_bytes;
 use crate::error::{Error, Result};
 use crate::graph::{Edge, Graph, Node, Port};
-use crate::plan::held_bytes;
 use std::collections::{BTreeMap, HashMap};
+pub use weir_operators::expert_store::{LaneTiming, TwinCosts};
 use weir_operators::loader::{IoMode, TensorSource};
-use weir_operators::offload::{Costs, LaneCost, LinkCost};
-use weir_operators::OpConfig;
+use weir_operators::{add, expert, expert_store, router, OpConfig};
 use weir_runtime::{LaneKind, LaneSpec};
 
 /// Fast-tier room for expert weights over all layers (resident experts and caches).
@@ -35,6 +35,18 @@ pub enum ExpertBudget {
 }
 
 impl ExpertBudget {
+    /// `--expert-budget`: a size (`2GB`, see [`crate::parse_size`]) or a percentage of all
+    /// experts' bytes (`25%`).
+    pub fn parse(s: &str) -> std::result::Result<ExpertBudget, String> {
+        match s.trim().strip_suffix('%') {
+            Some(p) => match p.trim().parse::<f64>() {
+                Ok(v) if (0.0..=100.0).contains(&v) => Ok(ExpertBudget::Fraction(v / 100.0)),
+                _ => Err(format!("{s}: a percentage must be a number from 0 to 100")),
+            },
+            None => crate::parse_size(s).map(ExpertBudget::Bytes).map_err(|e| format!("{s}: {e}")),
+        }
+    }
+
     fn bytes(self, total: u64) -> u64 {
         match self {
             ExpertBudget::Bytes(b) => b,
@@ -71,31 +83,53 @@ pub struct Twins {
     pub timings: BTreeMap<String, LaneTiming>,
 }
 
-/// One lane's cost of one expert.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct LaneTiming {
-    /// Seconds to compute an expert over `t` tokens: `fixed_s + per_token_s × t`.
-    pub fixed_s: f64,
-    pub per_token_s: f64,
-    /// For a GPU lane: seconds to move one expert's weights to it from host memory.
-    pub upload_s: Option<f64>,
+/// The shape of an MoE layer's experts, as timing one needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpertShape {
+    pub hidden: usize,
+    pub intermediate: usize,
+    /// The weights' type as stored.
+    pub dtype: weir_runtime::DType,
 }
 
-/// What the engine needs to time the experts of `g`: their hidden and intermediate sizes, their
-/// weights' type, and the lanes they are on. `None` without experts.
-pub fn expert_shape(g: &Graph) -> Option<(usize, usize, weir_runtime::DType, Vec<usize>)> {
+/// The experts of `g`: their shape, and the lanes they are on. `None` without experts.
+pub fn expert_shape(g: &Graph) -> Option<(ExpertShape, Vec<usize>)> {
     let mut lanes: Vec<usize> =
-        g.nodes.iter().filter(|n| matches!(n.op, OpConfig::Expert { twin: false, .. })).map(|n| n.lane).collect();
+        g.nodes.iter().filter(|n| matches!(&n.op, OpConfig::Expert(e) if !e.twin)).map(|n| n.lane).collect();
     lanes.sort_unstable();
     lanes.dedup();
-    let (ni, n) = g.nodes.iter().enumerate().find(|(_, n)| matches!(n.op, OpConfig::Expert { .. }))?;
-    let OpConfig::Expert { hidden, intermediate, .. } = n.op else { return None };
-    let gate = g.edges.iter().find(|e| e.to.node == ni && e.to.port == 2)?;
+    let (ni, e) = g.nodes.iter().enumerate().find_map(|(i, n)| match &n.op {
+        OpConfig::Expert(e) => Some((i, e)),
+        _ => None,
+    })?;
+    let gate = g.edge_into(ni, 2)?;
     let dtype = match &g.nodes[gate.from.node].op {
-        OpConfig::Load { tensors, .. } => tensors[gate.from.port].dtype,
+        OpConfig::Load(l) => l.tensors[gate.from.port].dtype,
         _ => weir_runtime::DType::F32,
     };
-    Some((hidden, intermediate, dtype, lanes))
+    Some((ExpertShape { hidden: e.hidden, intermediate: e.intermediate, dtype }, lanes))
+}
+
+/// Times one expert, through `timing`, on every lane `t` needs (the experts' own lanes and the
+/// twins') that it has no timing for. A twin lane that does not exist or computes nothing is
+/// left for [`place`] to refuse, naming it.
+pub fn time_lanes(
+    g: &Graph,
+    t: &mut Twins,
+    timing: &dyn Fn(&LaneSpec, &ExpertShape) -> std::result::Result<LaneTiming, String>,
+) -> Result<()> {
+    let Some((shape, mut lanes)) = expert_shape(g) else { return Ok(()) };
+    lanes.extend(g.lanes.iter().position(|l| l.name == t.lane));
+    for l in lanes {
+        let lane = &g.lanes[l];
+        let computes = matches!(lane.kind, LaneKind::Cpu { .. } | LaneKind::GpuStream { .. });
+        if computes && !t.timings.contains_key(&lane.name) {
+            let timing = timing(lane, &shape)
+                .map_err(|e| Error::Placement(format!("timing an expert on lane `{}`: {e}", lane.name)))?;
+            t.timings.insert(lane.name.clone(), timing);
+        }
+    }
+    Ok(())
 }
 
 /// What the placement did.
@@ -127,12 +161,18 @@ struct ExpertNode {
 /// Places `g`'s experts under `p` (see the module doc). A graph without experts, or a budget
 /// that holds them all, is left as it is.
 pub fn place(g: &mut Graph, p: &ExpertPlacement) -> Result<ExpertPlan> {
+    if let Some(s) = g.nodes.iter().find(|n| matches!(n.op, OpConfig::ExpertStore(_))) {
+        return Err(Error::Placement(format!(
+            "the graph places its experts already (expert store `{}`): give no expert budget",
+            s.name
+        )));
+    }
     let mut nodes = Vec::new();
     for (ni, n) in g.nodes.iter().enumerate() {
-        let OpConfig::Expert { index, experts, .. } = n.op else { continue };
+        let OpConfig::Expert(expert::Spec { index, experts, .. }) = n.op else { continue };
         let mut sources = [(usize::MAX, 0); 3];
         for e in g.edges.iter().filter(|e| e.to.node == ni && (2..5).contains(&e.to.port)) {
-            if matches!(g.nodes[e.from.node].op, OpConfig::Load { .. }) {
+            if matches!(g.nodes[e.from.node].op, OpConfig::Load(_)) {
                 sources[e.to.port - 2] = (e.from.node, e.from.port);
             }
         }
@@ -206,7 +246,9 @@ pub fn place(g: &mut Graph, p: &ExpertPlacement) -> Result<ExpertPlan> {
     };
     let mut drop_edges: Vec<(usize, usize)> = Vec::new(); // (node, port) inputs no longer fed by loaders
     for (&layer, members) in &layers {
-        let cold: Vec<usize> = members.iter().copied().filter(|&i| !resident[i]).collect();
+        // Ascending by expert, as a store's ports are (and as the checker orders them).
+        let mut cold: Vec<usize> = members.iter().copied().filter(|&i| !resident[i]).collect();
+        cold.sort_by_key(|&i| nodes[i].index);
         if cold.is_empty() {
             continue;
         }
@@ -216,14 +258,16 @@ pub fn place(g: &mut Graph, p: &ExpertPlacement) -> Result<ExpertPlan> {
         let served: Vec<usize> = cold.iter().map(|&i| nodes[i].index).collect();
         let tensors: Vec<TensorSource> =
             cold.iter().flat_map(|&i| nodes[i].sources.map(|(l, port)| source_of(g, l, port))).collect();
-        let prior: Vec<f64> = cold.iter().map(|&i| pop(&nodes[i])).collect();
+        let experts = nodes[cold[0]].experts;
+        let popularity = p.popularity.get(&layer);
+        let prior: Vec<f64> = (0..experts).map(|e| popularity.and_then(|v| v.get(e)).copied().unwrap_or(0.0)).collect();
         let budget = store_bytes[&layer];
         // The previous MoE layer's router, whose input predicts this layer's choices.
         let earlier = layers.range(..layer).next_back().and_then(|(_, m)| router_of(g, nodes[m[0]].node));
         let hint = earlier.filter(|_| p.cache && p.predict).map(|(prev, _)| (prev, route));
-        let op = OpConfig::ExpertStore {
+        let op = OpConfig::ExpertStore(expert_store::Spec {
             served: served.clone(),
-            experts: nodes[cold[0]].experts,
+            experts,
             tensors,
             mode: IoMode::Uring { depth, chunk, ahead: false },
             prior,
@@ -234,11 +278,11 @@ pub fn place(g: &mut Graph, p: &ExpertPlacement) -> Result<ExpertPlan> {
                 (Some(t), Some(tl)) => Some(costs(g, t, g.nodes[nodes[cold[0]].node].lane, tl)?),
                 _ => None,
             },
-        };
+        });
         let stride = if p.twins.is_some() { 6 } else { 3 };
         let store = g.nodes.len();
         g.nodes.push(Node { name: format!("l{layer}/expert_store"), op, lane, layer: Some(layer) });
-        g.edges.push(Edge { from: route, to: Port { node: store, port: 0 }, capacity: 1, sticky: false, uses: 1 });
+        g.edges.push(Edge::new(route, Port { node: store, port: 0 }, 1));
         if let Some((prev, this)) = hint {
             add_hint(g, prev.node, this.node, store);
             plan.predicted.push(layer);
@@ -249,20 +293,15 @@ pub fn place(g: &mut Graph, p: &ExpertPlacement) -> Result<ExpertPlan> {
                 drop_edges.push((nodes[i].node, 2 + w));
                 let to = [Some(nodes[i].node), twin].into_iter().flatten();
                 for (side, node) in to.enumerate() {
-                    g.edges.push(Edge {
-                        from: Port { node: store, port: stride * j + 3 * side + w },
-                        to: Port { node, port: 2 + w },
-                        capacity: 1,
-                        sticky: false,
-                        uses: 1,
-                    });
+                    let from = Port { node: store, port: stride * j + 3 * side + w };
+                    g.edges.push(Edge::new(from, Port { node, port: 2 + w }, 1));
                 }
             }
         }
         plan.stores.push((layer, served, budget));
     }
     g.edges.retain(|e| {
-        !(matches!(g.nodes[e.from.node].op, OpConfig::Load { .. }) && drop_edges.contains(&(e.to.node, e.to.port)))
+        !(matches!(g.nodes[e.from.node].op, OpConfig::Load(_)) && drop_edges.contains(&(e.to.node, e.to.port)))
     });
     prune_loaders(g);
     Ok(plan)
@@ -284,46 +323,30 @@ fn twin_lane(g: &Graph, t: &Twins) -> Result<usize> {
     }
 }
 
-/// A store's costs: lane 0 its experts' own lane, lane 1 the twins'; tier 0 the store's
-/// memory, which a CPU lane reads in place and a GPU lane has moved to it.
-fn costs(g: &Graph, t: &Twins, own: usize, twin: usize) -> Result<Costs> {
-    let mut c = Costs::default();
-    for (i, &l) in [own, twin].iter().enumerate() {
+/// A store's costs: its experts' own lane's and the twins' lane's timings. A GPU lane takes
+/// the weights moved to it (its upload cost); a CPU lane reads the store's memory in place.
+fn costs(g: &Graph, t: &Twins, own: usize, twin: usize) -> Result<TwinCosts> {
+    let timing = |l: usize| {
         let name = &g.lanes[l].name;
         let Some(timing) = t.timings.get(name) else {
             return Err(Error::Placement(format!("no timing of an expert on lane `{name}`")));
         };
         let gpu = matches!(g.lanes[l].kind, LaneKind::GpuStream { .. });
-        c.lanes.push(LaneCost {
-            name: name.clone(),
-            fixed_s: timing.fixed_s,
-            per_token_s: timing.per_token_s,
-            busy_s: 0.0,
-            reads: if gpu { vec![] } else { vec![0] },
-        });
-        if let (true, Some(s)) = (gpu, timing.upload_s) {
-            c.links.push(LinkCost { from: 0, to: i, per_expert_s: s });
-        }
-    }
-    Ok(c)
+        Ok(LaneTiming { upload_s: if gpu { timing.upload_s } else { None }, ..*timing })
+    };
+    Ok(TwinCosts { own: timing(own)?, twin: timing(twin)? })
 }
 
 /// Places a twin of expert node `node` on `lane`: the same inputs but its weights, and a sum of
 /// the two outputs where the expert's went (on the expert's lane).
 fn add_twin(g: &mut Graph, node: usize, lane: usize) -> usize {
-    let OpConfig::Expert { hidden, intermediate, experts, index, .. } = g.nodes[node].op else {
-        unreachable!("twins are made for expert nodes")
-    };
+    let OpConfig::Expert(e) = &g.nodes[node].op else { unreachable!("twins are made for expert nodes") };
+    let (spec, hidden) = (expert::Spec { twin: true, ..e.clone() }, e.hidden);
     let (name, layer, own) = (g.nodes[node].name.clone(), g.nodes[node].layer, g.nodes[node].lane);
     let twin = g.nodes.len();
-    g.nodes.push(Node {
-        name: format!("{name}/twin"),
-        op: OpConfig::Expert { hidden, intermediate, experts, index, twin: true },
-        lane,
-        layer,
-    });
+    g.nodes.push(Node { name: format!("{name}/twin"), op: OpConfig::Expert(spec), lane, layer });
     let sum = g.nodes.len();
-    g.nodes.push(Node { name: format!("{name}/sum"), op: OpConfig::Add { dim: hidden }, lane: own, layer });
+    g.nodes.push(Node { name: format!("{name}/sum"), op: OpConfig::Add(add::Spec { dim: hidden }), lane: own, layer });
     let inputs: Vec<Edge> = g
         .edges
         .iter()
@@ -337,26 +360,19 @@ fn add_twin(g: &mut Graph, node: usize, lane: usize) -> usize {
         capacity = e.capacity;
     }
     for (from, port) in [(node, 0), (twin, 1)] {
-        g.edges.push(Edge {
-            from: Port { node: from, port: 0 },
-            to: Port { node: sum, port },
-            capacity,
-            sticky: false,
-            uses: 1,
-        });
+        g.edges.push(Edge::new(Port { node: from, port: 0 }, Port { node: sum, port }, capacity));
     }
     twin
 }
 
 /// Adds `router`'s copy as a hint, on `earlier`'s lane and input, feeding `store`'s port 1.
 fn add_hint(g: &mut Graph, earlier: usize, router: usize, store: usize) {
-    let OpConfig::Router { hidden, experts, top_k, normalize, .. } = g.nodes[router].op else {
-        unreachable!("`router_of` found a router")
-    };
+    let OpConfig::Router(r) = &g.nodes[router].op else { unreachable!("`router_of` found a router") };
+    let spec = router::Spec { hint: true, ..r.clone() };
     let hint = g.nodes.len();
     let (lane, layer) = (g.nodes[earlier].lane, g.nodes[router].layer);
     let name = format!("{}/expert_hint", layer.map_or_else(|| g.nodes[router].name.clone(), |l| format!("l{l}")));
-    g.nodes.push(Node { name, op: OpConfig::Router { hidden, experts, top_k, normalize, hint: true }, lane, layer });
+    g.nodes.push(Node { name, op: OpConfig::Router(spec), lane, layer });
     let copies: Vec<Edge> = g
         .edges
         .iter()
@@ -364,27 +380,21 @@ fn add_hint(g: &mut Graph, earlier: usize, router: usize, store: usize) {
         .map(|e| Edge { to: Port { node: hint, port: e.to.port }, ..e.clone() })
         .collect();
     g.edges.extend(copies);
-    g.edges.push(Edge {
-        from: Port { node: hint, port: 0 },
-        to: Port { node: store, port: 1 },
-        capacity: 1,
-        sticky: false,
-        uses: 1,
-    });
+    g.edges.push(Edge::new(Port { node: hint, port: 0 }, Port { node: store, port: 1 }, 1));
 }
 
 /// The router port feeding expert node `node`'s route, and the router's top-k.
 fn router_of(g: &Graph, node: usize) -> Option<(Port, usize)> {
     let e = g.edges.iter().find(|e| e.to.node == node && e.to.port == 1)?;
-    match g.nodes[e.from.node].op {
-        OpConfig::Router { top_k, .. } => Some((e.from, top_k)),
+    match &g.nodes[e.from.node].op {
+        OpConfig::Router(r) => Some((e.from, r.top_k)),
         _ => None,
     }
 }
 
 fn source_of(g: &Graph, loader: usize, port: usize) -> TensorSource {
     match &g.nodes[loader].op {
-        OpConfig::Load { tensors, .. } => tensors[port].clone(),
+        OpConfig::Load(l) => l.tensors[port].clone(),
         _ => unreachable!("sources are loader ports (checked in `place`)"),
     }
 }
@@ -407,7 +417,8 @@ fn nvme_lane(g: &mut Graph) -> usize {
 /// left with nothing is left with no tensors (it finishes at once).
 fn prune_loaders(g: &mut Graph) {
     for ni in 0..g.nodes.len() {
-        let OpConfig::Load { tensors, streamed, held, .. } = &g.nodes[ni].op else { continue };
+        let OpConfig::Load(l) = &g.nodes[ni].op else { continue };
+        let (tensors, streamed, held) = (&l.tensors, &l.streamed, &l.held);
         let used: Vec<bool> =
             (0..tensors.len()).map(|p| g.edges.iter().any(|e| e.from.node == ni && e.from.port == p)).collect();
         let mut new_port = vec![usize::MAX; tensors.len()];
@@ -420,8 +431,8 @@ fn prune_loaders(g: &mut Graph) {
                 hs.push(held[p]);
             }
         }
-        if let OpConfig::Load { tensors, streamed, held, .. } = &mut g.nodes[ni].op {
-            (*tensors, *streamed, *held) = (ts, ss, hs);
+        if let OpConfig::Load(l) = &mut g.nodes[ni].op {
+            (l.tensors, l.streamed, l.held) = (ts, ss, hs);
         }
         for e in g.edges.iter_mut().filter(|e| e.from.node == ni) {
             e.from.port = new_port[e.from.port];

@@ -1,0 +1,310 @@
+//! The scheduler: the one thread that drives a running program, batching requests into passes.
+//!
+//! Each step it takes in new requests, admits waiting ones in arrival order while a batch slot
+//! and the KV reserve hold their whole length (prompt + most new tokens: attention then never
+//! runs out of blocks mid-generation), and sends one pass per micro-batch into the graph's
+//! entry edge: every active sequence's share — a decoding one its last token, a prefilling one
+//! the next chunk of its prompt, in what is left of the pass's `pass_tokens` — plus the ids of
+//! finished sequences, so that the actors free their state. It then waits for the sampled
+//! tokens at the exit edge, streams each sequence's token to its caller, and ends sequences at
+//! EOS, the token limit or the end of the context. Sequences of different lengths share a
+//! pass; each keeps its own KV cache inside the attention actors.
+
+use crate::request::{Event, FinishReason, LogitsMode, Request, Stats};
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use weir_operators::attention::KV_BLOCK_TOKENS;
+use weir_operators::{Batch, LogitsWanted, Packet, SeqSlice};
+use weir_runtime::Program;
+
+/// What the engine asks of the scheduler.
+pub(crate) enum Cmd {
+    Submit(Request, Sender<Event>),
+}
+
+/// What the scheduler needs to know of the model and the options.
+#[derive(Clone)]
+pub(crate) struct SchedParams {
+    pub eos: Vec<u32>,
+    pub max_positions: usize,
+    pub vocab: usize,
+    pub max_batch: usize,
+    pub micro_batches: usize,
+    pub pass_tokens: usize,
+    /// KV blocks per layer the reserve holds (`None`: no budget, no limit).
+    pub kv_blocks: Option<usize>,
+    /// Each GPU's memory budget, for the compiler.
+    pub gpu_memory: Option<usize>,
+}
+
+/// Positions of KV cache a request of `prompt_len` tokens generating up to `max_new_tokens`
+/// holds at most, in whole blocks.
+pub fn kv_tokens_needed(prompt_len: usize, max_new_tokens: usize, max_positions: usize) -> usize {
+    (prompt_len + max_new_tokens).min(max_positions).div_ceil(KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS
+}
+
+/// An admitted sequence.
+struct Active {
+    id: u64,
+    req: Request,
+    events: Sender<Event>,
+    /// Positions in the KV cache (prompt chunks done, then one per decode step).
+    pos: usize,
+    last: u32,
+    generated: usize,
+    submitted: Instant,
+    started: Option<Instant>,
+    first_token: Option<Instant>,
+    /// KV blocks set aside for the sequence's whole length.
+    kv_blocks: usize,
+    /// Prompt logits gathered over prefill chunks (`LogitsMode::AllPositions`).
+    prompt_logits: Vec<Vec<f32>>,
+}
+
+impl Active {
+    fn prefilled(&self) -> bool {
+        self.pos >= self.req.prompt.len()
+    }
+}
+
+/// The sequences the scheduler knows of.
+#[derive(Default)]
+struct Sequences {
+    active: Vec<Active>,
+    /// Requests not yet admitted, with the time each was submitted.
+    waiting: VecDeque<(Request, Sender<Event>, Instant)>,
+    /// Finished sequences whose state the next pass frees.
+    release: Vec<u64>,
+    next_id: u64,
+    pass: u64,
+}
+
+/// The scheduler thread's state.
+pub(crate) struct Scheduler {
+    pub cmds: Receiver<Cmd>,
+    pub entry: weir_runtime::ExternalTx<Packet>,
+    pub exit: weir_runtime::ExternalRx<Packet>,
+    pub program: Arc<Mutex<Option<Program>>>,
+    pub p: SchedParams,
+    /// KV blocks not promised to an admitted sequence (`None`: no limit).
+    pub kv_free: Option<usize>,
+}
+
+impl Scheduler {
+    /// Runs until the engine drops its command channel and every request is done, or the
+    /// program fails (every request then gets `Event::Failed` with the cause).
+    pub(crate) fn run(mut self) {
+        let mut s = Sequences::default();
+        let mut open = true;
+        loop {
+            open = open && self.take_requests(&mut s);
+            self.admit(&mut s);
+            if s.active.is_empty() && s.release.is_empty() {
+                // With nothing running the whole reserve is free, and `submit` refuses what
+                // could never fit: the queue is empty here.
+                for (_, events, _) in s.waiting.drain(..) {
+                    let _ = events.send(Event::Failed("the request does not fit the KV cache reserve".into()));
+                }
+                if open {
+                    continue;
+                }
+                return;
+            }
+            let Some(sent) = self.send_passes(&mut s) else { return self.fail_all(&mut s) };
+            let Some(finished) = self.receive(&mut s, &sent) else { return self.fail_all(&mut s) };
+            self.retire(&mut s, finished);
+        }
+    }
+
+    /// Takes in new requests; blocks for one only when there is nothing else to do. False once
+    /// the engine has dropped its end.
+    fn take_requests(&self, s: &mut Sequences) -> bool {
+        loop {
+            let idle = s.active.is_empty() && s.release.is_empty() && s.waiting.is_empty();
+            let cmd =
+                if idle { self.cmds.recv().map_err(|_| TryRecvError::Disconnected) } else { self.cmds.try_recv() };
+            match cmd {
+                Ok(Cmd::Submit(req, events)) => s.waiting.push_back((req, events, Instant::now())),
+                Err(TryRecvError::Empty) => return true,
+                Err(TryRecvError::Disconnected) => return false,
+            }
+        }
+    }
+
+    /// Admits in arrival order while there is a slot and the KV reserve holds the whole
+    /// sequence (so attention never runs out of blocks mid-generation).
+    fn admit(&mut self, s: &mut Sequences) {
+        while s.active.len() < self.p.max_batch {
+            let Some((req, _, _)) = s.waiting.front() else { break };
+            let blocks = kv_tokens_needed(req.prompt.len(), req.max_new_tokens, self.p.max_positions) / KV_BLOCK_TOKENS;
+            if let Some(free) = &mut self.kv_free {
+                if blocks > *free {
+                    break;
+                }
+                *free -= blocks;
+            }
+            let Some((req, events, submitted)) = s.waiting.pop_front() else { break };
+            s.active.push(Active {
+                id: s.next_id,
+                req,
+                events,
+                pos: 0,
+                last: 0,
+                generated: 0,
+                submitted,
+                started: None,
+                first_token: None,
+                kv_blocks: blocks,
+                prompt_logits: Vec::new(),
+            });
+            s.next_id += 1;
+        }
+    }
+
+    /// Sends one pass per micro-batch: sequence i rides in micro-batch i mod K. Decoding
+    /// sequences go first (one token each); prompts fill what is left of the pass's tokens, in
+    /// chunks, their KV cache growing chunk by chunk. Each pass with its members; `None` if the
+    /// program has stopped.
+    fn send_passes(&mut self, s: &mut Sequences) -> Option<Vec<(Arc<Batch>, Vec<usize>)>> {
+        let k = self.p.micro_batches;
+        let now = Instant::now();
+        let mut sent = Vec::with_capacity(k);
+        for g in 0..k {
+            let group: Vec<usize> = (g..s.active.len()).step_by(k).collect();
+            let decoding = group.iter().filter(|&&i| s.active[i].prefilled());
+            let prefilling = group.iter().filter(|&&i| !s.active[i].prefilled());
+            let order: Vec<usize> = decoding.chain(prefilling).copied().collect();
+            let (mut ids, mut seqs, mut members) = (Vec::new(), Vec::new(), Vec::new());
+            let mut room = self.p.pass_tokens;
+            for i in order {
+                if room == 0 {
+                    break;
+                }
+                let a = &mut s.active[i];
+                let (toks, logits) = next_tokens(a, room);
+                room -= toks.len();
+                a.started.get_or_insert(now);
+                seqs.push(SeqSlice { id: a.id, start: a.pos, len: toks.len(), logits, sampling: a.req.sampling });
+                ids.extend(toks);
+                members.push(i);
+            }
+            let release = if g == 0 { std::mem::take(&mut s.release) } else { Vec::new() };
+            let batch = Arc::new(Batch { pass: s.pass, seqs, release });
+            s.pass += 1;
+            self.entry.send(Packet::Tokens { batch: batch.clone(), ids: Arc::new(ids) }).ok()?;
+            sent.push((batch, members));
+        }
+        Some(sent)
+    }
+
+    /// Receives each pass's sampled tokens and hands them to their sequences. The sequences
+    /// that finished (indices into `active`); `None` if the program has stopped.
+    fn receive(&mut self, s: &mut Sequences, sent: &[(Arc<Batch>, Vec<usize>)]) -> Option<Vec<usize>> {
+        let mut finished = Vec::new();
+        for (batch, members) in sent {
+            let Some(Packet::Sampled { tokens, logits, .. }) = self.exit.recv() else { return None };
+            let done_at = Instant::now();
+            let mut row = 0;
+            for ((&i, seq), tok) in members.iter().zip(&batch.seqs).zip(tokens) {
+                let rows = Batch::logit_rows(seq);
+                let mine: Vec<Vec<f32>> = match &logits {
+                    Some(l) if seq.logits != LogitsWanted::None => {
+                        (row..row + rows).map(|r| l.f32()[r * self.p.vocab..(r + 1) * self.p.vocab].to_vec()).collect()
+                    }
+                    _ => Vec::new(),
+                };
+                row += rows;
+                if self.advance(&mut s.active[i], seq, tok, mine, done_at) {
+                    finished.push(i);
+                }
+            }
+        }
+        Some(finished)
+    }
+
+    /// Moves sequence `a` past its share `seq` of a pass, which sampled `tok` and gave `mine`
+    /// logits; true if it finished.
+    fn advance(&self, a: &mut Active, seq: &SeqSlice, tok: u32, mut mine: Vec<Vec<f32>>, done_at: Instant) -> bool {
+        a.pos += seq.len;
+        if !a.prefilled() {
+            // A prompt chunk before the last: its cache is all it leaves.
+            a.prompt_logits.extend(mine);
+            return false;
+        }
+        if seq.logits == LogitsWanted::All {
+            a.prompt_logits.extend(mine.iter().cloned());
+            let _ = a.events.send(Event::PromptLogits(std::mem::take(&mut a.prompt_logits)));
+        }
+        a.last = tok;
+        a.generated += 1;
+        a.first_token.get_or_insert(done_at);
+        let _ = a.events.send(Event::Token { id: tok, logits: mine.pop() });
+        let finish = if a.req.stop_at_eos && self.p.eos.contains(&tok) {
+            FinishReason::Eos
+        } else if a.generated >= a.req.max_new_tokens {
+            FinishReason::MaxTokens
+        } else if a.pos >= self.p.max_positions {
+            FinishReason::ContextFull
+        } else {
+            return false;
+        };
+        let (st, ft) = (a.started.unwrap_or(done_at), a.first_token.unwrap_or(done_at));
+        let _ = a.events.send(Event::Done(Stats {
+            finish,
+            prompt_tokens: a.req.prompt.len(),
+            generated_tokens: a.generated,
+            queued_s: (st - a.submitted).as_secs_f64(),
+            prefill_s: (ft - st).as_secs_f64(),
+            decode_s: (done_at - ft).as_secs_f64(),
+        }));
+        true
+    }
+
+    /// Removes finished sequences. Their blocks return to the pool when the next pass's release
+    /// reaches each attention operator — before any sequence admitted now adds to the cache.
+    fn retire(&mut self, s: &mut Sequences, mut finished: Vec<usize>) {
+        finished.sort_unstable();
+        for i in finished.into_iter().rev() {
+            let a = s.active.remove(i);
+            if let Some(free) = &mut self.kv_free {
+                *free += a.kv_blocks;
+            }
+            s.release.push(a.id);
+        }
+    }
+
+    /// Tells every request, running, waiting or still to come, why the engine stopped.
+    fn fail_all(&self, s: &mut Sequences) {
+        let fault = self.program.lock().ok().and_then(|p| p.as_ref().and_then(|p| p.fault()));
+        let msg = fault.map_or_else(|| "the engine stopped".to_string(), |e| e.to_string());
+        for a in s.active.drain(..) {
+            let _ = a.events.send(Event::Failed(msg.clone()));
+        }
+        for (_, events, _) in s.waiting.drain(..) {
+            let _ = events.send(Event::Failed(msg.clone()));
+        }
+        while let Ok(Cmd::Submit(_, events)) = self.cmds.try_recv() {
+            let _ = events.send(Event::Failed(msg.clone()));
+        }
+    }
+}
+
+/// Sequence `a`'s tokens in the next pass, with `room` tokens left in it, and which logits it
+/// wants back: its last token when decoding; the next chunk of its prompt when prefilling.
+fn next_tokens(a: &Active, room: usize) -> (Vec<u32>, LogitsWanted) {
+    let plen = a.req.prompt.len();
+    if a.pos >= plen {
+        let logits = if a.req.logits == LogitsMode::None { LogitsWanted::None } else { LogitsWanted::Last };
+        return (vec![a.last], logits);
+    }
+    let end = plen.min(a.pos + room);
+    let logits = match (a.req.logits, end == plen) {
+        (LogitsMode::AllPositions, _) => LogitsWanted::All,
+        (_, false) => LogitsWanted::Skip,
+        (LogitsMode::None, true) => LogitsWanted::None,
+        (LogitsMode::Steps, true) => LogitsWanted::Last,
+    };
+    (a.req.prompt[a.pos..end].to_vec(), logits)
+}
