@@ -33,6 +33,41 @@ impl std::fmt::Display for Value {
     }
 }
 
+/// The names of the variables [`model_vars`] gives, and `all`: a bare word in an attribute
+/// (`lane=compute`) is read as a name only when it is none of these.
+pub const VARIABLES: &[&str] = &[
+    "architecture",
+    "hidden",
+    "intermediate",
+    "layers",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "vocab",
+    "max_positions",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_type",
+    "rope_factor",
+    "rope_low_freq_factor",
+    "rope_high_freq_factor",
+    "rope_original_max",
+    "qkv_bias",
+    "o_bias",
+    "tie_word_embeddings",
+    "sliding_window",
+    "experts",
+    "top_k",
+    "expert_intermediate",
+    "norm_topk_prob",
+    "shared_intermediate",
+    "shared_expert",
+    "moe_layer",
+    "threads",
+    "kv_dtype",
+    "all",
+];
+
 /// The variables a graph file can read: the model's config, and the run's `threads` and
 /// `kv_dtype` (the KV cache's element type).
 pub fn model_vars(c: &ModelConfig, threads: usize, kv_dtype: weir_operators::KvType) -> Vec<(String, Value)> {
@@ -173,6 +208,25 @@ pub(super) struct Flat {
     pub default_loader: Option<(String, Span)>,
     pub host_budget: Option<u64>,
     pub gpu_budget: Option<u64>,
+}
+
+/// A value as an operator parameter: one value, or a list of them (not a range, nor a list of
+/// lists).
+fn param_value(v: &Value) -> Option<ParamValue> {
+    Some(match v {
+        Value::Int(i) => ParamValue::Int(*i),
+        Value::Float(f) => ParamValue::Float(*f),
+        Value::Bool(b) => ParamValue::Bool(*b),
+        Value::Str(s) => ParamValue::Str(s.clone()),
+        Value::None => ParamValue::None,
+        Value::List(items) => ParamValue::List(
+            items
+                .iter()
+                .map(|x| if matches!(x, Value::List(_)) { None } else { param_value(x) })
+                .collect::<Option<_>>()?,
+        ),
+        Value::Range(..) => return None,
+    })
 }
 
 /// Expands `stmts` (the model's variables in `vars`) into flat declarations; problems go to
@@ -415,6 +469,29 @@ impl Elab<'_> {
         self.string_of(&v, sp, &format!("`{key}`")).map(|s| (s, sp))
     }
 
+    /// A `node` statement: its lane, layer and parameters.
+    fn node(&mut self, name: &Name, kind: &(String, Span), raw: &[super::syntax::Attr], span: Span) {
+        let Some(name) = self.name(name) else { return };
+        let attrs = self.attrs(raw);
+        let poisoned = attrs.len() < raw.len();
+        let lane = self.lane_ref(&attrs, "lane");
+        let mut layer = None;
+        let mut params = BTreeMap::new();
+        for (k, v, sp) in attrs {
+            match k.as_str() {
+                "lane" => {}
+                "layer" => layer = self.usize_of(&v, sp, "`layer`", 0),
+                _ => match param_value(&v) {
+                    Some(pv) => {
+                        params.insert(k, (pv, sp));
+                    }
+                    None => self.err(sp, format!("parameter `{k}` must be a value or a list of values, found {v}")),
+                },
+            }
+        }
+        self.out.nodes.push(NodeDecl { name, poisoned, kind: kind.clone(), params, lane, layer, span });
+    }
+
     fn stmts(&mut self, stmts: &[Stmt]) {
         for s in stmts {
             self.budget += 1;
@@ -459,35 +536,7 @@ impl Elab<'_> {
                     self.scopes[at].insert(name.0.clone(), v);
                 }
             }
-            Stmt::Node { name, kind, attrs: raw, span } => {
-                let Some(name) = self.name(name) else { return };
-                let attrs = self.attrs(raw);
-                let poisoned = attrs.len() < raw.len();
-                let lane = self.lane_ref(&attrs, "lane");
-                let mut layer = None;
-                let mut params = BTreeMap::new();
-                for (k, v, sp) in attrs {
-                    match k.as_str() {
-                        "lane" => {}
-                        "layer" => layer = self.usize_of(&v, sp, "`layer`", 0),
-                        _ => {
-                            let pv = match v {
-                                Value::Int(i) => ParamValue::Int(i),
-                                Value::Float(f) => ParamValue::Float(f),
-                                Value::Bool(b) => ParamValue::Bool(b),
-                                Value::Str(s) => ParamValue::Str(s),
-                                Value::None => ParamValue::None,
-                                v => {
-                                    self.err(sp, format!("parameter `{k}` must be a single value, found {v}"));
-                                    continue;
-                                }
-                            };
-                            params.insert(k, (pv, sp));
-                        }
-                    }
-                }
-                self.out.nodes.push(NodeDecl { name, poisoned, kind: kind.clone(), params, lane, layer, span: *span });
-            }
+            Stmt::Node { name, kind, attrs, span } => self.node(name, kind, attrs, *span),
             Stmt::Edge { chain, attrs, .. } => {
                 let attrs = self.attrs(attrs);
                 self.unknown_attrs(&attrs, &["capacity"], "`edge`");

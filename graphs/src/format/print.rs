@@ -26,6 +26,16 @@ pub fn quote(s: &str) -> String {
     q
 }
 
+/// A lane's or node's name as an attribute's value: bare, or quoted where it is also a
+/// variable's name (a bare word is read as the variable).
+fn name_value(name: &str) -> String {
+    if super::expand::VARIABLES.contains(&name) {
+        quote(name)
+    } else {
+        name.to_string()
+    }
+}
+
 /// The graph as a version-1 graph file.
 pub fn print(g: &Graph) -> String {
     let mut s = String::new();
@@ -61,7 +71,7 @@ pub fn print(g: &Graph) -> String {
         for (k, v) in n.op.params() {
             let _ = write!(s, " {k}={v}");
         }
-        let _ = write!(s, " lane={}", g.lanes[n.lane].name);
+        let _ = write!(s, " lane={}", name_value(&g.lanes[n.lane].name));
         if let Some(l) = n.layer {
             let _ = write!(s, " layer={l}");
         }
@@ -79,16 +89,22 @@ pub fn print(g: &Graph) -> String {
     let x = &g.nodes[g.exit.node];
     let _ = writeln!(s, "output {}.{}", x.name, x.op.outputs()[g.exit.port]);
     s.push('\n');
+    // A tensor's consumers by name: the same whatever order the passes left its edges in.
+    let by_name = |es: &mut Vec<&crate::graph::Edge>| {
+        es.sort_by(|a, b| (&g.nodes[a.to.node].name, a.to.port).cmp(&(&g.nodes[b.to.node].name, b.to.port)))
+    };
     for (li, l) in g.loaders() {
         for (port, t) in l.tensors.iter().enumerate() {
-            for e in g.edges_from(li, port) {
+            let mut edges: Vec<_> = g.edges_from(li, port).collect();
+            by_name(&mut edges);
+            for e in edges {
                 // Into a transfer: its edges say how the weight is used on the other side.
                 let uses = match &g.nodes[e.to.node].op {
                     OpConfig::ToGpu(_) | OpConfig::ToHost(_) => g.edges_from(e.to.node, 0).map(|x| x.uses).max(),
                     _ => Some(e.uses),
                 };
                 let uses = uses.filter(|&u| u > 1).map_or(String::new(), |u| format!(" uses={u}"));
-                let (to, lane, tier) = (in_name(&e.to), &g.lanes[g.nodes[li].lane].name, l.tier(port));
+                let (to, lane, tier) = (in_name(&e.to), name_value(&g.lanes[g.nodes[li].lane].name), l.tier(port));
                 let _ = writeln!(
                     s,
                     "weight {to} = {} lane={lane} capacity={} tier={tier}{uses}",
@@ -101,10 +117,12 @@ pub fn print(g: &Graph) -> String {
     for (si, st) in g.nodes.iter().enumerate() {
         let OpConfig::ExpertStore(spec) = &st.op else { continue };
         let sides = if spec.twins.is_some() { 2 } else { 1 };
-        for e in g.edges.iter().filter(|e| e.from.node == si) {
+        let mut edges: Vec<_> = g.edges.iter().filter(|e| e.from.node == si).collect();
+        edges.sort_by_key(|e| e.from.port);
+        for e in edges {
             let t = &spec.tensors[3 * (e.from.port / (3 * sides)) + e.from.port % 3];
-            let _ =
-                writeln!(s, "weight {} = {} store={} capacity={}", in_name(&e.to), quote(&t.name), st.name, e.capacity);
+            let (to, store) = (in_name(&e.to), name_value(&st.name));
+            let _ = writeln!(s, "weight {to} = {} store={store} capacity={}", quote(&t.name), e.capacity);
         }
     }
     s

@@ -9,8 +9,9 @@
 //! layers by how often each was chosen per token in calibration (`--expert-stats`; without
 //! one, every expert ties and lower layers and ids go first). A budget of all expert bytes
 //! changes nothing. The rewrite removes the cold experts' weights from the loaders (so they
-//! are never read whole), adds one `expert_store` per layer on an NVMe lane (made if the graph
-//! has none), fed by the layer's router, feeding the cold experts' weight ports.
+//! are never read whole), adds one `expert_store` per layer on an NVMe lane (`expert_reads`,
+//! made if the graph has none), fed by the layer's router, feeding the cold experts' weight
+//! ports.
 //!
 //! With prediction (and a cache), every store after the first MoE layer also gets a hint: a
 //! copy of its layer's router (`hint = true`, not counted in the statistics) on the previous
@@ -404,12 +405,13 @@ fn held_bytes_of(g: &Graph, loader: usize, port: usize) -> u64 {
     held_bytes(t.offset, t.nbytes())
 }
 
-/// The graph's first NVMe lane, or a new one (`experts`) if it has none.
+/// The graph's first NVMe lane, or a new one (`expert_reads`) if it has none.
 fn nvme_lane(g: &mut Graph) -> usize {
     if let Some(i) = g.lanes.iter().position(|l| matches!(l.kind, LaneKind::Nvme { .. })) {
         return i;
     }
-    g.lanes.push(LaneSpec { name: "experts".into(), kind: LaneKind::Nvme { core: None, depth: 8, chunk: 1 << 20 } });
+    g.lanes
+        .push(LaneSpec { name: "expert_reads".into(), kind: LaneKind::Nvme { core: None, depth: 8, chunk: 1 << 20 } });
     g.lanes.len() - 1
 }
 

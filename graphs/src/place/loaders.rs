@@ -41,8 +41,58 @@ pub fn assign(g: &mut Graph, loader_lanes: usize, builtin: bool, planned: bool, 
                     l.mode = IoMode::Uring { depth: 8, chunk: 1 << 20, ahead: false };
                 }
             }
+            merge(g, lane);
         }
     }
+}
+
+/// Makes the loaders on `lane` one, `load/<lane>` (as a graph file's weights on one lane are
+/// read by one loader), their tensors in node order.
+fn merge(g: &mut Graph, lane: usize) {
+    let on_lane: Vec<usize> = g.loaders().filter(|&(i, _)| g.nodes[i].lane == lane).map(|(i, _)| i).collect();
+    let Some((&first, rest)) = on_lane.split_first() else { return };
+    for &other in rest {
+        let OpConfig::Load(taken) = std::mem::replace(&mut g.nodes[other].op, OpConfig::Load(empty(IoMode::Pread)))
+        else {
+            continue;
+        };
+        let OpConfig::Load(into) = &mut g.nodes[first].op else { return };
+        let base = into.tensors.len();
+        into.tensors.extend(taken.tensors);
+        into.streamed.extend(taken.streamed);
+        into.held.extend(taken.held);
+        for e in g.edges.iter_mut().filter(|e| e.from.node == other) {
+            e.from = Port { node: first, port: base + e.from.port };
+        }
+    }
+    g.nodes[first].name = format!("load/{}", g.lanes[lane].name);
+    remove_nodes(g, rest);
+}
+
+/// A loader spec with no tensors.
+fn empty(mode: IoMode) -> Spec {
+    Spec { tensors: vec![], streamed: vec![], held: vec![], mode }
+}
+
+/// Removes nodes that no edge touches, renumbering the rest.
+fn remove_nodes(g: &mut Graph, gone: &[usize]) {
+    let mut new = vec![usize::MAX; g.nodes.len()];
+    let mut next = 0;
+    for (i, slot) in new.iter_mut().enumerate() {
+        if !gone.contains(&i) {
+            *slot = next;
+            next += 1;
+        }
+    }
+    let mut i = 0;
+    g.nodes.retain(|_| {
+        i += 1;
+        !gone.contains(&(i - 1))
+    });
+    for e in g.edges.iter_mut() {
+        (e.from.node, e.to.node) = (new[e.from.node], new[e.to.node]);
+    }
+    (g.entry.node, g.exit.node) = (new[g.entry.node], new[g.exit.node]);
 }
 
 /// Deals the tensors of the graph's one loader over `lanes` io lanes (its own, then new ones
@@ -64,8 +114,7 @@ fn deal(g: &mut Graph, lanes: usize) {
             layer: None,
         });
     }
-    let mut specs: Vec<Spec> =
-        (0..lanes).map(|_| Spec { tensors: vec![], streamed: vec![], held: vec![], mode: spec.mode }).collect();
+    let mut specs: Vec<Spec> = (0..lanes).map(|_| empty(spec.mode)).collect();
     let mut moved = vec![Port::default(); spec.tensors.len()];
     for (t, source) in spec.tensors.iter().enumerate() {
         let s = &mut specs[t % lanes];
