@@ -149,73 +149,26 @@ impl Reader<'_> {
                 .ok_or_else(|| self.err(key, format!("expected a token id or a list of them, found {x}"))),
         }
     }
-}
 
-pub(crate) fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|error| Error::Io { path: path.to_path_buf(), error })?;
-    serde_json::from_str(&text).map_err(|error| Error::Json { path: path.to_path_buf(), error })
-}
-
-impl ModelConfig {
-    /// Reads `dir/config.json` and, if present, `dir/generation_config.json`.
-    pub fn from_dir(dir: &Path) -> Result<ModelConfig> {
-        let path = dir.join("config.json");
-        let v = read_json(&path)?;
-        let mut c = ModelConfig::from_value(&path, &v)?;
-        let gen_path = dir.join("generation_config.json");
-        if gen_path.exists() {
-            let g = read_json(&gen_path)?;
-            let r = Reader { path: &gen_path, v: &g };
-            let eos = r.ids("eos_token_id")?;
-            if !eos.is_empty() {
-                c.eos_token_ids = eos;
-            }
-            if let Some(b) = r.ids("bos_token_id")?.first() {
-                c.bos_token_id = Some(*b);
-            }
-        }
-        Ok(c)
-    }
-
-    /// Parses a config; `path` is used in error messages.
-    pub fn from_value(path: &Path, v: &Value) -> Result<ModelConfig> {
-        let r = Reader { path, v };
+    /// `architectures`: the first class weir knows.
+    fn architecture(&self) -> Result<Architecture> {
+        let r = self;
         let classes: Vec<String> = match r.get("architectures") {
             Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_str().map(String::from)).collect(),
             Some(x) => return Err(r.err("architectures", format!("expected a list of class names, found {x}"))),
             None => return Err(r.err("architectures", "missing (which model class is this?)")),
         };
-        let architecture =
-            classes.iter().find_map(|c| Architecture::from_class(c)).ok_or_else(|| Error::UnsupportedArchitecture {
-                path: path.to_path_buf(),
-                arch: classes.join(", "),
-                supported: Architecture::SUPPORTED.join(", "),
-            })?;
-        if let Some(act) = r.get("hidden_act").and_then(|a| a.as_str()) {
-            if act != "silu" {
-                return Err(r.err("hidden_act", format!("`{act}` is not supported (only silu)")));
-            }
-        }
-        let hidden_size = r.usize("hidden_size")?;
-        let num_attention_heads = r.usize("num_attention_heads")?;
-        let num_key_value_heads = r.opt_usize("num_key_value_heads")?.unwrap_or(num_attention_heads);
-        if num_attention_heads == 0 || num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
-            return Err(r.err(
-                "num_key_value_heads",
-                format!("{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"),
-            ));
-        }
-        let head_dim = match r.opt_usize("head_dim")? {
-            Some(d) => d,
-            None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
-            None => return Err(r.err("head_dim", format!("missing, and hidden_size {hidden_size} is not a multiple of num_attention_heads {num_attention_heads}"))),
-        };
-        if head_dim % 2 != 0 || head_dim > 512 {
-            return Err(r.err("head_dim", format!("{head_dim} must be even and at most 512")));
-        }
-        let num_hidden_layers = r.usize("num_hidden_layers")?;
+        classes.iter().find_map(|c| Architecture::from_class(c)).ok_or_else(|| Error::UnsupportedArchitecture {
+            path: self.path.to_path_buf(),
+            arch: classes.join(", "),
+            supported: Architecture::SUPPORTED.join(", "),
+        })
+    }
 
-        // RoPE: transformers 5 nests it in rope_parameters; transformers 4 spells it at the top.
+    /// RoPE's theta and scaling: transformers 5 nests them in `rope_parameters`; transformers 4
+    /// spells them at the top (`rope_theta`, `rope_scaling`).
+    fn rope(&self) -> Result<(f32, RopeScaling)> {
+        let r = self;
         let rp = r.get("rope_parameters").filter(|p| p.is_object());
         let theta_v = rp.and_then(|p| p.get("rope_theta")).or_else(|| r.get("rope_theta"));
         let rope_theta = r.f32_or(theta_v, "rope_theta", 10000.0)?;
@@ -256,17 +209,16 @@ impl ModelConfig {
                 }
             }
         };
+        Ok((rope_theta, rope_scaling))
+    }
 
-        let attention_bias = r.bool_or("attention_bias", false)?;
-        let qwen = matches!(architecture, Architecture::Qwen2 | Architecture::Qwen2Moe);
-        let qkv_bias = qwen || attention_bias;
-        let o_bias = !qwen && attention_bias;
-
-        // Sliding windows: Mistral applies `sliding_window` to every layer; Qwen2 only with
-        // `use_sliding_window`, from layer `max_window_layers` on; `layer_types` (transformers 5)
-        // says it per layer.
+    /// Each layer's sliding window. Mistral applies `sliding_window` to every layer; Qwen2 only
+    /// with `use_sliding_window`, from layer `max_window_layers` on; `layer_types`
+    /// (transformers 5) says it per layer.
+    fn sliding_windows(&self, architecture: Architecture, num_hidden_layers: usize) -> Result<Vec<Option<usize>>> {
+        let r = self;
         let window = r.opt_usize("sliding_window")?;
-        let sliding_window: Vec<Option<usize>> = match (r.get("layer_types"), architecture) {
+        Ok(match (r.get("layer_types"), architecture) {
             (Some(Value::Array(types)), _) if window.is_some() => {
                 if types.len() != num_hidden_layers {
                     return Err(
@@ -281,8 +233,12 @@ impl ModelConfig {
                 (0..num_hidden_layers).map(|l| if use_sw && l >= from { window } else { None }).collect()
             }
             _ => vec![window; num_hidden_layers],
-        };
+        })
+    }
 
+    /// The mixture-of-experts settings of Mixtral and Qwen2-MoE, checked.
+    fn moe(&self, architecture: Architecture, num_hidden_layers: usize) -> Result<Option<MoeConfig>> {
+        let r = self;
         let moe = match architecture {
             Architecture::Mixtral => Some(MoeConfig {
                 experts: r.usize("num_local_experts")?,
@@ -331,6 +287,74 @@ impl ModelConfig {
                 return Err(r.err(key, "must be positive"));
             }
         }
+        Ok(moe)
+    }
+}
+
+pub(crate) fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|error| Error::Io { path: path.to_path_buf(), error })?;
+    serde_json::from_str(&text).map_err(|error| Error::Json { path: path.to_path_buf(), error })
+}
+
+impl ModelConfig {
+    /// Reads `dir/config.json` and, if present, `dir/generation_config.json`.
+    pub fn from_dir(dir: &Path) -> Result<ModelConfig> {
+        let path = dir.join("config.json");
+        let v = read_json(&path)?;
+        let mut c = ModelConfig::from_value(&path, &v)?;
+        let gen_path = dir.join("generation_config.json");
+        if gen_path.exists() {
+            let g = read_json(&gen_path)?;
+            let r = Reader { path: &gen_path, v: &g };
+            let eos = r.ids("eos_token_id")?;
+            if !eos.is_empty() {
+                c.eos_token_ids = eos;
+            }
+            if let Some(b) = r.ids("bos_token_id")?.first() {
+                c.bos_token_id = Some(*b);
+            }
+        }
+        Ok(c)
+    }
+
+    /// Parses a config; `path` is used in error messages.
+    pub fn from_value(path: &Path, v: &Value) -> Result<ModelConfig> {
+        let r = Reader { path, v };
+        let architecture = r.architecture()?;
+        if let Some(act) = r.get("hidden_act").and_then(|a| a.as_str()) {
+            if act != "silu" {
+                return Err(r.err("hidden_act", format!("`{act}` is not supported (only silu)")));
+            }
+        }
+        let hidden_size = r.usize("hidden_size")?;
+        let num_attention_heads = r.usize("num_attention_heads")?;
+        let num_key_value_heads = r.opt_usize("num_key_value_heads")?.unwrap_or(num_attention_heads);
+        if num_attention_heads == 0 || num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+            return Err(r.err(
+                "num_key_value_heads",
+                format!("{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"),
+            ));
+        }
+        let head_dim = match r.opt_usize("head_dim")? {
+            Some(d) => d,
+            None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
+            None => return Err(r.err("head_dim", format!("missing, and hidden_size {hidden_size} is not a multiple of num_attention_heads {num_attention_heads}"))),
+        };
+        if head_dim % 2 != 0 || head_dim > 512 {
+            return Err(r.err("head_dim", format!("{head_dim} must be even and at most 512")));
+        }
+        let num_hidden_layers = r.usize("num_hidden_layers")?;
+
+        let (rope_theta, rope_scaling) = r.rope()?;
+
+        let attention_bias = r.bool_or("attention_bias", false)?;
+        let qwen = matches!(architecture, Architecture::Qwen2 | Architecture::Qwen2Moe);
+        let qkv_bias = qwen || attention_bias;
+        let o_bias = !qwen && attention_bias;
+
+        let sliding_window = r.sliding_windows(architecture, num_hidden_layers)?;
+
+        let moe = r.moe(architecture, num_hidden_layers)?;
         let dtype = r.get("dtype").or_else(|| r.get("torch_dtype")).and_then(|d| d.as_str()).map(String::from);
         let bos_token_id = r.ids("bos_token_id")?.first().copied();
         let eos_token_ids = r.ids("eos_token_id")?;

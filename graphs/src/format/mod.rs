@@ -11,6 +11,7 @@
 pub mod check;
 mod expand;
 mod lanes;
+mod lexer;
 pub mod print;
 pub mod syntax;
 mod weights;

@@ -1,6 +1,8 @@
-//! Stage one: the text of a graph file → statements with source spans. Knows nothing of
-//! operators or models; reports every syntax error it can recover from, not just the first.
+//! Stage one: the text of a graph file → statements with source spans (`lexer` makes the
+//! tokens). Knows nothing of operators or models; reports every syntax error it can recover
+//! from, not just the first.
 
+use super::lexer::{lex_at, Tok};
 use std::fmt;
 
 /// A position in a file (1-based line and column, in characters).
@@ -129,268 +131,8 @@ pub struct File {
 /// The format version this build reads and writes.
 pub const VERSION: u32 = 1;
 
-#[derive(Debug, Clone, PartialEq)]
-enum Tok {
-    /// A word: identifier or name, with interpolations.
-    Word(Vec<Part>),
-    Int(i64),
-    Float(f64),
-    Str(Vec<Part>),
-    Sym(&'static str),
-    Newline,
-    Eof,
-}
-
-struct Lexer<'a> {
-    chars: Vec<char>,
-    pos: usize,
-    line: u32,
-    col: u32,
-    errors: &'a mut Vec<Diagnostic>,
-}
-
-const SYMS: &[&str] = &["->", "..", "==", "=", ".", "{", "}", "(", ")", "[", "]", ",", "+", "-", "*", "/", "!"];
-
-fn is_word_start(c: char) -> bool {
-    c.is_ascii_alphabetic() || c == '_'
-}
-fn is_word_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || c == '_' || c == '/'
-}
-
-impl Lexer<'_> {
-    fn peek(&self, k: usize) -> Option<char> {
-        self.chars.get(self.pos + k).copied()
-    }
-    fn bump(&mut self) -> Option<char> {
-        let c = self.chars.get(self.pos).copied()?;
-        self.pos += 1;
-        if c == '\n' {
-            self.line += 1;
-            self.col = 1;
-        } else {
-            self.col += 1;
-        }
-        Some(c)
-    }
-    fn here(&self) -> Span {
-        Span { line: self.line, col: self.col }
-    }
-    fn err(&mut self, span: Span, message: impl Into<String>) {
-        self.errors.push(Diagnostic { span, message: message.into() });
-    }
-
-    /// `{expr}` inside a word or string: lexes and parses the expression in place.
-    fn interpolation(&mut self) -> Option<Expr> {
-        let open = self.here();
-        self.bump(); // {
-        let start_line = self.line;
-        let start_col = self.col;
-        let mut text = String::new();
-        while let Some(c) = self.peek(0) {
-            if c == '\n' {
-                break;
-            }
-            self.bump();
-            if c == '{' {
-                self.err(open, "`{` inside `{…}`: interpolations do not nest");
-                return None;
-            } else if c == '}' {
-                {
-                    let mut errs = Vec::new();
-                    let toks = lex_at(&text, start_line, start_col, &mut errs);
-                    let mut p = Parser { toks, pos: 0, errors: &mut errs, depth: 0 };
-                    let e = p.expr();
-                    if e.is_some() && !matches!(p.peek(), Tok::Newline | Tok::Eof) {
-                        let s = p.span();
-                        p.err(s, "unexpected text in `{…}`");
-                    }
-                    let ok = errs.is_empty();
-                    self.errors.extend(errs);
-                    return if ok { e } else { None };
-                }
-            }
-            text.push(c);
-        }
-        self.err(open, "unclosed `{` in a name or string");
-        None
-    }
-
-    fn next(&mut self) -> (Tok, Span) {
-        loop {
-            match self.peek(0) {
-                Some(' ' | '\t' | '\r') => {
-                    self.bump();
-                }
-                Some('\\') if self.peek(1) == Some('\n') => {
-                    self.bump();
-                    self.bump();
-                }
-                Some('#') => {
-                    while self.peek(0).is_some_and(|c| c != '\n') {
-                        self.bump();
-                    }
-                }
-                _ => break,
-            }
-        }
-        let span = self.here();
-        let Some(c) = self.peek(0) else { return (Tok::Eof, span) };
-        if c == '\n' {
-            self.bump();
-            return (Tok::Newline, span);
-        }
-        // A word may also start with an interpolation (`{x}/norm`); a block's `{` is always
-        // followed by a space or the end of its line, so the two never meet.
-        let interp_start = c == '{' && self.peek(1).is_some_and(|d| is_word_start(d) || d.is_ascii_digit() || d == '(');
-        if is_word_start(c) || interp_start {
-            let mut parts: Vec<Part> = Vec::new();
-            let mut lit = String::new();
-            loop {
-                match self.peek(0) {
-                    Some(c) if is_word_char(c) => {
-                        lit.push(c);
-                        self.bump();
-                    }
-                    Some('{') => {
-                        if !lit.is_empty() {
-                            parts.push(Part::Lit(std::mem::take(&mut lit)));
-                        }
-                        match self.interpolation() {
-                            Some(e) => parts.push(Part::Interp(e)),
-                            None => parts.push(Part::Lit("?".into())),
-                        }
-                    }
-                    _ => break,
-                }
-            }
-            if !lit.is_empty() {
-                parts.push(Part::Lit(lit));
-            }
-            return (Tok::Word(parts), span);
-        }
-        if c.is_ascii_digit() {
-            let mut s = String::new();
-            while let Some(d) = self.peek(0).filter(|d| d.is_ascii_digit() || *d == '_') {
-                s.push(d);
-                self.bump();
-            }
-            let mut float = false;
-            if self.peek(0) == Some('.') && self.peek(1).is_some_and(|d| d.is_ascii_digit()) {
-                float = true;
-                s.push('.');
-                self.bump();
-                while let Some(d) = self.peek(0).filter(|d| d.is_ascii_digit()) {
-                    s.push(d);
-                    self.bump();
-                }
-            }
-            if matches!(self.peek(0), Some('e' | 'E'))
-                && self.peek(1).is_some_and(|d| d.is_ascii_digit() || d == '-' || d == '+')
-            {
-                float = true;
-                s.push('e');
-                self.bump();
-                if let Some(sign) = self.peek(0).filter(|d| *d == '-' || *d == '+') {
-                    s.push(sign);
-                    self.bump();
-                }
-                while let Some(d) = self.peek(0).filter(|d| d.is_ascii_digit()) {
-                    s.push(d);
-                    self.bump();
-                }
-            }
-            let s = s.replace('_', "");
-            return if float {
-                match s.parse() {
-                    Ok(v) => (Tok::Float(v), span),
-                    Err(_) => {
-                        self.err(span, format!("`{s}` is not a number"));
-                        (Tok::Float(0.0), span)
-                    }
-                }
-            } else {
-                match s.parse() {
-                    Ok(v) => (Tok::Int(v), span),
-                    Err(_) => {
-                        self.err(span, format!("`{s}` is too large"));
-                        (Tok::Int(0), span)
-                    }
-                }
-            };
-        }
-        if c == '"' {
-            self.bump();
-            let mut parts = Vec::new();
-            let mut lit = String::new();
-            loop {
-                match self.peek(0) {
-                    None | Some('\n') => {
-                        self.err(span, "unterminated string");
-                        break;
-                    }
-                    Some('"') => {
-                        self.bump();
-                        break;
-                    }
-                    Some('\\') => {
-                        self.bump();
-                        match self.bump() {
-                            Some('n') => lit.push('\n'),
-                            Some(c @ ('"' | '\\' | '{' | '}')) => lit.push(c),
-                            other => {
-                                let s = self.here();
-                                self.err(s, format!("unknown escape `\\{}` in a string", other.unwrap_or(' ')));
-                            }
-                        }
-                    }
-                    Some('{') => {
-                        if !lit.is_empty() {
-                            parts.push(Part::Lit(std::mem::take(&mut lit)));
-                        }
-                        if let Some(e) = self.interpolation() {
-                            parts.push(Part::Interp(e));
-                        }
-                    }
-                    Some(c) => {
-                        lit.push(c);
-                        self.bump();
-                    }
-                }
-            }
-            if !lit.is_empty() {
-                parts.push(Part::Lit(lit));
-            }
-            return (Tok::Str(parts), span);
-        }
-        for s in SYMS {
-            if s.chars().enumerate().all(|(i, sc)| self.peek(i) == Some(sc)) {
-                for _ in 0..s.len() {
-                    self.bump();
-                }
-                return (Tok::Sym(s), span);
-            }
-        }
-        self.bump();
-        self.err(span, format!("unexpected character `{c}`"));
-        self.next()
-    }
-}
-
-fn lex_at(text: &str, line: u32, col: u32, errors: &mut Vec<Diagnostic>) -> Vec<(Tok, Span)> {
-    let mut lx = Lexer { chars: text.chars().collect(), pos: 0, line, col, errors };
-    let mut out = Vec::new();
-    loop {
-        let t = lx.next();
-        let eof = t.0 == Tok::Eof;
-        out.push(t);
-        if eof {
-            return out;
-        }
-    }
-}
-
-struct Parser<'a> {
+/// The parser: tokens → statements.
+pub(super) struct Parser<'a> {
     toks: Vec<(Tok, Span)>,
     pos: usize,
     errors: &'a mut Vec<Diagnostic>,
@@ -416,7 +158,23 @@ fn describe(t: &Tok) -> String {
     }
 }
 
-impl Parser<'_> {
+impl<'a> Parser<'a> {
+    pub(super) fn new(toks: Vec<(Tok, Span)>, errors: &'a mut Vec<Diagnostic>) -> Parser<'a> {
+        Parser { toks, pos: 0, errors, depth: 0 }
+    }
+
+    /// The expression of an interpolation (`{…}`), from its tokens: one expression and nothing
+    /// after it.
+    pub(super) fn interpolated(toks: Vec<(Tok, Span)>, errors: &'a mut Vec<Diagnostic>) -> Option<Expr> {
+        let mut p = Parser::new(toks, errors);
+        let e = p.expr();
+        if e.is_some() && !matches!(p.peek(), Tok::Newline | Tok::Eof) {
+            let s = p.span();
+            p.err(s, "unexpected text in `{…}`");
+        }
+        e
+    }
+
     fn peek(&self) -> &Tok {
         &self.toks[self.pos.min(self.toks.len() - 1)].0
     }
@@ -772,7 +530,7 @@ impl Parser<'_> {
 pub fn parse(text: &str) -> Result<File, Vec<Diagnostic>> {
     let mut errors = Vec::new();
     let toks = lex_at(text, 1, 1, &mut errors);
-    let mut p = Parser { toks, pos: 0, errors: &mut errors, depth: 0 };
+    let mut p = Parser::new(toks, &mut errors);
     while matches!(p.peek(), Tok::Newline) {
         p.bump();
     }

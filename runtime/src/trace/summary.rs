@@ -107,6 +107,59 @@ fn intersect(a: &[(u64, u64)], b: &[(u64, u64)]) -> u64 {
     total
 }
 
+/// Every pair of lanes: the share of the window both were busy.
+fn overlaps(
+    lanes: &BTreeMap<u32, (String, String)>,
+    busy: &BTreeMap<u32, Vec<(u64, u64)>>,
+    window: f64,
+) -> Vec<Overlap> {
+    let mut out = Vec::new();
+    let ids: Vec<u32> = lanes.keys().copied().collect();
+    for (i, a) in ids.iter().enumerate() {
+        for b in &ids[i + 1..] {
+            let both = match (busy.get(a), busy.get(b)) {
+                (Some(x), Some(y)) => intersect(x, y),
+                _ => 0,
+            };
+            out.push(Overlap { a: lanes[a].0.clone(), b: lanes[b].0.clone(), both_busy: both as f64 / window });
+        }
+    }
+    out
+}
+
+/// An edge's occupancy over the window `(start, end)` from its level changes.
+fn channel(edge: u32, label: String, cap: u32, mut evs: Vec<(u64, u32)>, (start, end): (u64, u64)) -> ChannelStat {
+    let window = (end - start).max(1) as f64;
+    evs.sort_by_key(|e| e.0);
+    let (mut t_prev, mut lvl) = (start, 0u32);
+    let (mut area, mut full, mut empty, mut max) = (0f64, 0u64, 0u64, 0u32);
+    for (t, l) in evs.iter().copied().chain(std::iter::once((end, u32::MAX))) {
+        let dt = t.saturating_sub(t_prev);
+        area += lvl as f64 * dt as f64;
+        if lvl >= cap {
+            full += dt;
+        }
+        if lvl == 0 {
+            empty += dt;
+        }
+        if l == u32::MAX {
+            break;
+        }
+        t_prev = t_prev.max(t);
+        lvl = l;
+        max = max.max(l);
+    }
+    ChannelStat {
+        edge,
+        label,
+        capacity: cap,
+        mean: area / window,
+        max,
+        full: full as f64 / window,
+        empty: empty as f64 / window,
+    }
+}
+
 impl Summary {
     /// Computes the summary of a trace.
     pub fn of(t: &Trace) -> Summary {
@@ -184,21 +237,7 @@ impl Summary {
                 }
             })
             .collect();
-        let mut overlaps = Vec::new();
-        let ids: Vec<u32> = lanes.keys().copied().collect();
-        for (i, a) in ids.iter().enumerate() {
-            for b in &ids[i + 1..] {
-                let both = match (merged.get(a), merged.get(b)) {
-                    (Some(x), Some(y)) => intersect(x, y),
-                    _ => 0,
-                };
-                overlaps.push(Overlap {
-                    a: lanes[a].0.clone(),
-                    b: lanes[b].0.clone(),
-                    both_busy: both as f64 / window,
-                });
-            }
-        }
+        let overlaps = overlaps(&lanes, &merged, window);
         let mut op_stats: Vec<OpStat> =
             ops.into_iter().map(|(kind, (count, total_ns))| OpStat { kind, count, total_ns }).collect();
         op_stats.sort_by_key(|o| std::cmp::Reverse(o.total_ns));
@@ -210,38 +249,13 @@ impl Summary {
             })
             .collect();
         let labels = edge_labels(t);
-        let mut channels = Vec::new();
-        for (edge, cap) in &caps {
-            let mut evs = levels.remove(edge).unwrap_or_default();
-            evs.sort_by_key(|e| e.0);
-            let (mut t_prev, mut lvl) = (start, 0u32);
-            let (mut area, mut full, mut empty, mut max) = (0f64, 0u64, 0u64, 0u32);
-            for (t, l) in evs.iter().copied().chain(std::iter::once((end, u32::MAX))) {
-                let dt = t.saturating_sub(t_prev);
-                area += lvl as f64 * dt as f64;
-                if lvl >= *cap {
-                    full += dt;
-                }
-                if lvl == 0 {
-                    empty += dt;
-                }
-                if l == u32::MAX {
-                    break;
-                }
-                t_prev = t_prev.max(t);
-                lvl = l;
-                max = max.max(l);
-            }
-            channels.push(ChannelStat {
-                edge: *edge,
-                label: labels.get(edge).cloned().unwrap_or_default(),
-                capacity: *cap,
-                mean: area / window,
-                max,
-                full: full as f64 / window,
-                empty: empty as f64 / window,
-            });
-        }
+        let channels = caps
+            .iter()
+            .map(|(edge, cap)| {
+                let label = labels.get(edge).cloned().unwrap_or_default();
+                channel(*edge, label, *cap, levels.remove(edge).unwrap_or_default(), (start, end))
+            })
+            .collect();
         let pools = t
             .events
             .iter()

@@ -18,15 +18,20 @@
 //! log, where the filesystem refuses `O_DIRECT`. Every read is checked against the tensor's
 //! place in the file; a short read or a changed file is an error naming the tensor and file.
 
+mod probe;
+mod uring;
+
+pub use probe::{evict_page_cache, measure_read, measure_read_ranges};
+
 use crate::spec::{Mem, OpEnv, OpSpec, ParamValue, Params, Port};
 use crate::Packet;
-use io_uring::{opcode, types, IoUring};
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
+use uring::{Flight, Stream, BLOCK};
 use weir_runtime::{DType, Emit, FireCx, HostBuffer, Inputs, OpError, Operator, Pool, ReadyCx, SpanKind, Step, Tensor};
 
 /// A loader node: made from a graph's `weight` statements (one per loader lane), not written
@@ -117,9 +122,6 @@ pub enum IoMode {
     Uring { depth: usize, chunk: usize, ahead: bool },
 }
 
-/// Direct I/O works in whole blocks.
-const BLOCK: u64 = 4096;
-
 struct OpenFile {
     file: File,
     len: u64,
@@ -161,169 +163,6 @@ impl Cursor {
     fn step(&mut self, streamed: &[bool]) {
         self.i += 1;
         self.settle(streamed);
-    }
-}
-
-/// One tensor being read with io_uring: its buffer and how far its chunk reads have got.
-struct Flight {
-    tensor: usize,
-    buf: Option<HostBuffer>,
-    fd: i32,
-    /// File offset of the buffer's first byte, and bytes to read into it.
-    start: u64,
-    want: u64,
-    /// Next byte (from `start`) not yet asked for; bytes read; chunk reads in flight.
-    submitted: u64,
-    got: u64,
-    in_flight: usize,
-    eof_at: Option<u64>,
-    retry: Vec<(u64, u64)>,
-    /// A read failed (the I/O error), or the tensor could not be started at all (the whole
-    /// error): reported when the tensor is next to send.
-    error: Option<String>,
-    failed: Option<OpError>,
-    /// A held tensor sent from its copy: complete from the start, read from nothing.
-    ready: Option<Tensor>,
-}
-
-impl Flight {
-    /// Tensor `tensor`'s read of `want` bytes from file offset `start` into `buf`, not begun.
-    fn new(tensor: usize, buf: Option<HostBuffer>, fd: i32, start: u64, want: u64, failed: Option<OpError>) -> Flight {
-        let (submitted, got, in_flight, eof_at, retry, error) = (0, 0, 0, None, Vec::new(), None);
-        Flight { tensor, buf, fd, start, want, submitted, got, in_flight, eof_at, retry, error, failed, ready: None }
-    }
-    /// Held tensor `tensor`, sent from its copy (`t`).
-    fn held(tensor: usize, t: Tensor) -> Flight {
-        let mut f = Flight::new(tensor, None, -1, 0, 0, None);
-        f.ready = Some(t);
-        f
-    }
-    fn has_work(&self) -> bool {
-        self.error.is_none()
-            && self.failed.is_none()
-            && self.eof_at.is_none()
-            && (self.submitted < self.want || !self.retry.is_empty())
-    }
-    fn complete(&self) -> bool {
-        self.in_flight == 0 && !self.has_work()
-    }
-}
-
-/// Keeps up to `depth` chunk reads in flight across tensor boundaries: the next tensors' reads
-/// start while the earlier ones finish, so the disk's queue never drains between tensors.
-struct Stream {
-    ring: IoUring,
-    depth: usize,
-    chunk: u64,
-    /// Tensors in reading order; the front one is sent next.
-    flights: std::collections::VecDeque<Flight>,
-    /// Sequence number of `flights[0]` (chunks name their flight by sequence number).
-    front_seq: u64,
-    /// The chunk reads in flight: user_data → (flight sequence number, offset in its buffer,
-    /// length).
-    chunks: HashMap<u64, (u64, u64, u64)>,
-    next_ud: u64,
-}
-
-impl Stream {
-    fn new(depth: usize, chunk: usize) -> std::io::Result<Stream> {
-        let depth = depth.max(1);
-        Ok(Stream {
-            ring: IoUring::new((depth as u32 * 2).next_power_of_two())?,
-            depth,
-            chunk: (chunk as u64).max(BLOCK),
-            flights: Default::default(),
-            front_seq: 0,
-            chunks: HashMap::new(),
-            next_ud: 0,
-        })
-    }
-
-    /// Asks for chunks of the queued tensors, in order, until `depth` are in flight. Returns
-    /// whether there is room for another tensor (every queued one has all its reads asked for).
-    fn push(&mut self) -> Result<bool, String> {
-        let mut pushed = false;
-        let mut k = 0;
-        while self.chunks.len() < self.depth && k < self.flights.len() {
-            let f = &mut self.flights[k];
-            if !f.has_work() {
-                k += 1;
-                continue;
-            }
-            let (s, l) = match f.retry.pop() {
-                Some(r) => r,
-                None => {
-                    let l = (f.want - f.submitted).min(self.chunk);
-                    f.submitted += l;
-                    (f.submitted - l, l)
-                }
-            };
-            let buf = f.buf.as_mut().expect("a flight with work has a buffer");
-            // SAFETY: buf[s .. s + l] lies inside the flight's buffer (`want` ≤ its length),
-            // which stays in `flights` until every read into it has completed (see `reap` and
-            // `Drop`); each range is asked for by one read at a time.
-            let e = opcode::Read::new(types::Fd(f.fd), unsafe { buf.as_mut_ptr().add(s as usize) }, l as u32)
-                .offset(f.start + s)
-                .build()
-                .user_data(self.next_ud);
-            // SAFETY: as above, the memory stays valid until the completion is reaped.
-            unsafe { self.ring.submission().push(&e).map_err(|_| "io_uring submission queue full".to_string())? };
-            f.in_flight += 1;
-            self.chunks.insert(self.next_ud, (self.front_seq + k as u64, s, l));
-            self.next_ud += 1;
-            pushed = true;
-        }
-        if pushed {
-            self.ring.submit().map_err(|e| format!("io_uring submit: {e}"))?;
-        }
-        Ok(self.chunks.len() < self.depth && self.flights.iter().all(|f| !f.has_work()))
-    }
-
-    /// Takes the completions there are, first waiting for at least one if `wait`.
-    fn reap(&mut self, wait: bool) -> Result<(), String> {
-        if wait && !self.chunks.is_empty() {
-            self.ring.submit_and_wait(1).map_err(|e| format!("io_uring submit: {e}"))?;
-        }
-        let done: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
-        for (ud, res) in done {
-            let Some((seq, s, l)) = self.chunks.remove(&ud) else { continue };
-            let f = &mut self.flights[(seq - self.front_seq) as usize];
-            f.in_flight -= 1;
-            if res < 0 {
-                f.error.get_or_insert_with(|| format!("read failed: {}", std::io::Error::from_raw_os_error(-res)));
-                continue;
-            }
-            let got = res as u64;
-            f.got += got;
-            if got == 0 {
-                f.eof_at = Some(f.eof_at.map_or(s, |e| e.min(s)));
-            } else if got < l {
-                // A short read: ask again for the rest (the end of the file answers 0 next time).
-                f.retry.push((s + got, l - got));
-            }
-        }
-        Ok(())
-    }
-
-    fn pop(&mut self) -> Flight {
-        self.front_seq += 1;
-        self.flights.pop_front().expect("a flight to pop")
-    }
-}
-
-impl Drop for Stream {
-    /// The kernel may still be writing into queued buffers: wait for every read before they go.
-    fn drop(&mut self) {
-        while !self.chunks.is_empty() {
-            if self.reap(true).is_err() {
-                // The ring itself failed: leak the buffers rather than free memory the kernel
-                // may still write into.
-                for f in self.flights.drain(..) {
-                    std::mem::forget(f.buf);
-                }
-                return;
-            }
-        }
     }
 }
 
@@ -801,87 +640,6 @@ impl Operator<Packet> for Loader {
         }
         Ok(if self.done() { Step::Finished } else { Step::Continue })
     }
-}
-
-/// Reads up to `max_bytes` of `path` from its start with io_uring and `O_DIRECT` (`depth` reads
-/// of `chunk` bytes in flight), as a streaming loader does, and returns (bytes, seconds): the
-/// storage's read bandwidth, not flattered by the page cache. Falls back to buffered reads
-/// where the filesystem refuses `O_DIRECT` (the third value says whether it was direct).
-pub fn measure_read(
-    path: &std::path::Path,
-    max_bytes: u64,
-    depth: usize,
-    chunk: usize,
-) -> Result<(u64, f64, bool), String> {
-    let len = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?.len();
-    measure_read_ranges(&[(path.to_path_buf(), 0, len.min(max_bytes))], depth, chunk)
-}
-
-/// Reads the byte ranges `(file, offset, len)` in order, as a streaming loader reads tensors:
-/// io_uring, `O_DIRECT` (whole blocks around each range), `depth` reads of `chunk` bytes in
-/// flight all the time. Returns (bytes, seconds, direct) — the time the storage takes to give
-/// exactly these bytes, with nothing else running.
-pub fn measure_read_ranges(
-    ranges: &[(PathBuf, u64, u64)],
-    depth: usize,
-    chunk: usize,
-) -> Result<(u64, f64, bool), String> {
-    let mut files: HashMap<PathBuf, (File, bool)> = HashMap::new();
-    for (path, _, _) in ranges {
-        if files.contains_key(path) {
-            continue;
-        }
-        let f = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path) {
-            Ok(f) => (f, true),
-            Err(_) => (File::open(path).map_err(|e| format!("{}: {e}", path.display()))?, false),
-        };
-        files.insert(path.clone(), f);
-    }
-    let direct = files.values().all(|(_, d)| *d);
-    // Chunks of the ranges, in order, read into a few recycled buffers.
-    let mut pieces = ranges.iter().flat_map(|(path, off, len)| {
-        let (a, e) = (off / BLOCK * BLOCK, (off + len).div_ceil(BLOCK) * BLOCK);
-        let fd = files[path].0.as_raw_fd();
-        (a..e).step_by(chunk.max(BLOCK as usize)).map(move |s| (fd, s, (e - s).min(chunk.max(BLOCK as usize) as u64)))
-    });
-    let mut stream = Stream::new(depth, chunk).map_err(|e| format!("io_uring unavailable: {e}"))?;
-    // Buffers of at least 2 MiB sit on huge pages, as the loader's do (direct reads into them
-    // pin one page, not hundreds).
-    let len = (stream.chunk as usize).max(2 << 20);
-    let mut spare: Vec<HostBuffer> = (0..2 * stream.depth).map(|_| HostBuffer::zeroed(len)).collect();
-    let t0 = std::time::Instant::now();
-    let mut done = 0u64;
-    loop {
-        while !spare.is_empty() {
-            let Some((fd, start, want)) = pieces.next() else { break };
-            stream.flights.push_back(Flight::new(0, spare.pop(), fd, start, want, None));
-        }
-        stream.push()?;
-        let Some(head) = stream.flights.front() else { break };
-        if head.complete() {
-            let f = stream.pop();
-            if let Some(e) = f.error {
-                return Err(e);
-            }
-            done += f.got;
-            spare.extend(f.buf);
-        } else {
-            stream.reap(true)?;
-        }
-    }
-    Ok((done, t0.elapsed().as_secs_f64(), direct))
-}
-
-/// Drops a file's pages from the page cache (`posix_fadvise(DONTNEED)`), for measurements
-/// where direct I/O is refused.
-pub fn evict_page_cache(path: &std::path::Path) -> Result<(), String> {
-    let f = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    // SAFETY: a plain advisory call on a file descriptor we own.
-    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    if r != 0 {
-        return Err(format!("{}: posix_fadvise: {}", path.display(), std::io::Error::from_raw_os_error(r)));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
