@@ -93,6 +93,51 @@ fn host_env(pools: Option<&HostPools>, opts: &EngineOptions) -> (weir_operators:
     (env, meter)
 }
 
+/// Says what the placement decided (`WEIR_LOG=info`): where the weights are, each budget, the
+/// pools, the experts.
+fn log_placement(placed: &weir_graphs::Placed) {
+    let gb = weir_graphs::format_size;
+    let (mut resident, mut held, mut streamed) = (0u64, 0u64, 0u64);
+    for (_, l) in placed.graph.loaders() {
+        for (i, t) in l.tensors.iter().enumerate() {
+            match (l.streamed[i], l.held[i]) {
+                (false, _) => resident += t.nbytes(),
+                (true, true) => held += t.nbytes(),
+                (true, false) => streamed += t.nbytes(),
+            }
+        }
+    }
+    let budget = |b: Option<u64>| b.map_or("none".to_string(), gb);
+    tracing::info!(
+        "weights: {} resident, {} held in DRAM, {} read from storage every pass; budgets: host {}, GPU {}",
+        gb(resident),
+        gb(held),
+        gb(streamed),
+        budget(placed.graph.host_budget),
+        budget(placed.graph.gpu_budget)
+    );
+    if let Some(p) = &placed.pools {
+        let s = &p.split;
+        tracing::info!(
+            "host pools: weights {}, KV cache {}, activations {}, held {}, expert caches {}",
+            gb(s.weights),
+            gb(s.kv),
+            gb(s.activations),
+            gb(p.held),
+            gb(p.caches)
+        );
+    }
+    if let Some(e) = &placed.experts {
+        let cold: usize = e.stores.iter().map(|s| s.1.len()).sum();
+        tracing::info!(
+            "experts: {} resident ({}), {cold} read when chosen, by {} stores",
+            e.resident.len(),
+            gb(e.resident_bytes),
+            e.stores.len()
+        );
+    }
+}
+
 impl Engine {
     /// Places `model` on this machine and starts it. Weights load in the background; the first
     /// pass waits for them.
@@ -125,6 +170,7 @@ impl Engine {
             kv_blocks: placed.pools.map(|p| p.split.kv.checked_div(per_block).map_or(usize::MAX, |b| b as usize)),
             gpu_memory: placed.graph.gpu_budget.map(|b| b as usize),
         };
+        log_placement(&placed);
         let run = start(&placed.graph, opts.trace, &env, &sched)?;
         Ok(Engine { run: Mutex::new(run), placed, trace: opts.trace, env, sched, graph_dump, pools, meter })
     }
@@ -267,6 +313,21 @@ impl Engine {
     /// Bytes read from storage by the loaders since the engine started.
     pub fn disk_bytes_read(&self) -> u64 {
         self.env.disk_bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How far loading the weights read once has got: (bytes read from storage, bytes of the
+    /// weights read once — resident, and held in DRAM). Loading is done when the first is at
+    /// least the second (reads are whole blocks, so they may pass it).
+    pub fn load_progress(&self) -> (u64, u64) {
+        let once: u64 = self
+            .placed
+            .graph
+            .loaders()
+            .flat_map(|(_, l)| {
+                (0..l.tensors.len()).filter(|&i| !l.streamed[i] || l.held[i]).map(|i| l.tensors[i].nbytes())
+            })
+            .sum();
+        (self.disk_bytes_read(), once)
     }
 
     /// Where the weights streamed every pass are: (file, offset, bytes), in reading order.

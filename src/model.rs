@@ -37,6 +37,16 @@ impl Model {
         } else {
             None
         };
+        tracing::info!(
+            "model {}: {:?}, {} layers, hidden {}, {} tensors, {} of weights{}",
+            dir.display(),
+            config.architecture,
+            config.num_hidden_layers,
+            config.hidden_size,
+            weights.tensors.len(),
+            weir_graphs::format_size(weights.total_bytes()),
+            if tokenizer.is_some() { "" } else { ", no tokenizer" }
+        );
         Ok(Model { dir, config, weights, tokenizer })
     }
 

@@ -146,6 +146,13 @@ impl Scheduler {
                 *free -= blocks;
             }
             let Some((req, events, submitted)) = s.waiting.pop_front() else { break };
+            tracing::info!(
+                "request {} admitted: {} prompt tokens, up to {} new, after {:.3} s waiting",
+                s.next_id,
+                req.prompt.len(),
+                req.max_new_tokens,
+                submitted.elapsed().as_secs_f64()
+            );
             s.active.push(Active {
                 id: s.next_id,
                 req,
@@ -251,14 +258,23 @@ impl Scheduler {
             return false;
         };
         let (st, ft) = (a.started.unwrap_or(done_at), a.first_token.unwrap_or(done_at));
-        let _ = a.events.send(Event::Done(Stats {
+        let stats = Stats {
             finish,
             prompt_tokens: a.req.prompt.len(),
             generated_tokens: a.generated,
             queued_s: (st - a.submitted).as_secs_f64(),
             prefill_s: (ft - st).as_secs_f64(),
             decode_s: (done_at - ft).as_secs_f64(),
-        }));
+        };
+        tracing::info!(
+            "request {} finished ({}): {} tokens; prefill {:.1} tokens/s, decode {:.2} tokens/s",
+            a.id,
+            finish.name(),
+            a.generated,
+            stats.prefill_tokens_per_s(),
+            stats.decode_tokens_per_s()
+        );
+        let _ = a.events.send(Event::Done(stats));
         true
     }
 

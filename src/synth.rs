@@ -184,6 +184,18 @@ pub fn config_json(shape: &Shape, dtype: DType, seed: u64) -> serde_json::Value 
 
 /// Writes a model of `shape` in `dtype` into `dir` (created if needed).
 pub fn write_model(dir: &Path, shape: &Shape, dtype: DType, seed: u64) -> Result<()> {
+    write_model_with(dir, shape, dtype, seed, &mut |_, _| {})
+}
+
+/// [`write_model`], telling `progress` the weight bytes written so far and their total as it
+/// goes (for a progress bar).
+pub fn write_model_with(
+    dir: &Path,
+    shape: &Shape,
+    dtype: DType,
+    seed: u64,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |error| Error::Io { path, error }
@@ -202,6 +214,8 @@ pub fn write_model(dir: &Path, shape: &Shape, dtype: DType, seed: u64) -> Result
         expected_tensors(&cfg).into_iter().map(|(n, s)| (n, dtype, s)).collect();
     let wpath = dir.join("model.safetensors");
     let mut rng = weir_operators::sampler::Rng::new(seed);
+    let total: u64 = tensors.iter().map(|(_, d, s)| (s.iter().product::<usize>() * d.size()) as u64).sum();
+    let mut written = 0u64;
     weir_graphs::safetensors::write_file(&wpath, &tensors, |i, w| {
         let (name, dtype, shape) = &tensors[i];
         let n: usize = shape.iter().product();
@@ -221,6 +235,8 @@ pub fn write_model(dir: &Path, shape: &Shape, dtype: DType, seed: u64) -> Result
             }
             w.write_all(&buf)?;
             left -= chunk;
+            written += buf.len() as u64;
+            progress(written, total);
         }
         Ok(())
     })

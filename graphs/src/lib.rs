@@ -28,6 +28,26 @@ pub use graph::Graph;
 pub use place::{place, Machine, PlaceOptions, Placed};
 pub use safetensors::WeightIndex;
 
+/// A byte size for people: `529.3 KB`, `2.20 GB` (decimal units, three significant digits).
+pub fn format_size(bytes: u64) -> String {
+    let units = [("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)];
+    let b = bytes as f64;
+    match units.iter().find(|(_, u)| b >= *u) {
+        Some((name, u)) => {
+            let v = b / u;
+            let digits = if v >= 100.0 {
+                0
+            } else if v >= 10.0 {
+                1
+            } else {
+                2
+            };
+            format!("{v:.digits$} {name}")
+        }
+        None => format!("{bytes} B"),
+    }
+}
+
 /// Parses a byte size: `123`, `700MB`, `4GB`, `1.5GiB`, `512KiB` (decimal and binary units).
 pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     let t = s.trim();

@@ -308,6 +308,7 @@ impl<M: Message> ProgramBuilder<M> {
         });
         let mut threads = Vec::new();
         for (i, (spec, actors)) in self.lanes.into_iter().zip(per_lane).enumerate() {
+            tracing::info!("lane `{}` ({}): {} actors", spec.name, spec.describe(), actors.len());
             let sh = shared.clone();
             let name = spec.name.clone();
             let gpu = gpu_lanes[i].take();

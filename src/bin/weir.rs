@@ -2,7 +2,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use weir::{Engine, EngineOptions, Event, KvType, LogitsMode, Model, Request, Sampling};
 use weir_graphs::place::experts::{ExpertBudget, ExpertPlacement, Twins};
@@ -372,6 +372,7 @@ fn run(a: RunArgs) -> Result<()> {
     if let Some(path) = a.expert_stats.as_ref().filter(|p| p.exists()) {
         weir::expert_stats::load(engine.routing(), path)?;
     }
+    show_loading(&engine);
     let logits = if a.logits_out.is_some() { LogitsMode::Steps } else { LogitsMode::None };
     let sampling = Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
     let req = Request { prompt: prompt.clone(), max_new_tokens: a.max_new_tokens, sampling, stop_at_eos: true, logits };
@@ -435,11 +436,49 @@ fn run(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// A progress bar of bytes on standard error, when it is a terminal (never in a pipe or a log).
+fn progress_bar(what: &str) -> Option<indicatif::ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let style = indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} {eta}")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(style.progress_chars("=> "));
+    bar.set_message(what.to_string());
+    Some(bar)
+}
+
+/// Shows the weights read once being loaded, until they are (or the engine fails), on a
+/// terminal; elsewhere it returns at once and the first pass waits for them.
+fn show_loading(engine: &Engine) {
+    let Some(bar) = progress_bar("loading weights") else { return };
+    loop {
+        let (read, total) = engine.load_progress();
+        bar.set_length(total);
+        bar.set_position(read.min(total));
+        if read >= total || engine.fault().is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    bar.finish_and_clear();
+}
+
 fn synth(a: SynthArgs) -> Result<()> {
     let shape = weir::synth::shape(&a.shape).context("--shape")?;
     let dtype = weir::synth::parse_dtype(&a.dtype).context("--dtype")?;
     let t0 = std::time::Instant::now();
-    weir::synth::write_model(&a.out, &shape, dtype, a.seed)?;
+    let bar = progress_bar("writing weights");
+    weir::synth::write_model_with(&a.out, &shape, dtype, a.seed, &mut |done, total| {
+        if let Some(b) = &bar {
+            b.set_length(total);
+            b.set_position(done);
+        }
+    })?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
     let bytes = std::fs::metadata(a.out.join("model.safetensors")).map(|m| m.len()).unwrap_or(0);
     let (out, secs) = (a.out.display(), t0.elapsed().as_secs_f64());
     eprintln!("wrote {out} ({}, {}, {:.2} GB) in {secs:.1} s", shape.name, a.dtype, bytes as f64 / 1e9);

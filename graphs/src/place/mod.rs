@@ -108,21 +108,34 @@ pub fn place(
     machine: &dyn Machine,
 ) -> Result<Placed> {
     let mut graph = expand(config, weights, file, o.threads, o.kv_dtype, machine)?;
+    debug(&graph, "expand");
     let experts = match &o.experts {
         Some(p) => {
             let mut p = p.clone();
             if let Some(t) = p.twins.as_mut() {
                 experts::time_lanes(&graph, t, &|lane, shape| machine.expert_timing(lane, shape))?;
+                tracing::debug!("expert timings: {:?}", t.timings);
             }
             Some(experts::place(&mut graph, &p)?)
         }
         None => None,
     };
+    debug(&graph, "place experts");
     let plan = memory::plan(&mut graph, o, machine)?;
+    debug(&graph, "plan memory");
     loaders::assign(&mut graph, o.loader_lanes, file.is_none(), plan.is_some(), o.prefetch);
+    debug(&graph, "assign loaders");
     transfers::insert(&mut graph)?;
+    debug(&graph, "insert transfers");
     let pools = memory::host_pools(&graph, &o.reserve)?;
     Ok(Placed { graph, plan, experts, pools })
+}
+
+/// Says, at `debug`, what the graph is after a pass.
+fn debug(g: &Graph, pass: &str) {
+    let loaders = g.loaders().count();
+    let (nodes, edges, lanes) = (g.nodes.len(), g.edges.len(), g.lanes.len());
+    tracing::debug!("after {pass}: {nodes} nodes ({loaders} loaders), {edges} edges, {lanes} lanes");
 }
 
 /// Pass 1: the graph file (`file`: text and name; `None`: the architecture's built-in one)
