@@ -76,7 +76,7 @@ fn host_env(pools: Option<&HostPools>, opts: &EngineOptions) -> (weir_operators:
     let meter = weir_runtime::TierMeter::new();
     let pool = |name: &str, bytes: Option<u64>, reuse: bool| {
         let budget = bytes.map_or(usize::MAX, |b| b as usize);
-        weir_runtime::Pool::with(name, weir_runtime::Tier::Host, budget, reuse, Some(&meter))
+        weir_runtime::Pool::with(name, budget, reuse, Some(&meter))
     };
     let env = weir_operators::OpEnv {
         host_pool: Some(pool("weights", pools.map(|p| p.split.weights), true)),
@@ -253,7 +253,7 @@ impl Engine {
             for p in &self.pools {
                 t.events.push(weir_runtime::Event::PoolPeak {
                     pool: p.name().to_string(),
-                    tier: format!("{:?}", p.tier()),
+                    tier: "Host".into(),
                     budget: (p.budget() != usize::MAX).then_some(p.budget() as u64),
                     peak: p.high_water() as u64,
                 });

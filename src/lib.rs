@@ -12,7 +12,7 @@
 //!   [`Event`]s (in [`request`]) what a caller submits and gets back.
 //! * [`compile`] — a placed graph → a running program.
 //! * [`synth`] — write a random-weight model of a named shape.
-//! * [`bench`] — the end-to-end benchmark and the memory-bandwidth probe behind `weir bench`.
+//! * [`bench`](mod@bench) — the end-to-end benchmark and the memory-bandwidth probe behind `weir bench`.
 //! * [`costs`] — an expert's cost on a lane, measured for twin experts.
 //!
 //! ```

@@ -35,7 +35,7 @@ pub(crate) struct SchedParams {
     pub pass_tokens: usize,
     /// KV blocks per layer the reserve holds (`None`: no budget, no limit).
     pub kv_blocks: Option<usize>,
-    /// Each GPU's memory budget, for the compiler.
+    /// Each GPU's memory budget, for the program (`None`: the device's default).
     pub gpu_memory: Option<usize>,
 }
 

@@ -4,10 +4,10 @@
 //! * [`config`] — `config.json` / `generation_config.json` (both transformers spellings).
 //! * [`safetensors`] — safetensors headers, single-file and sharded; the data stays on disk.
 //! * [`llama`] — the Llama family's tensors, checked against the config.
-//! * [`format`] — graph definition files: parse (with spans), check, print.
+//! * [`format`](mod@format) — graph definition files: parse (with spans), check, print.
 //! * [`builtin`] — the built-in architectures as graph files (`graphs/*.weir`).
 //! * [`graph`] — the IR: nodes on lanes, bounded edges, one entry and one exit; DOT dumps.
-//! * [`place`] — the placement pipeline: expand → place experts → plan memory → assign
+//! * [`place`](mod@place) — the placement pipeline: expand → place experts → plan memory → assign
 //!   loaders → insert transfers, each pass a function over the IR.
 //! * [`offload`] — where each activated expert outside the fast tier is computed (makespan).
 

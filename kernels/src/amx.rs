@@ -13,8 +13,8 @@
 //! rows 32 at a time into that layout (`k↑32 / 32` blocks of 1 KiB per 16 outputs) and runs
 //! every block of 32 tokens over them. Padding is zeros, so edges need no other care.
 //!
-//! The tile unit is reached through [`Unit`]: [`Hardware`] issues the instructions (`asm!`:
-//! Rust's AMX intrinsics are not stable), and the tests also run the kernel on [`Emulated`], the
+//! The tile unit is reached through `Unit`: `Hardware` issues the instructions (`asm!`:
+//! Rust's AMX intrinsics are not stable), and the tests also run the kernel on `Emulated`, the
 //! same tile semantics in plain Rust, so the blocking, packing and edges are checked on any
 //! machine. Linux hands a thread AMX's tile state only on request
 //! (`arch_prctl(ARCH_REQ_XCOMP_PERM)`): [`available`] asks once per process.

@@ -415,7 +415,7 @@ mod tests {
 
     #[test]
     fn cache_grows_per_sequence_and_is_released() {
-        let pool = Pool::new("kv", weir_runtime::Tier::Host, 2 * kv_block_bytes(2, KvType::F32));
+        let pool = Pool::new("kv", 2 * kv_block_bytes(2, KvType::F32));
         let mut op = Attention::new(1, 1, 2, 64, None, KvType::F32, pool.clone());
         let b0 = one(7, 0, 1, vec![]);
         let out =

@@ -2,10 +2,10 @@
 //! operator expects, and the linear layer (cuBLAS) that Linear, SwiGLU and the LM head run.
 //!
 //! A GPU operator lives in the same file as its CPU one (`GpuLinear` beside `Linear`) and
-//! computes the same thing with `weir_kernels::cuda`; [`crate::OpConfig::instantiate_on`] picks
+//! computes the same thing with `weir_kernels::cuda`; [`crate::OpConfig::instantiate_gpu`] picks
 //! the one for the lane a node is placed on. Its inputs arrive as [`Packet::DevAct`] and
 //! [`Packet::DevWeight`], made by the transfer operators ([`crate::to_gpu`],
-//! [`crate::to_host`]) that the compiler puts on every edge between host and GPU memory.
+//! [`crate::to_host`]) that the placement puts on every edge between host and GPU memory.
 
 use crate::{Batch, Packet};
 use cudarc::driver::CudaView;

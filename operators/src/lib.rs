@@ -130,7 +130,7 @@ pub(crate) mod testing {
         let sticky = vec![false; slots.len()];
         let mut ins = Inputs::new(&mut slots, &sticky);
         let mut out = Emit::new(outputs);
-        let pool = weir_runtime::Pool::transient("activations", weir_runtime::Tier::Host, usize::MAX, None);
+        let pool = weir_runtime::Pool::transient("activations", usize::MAX, None);
         let cx = FireCx { par: &Serial, actor: "test", activations: &pool, gpu: None };
         op.fire(&mut ins, &mut out, &cx)?;
         Ok(out.into_staged())

@@ -164,7 +164,7 @@ fn better(a: (f64, f64), b: (f64, f64)) -> bool {
 
 /// Chooses, for every expert of `active`, where it runs so that the step's makespan is least;
 /// among choices with the same makespan, the one that moves least, then the first in the
-/// order of [`options`] (in place before moved, lower lane and link first). Exhaustive up to
+/// order of `options` (in place before moved, lower lane and link first). Exhaustive up to
 /// a few thousand combinations, otherwise greedy (largest experts first, each to its best
 /// option) followed by single-expert moves while any improves.
 pub fn decide(active: &[Active], costs: &Costs) -> Result<Decision, DecideError> {

@@ -137,8 +137,8 @@ impl Default for OpEnv {
     fn default() -> Self {
         OpEnv {
             host_pool: None,
-            kv_pool: weir_runtime::Pool::new("kv", weir_runtime::Tier::Host, usize::MAX),
-            activations: weir_runtime::Pool::transient("activations", weir_runtime::Tier::Host, usize::MAX, None),
+            kv_pool: weir_runtime::Pool::new("kv", usize::MAX),
+            activations: weir_runtime::Pool::transient("activations", usize::MAX, None),
             disk_bytes: Default::default(),
             routing: Default::default(),
             expert_cache: Default::default(),

@@ -1,6 +1,7 @@
 //! To GPU: a host tensor copied into GPU memory, on a copy lane (a stream of its own, so
-//! copies overlap the compute lanes' work). The compiler puts one on every edge from host
-//! memory to a GPU lane; graph files do not name it.
+//! copies overlap the compute lanes' work). The placement (`weir_graphs::place::transfers`)
+//! puts one on every edge from host memory to a GPU lane; a graph file may write them itself,
+//! and `weir graph show` prints them.
 //!
 //! Port `x`: activations become [`Packet::DevAct`] (f32); weights become [`Packet::DevWeight`]
 //! as stored, except vectors (norms, biases), which the GPU kernels read as f32. Anything
@@ -10,8 +11,9 @@
 //! A streamed weight is uploaded from its pool buffer pinned (`GpuLane::upload_pinned`): a
 //! DMA, not the driver's copy through staging memory. Its upload keeps its host buffer (from the loader's budgeted pool) alive
 //! for as long as the GPU copy lives (`keep_host`): the loader then reads ahead only as far as
-//! GPU copies are used up. The engine sizes a GPU graph's host weights pool to what the plan
-//! streams (`weir::engine::host_split`: the weights kept on the GPU only pass through it), so
+//! GPU copies are used up. The placement sizes a GPU graph's host weights pool to what the plan
+//! streams (`weir_graphs::place::memory::host_pools`: the weights kept on the GPU only pass
+//! through it), so
 //! the plan that fitted the weights into `--gpu-memory` holds on the device too, in the
 //! loader's order, with no waiting here.
 

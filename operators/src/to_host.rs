@@ -1,9 +1,7 @@
-//! To host: GPU activations copied back into host memory, on a copy lane. The compiler puts
-//! one on every edge from a GPU lane to a CPU lane (to the sampler, say, or to attention
-//! computed on the CPU where the KV cache lives); graph files do not name it.
-//!
-//! Port `x`: [`Packet::DevAct`] becomes [`Packet::Act`], in a buffer from the activation pool;
-//! anything else but a GPU weight passes through unchanged. Output `y`.
+//! To host: GPU activations copied back into host memory, on a copy lane. The placement
+//! (`weir_graphs::place::transfers`) puts one on every edge from a GPU lane to a CPU lane (to
+//! the sampler, say, or to attention computed on the CPU where the KV cache lives); a graph
+//! file may write them itself, and `weir graph show` prints them.
 
 use crate::spec::{Carries, Mem, OpEnv, OpSpec, ParamValue, Params, Port};
 use crate::Packet;

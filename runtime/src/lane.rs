@@ -3,10 +3,11 @@
 //! A CPU lane is a thread pinned to the first core of its core set, plus a worker pool with one
 //! thread pinned to each further core; an operator on the lane splits its kernel over all of
 //! them through [`weir_kernels::Parallel`], without spawning a thread per call. An I/O lane is
-//! one thread (optionally pinned) for loaders and, later, io_uring readers. A GPU-stream lane
-//! is part of the model of a placement; building a program that uses one fails with
-//! [`Error::DeviceUnavailable`], saying why: no CUDA driver, no such device (see
-//! [`crate::gpu`]), or — where the device is there — that no operator runs on GPU lanes yet.
+//! one thread (optionally pinned) for loaders reading with `pread`; an NVMe lane the same, for
+//! loaders and expert stores reading with io_uring. A GPU-stream lane is a thread driving one
+//! CUDA stream of a device ([`crate::gpu`]); building a program that uses one where the device
+//! is missing fails with [`Error::DeviceUnavailable`], saying why (no CUDA driver, no such
+//! device).
 
 use crate::error::Error;
 use std::panic::{catch_unwind, AssertUnwindSafe};

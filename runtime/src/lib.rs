@@ -2,15 +2,18 @@
 //!
 //! The map:
 //! * [`lane`] — a lane is where actors run: a CPU core set (a thread pinned to the first core
-//!   plus a worker pool on the others), a loader, and — later — a GPU stream or an NVMe reader.
+//!   plus a worker pool on the others), an I/O thread, an io_uring NVMe reader, or a CUDA
+//!   stream ([`gpu`]).
 //! * [`channel`] — the bounded edges between actors, and how they wake the lanes at their ends.
 //! * [`actor`] — the [`Operator`] trait that operators implement, and the actor that wraps one
 //!   with its ports.
 //! * [`program`] — [`ProgramBuilder`] checks a placed graph and `build()` starts it as a
 //!   [`Program`]: lanes running, edges connected, faults collected.
-//! * [`tensor`] — dtypes, memory tiers, aligned host buffers, tensors.
-//! * [`pool`] — per-tier memory budgets that hold by construction.
-//! * [`trace`] — typed events and the Chrome trace exporter.
+//! * [`tensor`] — dtypes, aligned host buffers, tensors.
+//! * [`pool`] — host memory budgets that hold by construction.
+//! * [`gpu`] — GPU lanes: devices, streams, device memory pools, uploads.
+//! * [`trace`] — typed events, and what reads them: the Chrome trace, the summary, the HTML
+//!   timeline.
 //!
 //! The runtime knows nothing of any model: the message type is the embedder's (any
 //! [`Message`]), and operators are opaque [`Operator`]s.
@@ -58,7 +61,7 @@ pub use error::{Error, OpError};
 pub use lane::{LaneId, LaneKind, LaneSpec, WorkerPool};
 pub use pool::{LaneWaker, Pool, Reservation, TierMeter};
 pub use program::{ActorId, Program, ProgramBuilder};
-pub use tensor::{DType, HostBuffer, Tensor, Tier};
+pub use tensor::{DType, HostBuffer, Tensor};
 pub use trace::{summary::Summary, Event, SpanKind, Trace};
 
 /// What travels on an edge. Clones must be cheap (fan-out clones a message per consumer):

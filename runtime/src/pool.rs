@@ -1,4 +1,5 @@
-//! Memory pools: a budget per tier that holds by construction.
+//! Host memory pools: budgets that hold by construction. (A GPU's memory has pools of its own,
+//! `gpu::BlockPool`, on the same books: the `Ledger`.)
 //!
 //! A pool hands out [`HostBuffer`]s only while the bytes in use stay within its budget; a
 //! buffer returns its bytes when it is dropped (wherever that happens: after the last operator
@@ -8,7 +9,7 @@
 //! reports and for tests that assert the budget held.
 
 use crate::channel::Waker;
-use crate::tensor::{HostBuffer, Tier};
+use crate::tensor::HostBuffer;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -77,7 +78,6 @@ impl Ledger {
 
 pub(crate) struct PoolInner {
     pub(crate) ledger: Ledger,
-    pub(crate) tier: Tier,
     /// Keep returned buffers for reuse (weights, KV blocks: the same sizes come back), or free
     /// them at once (activations: their sizes change with every pass).
     reuse: bool,
@@ -176,9 +176,8 @@ impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "Pool({} {:?}: {}/{} bytes, high water {})",
+            "Pool({}: {}/{} bytes, high water {})",
             self.inner.ledger.name,
-            self.inner.tier,
             self.used(),
             self.budget(),
             self.high_water()
@@ -212,23 +211,22 @@ impl LaneWaker {
 
 impl Pool {
     /// A pool of `budget` bytes that keeps returned buffers for reuse.
-    pub fn new(name: &str, tier: Tier, budget: usize) -> Pool {
-        Pool::with(name, tier, budget, true, None)
+    pub fn new(name: &str, budget: usize) -> Pool {
+        Pool::with(name, budget, true, None)
     }
 
     /// A pool of `budget` bytes that frees returned buffers at once (for buffers whose sizes
     /// vary, as activations'), counted on `meter` with the tier's other pools.
-    pub fn transient(name: &str, tier: Tier, budget: usize, meter: Option<&TierMeter>) -> Pool {
-        Pool::with(name, tier, budget, false, meter)
+    pub fn transient(name: &str, budget: usize, meter: Option<&TierMeter>) -> Pool {
+        Pool::with(name, budget, false, meter)
     }
 
     /// A pool of `budget` bytes that keeps returned buffers (`reuse`) or frees them, counted on
     /// `meter` with the tier's other pools.
-    pub fn with(name: &str, tier: Tier, budget: usize, reuse: bool, meter: Option<&TierMeter>) -> Pool {
+    pub fn with(name: &str, budget: usize, reuse: bool, meter: Option<&TierMeter>) -> Pool {
         Pool {
             inner: Arc::new(PoolInner {
                 ledger: Ledger::new(name, budget),
-                tier,
                 reuse,
                 meter: meter.cloned(),
                 free: Mutex::new(Vec::new()),
@@ -238,7 +236,7 @@ impl Pool {
 
     /// A buffer of `bytes`, if the budget has room for it now: a returned buffer of that size
     /// (its old contents still in it), or a new one — made, where the pool keeps returned
-    /// buffers, of their pages moved into place (old contents; see [`HostBuffer::assemble`])
+    /// buffers, of their pages moved into place (old contents; see `HostBuffer::assemble`)
     /// and fresh zeroed pages for the rest, after dropping kept buffers if that makes room.
     /// A pool that does not keep returned buffers always gives zeroed ones.
     pub fn try_alloc(&self, bytes: usize) -> Option<HostBuffer> {
@@ -336,10 +334,6 @@ impl Pool {
     pub fn budget(&self) -> usize {
         self.inner.ledger.budget
     }
-    /// The tier.
-    pub fn tier(&self) -> Tier {
-        self.inner.tier
-    }
     /// Whether returned buffers are kept for reuse.
     pub fn reuses(&self) -> bool {
         self.inner.reuse
@@ -356,7 +350,7 @@ mod tests {
 
     #[test]
     fn the_budget_holds_and_dropping_returns_bytes() {
-        let p = Pool::new("t", Tier::Host, 1000);
+        let p = Pool::new("t", 1000);
         let a = p.try_alloc(600).unwrap();
         assert!(p.try_alloc(500).is_none(), "over budget");
         let b = p.try_alloc(400).unwrap();
@@ -379,7 +373,7 @@ mod tests {
     fn kept_pages_of_other_sizes_are_moved_into_a_new_buffer_not_freed() {
         const MIB: usize = 1 << 20;
         let m = TierMeter::new();
-        let p = Pool::with("w", Tier::Host, 26 * MIB, true, Some(&m));
+        let p = Pool::with("w", 26 * MIB, true, Some(&m));
         // Three 8 MiB buffers come back, each unit marked with its owner and place.
         let held: Vec<HostBuffer> = (0..3u8)
             .map(|k| {
@@ -423,7 +417,7 @@ mod tests {
     fn the_budget_holds_while_threads_take_and_return_buffers_of_many_sizes() {
         const MIB: usize = 1 << 20;
         let budget = 40 * MIB;
-        let p = Pool::new("w", Tier::Host, budget);
+        let p = Pool::new("w", budget);
         let sizes = [4096, MIB, 2 * MIB, 3 * MIB + 4096, 8 * MIB, 12 * MIB];
         std::thread::scope(|sc| {
             for th in 0..4usize {
@@ -455,8 +449,8 @@ mod tests {
     #[test]
     fn transient_pools_free_at_once_and_the_meter_sees_the_tier() {
         let m = TierMeter::new();
-        let w = Pool::with("w", Tier::Host, 1000, true, Some(&m));
-        let a = Pool::transient("a", Tier::Host, 1000, Some(&m));
+        let w = Pool::with("w", 1000, true, Some(&m));
+        let a = Pool::transient("a", 1000, Some(&m));
         let x = w.try_alloc(700).unwrap();
         let y = a.try_alloc(300).unwrap();
         assert_eq!((m.used(), m.high_water()), (1000, 1000));
@@ -472,7 +466,7 @@ mod tests {
 
     #[test]
     fn concurrent_allocations_never_exceed_the_budget() {
-        let p = Pool::new("t", Tier::Host, 10_000);
+        let p = Pool::new("t", 10_000);
         std::thread::scope(|s| {
             for _ in 0..4 {
                 s.spawn(|| {

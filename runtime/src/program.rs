@@ -66,7 +66,7 @@ impl<M: Message> ProgramBuilder<M> {
             edges: Vec::new(),
             problems: Vec::new(),
             sink: Arc::new(TraceSink::new()),
-            activations: crate::pool::Pool::transient("activations", crate::Tier::Host, usize::MAX, None),
+            activations: crate::pool::Pool::transient("activations", usize::MAX, None),
             gpu_memory: None,
             serial: Vec::new(),
         }
@@ -677,7 +677,7 @@ mod tests {
 
     #[test]
     fn an_actor_waiting_for_memory_sleeps_until_bytes_are_released() {
-        let pool = crate::pool::Pool::transient("p", crate::Tier::Host, 1000, None);
+        let pool = crate::pool::Pool::transient("p", 1000, None);
         let held = pool.try_alloc(800).unwrap();
         let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut b = ProgramBuilder::<N>::new();

@@ -1,4 +1,5 @@
-//! Data types, memory tiers, aligned host buffers and tensors.
+//! Data types, aligned host buffers and tensors. (Tensors in a GPU's memory are
+//! `gpu::DeviceTensor`.)
 
 use std::sync::Arc;
 
@@ -28,16 +29,6 @@ impl DType {
             DType::U32 => "u32",
         }
     }
-}
-
-/// Where a buffer lives. Only `Host` buffers exist today; the others are where GPU lanes and
-/// NVMe readers put theirs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Tier {
-    Gpu,
-    PinnedHost,
-    Host,
-    Nvme,
 }
 
 const PAGE: usize = 4096;
@@ -258,7 +249,6 @@ mod bytemuck_lite {
 pub struct Tensor {
     pub dtype: DType,
     pub shape: Vec<usize>,
-    pub tier: Tier,
     buf: Arc<HostBuffer>,
     /// Where the data starts in `buf` (direct I/O reads whole aligned blocks around a tensor).
     off: usize,
@@ -276,7 +266,7 @@ impl Tensor {
     /// Wraps a buffer whose length matches `shape` and `dtype`.
     pub fn from_buffer(dtype: DType, shape: Vec<usize>, buf: HostBuffer) -> Tensor {
         debug_assert_eq!(buf.len(), shape.iter().product::<usize>() * dtype.size());
-        Tensor { dtype, shape, tier: Tier::Host, buf: Arc::new(buf), off: 0, held: None }
+        Tensor { dtype, shape, buf: Arc::new(buf), off: 0, held: None }
     }
 
     /// Wraps the bytes `off..off + numel·size` of a larger buffer. `off` must be a multiple of
@@ -286,7 +276,7 @@ impl Tensor {
         if !off.is_multiple_of(dtype.size()) || off + n > buf.len() {
             return Err(buf);
         }
-        Ok(Tensor { dtype, shape, tier: Tier::Host, buf: Arc::new(buf), off, held: None })
+        Ok(Tensor { dtype, shape, buf: Arc::new(buf), off, held: None })
     }
 
     fn data_len(&self) -> usize {

@@ -5,7 +5,7 @@
 //!    expands loops and conditions and evaluates expressions, `check` resolves lanes, nodes
 //!    and edges, `weights` the weights, expert stores and transfers.
 //!
-//! [`print`] writes a graph back as text (`weir graph show`); parsing that text gives the same
+//! [`print`](mod@print) writes a graph back as text (`weir graph show`); parsing that text gives the same
 //! graph. `docs/graph-format.md` is the reference.
 
 pub mod check;

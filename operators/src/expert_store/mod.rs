@@ -469,7 +469,7 @@ mod tests {
     use super::*;
     use crate::router::Routing;
     use crate::testing::{batch, fire_some};
-    use weir_runtime::{DType, LaneWaker, Tier};
+    use weir_runtime::{DType, LaneWaker};
 
     const N: usize = 1024; // floats per tensor: one 4 KiB block
 
@@ -500,7 +500,7 @@ mod tests {
             .collect();
         let stats = Arc::new(ExpertCacheStats::default());
         let mode = IoMode::Uring { depth: 2, chunk: 4096, ahead: false };
-        let pool = Pool::new("experts", Tier::Host, 2 * 3 * 4 * N);
+        let pool = Pool::new("experts", 2 * 3 * 4 * N);
         let s = ExpertStore::new(vec![0, 1, 2, 3], 4, tensors, mode, pool, vec![0.0; 4], true, stats.clone(), twins);
         (s, stats, dir)
     }

@@ -144,13 +144,7 @@ impl OpSpec for Spec {
     }
     fn instantiate(&self, env: &OpEnv, layer: Option<u32>) -> Box<dyn Operator<Packet>> {
         let name = format!("experts l{}", layer.unwrap_or(0));
-        let pool = weir_runtime::Pool::with(
-            &name,
-            weir_runtime::Tier::Host,
-            self.budget as usize,
-            true,
-            env.host_meter.as_ref(),
-        );
+        let pool = weir_runtime::Pool::with(&name, self.budget as usize, true, env.host_meter.as_ref());
         let prior = self.served.iter().map(|&e| self.prior.get(e).copied().unwrap_or(0.0)).collect();
         let mut s = ExpertStore::new(
             self.served.clone(),

@@ -646,7 +646,6 @@ impl Operator<Packet> for Loader {
 mod tests {
     use super::*;
     use crate::testing::fire;
-    use weir_runtime::Tier;
 
     fn file_with(name: &str, values: &[f32]) -> (PathBuf, PathBuf) {
         let dir = std::env::temp_dir().join(format!("weir-loader-{}-{name}", std::process::id()));
@@ -698,7 +697,7 @@ mod tests {
             shape,
         };
         let ts = vec![t("m", 0, vec![2, 3]), t("big", 12, vec![2, 3]), t("v", 24, vec![6]), t("s", 0, vec![2, 3])];
-        let pool = Pool::new("w", Tier::Host, 1 << 20);
+        let pool = Pool::new("w", 1 << 20);
         for on in [true, false] {
             let mut l = Loader::new(ts.clone(), vec![false, false, false, true], IoMode::Pread, Some(pool.clone()));
             l.hold_bf16_as_f16(on);
@@ -728,7 +727,7 @@ mod tests {
         let (dir, path) = file_with("stream", &values);
         // a: resident; b, c: streamed; direct reads of unaligned tensors in 1-block chunks.
         let ts = vec![src("a", &path, 0, 10), src("b", &path, 40, 1500), src("c", &path, 6040, 2000)];
-        let pool = Pool::new("test", Tier::Host, 64 << 10);
+        let pool = Pool::new("test", 64 << 10);
         let mut l = Loader::new(
             ts,
             vec![false, true, true],
@@ -764,8 +763,8 @@ mod tests {
         // whole blocks around them and the copy must land where a read would.
         let ts = vec![src("b", &path, 40, 1500), src("c", &path, 6040, 2000)];
         for mode in [IoMode::Pread, IoMode::Uring { depth: 3, chunk: 4096, ahead: true }] {
-            let pool = Pool::new("window", Tier::Host, 64 << 10);
-            let held_pool = Pool::new("held", Tier::Host, 6000);
+            let pool = Pool::new("window", 64 << 10);
+            let held_pool = Pool::new("held", 6000);
             let mut l = Loader::new(ts.clone(), vec![true, true], mode, Some(pool.clone()));
             l.hold(vec![true, false], Some(held_pool.clone()));
             let mut read_after = Vec::new();
@@ -818,7 +817,7 @@ mod tests {
         for budget in [64 << 10, 3 << 12, 2 << 12, 1 << 12] {
             // The tensor just sent holds one block; the rest of the pool is for reading ahead.
             let most_ahead = budget / 4096 - 1;
-            let pool = Pool::new("test", Tier::Host, budget);
+            let pool = Pool::new("test", budget);
             let mut l = Loader::new(
                 ts.clone(),
                 vec![true; 8],
@@ -840,7 +839,7 @@ mod tests {
             }
         }
         // A loader taking turns with compute (on a compute lane) leaves nothing in flight.
-        let pool = Pool::new("test", Tier::Host, 64 << 10);
+        let pool = Pool::new("test", 64 << 10);
         let mode = IoMode::Uring { depth: 4, chunk: 4096, ahead: false };
         let mut l = Loader::new(ts.clone(), vec![true; 8], mode, Some(pool.clone()));
         for round in 0..16 {
@@ -856,7 +855,7 @@ mod tests {
     fn a_pool_too_small_for_a_tensor_is_an_error_naming_it() {
         let values: Vec<f32> = (0..2000).map(|i| i as f32).collect();
         let (dir, path) = file_with("small", &values);
-        let pool = Pool::new("host", Tier::Host, 1000);
+        let pool = Pool::new("host", 1000);
         let mut l = Loader::new(vec![src("big", &path, 0, 2000)], vec![true], IoMode::Pread, Some(pool));
         let e = fire(&mut l, vec![], 1).unwrap_err();
         assert!(e.0.contains("tensor `big` needs 8000 bytes") && e.0.contains("budget is 1000"), "{e}");

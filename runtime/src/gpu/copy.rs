@@ -5,7 +5,7 @@
 //! ordinary heap buffer, which the driver stages). `weir gpu copy` prints it.
 
 use super::{call, open, pinned, BlockPool, DeviceBlock, GpuError};
-use crate::{Pool, Tier};
+use crate::Pool;
 use cudarc::driver::sys::CUevent_flags;
 
 /// One measurement: GB/s of each source, best of its rounds.
@@ -39,7 +39,7 @@ pub fn h2d_bandwidth(ordinal: usize, bytes: usize, rounds: usize) -> Result<Copy
     }
     let (ctx, info) = open(ordinal)?;
     let stream = call("creating a stream", || ctx.new_stream())?;
-    let window = Pool::new("window", Tier::Host, bytes);
+    let window = Pool::new("window", bytes);
     let device: BlockPool<DeviceBlock> = BlockPool::new("gpu", 2 * bytes, stream.clone());
     // SAFETY: written below before any copy reads it.
     let mut plain_src = call("allocating pinned memory", || unsafe { ctx.alloc_pinned_with_flags::<u8>(bytes, 0) })?;

@@ -6,7 +6,7 @@
 //!
 //! A registration must end before its memory does: a buffer that is freed, or whose pages the
 //! pool moves into another buffer (`HostBuffer::assemble`), is unregistered first
-//! ([`forget`]). An upload from pinned memory runs after the call returns, so the uploader
+//! (`forget`). An upload from pinned memory runs after the call returns, so the uploader
 //! waits for it before the buffer can go back to the pool (`GpuLane::upload_pinned`).
 
 use super::{call, CudaContext, GpuError};
@@ -80,7 +80,7 @@ pub(crate) fn forget(ptr: *const u8, len: usize) {
 mod tests {
     use super::*;
     use crate::tensor::HUGE;
-    use crate::{HostBuffer, Pool, Tier};
+    use crate::{HostBuffer, Pool};
 
     #[test]
     fn a_pinned_buffer_is_unpinned_before_its_memory_is_freed_or_moved() {
@@ -97,7 +97,7 @@ mod tests {
         assert!(!is_pinned(p));
         // A pool's buffer stays pinned while the pool keeps it, and is unpinned when a larger
         // buffer is made of its pages.
-        let pool = Pool::with("window", Tier::Host, 16 * HUGE, true, None);
+        let pool = Pool::with("window", 16 * HUGE, true, None);
         let a = pool.try_alloc(2 * HUGE).unwrap();
         let pa = a.as_bytes().as_ptr();
         assert!(pin(&ctx, pa, a.len()).unwrap());
