@@ -411,6 +411,47 @@ fn bench_json_has_the_keys_other_tools_read_and_budgets_are_checked() {
     fails(&["run", "--model", s(&model), "--prompt", "x", "--kv-dtype", "fp8"], &["--kv-dtype fp8", "bf16"]);
     fails(&["graph", "show", "--model", s(&model), "--memory-budget", "1KB"], &["too small", "at least"]);
     fails(&["graph", "show", "--model", s(&model), "--kv-tokens", "64"], &["--kv-tokens needs --memory-budget"]);
+    // A graph file with its own budget gives --kv-tokens one to reserve in: the same reserve
+    // as the flag that placed it, and a request longer than it is refused by that reserve.
+    let o = weir(&["graph", "show", "--model", s(&model), "--memory-budget", "3MB", "--kv-tokens", "64"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let dir = tmpdir("kvtokens");
+    let budgeted = dir.join("budgeted.weir");
+    std::fs::write(&budgeted, &o.stdout).unwrap();
+    let run = |kv: &str, n: &str| {
+        weir(&[
+            "run",
+            "--model",
+            s(&model),
+            "--graph",
+            s(&budgeted),
+            "--prompt-ids",
+            "1,2,3",
+            "--max-new-tokens",
+            n,
+            "--kv-tokens",
+            kv,
+        ])
+    };
+    let o = run("64", "4");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    fails(
+        &[
+            "run",
+            "--model",
+            s(&model),
+            "--graph",
+            s(&budgeted),
+            "--prompt-ids",
+            "1,2,3",
+            "--max-new-tokens",
+            "80",
+            "--kv-tokens",
+            "64",
+        ],
+        &["needs KV cache for 96 positions", "reserves 64"],
+    );
+    std::fs::remove_dir_all(dir).unwrap();
     fails(
         &["run", "--model", s(&model), "--prompt", "x", "--gpu-memory", "lots"],
         &["--gpu-memory lots", "not a size"],
