@@ -14,7 +14,7 @@ fn vars() -> &'static Vec<(String, Value)> {
             "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 16,
             "max_position_embeddings": 32, "tie_word_embeddings": true});
         let c = weir_graphs::ModelConfig::from_value(std::path::Path::new("config.json"), &cfg).expect("config");
-        model_vars(&c, 1)
+        model_vars(&c, 1, weir_operators::KvType::F32)
     })
 }
 
