@@ -62,7 +62,7 @@ pub(super) struct Resolver<'a> {
     lane_idx: HashMap<String, (usize, Span)>,
     pub node_idx: HashMap<String, (usize, Span)>,
     /// Nodes that could not be built: references to them are not reported again as unknown.
-    broken: HashSet<String>,
+    pub broken: HashSet<String>,
     /// Input ports fed so far, and where.
     fed: HashMap<(usize, usize), Span>,
     /// Output ports that feed something.

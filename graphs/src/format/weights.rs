@@ -82,6 +82,8 @@ impl Weights {
                 }
                 self.stored.push((s, fed));
             }
+            // A store that could not be built was reported already.
+            _ if r.broken.contains(&store.0) => {}
             _ => r.err(store.1, format!("`store={}` names no expert_store node", store.0)),
         }
     }
