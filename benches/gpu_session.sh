@@ -35,7 +35,7 @@ pack)
     rm -rf .gpu && mkdir -p .gpu/tests .gpu/fixtures
     cargo build --release --bin weir
     # The test executables that hold GPU tests (the device tool carries 64 MiB at most).
-    keep=" weir_kernels weir_runtime placement_gpu cli_run "
+    keep=" weir_kernels weir_runtime placement_gpu graph_show_runs cli_run "
     cargo test --release --workspace --no-run --message-format=json 2>/dev/null |
         python3 -c 'import json,sys
 for l in sys.stdin:

@@ -418,39 +418,20 @@ fn bench_json_has_the_keys_other_tools_read_and_budgets_are_checked() {
     let dir = tmpdir("kvtokens");
     let budgeted = dir.join("budgeted.weir");
     std::fs::write(&budgeted, &o.stdout).unwrap();
-    let run = |kv: &str, n: &str| {
-        weir(&[
-            "run",
-            "--model",
-            s(&model),
-            "--graph",
-            s(&budgeted),
-            "--prompt-ids",
-            "1,2,3",
-            "--max-new-tokens",
-            n,
-            "--kv-tokens",
-            kv,
-        ])
+    let run = |n: &'static str| {
+        let (m, g) = (s(&model).to_string(), s(&budgeted).to_string());
+        [&["run", "--model"][..], &[&m], &["--graph"], &[&g], &["--prompt-ids", "1,2,3", "--kv-tokens", "64"]]
+            .concat()
+            .into_iter()
+            .map(str::to_string)
+            .chain(["--max-new-tokens".to_string(), n.to_string()])
+            .collect::<Vec<String>>()
     };
-    let o = run("64", "4");
+    let args = run("4");
+    let o = weir(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    fails(
-        &[
-            "run",
-            "--model",
-            s(&model),
-            "--graph",
-            s(&budgeted),
-            "--prompt-ids",
-            "1,2,3",
-            "--max-new-tokens",
-            "80",
-            "--kv-tokens",
-            "64",
-        ],
-        &["needs KV cache for 96 positions", "reserves 64"],
-    );
+    let args = run("80");
+    fails(&args.iter().map(String::as_str).collect::<Vec<_>>(), &["needs KV cache for 96 positions", "reserves 64"]);
     std::fs::remove_dir_all(dir).unwrap();
     fails(
         &["run", "--model", s(&model), "--prompt", "x", "--gpu-memory", "lots"],

@@ -91,3 +91,41 @@ fn the_llama3_8b_shape_has_a_valid_config() {
     assert!(matches!(c.rope_scaling, weir_operators::RopeScaling::Llama3 { factor, .. } if factor == 8.0));
     assert!((c.parameter_count() as f64 / 1e9 - 8.03).abs() < 0.05, "{}", c.parameter_count());
 }
+
+/// A bad option gets the same message from the library as from the CLI: one check gives both.
+#[test]
+fn bad_options_get_the_messages_the_cli_prints() {
+    let dir = fixture("tiny-llama");
+    let model = Model::open(&dir).unwrap();
+    let cases: [(EngineOptions, &str); 5] = [
+        (EngineOptions { micro_batches: 0, ..Default::default() }, "--micro-batches 0"),
+        (EngineOptions { max_pass_tokens: 0, ..Default::default() }, "--max-pass-tokens 0"),
+        (EngineOptions { kv_tokens: Some(64), ..Default::default() }, "--kv-tokens needs --memory-budget"),
+        (EngineOptions { prefetch: Some(2), ..Default::default() }, "--prefetch needs --memory-budget"),
+        (EngineOptions { memory_budget: Some(1000), ..Default::default() }, "too small"),
+    ];
+    for (opts, want) in cases {
+        let api = Engine::new(&model, opts).err().expect("refused").to_string();
+        assert!(api.contains(want), "{api}");
+    }
+    let engine = Engine::new(&model, EngineOptions::default()).unwrap();
+    let mut r = Request::greedy(vec![1], 3);
+    r.sampling.temperature = -1.0;
+    let api = engine.submit(r).err().expect("refused").to_string();
+    assert!(api.contains("--temperature -1: must be a finite number ≥ 0"), "{api}");
+    engine.shutdown().unwrap();
+    // The CLI prints the same.
+    let exe = env!("CARGO_BIN_EXE_weir");
+    for (flags, want) in [
+        (vec!["--micro-batches", "0"], "--micro-batches 0: a step needs at least one micro-batch"),
+        (vec!["--temperature", "-1"], "--temperature -1: must be a finite number ≥ 0"),
+    ] {
+        let o = std::process::Command::new(exe)
+            .args(["run", "--model", dir.to_str().unwrap(), "--prompt-ids", "1"])
+            .args(&flags)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{flags:?}: {err}");
+    }
+}

@@ -101,6 +101,17 @@ fn a_mixture_under_an_expert_budget_runs_the_same_when_shown() {
     }
 }
 
+/// A GPU example graph with these budgets.
+fn gpu_options(file: &str, gpu: Option<u64>, memory: Option<u64>) -> EngineOptions {
+    EngineOptions {
+        graph: Some(example(file)),
+        threads: 1,
+        gpu_memory: gpu,
+        memory_budget: memory,
+        ..Default::default()
+    }
+}
+
 #[test]
 fn gpu_placements_place_the_same_when_shown() {
     let model = Model::open(fixture("tiny-llama")).unwrap();
@@ -109,14 +120,7 @@ fn gpu_placements_place_the_same_when_shown() {
         ("llama-gpu.weir", Some(2_700_000), Some(2_400_000)),
         ("llama-gpu-cpu-attention.weir", Some(2_700_000), None),
     ] {
-        let opts = EngineOptions {
-            graph: Some(example(file)),
-            threads: 1,
-            gpu_memory: gpu,
-            memory_budget: memory,
-            ..Default::default()
-        };
-        let again = printed_places_the_same(&model, &opts);
+        let again = printed_places_the_same(&model, &gpu_options(file, gpu, memory));
         let shown = &again.graph.as_ref().unwrap().0;
         assert!(shown.contains("lane gpu0/h2d gpu device=0 stream=1") && shown.contains("= to_gpu "), "{shown}");
         assert!(shown.contains("node lm_head/to_host = to_host lane=gpu0/d2h"), "{shown}");
@@ -165,13 +169,7 @@ fn gpu_placements_run_the_same_when_shown() {
     for (file, gpu, memory) in
         [("llama-gpu.weir", Some(2_700_000), Some(2_400_000)), ("llama-gpu-cpu-attention.weir", None, None)]
     {
-        let opts = EngineOptions {
-            graph: Some(example(file)),
-            threads: 1,
-            gpu_memory: gpu,
-            memory_budget: memory,
-            ..Default::default()
-        };
+        let opts = gpu_options(file, gpu, memory);
         let again = printed_places_the_same(&model, &opts);
         assert_eq!(tokens(&model, opts, "tiny-llama"), tokens(&model, again, "tiny-llama"), "{file}");
     }
