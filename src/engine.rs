@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::options::EngineOptions;
 use crate::request::{Event, FinishReason, Generation, Output, Request, Stats};
-use crate::scheduler::{kv_tokens_needed, Cmd, SchedParams, Scheduler};
+use crate::scheduler::{kv_tokens_needed, Cmd, Gauges, SchedParams, Scheduler};
 use crossbeam_channel::Sender;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -55,13 +55,24 @@ pub struct Engine {
     graph_dump: String,
     pools: Vec<weir_runtime::Pool>,
     meter: weir_runtime::TierMeter,
+    gauges: Arc<Gauges>,
+    next_id: std::sync::atomic::AtomicU64,
+    max_queue: Option<usize>,
 }
 
-fn start(graph: &weir_graphs::Graph, trace: bool, env: &weir_operators::OpEnv, p: &SchedParams) -> Result<Running> {
+fn start(
+    graph: &weir_graphs::Graph,
+    trace: bool,
+    env: &weir_operators::OpEnv,
+    p: &SchedParams,
+    gauges: &Arc<Gauges>,
+) -> Result<Running> {
     let Compiled { program, entry, exit } = compile(graph, trace, env, p.micro_batches, p.gpu_memory)?;
     let program = Arc::new(Mutex::new(Some(program)));
-    let (cmds, cmd_rx) = crossbeam_channel::bounded::<Cmd>(1024);
-    let sched = Scheduler { cmds: cmd_rx, entry, exit, program: program.clone(), p: p.clone(), kv_free: p.kv_blocks };
+    // Room for every request the queue may hold, its cancellation, and more.
+    let (cmds, cmd_rx) = crossbeam_channel::bounded::<Cmd>(1 << 16);
+    let (program2, gauges) = (program.clone(), gauges.clone());
+    let sched = Scheduler { cmds: cmd_rx, entry, exit, program: program2, p: p.clone(), kv_free: p.kv_blocks, gauges };
     let scheduler = std::thread::Builder::new()
         .name("weir-scheduler".into())
         .spawn(move || sched.run())
@@ -171,14 +182,33 @@ impl Engine {
             gpu_memory: placed.graph.gpu_budget.map(|b| b as usize),
         };
         log_placement(&placed);
-        let run = start(&placed.graph, opts.trace, &env, &sched)?;
-        Ok(Engine { run: Mutex::new(run), placed, trace: opts.trace, env, sched, graph_dump, pools, meter })
+        let gauges = Arc::new(Gauges::default());
+        let run = start(&placed.graph, opts.trace, &env, &sched, &gauges)?;
+        Ok(Engine {
+            run: Mutex::new(run),
+            placed,
+            trace: opts.trace,
+            env,
+            sched,
+            graph_dump,
+            pools,
+            meter,
+            gauges,
+            next_id: Default::default(),
+            max_queue: opts.max_queue,
+        })
     }
 
     /// Checks `req` (ids in the vocabulary, prompt within the context, the KV reserve holds it,
     /// sampling settings) and hands it to the scheduler: its events, as they come.
     pub fn submit(&self, req: Request) -> Result<Generation> {
         self.check(&req)?;
+        if let Some(max) = self.max_queue {
+            let waiting = self.gauges.waiting.load(std::sync::atomic::Ordering::Relaxed);
+            if waiting >= max {
+                return Err(Error::Busy { waiting });
+            }
+        }
         let (tx, rx) = crossbeam_channel::unbounded();
         if req.max_new_tokens == 0 {
             let _ = tx.send(Event::Done(Stats {
@@ -189,17 +219,23 @@ impl Engine {
                 prefill_s: 0.0,
                 decode_s: 0.0,
             }));
-            return Ok(Generation { events: rx });
+            return Ok(Generation { events: rx, cancel: None, done: false });
         }
         let mut run = self.run.lock().map_err(|_| Error::Stopped(None))?;
         if run.fault().is_some() {
             // The last program failed (its requests were told why): start afresh.
             let _ = run.stop();
-            *run = start(&self.placed.graph, self.trace, &self.env, &self.sched)?;
+            *run = start(&self.placed.graph, self.trace, &self.env, &self.sched, &self.gauges)?;
         }
         let cmds = run.cmds.as_ref().ok_or(Error::Stopped(None))?;
-        cmds.send(Cmd::Submit(req, tx)).map_err(|_| Error::Stopped(run.fault()))?;
-        Ok(Generation { events: rx })
+        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Counted waiting at once, so that requests submitted together meet the queue's bound.
+        self.gauges.waiting.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if cmds.send(Cmd::Submit(id, req, tx)).is_err() {
+            self.gauges.waiting.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(Error::Stopped(run.fault()));
+        }
+        Ok(Generation { events: rx, cancel: Some((id, cmds.clone())), done: false })
     }
 
     fn check(&self, req: &Request) -> Result<()> {
@@ -233,6 +269,22 @@ impl Engine {
     /// Submits and waits.
     pub fn generate(&self, req: Request) -> Result<Output> {
         self.submit(req)?.wait()
+    }
+
+    /// What the scheduler is doing now: requests waiting, sequences running, KV blocks promised,
+    /// requests cancelled (for metrics).
+    pub fn gauges(&self) -> &Gauges {
+        &self.gauges
+    }
+
+    /// KV blocks the reserve holds over all sequences (`None`: no budget, no limit).
+    pub fn kv_blocks(&self) -> Option<usize> {
+        self.sched.kv_blocks
+    }
+
+    /// The model's vocabulary size and context length, as requests are checked against them.
+    pub fn limits(&self) -> (usize, usize) {
+        (self.sched.vocab, self.sched.max_positions)
     }
 
     /// The runtime's fault, if an actor failed.
@@ -296,6 +348,11 @@ impl Engine {
     /// and activations together.
     pub fn peak_host_bytes(&self) -> u64 {
         self.meter.high_water() as u64
+    }
+
+    /// The bytes the host tier's pools hold now.
+    pub fn host_bytes(&self) -> u64 {
+        self.meter.used() as u64
     }
 
     /// The host budget all pools share, if any: the pools the placement sized, the DRAM tier's

@@ -25,6 +25,9 @@ pub enum Error {
     /// A request is invalid; nothing was run for it.
     #[error("invalid request: {0}")]
     Request(String),
+    /// The wait queue is full (`EngineOptions::max_queue`): nothing was run; try again later.
+    #[error("busy: {waiting} requests are waiting already (--max-queue); try again later")]
+    Busy { waiting: usize },
     /// The engine failed while running an accepted request.
     #[error("generation failed: {0}")]
     Failed(String),

@@ -11,6 +11,7 @@
 //!   [`EngineOptions`] (in [`options`]) say how to place and run it; [`Request`] and its
 //!   [`Event`]s (in [`request`]) what a caller submits and gets back.
 //! * [`compile`] — a placed graph → a running program.
+//! * [`serve`] — the OpenAI API on actix-web in front of an engine (`weir serve`).
 //! * [`synth`] — write a random-weight model of a named shape.
 //! * [`bench`](mod@bench) — the end-to-end benchmark and the memory-bandwidth probe behind `weir bench`.
 //! * [`costs`] — an expert's cost on a lane, measured for twin experts.
@@ -52,6 +53,7 @@ pub mod model;
 pub mod options;
 pub mod request;
 pub mod scheduler;
+pub mod serve;
 pub mod synth;
 
 pub use engine::Engine;
@@ -59,7 +61,7 @@ pub use error::{Error, Result};
 pub use graph_check::check_graph;
 pub use model::Model;
 pub use options::EngineOptions;
-pub use request::{Event, FinishReason, Generation, LogitsMode, Output, Request, Stats};
+pub use request::{Event, FinishReason, Generation, LogitsMode, Next, Output, Request, Stats};
 pub use scheduler::kv_tokens_needed;
 pub use weir_graphs::parse_size;
 pub use weir_operators::{KvType, RouteRecord, RoutingStats, Sampling};

@@ -18,6 +18,9 @@ pub struct EngineOptions {
     pub trace: bool,
     /// Most sequences in one pass.
     pub max_batch: usize,
+    /// Most requests waiting to be admitted; a request past it is refused with
+    /// [`crate::Error::Busy`] (`None`: no bound).
+    pub max_queue: Option<usize>,
     /// A graph file to run instead of the architecture's built-in one: (text, file name).
     pub graph: Option<(String, String)>,
     /// Host memory in bytes for weights, KV cache and activations together: the KV cache and
@@ -134,6 +137,7 @@ impl Default for EngineOptions {
             loader_lanes: 1,
             trace: false,
             max_batch: 256,
+            max_queue: None,
             graph: None,
             memory_budget: None,
             prefetch: None,

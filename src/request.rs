@@ -114,9 +114,32 @@ impl Stats {
     }
 }
 
-/// A submitted request: its events, as they come.
+/// What [`Generation::try_next_event`] and [`Generation::next_event_timeout`] found.
+#[derive(Debug, Clone)]
+pub enum Next {
+    Event(Event),
+    /// No event yet.
+    Empty,
+    /// There will be no more (the request is done, or the engine stopped).
+    Ended,
+}
+
+/// A submitted request: its events, as they come. Dropping it before the request is done
+/// cancels the request: it leaves the queue, or its sequence ends at the next pass and its KV
+/// cache is freed.
 pub struct Generation {
     pub(crate) events: Receiver<Event>,
+    /// The request's id and where to say it is cancelled (`None`: nothing to cancel).
+    pub(crate) cancel: Option<(u64, crossbeam_channel::Sender<crate::scheduler::Cmd>)>,
+    pub(crate) done: bool,
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        if let (false, Some((id, cmds))) = (self.done, self.cancel.take()) {
+            let _ = cmds.try_send(crate::scheduler::Cmd::Cancel(id));
+        }
+    }
 }
 
 /// Everything a finished request produced.
@@ -131,13 +154,56 @@ pub struct Output {
 }
 
 impl Generation {
-    /// The next event; `None` after `Done` or `Failed`.
-    pub fn next_event(&self) -> Option<Event> {
-        self.events.recv().ok()
+    /// The next event, waiting for it; `None` after `Done` or `Failed`.
+    pub fn next_event(&mut self) -> Option<Event> {
+        let e = self.events.recv().ok();
+        self.saw(&e);
+        e
+    }
+
+    /// The next event if one is there now.
+    pub fn try_next_event(&mut self) -> Next {
+        let got = match self.events.try_recv() {
+            Ok(e) => Next::Event(e),
+            Err(crossbeam_channel::TryRecvError::Empty) => Next::Empty,
+            Err(crossbeam_channel::TryRecvError::Disconnected) => Next::Ended,
+        };
+        self.saw_next(&got);
+        got
+    }
+
+    /// The next event, waiting at most `timeout`.
+    pub fn next_event_timeout(&mut self, timeout: std::time::Duration) -> Next {
+        let got = match self.events.recv_timeout(timeout) {
+            Ok(e) => Next::Event(e),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Next::Empty,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Next::Ended,
+        };
+        self.saw_next(&got);
+        got
+    }
+
+    fn saw_next(&mut self, n: &Next) {
+        match n {
+            Next::Event(e) => self.saw(&Some(e.clone())),
+            Next::Ended => self.done = true,
+            Next::Empty => {}
+        }
+    }
+
+    /// The request's id in the engine's logs.
+    pub fn id(&self) -> Option<u64> {
+        self.cancel.as_ref().map(|c| c.0)
+    }
+
+    fn saw(&mut self, e: &Option<Event>) {
+        if matches!(e, None | Some(Event::Done(_) | Event::Failed(_))) {
+            self.done = true;
+        }
     }
 
     /// Waits for the whole generation.
-    pub fn wait(self) -> Result<Output> {
+    pub fn wait(mut self) -> Result<Output> {
         let mut out = Output {
             tokens: Vec::new(),
             step_logits: Vec::new(),

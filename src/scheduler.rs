@@ -21,7 +21,24 @@ use weir_runtime::Program;
 
 /// What the engine asks of the scheduler.
 pub(crate) enum Cmd {
-    Submit(Request, Sender<Event>),
+    /// A request, by its id, and where its events go.
+    Submit(u64, Request, Sender<Event>),
+    /// The caller gave the request up (dropped its `Generation`): end it.
+    Cancel(u64),
+}
+
+/// What the scheduler is doing, for metrics (observation only: nothing decides by it).
+#[derive(Debug, Default)]
+pub struct Gauges {
+    /// Requests submitted and not yet admitted (the engine counts them in at `submit`, the
+    /// scheduler out as it admits, cancels or refuses them).
+    pub waiting: std::sync::atomic::AtomicUsize,
+    /// Sequences admitted and not yet finished.
+    pub running: std::sync::atomic::AtomicUsize,
+    /// KV blocks promised to running sequences (their whole length, in blocks of 16).
+    pub kv_blocks: std::sync::atomic::AtomicUsize,
+    /// Requests ended because their caller gave them up.
+    pub cancelled: std::sync::atomic::AtomicU64,
 }
 
 /// What the scheduler needs to know of the model and the options.
@@ -73,11 +90,10 @@ impl Active {
 #[derive(Default)]
 struct Sequences {
     active: Vec<Active>,
-    /// Requests not yet admitted, with the time each was submitted.
-    waiting: VecDeque<(Request, Sender<Event>, Instant)>,
+    /// Requests not yet admitted, with their ids and the time each was submitted.
+    waiting: VecDeque<(u64, Request, Sender<Event>, Instant)>,
     /// Finished sequences whose state the next pass frees.
     release: Vec<u64>,
-    next_id: u64,
     pass: u64,
 }
 
@@ -90,6 +106,7 @@ pub(crate) struct Scheduler {
     pub p: SchedParams,
     /// KV blocks not promised to an admitted sequence (`None`: no limit).
     pub kv_free: Option<usize>,
+    pub gauges: Arc<Gauges>,
 }
 
 impl Scheduler {
@@ -101,10 +118,12 @@ impl Scheduler {
         loop {
             open = open && self.take_requests(&mut s);
             self.admit(&mut s);
+            self.publish(&s);
             if s.active.is_empty() && s.release.is_empty() {
                 // With nothing running the whole reserve is free, and `submit` refuses what
                 // could never fit: the queue is empty here.
-                for (_, events, _) in s.waiting.drain(..) {
+                for (_, _, events, _) in s.waiting.drain(..) {
+                    self.unqueue();
                     let _ = events.send(Event::Failed("the request does not fit the KV cache reserve".into()));
                 }
                 if open {
@@ -118,15 +137,44 @@ impl Scheduler {
         }
     }
 
-    /// Takes in new requests; blocks for one only when there is nothing else to do. False once
-    /// the engine has dropped its end.
-    fn take_requests(&self, s: &mut Sequences) -> bool {
+    /// A request leaves the wait queue.
+    fn unqueue(&self) {
+        self.gauges.waiting.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Updates the gauges.
+    fn publish(&self, s: &Sequences) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.gauges.running.store(s.active.len(), Relaxed);
+        let promised: usize = s.active.iter().map(|a| a.kv_blocks).sum();
+        self.gauges.kv_blocks.store(promised, Relaxed);
+    }
+
+    /// Ends request `id` for a caller that gave it up: out of the queue, or retired (its KV
+    /// cache freed by the next pass).
+    fn cancel(&mut self, s: &mut Sequences, id: u64) {
+        if let Some(i) = s.waiting.iter().position(|w| w.0 == id) {
+            s.waiting.remove(i);
+            self.unqueue();
+        } else if let Some(i) = s.active.iter().position(|a| a.id == id) {
+            self.retire(s, vec![i]);
+        } else {
+            return;
+        }
+        self.gauges.cancelled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!("request {id} cancelled by its caller");
+    }
+
+    /// Takes in new requests and cancellations; blocks for one only when there is nothing
+    /// else to do. False once the engine has dropped its end.
+    fn take_requests(&mut self, s: &mut Sequences) -> bool {
         loop {
             let idle = s.active.is_empty() && s.release.is_empty() && s.waiting.is_empty();
             let cmd =
                 if idle { self.cmds.recv().map_err(|_| TryRecvError::Disconnected) } else { self.cmds.try_recv() };
             match cmd {
-                Ok(Cmd::Submit(req, events)) => s.waiting.push_back((req, events, Instant::now())),
+                Ok(Cmd::Submit(id, req, events)) => s.waiting.push_back((id, req, events, Instant::now())),
+                Ok(Cmd::Cancel(id)) => self.cancel(s, id),
                 Err(TryRecvError::Empty) => return true,
                 Err(TryRecvError::Disconnected) => return false,
             }
@@ -137,7 +185,7 @@ impl Scheduler {
     /// sequence (so attention never runs out of blocks mid-generation).
     fn admit(&mut self, s: &mut Sequences) {
         while s.active.len() < self.p.max_batch {
-            let Some((req, _, _)) = s.waiting.front() else { break };
+            let Some((_, req, _, _)) = s.waiting.front() else { break };
             let blocks = kv_tokens_needed(req.prompt.len(), req.max_new_tokens, self.p.max_positions) / KV_BLOCK_TOKENS;
             if let Some(free) = &mut self.kv_free {
                 if blocks > *free {
@@ -145,16 +193,16 @@ impl Scheduler {
                 }
                 *free -= blocks;
             }
-            let Some((req, events, submitted)) = s.waiting.pop_front() else { break };
+            let Some((id, req, events, submitted)) = s.waiting.pop_front() else { break };
+            self.unqueue();
             tracing::info!(
-                "request {} admitted: {} prompt tokens, up to {} new, after {:.3} s waiting",
-                s.next_id,
+                "request {id} admitted: {} prompt tokens, up to {} new, after {:.3} s waiting",
                 req.prompt.len(),
                 req.max_new_tokens,
                 submitted.elapsed().as_secs_f64()
             );
             s.active.push(Active {
-                id: s.next_id,
+                id,
                 req,
                 events,
                 pos: 0,
@@ -166,7 +214,6 @@ impl Scheduler {
                 kv_blocks: blocks,
                 prompt_logits: Vec::new(),
             });
-            s.next_id += 1;
         }
     }
 
@@ -232,7 +279,7 @@ impl Scheduler {
     }
 
     /// Moves sequence `a` past its share `seq` of a pass, which sampled `tok` and gave `mine`
-    /// logits; true if it finished.
+    /// logits; true if it finished — or its caller is gone (an event it could not take).
     fn advance(&self, a: &mut Active, seq: &SeqSlice, tok: u32, mut mine: Vec<Vec<f32>>, done_at: Instant) -> bool {
         a.pos += seq.len;
         if !a.prefilled() {
@@ -242,12 +289,17 @@ impl Scheduler {
         }
         if seq.logits == LogitsWanted::All {
             a.prompt_logits.extend(mine.iter().cloned());
-            let _ = a.events.send(Event::PromptLogits(std::mem::take(&mut a.prompt_logits)));
+            if a.events.send(Event::PromptLogits(std::mem::take(&mut a.prompt_logits))).is_err() {
+                return true;
+            }
         }
         a.last = tok;
         a.generated += 1;
         a.first_token.get_or_insert(done_at);
-        let _ = a.events.send(Event::Token { id: tok, logits: mine.pop() });
+        if a.events.send(Event::Token { id: tok, logits: mine.pop() }).is_err() {
+            tracing::info!("request {} ended: its caller is gone", a.id);
+            return true;
+        }
         let finish = if a.req.stop_at_eos && self.p.eos.contains(&tok) {
             FinishReason::Eos
         } else if a.generated >= a.req.max_new_tokens {
@@ -298,12 +350,17 @@ impl Scheduler {
         for a in s.active.drain(..) {
             let _ = a.events.send(Event::Failed(msg.clone()));
         }
-        for (_, events, _) in s.waiting.drain(..) {
+        for (_, _, events, _) in s.waiting.drain(..) {
+            self.unqueue();
             let _ = events.send(Event::Failed(msg.clone()));
         }
-        while let Ok(Cmd::Submit(_, events)) = self.cmds.try_recv() {
-            let _ = events.send(Event::Failed(msg.clone()));
+        while let Ok(cmd) = self.cmds.try_recv() {
+            if let Cmd::Submit(_, _, events) = cmd {
+                self.unqueue();
+                let _ = events.send(Event::Failed(msg.clone()));
+            }
         }
+        self.publish(s);
     }
 }
 

@@ -94,6 +94,18 @@ pub struct ModelConfig {
     pub moe: Option<MoeConfig>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// `generation_config.json`'s sampling settings, for requests that give none.
+    pub sampling: SamplingDefaults,
+}
+
+/// How `generation_config.json` says to sample: `do_sample`, `temperature`, `top_p`, `top_k`
+/// (each `None` where it is not given).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SamplingDefaults {
+    pub do_sample: Option<bool>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
 }
 
 struct Reader<'a> {
@@ -148,6 +160,24 @@ impl Reader<'_> {
                 .map(|n| vec![n as u32])
                 .ok_or_else(|| self.err(key, format!("expected a token id or a list of them, found {x}"))),
         }
+    }
+
+    /// `do_sample`, `temperature`, `top_p`, `top_k` of a generation config.
+    fn sampling(&self) -> Result<SamplingDefaults> {
+        let num = |k: &str| match self.get(k).filter(|v| !v.is_null()) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite() && *x >= 0.0)
+                .map(|x| Some(x as f32))
+                .ok_or_else(|| self.err(k, format!("expected a number ≥ 0, found {v}"))),
+        };
+        let do_sample = match self.get("do_sample") {
+            None => None,
+            Some(v) => Some(v.as_bool().ok_or_else(|| self.err("do_sample", format!("expected true or false, found {v}")))?),
+        };
+        let top_k = self.opt_usize("top_k")?;
+        Ok(SamplingDefaults { do_sample, temperature: num("temperature")?, top_p: num("top_p")?, top_k })
     }
 
     /// `architectures`: the first class weir knows.
@@ -313,6 +343,7 @@ impl ModelConfig {
             if let Some(b) = r.ids("bos_token_id")?.first() {
                 c.bos_token_id = Some(*b);
             }
+            c.sampling = r.sampling()?;
         }
         Ok(c)
     }
@@ -379,6 +410,7 @@ impl ModelConfig {
             moe,
             bos_token_id,
             eos_token_ids,
+            sampling: SamplingDefaults::default(),
         };
         for (k, v) in [
             ("hidden_size", c.hidden_size),

@@ -22,7 +22,7 @@ pub use weir_operators::offload;
 pub mod place;
 pub mod safetensors;
 
-pub use config::{Architecture, ModelConfig, MoeConfig};
+pub use config::{Architecture, ModelConfig, MoeConfig, SamplingDefaults};
 pub use error::{Error, Result};
 pub use graph::Graph;
 pub use place::{place, Machine, PlaceOptions, Placed};

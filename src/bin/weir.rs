@@ -22,6 +22,8 @@ enum Cmd {
     Synth(SynthArgs),
     /// Measure prefill and decode throughput against the machine's memory bandwidth.
     Bench(BenchArgs),
+    /// Serve the OpenAI API (completions, chat completions, models, health, metrics) over HTTP.
+    Serve(ServeArgs),
     /// Check, show and draw graph definition files.
     #[command(subcommand)]
     Graph(GraphCmd),
@@ -217,6 +219,36 @@ struct PlaceArgs {
 }
 
 #[derive(Args)]
+struct ServeArgs {
+    /// Hugging Face model folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on.
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// The model's id in the API (default: the model folder's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Compute threads (0 = all available cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Most sequences in one pass.
+    #[arg(long, default_value_t = 256)]
+    max_batch: usize,
+    /// Most requests waiting to be admitted; more get 429 with Retry-After.
+    #[arg(long, default_value_t = 1024)]
+    max_queue: usize,
+    /// On SIGTERM or SIGINT, seconds the requests in flight get to finish.
+    #[arg(long, default_value_t = 30)]
+    shutdown_timeout: u64,
+    #[command(flatten)]
+    place: PlaceArgs,
+}
+
+#[derive(Args)]
 struct SynthArgs {
     /// Shape: tiny, small, tinyllama-1.1b, llama3-8b, tiny-moe, mixtral-4l.
     #[arg(long, default_value = "small")]
@@ -333,6 +365,7 @@ fn main() {
         Cmd::Run(a) => run(a),
         Cmd::Synth(a) => synth(a),
         Cmd::Bench(a) => bench(a),
+        Cmd::Serve(a) => serve(a),
         Cmd::Graph(g) => graph(g),
         Cmd::Trace(t) => trace(t),
         Cmd::Gpu(g) => gpu(g),
@@ -516,6 +549,24 @@ fn bench(a: BenchArgs) -> Result<()> {
     } else {
         print!("{}", r.to_text(&a.model));
     }
+    Ok(())
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    let opts = EngineOptions {
+        max_queue: Some(a.max_queue),
+        max_batch: a.max_batch,
+        ..a.place.engine_options(a.threads, None)?
+    };
+    opts.check()?;
+    let model = open(&a.model)?;
+    let engine = Engine::new(&model, opts)?;
+    show_loading(&engine);
+    let server = weir::serve::Server::new(model, engine, a.served_model_name)?;
+    let timeout = std::time::Duration::from_secs(a.shutdown_timeout);
+    let server = weir::serve::run(server, (&a.host, a.port), timeout).with_context(|| format!("--host {} --port {}", a.host, a.port))?;
+    eprintln!("weir serve: stopped");
+    server.shutdown()?;
     Ok(())
 }
 
