@@ -174,7 +174,9 @@ impl Reader<'_> {
         };
         let do_sample = match self.get("do_sample") {
             None => None,
-            Some(v) => Some(v.as_bool().ok_or_else(|| self.err("do_sample", format!("expected true or false, found {v}")))?),
+            Some(v) => {
+                Some(v.as_bool().ok_or_else(|| self.err("do_sample", format!("expected true or false, found {v}")))?)
+            }
         };
         let top_k = self.opt_usize("top_k")?;
         Ok(SamplingDefaults { do_sample, temperature: num("temperature")?, top_p: num("top_p")?, top_k })

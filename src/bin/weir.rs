@@ -564,7 +564,8 @@ fn serve(a: ServeArgs) -> Result<()> {
     show_loading(&engine);
     let server = weir::serve::Server::new(model, engine, a.served_model_name)?;
     let timeout = std::time::Duration::from_secs(a.shutdown_timeout);
-    let server = weir::serve::run(server, (&a.host, a.port), timeout).with_context(|| format!("--host {} --port {}", a.host, a.port))?;
+    let server = weir::serve::run(server, (&a.host, a.port), timeout)
+        .with_context(|| format!("--host {} --port {}", a.host, a.port))?;
     eprintln!("weir serve: stopped");
     server.shutdown()?;
     Ok(())

@@ -99,7 +99,9 @@ pub fn parse(body: &[u8], chat: bool) -> Result<Ask, ApiError> {
     let text = std::str::from_utf8(body).map_err(|e| ApiError::invalid(format!("the body is not UTF-8: {e}")))?;
     let v: Value =
         serde_json::from_str(text).map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}")))?;
-    let Value::Object(o) = &v else { return Err(ApiError::invalid(format!("the body must be an object, found {}", kind(&v)))) };
+    let Value::Object(o) = &v else {
+        return Err(ApiError::invalid(format!("the body must be an object, found {}", kind(&v))));
+    };
     let f = Fields(o);
     let model = match f.get("model") {
         None => None,
@@ -120,7 +122,8 @@ pub fn parse(body: &[u8], chat: bool) -> Result<Ask, ApiError> {
     for k in ["logprobs", "top_logprobs", "logit_bias", "best_of", "tools", "response_format"] {
         let given = match f.get(k) {
             None | Some(Value::Bool(false)) => false,
-            Some(Value::Number(n)) => k == "best_of" && n.as_u64() != Some(1) || k != "best_of",
+            // `best_of: 1` is the default; any other number asks for what is not done.
+            Some(Value::Number(n)) => k != "best_of" || n.as_u64() != Some(1),
             Some(_) => true,
         };
         if given {
@@ -133,11 +136,15 @@ pub fn parse(body: &[u8], chat: bool) -> Result<Ask, ApiError> {
     };
     let include_usage = match f.get("stream_options") {
         None => false,
-        Some(Value::Object(so)) => Fields(so).bool("include_usage").map_err(|e| ApiError {
-            param: Some("stream_options.include_usage".into()),
-            ..e
-        })?,
-        Some(v) => return Err(ApiError::field("stream_options", format!("`stream_options` must be an object, found {}", kind(v)))),
+        Some(Value::Object(so)) => Fields(so)
+            .bool("include_usage")
+            .map_err(|e| ApiError { param: Some("stream_options.include_usage".into()), ..e })?,
+        Some(v) => {
+            return Err(ApiError::field(
+                "stream_options",
+                format!("`stream_options` must be an object, found {}", kind(v)),
+            ))
+        }
     };
     Ok(Ask {
         model,
@@ -151,9 +158,11 @@ pub fn parse(body: &[u8], chat: bool) -> Result<Ask, ApiError> {
         top_k: f.uint("top_k", 0)?.map(|k| k as usize),
         seed: match f.get("seed") {
             None => None,
-            Some(v) => Some(v.as_i64().map(|s| s as u64).ok_or_else(|| {
-                ApiError::field("seed", format!("`seed` must be an integer, found {}", kind(v)))
-            })?),
+            Some(v) => Some(
+                v.as_i64()
+                    .map(|s| s as u64)
+                    .ok_or_else(|| ApiError::field("seed", format!("`seed` must be an integer, found {}", kind(v))))?,
+            ),
         },
         stop: stop(&f)?,
         stream: f.bool("stream")?,
@@ -197,19 +206,30 @@ fn messages(f: &Fields) -> Result<Vec<Message>, ApiError> {
         .enumerate()
         .map(|(i, m)| {
             let at = |k: &str| format!("messages[{i}].{k}");
-            let role = m.get("role").and_then(Value::as_str).ok_or_else(|| ApiError::field(&at("role"), "a message needs a `role` string"))?;
+            let role = m
+                .get("role")
+                .and_then(Value::as_str)
+                .ok_or_else(|| ApiError::field(&at("role"), "a message needs a `role` string"))?;
             let content = match m.get("content") {
                 Some(Value::String(s)) => s.clone(),
                 Some(Value::Array(parts)) => parts
                     .iter()
                     .map(|p| match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
                         (Some("text"), Some(t)) => Ok(t),
-                        _ => Err(ApiError::field(&at("content"), "only text parts (`{\"type\": \"text\", \"text\": …}`) are supported")),
+                        _ => Err(ApiError::field(
+                            &at("content"),
+                            "only text parts (`{\"type\": \"text\", \"text\": …}`) are supported",
+                        )),
                     })
                     .collect::<Result<Vec<&str>, _>>()?
                     .concat(),
                 None | Some(Value::Null) => String::new(),
-                Some(v) => return Err(ApiError::field(&at("content"), format!("a message's `content` must be a string, found {}", kind(v)))),
+                Some(v) => {
+                    return Err(ApiError::field(
+                        &at("content"),
+                        format!("a message's `content` must be a string, found {}", kind(v)),
+                    ))
+                }
             };
             Ok(Message { role: role.to_string(), content })
         })
@@ -282,7 +302,10 @@ mod tests {
             "top_k": 7, "seed": 3, "stop": ["a", "b"], "stream": true, "stream_options": {"include_usage": true}, "n": 1}"#, false)
         .unwrap();
         assert_eq!(a.prompt, Prompt::Text("hi".into()));
-        assert_eq!((a.max_tokens, a.temperature, a.top_p, a.top_k, a.seed), (Some(5), Some(0.5), Some(0.9), Some(7), Some(3)));
+        assert_eq!(
+            (a.max_tokens, a.temperature, a.top_p, a.top_k, a.seed),
+            (Some(5), Some(0.5), Some(0.9), Some(7), Some(3))
+        );
         assert_eq!((a.stop.len(), a.stream, a.include_usage), (2, true, true));
         assert_eq!(parse(br#"{"prompt": [1, 2, 3]}"#, false).unwrap().prompt, Prompt::Ids(vec![1, 2, 3]));
         assert_eq!(parse(br#"{"prompt": ["one"]}"#, false).unwrap().prompt, Prompt::Text("one".into()));
@@ -307,7 +330,12 @@ mod tests {
             (r#"{"prompt": "x", "frequency_penalty": 0.5}"#, false, Some("frequency_penalty"), "not supported"),
             (r#"{"messages": [{"content": "x"}]}"#, true, Some("messages[0].role"), "needs a `role`"),
             (r#"{"messages": []}"#, true, Some("messages"), "empty"),
-            (r#"{"prompt": "x", "stream_options": {"include_usage": 1}}"#, false, Some("stream_options.include_usage"), "true or false"),
+            (
+                r#"{"prompt": "x", "stream_options": {"include_usage": 1}}"#,
+                false,
+                Some("stream_options.include_usage"),
+                "true or false",
+            ),
             ("[1]", false, None, "must be an object"),
             ("{", false, None, "not valid JSON"),
         ] {

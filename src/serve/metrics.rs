@@ -103,14 +103,20 @@ impl Metrics {
     /// The text of `/metrics`, with the engine's gauges and pools.
     pub fn render(&self, engine: &crate::Engine) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "# HELP weir_requests_total Requests by how they ended.\n# TYPE weir_requests_total counter");
+        let _ =
+            writeln!(s, "# HELP weir_requests_total Requests by how they ended.\n# TYPE weir_requests_total counter");
         for (i, (_, name)) in OUTCOMES.iter().enumerate() {
             let _ = writeln!(s, "weir_requests_total{{outcome=\"{name}\"}} {}", self.outcomes[i].load(Relaxed));
         }
         let counter = |s: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         };
-        counter(&mut s, "weir_prompt_tokens_total", "Prompt tokens of the requests run.", self.prompt_tokens.load(Relaxed));
+        counter(
+            &mut s,
+            "weir_prompt_tokens_total",
+            "Prompt tokens of the requests run.",
+            self.prompt_tokens.load(Relaxed),
+        );
         let generated = self.generated_tokens.load(Relaxed);
         counter(&mut s, "weir_generated_tokens_total", "Tokens generated.", generated);
         self.time_to_first_token.write(
@@ -118,7 +124,11 @@ impl Metrics {
             "weir_time_to_first_token_seconds",
             "Seconds from a request's arrival to its first token.",
         );
-        self.time_between_tokens.write(&mut s, "weir_time_between_tokens_seconds", "Seconds between a stream's tokens.");
+        self.time_between_tokens.write(
+            &mut s,
+            "weir_time_between_tokens_seconds",
+            "Seconds between a stream's tokens.",
+        );
         let g = engine.gauges();
         let gauge = |s: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");

@@ -70,10 +70,17 @@ impl Server {
     /// Reads the folder's chat template, if it has one.
     pub fn new(model: Model, engine: Engine, name: Option<String>) -> Result<Server> {
         let chat = chat::ChatTemplate::from_dir(&model.dir)?;
-        let name = name.unwrap_or_else(|| {
-            model.dir.file_name().map_or("model".into(), |n| n.to_string_lossy().into_owned())
-        });
-        Ok(Server { engine, model, name, chat, metrics: Metrics::default(), last_fault: Mutex::new(None), started: now() })
+        let name =
+            name.unwrap_or_else(|| model.dir.file_name().map_or("model".into(), |n| n.to_string_lossy().into_owned()));
+        Ok(Server {
+            engine,
+            model,
+            name,
+            chat,
+            metrics: Metrics::default(),
+            last_fault: Mutex::new(None),
+            started: now(),
+        })
     }
 
     /// Mounts the routes on an actix app (or scope).
@@ -171,7 +178,10 @@ impl Server {
         let (vocab, context) = self.engine.limits();
         if prompt.len() > context {
             let n = prompt.len();
-            return Err(ApiError::field("prompt", format!("the prompt has {n} tokens; the model's context is {context}")));
+            return Err(ApiError::field(
+                "prompt",
+                format!("the prompt has {n} tokens; the model's context is {context}"),
+            ));
         }
         if let Some(id) = prompt.iter().find(|&&i| i as usize >= vocab) {
             return Err(ApiError::field("prompt", format!("token id {id} is outside the vocabulary (size {vocab})")));
@@ -201,7 +211,11 @@ fn rand_seed(t: Instant) -> u64 {
 enum Piece {
     Text(String),
     /// The end: finish reason and the token counts.
-    End { finish: &'static str, prompt: usize, completion: usize },
+    End {
+        finish: &'static str,
+        prompt: usize,
+        completion: usize,
+    },
     Failed(String),
 }
 
@@ -314,13 +328,14 @@ impl Drop for Gone {
 /// A completion or chat request, start to end.
 async fn respond(server: web::Data<Server>, payload: web::Payload, chat: bool) -> HttpResponse {
     let arrived = Instant::now();
-    let job = match read_body(payload).await.and_then(|b| api::parse(&b, chat)).and_then(|a| server.job(a, chat, arrived)) {
-        Ok(j) => j,
-        Err(e) => {
-            server.metrics.count(Outcome::Invalid);
-            return error_response(&e);
-        }
-    };
+    let job =
+        match read_body(payload).await.and_then(|b| api::parse(&b, chat)).and_then(|a| server.job(a, chat, arrived)) {
+            Ok(j) => j,
+            Err(e) => {
+                server.metrics.count(Outcome::Invalid);
+                return error_response(&e);
+            }
+        };
     let gen = match server.engine.submit(job.request.clone()) {
         Ok(g) => g,
         Err(e) => {
@@ -348,7 +363,12 @@ fn submit_error(e: Error) -> (Outcome, ApiError) {
         Error::Request(m) => (Outcome::Invalid, ApiError::invalid(m)),
         e => (
             Outcome::Failed,
-            ApiError { status: 503, kind: "server_error", param: None, message: format!("the engine cannot run it: {e}") },
+            ApiError {
+                status: 503,
+                kind: "server_error",
+                param: None,
+                message: format!("the engine cannot run it: {e}"),
+            },
         ),
     }
 }
@@ -373,7 +393,12 @@ async fn whole(server: web::Data<Server>, gen: Generation, job: Job, id: String)
     .await;
     let Ok((outcome, chat, text, end)) = run else {
         server.metrics.count(Outcome::Failed);
-        return error_response(&ApiError { status: 500, kind: "server_error", param: None, message: "the request's thread failed".into() });
+        return error_response(&ApiError {
+            status: 500,
+            kind: "server_error",
+            param: None,
+            message: "the request's thread failed".into(),
+        });
     };
     server.metrics.count(outcome);
     match end {
@@ -382,7 +407,9 @@ async fn whole(server: web::Data<Server>, gen: Generation, job: Job, id: String)
             HttpResponse::Ok().json(body)
         }
         Some(Err(m)) => error_response(&ApiError { status: 500, kind: "server_error", param: None, message: m }),
-        None => error_response(&ApiError { status: 499, kind: "server_error", param: None, message: "cancelled".into() }),
+        None => {
+            error_response(&ApiError { status: 499, kind: "server_error", param: None, message: "cancelled".into() })
+        }
     }
 }
 
@@ -403,7 +430,8 @@ fn stream(server: web::Data<Server>, gen: Generation, job: Job, id: String) -> H
                 ok
             }
             Piece::End { finish, prompt, completion } => {
-                let mut ok = tx.blocking_send(event(api::chunk(chat, &id, &name, created, "", first, Some(finish)))).is_ok();
+                let mut ok =
+                    tx.blocking_send(event(api::chunk(chat, &id, &name, created, "", first, Some(finish)))).is_ok();
                 if job.include_usage {
                     let u = api::usage_chunk(chat, &id, &name, created, api::usage(prompt, completion));
                     ok &= tx.blocking_send(event(u)).is_ok();
@@ -420,10 +448,7 @@ fn stream(server: web::Data<Server>, gen: Generation, job: Job, id: String) -> H
     let body = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, actix_web::Error>(b), rx))
     });
-    HttpResponse::Ok()
-        .content_type("text/event-stream")
-        .insert_header(("Cache-Control", "no-cache"))
-        .streaming(body)
+    HttpResponse::Ok().content_type("text/event-stream").insert_header(("Cache-Control", "no-cache")).streaming(body)
 }
 
 async fn models(server: web::Data<Server>) -> HttpResponse {
@@ -448,11 +473,10 @@ pub fn run(server: Server, addr: (&str, u16), shutdown_timeout: Duration) -> std
     let d = data.clone();
     let (host, port) = (addr.0.to_string(), addr.1);
     actix_web::rt::System::new().block_on(async move {
-        let http = actix_web::HttpServer::new(move || {
-            actix_web::App::new().configure(|c| Server::configure(c, d.clone()))
-        })
-        .shutdown_timeout(shutdown_timeout.as_secs().max(1))
-        .bind((host.as_str(), port))?;
+        let http =
+            actix_web::HttpServer::new(move || actix_web::App::new().configure(|c| Server::configure(c, d.clone())))
+                .shutdown_timeout(shutdown_timeout.as_secs().max(1))
+                .bind((host.as_str(), port))?;
         for a in http.addrs() {
             tracing::info!("serving on http://{a}");
             eprintln!("weir serve: listening on http://{a}");

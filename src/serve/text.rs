@@ -143,7 +143,7 @@ mod tests {
             let (pieces, stopped) = stream(&m, text, &[]);
             assert!(!stopped);
             assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')), "{text}: {pieces:?}");
-            let whole = m.decode(&m.tokenizer.as_ref().unwrap().encode(text, false).unwrap().get_ids().to_vec()).unwrap();
+            let whole = m.decode(m.tokenizer.as_ref().unwrap().encode(text, false).unwrap().get_ids()).unwrap();
             assert_eq!(pieces.concat(), whole, "{text}");
         }
     }
