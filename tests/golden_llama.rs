@@ -40,7 +40,8 @@ fn a_sequence_joining_a_running_batch_gets_its_own_tokens() {
     let (_, engine) = engine(&fixture("tiny-llama"), EngineOptions::default());
     let long = &g["prompts"][2];
     let short = &g["prompts"][0];
-    let mut first = engine.submit(Request { stop_at_eos: false, ..Request::greedy(ids(&long["input_ids"]), 24) }).unwrap();
+    let mut first =
+        engine.submit(Request { stop_at_eos: false, ..Request::greedy(ids(&long["input_ids"]), 24) }).unwrap();
     // Wait for a few of the long prompt's tokens, then add the short one mid-decode.
     let mut got_long = Vec::new();
     while got_long.len() < 3 {

@@ -140,11 +140,26 @@ impl Metrics {
         if let Some(total) = engine.kv_blocks() {
             gauge(&mut s, "weir_kv_blocks_total", "KV cache blocks the reserve holds.", total as u64);
         }
-        let _ = writeln!(s, "# HELP weir_pool_bytes Bytes each memory pool holds now.\n# TYPE weir_pool_bytes gauge");
+        let _ = writeln!(
+            s,
+            "# HELP weir_pool_bytes_in_use Bytes of each host pool's buffers in use now.\n# TYPE weir_pool_bytes_in_use gauge"
+        );
+        for p in engine.pools() {
+            let _ = writeln!(s, "weir_pool_bytes_in_use{{pool=\"{}\"}} {}", p.name(), p.in_use());
+        }
+        let _ = writeln!(
+            s,
+            "# HELP weir_pool_bytes Bytes each host pool holds now, its buffers kept for reuse too (`host`: all of \
+             them).\n# TYPE weir_pool_bytes gauge"
+        );
         for p in engine.pools() {
             let _ = writeln!(s, "weir_pool_bytes{{pool=\"{}\"}} {}", p.name(), p.used());
         }
         let _ = writeln!(s, "weir_pool_bytes{{pool=\"host\"}} {}", engine.host_bytes());
+        gauge(&mut s, "weir_host_bytes_peak", "The most bytes the host pools held at once.", engine.peak_host_bytes());
+        if let Some(b) = engine.host_budget() {
+            gauge(&mut s, "weir_host_budget_bytes", "The host memory budget all pools share.", b);
+        }
         s
     }
 }

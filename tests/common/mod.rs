@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests: the fixtures, and model folders derived from them.
 #![allow(dead_code)]
 
+pub mod http;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use weir::{DType, Engine, EngineOptions, LogitsMode, Model, Request};
