@@ -31,7 +31,9 @@ impl Running {
         self.program.lock().ok().and_then(|p| p.as_ref().and_then(|p| p.fault()))
     }
     fn stop(&mut self) -> Result<()> {
-        drop(self.cmds.take());
+        if let Some(c) = self.cmds.take() {
+            let _ = c.send(Cmd::Stop);
+        }
         if let Some(h) = self.scheduler.take() {
             let _ = h.join();
         }

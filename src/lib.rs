@@ -12,6 +12,8 @@
 //!   [`Event`]s (in [`request`]) what a caller submits and gets back.
 //! * [`compile`] — a placed graph → a running program.
 //! * [`serve`] — the OpenAI API on actix-web in front of an engine (`weir serve`).
+//! * [`load`] — a load generator for OpenAI-compatible servers (`weir load`): Poisson arrivals,
+//!   latency percentiles, an SVG of latency against load.
 //! * [`synth`] — write a random-weight model of a named shape.
 //! * [`bench`](mod@bench) — the end-to-end benchmark and the memory-bandwidth probe behind `weir bench`.
 //! * [`costs`] — an expert's cost on a lane, measured for twin experts.
@@ -47,6 +49,7 @@ pub mod engine;
 pub mod error;
 pub mod expert_stats;
 pub mod graph_check;
+pub mod load;
 pub mod log;
 pub mod machine;
 pub mod model;

@@ -25,6 +25,9 @@ pub(crate) enum Cmd {
     Submit(u64, Request, Sender<Event>),
     /// The caller gave the request up (dropped its `Generation`): end it.
     Cancel(u64),
+    /// The engine is stopping: take nothing more, finish what runs. (Not the channel's
+    /// disconnection: each `Generation` holds a sender, for its cancellation.)
+    Stop,
 }
 
 /// What the scheduler is doing, for metrics (observation only: nothing decides by it).
@@ -110,7 +113,7 @@ pub(crate) struct Scheduler {
 }
 
 impl Scheduler {
-    /// Runs until the engine drops its command channel and every request is done, or the
+    /// Runs until the engine says stop (or drops its command channel) and every request is done, or the
     /// program fails (every request then gets `Event::Failed` with the cause).
     pub(crate) fn run(mut self) {
         let mut s = Sequences::default();
@@ -176,7 +179,7 @@ impl Scheduler {
                 Ok(Cmd::Submit(id, req, events)) => s.waiting.push_back((id, req, events, Instant::now())),
                 Ok(Cmd::Cancel(id)) => self.cancel(s, id),
                 Err(TryRecvError::Empty) => return true,
-                Err(TryRecvError::Disconnected) => return false,
+                Ok(Cmd::Stop) | Err(TryRecvError::Disconnected) => return false,
             }
         }
     }

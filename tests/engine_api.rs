@@ -129,3 +129,40 @@ fn bad_options_get_the_messages_the_cli_prints() {
         assert!(!o.status.success() && err.contains(want), "{flags:?}: {err}");
     }
 }
+
+#[test]
+fn a_long_prompt_is_prefilled_in_chunks_beside_running_decodes() {
+    // Passes of 16 tokens: a 200-token prompt takes at least 14 of them (15 prompt tokens each
+    // beside a running sequence's one). Decode tokens go first in each pass, so a sequence
+    // already decoding gets a token in every one of those passes: one that needs 9 more is
+    // done before the long prompt's first token — it would still be waiting were it stalled.
+    let model = Model::open(fixture("tiny-llama")).unwrap();
+    let engine = Engine::new(&model, EngineOptions { threads: 1, max_pass_tokens: 16, ..Default::default() }).unwrap();
+    let first = |g: &mut weir::Generation| loop {
+        match g.next_event() {
+            Some(Event::Token { id, .. }) => break id,
+            Some(Event::PromptLogits(_)) => {}
+            e => panic!("{e:?}"),
+        }
+    };
+    let mut running = engine.submit(Request { stop_at_eos: false, ..Request::greedy(vec![1, 54, 74], 10) }).unwrap();
+    first(&mut running);
+    let long: Vec<u32> = (0..200).map(|i| 3 + (i * 7) % 300).collect();
+    let mut prefilling = engine.submit(Request { stop_at_eos: false, ..Request::greedy(long.clone(), 1) }).unwrap();
+    let chunked = first(&mut prefilling);
+    let mut tokens = 1;
+    let done = loop {
+        match running.try_next_event() {
+            weir::Next::Event(Event::Token { .. }) => tokens += 1,
+            weir::Next::Event(Event::Done(s)) => break s,
+            e => panic!("after {tokens} tokens, the running sequence still waits ({e:?})"),
+        }
+    };
+    assert_eq!((tokens, done.generated_tokens), (10, 10));
+    // The prompt prefilled in chunks beside it gives the token it gives alone.
+    assert_eq!(chunked, first(&mut engine.submit(Request::greedy(long, 1)).unwrap()));
+    assert!(matches!(prefilling.next_event(), Some(Event::Done(_))));
+    // Shutting down while the caller still holds its generations returns.
+    engine.shutdown().unwrap();
+    drop((running, prefilling));
+}

@@ -138,6 +138,12 @@ fn stop_strings_are_cut_and_eos_ends_a_completion() {
     let v = s.post("/v1/completions", r#"{"prompt": "The man", "max_tokens": 24, "temperature": 0}"#).json();
     assert_eq!((&v["choices"][0]["finish_reason"], &v["usage"]["completion_tokens"]), (&json!("stop"), &json!(4)));
     let whole = text_of(&v);
+    // `ignore_eos` generates past it, to `max_tokens`, the same text first.
+    let past = s
+        .post("/v1/completions", r#"{"prompt": "The man", "max_tokens": 24, "temperature": 0, "ignore_eos": true}"#)
+        .json();
+    assert_eq!((&past["choices"][0]["finish_reason"], &past["usage"]["completion_tokens"]), (&json!("length"), &json!(24)));
+    assert!(text_of(&past).starts_with(&whole), "{past}");
     // A stop string across token boundaries (the text's chars 2..5): cut, with what follows.
     let chars: Vec<char> = whole.chars().collect();
     assert!(chars.len() >= 5, "{whole:?}");

@@ -42,6 +42,8 @@ pub struct Ask {
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// `ignore_eos` (vLLM's and llama.cpp's extension): generate to `max_tokens` past EOS.
+    pub ignore_eos: bool,
 }
 
 /// What the model is asked to continue.
@@ -167,6 +169,7 @@ pub fn parse(body: &[u8], chat: bool) -> Result<Ask, ApiError> {
         stop: stop(&f)?,
         stream: f.bool("stream")?,
         include_usage,
+        ignore_eos: f.bool("ignore_eos")?,
     })
 }
 
@@ -299,14 +302,15 @@ mod tests {
     #[test]
     fn fields_are_read_as_openai_defines_them() {
         let a = parse(br#"{"model": "m", "prompt": "hi", "max_tokens": 5, "temperature": 0.5, "top_p": 0.9,
-            "top_k": 7, "seed": 3, "stop": ["a", "b"], "stream": true, "stream_options": {"include_usage": true}, "n": 1}"#, false)
+            "top_k": 7, "seed": 3, "stop": ["a", "b"], "stream": true, "stream_options": {"include_usage": true}, "n": 1, "ignore_eos": true}"#, false)
         .unwrap();
         assert_eq!(a.prompt, Prompt::Text("hi".into()));
         assert_eq!(
             (a.max_tokens, a.temperature, a.top_p, a.top_k, a.seed),
             (Some(5), Some(0.5), Some(0.9), Some(7), Some(3))
         );
-        assert_eq!((a.stop.len(), a.stream, a.include_usage), (2, true, true));
+        assert_eq!((a.stop.len(), a.stream, a.include_usage, a.ignore_eos), (2, true, true, true));
+        assert!(!parse(br#"{"prompt": "x"}"#, false).unwrap().ignore_eos);
         assert_eq!(parse(br#"{"prompt": [1, 2, 3]}"#, false).unwrap().prompt, Prompt::Ids(vec![1, 2, 3]));
         assert_eq!(parse(br#"{"prompt": ["one"]}"#, false).unwrap().prompt, Prompt::Text("one".into()));
         let c = parse(br#"{"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}], "max_completion_tokens": 4}"#, true).unwrap();

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use weir::{Engine, EngineOptions, Event, KvType, LogitsMode, Model, Request, Sampling};
 use weir_graphs::place::experts::{ExpertBudget, ExpertPlacement, Twins};
 
+mod load;
+
 #[derive(Parser)]
 #[command(name = "weir", version, about = "Run large language models on every device of one machine")]
 struct Cli {
@@ -24,6 +26,9 @@ enum Cmd {
     Bench(BenchArgs),
     /// Serve the OpenAI API (completions, chat completions, models, health, metrics) over HTTP.
     Serve(ServeArgs),
+    /// Load OpenAI-compatible servers with Poisson arrivals at several rates, side by side:
+    /// throughput and TTFT / TBT / end-to-end percentiles, an SVG of latency against load.
+    Load(load::LoadArgs),
     /// Check, show and draw graph definition files.
     #[command(subcommand)]
     Graph(GraphCmd),
@@ -366,6 +371,7 @@ fn main() {
         Cmd::Synth(a) => synth(a),
         Cmd::Bench(a) => bench(a),
         Cmd::Serve(a) => serve(a),
+        Cmd::Load(a) => load::load(a),
         Cmd::Graph(g) => graph(g),
         Cmd::Trace(t) => trace(t),
         Cmd::Gpu(g) => gpu(g),
