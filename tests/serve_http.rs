@@ -142,7 +142,10 @@ fn stop_strings_are_cut_and_eos_ends_a_completion() {
     let past = s
         .post("/v1/completions", r#"{"prompt": "The man", "max_tokens": 24, "temperature": 0, "ignore_eos": true}"#)
         .json();
-    assert_eq!((&past["choices"][0]["finish_reason"], &past["usage"]["completion_tokens"]), (&json!("length"), &json!(24)));
+    assert_eq!(
+        (&past["choices"][0]["finish_reason"], &past["usage"]["completion_tokens"]),
+        (&json!("length"), &json!(24))
+    );
     assert!(text_of(&past).starts_with(&whole), "{past}");
     // A stop string across token boundaries (the text's chars 2..5): cut, with what follows.
     let chars: Vec<char> = whole.chars().collect();

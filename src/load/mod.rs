@@ -2,7 +2,7 @@
 //! `llama-server`, vLLM — so that they can be measured side by side in one run.
 //!
 //! Requests arrive as a Poisson process (exponential gaps, open loop: a slow server does not
-//! slow the arrivals) at each of several rates; each is a streamed `/v1/completions` of random
+//! slow the arrivals; held to the rate given, see [`workload`]) at each of several rates; each is a streamed `/v1/completions` of random
 //! prompt token ids and a fixed number of output tokens (`ignore_eos`, greedy), lengths drawn
 //! uniformly from the ranges given. Every target gets the same requests at the same offsets;
 //! at each rate the targets take turns (the order alternating from rate to rate). Measured per
@@ -15,7 +15,7 @@ pub mod http;
 pub mod plot;
 
 use http::Url;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::io::BufRead;
 use std::time::{Duration, Instant};
@@ -72,13 +72,18 @@ pub fn workload(o: &LoadOptions, rate: f64, index: usize) -> Vec<Ask> {
     let mut rng = Rng::new(o.seed ^ (index as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let mut uniform = |(lo, hi): (usize, usize)| lo + (rng.next_u64() % (hi - lo + 1) as u64) as usize;
     let lengths: Vec<(usize, usize)> = (0..o.requests).map(|_| (uniform(o.prompt_len), uniform(o.gen_len))).collect();
+    // Exponential gaps (−ln(1 − u)), n + 1 of them scaled together so that they span
+    // (n + 1) / rate: a Poisson process given its count, so the rate run is the one asked for
+    // (the sum of 24 plain draws strays ±20%).
+    let gaps: Vec<f64> = (0..=o.requests).map(|_| -(1.0 - rng.next_f64()).ln()).collect();
+    let scale = (o.requests + 1) as f64 / rate / gaps.iter().sum::<f64>();
+    let span = o.vocab.saturating_sub(3).max(1) as u64;
     let mut t = 0.0;
     lengths
         .into_iter()
-        .map(|(p, g)| {
-            // Exponential gaps: −ln(1 − u) / rate.
-            t += -(1.0 - rng.next_f64()).ln() / rate;
-            let span = o.vocab.saturating_sub(3).max(1) as u64;
+        .zip(gaps)
+        .map(|((p, g), gap)| {
+            t += gap * scale;
             let prompt = (0..p).map(|_| 3 + (rng.next_u64() % span) as u32).collect();
             Ask { at: Duration::from_secs_f64(t), prompt, max_tokens: g }
         })
@@ -148,12 +153,20 @@ fn read_stream(target: &Target, body: &str, timeout: Duration, t0: Instant, seen
     }
 }
 
-/// p50, p90 and p99 (nearest rank), in the unit of the samples.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+/// p50, p90 and p99 (nearest rank), in the unit of the samples (NaN, written `null`, when
+/// there are none).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct Quantiles {
+    #[serde(deserialize_with = "nan_if_null")]
     pub p50: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub p90: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub p99: f64,
+}
+
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 impl Quantiles {
@@ -168,7 +181,7 @@ impl Quantiles {
 }
 
 /// One target at one rate.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Point {
     pub target: String,
     pub url: String,
@@ -213,7 +226,8 @@ pub fn run_one(target: &Target, asks: &[Ask], rate: f64, o: &LoadOptions) -> Poi
     let first = seen.iter().map(|(t, _)| *t).min().unwrap_or_default();
     let last = seen.iter().map(|(t, s)| *t + Duration::from_secs_f64(s.end)).max().unwrap_or_default();
     let seconds = (last - first).as_secs_f64().max(1e-9);
-    let ok: Vec<(&Ask, &Seen)> = asks.iter().zip(&seen).filter(|(_, (_, s))| s.error.is_none()).map(|(a, (_, s))| (a, s)).collect();
+    let ok: Vec<(&Ask, &Seen)> =
+        asks.iter().zip(&seen).filter(|(_, (_, s))| s.error.is_none()).map(|(a, (_, s))| (a, s)).collect();
     let mut errors: Vec<String> = seen.iter().filter_map(|(_, s)| s.error.clone()).collect();
     let failed = errors.len();
     errors.sort();
@@ -316,6 +330,14 @@ mod tests {
         let var = gaps.iter().map(|g| (g - mean).powi(2)).sum::<f64>() / gaps.len() as f64;
         // Exponential: mean 1/rate, standard deviation equal to the mean.
         assert!((mean - 0.5).abs() < 0.03, "{mean}");
+        // Held to the rate: n requests and one more span (n + 1) / rate.
+        let last = w.last().unwrap().at.as_secs_f64();
+        assert!(last < 4001.0 / 2.0 && last > 4001.0 / 2.0 - 5.0, "{last}");
+        let few = LoadOptions { requests: 24, ..o.clone() };
+        for i in 0..20 {
+            let last = workload(&few, 0.15, i).last().unwrap().at.as_secs_f64();
+            assert!(last < 25.0 / 0.15, "{last}");
+        }
         assert!((var.sqrt() / mean - 1.0).abs() < 0.08, "{}", var.sqrt() / mean);
         assert!(w.iter().all(|a| (5..=9).contains(&a.prompt.len()) && (1..=3).contains(&a.max_tokens)));
         assert!(w.iter().flat_map(|a| &a.prompt).all(|&id| (3..100).contains(&id)));

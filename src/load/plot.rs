@@ -13,6 +13,9 @@ const LEFT: f64 = 62.0;
 const TOP: f64 = 52.0;
 const BOTTOM: f64 = 48.0;
 
+/// What a panel draws of a point.
+type Measure = fn(&Point) -> f64;
+
 /// The SVG document for `points` (from [`super::run`]), titled `title`.
 pub fn svg(points: &[Point], title: &str) -> String {
     let mut targets: Vec<&str> = Vec::new();
@@ -21,7 +24,7 @@ pub fn svg(points: &[Point], title: &str) -> String {
             targets.push(&p.target);
         }
     }
-    let panels: [(&str, fn(&Point) -> f64); 3] = [
+    let panels: [(&str, Measure); 3] = [
         ("p90 time between tokens, ms", |p| p.tbt_ms.p90),
         ("p90 time to first token, ms", |p| p.ttft_ms.p90),
         ("p90 end to end, ms", |p| p.e2e_ms.p90),
@@ -57,15 +60,20 @@ pub fn svg(points: &[Point], title: &str) -> String {
     s
 }
 
-fn panel(s: &mut String, x0: f64, label: &str, x_max: f64, points: &[Point], targets: &[&str], value: fn(&Point) -> f64) {
+fn panel(s: &mut String, x0: f64, label: &str, x_max: f64, points: &[Point], targets: &[&str], value: Measure) {
     let ys: Vec<f64> = points.iter().map(value).filter(|v| v.is_finite() && *v > 0.0).collect();
     let (lo, hi) = ys.iter().fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
-    let (lo, hi) = if ys.is_empty() { (1.0, 10.0) } else { (decade_down(lo), decade_up(hi.max(lo * 1.01))) };
+    let (lo, hi) = if ys.is_empty() { (1.0, 10.0) } else { (nice_down(lo), nice_up(hi.max(lo * 1.01))) };
     let px = |x: f64| x0 + x / x_max * W;
     let py = |y: f64| TOP + H - (y.ln() - lo.ln()) / (hi.ln() - lo.ln()) * H;
     let _ = writeln!(s, r##"<rect x="{x0}" y="{TOP}" width="{W}" height="{H}" fill="none" stroke="#444"/>"##);
     let _ = writeln!(s, r#"<text x="{x0}" y="{}">{}</text>"#, TOP - 8.0, escape(label));
-    let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle">requests per second</text>"#, x0 + W / 2.0, TOP + H + 36.0);
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">requests per second</text>"#,
+        x0 + W / 2.0,
+        TOP + H + 36.0
+    );
     for k in 0..=5 {
         let x = x_max * k as f64 / 5.0;
         let _ = writeln!(
@@ -77,12 +85,12 @@ fn panel(s: &mut String, x0: f64, label: &str, x_max: f64, points: &[Point], tar
             short(x)
         );
     }
-    let mut decade = lo;
+    let mut decade = decade_down(lo);
     while decade <= hi * 1.0001 {
         for m in [1.0, 2.0, 5.0] {
             let y = decade * m;
-            if y > hi * 1.0001 {
-                break;
+            if y > hi * 1.0001 || y < lo * 0.9999 {
+                continue;
             }
             let _ = writeln!(
                 s,
@@ -118,9 +126,10 @@ fn decade_down(v: f64) -> f64 {
     10f64.powf(v.log10().floor())
 }
 
-/// The power of ten at or above `v`.
-fn decade_up(v: f64) -> f64 {
-    10f64.powf(v.log10().ceil())
+/// 1, 2 or 5 times a power of ten, at or below `v`.
+fn nice_down(v: f64) -> f64 {
+    let d = decade_down(v);
+    [5.0, 2.0, 1.0].into_iter().map(|m| m * d).find(|&x| x <= v * 1.0001).unwrap_or(d)
 }
 
 /// 1, 2 or 5 times a power of ten, at or above `v`.
@@ -184,11 +193,16 @@ mod tests {
         assert_eq!(first.split('"').nth(1).unwrap().split(' ').count(), 2);
         // Every point lies in its panel's box: the y axis spans the decades around 40–90 ms.
         for l in s.lines().filter(|l| l.starts_with("<circle")) {
-            let num = |k: &str| l.split(&format!("{k}=\"")).nth(1).unwrap().split('"').next().unwrap().parse::<f64>().unwrap();
+            let num = |k: &str| {
+                l.split(&format!("{k}=\"")).nth(1).unwrap().split('"').next().unwrap().parse::<f64>().unwrap()
+            };
             let y = num("cy");
             assert!((TOP..=TOP + H).contains(&y), "{l}");
         }
-        assert!(s.contains(">10</text>") && s.contains(">100</text>"));
+        // The y axis of the first panel spans 40–90 ms on the 1-2-5 ladder: 20 to 100.
+        assert!(s.contains(">20</text>") && s.contains(">50</text>") && s.contains(">100</text>"));
+        assert!(!s.contains(">10</text>"));
         assert_eq!((nice_up(1.7 * 1.05), nice_up(0.3), nice_up(7.0)), (2.0, 0.5, 10.0));
+        assert_eq!((nice_down(40.0), nice_down(0.3), nice_down(1.0)), (20.0, 0.2, 1.0));
     }
 }

@@ -196,7 +196,8 @@ impl Server {
             top_k: ask.top_k.unwrap_or(d.top_k.unwrap_or(0)),
             seed: ask.seed.unwrap_or_else(|| rand_seed(arrived)),
         };
-        let request = Request { prompt, max_new_tokens, sampling, stop_at_eos: !ask.ignore_eos, logits: LogitsMode::None };
+        let request =
+            Request { prompt, max_new_tokens, sampling, stop_at_eos: !ask.ignore_eos, logits: LogitsMode::None };
         Ok(Job { request, stops: ask.stop, stream: ask.stream, include_usage: ask.include_usage, chat, arrived })
     }
 }

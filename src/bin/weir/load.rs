@@ -10,7 +10,7 @@ use weir::load::{self, LoadOptions, Point, Target};
 pub struct LoadArgs {
     /// A server to load, `NAME=http://host:port` (or just the address); give several to
     /// measure them side by side, taking turns at each rate.
-    #[arg(long = "target", required = true)]
+    #[arg(long = "target", required_unless_present = "replot")]
     targets: Vec<Target>,
     /// Arrival rates, requests per second, comma-separated (Poisson arrivals).
     #[arg(long, value_delimiter = ',', default_value = "0.5,1,2")]
@@ -46,6 +46,9 @@ pub struct LoadArgs {
     /// The plot's title.
     #[arg(long, default_value = "latency against load")]
     title: String,
+    /// Send nothing: draw `--svg` from the points of an earlier run's `--json`.
+    #[arg(long, requires = "svg")]
+    replot: Option<PathBuf>,
 }
 
 fn parse_range(s: &str) -> std::result::Result<(usize, usize), String> {
@@ -59,6 +62,13 @@ fn parse_range(s: &str) -> std::result::Result<(usize, usize), String> {
 }
 
 pub fn load(a: LoadArgs) -> Result<()> {
+    if let (Some(from), Some(svg)) = (&a.replot, &a.svg) {
+        let text = std::fs::read_to_string(from).with_context(|| format!("reading {}", from.display()))?;
+        let points: Vec<Point> = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not the points `weir load --json` writes", from.display()))?;
+        return std::fs::write(svg, load::plot::svg(&points, &a.title))
+            .with_context(|| format!("writing {}", svg.display()));
+    }
     if let Some(r) = a.rates.iter().find(|r| !(r.is_finite() && **r > 0.0)) {
         bail!("--rates: {r} is not a rate above 0 (requests per second)");
     }
@@ -86,10 +96,18 @@ pub fn load(a: LoadArgs) -> Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &a.svg {
-        std::fs::write(path, load::plot::svg(&points, &a.title)).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, load::plot::svg(&points, &a.title))
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(p) = points.iter().find(|p| p.failed > 0) {
-        eprintln!("weir load: {} failed {} of {} at rate {}: {}", p.target, p.failed, p.requests, p.rate, p.errors.join("; "));
+        eprintln!(
+            "weir load: {} failed {} of {} at rate {}: {}",
+            p.target,
+            p.failed,
+            p.requests,
+            p.rate,
+            p.errors.join("; ")
+        );
     }
     Ok(())
 }
