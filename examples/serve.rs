@@ -16,14 +16,8 @@ fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let dir = match args.next() {
         Some(d) => PathBuf::from(d),
-        None => {
-            let dir = std::env::temp_dir().join("weir-quickstart-small");
-            if !dir.join("model.safetensors").exists() {
-                eprintln!("writing a random-weight `small` model to {}", dir.display());
-                weir::synth::write_model(&dir, &weir::synth::shape("small")?, weir::DType::BF16, 0)?;
-            }
-            dir
-        }
+        // The default needs no download: a random-weight model of the `small` shape.
+        None => weir::synth::demo_model()?,
     };
     let port: u16 = args.next().map_or(Ok(8080), |p| p.parse())?;
     let model = Model::open(&dir)?;

@@ -187,6 +187,18 @@ pub fn write_model(dir: &Path, shape: &Shape, dtype: DType, seed: u64) -> Result
     write_model_with(dir, shape, dtype, seed, &mut |_, _| {})
 }
 
+/// The examples' default, which needs no download: a random-weight model of the `small`
+/// shape (bf16, seed 0) in the temporary folder's `weir-quickstart-small`, written the first
+/// time it is asked for.
+pub fn demo_model() -> Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join("weir-quickstart-small");
+    if !dir.join("model.safetensors").exists() {
+        eprintln!("writing a random-weight `small` model to {}", dir.display());
+        write_model(&dir, &shape("small")?, DType::BF16, 0)?;
+    }
+    Ok(dir)
+}
+
 /// [`write_model`], telling `progress` the weight bytes written so far and their total as it
 /// goes (for a progress bar).
 pub fn write_model_with(
