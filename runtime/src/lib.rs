@@ -52,6 +52,7 @@ pub mod gpu;
 pub mod lane;
 pub mod pool;
 pub mod program;
+pub mod remote;
 pub mod tensor;
 pub mod trace;
 
