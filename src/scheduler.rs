@@ -248,7 +248,7 @@ impl Scheduler {
                 members.push(i);
             }
             let release = if g == 0 { std::mem::take(&mut s.release) } else { Vec::new() };
-            let batch = Arc::new(Batch { pass: s.pass, seqs, release });
+            let batch = Arc::new(Batch { pass: s.pass, seqs, release, ..Default::default() });
             s.pass += 1;
             self.entry.send(Packet::Tokens { batch: batch.clone(), ids: Arc::new(ids) }).ok()?;
             sent.push((batch, members));

@@ -4,6 +4,11 @@
 //! Ports: `q` `[tokens, heads*head_dim]`, `k`, `v` `[tokens, kv_heads*head_dim]` (q and k
 //! already rotated). Output: `y` `[tokens, heads*head_dim]`.
 //!
+//! With `export=true` (a prefill worker's), a second output `kv` carries the keys and values
+//! just stored for the sequences the pass exports (`Batch::export`), a layer's as soon as it
+//! has run; and a pass's `Batch::imports` (a decode worker's) hand this operator the blocks a
+//! prefill worker's rows were written into, as those sequences' caches (`kv_link`).
+//!
 //! State: one KV cache per sequence id (f32, bf16 or f16: the `kv` parameter; keys and values
 //! are rounded to it as they are stored, all arithmetic is f32), created when a sequence arrives with `start == 0`,
 //! grown by every pass, dropped when the batch lists the id in `release`. A cache is a list of
@@ -13,8 +18,9 @@
 //! only while its whole length fits the reserve, so running out here means a broken promise
 //! and is reported as a fault, naming the sequence.
 
+use crate::kv_link::KvRows;
 use crate::spec::{int, OpEnv, OpSpec, ParamValue, Params, Port};
-use crate::{check_act, Packet};
+use crate::{check_act, Batch, Packet};
 use std::collections::HashMap;
 use weir_kernels::attention::{attend_batch, store_row, AttnShape, KvBlocks, KvData, KvRowMut, KvType, SeqAttn};
 use weir_runtime::gpu::{DeviceBlock, Leased};
@@ -31,6 +37,8 @@ pub struct Spec {
     pub window: Option<usize>,
     /// Element type of the KV cache.
     pub kv: KvType,
+    /// Emit the keys and values stored for exported sequences on a second output, `kv`.
+    pub export: bool,
 }
 
 impl OpSpec for Spec {
@@ -48,6 +56,7 @@ impl OpSpec for Spec {
             max_positions: p.usize("max_positions"),
             window: p.opt_usize("window"),
             kv: p.kv_type("kv"),
+            export: p.bool("export", false),
         }
     }
     fn params(&self) -> Vec<(&'static str, ParamValue)> {
@@ -58,6 +67,7 @@ impl OpSpec for Spec {
             ("max_positions", int(self.max_positions)),
             ("window", self.window.map_or(ParamValue::None, int)),
             ("kv", ParamValue::Str(self.kv.name().into())),
+            ("export", ParamValue::Bool(self.export)),
         ]
     }
     fn inputs(&self) -> Vec<Port> {
@@ -65,18 +75,27 @@ impl OpSpec for Spec {
         vec![Port::act("q", self.heads * self.head_dim), Port::act("k", kv), Port::act("v", kv)]
     }
     fn outputs(&self) -> Vec<Port> {
-        vec![Port::act("y", self.heads * self.head_dim)]
+        let y = Port::act("y", self.heads * self.head_dim);
+        match self.export {
+            true => vec![y, Port::of("kv", crate::spec::Carries::Kv)],
+            false => vec![y],
+        }
     }
     fn kv_block_bytes(&self) -> Option<usize> {
         Some(kv_block_bytes(self.kv_heads * self.head_dim, self.kv))
     }
     fn instantiate(&self, env: &OpEnv, _: Option<u32>) -> Box<dyn Operator<Packet>> {
         let s = self;
-        Box::new(Attention::new(s.heads, s.kv_heads, s.head_dim, s.max_positions, s.window, s.kv, env.kv_pool.clone()))
+        let mut a =
+            Attention::new(s.heads, s.kv_heads, s.head_dim, s.max_positions, s.window, s.kv, env.kv_pool.clone());
+        a.export = s.export;
+        Box::new(a)
     }
     fn instantiate_gpu(&self, _: &OpEnv, _: Option<u32>) -> Option<Box<dyn Operator<Packet>>> {
         let s = self;
-        Some(Box::new(GpuAttention::new(s.heads, s.kv_heads, s.head_dim, s.max_positions, s.window, s.kv)))
+        let mut a = GpuAttention::new(s.heads, s.kv_heads, s.head_dim, s.max_positions, s.window, s.kv);
+        a.export = s.export;
+        Some(Box::new(a))
     }
 }
 
@@ -144,6 +163,7 @@ pub struct Attention {
     kv_type: KvType,
     caches: HashMap<u64, Kv>,
     pool: Pool,
+    pub(crate) export: bool,
 }
 
 impl Attention {
@@ -167,6 +187,7 @@ impl Attention {
             kv_type,
             caches: HashMap::new(),
             pool,
+            export: false,
         }
     }
     /// Sequences with a cache.
@@ -190,6 +211,11 @@ impl Operator<Packet> for Attention {
         check_act("v", batch, v, kvd)?;
         for id in &batch.release {
             self.caches.remove(id);
+        }
+        for import in &batch.imports {
+            if let Some((blocks, len)) = import.take_blocks(cx.actor) {
+                self.caches.insert(import.seq, Kv { blocks, len });
+            }
         }
         let mut y = cx.zeros_f32(vec![batch.tokens(), qd])?; // [tokens, heads*head_dim]
         let bt = KV_BLOCK_TOKENS;
@@ -256,7 +282,32 @@ impl Operator<Packet> for Attention {
             .collect();
         attend_batch(q.f32(), &seqs, self.window, s, y.f32_mut(), cx.par);
         out.send(0, Packet::Act { batch: batch.clone(), x: y });
+        if self.export && !batch.export.is_empty() {
+            out.send(1, Packet::Kv { batch: batch.clone(), node: cx.actor.into(), rows: self.exported(batch, kvd) });
+        }
         Ok(Step::Continue)
+    }
+}
+
+impl Attention {
+    /// The keys and values this pass stored for the sequences the batch exports, as bytes of
+    /// the cache's type (what the importing side writes into its blocks unchanged).
+    fn exported(&self, batch: &Batch, kvd: usize) -> Vec<KvRows> {
+        let (bt, row) = (KV_BLOCK_TOKENS, kvd * self.kv_type.size());
+        let mut rows = Vec::new();
+        for (id, route) in &batch.export {
+            let (Some(seq), Some(kv)) = (batch.seqs.iter().find(|s| s.id == *id), self.caches.get(id)) else {
+                continue;
+            };
+            let (mut keys, mut values) = (Vec::with_capacity(seq.len * row), Vec::with_capacity(seq.len * row));
+            for p in seq.start..seq.start + seq.len {
+                let blk = kv.blocks[p / bt].bytes();
+                keys.extend_from_slice(&blk[(p % bt) * row..][..row]);
+                values.extend_from_slice(&blk[(bt + p % bt) * row..][..row]);
+            }
+            rows.push(KvRows { route: route.clone(), start: seq.start, len: seq.len, keys, values });
+        }
+        rows
     }
 }
 
@@ -275,6 +326,7 @@ pub struct GpuAttention {
     window: Option<usize>,
     kv_type: KvType,
     caches: HashMap<u64, GpuKv>,
+    pub(crate) export: bool,
 }
 
 impl GpuAttention {
@@ -293,6 +345,7 @@ impl GpuAttention {
             window,
             kv_type,
             caches: HashMap::new(),
+            export: false,
         }
     }
 }
@@ -314,6 +367,12 @@ impl Operator<Packet> for GpuAttention {
         let (batch, q) = crate::gpu::act("q", ins.get(0), qd)?;
         let (_, k) = crate::gpu::act("k", ins.get(1), kvd)?;
         let (_, v) = crate::gpu::act("v", ins.get(2), kvd)?;
+        if self.export || !batch.imports.is_empty() {
+            return Err(OpError::new(
+                "moving KV caches between workers needs attention on a CPU lane (a GPU lane's cache cannot be \
+                 exported or imported yet)",
+            ));
+        }
         let stream = g.stream().clone();
         for id in &batch.release {
             if let Some(kv) = self.caches.remove(id) {
@@ -410,6 +469,7 @@ mod tests {
             pass: 0,
             seqs: vec![SeqSlice { id, start, len, logits: LogitsWanted::None, sampling: Sampling::default() }],
             release,
+            ..Default::default()
         })
     }
 
@@ -431,7 +491,7 @@ mod tests {
         let e =
             fire(&mut op, vec![act(&bad, 2, &[0.; 2]), act(&bad, 2, &[0.; 2]), act(&bad, 2, &[0.; 2])], 1).unwrap_err();
         assert!(e.0.contains("holds 2 tokens"), "{e}");
-        let rel = Arc::new(Batch { pass: 1, seqs: vec![], release: vec![7] });
+        let rel = Arc::new(Batch { pass: 1, release: vec![7], ..Default::default() });
         fire(&mut op, vec![act(&rel, 2, &[]), act(&rel, 2, &[]), act(&rel, 2, &[])], 1).unwrap();
         assert_eq!(op.cached_sequences(), 0);
         assert_eq!(pool.in_use(), 0, "released blocks go back to the pool");

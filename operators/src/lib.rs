@@ -16,6 +16,8 @@ pub mod embedding;
 pub mod expert;
 pub mod expert_store;
 pub mod gpu;
+pub mod kv_link;
+pub mod kv_send;
 pub mod linear;
 pub mod lm_head;
 pub mod loader;
@@ -101,6 +103,7 @@ pub(crate) mod testing {
                 })
                 .collect(),
             release: vec![],
+            ..Default::default()
         })
     }
 

@@ -61,6 +61,12 @@ pub struct Batch {
     pub seqs: Vec<SeqSlice>,
     /// Sequences that finished: drop their state.
     pub release: Vec<u64>,
+    /// Sequences whose keys and values attention operators with `export=true` emit this pass
+    /// (a prefill worker's), with where they go.
+    pub export: Vec<(u64, Arc<crate::kv_link::KvRoute>)>,
+    /// Sequences whose KV cache came from a prefill worker: each attention operator takes its
+    /// blocks before the pass (a decode worker's first pass of each).
+    pub imports: Vec<Arc<crate::kv_link::KvImport>>,
 }
 
 impl Batch {
@@ -101,6 +107,9 @@ pub enum Packet {
     DevAct { batch: Arc<Batch>, x: DeviceTensor },
     /// A weight in GPU memory (as `Weight`; vectors — norms, biases — as f32).
     DevWeight { name: Arc<str>, w: DeviceTensor },
+    /// Keys and values an attention node (`node`) stored this pass, for the sequences the
+    /// batch exports.
+    Kv { batch: Arc<Batch>, node: Arc<str>, rows: Vec<crate::kv_link::KvRows> },
 }
 
 impl Message for Packet {
@@ -114,6 +123,7 @@ impl Message for Packet {
             Packet::Sampled { tokens, logits, .. } => tokens.len() * 4 + logits.as_ref().map_or(0, |l| l.nbytes()),
             Packet::DevAct { x, .. } => x.nbytes(),
             Packet::DevWeight { w, .. } => w.nbytes(),
+            Packet::Kv { rows, .. } => rows.iter().map(|r| r.keys.len() + r.values.len()).sum(),
         }
     }
 }
@@ -165,6 +175,7 @@ impl Packet {
             Packet::Sampled { .. } => "sampled tokens",
             Packet::DevAct { .. } => "activations in GPU memory",
             Packet::DevWeight { .. } => "a weight in GPU memory",
+            Packet::Kv { .. } => "KV cache rows",
         }
     }
 }

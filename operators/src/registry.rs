@@ -4,7 +4,7 @@
 
 use crate::spec::{Carries, Mem, OpEnv, OpSpec, ParamValue, Params, Port};
 use crate::{
-    add, attention, embedding, expert, expert_store, linear, lm_head, loader, rmsnorm, rope, router, sampler,
+    add, attention, embedding, expert, expert_store, kv_send, linear, lm_head, loader, rmsnorm, rope, router, sampler,
     sigmoid_gate, swiglu, to_gpu, to_host, Packet,
 };
 use std::collections::BTreeMap;
@@ -135,6 +135,8 @@ registry! {
     ToGpu(to_gpu),
     /// A GPU's memory → host memory, on a copy lane.
     ToHost(to_host),
+    /// An exporting attention node's keys and values, to each sequence's decode worker.
+    KvSend(kv_send),
 }
 
 /// The operator kinds a `node` statement may name.
@@ -285,6 +287,7 @@ mod tests {
                 max_positions: 64,
                 window: Some(16),
                 kv: KvType::Bf16,
+                export: false,
             }),
             OpConfig::Attention(attention::Spec {
                 heads: 4,
@@ -293,6 +296,7 @@ mod tests {
                 max_positions: 64,
                 window: None,
                 kv: KvType::F32,
+                export: true,
             }),
             OpConfig::SwiGlu(swiglu::Spec { hidden: 4, intermediate: 8 }),
             OpConfig::Add(add::Spec { dim: 4 }),
@@ -307,6 +311,7 @@ mod tests {
             store(Some(TwinCosts { own: timing(1e-3, None), twin: timing(2e-4, Some(5e-3)) })),
             OpConfig::ToGpu(to_gpu::Spec::default()),
             OpConfig::ToHost(to_host::Spec),
+            OpConfig::KvSend(kv_send::Spec),
         ]
     }
 

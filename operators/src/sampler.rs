@@ -1,14 +1,15 @@
 //! Sampler: chooses the next token of every sequence from its last row of logits.
 //!
 //! Greedy (temperature 0; ties go to the lowest id), or temperature with top-k and top-p, from
-//! a per-sequence random stream seeded by the request, so a seed reproduces a sample.
+//! a random stream seeded by the request's seed and the position of the token drawn — no
+//! state kept between passes, so a seed reproduces a sample wherever each token is drawn (a
+//! prefill worker draws the first, a decode worker the rest: the same tokens as one worker).
 //!
 //! Port: `logits` `[rows, vocab]` f32 (rows per [`crate::Batch::logit_rows`]).
 //! Output: `tokens` — a `Sampled` packet, carrying the logits when a sequence asked for them.
 
 use crate::spec::{int, Carries, OpEnv, OpSpec, ParamValue, Params, Port};
 use crate::{Batch, LogitsWanted, Packet, Sampling};
-use std::collections::HashMap;
 use weir_runtime::{Emit, FireCx, Inputs, OpError, Operator, Step};
 
 /// A sampler node: `sampler vocab=…`.
@@ -127,13 +128,20 @@ pub fn sample(logits: &[f32], p: &Sampling, rng: &mut Rng) -> usize {
 /// See the module doc.
 pub struct Sampler {
     vocab: usize,
-    rngs: HashMap<u64, Rng>,
 }
 
 impl Sampler {
     /// A sampler for this vocabulary.
     pub fn new(vocab: usize) -> Sampler {
-        Sampler { vocab, rngs: HashMap::new() }
+        Sampler { vocab }
+    }
+}
+
+impl Rng {
+    /// The stream that draws the token at `position` of a sequence sampled with `seed`.
+    pub fn at(seed: u64, position: usize) -> Rng {
+        let mut r = Rng::new(seed);
+        Rng::new(r.next_u64() ^ (position as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
     }
 }
 
@@ -149,9 +157,6 @@ impl Operator<Packet> for Sampler {
         if x.shape != [rows, self.vocab] {
             return Err(OpError::new(format!("port `logits`: shape {:?}, expected [{rows}, {}]", x.shape, self.vocab)));
         }
-        for id in &batch.release {
-            self.rngs.remove(id);
-        }
         let data = x.f32();
         let mut tokens = Vec::with_capacity(batch.seqs.len());
         let mut row = 0;
@@ -161,12 +166,9 @@ impl Operator<Packet> for Sampler {
                 tokens.push(0);
                 continue;
             }
-            if s.start == 0 {
-                self.rngs.insert(s.id, Rng::new(s.sampling.seed));
-            }
-            let rng = self.rngs.entry(s.id).or_insert_with(|| Rng::new(s.sampling.seed));
+            let mut rng = Rng::at(s.sampling.seed, s.start + s.len);
             let last = row + n - 1;
-            tokens.push(sample(&data[last * self.vocab..(last + 1) * self.vocab], &s.sampling, rng) as u32);
+            tokens.push(sample(&data[last * self.vocab..(last + 1) * self.vocab], &s.sampling, &mut rng) as u32);
             row += n;
         }
         let wants = batch.seqs.iter().any(|s| matches!(s.logits, LogitsWanted::Last | LogitsWanted::All));

@@ -60,6 +60,8 @@ pub enum Carries {
     Tokens,
     /// A weight of this shape (fed by a `weight` statement).
     Weight(Vec<usize>),
+    /// Keys and values an attention node stored, on their way to another worker.
+    Kv,
     /// Whatever comes in goes out (a transfer between host and GPU memory).
     Any,
 }
@@ -72,6 +74,7 @@ impl std::fmt::Display for Carries {
             Carries::Route { experts } => write!(f, "routes over {experts} experts"),
             Carries::Tokens => write!(f, "sampled tokens"),
             Carries::Weight(shape) => write!(f, "a weight of shape {shape:?}"),
+            Carries::Kv => write!(f, "KV cache rows"),
             Carries::Any => write!(f, "anything"),
         }
     }

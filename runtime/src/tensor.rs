@@ -344,6 +344,10 @@ impl Tensor {
         assert!(matches!(self.dtype, DType::BF16 | DType::F16), "tensor is {}", self.dtype.name());
         self.unique_buf().typed_mut()
     }
+    /// Mutable raw bytes; copies the buffer first if it is shared.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        self.unique_buf().as_bytes_mut()
+    }
     /// The buffer, made this tensor's own and exactly its data.
     fn unique_buf(&mut self) -> &mut HostBuffer {
         if Arc::get_mut(&mut self.buf).is_none() || self.off != 0 || self.buf.len() != self.data_len() {

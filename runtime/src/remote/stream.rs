@@ -110,7 +110,10 @@ impl Listener {
             }
             Listener::Unix(l) => {
                 let (s, _) = l.accept().map_err(|e| err(addr, "cannot accept", e))?;
-                Ok((Stream::Unix(s), addr.to_string()))
+                // Unix peers have no address of their own: number them.
+                static PEERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let n = PEERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Ok((Stream::Unix(s), format!("{addr}#{n}")))
             }
         }
     }

@@ -34,7 +34,7 @@ fn messages_arrive_in_order_and_whole_over_tcp_and_unix() {
     tx.send(&msg).unwrap();
     assert_eq!(rx.recv().unwrap(), msg);
     drop(tx);
-    assert_eq!(rx.recv(), Err(RemoteError::Closed { peer: addr.clone() }));
+    assert!(matches!(rx.recv(), Err(RemoteError::Closed { peer }) if peer.starts_with(&addr)));
     let _ = std::fs::remove_file(path);
 }
 
