@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::options::EngineOptions;
 use crate::request::{Event, FinishReason, Generation, Output, Request, Stats};
-use crate::scheduler::{kv_tokens_needed, Cmd, Gauges, SchedParams, Scheduler};
+use crate::scheduler::{kv_tokens_needed, Cmd, Gauges, Phase, SchedParams, Scheduler};
 use crossbeam_channel::Sender;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -20,8 +20,8 @@ use weir_operators::RoutingStats;
 use weir_runtime::{Program, Trace};
 
 /// A started program and the scheduler driving it.
-struct Running {
-    cmds: Option<Sender<Cmd>>,
+pub(crate) struct Running {
+    pub(crate) cmds: Option<Sender<Cmd>>,
     scheduler: Option<JoinHandle<()>>,
     program: Arc<Mutex<Option<Program>>>,
 }
@@ -49,17 +49,19 @@ impl Running {
 /// under a loader), the requests in flight fail with the cause, and the next request starts the
 /// program afresh: the engine stays usable.
 pub struct Engine {
-    run: Mutex<Running>,
-    placed: weir_graphs::Placed,
+    pub(crate) run: Mutex<Running>,
+    pub(crate) placed: weir_graphs::Placed,
     trace: bool,
-    env: weir_operators::OpEnv,
-    sched: SchedParams,
+    pub(crate) env: weir_operators::OpEnv,
+    pub(crate) sched: SchedParams,
     graph_dump: String,
     pools: Vec<weir_runtime::Pool>,
     meter: weir_runtime::TierMeter,
     gauges: Arc<Gauges>,
     next_id: std::sync::atomic::AtomicU64,
     max_queue: Option<usize>,
+    /// Connections to decode workers (a prefill worker's), by address.
+    pub(crate) peers: Mutex<std::collections::HashMap<String, Arc<crate::split::KvTx>>>,
 }
 
 fn start(
@@ -182,6 +184,7 @@ impl Engine {
             pass_tokens: opts.max_pass_tokens,
             kv_blocks: placed.pools.map(|p| p.split.kv.checked_div(per_block).map_or(usize::MAX, |b| b as usize)),
             gpu_memory: placed.graph.gpu_budget.map(|b| b as usize),
+            imports: Default::default(),
         };
         log_placement(&placed);
         let gauges = Arc::new(Gauges::default());
@@ -198,12 +201,18 @@ impl Engine {
             gauges,
             next_id: Default::default(),
             max_queue: opts.max_queue,
+            peers: Default::default(),
         })
     }
 
     /// Checks `req` (ids in the vocabulary, prompt within the context, the KV reserve holds it,
     /// sampling settings) and hands it to the scheduler: its events, as they come.
     pub fn submit(&self, req: Request) -> Result<Generation> {
+        self.submit_phase(req, Phase::Both)
+    }
+
+    /// [`Engine::submit`], running `phase` of the request here.
+    pub(crate) fn submit_phase(&self, req: Request, phase: Phase) -> Result<Generation> {
         self.check(&req)?;
         if let Some(max) = self.max_queue {
             let waiting = self.gauges.waiting.load(std::sync::atomic::Ordering::Relaxed);
@@ -233,7 +242,16 @@ impl Engine {
         let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Counted waiting at once, so that requests submitted together meet the queue's bound.
         self.gauges.waiting.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if cmds.send(Cmd::Submit(id, req, tx)).is_err() {
+        if let Phase::Decode(import) = &phase {
+            let wake = cmds.clone();
+            import.bind(
+                id,
+                Box::new(move || {
+                    let _ = wake.send(Cmd::Wake);
+                }),
+            );
+        }
+        if cmds.send(Cmd::Submit(id, req, tx, phase)).is_err() {
             self.gauges.waiting.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             return Err(Error::Stopped(run.fault()));
         }

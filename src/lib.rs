@@ -57,13 +57,14 @@ pub mod options;
 pub mod request;
 pub mod scheduler;
 pub mod serve;
+pub mod split;
 pub mod synth;
 
 pub use engine::Engine;
 pub use error::{Error, Result};
 pub use graph_check::check_graph;
 pub use model::Model;
-pub use options::EngineOptions;
+pub use options::{EngineOptions, Role};
 pub use request::{Event, FinishReason, Generation, LogitsMode, Next, Output, Request, Stats};
 pub use scheduler::kv_tokens_needed;
 pub use weir_graphs::parse_size;

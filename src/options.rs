@@ -7,6 +7,29 @@ use weir_graphs::place::memory::Reserve;
 use weir_graphs::PlaceOptions;
 use weir_operators::KvType;
 
+/// Which phases of requests an engine runs (Splitwise's split: `crate::split`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Role {
+    /// Both, and it takes KV caches from prefill workers too.
+    #[default]
+    Mixed,
+    /// Prompts only: its attention exports the KV cache to decode workers.
+    Prefill,
+    /// Decoding from KV caches prefill workers send (and whole requests, as `Mixed`).
+    Decode,
+}
+
+impl Role {
+    /// As `--role` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Mixed => "mixed",
+            Role::Prefill => "prefill",
+            Role::Decode => "decode",
+        }
+    }
+}
+
 /// How to build an engine.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
@@ -64,6 +87,8 @@ pub struct EngineOptions {
     /// activations (`None`: the device's memory less 1 GiB, which the weights and the KV cache
     /// are then planned into as under an explicit budget). Only graphs with GPU lanes use it.
     pub gpu_memory: Option<u64>,
+    /// Which phases it runs: a prefill worker's attention exports its KV cache.
+    pub role: Role,
 }
 
 impl EngineOptions {
@@ -126,6 +151,7 @@ impl EngineOptions {
             micro_batches: self.micro_batches.max(1),
             reserve: self.reserve(max_positions),
             experts: self.experts.clone(),
+            export_kv: self.role == Role::Prefill,
         }
     }
 }
@@ -150,6 +176,7 @@ impl Default for EngineOptions {
             experts: None,
             bf16_as_f16: false,
             gpu_memory: None,
+            role: Role::Mixed,
         }
     }
 }

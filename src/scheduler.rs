@@ -16,18 +16,32 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use weir_operators::attention::KV_BLOCK_TOKENS;
+use weir_operators::kv_link::{ImportState, KvImport, KvImports, KvMsg, KvRoute};
 use weir_operators::{Batch, LogitsWanted, Packet, SeqSlice};
 use weir_runtime::Program;
 
 /// What the engine asks of the scheduler.
 pub(crate) enum Cmd {
-    /// A request, by its id, and where its events go.
-    Submit(u64, Request, Sender<Event>),
+    /// A request, by its id, where its events go, and which phases it runs here.
+    Submit(u64, Request, Sender<Event>, Phase),
+    /// An import became ready or failed: look again.
+    Wake,
     /// The caller gave the request up (dropped its `Generation`): end it.
     Cancel(u64),
     /// The engine is stopping: take nothing more, finish what runs. (Not the channel's
     /// disconnection: each `Generation` holds a sender, for its cancellation.)
     Stop,
+}
+
+/// Which phases of a request this engine runs (Splitwise's split; `kv_link`).
+#[derive(Clone)]
+pub(crate) enum Phase {
+    /// Prefill and decode, here.
+    Both,
+    /// The prompt and the first token only, the KV cache sent along `route` as it is stored.
+    Prefill(Arc<KvRoute>),
+    /// Decode only: the KV cache and the first token arrive into the import.
+    Decode(Arc<KvImport>),
 }
 
 /// What the scheduler is doing, for metrics (observation only: nothing decides by it).
@@ -57,6 +71,8 @@ pub(crate) struct SchedParams {
     pub kv_blocks: Option<usize>,
     /// Each GPU's memory budget, for the program (`None`: the device's default).
     pub gpu_memory: Option<usize>,
+    /// Imports waiting for their KV cache, by handle (a decode worker's).
+    pub imports: Arc<KvImports>,
 }
 
 /// Positions of KV cache a request of `prompt_len` tokens generating up to `max_new_tokens`
@@ -81,11 +97,18 @@ struct Active {
     kv_blocks: usize,
     /// Prompt logits gathered over prefill chunks (`LogitsMode::AllPositions`).
     prompt_logits: Vec<Vec<f32>>,
+    phase: Phase,
+    /// An import that landed: its blocks ride in the sequence's next pass.
+    landing: Option<Arc<KvImport>>,
 }
 
 impl Active {
     fn prefilled(&self) -> bool {
         self.pos >= self.req.prompt.len()
+    }
+    /// Waiting for its KV cache from a prefill worker.
+    fn awaiting(&self) -> bool {
+        matches!(self.phase, Phase::Decode(_)) && self.pos == 0
     }
 }
 
@@ -94,7 +117,7 @@ impl Active {
 struct Sequences {
     active: Vec<Active>,
     /// Requests not yet admitted, with their ids and the time each was submitted.
-    waiting: VecDeque<(u64, Request, Sender<Event>, Instant)>,
+    waiting: VecDeque<(u64, Request, Sender<Event>, Instant, Phase)>,
     /// Finished sequences whose state the next pass frees.
     release: Vec<u64>,
     pass: u64,
@@ -119,13 +142,21 @@ impl Scheduler {
         let mut s = Sequences::default();
         let mut open = true;
         loop {
-            open = open && self.take_requests(&mut s);
+            open = open && self.take_requests(&mut s, false);
             self.admit(&mut s);
+            let landed = self.land(&mut s, open);
+            self.retire(&mut s, landed);
             self.publish(&s);
+            let runnable = s.active.iter().any(|a| !a.awaiting()) || !s.release.is_empty();
+            if !runnable && !s.active.is_empty() {
+                // Every sequence waits for its KV cache: sleep until a command (or a wake).
+                open = open && self.take_requests(&mut s, true);
+                continue;
+            }
             if s.active.is_empty() && s.release.is_empty() {
                 // With nothing running the whole reserve is free, and `submit` refuses what
                 // could never fit: the queue is empty here.
-                for (_, _, events, _) in s.waiting.drain(..) {
+                for (_, _, events, _, _) in s.waiting.drain(..) {
                     self.unqueue();
                     let _ = events.send(Event::Failed("the request does not fit the KV cache reserve".into()));
                 }
@@ -157,9 +188,15 @@ impl Scheduler {
     /// cache freed by the next pass).
     fn cancel(&mut self, s: &mut Sequences, id: u64) {
         if let Some(i) = s.waiting.iter().position(|w| w.0 == id) {
-            s.waiting.remove(i);
+            if let Some((.., phase)) = s.waiting.remove(i) {
+                abort(&phase, "the request was cancelled");
+                if let Phase::Decode(import) = phase {
+                    self.p.imports.remove(import.handle);
+                }
+            }
             self.unqueue();
         } else if let Some(i) = s.active.iter().position(|a| a.id == id) {
+            abort(&s.active[i].phase, "the request was cancelled");
             self.retire(s, vec![i]);
         } else {
             return;
@@ -169,14 +206,21 @@ impl Scheduler {
     }
 
     /// Takes in new requests and cancellations; blocks for one only when there is nothing
-    /// else to do. False once the engine has dropped its end.
-    fn take_requests(&mut self, s: &mut Sequences) -> bool {
+    /// else to do (or `block`: until one command). False once the engine has dropped its end.
+    fn take_requests(&mut self, s: &mut Sequences, mut block: bool) -> bool {
         loop {
             let idle = s.active.is_empty() && s.release.is_empty() && s.waiting.is_empty();
-            let cmd =
-                if idle { self.cmds.recv().map_err(|_| TryRecvError::Disconnected) } else { self.cmds.try_recv() };
+            let cmd = if idle || block {
+                self.cmds.recv().map_err(|_| TryRecvError::Disconnected)
+            } else {
+                self.cmds.try_recv()
+            };
+            block = false;
             match cmd {
-                Ok(Cmd::Submit(id, req, events)) => s.waiting.push_back((id, req, events, Instant::now())),
+                Ok(Cmd::Submit(id, req, events, phase)) => {
+                    s.waiting.push_back((id, req, events, Instant::now(), phase))
+                }
+                Ok(Cmd::Wake) => {}
                 Ok(Cmd::Cancel(id)) => self.cancel(s, id),
                 Err(TryRecvError::Empty) => return true,
                 Ok(Cmd::Stop) | Err(TryRecvError::Disconnected) => return false,
@@ -188,7 +232,7 @@ impl Scheduler {
     /// sequence (so attention never runs out of blocks mid-generation).
     fn admit(&mut self, s: &mut Sequences) {
         while s.active.len() < self.p.max_batch {
-            let Some((_, req, _, _)) = s.waiting.front() else { break };
+            let Some((_, req, _, _, _)) = s.waiting.front() else { break };
             let blocks = kv_tokens_needed(req.prompt.len(), req.max_new_tokens, self.p.max_positions) / KV_BLOCK_TOKENS;
             if let Some(free) = &mut self.kv_free {
                 if blocks > *free {
@@ -196,7 +240,7 @@ impl Scheduler {
                 }
                 *free -= blocks;
             }
-            let Some((id, req, events, submitted)) = s.waiting.pop_front() else { break };
+            let Some((id, req, events, submitted, phase)) = s.waiting.pop_front() else { break };
             self.unqueue();
             tracing::info!(
                 "request {id} admitted: {} prompt tokens, up to {} new, after {:.3} s waiting",
@@ -216,8 +260,70 @@ impl Scheduler {
                 first_token: None,
                 kv_blocks: blocks,
                 prompt_logits: Vec::new(),
+                phase,
+                landing: None,
             });
         }
+    }
+
+    /// Lands the imports whose KV cache has all come: the prefill worker's first token goes to
+    /// the caller, and the sequence decodes from it (its blocks ride in its next pass). An
+    /// import that failed ends its request with the cause; so does every one still waiting
+    /// when the engine stops (`open` false). The sequences that finished (indices).
+    fn land(&mut self, s: &mut Sequences, open: bool) -> Vec<usize> {
+        let mut finished = Vec::new();
+        let now = Instant::now();
+        for (i, a) in s.active.iter_mut().enumerate() {
+            let Phase::Decode(import) = &a.phase else { continue };
+            if !a.awaiting() {
+                continue;
+            }
+            let import = import.clone();
+            let state = match import.state() {
+                ImportState::Pending if !open => {
+                    ImportState::Failed("the engine stopped before the KV cache came".into())
+                }
+                st => st,
+            };
+            match state {
+                ImportState::Pending => continue,
+                ImportState::Failed(why) => {
+                    tracing::warn!("request {}: {why}", a.id);
+                    let _ = a.events.send(Event::Failed(why));
+                    finished.push(i);
+                }
+                ImportState::Ready { prompt_len, .. } if prompt_len != a.req.prompt.len() => {
+                    let why = format!(
+                        "the prefill worker's prompt has {prompt_len} tokens, the request's {}",
+                        a.req.prompt.len()
+                    );
+                    let _ = a.events.send(Event::Failed(why));
+                    finished.push(i);
+                }
+                ImportState::Ready { prompt_len, first } => {
+                    tracing::info!(
+                        "request {}: its KV cache came ({} bytes) after {:.3} s",
+                        a.id,
+                        import.bytes(),
+                        a.submitted.elapsed().as_secs_f64()
+                    );
+                    a.started = Some(a.submitted);
+                    let seq = SeqSlice {
+                        id: a.id,
+                        start: 0,
+                        len: prompt_len,
+                        logits: LogitsWanted::None,
+                        sampling: a.req.sampling,
+                    };
+                    a.landing = Some(import.clone());
+                    if self.advance(a, &seq, first, Vec::new(), now) {
+                        finished.push(i);
+                    }
+                }
+            }
+            self.p.imports.remove(import.handle);
+        }
+        finished
     }
 
     /// Sends one pass per micro-batch: sequence i rides in micro-batch i mod K. Decoding
@@ -229,11 +335,12 @@ impl Scheduler {
         let now = Instant::now();
         let mut sent = Vec::with_capacity(k);
         for g in 0..k {
-            let group: Vec<usize> = (g..s.active.len()).step_by(k).collect();
+            let group: Vec<usize> = (g..s.active.len()).step_by(k).filter(|&i| !s.active[i].awaiting()).collect();
             let decoding = group.iter().filter(|&&i| s.active[i].prefilled());
             let prefilling = group.iter().filter(|&&i| !s.active[i].prefilled());
             let order: Vec<usize> = decoding.chain(prefilling).copied().collect();
             let (mut ids, mut seqs, mut members) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut export, mut imports) = (Vec::new(), Vec::new());
             let mut room = self.p.pass_tokens;
             for i in order {
                 if room == 0 {
@@ -246,9 +353,13 @@ impl Scheduler {
                 seqs.push(SeqSlice { id: a.id, start: a.pos, len: toks.len(), logits, sampling: a.req.sampling });
                 ids.extend(toks);
                 members.push(i);
+                imports.extend(a.landing.take());
+                if let Phase::Prefill(route) = &a.phase {
+                    export.push((a.id, route.clone()));
+                }
             }
             let release = if g == 0 { std::mem::take(&mut s.release) } else { Vec::new() };
-            let batch = Arc::new(Batch { pass: s.pass, seqs, release, ..Default::default() });
+            let batch = Arc::new(Batch { pass: s.pass, seqs, release, export, imports });
             s.pass += 1;
             self.entry.send(Packet::Tokens { batch: batch.clone(), ids: Arc::new(ids) }).ok()?;
             sent.push((batch, members));
@@ -299,6 +410,13 @@ impl Scheduler {
         a.last = tok;
         a.generated += 1;
         a.first_token.get_or_insert(done_at);
+        if let Phase::Prefill(route) = &a.phase {
+            let first = KvMsg::First { handle: route.handle, prompt_len: a.pos as u32, token: tok };
+            if let Err(e) = route.send(&first) {
+                let _ = a.events.send(Event::Failed(format!("the KV cache could not be sent: {e}")));
+                return true;
+            }
+        }
         if a.events.send(Event::Token { id: tok, logits: mine.pop() }).is_err() {
             tracing::info!("request {} ended: its caller is gone", a.id);
             return true;
@@ -339,6 +457,9 @@ impl Scheduler {
         finished.sort_unstable();
         for i in finished.into_iter().rev() {
             let a = s.active.remove(i);
+            if let Phase::Decode(import) = &a.phase {
+                self.p.imports.remove(import.handle);
+            }
             if let Some(free) = &mut self.kv_free {
                 *free += a.kv_blocks;
             }
@@ -351,19 +472,31 @@ impl Scheduler {
         let fault = self.program.lock().ok().and_then(|p| p.as_ref().and_then(|p| p.fault()));
         let msg = fault.map_or_else(|| "the engine stopped".to_string(), |e| e.to_string());
         for a in s.active.drain(..) {
+            abort(&a.phase, &msg);
+            if let Phase::Decode(import) = &a.phase {
+                self.p.imports.remove(import.handle);
+            }
             let _ = a.events.send(Event::Failed(msg.clone()));
         }
-        for (_, _, events, _) in s.waiting.drain(..) {
+        for (_, _, events, _, _) in s.waiting.drain(..) {
             self.unqueue();
             let _ = events.send(Event::Failed(msg.clone()));
         }
         while let Ok(cmd) = self.cmds.try_recv() {
-            if let Cmd::Submit(_, _, events) = cmd {
+            if let Cmd::Submit(_, _, events, _) = cmd {
                 self.unqueue();
                 let _ = events.send(Event::Failed(msg.clone()));
             }
         }
         self.publish(s);
+    }
+}
+
+/// Tells a prefill's decode worker that its KV cache will not come (best effort: the
+/// connection may be what failed).
+fn abort(phase: &Phase, why: &str) {
+    if let Phase::Prefill(route) = phase {
+        let _ = route.send(&KvMsg::Abort { handle: route.handle, reason: why.to_string() });
     }
 }
 

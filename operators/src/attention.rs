@@ -214,7 +214,7 @@ impl Operator<Packet> for Attention {
         }
         for import in &batch.imports {
             if let Some((blocks, len)) = import.take_blocks(cx.actor) {
-                self.caches.insert(import.seq, Kv { blocks, len });
+                self.caches.insert(import.seq(), Kv { blocks, len });
             }
         }
         let mut y = cx.zeros_f32(vec![batch.tokens(), qd])?; // [tokens, heads*head_dim]

@@ -133,20 +133,20 @@ struct Inner {
 /// worker's KV pool as it comes (see the module doc). Dropping it before the attention
 /// operators take the blocks gives them back to the pool.
 pub struct KvImport {
-    /// The decode engine's id of the sequence.
-    pub seq: u64,
     /// The handle the prefill worker tags the rows with.
     pub handle: u64,
+    /// The decode engine's id of the sequence, and what to call when the import becomes ready
+    /// or fails (to wake the scheduler): set when the request is submitted.
+    bound: std::sync::OnceLock<(u64, Box<dyn Fn() + Send + Sync>)>,
     dims: HashMap<String, usize>,
     ty: KvType,
     pool: Pool,
     inner: Mutex<Inner>,
-    on_change: Box<dyn Fn() + Send + Sync>,
 }
 
 impl std::fmt::Debug for KvImport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "KvImport(seq {}, handle {}, {:?})", self.seq, self.handle, self.state())
+        write!(f, "KvImport(seq {}, handle {}, {:?})", self.seq(), self.handle, self.state())
     }
 }
 
@@ -159,17 +159,9 @@ fn dtype(ty: KvType) -> DType {
 }
 
 impl KvImport {
-    /// An import for sequence `seq`, known to the prefill worker as `handle`, of the attention
-    /// `nodes` (name, `kv_heads·head_dim`) with caches of `ty`, taking blocks from `pool`;
-    /// `on_change` is called when it becomes ready or fails (to wake the scheduler).
-    pub fn new(
-        seq: u64,
-        handle: u64,
-        nodes: &[(String, usize)],
-        ty: KvType,
-        pool: Pool,
-        on_change: Box<dyn Fn() + Send + Sync>,
-    ) -> KvImport {
+    /// An import known to the prefill worker as `handle`, of the attention `nodes` (name,
+    /// `kv_heads·head_dim`) with caches of `ty`, taking blocks from `pool`.
+    pub fn new(handle: u64, nodes: &[(String, usize)], ty: KvType, pool: Pool) -> KvImport {
         let inner = Inner {
             nodes: nodes.iter().map(|(n, _)| (n.clone(), Node::default())).collect(),
             first: None,
@@ -178,7 +170,25 @@ impl KvImport {
             peer: None,
             taken: false,
         };
-        KvImport { seq, handle, dims: nodes.iter().cloned().collect(), ty, pool, inner: Mutex::new(inner), on_change }
+        let dims = nodes.iter().cloned().collect();
+        KvImport { handle, bound: Default::default(), dims, ty, pool, inner: Mutex::new(inner) }
+    }
+
+    /// Binds the import to sequence `seq`; `on_change` is called each time it becomes ready
+    /// or fails. Once: later calls change nothing.
+    pub fn bind(&self, seq: u64, on_change: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.bound.set((seq, on_change));
+    }
+
+    /// The sequence it is bound to (`u64::MAX` before [`KvImport::bind`]).
+    pub fn seq(&self) -> u64 {
+        self.bound.get().map_or(u64::MAX, |b| b.0)
+    }
+
+    fn changed(&self) {
+        if let Some((_, f)) = self.bound.get() {
+            f();
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -226,14 +236,14 @@ impl KvImport {
             self.fail_quietly(e);
         }
         if self.state() != before {
-            (self.on_change)();
+            self.changed();
         }
     }
 
     /// Fails the import (its blocks go back to the pool now).
     pub fn fail(&self, why: String) {
         if self.fail_quietly(why) {
-            (self.on_change)();
+            self.changed();
         }
     }
 
@@ -318,6 +328,7 @@ impl KvImport {
 #[derive(Default)]
 pub struct KvImports {
     map: Mutex<HashMap<u64, Arc<KvImport>>>,
+    received: std::sync::atomic::AtomicU64,
 }
 
 impl KvImports {
@@ -328,6 +339,10 @@ impl KvImports {
     /// Forgets `handle` (its sequence ended or took its blocks).
     pub fn remove(&self, handle: u64) {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).remove(&handle);
+    }
+    /// Bytes of keys and values received so far, for any import.
+    pub fn received_bytes(&self) -> u64 {
+        self.received.load(std::sync::atomic::Ordering::Relaxed)
     }
     /// Imports waiting.
     pub fn len(&self) -> usize {
@@ -343,6 +358,10 @@ impl KvImports {
     pub fn deliver(&self, peer: &str, msg: Result<KvMsg, RemoteError>) {
         match msg {
             Ok(m) => {
+                if let KvMsg::Rows { keys, values, .. } = &m {
+                    let n = (keys.len() + values.len()) as u64;
+                    self.received.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                }
                 let import = self.map.lock().unwrap_or_else(|p| p.into_inner()).get(&m.handle()).cloned();
                 match import {
                     Some(i) => i.take_msg(peer, m),
@@ -413,7 +432,8 @@ mod tests {
                 rows.extend(got.iter().cloned());
             }
             let dims = [("test".to_string(), kvd)];
-            let import = Arc::new(KvImport::new(9, 42, &dims, ty, pool.clone(), Box::new(|| {})));
+            let import = Arc::new(KvImport::new(42, &dims, ty, pool.clone()));
+            import.bind(9, Box::new(|| {}));
             let mut sent = 0;
             for row in rows {
                 sent += row.keys.len() + row.values.len();
@@ -474,16 +494,14 @@ mod tests {
         let woken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let new = |w: &Arc<std::sync::atomic::AtomicUsize>| {
             let w = w.clone();
-            KvImport::new(
+            let i = KvImport::new(7, &dims, KvType::F32, pool.clone());
+            i.bind(
                 1,
-                7,
-                &dims,
-                KvType::F32,
-                pool.clone(),
                 Box::new(move || {
                     w.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 }),
-            )
+            );
+            i
         };
         let rows = |node: &str, start: u32, len: u32, bytes: usize| KvMsg::Rows {
             handle: 7,

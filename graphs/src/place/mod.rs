@@ -15,6 +15,8 @@
 //!    stream; on the compute lane for `--prefetch 0`).
 //! 5. [`transfers::insert`] — a `to_gpu` or `to_host` node on every edge between host and GPU
 //!    memory, on the device's copy lanes.
+//! 6. [`kv_export::export`] — a prefill worker's (`--role prefill`): attention exports its KV
+//!    cache, a `kv_send` node per attention node sends it to the decode worker.
 //!
 //! The engine, `weir graph show|dot|check` and `WEIR_DUMP_GRAPH` all call [`place`], so what
 //! `graph show` prints is what runs: printed, and run with `--graph`, it gives the same actors.
@@ -24,6 +26,7 @@
 //! lane) it asks a [`Machine`].
 
 pub mod experts;
+pub mod kv_export;
 pub mod loaders;
 pub mod memory;
 pub mod transfers;
@@ -68,6 +71,8 @@ pub struct PlaceOptions {
     pub reserve: Reserve,
     /// `--expert-budget` and its companions (mixture-of-experts models).
     pub experts: Option<ExpertPlacement>,
+    /// A prefill worker's graph: attention exports its KV cache (`kv_export`).
+    pub export_kv: bool,
 }
 
 impl Default for PlaceOptions {
@@ -82,6 +87,7 @@ impl Default for PlaceOptions {
             micro_batches: 1,
             reserve: Reserve { kv_tokens: 2048, pass_tokens: 256, passes: 1 },
             experts: None,
+            export_kv: false,
         }
     }
 }
@@ -127,6 +133,10 @@ pub fn place(
     debug(&graph, "assign loaders");
     transfers::insert(&mut graph)?;
     debug(&graph, "insert transfers");
+    if o.export_kv {
+        kv_export::export(&mut graph)?;
+        debug(&graph, "export the KV cache");
+    }
     let pools = memory::host_pools(&graph, &o.reserve)?;
     Ok(Placed { graph, plan, experts, pools })
 }

@@ -1,0 +1,135 @@
+//! Phase splitting (Splitwise) on embedded engines: one engine prefills, another decodes, the
+//! KV cache streamed between them layer by layer over a remote edge while prefill runs
+//! (`weir_operators::kv_link` has the messages and the import; `weir serve --role` and
+//! `weir route` are built on this).
+//!
+//! A request's way: the decode engine reserves its whole length and hands out a handle
+//! ([`Engine::expect_kv`]); the prefill engine — placed with [`crate::Role::Prefill`], its
+//! attention exporting — runs the prompt and samples the first token, sending each layer's
+//! keys and values to the decode engine's [`KvListener`] as soon as that layer has stored them
+//! ([`Engine::prefill_to`]); when every layer's rows and the first token have come, the decode
+//! engine's scheduler lands the sequence, streams the first token, and decodes on.
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::request::{Generation, Request};
+use crate::scheduler::Phase;
+use std::sync::Arc;
+use weir_operators::kv_link::{kv_fingerprint, KvImport, KvMsg, KvRoute, KV_EDGE};
+use weir_operators::OpConfig;
+use weir_runtime::remote::{Hello, RemoteListener, RemoteTx, Server};
+
+/// The sending end of a KV edge.
+pub type KvTx = RemoteTx<KvMsg>;
+
+/// KV messages a decode engine takes unconsumed from one prefill worker (its edge's capacity).
+pub const KV_EDGE_CAPACITY: usize = 16;
+
+/// A decode engine's listener for prefill workers' KV caches: accepting until dropped.
+pub struct KvListener {
+    server: Server,
+}
+
+impl KvListener {
+    /// The address prefill workers send to.
+    pub fn addr(&self) -> &str {
+        self.server.addr()
+    }
+}
+
+impl Engine {
+    /// What both ends of a KV edge must agree on: every attention node with its width, the
+    /// cache's element type, the block size.
+    pub fn kv_fingerprint(&self) -> String {
+        let (nodes, ty) = weir_graphs::place::kv_export::attention_nodes(&self.placed.graph);
+        kv_fingerprint(&nodes, ty)
+    }
+
+    /// Whether this engine's attention exports its KV cache (placed as a prefill worker).
+    pub fn exports_kv(&self) -> bool {
+        self.placed.graph.nodes.iter().any(|n| matches!(n.op, OpConfig::KvSend(_)))
+    }
+
+    /// Bytes of keys and values received from prefill workers since the engine started.
+    pub fn kv_bytes_received(&self) -> u64 {
+        self.sched.imports.received_bytes()
+    }
+
+    /// Requests waiting for their KV cache from a prefill worker.
+    pub fn kv_imports_waiting(&self) -> usize {
+        self.sched.imports.len()
+    }
+
+    /// Listens for prefill workers on `addr` (`HOST:PORT`, port 0 for any; `unix:PATH`).
+    pub fn kv_listen(&self, addr: &str) -> Result<KvListener> {
+        let listener = RemoteListener::bind(addr).map_err(|e| Error::Request(e.to_string()))?;
+        let hello = Hello::new(KV_EDGE, &self.kv_fingerprint(), KV_EDGE_CAPACITY);
+        let imports = self.sched.imports.clone();
+        let server = weir_runtime::remote::serve(listener, hello, move |peer, msg| imports.deliver(peer, msg))
+            .map_err(|e| Error::Request(e.to_string()))?;
+        tracing::info!("taking KV caches from prefill workers at {}", server.addr());
+        Ok(KvListener { server })
+    }
+
+    /// Reserves `req`'s whole length here and waits for its KV cache and first token from a
+    /// prefill worker: the handle to give that worker, and the request's events (the first
+    /// token when the cache has come, then the rest as they are decoded here).
+    pub fn expect_kv(&self, req: Request) -> Result<(u64, Generation)> {
+        let g = &self.placed.graph;
+        if let Some(n) =
+            g.nodes.iter().find(|n| matches!(n.op, OpConfig::Attention(_)) && g.lanes[n.lane].kind.is_gpu())
+        {
+            return Err(Error::Request(format!(
+                "node `{}`: a KV cache from a prefill worker goes to attention on a CPU lane, and this one is on a GPU lane",
+                n.name
+            )));
+        }
+        let (nodes, ty) = weir_graphs::place::kv_export::attention_nodes(g);
+        let handle = fresh_handle();
+        let import = Arc::new(KvImport::new(handle, &nodes, ty, self.env.kv_pool.clone()));
+        self.sched.imports.insert(import.clone());
+        match self.submit_phase(req, Phase::Decode(import)) {
+            Ok(gen) => Ok((handle, gen)),
+            Err(e) => {
+                self.sched.imports.remove(handle);
+                Err(e)
+            }
+        }
+    }
+
+    /// The connection to the decode worker at `addr` (made once, made again after it failed).
+    pub fn kv_connect(&self, addr: &str) -> Result<Arc<KvTx>> {
+        let mut peers = self.peers.lock().map_err(|_| Error::Stopped(None))?;
+        if let Some(tx) = peers.get(addr).filter(|tx| tx.failed().is_none()) {
+            return Ok(tx.clone());
+        }
+        let hello = Hello::new(KV_EDGE, &self.kv_fingerprint(), KV_EDGE_CAPACITY);
+        let tx = Arc::new(KvTx::connect(addr, &hello).map_err(|e| Error::Request(e.to_string()))?);
+        peers.insert(addr.to_string(), tx.clone());
+        Ok(tx)
+    }
+
+    /// Prefills `req` here and sends its KV cache, layer by layer, and its first token to the
+    /// decode worker at `addr`, which knows the request as `handle`. Its events here: the first
+    /// token, then `Done` (or why it failed).
+    pub fn prefill_to(&self, mut req: Request, addr: &str, handle: u64) -> Result<Generation> {
+        if !self.exports_kv() {
+            return Err(Error::Request(
+                "this engine does not export its KV cache: build it as a prefill worker (--role prefill)".into(),
+            ));
+        }
+        let route = Arc::new(KvRoute::new(self.kv_connect(addr)?, handle));
+        req.max_new_tokens = 1;
+        self.submit_phase(req, Phase::Prefill(route))
+    }
+}
+
+/// A handle no other request of this process has, and hard to guess across processes.
+fn fresh_handle() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(N.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.finish()
+}
