@@ -55,6 +55,7 @@ pub mod machine;
 pub mod model;
 pub mod options;
 pub mod request;
+pub mod route;
 pub mod scheduler;
 pub mod serve;
 pub mod split;

@@ -55,6 +55,12 @@ impl Engine {
         self.sched.imports.received_bytes()
     }
 
+    /// Ends the request waiting for its KV cache as `handle` with `why` (its prefill failed);
+    /// false if none waits so.
+    pub fn kv_abort(&self, handle: u64, why: &str) -> bool {
+        self.sched.imports.fail(handle, why)
+    }
+
     /// Requests waiting for their KV cache from a prefill worker.
     pub fn kv_imports_waiting(&self) -> usize {
         self.sched.imports.len()

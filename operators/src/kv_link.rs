@@ -340,6 +340,11 @@ impl KvImports {
     pub fn remove(&self, handle: u64) {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).remove(&handle);
     }
+    /// Fails the import waiting as `handle` with `why`; false if none waits so.
+    pub fn fail(&self, handle: u64, why: &str) -> bool {
+        let import = self.map.lock().unwrap_or_else(|p| p.into_inner()).get(&handle).cloned();
+        import.map(|i| i.fail(format!("the prefill failed: {why}"))).is_some()
+    }
     /// Bytes of keys and values received so far, for any import.
     pub fn received_bytes(&self) -> u64 {
         self.received.load(std::sync::atomic::Ordering::Relaxed)

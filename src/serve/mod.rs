@@ -38,6 +38,7 @@
 pub mod api;
 pub mod chat;
 pub mod metrics;
+pub mod split;
 pub mod text;
 
 use crate::error::{Error, Result};
@@ -63,6 +64,10 @@ pub struct Server {
     /// The last engine failure, for `/health`.
     last_fault: Mutex<Option<String>>,
     started: u64,
+    /// A decode worker's: requests reserved for a router, waiting for it to resume them.
+    parked: split::Parked,
+    /// A decode worker's listener for prefill workers' KV caches.
+    kv: Option<crate::split::KvListener>,
 }
 
 impl Server {
@@ -80,6 +85,8 @@ impl Server {
             metrics: Metrics::default(),
             last_fault: Mutex::new(None),
             started: now(),
+            parked: Default::default(),
+            kv: None,
         })
     }
 
@@ -92,6 +99,7 @@ impl Server {
             .route("/v1/models", web::get().to(models))
             .route("/health", web::get().to(health))
             .route("/metrics", web::get().to(metrics_text));
+        split::configure(cfg);
     }
 
     /// The engine behind the server.
@@ -345,6 +353,11 @@ async fn respond(server: web::Data<Server>, payload: web::Payload, chat: bool) -
             return error_response(&api);
         }
     };
+    answer(server, gen, job, chat).await
+}
+
+/// A submitted request's response, whole or streamed.
+async fn answer(server: web::Data<Server>, gen: Generation, job: Job, chat: bool) -> HttpResponse {
     server.metrics.prompt_tokens.fetch_add(job.request.prompt.len() as u64, Ordering::Relaxed);
     let id = format!("{}-{}", if chat { "chatcmpl" } else { "cmpl" }, gen.id().unwrap_or(0));
     if job.stream {

@@ -19,8 +19,22 @@ pub struct Served {
 impl Served {
     /// `weir serve --model DIR --port 0 ARGS…`, once it listens.
     pub fn start(model: &std::path::Path, args: &[&str]) -> Served {
+        let mut all = vec!["serve", "--model", model.to_str().unwrap(), "--port", "0", "--threads", "1"];
+        all.extend_from_slice(args);
+        Served::run(&all, "weir serve")
+    }
+
+    /// `weir route --port 0 --prefill URLS --decode URLS`, once it listens.
+    pub fn route(prefill: &[&Served], decode: &[&Served]) -> Served {
+        let urls =
+            |s: &[&Served]| s.iter().map(|s| format!("http://127.0.0.1:{}", s.port)).collect::<Vec<_>>().join(",");
+        let (p, d) = (urls(prefill), urls(decode));
+        Served::run(&["route", "--port", "0", "--prefill", &p, "--decode", &d], "weir route")
+    }
+
+    /// `weir ARGS…`, once it says `WHAT: listening on http://…`.
+    fn run(args: &[&str], what: &str) -> Served {
         let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
-            .args(["serve", "--model", model.to_str().unwrap(), "--port", "0", "--threads", "1"])
             .args(args)
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
@@ -35,14 +49,14 @@ impl Served {
                 break;
             }
             seen.push_str(&line);
-            if let Some(rest) = line.trim().strip_prefix("weir serve: listening on http://") {
+            if let Some(rest) = line.trim().strip_prefix(&format!("{what}: listening on http://")) {
                 port = rest.rsplit(':').next().and_then(|p| p.parse().ok());
                 break;
             }
         }
         let Some(port) = port else {
             let _ = child.kill();
-            panic!("weir serve did not start:\n{seen}");
+            panic!("{what} did not start:\n{seen}");
         };
         let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let l = log.clone();

@@ -8,6 +8,7 @@ use weir::{Engine, EngineOptions, Event, KvType, LogitsMode, Model, Request, Sam
 use weir_graphs::place::experts::{ExpertBudget, ExpertPlacement, Twins};
 
 mod load;
+mod route;
 
 #[derive(Parser)]
 #[command(name = "weir", version, about = "Run large language models on every device of one machine")]
@@ -26,6 +27,9 @@ enum Cmd {
     Bench(BenchArgs),
     /// Serve the OpenAI API (completions, chat completions, models, health, metrics) over HTTP.
     Serve(ServeArgs),
+    /// Route OpenAI requests over prefill and decode workers (`weir serve --role …`): the KV
+    /// cache streams from prefill to decode layer by layer.
+    Route(route::RouteArgs),
     /// Load OpenAI-compatible servers with Poisson arrivals at several rates, side by side:
     /// throughput and TTFT / TBT / end-to-end percentiles, an SVG of latency against load.
     Load(load::LoadArgs),
@@ -249,6 +253,14 @@ struct ServeArgs {
     /// On SIGTERM or SIGINT, seconds the requests in flight get to finish.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout: u64,
+    /// Which phases it runs: mixed (both), prefill (prompts, sending the KV cache layer by
+    /// layer to decode workers), decode (from KV caches prefill workers send); `weir route`
+    /// drives prefill and decode workers.
+    #[arg(long, default_value = "mixed", value_parser = ["mixed", "prefill", "decode"])]
+    role: String,
+    /// A decode worker's address for prefill workers' KV caches (HOST:PORT, port 0 for any; unix:PATH).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    kv_listen: String,
     #[command(flatten)]
     place: PlaceArgs,
 }
@@ -372,6 +384,7 @@ fn main() {
         Cmd::Bench(a) => bench(a),
         Cmd::Serve(a) => serve(a),
         Cmd::Load(a) => load::load(a),
+        Cmd::Route(a) => route::route(a),
         Cmd::Graph(g) => graph(g),
         Cmd::Trace(t) => trace(t),
         Cmd::Gpu(g) => gpu(g),
@@ -559,16 +572,26 @@ fn bench(a: BenchArgs) -> Result<()> {
 }
 
 fn serve(a: ServeArgs) -> Result<()> {
+    let role = match a.role.as_str() {
+        "prefill" => weir::Role::Prefill,
+        "decode" => weir::Role::Decode,
+        _ => weir::Role::Mixed,
+    };
     let opts = EngineOptions {
         max_queue: Some(a.max_queue),
         max_batch: a.max_batch,
+        role,
         ..a.place.engine_options(a.threads, None)?
     };
     opts.check()?;
     let model = open(&a.model)?;
     let engine = Engine::new(&model, opts)?;
     show_loading(&engine);
-    let server = weir::serve::Server::new(model, engine, a.served_model_name)?;
+    let mut server = weir::serve::Server::new(model, engine, a.served_model_name)?;
+    if role == weir::Role::Decode {
+        let addr = server.listen_kv(&a.kv_listen).with_context(|| format!("--kv-listen {}", a.kv_listen))?;
+        eprintln!("weir serve: taking KV caches from prefill workers at {addr}");
+    }
     let timeout = std::time::Duration::from_secs(a.shutdown_timeout);
     let server = weir::serve::run(server, (&a.host, a.port), timeout)
         .with_context(|| format!("--host {} --port {}", a.host, a.port))?;

@@ -1,0 +1,28 @@
+//! `weir route`: the OpenAI front door of a split deployment (`weir::route`).
+
+use anyhow::{Context, Result};
+use clap::Args;
+use weir::load::http::Url;
+
+#[derive(Args)]
+pub struct RouteArgs {
+    /// Prefill workers (`weir serve --role prefill`), comma-separated: http://HOST:PORT,…
+    #[arg(long, value_delimiter = ',', required = true)]
+    prefill: Vec<Url>,
+    /// Decode workers (`weir serve --role decode`), comma-separated: http://HOST:PORT,…
+    #[arg(long, value_delimiter = ',', required = true)]
+    decode: Vec<Url>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on.
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+}
+
+pub fn route(a: RouteArgs) -> Result<()> {
+    let router = weir::route::Router::new(&a.prefill, &a.decode).map_err(anyhow::Error::msg)?;
+    weir::route::run(router, (&a.host, a.port)).with_context(|| format!("--host {} --port {}", a.host, a.port))?;
+    eprintln!("weir route: stopped");
+    Ok(())
+}

@@ -1,0 +1,326 @@
+//! `weir route`: Splitwise's cluster-level scheduler as the OpenAI front door, in front of
+//! prefill workers and decode workers (`weir serve --role prefill|decode`).
+//!
+//! A completion or chat request: the router picks the decode worker with the least KV cache
+//! promised (its own count of the prompt and output tokens of the requests it sent there and
+//! that have not ended — chosen at arrival, so the decode worker reserves at once) and asks it
+//! to reserve the request (`/weir/v1/reserve/…`: the body checked and tokenized there, the
+//! whole length reserved); then the prefill worker with the fewest prompt tokens pending
+//! (join-shortest-queue), which prefills and streams the KV cache, layer by layer, straight to
+//! the decode worker (`/weir/v1/prefill`); meanwhile it takes the decode worker's response
+//! (`/weir/v1/resume/{handle}`) and hands it to the client as it comes — whole or streamed.
+//!
+//! Faults: a worker that cannot be reached is taken out for [`DOWN_SECONDS`] (and the next
+//! one tried: a prefill worker before it has sent anything, a decode worker before it has
+//! reserved); a prefill that fails ends the client's response with an error event (or a 502),
+//! and closing the decode worker's response ends the sequence there. `/health` lists the
+//! workers and which are out.
+
+use crate::load::http::{post_json, Response, Url};
+use actix_web::{web, HttpResponse};
+use serde_json::{json, Value};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Seconds a worker that could not be reached stays out.
+pub const DOWN_SECONDS: u64 = 5;
+
+/// How long the router waits on a worker's answer (a reservation, a prefill, each piece of
+/// a response).
+const PATIENCE: Duration = Duration::from_secs(600);
+
+/// One worker and what the router has sent it.
+struct Worker {
+    url: Url,
+    /// Tokens it holds for requests in flight: prompt tokens pending (prefill), or the KV
+    /// positions promised (decode).
+    load: usize,
+    down_until: Option<Instant>,
+}
+
+/// The router's state: its workers.
+pub struct Router {
+    prefill: Mutex<Vec<Worker>>,
+    decode: Mutex<Vec<Worker>>,
+}
+
+fn pool(urls: &[Url]) -> Mutex<Vec<Worker>> {
+    Mutex::new(urls.iter().map(|u| Worker { url: u.clone(), load: 0, down_until: None }).collect())
+}
+
+/// An answer for the client: its status and JSON body.
+struct Answer(u16, String);
+
+impl Answer {
+    /// An error body as OpenAI's.
+    fn error(status: u16, message: String) -> Answer {
+        let body = json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}});
+        Answer(status, body.to_string())
+    }
+    fn respond(self) -> HttpResponse {
+        let status = actix_web::http::StatusCode::from_u16(self.0).unwrap_or(actix_web::http::StatusCode::BAD_GATEWAY);
+        HttpResponse::build(status).content_type("application/json").body(self.1)
+    }
+}
+
+fn error(status: u16, message: String) -> HttpResponse {
+    Answer::error(status, message).respond()
+}
+
+impl Router {
+    /// A router over these workers (at least one of each).
+    pub fn new(prefill: &[Url], decode: &[Url]) -> std::result::Result<Router, String> {
+        if prefill.is_empty() || decode.is_empty() {
+            return Err("a router needs at least one --prefill and one --decode worker".into());
+        }
+        Ok(Router { prefill: pool(prefill), decode: pool(decode) })
+    }
+
+    /// Mounts the OpenAI routes on an actix app.
+    pub fn configure(cfg: &mut web::ServiceConfig, router: web::Data<Router>) {
+        cfg.app_data(router)
+            .app_data(web::PayloadConfig::new(crate::serve::MAX_BODY))
+            .route("/v1/completions", web::post().to(completions))
+            .route("/v1/chat/completions", web::post().to(chat_completions))
+            .route("/health", web::get().to(health));
+    }
+
+    /// The least loaded worker of `pool` that is not out (`skip`: ones already tried), with
+    /// `load` added to it.
+    fn pick(pool: &Mutex<Vec<Worker>>, load: usize, skip: &[usize]) -> Option<(usize, Url)> {
+        let mut p = pool.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let i = (0..p.len())
+            .filter(|i| !skip.contains(i) && p[*i].down_until.is_none_or(|t| t <= now))
+            .min_by_key(|&i| p[i].load)?;
+        p[i].load += load;
+        Some((i, p[i].url.clone()))
+    }
+
+    fn done(pool: &Mutex<Vec<Worker>>, i: usize, load: usize, reached: bool) {
+        let mut p = pool.lock().unwrap_or_else(|e| e.into_inner());
+        p[i].load = p[i].load.saturating_sub(load);
+        if !reached {
+            tracing::warn!("worker {} cannot be reached: out for {DOWN_SECONDS} s", p[i].url);
+            p[i].down_until = Some(Instant::now() + Duration::from_secs(DOWN_SECONDS));
+        }
+    }
+}
+
+async fn completions(router: web::Data<Router>, body: web::Bytes) -> HttpResponse {
+    route(router, body, "completions").await
+}
+
+async fn chat_completions(router: web::Data<Router>, body: web::Bytes) -> HttpResponse {
+    route(router, body, "chat/completions").await
+}
+
+async fn health(router: web::Data<Router>) -> HttpResponse {
+    let list = |p: &Mutex<Vec<Worker>>| -> Vec<Value> {
+        let now = Instant::now();
+        p.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|w| json!({"url": w.url.to_string(), "load": w.load, "up": w.down_until.is_none_or(|t| t <= now)}))
+            .collect()
+    };
+    HttpResponse::Ok().json(json!({"status": "ok", "prefill": list(&router.prefill), "decode": list(&router.decode)}))
+}
+
+/// A reservation at a decode worker: its index, the handle, the reservation's answer.
+struct Reserved {
+    decode: usize,
+    kv: usize,
+    handle: String,
+    answer: Value,
+    url: Url,
+}
+
+/// Reserves `body` at the least loaded decode worker that answers.
+fn reserve(r: &Router, body: &str, path: &str) -> std::result::Result<Reserved, Answer> {
+    let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    let kv = v.get("max_tokens").or(v.get("max_completion_tokens")).and_then(Value::as_u64).unwrap_or(16) as usize;
+    let mut tried = Vec::new();
+    loop {
+        let Some((i, url)) = Router::pick(&r.decode, kv, &tried) else {
+            return Err(Answer::error(503, "no decode worker can be reached".into()));
+        };
+        tried.push(i);
+        match post_json(&url, &format!("/weir/v1/reserve/{path}"), body, PATIENCE) {
+            Err(e) => {
+                Router::done(&r.decode, i, kv, false);
+                tracing::warn!("decode worker {url}: {e}");
+            }
+            Ok(resp) if resp.status != 200 => {
+                Router::done(&r.decode, i, kv, true);
+                return Err(Answer(resp.status, resp.text(1 << 20)));
+            }
+            Ok(resp) => {
+                let answer: Value = serde_json::from_str(&resp.text(64 << 20)).unwrap_or(Value::Null);
+                let Some(handle) = answer.get("handle").and_then(Value::as_str).map(str::to_string) else {
+                    Router::done(&r.decode, i, kv, true);
+                    return Err(Answer::error(
+                        502,
+                        format!("decode worker {url} answered a reservation without a handle"),
+                    ));
+                };
+                let prompt = answer.get("prompt").and_then(Value::as_array).map_or(0, Vec::len);
+                // The promise counts the prompt too, now that it is known.
+                r.decode.lock().unwrap_or_else(|e| e.into_inner())[i].load += prompt;
+                return Ok(Reserved { decode: i, kv: kv + prompt, handle, answer, url });
+            }
+        }
+    }
+}
+
+/// Prefills a reservation at the prefill worker with the fewest prompt tokens pending; an
+/// error (for the client) when none could do it.
+fn prefill(r: &Router, res: &Reserved) -> std::result::Result<(), String> {
+    let a = &res.answer;
+    let n = a.get("prompt").and_then(Value::as_array).map_or(0, Vec::len);
+    let body = json!({
+        "prompt": a["prompt"], "kv_addr": a["kv_addr"], "handle": res.handle,
+        "temperature": a["temperature"], "top_p": a["top_p"], "top_k": a["top_k"], "seed": a["seed"],
+    })
+    .to_string();
+    let mut tried = Vec::new();
+    loop {
+        let Some((i, url)) = Router::pick(&r.prefill, n, &tried) else {
+            return Err("no prefill worker can be reached".into());
+        };
+        tried.push(i);
+        match post_json(&url, "/weir/v1/prefill", &body, PATIENCE) {
+            // Not reached: nothing was sent for this request, so another may take it.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused || e.kind() == std::io::ErrorKind::NotFound => {
+                Router::done(&r.prefill, i, n, false);
+            }
+            Err(e) => {
+                Router::done(&r.prefill, i, n, false);
+                return Err(format!("prefill worker {url}: {e}"));
+            }
+            Ok(resp) => {
+                Router::done(&r.prefill, i, n, true);
+                return match resp.status {
+                    200 => Ok(()),
+                    s => Err(format!("prefill worker {url} answered {s}: {}", resp.text(4096))),
+                };
+            }
+        }
+    }
+}
+
+/// One request through the router, start to end.
+async fn route(router: web::Data<Router>, body: web::Bytes, path: &'static str) -> HttpResponse {
+    let body = match String::from_utf8(body.to_vec()) {
+        Ok(b) => b,
+        Err(e) => return error(400, format!("the body is not UTF-8: {e}")),
+    };
+    let stream = serde_json::from_str::<Value>(&body)
+        .ok()
+        .and_then(|v| v.get("stream").and_then(Value::as_bool))
+        .unwrap_or(false);
+    let r = router.clone();
+    let reserved = match web::block(move || reserve(&r, &body, path)).await {
+        Ok(Ok(x)) => Arc::new(x),
+        Ok(Err(answer)) => return answer.respond(),
+        Err(e) => return error(500, e.to_string()),
+    };
+    // Prefill runs beside the decode worker's response, which waits for the KV cache; a
+    // prefill that fails ends the decode worker's request with its cause.
+    let (r, res) = (router.clone(), reserved.clone());
+    actix_web::rt::task::spawn_blocking(move || {
+        if let Err(e) = prefill(&r, &res) {
+            tracing::warn!("request {}: {e}", res.handle);
+            let body = json!({ "reason": e }).to_string();
+            let _ = post_json(&res.url, &format!("/weir/v1/abort/{}", res.handle), &body, Duration::from_secs(10));
+        }
+    });
+    let res = reserved.clone();
+    let resumed =
+        web::block(move || post_json(&res.url, &format!("/weir/v1/resume/{}", res.handle), "{}", PATIENCE)).await;
+    let resp = match resumed {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => {
+            Router::done(&router.decode, reserved.decode, reserved.kv, false);
+            return error(502, format!("decode worker {}: {e}", reserved.url));
+        }
+        Err(e) => return error(500, e.to_string()),
+    };
+    relay(router, reserved, resp, stream).await
+}
+
+/// Hands the decode worker's response to the client: a whole one when it is whole (a 502 if
+/// the decode worker stopped before), a stream as it comes (ending with an error event if the
+/// decode worker stopped mid-stream). A client that goes away closes the decode worker's
+/// response, which ends the sequence there.
+async fn relay(router: web::Data<Router>, res: Arc<Reserved>, mut resp: Response, stream: bool) -> HttpResponse {
+    use std::io::{BufRead, Read};
+    if !stream {
+        let status = resp.status;
+        let (r, res2) = (router.clone(), res.clone());
+        let read = web::block(move || {
+            let mut body = Vec::new();
+            let got = resp.body.read_to_end(&mut body).map(|_| body);
+            Router::done(&r.decode, res2.decode, res2.kv, got.is_ok());
+            got
+        })
+        .await;
+        return match read {
+            Ok(Ok(body)) => Answer(status, String::from_utf8_lossy(&body).into_owned()).respond(),
+            Ok(Err(e)) => error(502, format!("decode worker {} stopped mid-response: {e}", res.url)),
+            Err(e) => error(500, e.to_string()),
+        };
+    }
+    let status = actix_web::http::StatusCode::from_u16(resp.status).unwrap_or(actix_web::http::StatusCode::BAD_GATEWAY);
+    let (tx, rx) = tokio::sync::mpsc::channel::<web::Bytes>(64);
+    actix_web::rt::task::spawn_blocking(move || {
+        // The stream's last bytes: whether it ended as a stream ends.
+        let mut tail = Vec::new();
+        let end = loop {
+            let chunk = match resp.body.fill_buf() {
+                Ok([]) => break None,
+                Err(e) => break Some(e.to_string()),
+                Ok(b) => web::Bytes::copy_from_slice(b),
+            };
+            resp.body.consume(chunk.len());
+            tail.extend_from_slice(&chunk);
+            tail.drain(..tail.len().saturating_sub(4096));
+            if tx.blocking_send(chunk).is_err() {
+                break None;
+            }
+        };
+        let text = String::from_utf8_lossy(&tail);
+        let whole =
+            text.contains("data: [DONE]") || text.rsplit("data: ").next().is_some_and(|e| e.contains("\"error\""));
+        if !whole && !tx.is_closed() {
+            let why = end.unwrap_or_else(|| "the connection closed".into());
+            let msg = format!("decode worker {} stopped mid-response: {why}", res.url);
+            let body = json!({"error": {"message": msg, "type": "server_error", "param": null, "code": null}});
+            let _ = tx.blocking_send(web::Bytes::from(format!("data: {body}\n\n")));
+        }
+        Router::done(&router.decode, res.decode, res.kv, whole);
+    });
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, actix_web::Error>(b), rx))
+    });
+    HttpResponse::build(status)
+        .content_type("text/event-stream")
+        .insert_header(("Cache-Control", "no-cache"))
+        .streaming(body)
+}
+
+/// Serves the router on `addr` until SIGINT or SIGTERM.
+pub fn run(router: Router, addr: (&str, u16)) -> std::io::Result<()> {
+    let data = web::Data::new(router);
+    let (host, port) = (addr.0.to_string(), addr.1);
+    actix_web::rt::System::new().block_on(async move {
+        let http =
+            actix_web::HttpServer::new(move || actix_web::App::new().configure(|c| Router::configure(c, data.clone())))
+                .bind((host.as_str(), port))?;
+        for a in http.addrs() {
+            tracing::info!("routing on http://{a}");
+            eprintln!("weir route: listening on http://{a}");
+        }
+        http.run().await
+    })
+}

@@ -1,0 +1,125 @@
+//! A split deployment on loopback, as clients use it: `weir route` in front of `weir serve
+//! --role prefill` and `--role decode` workers (separate processes, the KV cache streamed
+//! between them over a remote edge), answering as one colocated `weir serve` does; and what
+//! happens when a worker is killed.
+
+mod common;
+use common::http::Served;
+use common::*;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+fn text_of(v: &Value) -> String {
+    let c = &v["choices"][0];
+    c["text"].as_str().or(c["message"]["content"].as_str()).or(c["delta"]["content"].as_str()).unwrap_or("").into()
+}
+
+fn streamed_text(events: &[String]) -> String {
+    events.iter().filter(|e| *e != "[DONE]").map(|e| text_of(&serde_json::from_str(e).unwrap())).collect()
+}
+
+fn prefill(model: &std::path::Path) -> Served {
+    // Chunks of 8 tokens: the KV cache goes layer by layer, several pieces per layer.
+    Served::start(model, &["--role", "prefill", "--max-pass-tokens", "8"])
+}
+
+fn decode(model: &std::path::Path) -> Served {
+    Served::start(model, &["--role", "decode"])
+}
+
+#[test]
+fn routed_split_answers_equal_a_colocated_server_for_dense_and_moe() {
+    for name in ["tiny-llama", "tiny-mixtral"] {
+        let model = fixture(name);
+        let (colocated, p, d) = (Served::start(&model, &[]), prefill(&model), decode(&model));
+        let router = Served::route(&[&p], &[&d]);
+        let golden = golden(name);
+        for prompt in golden["prompts"].as_array().unwrap() {
+            let n = ids(&prompt["greedy"]["new_ids"]).len();
+            let prompt = ids(&prompt["input_ids"]);
+            let body = json!({"prompt": prompt, "max_tokens": n, "temperature": 0});
+            let want = colocated.post("/v1/completions", &body.to_string()).json();
+            let got = router.post("/v1/completions", &body.to_string());
+            assert_eq!(got.status, 200, "{name}: {}", got.body);
+            let got = got.json();
+            assert_eq!(text_of(&got), text_of(&want), "{name}");
+            assert_eq!(got["usage"], want["usage"], "{name}");
+            assert_eq!(got["choices"][0]["finish_reason"], want["choices"][0]["finish_reason"]);
+            // Streamed, with the usage.
+            let body = json!({"prompt": prompt, "max_tokens": n, "temperature": 0, "stream": true,
+                              "stream_options": {"include_usage": true}});
+            let r = router.post("/v1/completions", &body.to_string());
+            assert_eq!(r.header("content-type"), Some("text/event-stream"));
+            let events = r.events();
+            assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{name}: {}", r.body);
+            assert_eq!(streamed_text(&events), text_of(&want), "{name}");
+        }
+        // The decode worker took every prompt's KV cache from the prefill worker; it prefilled nothing.
+        let prompts: f64 =
+            golden["prompts"].as_array().unwrap().iter().map(|p| ids(&p["input_ids"]).len() as f64).sum();
+        assert_eq!(p.metric("weir_prompt_tokens_total"), 2.0 * prompts, "{name}");
+        // A bad request is refused by the decode worker with OpenAI's error, through the router.
+        let r = router.post("/v1/completions", r#"{"prompt": [1, 2], "max_tokens": -3}"#);
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert_eq!(r.json()["error"]["param"], "max_tokens");
+    }
+}
+
+#[test]
+fn killed_workers_end_their_requests_clearly_and_the_router_serves_on() {
+    let model = fixture("tiny-llama");
+    let (p1, p2) = (prefill(&model), prefill(&model));
+    let (mut d1, d2) = (decode(&model), decode(&model));
+    let router = Served::route(&[&p1, &p2], &[&d1, &d2]);
+    let long =
+        json!({"prompt": [1, 54, 74, 71], "max_tokens": 240, "ignore_eos": true, "temperature": 0, "stream": true});
+    // Requests go to the least loaded decode worker: two long ones in flight take one each.
+    let port = router.port;
+    let streams: Vec<_> = (0..2)
+        .map(|_| {
+            let body = long.to_string();
+            std::thread::spawn(move || common::http::request(port, "POST", "/v1/completions", Some(body.as_bytes())))
+        })
+        .collect();
+    // Killed while it decodes.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while d1.metric("weir_running_sequences") < 1.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let t = Instant::now();
+    let mut c = d1.child.take().unwrap();
+    c.kill().unwrap(); // SIGKILL
+    c.wait().unwrap();
+    let results: Vec<_> = streams.into_iter().map(|s| s.join().unwrap()).collect();
+    assert!(t.elapsed() < Duration::from_secs(60), "the requests ended within a bounded time");
+    let broken: Vec<_> = results.iter().filter(|r| r.events().last().map(String::as_str) != Some("[DONE]")).collect();
+    assert_eq!(broken.len(), 1, "the request on the killed worker ends, the other finishes");
+    let last = broken[0].events().last().cloned().unwrap_or_default();
+    assert!(last.contains("stopped mid-response"), "a clear error event: {last}");
+    // New requests go to the remaining decode worker.
+    let short = json!({"prompt": [1, 54, 74], "max_tokens": 4, "temperature": 0});
+    for _ in 0..3 {
+        let r = router.post("/v1/completions", &short.to_string());
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    // A prefill worker killed: the other takes the prompts.
+    drop(p1);
+    for _ in 0..3 {
+        let r = router.post("/v1/completions", &short.to_string());
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let health = router.get("/health").json();
+    assert_eq!(health["decode"].as_array().unwrap().iter().filter(|w| w["up"] == false).count(), 1, "{health}");
+    // No prefill worker left: refused clearly, nothing hangs, the decode worker's reservation freed.
+    drop(p2);
+    let t = Instant::now();
+    let r = router.post("/v1/completions", &short.to_string());
+    assert!(t.elapsed() < Duration::from_secs(30));
+    assert!(r.status >= 500 && r.body.contains("prefill"), "{} {}", r.status, r.body);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while d2.metric("weir_running_sequences") > 0.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(d2.metric("weir_running_sequences"), 0.0);
+    drop(d2);
+}
