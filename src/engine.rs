@@ -60,6 +60,8 @@ pub struct Engine {
     gauges: Arc<Gauges>,
     next_id: std::sync::atomic::AtomicU64,
     max_queue: Option<usize>,
+    /// Prompts shorter than this go to decode workers in one transfer.
+    pub(crate) kv_bulk_below: usize,
     /// Connections to decode workers (a prefill worker's), by address.
     pub(crate) peers: Mutex<std::collections::HashMap<String, Arc<crate::split::KvTx>>>,
 }
@@ -202,6 +204,7 @@ impl Engine {
             next_id: Default::default(),
             max_queue: opts.max_queue,
             peers: Default::default(),
+            kv_bulk_below: opts.kv_bulk_below,
         })
     }
 

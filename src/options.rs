@@ -7,6 +7,10 @@ use weir_graphs::place::memory::Reserve;
 use weir_graphs::PlaceOptions;
 use weir_operators::KvType;
 
+/// Prompts shorter than this go from a prefill worker to its decode worker as one transfer
+/// after prefill (`EngineOptions::kv_bulk_below`).
+pub const KV_BULK_BELOW: usize = 0;
+
 /// Which phases of requests an engine runs (Splitwise's split: `crate::split`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Role {
@@ -89,6 +93,10 @@ pub struct EngineOptions {
     pub gpu_memory: Option<u64>,
     /// Which phases it runs: a prefill worker's attention exports its KV cache.
     pub role: Role,
+    /// A prefill worker sends the KV cache of a prompt shorter than this as one transfer
+    /// after prefill, and a longer one layer by layer while it runs (see BENCHMARKS.md,
+    /// phase splitting, for how the default was measured).
+    pub kv_bulk_below: usize,
 }
 
 impl EngineOptions {
@@ -177,6 +185,7 @@ impl Default for EngineOptions {
             bf16_as_f16: false,
             gpu_memory: None,
             role: Role::Mixed,
+            kv_bulk_below: KV_BULK_BELOW,
         }
     }
 }

@@ -56,6 +56,10 @@ pub struct Gauges {
     pub kv_blocks: std::sync::atomic::AtomicUsize,
     /// Requests ended because their caller gave them up.
     pub cancelled: std::sync::atomic::AtomicU64,
+    /// KV caches taken from prefill workers (a decode worker's).
+    pub kv_imports: std::sync::atomic::AtomicU64,
+    /// Their transfers' time beyond the end of prefill, in microseconds, all together.
+    pub kv_exposed_us: std::sync::atomic::AtomicU64,
 }
 
 /// What the scheduler needs to know of the model and the options.
@@ -301,12 +305,17 @@ impl Scheduler {
                     finished.push(i);
                 }
                 ImportState::Ready { prompt_len, first } => {
+                    let exposed = import.exposed().unwrap_or_default();
                     tracing::info!(
-                        "request {}: its KV cache came ({} bytes) after {:.3} s",
+                        "request {}: its KV cache came ({} bytes) after {:.3} s, {:.1} ms after the prefill's end",
                         a.id,
                         import.bytes(),
-                        a.submitted.elapsed().as_secs_f64()
+                        a.submitted.elapsed().as_secs_f64(),
+                        exposed.as_secs_f64() * 1e3
                     );
+                    use std::sync::atomic::Ordering::Relaxed;
+                    self.gauges.kv_imports.fetch_add(1, Relaxed);
+                    self.gauges.kv_exposed_us.fetch_add(exposed.as_micros() as u64, Relaxed);
                     a.started = Some(a.submitted);
                     let seq = SeqSlice {
                         id: a.id,
@@ -412,7 +421,7 @@ impl Scheduler {
         a.first_token.get_or_insert(done_at);
         if let Phase::Prefill(route) = &a.phase {
             let first = KvMsg::First { handle: route.handle, prompt_len: a.pos as u32, token: tok };
-            if let Err(e) = route.send(&first) {
+            if let Err(e) = route.send(first) {
                 let _ = a.events.send(Event::Failed(format!("the KV cache could not be sent: {e}")));
                 return true;
             }
@@ -496,7 +505,7 @@ impl Scheduler {
 /// connection may be what failed).
 fn abort(phase: &Phase, why: &str) {
     if let Phase::Prefill(route) = phase {
-        let _ = route.send(&KvMsg::Abort { handle: route.handle, reason: why.to_string() });
+        let _ = route.send(KvMsg::Abort { handle: route.handle, reason: why.to_string() });
     }
 }
 

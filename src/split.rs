@@ -124,7 +124,14 @@ impl Engine {
                 "this engine does not export its KV cache: build it as a prefill worker (--role prefill)".into(),
             ));
         }
-        let route = Arc::new(KvRoute::new(self.kv_connect(addr)?, handle));
+        let tx = self.kv_connect(addr)?;
+        let route = match req.prompt.len() < self.kv_bulk_below {
+            true => {
+                KvRoute::bulk(tx, handle, weir_graphs::place::kv_export::attention_nodes(&self.placed.graph).0.len())
+            }
+            false => KvRoute::new(tx, handle),
+        };
+        let route = Arc::new(route);
         req.max_new_tokens = 1;
         self.submit_phase(req, Phase::Prefill(route))
     }

@@ -64,6 +64,35 @@ fn split_workers_give_the_golden_tokens_for_dense_and_moe_models() {
 }
 
 #[test]
+fn one_bulk_transfer_after_prefill_gives_the_same_tokens_and_bytes() {
+    let model = Model::open(fixture("tiny-llama")).unwrap();
+    let opts = EngineOptions {
+        role: Role::Prefill,
+        threads: 1,
+        max_pass_tokens: 8,
+        kv_bulk_below: usize::MAX,
+        ..Default::default()
+    };
+    let prefill = Engine::new(&model, opts).unwrap();
+    let decode = Engine::new(&model, EngineOptions { threads: 1, ..Default::default() }).unwrap();
+    let listener = decode.kv_listen("127.0.0.1:0").unwrap();
+    for p in golden("tiny-llama")["prompts"].as_array().unwrap() {
+        let (prompt, want) = (ids(&p["input_ids"]), ids(&p["greedy"]["new_ids"]));
+        let before = decode.kv_bytes_received();
+        let n = prompt.len() as u64;
+        let req = Request::greedy(prompt, want.len());
+        let (handle, gen) = decode.expect_kv(req.clone()).unwrap();
+        prefill.prefill_to(req, listener.addr(), handle).unwrap().wait().unwrap();
+        assert_eq!(gen.wait().unwrap().tokens, want);
+        assert_eq!(decode.kv_bytes_received() - before, n * kv_bytes_per_position(&decode));
+    }
+    // Every row came before the first token: nothing of the transfer ran past the prefill.
+    let g = decode.gauges();
+    assert_eq!(g.kv_imports.load(std::sync::atomic::Ordering::Relaxed), 3);
+    assert_eq!(g.kv_exposed_us.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
+
+#[test]
 fn seeded_sampling_split_equals_one_engine() {
     let (prefill, decode) = engines("tiny-llama");
     let listener = decode.kv_listen("127.0.0.1:0").unwrap();

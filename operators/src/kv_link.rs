@@ -58,10 +58,29 @@ pub fn kv_fingerprint(nodes: &[(String, usize)], ty: KvType) -> String {
 /// Where one sequence's KV cache goes: the connection to its decode worker, and the handle
 /// the decode worker knows the request by. Travels in the batch, so the rows of a pass find
 /// their way however late their `kv_send` fires.
+///
+/// Layer by layer (the default), each message goes as it comes. In bulk ([`KvRoute::bulk`]),
+/// the rows are held until every attention node has the whole prompt and the first token has
+/// come, then sent together: one transfer after prefill, which can be cheaper for short prompts.
 pub struct KvRoute {
     pub tx: Arc<RemoteTx<KvMsg>>,
     pub handle: u64,
     failed: Mutex<Option<RemoteError>>,
+    bulk: Option<Mutex<Bulk>>,
+}
+
+/// Messages held for a bulk transfer.
+struct Bulk {
+    nodes: usize,
+    held: Vec<KvMsg>,
+    rows: HashMap<String, usize>,
+    prompt_len: Option<usize>,
+}
+
+impl Bulk {
+    fn complete(&self) -> bool {
+        self.prompt_len.is_some_and(|n| self.rows.len() == self.nodes && self.rows.values().all(|r| *r >= n))
+    }
 }
 
 impl std::fmt::Debug for KvRoute {
@@ -71,15 +90,46 @@ impl std::fmt::Debug for KvRoute {
 }
 
 impl KvRoute {
+    /// A route that sends each message as it comes.
     pub fn new(tx: Arc<RemoteTx<KvMsg>>, handle: u64) -> KvRoute {
-        KvRoute { tx, handle, failed: Mutex::new(None) }
+        KvRoute { tx, handle, failed: Mutex::new(None), bulk: None }
     }
-    /// Sends `msg` unless an earlier send failed; records the failure (the request then fails
-    /// on the prefill side, and the decode side sees the connection end).
-    pub fn send(&self, msg: &KvMsg) -> Result<(), RemoteError> {
+    /// A route that holds the rows of `nodes` attention nodes and sends them all once the
+    /// prompt is done.
+    pub fn bulk(tx: Arc<RemoteTx<KvMsg>>, handle: u64, nodes: usize) -> KvRoute {
+        let b = Bulk { nodes, held: Vec::new(), rows: HashMap::new(), prompt_len: None };
+        KvRoute { bulk: Some(Mutex::new(b)), ..KvRoute::new(tx, handle) }
+    }
+    /// Sends `msg` (or holds it, in bulk) unless an earlier send failed; records the failure
+    /// (the request then fails on the prefill side, and the decode side sees the connection
+    /// end).
+    pub fn send(&self, msg: KvMsg) -> Result<(), RemoteError> {
         if let Some(e) = self.failure() {
             return Err(e);
         }
+        let Some(bulk) = &self.bulk else { return self.put(&msg) };
+        let mut b = bulk.lock().unwrap_or_else(|p| p.into_inner());
+        match &msg {
+            KvMsg::Rows { node, start, len, .. } => {
+                let r = b.rows.entry(node.clone()).or_default();
+                *r = (*r).max((start + len) as usize);
+            }
+            KvMsg::First { prompt_len, .. } => b.prompt_len = Some(*prompt_len as usize),
+            KvMsg::Abort { .. } => {
+                b.held.clear();
+                return self.put(&msg);
+            }
+        }
+        b.held.push(msg);
+        if !b.complete() {
+            return Ok(());
+        }
+        // The first token last, after every row.
+        let held = std::mem::take(&mut b.held);
+        let (first, rows): (Vec<KvMsg>, Vec<KvMsg>) = held.into_iter().partition(|m| matches!(m, KvMsg::First { .. }));
+        rows.iter().chain(&first).try_for_each(|m| self.put(m))
+    }
+    fn put(&self, msg: &KvMsg) -> Result<(), RemoteError> {
         self.tx.send(msg).inspect_err(|e| {
             if let Ok(mut f) = self.failed.lock() {
                 f.get_or_insert(e.clone());
@@ -123,6 +173,9 @@ struct Node {
 struct Inner {
     nodes: HashMap<String, Node>,
     first: Option<(usize, u32)>,
+    /// When the first token came (the prefill's end), and when the last row did.
+    first_at: Option<std::time::Instant>,
+    last_row_at: Option<std::time::Instant>,
     failed: Option<String>,
     bytes: u64,
     peer: Option<String>,
@@ -165,6 +218,8 @@ impl KvImport {
         let inner = Inner {
             nodes: nodes.iter().map(|(n, _)| (n.clone(), Node::default())).collect(),
             first: None,
+            first_at: None,
+            last_row_at: None,
             failed: None,
             bytes: 0,
             peer: None,
@@ -214,6 +269,13 @@ impl KvImport {
         self.lock().bytes
     }
 
+    /// How long rows kept coming after the first token had (the transfer's time beyond the
+    /// end of prefill: zero when every row came first); `None` before both have come.
+    pub fn exposed(&self) -> Option<std::time::Duration> {
+        let g = self.lock();
+        Some(g.last_row_at?.saturating_duration_since(g.first_at?))
+    }
+
     /// The peer the rows come from (after the first message).
     pub fn peer(&self) -> Option<String> {
         self.lock().peer.clone()
@@ -227,7 +289,9 @@ impl KvImport {
                 self.write(peer, &node, start as usize, len as usize, &keys, &values)
             }
             KvMsg::First { prompt_len, token, .. } => {
-                self.lock().first = Some((prompt_len as usize, token));
+                let mut g = self.lock();
+                g.first = Some((prompt_len as usize, token));
+                g.first_at = Some(std::time::Instant::now());
                 Ok(())
             }
             KvMsg::Abort { reason, .. } => Err(format!("the prefill worker {peer} failed: {reason}")),
@@ -310,6 +374,7 @@ impl KvImport {
         }
         n.rows += len;
         g.bytes += (keys.len() + values.len()) as u64;
+        g.last_row_at = Some(std::time::Instant::now());
         Ok(())
     }
 

@@ -58,7 +58,7 @@ impl Operator<Packet> for KvSend {
                 keys: r.keys,
                 values: r.values,
             };
-            if let Err(e) = r.route.send(&msg) {
+            if let Err(e) = r.route.send(msg) {
                 tracing::warn!("KV rows of `{node}` for handle {} not sent: {e}", r.route.handle);
             }
         }

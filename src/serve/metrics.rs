@@ -130,6 +130,13 @@ impl Metrics {
             "Seconds between a stream's tokens.",
         );
         let g = engine.gauges();
+        counter(&mut s, "weir_kv_imports_total", "KV caches taken from prefill workers.", g.kv_imports.load(Relaxed));
+        let _ = writeln!(
+            s,
+            "# HELP weir_kv_exposed_seconds_total Seconds the KV transfers ran past the end of their prefill, all \
+             together.\n# TYPE weir_kv_exposed_seconds_total counter\nweir_kv_exposed_seconds_total {:.6}",
+            g.kv_exposed_us.load(Relaxed) as f64 / 1e6
+        );
         let gauge = |s: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         };

@@ -261,6 +261,10 @@ struct ServeArgs {
     /// A decode worker's address for prefill workers' KV caches (HOST:PORT, port 0 for any; unix:PATH).
     #[arg(long, default_value = "127.0.0.1:0")]
     kv_listen: String,
+    /// A prefill worker sends the KV cache of prompts shorter than this in one transfer after
+    /// prefill, longer ones layer by layer while it runs.
+    #[arg(long, default_value_t = weir::options::KV_BULK_BELOW)]
+    kv_bulk_below: usize,
     #[command(flatten)]
     place: PlaceArgs,
 }
@@ -581,6 +585,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         max_queue: Some(a.max_queue),
         max_batch: a.max_batch,
         role,
+        kv_bulk_below: a.kv_bulk_below,
         ..a.place.engine_options(a.threads, None)?
     };
     opts.check()?;
