@@ -420,7 +420,8 @@ impl Scheduler {
         a.generated += 1;
         a.first_token.get_or_insert(done_at);
         if let Phase::Prefill(route) = &a.phase {
-            let first = KvMsg::First { handle: route.handle, prompt_len: a.pos as u32, token: tok };
+            let sampled_unix_ns = weir_operators::kv_link::unix_ns();
+            let first = KvMsg::First { handle: route.handle, prompt_len: a.pos as u32, token: tok, sampled_unix_ns };
             if let Err(e) = route.send(first) {
                 let _ = a.events.send(Event::Failed(format!("the KV cache could not be sent: {e}")));
                 return true;

@@ -86,10 +86,10 @@ fn one_bulk_transfer_after_prefill_gives_the_same_tokens_and_bytes() {
         assert_eq!(gen.wait().unwrap().tokens, want);
         assert_eq!(decode.kv_bytes_received() - before, n * kv_bytes_per_position(&decode));
     }
-    // Every row came before the first token: nothing of the transfer ran past the prefill.
+    // The whole transfer ran after the prefill: its time is counted, as a little more than none.
     let g = decode.gauges();
     assert_eq!(g.kv_imports.load(std::sync::atomic::Ordering::Relaxed), 3);
-    assert_eq!(g.kv_exposed_us.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert!(g.kv_exposed_us.load(std::sync::atomic::Ordering::Relaxed) > 0);
 }
 
 #[test]

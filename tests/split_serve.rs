@@ -125,3 +125,38 @@ fn killed_workers_end_their_requests_clearly_and_the_router_serves_on() {
     assert_eq!(d2.metric("weir_running_sequences"), 0.0);
     drop(d2);
 }
+
+#[test]
+fn the_mixed_pool_takes_requests_past_the_threshold_and_when_a_pool_is_down() {
+    let model = fixture("tiny-llama");
+    let (p, d, m) = (prefill(&model), decode(&model), Served::start(&model, &[]));
+    let body = json!({"prompt": [1, 54, 74, 71, 287, 290], "max_tokens": 6, "temperature": 0}).to_string();
+    let want = text_of(&m.post("/v1/completions", &body).json());
+    let generated = |s: &Served| s.metric("weir_generated_tokens_total");
+    // A high threshold: the split pools take it.
+    let router = Served::route_with(&[&p], &[&d], &[&m], &["--mixed-threshold", "100000"]);
+    let before = generated(&m);
+    assert_eq!(text_of(&router.post("/v1/completions", &body).json()), want);
+    assert_eq!(generated(&m), before, "the mixed worker ran nothing");
+    assert!(generated(&d) > 0.0);
+    // Threshold 0: every prefill queue has passed it, the mixed worker runs the request whole.
+    let router = Served::route_with(&[&p], &[&d], &[&m], &["--mixed-threshold", "0"]);
+    let (before, decoded) = (generated(&m), generated(&d));
+    assert_eq!(text_of(&router.post("/v1/completions", &body).json()), want);
+    assert_eq!(generated(&m), before + 6.0);
+    assert_eq!(generated(&d), decoded);
+    // The prefill pool down: the health checks take it out without a request failing first,
+    // and the mixed pool serves.
+    let router = Served::route_with(&[&p], &[&d], &[&m], &["--mixed-threshold", "100000"]);
+    drop(p);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while router.get("/health").json()["prefill"][0]["up"] != false && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(router.get("/health").json()["prefill"][0]["up"], false, "taken out by the health check");
+    let r = router.post(
+        "/v1/completions",
+        &json!({"prompt": [1, 54, 74, 71, 287, 290], "max_tokens": 6, "temperature": 0, "stream": true}).to_string(),
+    );
+    assert_eq!(streamed_text(&r.events()), want);
+}

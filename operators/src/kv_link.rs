@@ -30,8 +30,11 @@ pub enum KvMsg {
     /// then its values, each `[len, kv_heads·head_dim]` in the cache's element type
     /// (little-endian bytes).
     Rows { handle: u64, node: String, start: u32, len: u32, keys: Vec<u8>, values: Vec<u8> },
-    /// The prompt is done: its length, and the first token, sampled by the prefill worker.
-    First { handle: u64, prompt_len: u32, token: u32 },
+    /// The prompt is done: its length, and the first token, sampled by the prefill worker at
+    /// `sampled_unix_ns` (its wall clock: the decode worker measures the transfer's time past
+    /// the prefill against it, which means something where both share a clock — one box, or
+    /// synchronised ones).
+    First { handle: u64, prompt_len: u32, token: u32, sampled_unix_ns: u64 },
     /// The prefill failed: the decode worker ends the request with this reason.
     Abort { handle: u64, reason: String },
 }
@@ -43,6 +46,11 @@ impl KvMsg {
             KvMsg::Rows { handle, .. } | KvMsg::First { handle, .. } | KvMsg::Abort { handle, .. } => *handle,
         }
     }
+}
+
+/// Now, in nanoseconds since the UNIX epoch.
+pub fn unix_ns() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// The name of the KV edge in the handshake.
@@ -173,9 +181,10 @@ struct Node {
 struct Inner {
     nodes: HashMap<String, Node>,
     first: Option<(usize, u32)>,
-    /// When the first token came (the prefill's end), and when the last row did.
-    first_at: Option<std::time::Instant>,
-    last_row_at: Option<std::time::Instant>,
+    /// When the prefill worker sampled the first token, and when the import became ready
+    /// (UNIX ns, wall clock).
+    sampled_at: Option<u64>,
+    ready_at: Option<u64>,
     failed: Option<String>,
     bytes: u64,
     peer: Option<String>,
@@ -218,8 +227,8 @@ impl KvImport {
         let inner = Inner {
             nodes: nodes.iter().map(|(n, _)| (n.clone(), Node::default())).collect(),
             first: None,
-            first_at: None,
-            last_row_at: None,
+            sampled_at: None,
+            ready_at: None,
             failed: None,
             bytes: 0,
             peer: None,
@@ -269,11 +278,12 @@ impl KvImport {
         self.lock().bytes
     }
 
-    /// How long rows kept coming after the first token had (the transfer's time beyond the
-    /// end of prefill: zero when every row came first); `None` before both have come.
+    /// From the prefill worker's first token to the import's being ready here: the KV
+    /// transfer's time past the end of prefill (and the first token's trip); `None` before it
+    /// is ready.
     pub fn exposed(&self) -> Option<std::time::Duration> {
         let g = self.lock();
-        Some(g.last_row_at?.saturating_duration_since(g.first_at?))
+        Some(std::time::Duration::from_nanos(g.ready_at?.saturating_sub(g.sampled_at?)))
     }
 
     /// The peer the rows come from (after the first message).
@@ -288,10 +298,10 @@ impl KvImport {
             KvMsg::Rows { node, start, len, keys, values, .. } => {
                 self.write(peer, &node, start as usize, len as usize, &keys, &values)
             }
-            KvMsg::First { prompt_len, token, .. } => {
+            KvMsg::First { prompt_len, token, sampled_unix_ns, .. } => {
                 let mut g = self.lock();
                 g.first = Some((prompt_len as usize, token));
-                g.first_at = Some(std::time::Instant::now());
+                g.sampled_at = Some(sampled_unix_ns);
                 Ok(())
             }
             KvMsg::Abort { reason, .. } => Err(format!("the prefill worker {peer} failed: {reason}")),
@@ -299,7 +309,11 @@ impl KvImport {
         if let Err(e) = result {
             self.fail_quietly(e);
         }
-        if self.state() != before {
+        let after = self.state();
+        if after != before {
+            if let ImportState::Ready { .. } = after {
+                self.lock().ready_at = Some(unix_ns());
+            }
             self.changed();
         }
     }
@@ -374,7 +388,6 @@ impl KvImport {
         }
         n.rows += len;
         g.bytes += (keys.len() + values.len()) as u64;
-        g.last_row_at = Some(std::time::Instant::now());
         Ok(())
     }
 
@@ -518,7 +531,7 @@ mod tests {
                 import.take_msg("peer", msg);
                 assert_eq!(import.state(), ImportState::Pending, "no first token yet");
             }
-            import.take_msg("peer", KvMsg::First { handle: 42, prompt_len: 37, token: 3 });
+            import.take_msg("peer", KvMsg::First { handle: 42, prompt_len: 37, token: 3, sampled_unix_ns: unix_ns() });
             assert_eq!(import.state(), ImportState::Ready { prompt_len: 37, first: 3 });
             assert_eq!(import.bytes() as usize, sent);
             assert_eq!(sent, 2 * 37 * kvd * ty.size());

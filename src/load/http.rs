@@ -59,6 +59,15 @@ impl Response {
 
 /// `POST url.prefix + path` with a JSON body, on a connection of its own (closed after).
 pub fn post_json(url: &Url, path: &str, body: &str, timeout: Duration) -> io::Result<Response> {
+    send(url, "POST", path, body, timeout)
+}
+
+/// `GET url.prefix + path`, on a connection of its own (closed after).
+pub fn get(url: &Url, path: &str, timeout: Duration) -> io::Result<Response> {
+    send(url, "GET", path, "", timeout)
+}
+
+fn send(url: &Url, method: &str, path: &str, body: &str, timeout: Duration) -> io::Result<Response> {
     let addr = (url.host.as_str(), url.port)
         .to_socket_addrs()?
         .next()
@@ -67,7 +76,7 @@ pub fn post_json(url: &Url, path: &str, body: &str, timeout: Duration) -> io::Re
     conn.set_read_timeout(Some(timeout))?;
     conn.set_nodelay(true)?;
     let head = format!(
-        "POST {}{path} HTTP/1.1\r\nHost: {}:{}\r\nContent-Type: application/json\r\nAccept: text/event-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "{method} {}{path} HTTP/1.1\r\nHost: {}:{}\r\nContent-Type: application/json\r\nAccept: text/event-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         url.prefix,
         url.host,
         url.port,

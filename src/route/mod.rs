@@ -42,7 +42,15 @@ struct Worker {
 pub struct Router {
     prefill: Mutex<Vec<Worker>>,
     decode: Mutex<Vec<Worker>>,
+    /// Workers that run whole requests (`weir serve`, role mixed).
+    mixed: Mutex<Vec<Worker>>,
+    /// Prompt tokens pending at the least loaded prefill worker past which a request goes to
+    /// the mixed pool instead (Splitwise's pool rebalancing).
+    threshold: usize,
 }
+
+/// Seconds between health checks of every worker.
+pub const HEALTH_EVERY: Duration = Duration::from_secs(2);
 
 fn pool(urls: &[Url]) -> Mutex<Vec<Worker>> {
     Mutex::new(urls.iter().map(|u| Worker { url: u.clone(), load: 0, down_until: None }).collect())
@@ -68,12 +76,53 @@ fn error(status: u16, message: String) -> HttpResponse {
 }
 
 impl Router {
-    /// A router over these workers (at least one of each).
-    pub fn new(prefill: &[Url], decode: &[Url]) -> std::result::Result<Router, String> {
-        if prefill.is_empty() || decode.is_empty() {
-            return Err("a router needs at least one --prefill and one --decode worker".into());
+    /// A router over these workers: prefill and decode workers (at least one of each), or
+    /// mixed ones, or both; requests go to a mixed worker whole when no prefill or decode
+    /// worker is up, or when the least loaded prefill worker has `threshold` prompt tokens
+    /// pending.
+    pub fn new(
+        prefill: &[Url],
+        decode: &[Url],
+        mixed: &[Url],
+        threshold: usize,
+    ) -> std::result::Result<Router, String> {
+        if (prefill.is_empty() || decode.is_empty()) && mixed.is_empty() {
+            return Err("a router needs a --prefill and a --decode worker, or a --mixed one".into());
         }
-        Ok(Router { prefill: pool(prefill), decode: pool(decode) })
+        Ok(Router { prefill: pool(prefill), decode: pool(decode), mixed: pool(mixed), threshold })
+    }
+
+    /// Whether a request goes to the mixed pool: there is one, and the split pools are down or
+    /// the prefill queue has passed the threshold.
+    fn wants_mixed(&self) -> bool {
+        let now = Instant::now();
+        let least = |p: &Mutex<Vec<Worker>>| {
+            let p = p.lock().unwrap_or_else(|e| e.into_inner());
+            p.iter().filter(|w| w.down_until.is_none_or(|t| t <= now)).map(|w| w.load).min()
+        };
+        if least(&self.mixed).is_none() {
+            return false;
+        }
+        match (least(&self.prefill), least(&self.decode)) {
+            (Some(pending), Some(_)) => pending >= self.threshold,
+            _ => true,
+        }
+    }
+
+    /// Asks every worker's `/health`; one that answers is up, one that does not is out.
+    fn check_health(&self) {
+        for pool in [&self.prefill, &self.decode, &self.mixed] {
+            let urls: Vec<Url> = pool.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|w| w.url.clone()).collect();
+            for (i, url) in urls.iter().enumerate() {
+                let up = crate::load::http::get(url, "/health", Duration::from_secs(2)).is_ok_and(|r| r.status == 200);
+                let mut p = pool.lock().unwrap_or_else(|e| e.into_inner());
+                let was_up = p[i].down_until.is_none_or(|t| t <= Instant::now());
+                p[i].down_until = if up { None } else { Some(Instant::now() + Duration::from_secs(DOWN_SECONDS)) };
+                if was_up != up {
+                    tracing::warn!("worker {url} is {}", if up { "back" } else { "not answering: taken out" });
+                }
+            }
+        }
     }
 
     /// Mounts the OpenAI routes on an actix app.
@@ -124,7 +173,9 @@ async fn health(router: web::Data<Router>) -> HttpResponse {
             .map(|w| json!({"url": w.url.to_string(), "load": w.load, "up": w.down_until.is_none_or(|t| t <= now)}))
             .collect()
     };
-    HttpResponse::Ok().json(json!({"status": "ok", "prefill": list(&router.prefill), "decode": list(&router.decode)}))
+    HttpResponse::Ok().json(json!({
+        "status": "ok", "prefill": list(&router.prefill), "decode": list(&router.decode), "mixed": list(&router.mixed),
+    }))
 }
 
 /// A reservation at a decode worker: its index, the handle, the reservation's answer.
@@ -219,6 +270,9 @@ async fn route(router: web::Data<Router>, body: web::Bytes, path: &'static str) 
         .ok()
         .and_then(|v| v.get("stream").and_then(Value::as_bool))
         .unwrap_or(false);
+    if router.wants_mixed() {
+        return whole_on_mixed(router, body, path, stream).await;
+    }
     let r = router.clone();
     let reserved = match web::block(move || reserve(&r, &body, path)).await {
         Ok(Ok(x)) => Arc::new(x),
@@ -246,28 +300,64 @@ async fn route(router: web::Data<Router>, body: web::Bytes, path: &'static str) 
         }
         Err(e) => return error(500, e.to_string()),
     };
-    relay(router, reserved, resp, stream).await
+    let url = reserved.url.clone();
+    let finish = move |whole: bool| Router::done(&router.decode, reserved.decode, reserved.kv, whole);
+    relay(resp, stream, url, finish).await
+}
+
+/// Tokens a request will hold, roughly, before it is tokenized: its prompt's ids, or a token
+/// per four bytes of text, and its output.
+fn estimate(body: &str) -> usize {
+    let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    let prompt = match v.get("prompt") {
+        Some(Value::Array(ids)) => ids.len(),
+        _ => body.len() / 4,
+    };
+    prompt + v.get("max_tokens").or(v.get("max_completion_tokens")).and_then(Value::as_u64).unwrap_or(16) as usize
+}
+
+/// A request run whole by the least loaded mixed worker that answers.
+async fn whole_on_mixed(router: web::Data<Router>, body: String, path: &'static str, stream: bool) -> HttpResponse {
+    let load = estimate(&body);
+    let mut tried = Vec::new();
+    loop {
+        let Some((i, url)) = Router::pick(&router.mixed, load, &tried) else {
+            return error(503, "no worker can be reached".into());
+        };
+        tried.push(i);
+        let (u, b) = (url.clone(), body.clone());
+        match web::block(move || post_json(&u, &format!("/v1/{path}"), &b, PATIENCE)).await {
+            Ok(Ok(resp)) => {
+                let r = router.clone();
+                return relay(resp, stream, url, move |whole| Router::done(&r.mixed, i, load, whole)).await;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!("mixed worker {url}: {e}");
+                Router::done(&router.mixed, i, load, false);
+            }
+            Err(e) => return error(500, e.to_string()),
+        }
+    }
 }
 
 /// Hands the decode worker's response to the client: a whole one when it is whole (a 502 if
 /// the decode worker stopped before), a stream as it comes (ending with an error event if the
 /// decode worker stopped mid-stream). A client that goes away closes the decode worker's
 /// response, which ends the sequence there.
-async fn relay(router: web::Data<Router>, res: Arc<Reserved>, mut resp: Response, stream: bool) -> HttpResponse {
+async fn relay(mut resp: Response, stream: bool, url: Url, finish: impl FnOnce(bool) + Send + 'static) -> HttpResponse {
     use std::io::{BufRead, Read};
     if !stream {
         let status = resp.status;
-        let (r, res2) = (router.clone(), res.clone());
         let read = web::block(move || {
             let mut body = Vec::new();
             let got = resp.body.read_to_end(&mut body).map(|_| body);
-            Router::done(&r.decode, res2.decode, res2.kv, got.is_ok());
+            finish(got.is_ok());
             got
         })
         .await;
         return match read {
             Ok(Ok(body)) => Answer(status, String::from_utf8_lossy(&body).into_owned()).respond(),
-            Ok(Err(e)) => error(502, format!("decode worker {} stopped mid-response: {e}", res.url)),
+            Ok(Err(e)) => error(502, format!("worker {url} stopped mid-response: {e}")),
             Err(e) => error(500, e.to_string()),
         };
     }
@@ -294,11 +384,11 @@ async fn relay(router: web::Data<Router>, res: Arc<Reserved>, mut resp: Response
             text.contains("data: [DONE]") || text.rsplit("data: ").next().is_some_and(|e| e.contains("\"error\""));
         if !whole && !tx.is_closed() {
             let why = end.unwrap_or_else(|| "the connection closed".into());
-            let msg = format!("decode worker {} stopped mid-response: {why}", res.url);
+            let msg = format!("worker {url} stopped mid-response: {why}");
             let body = json!({"error": {"message": msg, "type": "server_error", "param": null, "code": null}});
             let _ = tx.blocking_send(web::Bytes::from(format!("data: {body}\n\n")));
         }
-        Router::done(&router.decode, res.decode, res.kv, whole);
+        finish(whole);
     });
     let body = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, actix_web::Error>(b), rx))
@@ -314,6 +404,14 @@ pub fn run(router: Router, addr: (&str, u16)) -> std::io::Result<()> {
     let data = web::Data::new(router);
     let (host, port) = (addr.0.to_string(), addr.1);
     actix_web::rt::System::new().block_on(async move {
+        let checked = data.clone();
+        actix_web::rt::spawn(async move {
+            loop {
+                actix_web::rt::time::sleep(HEALTH_EVERY).await;
+                let r = checked.clone();
+                let _ = web::block(move || r.check_health()).await;
+            }
+        });
         let http =
             actix_web::HttpServer::new(move || actix_web::App::new().configure(|c| Router::configure(c, data.clone())))
                 .bind((host.as_str(), port))?;

@@ -26,10 +26,22 @@ impl Served {
 
     /// `weir route --port 0 --prefill URLS --decode URLS`, once it listens.
     pub fn route(prefill: &[&Served], decode: &[&Served]) -> Served {
+        Served::route_with(prefill, decode, &[], &[])
+    }
+
+    /// `weir route` with mixed workers too, and more flags.
+    pub fn route_with(prefill: &[&Served], decode: &[&Served], mixed: &[&Served], args: &[&str]) -> Served {
         let urls =
             |s: &[&Served]| s.iter().map(|s| format!("http://127.0.0.1:{}", s.port)).collect::<Vec<_>>().join(",");
-        let (p, d) = (urls(prefill), urls(decode));
-        Served::run(&["route", "--port", "0", "--prefill", &p, "--decode", &d], "weir route")
+        let (p, d, m) = (urls(prefill), urls(decode), urls(mixed));
+        let mut all = vec!["route", "--port", "0"];
+        for (flag, v) in [("--prefill", &p), ("--decode", &d), ("--mixed", &m)] {
+            if !v.is_empty() {
+                all.extend([flag, v.as_str()]);
+            }
+        }
+        all.extend_from_slice(args);
+        Served::run(&all, "weir route")
     }
 
     /// `weir ARGS…`, once it says `WHAT: listening on http://…`.

@@ -7,11 +7,19 @@ use weir::load::http::Url;
 #[derive(Args)]
 pub struct RouteArgs {
     /// Prefill workers (`weir serve --role prefill`), comma-separated: http://HOST:PORT,…
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(long, value_delimiter = ',')]
     prefill: Vec<Url>,
     /// Decode workers (`weir serve --role decode`), comma-separated: http://HOST:PORT,…
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(long, value_delimiter = ',')]
     decode: Vec<Url>,
+    /// Mixed workers (`weir serve`), comma-separated: they run whole requests when the prefill
+    /// queue passes --mixed-threshold, or when no prefill or decode worker is up.
+    #[arg(long, value_delimiter = ',')]
+    mixed: Vec<Url>,
+    /// Prompt tokens pending at the least loaded prefill worker past which requests go to the
+    /// mixed pool.
+    #[arg(long, default_value_t = 4096)]
+    mixed_threshold: usize,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -21,7 +29,8 @@ pub struct RouteArgs {
 }
 
 pub fn route(a: RouteArgs) -> Result<()> {
-    let router = weir::route::Router::new(&a.prefill, &a.decode).map_err(anyhow::Error::msg)?;
+    let router =
+        weir::route::Router::new(&a.prefill, &a.decode, &a.mixed, a.mixed_threshold).map_err(anyhow::Error::msg)?;
     weir::route::run(router, (&a.host, a.port)).with_context(|| format!("--host {} --port {}", a.host, a.port))?;
     eprintln!("weir route: stopped");
     Ok(())
