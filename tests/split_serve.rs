@@ -160,3 +160,59 @@ fn the_mixed_pool_takes_requests_past_the_threshold_and_when_a_pool_is_down() {
     );
     assert_eq!(streamed_text(&r.events()), want);
 }
+
+/// Stops a served process with SIGTERM and waits for it (it writes its trace on the way out).
+fn stop(mut s: Served) {
+    let mut child = s.child.take().unwrap();
+    // SAFETY: a plain signal to a child process this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn a_split_runs_trace_puts_prefill_kv_sends_and_decode_on_one_timeline() {
+    let model = fixture("tiny-llama");
+    let dir = tmpdir("split-trace");
+    let (pt, dt, merged) = (dir.join("prefill.json"), dir.join("decode.json"), dir.join("split.json"));
+    let p = Served::start(&model, &["--role", "prefill", "--max-pass-tokens", "8", "--trace", pt.to_str().unwrap()]);
+    let d = Served::start(&model, &["--role", "decode", "--trace", dt.to_str().unwrap()]);
+    let router = Served::route(&[&p], &[&d]);
+    let body =
+        json!({"prompt": [1, 54, 74, 71, 287, 290, 33, 12, 9, 100, 200, 300], "max_tokens": 8, "temperature": 0});
+    assert_eq!(router.post("/v1/completions", &body.to_string()).status, 200);
+    drop(router);
+    stop(p);
+    stop(d);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["trace", "merge", pt.to_str().unwrap(), dt.to_str().unwrap(), "-o", merged.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let t = weir::Trace::from_chrome_json(&std::fs::read_to_string(&merged).unwrap()).unwrap();
+    use weir_runtime::Event;
+    let lanes: std::collections::HashMap<u32, String> = t
+        .events
+        .iter()
+        .filter_map(|e| if let Event::LaneCreated { lane, name, .. } = e { Some((*lane, name.clone())) } else { None })
+        .collect();
+    let spans = |prefix: &str| -> Vec<(u64, u64)> {
+        t.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Span { lane, start_ns, dur_ns, .. } if lanes[lane].starts_with(prefix) => {
+                    Some((*start_ns, start_ns + dur_ns))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let (sends, prefill, decode) = (spans("prefill/kvnet"), spans("prefill/compute"), spans("decode/compute"));
+    assert!(!sends.is_empty() && !prefill.is_empty() && !decode.is_empty(), "{lanes:?}");
+    // One request: the KV sends start while prefill computes, and decode computes after the
+    // first of them — on the wall clock both processes share.
+    let first_send = sends.iter().map(|s| s.0).min().unwrap();
+    let last_prefill = prefill.iter().map(|s| s.1).max().unwrap();
+    let first_decode = decode.iter().map(|s| s.0).min().unwrap();
+    assert!(first_send < last_prefill, "layer by layer: sends overlap prefill");
+    assert!(first_decode > first_send, "decode ({first_decode}) after the first send ({first_send})");
+}

@@ -541,7 +541,10 @@ impl Program {
     /// The events recorded so far (empty unless tracing was on).
     pub fn trace(&self) -> Trace {
         match &self.shared.trace {
-            Some(t) => Trace { events: t.events.lock().unwrap_or_else(|p| p.into_inner()).clone() },
+            Some(t) => Trace {
+                events: t.events.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                start_unix_ns: t.start_unix_ns,
+            },
             None => Trace::default(),
         }
     }

@@ -87,7 +87,8 @@ impl Trace {
                 _ => {}
             }
         }
-        let weir = json!({"format": FORMAT, "lanes": lanes, "actors": actors, "edges": edges, "pools": pools, "end_ns": end_ns});
+        let weir = json!({"format": FORMAT, "lanes": lanes, "actors": actors, "edges": edges, "pools": pools, "end_ns": end_ns,
+            "start_unix_ns": self.start_unix_ns});
         serde_json::to_string(&json!({"traceEvents": out, "displayTimeUnit": "ms", "weir": weir})).unwrap_or_default()
     }
 
@@ -192,6 +193,7 @@ impl Trace {
                 other => return Err(format!("{what}: unknown event phase {other:?}")),
             }
         }
-        Ok(Trace { events })
+        let start_unix_ns = w.get("start_unix_ns").and_then(Value::as_u64).unwrap_or(0);
+        Ok(Trace { events, start_unix_ns })
     }
 }

@@ -193,6 +193,7 @@ mod tests {
                 },
                 Event::Span { lane: 0, actor: 0, kind: SpanKind::Compute, start_ns: 1000, dur_ns: 500, bytes: 64 },
             ],
+            start_unix_ns: 0,
         };
         let html = render(&t, "test");
         assert!(

@@ -8,9 +8,11 @@
 //! * [`summary`] — per-lane utilisation, per-operator time, lane overlap, link bandwidth,
 //!   channel occupancy.
 //! * [`html`] — one self-contained HTML timeline with the summary.
+//! * [`merge`] — traces of several processes (a prefill and a decode worker) on one timeline.
 
 pub mod chrome;
 pub mod html;
+pub mod merge;
 pub mod summary;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -59,13 +61,22 @@ pub enum Event {
 /// Where a program's events collect. Recording is off unless the builder turned it on.
 pub(crate) struct TraceSink {
     pub(crate) start: Instant,
+    /// `start` on the wall clock, in nanoseconds since the UNIX epoch.
+    pub(crate) start_unix_ns: u64,
     pub(crate) events: Mutex<Vec<Event>>,
     pub(crate) enabled: AtomicBool,
 }
 
 impl TraceSink {
     pub(crate) fn new() -> TraceSink {
-        TraceSink { start: Instant::now(), events: Mutex::new(Vec::new()), enabled: AtomicBool::new(false) }
+        let start_unix_ns =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        TraceSink {
+            start: Instant::now(),
+            start_unix_ns,
+            events: Mutex::new(Vec::new()),
+            enabled: AtomicBool::new(false),
+        }
     }
     pub(crate) fn on(&self) -> bool {
         self.enabled.load(Ordering::Relaxed)
@@ -84,6 +95,9 @@ impl TraceSink {
 #[derive(Debug, Clone, Default)]
 pub struct Trace {
     pub events: Vec<Event>,
+    /// When the program started (its events' time 0) on the wall clock, in nanoseconds since
+    /// the UNIX epoch; 0 where unknown. Lines up traces of several processes ([`merge`]).
+    pub start_unix_ns: u64,
 }
 
 impl Trace {

@@ -356,7 +356,7 @@ mod tests {
         ev.push(Event::ChannelLevel { edge: 0, t_ns: 50, level: 2 });
         ev.push(Event::PoolPeak { pool: "host".into(), tier: "Host".into(), budget: Some(1000), peak: 900 });
         ev.push(Event::PoolPeak { pool: "kv".into(), tier: "Host".into(), budget: None, peak: 300 });
-        Trace { events: ev }
+        Trace { events: ev, start_unix_ns: 0 }
     }
 
     #[test]

@@ -9,6 +9,7 @@ use weir_graphs::place::experts::{ExpertBudget, ExpertPlacement, Twins};
 
 mod load;
 mod route;
+mod trace;
 
 #[derive(Parser)]
 #[command(name = "weir", version, about = "Run large language models on every device of one machine")]
@@ -38,7 +39,7 @@ enum Cmd {
     Graph(GraphCmd),
     /// Read a trace written by `--trace`.
     #[command(subcommand)]
-    Trace(TraceCmd),
+    Trace(trace::TraceCmd),
     /// Measure a GPU.
     #[command(subcommand)]
     Gpu(GpuCmd),
@@ -62,26 +63,6 @@ enum GpuCmd {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
-    },
-}
-
-#[derive(Subcommand)]
-enum TraceCmd {
-    /// Per-lane utilisation, per-operator time, lane overlap, link bandwidth, channel occupancy.
-    Summary {
-        /// A trace file written by `weir run --trace`.
-        trace: PathBuf,
-        /// Print one JSON object instead of tables.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Write one self-contained HTML timeline with the summary.
-    Html {
-        /// A trace file written by `weir run --trace`.
-        trace: PathBuf,
-        /// The HTML file to write.
-        #[arg(short = 'o', long = "out")]
-        out: PathBuf,
     },
 }
 
@@ -261,6 +242,10 @@ struct ServeArgs {
     /// A decode worker's address for prefill workers' KV caches (HOST:PORT, port 0 for any; unix:PATH).
     #[arg(long, default_value = "127.0.0.1:0")]
     kv_listen: String,
+    /// Write a Chrome trace-event file of the run when the server stops (`weir trace merge`
+    /// puts a split deployment's workers on one timeline).
+    #[arg(long)]
+    trace: Option<PathBuf>,
     /// A prefill worker sends the KV cache of prompts shorter than this in one transfer after
     /// prefill, longer ones layer by layer while it runs.
     #[arg(long, default_value_t = weir::options::KV_BULK_BELOW)]
@@ -390,7 +375,7 @@ fn main() {
         Cmd::Load(a) => load::load(a),
         Cmd::Route(a) => route::route(a),
         Cmd::Graph(g) => graph(g),
-        Cmd::Trace(t) => trace(t),
+        Cmd::Trace(t) => trace::trace(t),
         Cmd::Gpu(g) => gpu(g),
     };
     if let Err(e) = r {
@@ -586,6 +571,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         max_batch: a.max_batch,
         role,
         kv_bulk_below: a.kv_bulk_below,
+        trace: a.trace.is_some(),
         ..a.place.engine_options(a.threads, None)?
     };
     opts.check()?;
@@ -601,32 +587,12 @@ fn serve(a: ServeArgs) -> Result<()> {
     let server = weir::serve::run(server, (&a.host, a.port), timeout)
         .with_context(|| format!("--host {} --port {}", a.host, a.port))?;
     eprintln!("weir serve: stopped");
-    server.shutdown()?;
-    Ok(())
-}
-
-fn read_trace(path: &Path) -> Result<weir::Trace> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
-    weir::Trace::from_chrome_json(&text).map_err(|e| anyhow!("{}: {e}", path.display()))
-}
-
-fn trace(cmd: TraceCmd) -> Result<()> {
-    match cmd {
-        TraceCmd::Summary { trace, json } => {
-            let s = weir_runtime::Summary::of(&read_trace(&trace)?);
-            if json {
-                println!("{}", serde_json::to_string(&s)?);
-            } else {
-                print!("{}", s.to_text());
-            }
-        }
-        TraceCmd::Html { trace, out } => {
-            let t = read_trace(&trace)?;
-            let html = weir_runtime::trace::html::render(&t, &trace.display().to_string());
-            std::fs::write(&out, html).with_context(|| format!("-o {}", out.display()))?;
-            eprintln!("wrote {} ({} spans)", out.display(), t.spans());
-        }
+    if let Some(path) = &a.trace {
+        let t = server.engine().trace();
+        std::fs::write(path, t.to_chrome_json()).with_context(|| format!("--trace {}", path.display()))?;
+        eprintln!("weir serve: trace written to {} ({} spans)", path.display(), t.spans());
     }
+    server.shutdown()?;
     Ok(())
 }
 
