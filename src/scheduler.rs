@@ -488,12 +488,14 @@ impl Scheduler {
             }
             let _ = a.events.send(Event::Failed(msg.clone()));
         }
-        for (_, _, events, _, _) in s.waiting.drain(..) {
+        for (_, _, events, _, phase) in s.waiting.drain(..) {
             self.unqueue();
+            abort(&phase, &msg);
             let _ = events.send(Event::Failed(msg.clone()));
         }
         while let Ok(cmd) = self.cmds.try_recv() {
-            if let Cmd::Submit(_, _, events, _) = cmd {
+            if let Cmd::Submit(_, _, events, phase) = cmd {
+                abort(&phase, &msg);
                 self.unqueue();
                 let _ = events.send(Event::Failed(msg.clone()));
             }

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::request::{Generation, Request};
 use crate::scheduler::Phase;
 use std::sync::Arc;
-use weir_operators::kv_link::{kv_fingerprint, KvImport, KvMsg, KvRoute, KV_EDGE};
+use weir_operators::kv_link::{kv_fingerprint, KvImport, KvLink, KvMsg, KvRoute, KV_EDGE};
 use weir_operators::OpConfig;
 use weir_runtime::remote::{Hello, RemoteListener, RemoteTx, Server};
 
@@ -118,22 +118,44 @@ impl Engine {
     /// Prefills `req` here and sends its KV cache, layer by layer, and its first token to the
     /// decode worker at `addr`, which knows the request as `handle`. Its events here: the first
     /// token, then `Done` (or why it failed).
-    pub fn prefill_to(&self, mut req: Request, addr: &str, handle: u64) -> Result<Generation> {
+    pub fn prefill_to(&self, req: Request, addr: &str, handle: u64) -> Result<Generation> {
         if !self.exports_kv() {
             return Err(Error::Request(
                 "this engine does not export its KV cache: build it as a prefill worker (--role prefill)".into(),
             ));
         }
-        let tx = self.kv_connect(addr)?;
+        let link = KvLink::Remote(self.kv_connect(addr)?);
+        self.prefill_over(req, link, handle)
+    }
+
+    /// Prefills `req` here and writes its KV cache, layer by layer, straight into `decode`'s
+    /// pool, where it waits as `handle` ([`Engine::expect_kv`]): the split inside one box,
+    /// between two engines on different lanes (each from its graph file). Refused naming both
+    /// when the engines' attention nodes or cache types differ.
+    pub fn prefill_into(&self, req: Request, decode: &Engine, handle: u64) -> Result<Generation> {
+        let (mine, theirs) = (self.kv_fingerprint(), decode.kv_fingerprint());
+        if mine != theirs {
+            return Err(Error::Request(format!(
+                "the prefill engine's KV cache ({mine}) is not the decode engine's ({theirs})"
+            )));
+        }
+        if !self.exports_kv() {
+            return Err(Error::Request(
+                "this engine does not export its KV cache: build it as a prefill worker (--role prefill)".into(),
+            ));
+        }
+        self.prefill_over(req, KvLink::Local(decode.sched.imports.clone()), handle)
+    }
+
+    fn prefill_over(&self, mut req: Request, link: KvLink, handle: u64) -> Result<Generation> {
         let route = match req.prompt.len() < self.kv_bulk_below {
             true => {
-                KvRoute::bulk(tx, handle, weir_graphs::place::kv_export::attention_nodes(&self.placed.graph).0.len())
+                KvRoute::bulk(link, handle, weir_graphs::place::kv_export::attention_nodes(&self.placed.graph).0.len())
             }
-            false => KvRoute::new(tx, handle),
+            false => KvRoute::new(link, handle),
         };
-        let route = Arc::new(route);
         req.max_new_tokens = 1;
-        self.submit_phase(req, Phase::Prefill(route))
+        self.submit_phase(req, Phase::Prefill(Arc::new(route)))
     }
 }
 

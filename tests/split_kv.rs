@@ -198,3 +198,46 @@ fn mismatched_and_missing_peers_are_refused_by_name() {
     let e = decode.prefill_to(req, listener.addr(), 1).err().unwrap().to_string();
     assert!(e.contains("--role prefill"), "{e}");
 }
+
+/// The example graph files of the split inside one box, their cores set to this machine's
+/// first and last (the same one where there is only one).
+fn split_graphs() -> (String, String) {
+    let cpus = weir_runtime::lane::allowed_cpus();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/graphs");
+    let read = |name: &str, cores: &str, cpu: usize| {
+        let text = std::fs::read_to_string(dir.join(name)).unwrap();
+        assert!(text.contains(cores), "{name} places its compute lane with {cores}");
+        text.replace(cores, &format!("cores={cpu}"))
+    };
+    (read("split-prefill.weir", "cores=0", cpus[0]), read("split-decode.weir", "cores=1", *cpus.last().unwrap()))
+}
+
+#[test]
+fn the_split_inside_one_box_from_graph_files_gives_the_golden_tokens() {
+    let model = Model::open(fixture("tiny-llama")).unwrap();
+    let (p, d) = split_graphs();
+    let graph = |text: String, name: &str| Some((text, name.to_string()));
+    let prefill = Engine::new(
+        &model,
+        EngineOptions { graph: graph(p, "split-prefill.weir"), max_pass_tokens: 8, ..Default::default() },
+    )
+    .unwrap();
+    let decode =
+        Engine::new(&model, EngineOptions { graph: graph(d, "split-decode.weir"), ..Default::default() }).unwrap();
+    assert!(prefill.exports_kv(), "the graph file writes its kv_send nodes");
+    let mut tokens = 0;
+    for p in golden("tiny-llama")["prompts"].as_array().unwrap() {
+        let (prompt, want) = (ids(&p["input_ids"]), ids(&p["greedy"]["new_ids"]));
+        tokens += prompt.len() as u64;
+        let req = Request::greedy(prompt, want.len());
+        let (handle, gen) = decode.expect_kv(req.clone()).unwrap();
+        prefill.prefill_into(req, &decode, handle).unwrap().wait().unwrap();
+        assert_eq!(gen.wait().unwrap().tokens, want);
+    }
+    assert_eq!(decode.kv_bytes_received(), tokens * kv_bytes_per_position(&decode));
+    // A decode engine whose cache is another type is refused, naming both.
+    let bf16 = Engine::new(&model, EngineOptions { kv_dtype: weir::KvType::Bf16, ..Default::default() }).unwrap();
+    let (handle, _gen) = bf16.expect_kv(Request::greedy(vec![1, 2], 2)).unwrap();
+    let e = prefill.prefill_into(Request::greedy(vec![1, 2], 2), &bf16, handle).err().unwrap().to_string();
+    assert!(e.contains("kv=f32") && e.contains("kv=bf16"), "{e}");
+}

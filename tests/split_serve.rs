@@ -216,3 +216,31 @@ fn a_split_runs_trace_puts_prefill_kv_sends_and_decode_on_one_timeline() {
     assert!(first_send < last_prefill, "layer by layer: sends overlap prefill");
     assert!(first_decode > first_send, "decode ({first_decode}) after the first send ({first_send})");
 }
+
+#[test]
+fn one_server_splits_prefill_and_decode_between_its_cores_from_graph_files() {
+    let model = fixture("tiny-llama");
+    let cpus = weir_runtime::lane::allowed_cpus();
+    let dir = tmpdir("split-graphs");
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/graphs");
+    let write = |name: &str, cores: &str, cpu: usize| {
+        let text = std::fs::read_to_string(examples.join(name)).unwrap().replace(cores, &format!("cores={cpu}"));
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let (p, d) =
+        (write("split-prefill.weir", "cores=0", cpus[0]), write("split-decode.weir", "cores=1", *cpus.last().unwrap()));
+    let split = Served::start(&model, &["--graph", &d, "--split-prefill-graph", &p]);
+    let colocated = Served::start(&model, &[]);
+    for prompt in golden("tiny-llama")["prompts"].as_array().unwrap() {
+        let n = ids(&prompt["greedy"]["new_ids"]).len();
+        let body = json!({"prompt": ids(&prompt["input_ids"]), "max_tokens": n, "temperature": 0}).to_string();
+        let (want, got) =
+            (colocated.post("/v1/completions", &body).json(), split.post("/v1/completions", &body).json());
+        assert_eq!(text_of(&got), text_of(&want));
+        assert_eq!(got["usage"], want["usage"]);
+    }
+    // Every prompt's KV cache went from the prefill engine into the decoding one.
+    assert_eq!(split.metric("weir_kv_imports_total"), 3.0);
+}

@@ -71,7 +71,7 @@ pub fn kv_fingerprint(nodes: &[(String, usize)], ty: KvType) -> String {
 /// the rows are held until every attention node has the whole prompt and the first token has
 /// come, then sent together: one transfer after prefill, which can be cheaper for short prompts.
 pub struct KvRoute {
-    pub tx: Arc<RemoteTx<KvMsg>>,
+    pub tx: KvLink,
     pub handle: u64,
     failed: Mutex<Option<RemoteError>>,
     bulk: Option<Mutex<Bulk>>,
@@ -91,6 +91,37 @@ impl Bulk {
     }
 }
 
+/// Where a route's messages go: over a remote edge to another process, or straight to a decode
+/// engine's imports in this one (two engines on different lanes of one box).
+#[derive(Clone)]
+pub enum KvLink {
+    Remote(Arc<RemoteTx<KvMsg>>),
+    /// In-process: each message is written into the import as it is sent, so nothing queues
+    /// (the edge's bound is the sender's own message).
+    Local(Arc<KvImports>),
+}
+
+impl KvLink {
+    fn send(&self, msg: &KvMsg) -> Result<(), RemoteError> {
+        match self {
+            KvLink::Remote(tx) => tx.send(msg),
+            KvLink::Local(imports) => {
+                imports.deliver(LOCAL_PEER, Ok(msg.clone()));
+                Ok(())
+            }
+        }
+    }
+    fn peer(&self) -> &str {
+        match self {
+            KvLink::Remote(tx) => tx.peer(),
+            KvLink::Local(_) => LOCAL_PEER,
+        }
+    }
+}
+
+/// The peer name of an in-process KV link.
+pub const LOCAL_PEER: &str = "in-process";
+
 impl std::fmt::Debug for KvRoute {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "KvRoute(to {}, handle {})", self.tx.peer(), self.handle)
@@ -99,12 +130,12 @@ impl std::fmt::Debug for KvRoute {
 
 impl KvRoute {
     /// A route that sends each message as it comes.
-    pub fn new(tx: Arc<RemoteTx<KvMsg>>, handle: u64) -> KvRoute {
+    pub fn new(tx: KvLink, handle: u64) -> KvRoute {
         KvRoute { tx, handle, failed: Mutex::new(None), bulk: None }
     }
     /// A route that holds the rows of `nodes` attention nodes and sends them all once the
     /// prompt is done.
-    pub fn bulk(tx: Arc<RemoteTx<KvMsg>>, handle: u64, nodes: usize) -> KvRoute {
+    pub fn bulk(tx: KvLink, handle: u64, nodes: usize) -> KvRoute {
         let b = Bulk { nodes, held: Vec::new(), rows: HashMap::new(), prompt_len: None };
         KvRoute { bulk: Some(Mutex::new(b)), ..KvRoute::new(tx, handle) }
     }
@@ -479,7 +510,7 @@ mod tests {
         let hello = Hello::new(KV_EDGE, "test", 4);
         let rx = std::thread::spawn(move || l.accept::<KvMsg>(&Hello::new(KV_EDGE, "test", 4)).unwrap());
         let tx = Arc::new(RemoteTx::connect(&addr, &hello).unwrap());
-        (Arc::new(KvRoute::new(tx, 42)), rx.join().unwrap())
+        (Arc::new(KvRoute::new(KvLink::Remote(tx), 42)), rx.join().unwrap())
     }
 
     fn pass(start: usize, len: usize) -> Batch {

@@ -68,6 +68,9 @@ pub struct Server {
     parked: split::Parked,
     /// A decode worker's listener for prefill workers' KV caches.
     kv: Option<crate::split::KvListener>,
+    /// A prefill engine in this process (`--split-prefill-graph`): prompts run there, their
+    /// KV caches written straight into `engine`'s pool.
+    prefill: Option<Arc<Engine>>,
 }
 
 impl Server {
@@ -87,6 +90,7 @@ impl Server {
             started: now(),
             parked: Default::default(),
             kv: None,
+            prefill: None,
         })
     }
 
@@ -112,8 +116,11 @@ impl Server {
         &self.metrics
     }
 
-    /// Stops the engine (after the HTTP server has stopped).
+    /// Stops the engines (after the HTTP server has stopped).
     pub fn shutdown(self) -> Result<()> {
+        if let Some(p) = self.prefill.and_then(|p| Arc::try_unwrap(p).ok()) {
+            p.shutdown()?;
+        }
         self.engine.shutdown()
     }
 }
@@ -345,7 +352,7 @@ async fn respond(server: web::Data<Server>, payload: web::Payload, chat: bool) -
                 return error_response(&e);
             }
         };
-    let gen = match server.engine.submit(job.request.clone()) {
+    let gen = match server.submit(&job) {
         Ok(g) => g,
         Err(e) => {
             let (outcome, api) = submit_error(e);

@@ -19,6 +19,7 @@
 
 use super::{answer, api, error_response, read_body, submit_error, ApiError, Job, Server};
 use crate::request::{Generation, LogitsMode, Request};
+use crate::Engine;
 use actix_web::{web, HttpResponse};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -47,6 +48,35 @@ pub(super) fn configure(cfg: &mut web::ServiceConfig) {
 }
 
 impl Server {
+    /// Runs prompts on `prefill`, an engine of this process on other lanes (its graph exports
+    /// the KV cache: `--split-prefill-graph`), their KV caches written layer by layer straight
+    /// into this server's engine, which decodes: the split inside one box.
+    pub fn split_in_process(&mut self, prefill: Engine) -> crate::Result<()> {
+        let (mine, theirs) = (self.engine.kv_fingerprint(), prefill.kv_fingerprint());
+        if mine != theirs || !prefill.exports_kv() {
+            return Err(crate::Error::Request(format!(
+                "the prefill graph must export the KV cache of the same attention nodes (its: {theirs}; the decode \
+                 graph's: {mine})"
+            )));
+        }
+        self.prefill = Some(std::sync::Arc::new(prefill));
+        Ok(())
+    }
+
+    /// Submits a job: to the engine, or split between the in-process prefill engine and it.
+    pub(super) fn submit(&self, job: &Job) -> crate::Result<Generation> {
+        let Some(prefill) = &self.prefill else { return self.engine.submit(job.request.clone()) };
+        let (handle, gen) = self.engine.expect_kv(job.request.clone())?;
+        match prefill.prefill_into(job.request.clone(), &self.engine, handle) {
+            // Its events are not needed: the decode side hears of a failure through the import.
+            Ok(first) => drop_after_prefill(first),
+            Err(e) => {
+                self.engine.kv_abort(handle, &e.to_string());
+            }
+        }
+        Ok(gen)
+    }
+
     /// Takes prefill workers' KV caches at `addr` (a decode worker's `--kv-listen`).
     pub fn listen_kv(&mut self, addr: &str) -> crate::Result<&str> {
         let l = self.engine.kv_listen(addr)?;
@@ -170,4 +200,12 @@ async fn abort(server: web::Data<Server>, path: web::Path<String>, body: web::By
             message: format!("no request waits for its KV cache as {path}"),
         }),
     }
+}
+
+/// Lets a prefill run to its end without a caller: a `Generation` dropped early would cancel
+/// it, so it is waited for on actix's blocking pool.
+fn drop_after_prefill(gen: Generation) {
+    actix_web::rt::task::spawn_blocking(move || {
+        let _ = gen.wait();
+    });
 }

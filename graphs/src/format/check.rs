@@ -47,6 +47,8 @@ pub fn check(file: &File, input: &CheckInput) -> Result<Graph, Vec<Diagnostic>> 
 pub(super) enum LaneUse {
     /// Operators: a cpu or gpu lane.
     Compute,
+    /// A `kv_send`: it waits on the network, so an io lane (or a cpu lane, taking turns).
+    Send,
     /// Weights: an io, nvme or cpu lane (a cpu lane takes turns reading and computing).
     Loader,
     /// An expert store: an nvme lane (it reads with io_uring).
@@ -156,6 +158,10 @@ impl<'a> Resolver<'a> {
             LaneUse::Store => {
                 (matches!(kind, LaneKind::Nvme { .. }), "an expert store reads with io_uring, on an nvme lane")
             }
+            LaneUse::Send => (
+                matches!(kind, LaneKind::Io { .. } | LaneKind::Cpu { .. }),
+                "a kv_send waits on the network, on an io lane (or a cpu lane)",
+            ),
         };
         if !fits {
             let m = format!("lane `{}` is a {} lane, but {what}", name.0, self.graph.lanes[i].describe());
@@ -187,7 +193,11 @@ impl<'a> Resolver<'a> {
                     continue;
                 }
             };
-            let usage = if matches!(op, OpConfig::ExpertStore(_)) { LaneUse::Store } else { LaneUse::Compute };
+            let usage = match op {
+                OpConfig::ExpertStore(_) => LaneUse::Store,
+                OpConfig::KvSend(_) => LaneUse::Send,
+                _ => LaneUse::Compute,
+            };
             let placed = self.f.places.iter().rev().find(|p| {
                 p.lane.is_some()
                     && p.layers.is_none_or(|(a, b)| n.layer.is_some_and(|l| (l as i64) >= a && (l as i64) < b))

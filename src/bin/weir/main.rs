@@ -242,6 +242,11 @@ struct ServeArgs {
     /// A decode worker's address for prefill workers' KV caches (HOST:PORT, port 0 for any; unix:PATH).
     #[arg(long, default_value = "127.0.0.1:0")]
     kv_listen: String,
+    /// Split inside this process: prompts run on a second engine placed by this graph file
+    /// (its attention exporting the KV cache, its lanes on other cores), whose KV caches go
+    /// straight into the decoding engine (`examples/graphs/split-prefill.weir`).
+    #[arg(long)]
+    split_prefill_graph: Option<PathBuf>,
     /// Write a Chrome trace-event file of the run when the server stops (`weir trace merge`
     /// puts a split deployment's workers on one timeline).
     #[arg(long)]
@@ -576,9 +581,21 @@ fn serve(a: ServeArgs) -> Result<()> {
     };
     opts.check()?;
     let model = open(&a.model)?;
-    let engine = Engine::new(&model, opts)?;
+    let engine = Engine::new(&model, opts.clone())?;
     show_loading(&engine);
+    let prefill = match &a.split_prefill_graph {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("--split-prefill-graph {}", path.display()))?;
+            let graph = Some((text, path.display().to_string()));
+            Some(Engine::new(&model, EngineOptions { graph, role: weir::Role::Prefill, trace: false, ..opts })?)
+        }
+        None => None,
+    };
     let mut server = weir::serve::Server::new(model, engine, a.served_model_name)?;
+    if let Some(p) = prefill {
+        server.split_in_process(p).context("--split-prefill-graph")?;
+    }
     if role == weir::Role::Decode {
         let addr = server.listen_kv(&a.kv_listen).with_context(|| format!("--kv-listen {}", a.kv_listen))?;
         eprintln!("weir serve: taking KV caches from prefill workers at {addr}");
