@@ -538,6 +538,50 @@ fn a_trace_of_attention_on_the_cpu_shows_the_gpu_its_copy_lanes_and_the_cpu_at_w
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+#[test]
+fn a_gpu_prefill_workers_kv_cache_comes_back_to_the_host_for_its_kv_send() {
+    let model = Model::open(fixture("tiny-llama")).unwrap();
+    let (text, name) = example("llama-gpu.weir");
+    let opts = weir_graphs::PlaceOptions { export_kv: true, threads: 1, ..Default::default() };
+    let g = model.place(Some((&text, &name)), &opts).unwrap().graph;
+    let layers = model.config.num_hidden_layers;
+    let sends: Vec<usize> = (0..g.nodes.len()).filter(|&i| g.nodes[i].op.kind() == "kv_send").collect();
+    assert_eq!(sends.len(), layers);
+    for s in sends {
+        assert_eq!(g.lanes[g.nodes[s].lane].name, "kvnet");
+        // Fed by a to_host on the device's copy lane back, fed by an attention node's `kv`.
+        let into = |n: usize| g.edges.iter().find(|e| e.to.node == n).unwrap().from;
+        let t = into(s);
+        assert_eq!(g.nodes[t.node].op.kind(), "to_host");
+        assert_eq!(g.lanes[g.nodes[t.node].lane].name, "gpu0/d2h");
+        let a = into(t.node);
+        assert_eq!((g.nodes[a.node].op.kind(), a.port), ("attention", 1));
+    }
+}
+
+#[test]
+fn tiny_llama_prefilled_on_the_gpu_decodes_on_the_cpu_as_transformers() {
+    if !gpu_present() {
+        skipped("no GPU");
+        return;
+    }
+    let model = Model::open(fixture("tiny-llama")).unwrap();
+    let prefill = weir::Engine::new(
+        &model,
+        EngineOptions { role: weir::Role::Prefill, max_pass_tokens: 8, ..options("llama-gpu.weir") },
+    )
+    .unwrap();
+    let decode = weir::Engine::new(&model, EngineOptions { threads: 1, ..Default::default() }).unwrap();
+    for p in golden("tiny-llama")["prompts"].as_array().unwrap() {
+        let (prompt, want) = (ids(&p["input_ids"]), ids(&p["greedy"]["new_ids"]));
+        let req = weir::Request::greedy(prompt, want.len());
+        let (handle, gen) = decode.expect_kv(req.clone()).unwrap();
+        let first = prefill.prefill_into(req, &decode, handle).unwrap().wait().unwrap();
+        assert_eq!(first.tokens, want[..1], "the first token, sampled after the GPU's prefill");
+        assert_eq!(gen.wait().unwrap().tokens, want, "decoded on the CPU from the GPU's KV cache");
+    }
+}
+
 /// Every test above again, in a child process on the emulated CUDA device
 /// (`weir_gpu_emu`): the GPU placements' golden tests run where there is no GPU.
 #[test]

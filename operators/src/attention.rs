@@ -367,10 +367,10 @@ impl Operator<Packet> for GpuAttention {
         let (batch, q) = crate::gpu::act("q", ins.get(0), qd)?;
         let (_, k) = crate::gpu::act("k", ins.get(1), kvd)?;
         let (_, v) = crate::gpu::act("v", ins.get(2), kvd)?;
-        if self.export || !batch.imports.is_empty() {
+        if !batch.imports.is_empty() {
             return Err(OpError::new(
-                "moving KV caches between workers needs attention on a CPU lane (a GPU lane's cache cannot be \
-                 exported or imported yet)",
+                "a KV cache from a prefill worker goes to attention on a CPU lane (a GPU lane's cache cannot take \
+                 one yet)",
             ));
         }
         let stream = g.stream().clone();
@@ -453,8 +453,52 @@ impl Operator<Packet> for GpuAttention {
             }
         }
         out.send(0, Packet::DevAct { batch: batch.clone(), x: y.freeze() });
+        if self.export && !batch.export.is_empty() {
+            let rows = exported_from_gpu(g, batch, k, v, kvd, self.kv_type)?;
+            out.send(1, Packet::Kv { batch: batch.clone(), node: cx.actor.into(), rows });
+        }
         Ok(Step::Continue)
     }
+}
+
+/// The keys and values of the sequences `batch` exports, brought back from the GPU and rounded
+/// to the cache's type as `kv_store` rounds them (GPU prefill, CPU decode: the decode side
+/// takes the bytes unchanged). The one wait on the stream each exporting pass makes.
+fn exported_from_gpu(
+    g: &weir_runtime::gpu::GpuLane,
+    batch: &Batch,
+    k: &weir_runtime::gpu::DeviceTensor,
+    v: &weir_runtime::gpu::DeviceTensor,
+    kvd: usize,
+    ty: KvType,
+) -> Result<Vec<KvRows>, OpError> {
+    let host = |t: &weir_runtime::gpu::DeviceTensor| -> Result<Vec<f32>, OpError> {
+        let mut bytes = vec![0u8; t.nbytes()];
+        g.download(t, &mut bytes)?;
+        Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    };
+    let (k, v) = (host(k)?, host(v)?);
+    let round = |src: &[f32]| -> Vec<u8> {
+        match ty {
+            KvType::F32 => src.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            KvType::Bf16 | KvType::F16 => {
+                let mut d = vec![0u16; src.len()];
+                store_row(src, if ty == KvType::Bf16 { KvRowMut::Bf16(&mut d) } else { KvRowMut::F16(&mut d) });
+                d.iter().flat_map(|x| x.to_le_bytes()).collect()
+            }
+        }
+    };
+    let mut rows = Vec::new();
+    let mut row = 0;
+    for seq in &batch.seqs {
+        if let Some((_, route)) = batch.export.iter().find(|(id, _)| *id == seq.id) {
+            let span = row * kvd..(row + seq.len) * kvd;
+            let (keys, values) = (round(&k[span.clone()]), round(&v[span]));
+            rows.push(KvRows { route: route.clone(), start: seq.start, len: seq.len, keys, values });
+        }
+        row += seq.len;
+    }
+    Ok(rows)
 }
 
 #[cfg(test)]

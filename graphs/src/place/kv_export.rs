@@ -4,10 +4,10 @@
 //! soon as that layer has run (`weir_operators::kv_link`). A graph that already has its
 //! `kv_send` nodes (a printed one, or a file that places them itself) gets none added.
 //!
-//! Attention must run on CPU lanes: a GPU lane's cache cannot be exported yet; refused naming
-//! the node.
+//! Attention on a GPU lane exports too (its rows brought back to the host each exporting
+//! pass; the transfers pass puts a `to_host` on its `kv` edge): GPU prefill, CPU decode.
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::graph::{Edge, Graph, Node, Port};
 use weir_operators::{kv_send, KvType, OpConfig};
 use weir_runtime::LaneSpec;
@@ -22,13 +22,6 @@ pub fn export(g: &mut Graph) -> Result<()> {
     }
     let attention: Vec<usize> =
         (0..g.nodes.len()).filter(|&i| matches!(g.nodes[i].op, OpConfig::Attention(_))).collect();
-    if let Some(&i) = attention.iter().find(|&&i| g.lanes[g.nodes[i].lane].kind.is_gpu()) {
-        let n = &g.nodes[i];
-        return Err(Error::Placement(format!(
-            "node `{}`: a prefill worker sends its KV cache from attention on a CPU lane, and this one is on GPU lane `{}`",
-            n.name, g.lanes[n.lane].name
-        )));
-    }
     let lane = match g.lanes.iter().position(|l| l.name == KV_LANE) {
         Some(l) => l,
         None => {

@@ -13,10 +13,10 @@
 //!    host's, the GPU's, or both: FlexGen's three tiers); micro-batches share streamed weights.
 //! 4. [`loaders::assign`] — which lanes read the weights, and how (io_uring where weights
 //!    stream; on the compute lane for `--prefetch 0`).
-//! 5. [`transfers::insert`] — a `to_gpu` or `to_host` node on every edge between host and GPU
-//!    memory, on the device's copy lanes.
-//! 6. [`kv_export::export`] — a prefill worker's (`--role prefill`): attention exports its KV
+//! 5. [`kv_export::export`] — a prefill worker's (`--role prefill`): attention exports its KV
 //!    cache, a `kv_send` node per attention node sends it to the decode worker.
+//! 6. [`transfers::insert`] — a `to_gpu` or `to_host` node on every edge between host and GPU
+//!    memory, on the device's copy lanes (a GPU attention's `kv` edge too).
 //!
 //! The engine, `weir graph show|dot|check` and `WEIR_DUMP_GRAPH` all call [`place`], so what
 //! `graph show` prints is what runs: printed, and run with `--graph`, it gives the same actors.
@@ -131,12 +131,12 @@ pub fn place(
     debug(&graph, "plan memory");
     loaders::assign(&mut graph, o.loader_lanes, file.is_none(), plan.is_some(), o.prefetch);
     debug(&graph, "assign loaders");
-    transfers::insert(&mut graph)?;
-    debug(&graph, "insert transfers");
     if o.export_kv {
         kv_export::export(&mut graph)?;
         debug(&graph, "export the KV cache");
     }
+    transfers::insert(&mut graph)?;
+    debug(&graph, "insert transfers");
     let pools = memory::host_pools(&graph, &o.reserve)?;
     Ok(Placed { graph, plan, experts, pools })
 }
