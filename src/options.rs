@@ -93,6 +93,8 @@ pub struct EngineOptions {
     pub gpu_memory: Option<u64>,
     /// Which phases it runs: a prefill worker's attention exports its KV cache.
     pub role: Role,
+    /// Export the KV cache whatever the role (a mixed worker that prefills for decode workers).
+    pub export_kv: bool,
     /// A prefill worker sends the KV cache of a prompt shorter than this as one transfer
     /// after prefill, and a longer one layer by layer while it runs (see BENCHMARKS.md,
     /// phase splitting, for how the default was measured).
@@ -159,7 +161,7 @@ impl EngineOptions {
             micro_batches: self.micro_batches.max(1),
             reserve: self.reserve(max_positions),
             experts: self.experts.clone(),
-            export_kv: self.role == Role::Prefill,
+            export_kv: self.role == Role::Prefill || self.export_kv,
         }
     }
 }
@@ -185,6 +187,7 @@ impl Default for EngineOptions {
             bf16_as_f16: false,
             gpu_memory: None,
             role: Role::Mixed,
+            export_kv: false,
             kv_bulk_below: KV_BULK_BELOW,
         }
     }

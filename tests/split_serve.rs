@@ -244,3 +244,40 @@ fn one_server_splits_prefill_and_decode_between_its_cores_from_graph_files() {
     // Every prompt's KV cache went from the prefill engine into the decoding one.
     assert_eq!(split.metric("weir_kv_imports_total"), 3.0);
 }
+
+#[test]
+fn a_mixed_worker_with_a_kv_edge_takes_either_phase_for_a_pool_with_nobody_up() {
+    let model = fixture("tiny-llama");
+    let (p, d) = (prefill(&model), decode(&model));
+    let m = Served::start(&model, &["--kv-listen", "127.0.0.1:0"]);
+    let phases = m.get("/health").json()["phases"].clone();
+    assert_eq!(phases, json!({"prefill": true, "decode": true}), "it exports and takes KV caches");
+    let router = Served::route_with(&[&p], &[&d], &[&m], &[]);
+    let prompt = [1, 54, 74, 71, 287, 290];
+    let body = json!({"prompt": prompt, "max_tokens": 6, "temperature": 0}).to_string();
+    let want = text_of(&Served::start(&model, &[]).post("/v1/completions", &body).json());
+    let (tokens, generated) =
+        (|s: &Served| s.metric("weir_prompt_tokens_total"), |s: &Served| s.metric("weir_generated_tokens_total"));
+    let wait_out = |pool: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while router.get("/health").json()[pool][0]["up"] != false && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // No prefill worker up: the mixed worker prefills, the decode worker decodes.
+    drop(p);
+    wait_out("prefill");
+    let (m0, d0) = (tokens(&m), generated(&d));
+    assert_eq!(text_of(&router.post("/v1/completions", &body).json()), want);
+    assert_eq!(tokens(&m), m0 + prompt.len() as f64, "the mixed worker prefilled");
+    assert_eq!(generated(&d), d0 + 6.0, "the decode worker decoded");
+    // No decode worker up either: the mixed worker does both halves, as prefill and decode worker of its own split.
+    drop(d);
+    wait_out("decode");
+    let g0 = generated(&m);
+    let r = router.post("/v1/completions", &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(text_of(&r.json()), want);
+    assert_eq!(generated(&m), g0 + 6.0);
+    assert!(m.metric("weir_kv_imports_total") >= 1.0, "it took the KV cache from itself over its KV edge");
+}

@@ -16,45 +16,27 @@
 //! and closing the decode worker's response ends the sequence there. `/health` lists the
 //! workers and which are out.
 
+mod pools;
+
 use crate::load::http::{post_json, Response, Url};
 use actix_web::{web, HttpResponse};
+pub use pools::DOWN_SECONDS;
+use pools::{Phase, PoolId, Pools};
 use serde_json::{json, Value};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-/// Seconds a worker that could not be reached stays out.
-pub const DOWN_SECONDS: u64 = 5;
+use std::sync::Arc;
+use std::time::Duration;
 
 /// How long the router waits on a worker's answer (a reservation, a prefill, each piece of
 /// a response).
 const PATIENCE: Duration = Duration::from_secs(600);
 
-/// One worker and what the router has sent it.
-struct Worker {
-    url: Url,
-    /// Tokens it holds for requests in flight: prompt tokens pending (prefill), or the KV
-    /// positions promised (decode).
-    load: usize,
-    down_until: Option<Instant>,
-}
-
-/// The router's state: its workers.
+/// The router's state: its pools of workers.
 pub struct Router {
-    prefill: Mutex<Vec<Worker>>,
-    decode: Mutex<Vec<Worker>>,
-    /// Workers that run whole requests (`weir serve`, role mixed).
-    mixed: Mutex<Vec<Worker>>,
-    /// Prompt tokens pending at the least loaded prefill worker past which a request goes to
-    /// the mixed pool instead (Splitwise's pool rebalancing).
-    threshold: usize,
+    pools: Pools,
 }
 
 /// Seconds between health checks of every worker.
 pub const HEALTH_EVERY: Duration = Duration::from_secs(2);
-
-fn pool(urls: &[Url]) -> Mutex<Vec<Worker>> {
-    Mutex::new(urls.iter().map(|u| Worker { url: u.clone(), load: 0, down_until: None }).collect())
-}
 
 /// An answer for the client: its status and JSON body.
 struct Answer(u16, String);
@@ -77,52 +59,19 @@ fn error(status: u16, message: String) -> HttpResponse {
 
 impl Router {
     /// A router over these workers: prefill and decode workers (at least one of each), or
-    /// mixed ones, or both; requests go to a mixed worker whole when no prefill or decode
-    /// worker is up, or when the least loaded prefill worker has `threshold` prompt tokens
-    /// pending.
+    /// mixed ones, or both. `thresholds`: the prompt tokens pending at the least loaded prefill
+    /// worker, and the KV positions promised at the least loaded decode worker, past which the
+    /// mixed pool helps (see `pools`).
     pub fn new(
         prefill: &[Url],
         decode: &[Url],
         mixed: &[Url],
-        threshold: usize,
+        thresholds: (usize, usize),
     ) -> std::result::Result<Router, String> {
         if (prefill.is_empty() || decode.is_empty()) && mixed.is_empty() {
             return Err("a router needs a --prefill and a --decode worker, or a --mixed one".into());
         }
-        Ok(Router { prefill: pool(prefill), decode: pool(decode), mixed: pool(mixed), threshold })
-    }
-
-    /// Whether a request goes to the mixed pool: there is one, and the split pools are down or
-    /// the prefill queue has passed the threshold.
-    fn wants_mixed(&self) -> bool {
-        let now = Instant::now();
-        let least = |p: &Mutex<Vec<Worker>>| {
-            let p = p.lock().unwrap_or_else(|e| e.into_inner());
-            p.iter().filter(|w| w.down_until.is_none_or(|t| t <= now)).map(|w| w.load).min()
-        };
-        if least(&self.mixed).is_none() {
-            return false;
-        }
-        match (least(&self.prefill), least(&self.decode)) {
-            (Some(pending), Some(_)) => pending >= self.threshold,
-            _ => true,
-        }
-    }
-
-    /// Asks every worker's `/health`; one that answers is up, one that does not is out.
-    fn check_health(&self) {
-        for pool in [&self.prefill, &self.decode, &self.mixed] {
-            let urls: Vec<Url> = pool.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|w| w.url.clone()).collect();
-            for (i, url) in urls.iter().enumerate() {
-                let up = crate::load::http::get(url, "/health", Duration::from_secs(2)).is_ok_and(|r| r.status == 200);
-                let mut p = pool.lock().unwrap_or_else(|e| e.into_inner());
-                let was_up = p[i].down_until.is_none_or(|t| t <= Instant::now());
-                p[i].down_until = if up { None } else { Some(Instant::now() + Duration::from_secs(DOWN_SECONDS)) };
-                if was_up != up {
-                    tracing::warn!("worker {url} is {}", if up { "back" } else { "not answering: taken out" });
-                }
-            }
-        }
+        Ok(Router { pools: Pools::new(prefill, decode, mixed, thresholds) })
     }
 
     /// Mounts the OpenAI routes on an actix app.
@@ -132,27 +81,6 @@ impl Router {
             .route("/v1/completions", web::post().to(completions))
             .route("/v1/chat/completions", web::post().to(chat_completions))
             .route("/health", web::get().to(health));
-    }
-
-    /// The least loaded worker of `pool` that is not out (`skip`: ones already tried), with
-    /// `load` added to it.
-    fn pick(pool: &Mutex<Vec<Worker>>, load: usize, skip: &[usize]) -> Option<(usize, Url)> {
-        let mut p = pool.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        let i = (0..p.len())
-            .filter(|i| !skip.contains(i) && p[*i].down_until.is_none_or(|t| t <= now))
-            .min_by_key(|&i| p[i].load)?;
-        p[i].load += load;
-        Some((i, p[i].url.clone()))
-    }
-
-    fn done(pool: &Mutex<Vec<Worker>>, i: usize, load: usize, reached: bool) {
-        let mut p = pool.lock().unwrap_or_else(|e| e.into_inner());
-        p[i].load = p[i].load.saturating_sub(load);
-        if !reached {
-            tracing::warn!("worker {} cannot be reached: out for {DOWN_SECONDS} s", p[i].url);
-            p[i].down_until = Some(Instant::now() + Duration::from_secs(DOWN_SECONDS));
-        }
     }
 }
 
@@ -165,22 +93,12 @@ async fn chat_completions(router: web::Data<Router>, body: web::Bytes) -> HttpRe
 }
 
 async fn health(router: web::Data<Router>) -> HttpResponse {
-    let list = |p: &Mutex<Vec<Worker>>| -> Vec<Value> {
-        let now = Instant::now();
-        p.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|w| json!({"url": w.url.to_string(), "load": w.load, "up": w.down_until.is_none_or(|t| t <= now)}))
-            .collect()
-    };
-    HttpResponse::Ok().json(json!({
-        "status": "ok", "prefill": list(&router.prefill), "decode": list(&router.decode), "mixed": list(&router.mixed),
-    }))
+    HttpResponse::Ok().json(router.pools.health())
 }
 
 /// A reservation at a decode worker: its index, the handle, the reservation's answer.
 struct Reserved {
-    decode: usize,
+    decode: (PoolId, usize),
     kv: usize,
     handle: String,
     answer: Value,
@@ -193,23 +111,23 @@ fn reserve(r: &Router, body: &str, path: &str) -> std::result::Result<Reserved, 
     let kv = v.get("max_tokens").or(v.get("max_completion_tokens")).and_then(Value::as_u64).unwrap_or(16) as usize;
     let mut tried = Vec::new();
     loop {
-        let Some((i, url)) = Router::pick(&r.decode, kv, &tried) else {
+        let Some((id, i, url)) = r.pools.pick(Phase::Decode, kv, &tried) else {
             return Err(Answer::error(503, "no decode worker can be reached".into()));
         };
-        tried.push(i);
+        tried.push((id, i));
         match post_json(&url, &format!("/weir/v1/reserve/{path}"), body, PATIENCE) {
             Err(e) => {
-                Router::done(&r.decode, i, kv, false);
+                r.pools.done(id, i, kv, false);
                 tracing::warn!("decode worker {url}: {e}");
             }
             Ok(resp) if resp.status != 200 => {
-                Router::done(&r.decode, i, kv, true);
+                r.pools.done(id, i, kv, true);
                 return Err(Answer(resp.status, resp.text(1 << 20)));
             }
             Ok(resp) => {
                 let answer: Value = serde_json::from_str(&resp.text(64 << 20)).unwrap_or(Value::Null);
                 let Some(handle) = answer.get("handle").and_then(Value::as_str).map(str::to_string) else {
-                    Router::done(&r.decode, i, kv, true);
+                    r.pools.done(id, i, kv, true);
                     return Err(Answer::error(
                         502,
                         format!("decode worker {url} answered a reservation without a handle"),
@@ -217,8 +135,8 @@ fn reserve(r: &Router, body: &str, path: &str) -> std::result::Result<Reserved, 
                 };
                 let prompt = answer.get("prompt").and_then(Value::as_array).map_or(0, Vec::len);
                 // The promise counts the prompt too, now that it is known.
-                r.decode.lock().unwrap_or_else(|e| e.into_inner())[i].load += prompt;
-                return Ok(Reserved { decode: i, kv: kv + prompt, handle, answer, url });
+                r.pools.add(id, i, prompt);
+                return Ok(Reserved { decode: (id, i), kv: kv + prompt, handle, answer, url });
             }
         }
     }
@@ -236,21 +154,21 @@ fn prefill(r: &Router, res: &Reserved) -> std::result::Result<(), String> {
     .to_string();
     let mut tried = Vec::new();
     loop {
-        let Some((i, url)) = Router::pick(&r.prefill, n, &tried) else {
+        let Some((id, i, url)) = r.pools.pick(Phase::Prefill, n, &tried) else {
             return Err("no prefill worker can be reached".into());
         };
-        tried.push(i);
+        tried.push((id, i));
         match post_json(&url, "/weir/v1/prefill", &body, PATIENCE) {
             // Not reached: nothing was sent for this request, so another may take it.
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused || e.kind() == std::io::ErrorKind::NotFound => {
-                Router::done(&r.prefill, i, n, false);
+                r.pools.done(id, i, n, false);
             }
             Err(e) => {
-                Router::done(&r.prefill, i, n, false);
+                r.pools.done(id, i, n, false);
                 return Err(format!("prefill worker {url}: {e}"));
             }
             Ok(resp) => {
-                Router::done(&r.prefill, i, n, true);
+                r.pools.done(id, i, n, true);
                 return match resp.status {
                     200 => Ok(()),
                     s => Err(format!("prefill worker {url} answered {s}: {}", resp.text(4096))),
@@ -270,7 +188,7 @@ async fn route(router: web::Data<Router>, body: web::Bytes, path: &'static str) 
         .ok()
         .and_then(|v| v.get("stream").and_then(Value::as_bool))
         .unwrap_or(false);
-    if router.wants_mixed() {
+    if router.pools.whole() {
         return whole_on_mixed(router, body, path, stream).await;
     }
     let r = router.clone();
@@ -295,13 +213,13 @@ async fn route(router: web::Data<Router>, body: web::Bytes, path: &'static str) 
     let resp = match resumed {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => {
-            Router::done(&router.decode, reserved.decode, reserved.kv, false);
+            router.pools.done(reserved.decode.0, reserved.decode.1, reserved.kv, false);
             return error(502, format!("decode worker {}: {e}", reserved.url));
         }
         Err(e) => return error(500, e.to_string()),
     };
     let url = reserved.url.clone();
-    let finish = move |whole: bool| Router::done(&router.decode, reserved.decode, reserved.kv, whole);
+    let finish = move |whole: bool| router.pools.done(reserved.decode.0, reserved.decode.1, reserved.kv, whole);
     relay(resp, stream, url, finish).await
 }
 
@@ -321,19 +239,19 @@ async fn whole_on_mixed(router: web::Data<Router>, body: String, path: &'static 
     let load = estimate(&body);
     let mut tried = Vec::new();
     loop {
-        let Some((i, url)) = Router::pick(&router.mixed, load, &tried) else {
+        let Some((id, i, url)) = router.pools.pick_whole(load, &tried) else {
             return error(503, "no worker can be reached".into());
         };
-        tried.push(i);
+        tried.push((id, i));
         let (u, b) = (url.clone(), body.clone());
         match web::block(move || post_json(&u, &format!("/v1/{path}"), &b, PATIENCE)).await {
             Ok(Ok(resp)) => {
                 let r = router.clone();
-                return relay(resp, stream, url, move |whole| Router::done(&r.mixed, i, load, whole)).await;
+                return relay(resp, stream, url, move |whole| r.pools.done(id, i, load, whole)).await;
             }
             Ok(Err(e)) => {
                 tracing::warn!("mixed worker {url}: {e}");
-                Router::done(&router.mixed, i, load, false);
+                router.pools.done(id, i, load, false);
             }
             Err(e) => return error(500, e.to_string()),
         }
@@ -404,12 +322,15 @@ pub fn run(router: Router, addr: (&str, u16)) -> std::io::Result<()> {
     let data = web::Data::new(router);
     let (host, port) = (addr.0.to_string(), addr.1);
     actix_web::rt::System::new().block_on(async move {
+        // Which mixed workers take a phase alone is known before the first request.
+        let first = data.clone();
+        let _ = web::block(move || first.pools.check_health()).await;
         let checked = data.clone();
         actix_web::rt::spawn(async move {
             loop {
                 actix_web::rt::time::sleep(HEALTH_EVERY).await;
                 let r = checked.clone();
-                let _ = web::block(move || r.check_health()).await;
+                let _ = web::block(move || r.pools.check_health()).await;
             }
         });
         let http =

@@ -480,7 +480,11 @@ async fn models(server: web::Data<Server>) -> HttpResponse {
 
 async fn health(server: web::Data<Server>) -> HttpResponse {
     let last = server.last_fault.lock().ok().and_then(|f| f.clone());
-    HttpResponse::Ok().json(serde_json::json!({"status": "ok", "model": server.name, "last_fault": last}))
+    // Which phases it takes alone, for a router: prefill (it exports KV caches), decode (it
+    // takes them).
+    let phases = serde_json::json!({"prefill": server.engine.exports_kv(), "decode": server.kv.is_some()});
+    HttpResponse::Ok()
+        .json(serde_json::json!({"status": "ok", "model": server.name, "last_fault": last, "phases": phases}))
 }
 
 async fn metrics_text(server: web::Data<Server>, _: HttpRequest) -> HttpResponse {

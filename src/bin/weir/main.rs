@@ -239,9 +239,11 @@ struct ServeArgs {
     /// drives prefill and decode workers.
     #[arg(long, default_value = "mixed", value_parser = ["mixed", "prefill", "decode"])]
     role: String,
-    /// A decode worker's address for prefill workers' KV caches (HOST:PORT, port 0 for any; unix:PATH).
-    #[arg(long, default_value = "127.0.0.1:0")]
-    kv_listen: String,
+    /// Where prefill workers send KV caches (HOST:PORT, port 0 for any; unix:PATH): a decode
+    /// worker's (default 127.0.0.1:0); given to a mixed one, it also prefills and decodes for
+    /// split pools (`weir route --mixed`).
+    #[arg(long)]
+    kv_listen: Option<String>,
     /// Split inside this process: prompts run on a second engine placed by this graph file
     /// (its attention exporting the KV cache, its lanes on other cores), whose KV caches go
     /// straight into the decoding engine (`examples/graphs/split-prefill.weir`).
@@ -575,6 +577,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         max_queue: Some(a.max_queue),
         max_batch: a.max_batch,
         role,
+        export_kv: role == weir::Role::Mixed && a.kv_listen.is_some(),
         kv_bulk_below: a.kv_bulk_below,
         trace: a.trace.is_some(),
         ..a.place.engine_options(a.threads, None)?
@@ -596,8 +599,9 @@ fn serve(a: ServeArgs) -> Result<()> {
     if let Some(p) = prefill {
         server.split_in_process(p).context("--split-prefill-graph")?;
     }
-    if role == weir::Role::Decode {
-        let addr = server.listen_kv(&a.kv_listen).with_context(|| format!("--kv-listen {}", a.kv_listen))?;
+    let kv_listen = a.kv_listen.clone().or_else(|| (role == weir::Role::Decode).then(|| "127.0.0.1:0".into()));
+    if let Some(at) = kv_listen.filter(|_| role != weir::Role::Prefill) {
+        let addr = server.listen_kv(&at).with_context(|| format!("--kv-listen {at}"))?;
         eprintln!("weir serve: taking KV caches from prefill workers at {addr}");
     }
     let timeout = std::time::Duration::from_secs(a.shutdown_timeout);

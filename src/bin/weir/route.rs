@@ -12,14 +12,17 @@ pub struct RouteArgs {
     /// Decode workers (`weir serve --role decode`), comma-separated: http://HOST:PORT,…
     #[arg(long, value_delimiter = ',')]
     decode: Vec<Url>,
-    /// Mixed workers (`weir serve`), comma-separated: they run whole requests when the prefill
-    /// queue passes --mixed-threshold, or when no prefill or decode worker is up.
+    /// Mixed workers (`weir serve`), comma-separated: past a threshold they prefill (decode) for
+    /// the split pools — those started with `--kv-listen` — or run whole requests; and they
+    /// take the requests of a split pool with nobody up.
     #[arg(long, value_delimiter = ',')]
     mixed: Vec<Url>,
-    /// Prompt tokens pending at the least loaded prefill worker past which requests go to the
-    /// mixed pool.
+    /// Prompt tokens pending at the least loaded prefill worker past which the mixed pool helps.
     #[arg(long, default_value_t = 4096)]
     mixed_threshold: usize,
+    /// KV positions promised at the least loaded decode worker past which the mixed pool helps.
+    #[arg(long, default_value_t = 16384)]
+    mixed_decode_threshold: usize,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -30,7 +33,8 @@ pub struct RouteArgs {
 
 pub fn route(a: RouteArgs) -> Result<()> {
     let router =
-        weir::route::Router::new(&a.prefill, &a.decode, &a.mixed, a.mixed_threshold).map_err(anyhow::Error::msg)?;
+        weir::route::Router::new(&a.prefill, &a.decode, &a.mixed, (a.mixed_threshold, a.mixed_decode_threshold))
+            .map_err(anyhow::Error::msg)?;
     weir::route::run(router, (&a.host, a.port)).with_context(|| format!("--host {} --port {}", a.host, a.port))?;
     eprintln!("weir route: stopped");
     Ok(())
