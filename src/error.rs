@@ -28,6 +28,10 @@ pub enum Error {
     /// The wait queue is full (`EngineOptions::max_queue`): nothing was run; try again later.
     #[error("busy: {waiting} requests are waiting already (--max-queue); try again later")]
     Busy { waiting: usize },
+    /// A decode worker cannot reserve a request's whole length now (a batch slot and its KV
+    /// cache): nothing was run; another worker, or later.
+    #[error("no room: the KV cache reserve or the batch cannot take {tokens} more positions now; try another worker or later")]
+    NoRoom { tokens: usize },
     /// The engine failed while running an accepted request.
     #[error("generation failed: {0}")]
     Failed(String),

@@ -235,39 +235,79 @@ impl Scheduler {
     /// Admits in arrival order while there is a slot and the KV reserve holds the whole
     /// sequence (so attention never runs out of blocks mid-generation).
     fn admit(&mut self, s: &mut Sequences) {
+        self.reserve_imports(s);
         while s.active.len() < self.p.max_batch {
             let Some((_, req, _, _, _)) = s.waiting.front() else { break };
-            let blocks = kv_tokens_needed(req.prompt.len(), req.max_new_tokens, self.p.max_positions) / KV_BLOCK_TOKENS;
+            let blocks = self.blocks(req);
             if let Some(free) = &mut self.kv_free {
                 if blocks > *free {
                     break;
                 }
                 *free -= blocks;
             }
-            let Some((id, req, events, submitted, phase)) = s.waiting.pop_front() else { break };
-            self.unqueue();
-            tracing::info!(
-                "request {id} admitted: {} prompt tokens, up to {} new, after {:.3} s waiting",
-                req.prompt.len(),
-                req.max_new_tokens,
-                submitted.elapsed().as_secs_f64()
-            );
-            s.active.push(Active {
-                id,
-                req,
-                events,
-                pos: 0,
-                last: 0,
-                generated: 0,
-                submitted,
-                started: None,
-                first_token: None,
-                kv_blocks: blocks,
-                prompt_logits: Vec::new(),
-                phase,
-                landing: None,
-            });
+            let Some(w) = s.waiting.pop_front() else { break };
+            self.activate(s, w, blocks);
         }
+    }
+
+    /// KV blocks a request holds at most.
+    fn blocks(&self, req: &Request) -> usize {
+        kv_tokens_needed(req.prompt.len(), req.max_new_tokens, self.p.max_positions) / KV_BLOCK_TOKENS
+    }
+
+    /// A decode worker's reservations are all or nothing, now: each waiting one is admitted
+    /// ahead of the queue if a slot and the KV reserve hold it, or refused (its import told,
+    /// so `Engine::expect_kv` answers no room and the router tries another worker).
+    fn reserve_imports(&mut self, s: &mut Sequences) {
+        let mut i = 0;
+        while i < s.waiting.len() {
+            let Phase::Decode(import) = &s.waiting[i].4 else {
+                i += 1;
+                continue;
+            };
+            let import = import.clone();
+            let blocks = self.blocks(&s.waiting[i].1);
+            let fits = s.active.len() < self.p.max_batch && self.kv_free.is_none_or(|f| blocks <= f);
+            let Some(w) = s.waiting.remove(i) else { break };
+            if fits {
+                if let Some(free) = &mut self.kv_free {
+                    *free -= blocks;
+                }
+                self.activate(s, w, blocks);
+            } else {
+                self.unqueue();
+                self.p.imports.remove(import.handle);
+                let _ = w.2.send(Event::Failed("no room for its KV cache".into()));
+            }
+            import.decide(fits);
+        }
+    }
+
+    /// Makes a waiting request active, holding `blocks` of the KV reserve.
+    fn activate(&mut self, s: &mut Sequences, w: (u64, Request, Sender<Event>, Instant, Phase), blocks: usize) {
+        let (id, req, events, submitted, phase) = w;
+        self.unqueue();
+        tracing::info!(
+            "request {id} admitted: {} prompt tokens, up to {} new, after {:.3} s waiting",
+            req.prompt.len(),
+            req.max_new_tokens,
+            submitted.elapsed().as_secs_f64()
+        );
+        s.active.push(Active {
+            id,
+            req,
+            events,
+            pos: 0,
+            last: 0,
+            generated: 0,
+            submitted,
+            started: None,
+            first_token: None,
+            kv_blocks: blocks,
+            prompt_logits: Vec::new(),
+            phase,
+            landing: None,
+        });
     }
 
     /// Lands the imports whose KV cache has all come: the prefill worker's first token goes to

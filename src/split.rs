@@ -79,7 +79,9 @@ impl Engine {
 
     /// Reserves `req`'s whole length here and waits for its KV cache and first token from a
     /// prefill worker: the handle to give that worker, and the request's events (the first
-    /// token when the cache has come, then the rest as they are decoded here).
+    /// token when the cache has come, then the rest as they are decoded here). All or nothing,
+    /// at once: [`Error::NoRoom`] when a batch slot and the KV reserve cannot hold it now
+    /// (rows written before the reservation would take blocks promised to running sequences).
     pub fn expect_kv(&self, req: Request) -> Result<(u64, Generation)> {
         let g = &self.placed.graph;
         if let Some(n) =
@@ -94,12 +96,19 @@ impl Engine {
         let handle = fresh_handle();
         let import = Arc::new(KvImport::new(handle, &nodes, ty, self.env.kv_pool.clone()));
         self.sched.imports.insert(import.clone());
-        match self.submit_phase(req, Phase::Decode(import)) {
-            Ok(gen) => Ok((handle, gen)),
+        let tokens = crate::kv_tokens_needed(req.prompt.len(), req.max_new_tokens, self.sched.max_positions);
+        let gen = match self.submit_phase(req, Phase::Decode(import.clone())) {
+            Ok(gen) => gen,
             Err(e) => {
                 self.sched.imports.remove(handle);
-                Err(e)
+                return Err(e);
             }
+        };
+        // Reserved now or refused now: the scheduler decides between two passes.
+        match import.decision(std::time::Duration::from_secs(60)) {
+            Some(true) => Ok((handle, gen)),
+            Some(false) => Err(Error::NoRoom { tokens }),
+            None => Err(Error::Failed("the scheduler did not answer a reservation within 60 s".into())),
         }
     }
 

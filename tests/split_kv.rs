@@ -241,3 +241,26 @@ fn the_split_inside_one_box_from_graph_files_gives_the_golden_tokens() {
     let e = prefill.prefill_into(Request::greedy(vec![1, 2], 2), &bf16, handle).err().unwrap().to_string();
     assert!(e.contains("kv=f32") && e.contains("kv=bf16"), "{e}");
 }
+
+#[test]
+fn a_reservation_is_all_or_nothing_at_once() {
+    let model = Model::open(fixture("tiny-llama")).unwrap();
+    let prefill = Engine::new(&model, EngineOptions { role: Role::Prefill, threads: 1, ..Default::default() }).unwrap();
+    // A KV reserve of 64 positions: one request of 20 + 20 holds 48 of them (3 blocks of 16).
+    let opts = EngineOptions { threads: 1, memory_budget: Some(64 << 20), kv_tokens: Some(64), ..Default::default() };
+    let decode = Engine::new(&model, opts).unwrap();
+    let listener = decode.kv_listen("127.0.0.1:0").unwrap();
+    let prompt: Vec<u32> = (0..20).map(|i| 1 + i * 7 % 300).collect();
+    let req = Request { stop_at_eos: false, ..Request::greedy(prompt, 20) };
+    let (a, gen_a) = decode.expect_kv(req.clone()).unwrap();
+    // No room for a second now: refused at once, nothing written anywhere.
+    let e = decode.expect_kv(req.clone()).err().unwrap();
+    assert!(matches!(e, weir::Error::NoRoom { tokens: 48 }), "{e}");
+    assert_eq!(decode.kv_imports_waiting(), 1);
+    prefill.prefill_to(req.clone(), listener.addr(), a).unwrap().wait().unwrap();
+    assert_eq!(gen_a.wait().unwrap().tokens.len(), 20);
+    // Its blocks back: room again.
+    let (b, gen_b) = decode.expect_kv(req.clone()).unwrap();
+    prefill.prefill_to(req, listener.addr(), b).unwrap().wait().unwrap();
+    assert_eq!(gen_b.wait().unwrap().tokens.len(), 20);
+}

@@ -235,6 +235,9 @@ pub struct KvImport {
     ty: KvType,
     pool: Pool,
     inner: Mutex<Inner>,
+    /// Whether the scheduler reserved the request's whole length (`None`: not decided yet).
+    decision: Mutex<Option<bool>>,
+    decided: std::sync::Condvar,
 }
 
 impl std::fmt::Debug for KvImport {
@@ -266,13 +269,35 @@ impl KvImport {
             taken: false,
         };
         let dims = nodes.iter().cloned().collect();
-        KvImport { handle, bound: Default::default(), dims, ty, pool, inner: Mutex::new(inner) }
+        KvImport {
+            handle,
+            bound: Default::default(),
+            dims,
+            ty,
+            pool,
+            inner: Mutex::new(inner),
+            decision: Mutex::new(None),
+            decided: Default::default(),
+        }
     }
 
     /// Binds the import to sequence `seq`; `on_change` is called each time it becomes ready
     /// or fails. Once: later calls change nothing.
     pub fn bind(&self, seq: u64, on_change: Box<dyn Fn() + Send + Sync>) {
         let _ = self.bound.set((seq, on_change));
+    }
+
+    /// The scheduler's answer: the request's whole length reserved (`true`), or no room now.
+    pub fn decide(&self, reserved: bool) {
+        *self.decision.lock().unwrap_or_else(|p| p.into_inner()) = Some(reserved);
+        self.decided.notify_all();
+    }
+
+    /// Waits up to `timeout` for [`KvImport::decide`]; `None` if it did not come.
+    pub fn decision(&self, timeout: std::time::Duration) -> Option<bool> {
+        let g = self.decision.lock().unwrap_or_else(|p| p.into_inner());
+        let (g, _) = self.decided.wait_timeout_while(g, timeout, |d| d.is_none()).unwrap_or_else(|p| p.into_inner());
+        *g
     }
 
     /// The sequence it is bound to (`u64::MAX` before [`KvImport::bind`]).

@@ -122,7 +122,12 @@ fn reserve(r: &Router, body: &str, path: &str) -> std::result::Result<Reserved, 
             }
             Ok(resp) if resp.status != 200 => {
                 r.pools.done(id, i, kv, true);
-                return Err(Answer(resp.status, resp.text(1 << 20)));
+                let answer = Answer(resp.status, resp.text(1 << 20));
+                // No room there now: another decode worker may have it.
+                if answer.0 == 429 && r.pools.pick(Phase::Decode, 0, &tried).is_some() {
+                    continue;
+                }
+                return Err(answer);
             }
             Ok(resp) => {
                 let answer: Value = serde_json::from_str(&resp.text(64 << 20)).unwrap_or(Value::Null);

@@ -352,7 +352,7 @@ async fn respond(server: web::Data<Server>, payload: web::Payload, chat: bool) -
                 return error_response(&e);
             }
         };
-    let gen = match server.submit(&job) {
+    let gen = match split::submit(&server, &job).await {
         Ok(g) => g,
         Err(e) => {
             let (outcome, api) = submit_error(e);
@@ -377,7 +377,7 @@ async fn answer(server: web::Data<Server>, gen: Generation, job: Job, chat: bool
 /// An engine's refusal as the API says it.
 fn submit_error(e: Error) -> (Outcome, ApiError) {
     match e {
-        Error::Busy { .. } => {
+        Error::Busy { .. } | Error::NoRoom { .. } => {
             (Outcome::Busy, ApiError { status: 429, kind: "rate_limit_error", param: None, message: e.to_string() })
         }
         Error::Request(m) if m.contains("KV cache") => (Outcome::Invalid, ApiError::field("max_tokens", m)),

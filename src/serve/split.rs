@@ -63,11 +63,20 @@ impl Server {
         Ok(())
     }
 
-    /// Submits a job: to the engine, or split between the in-process prefill engine and it.
-    pub(super) fn submit(&self, job: &Job) -> crate::Result<Generation> {
-        let Some(prefill) = &self.prefill else { return self.engine.submit(job.request.clone()) };
-        let (handle, gen) = self.engine.expect_kv(job.request.clone())?;
-        match prefill.prefill_into(job.request.clone(), &self.engine, handle) {
+    /// Submits a request split between the in-process prefill engine and this server's: the
+    /// reservation retried until the decoding engine has room (a queue, as the plain server's;
+    /// this runs on actix's blocking pool), then the prompt handed to the prefill engine.
+    fn submit_split(&self, prefill: &Engine, req: crate::Request) -> crate::Result<Generation> {
+        let deadline = Instant::now() + std::time::Duration::from_secs(600);
+        let (handle, gen) = loop {
+            match self.engine.expect_kv(req.clone()) {
+                Err(crate::Error::NoRoom { .. }) if Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                other => break other?,
+            }
+        };
+        match prefill.prefill_into(req, &self.engine, handle) {
             // Its events are not needed: the decode side hears of a failure through the import.
             Ok(first) => drop_after_prefill(first),
             Err(e) => {
@@ -104,9 +113,14 @@ async fn reserve(server: web::Data<Server>, payload: web::Payload, chat: bool) -
         };
     // Reservations nobody resumed in time are given up.
     server.parked.lock().retain(|_, (_, j, _)| j.arrived.elapsed().as_secs() < PARK_SECONDS);
-    let (handle, gen) = match server.engine.expect_kv(job.request.clone()) {
-        Ok(x) => x,
-        Err(e) => return error_response(&submit_error(e).1),
+    // The scheduler answers between two passes: wait off the async workers.
+    let (s, request) = (server.clone(), job.request.clone());
+    let (handle, gen) = match web::block(move || s.engine.expect_kv(request)).await {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => return error_response(&submit_error(e).1),
+        Err(e) => {
+            return error_response(&ApiError { status: 500, kind: "server_error", param: None, message: e.to_string() })
+        }
     };
     let s = job.request.sampling;
     let body = json!({
@@ -208,4 +222,17 @@ fn drop_after_prefill(gen: Generation) {
     actix_web::rt::task::spawn_blocking(move || {
         let _ = gen.wait();
     });
+}
+
+/// Submits a job: to the engine, or split between the in-process prefill engine and it.
+pub(super) async fn submit(server: &web::Data<Server>, job: &Job) -> crate::Result<Generation> {
+    if server.prefill.is_none() {
+        return server.engine.submit(job.request.clone());
+    }
+    let (s, req) = (server.clone(), job.request.clone());
+    let run = web::block(move || match &s.prefill {
+        Some(p) => s.submit_split(p, req),
+        None => s.engine.submit(req),
+    });
+    run.await.map_err(|e| crate::Error::Failed(e.to_string()))?
 }
