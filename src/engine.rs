@@ -62,6 +62,9 @@ pub struct Engine {
     max_queue: Option<usize>,
     /// Prompts shorter than this go to decode workers in one transfer.
     pub(crate) kv_bulk_below: usize,
+    /// Every attention node (name, `kv_heads·head_dim`) and the KV cache's type: what a KV
+    /// edge carries (`split`).
+    pub(crate) kv_nodes: (Vec<(String, usize)>, weir_operators::KvType),
     /// Connections to decode workers (a prefill worker's), by address.
     pub(crate) peers: Mutex<std::collections::HashMap<String, Arc<crate::split::KvTx>>>,
 }
@@ -193,7 +196,6 @@ impl Engine {
         let run = start(&placed.graph, opts.trace, &env, &sched, &gauges)?;
         Ok(Engine {
             run: Mutex::new(run),
-            placed,
             trace: opts.trace,
             env,
             sched,
@@ -205,6 +207,8 @@ impl Engine {
             max_queue: opts.max_queue,
             peers: Default::default(),
             kv_bulk_below: opts.kv_bulk_below,
+            kv_nodes: weir_graphs::place::kv_export::attention_nodes(&placed.graph),
+            placed,
         })
     }
 

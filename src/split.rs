@@ -41,8 +41,7 @@ impl Engine {
     /// What both ends of a KV edge must agree on: every attention node with its width, the
     /// cache's element type, the block size.
     pub fn kv_fingerprint(&self) -> String {
-        let (nodes, ty) = weir_graphs::place::kv_export::attention_nodes(&self.placed.graph);
-        kv_fingerprint(&nodes, ty)
+        kv_fingerprint(&self.kv_nodes.0, self.kv_nodes.1)
     }
 
     /// Whether this engine's attention exports its KV cache (placed as a prefill worker).
@@ -92,9 +91,8 @@ impl Engine {
                 n.name
             )));
         }
-        let (nodes, ty) = weir_graphs::place::kv_export::attention_nodes(g);
         let handle = fresh_handle();
-        let import = Arc::new(KvImport::new(handle, &nodes, ty, self.env.kv_pool.clone()));
+        let import = Arc::new(KvImport::new(handle, &self.kv_nodes.0, self.kv_nodes.1, self.env.kv_pool.clone()));
         self.sched.imports.insert(import.clone());
         let tokens = crate::kv_tokens_needed(req.prompt.len(), req.max_new_tokens, self.sched.max_positions);
         let gen = match self.submit_phase(req, Phase::Decode(import.clone())) {
@@ -128,11 +126,7 @@ impl Engine {
     /// decode worker at `addr`, which knows the request as `handle`. Its events here: the first
     /// token, then `Done` (or why it failed).
     pub fn prefill_to(&self, req: Request, addr: &str, handle: u64) -> Result<Generation> {
-        if !self.exports_kv() {
-            return Err(Error::Request(
-                "this engine does not export its KV cache: build it as a prefill worker (--role prefill)".into(),
-            ));
-        }
+        self.check_exports()?;
         let link = KvLink::Remote(self.kv_connect(addr)?);
         self.prefill_over(req, link, handle)
     }
@@ -148,19 +142,23 @@ impl Engine {
                 "the prefill engine's KV cache ({mine}) is not the decode engine's ({theirs})"
             )));
         }
-        if !self.exports_kv() {
-            return Err(Error::Request(
-                "this engine does not export its KV cache: build it as a prefill worker (--role prefill)".into(),
-            ));
-        }
+        self.check_exports()?;
         self.prefill_over(req, KvLink::Local(decode.sched.imports.clone()), handle)
+    }
+
+    /// Refuses an engine whose attention does not export its KV cache.
+    fn check_exports(&self) -> Result<()> {
+        match self.exports_kv() {
+            true => Ok(()),
+            false => Err(Error::Request(
+                "this engine does not export its KV cache: build it as a prefill worker (--role prefill)".into(),
+            )),
+        }
     }
 
     fn prefill_over(&self, mut req: Request, link: KvLink, handle: u64) -> Result<Generation> {
         let route = match req.prompt.len() < self.kv_bulk_below {
-            true => {
-                KvRoute::bulk(link, handle, weir_graphs::place::kv_export::attention_nodes(&self.placed.graph).0.len())
-            }
+            true => KvRoute::bulk(link, handle, self.kv_nodes.0.len()),
             false => KvRoute::new(link, handle),
         };
         req.max_new_tokens = 1;

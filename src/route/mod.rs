@@ -108,7 +108,7 @@ struct Reserved {
 /// Reserves `body` at the least loaded decode worker that answers.
 fn reserve(r: &Router, body: &str, path: &str) -> std::result::Result<Reserved, Answer> {
     let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
-    let kv = v.get("max_tokens").or(v.get("max_completion_tokens")).and_then(Value::as_u64).unwrap_or(16) as usize;
+    let kv = max_tokens(&v);
     let mut tried = Vec::new();
     loop {
         let Some((id, i, url)) = r.pools.pick(Phase::Decode, kv, &tried) else {
@@ -236,7 +236,12 @@ fn estimate(body: &str) -> usize {
         Some(Value::Array(ids)) => ids.len(),
         _ => body.len() / 4,
     };
-    prompt + v.get("max_tokens").or(v.get("max_completion_tokens")).and_then(Value::as_u64).unwrap_or(16) as usize
+    prompt + max_tokens(&v)
+}
+
+/// The output tokens a request asks for (OpenAI's default 16 where it gives none).
+fn max_tokens(v: &Value) -> usize {
+    v.get("max_tokens").or(v.get("max_completion_tokens")).and_then(Value::as_u64).unwrap_or(16) as usize
 }
 
 /// A request run whole by the least loaded mixed worker that answers.

@@ -66,7 +66,8 @@ impl Server {
     /// Submits a request split between the in-process prefill engine and this server's: the
     /// reservation retried until the decoding engine has room (a queue, as the plain server's;
     /// this runs on actix's blocking pool), then the prompt handed to the prefill engine.
-    fn submit_split(&self, prefill: &Engine, req: crate::Request) -> crate::Result<Generation> {
+    fn submit_split(&self, req: crate::Request) -> crate::Result<Generation> {
+        let Some(prefill) = &self.prefill else { return self.engine.submit(req) };
         let deadline = Instant::now() + std::time::Duration::from_secs(600);
         let (handle, gen) = loop {
             match self.engine.expect_kv(req.clone()) {
@@ -230,9 +231,5 @@ pub(super) async fn submit(server: &web::Data<Server>, job: &Job) -> crate::Resu
         return server.engine.submit(job.request.clone());
     }
     let (s, req) = (server.clone(), job.request.clone());
-    let run = web::block(move || match &s.prefill {
-        Some(p) => s.submit_split(p, req),
-        None => s.engine.submit(req),
-    });
-    run.await.map_err(|e| crate::Error::Failed(e.to_string()))?
+    web::block(move || s.submit_split(req)).await.map_err(|e| crate::Error::Failed(e.to_string()))?
 }
