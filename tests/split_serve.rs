@@ -281,3 +281,98 @@ fn a_mixed_worker_with_a_kv_edge_takes_either_phase_for_a_pool_with_nobody_up() 
     assert_eq!(generated(&m), g0 + 6.0);
     assert!(m.metric("weir_kv_imports_total") >= 1.0, "it took the KV cache from itself over its KV edge");
 }
+
+/// Runs `weir ARGS…`: whether it succeeded, and its standard error. One that has not exited
+/// after 60 s (a server that should have refused to start) is killed and counts as a success.
+fn weir(args: &[&str]) -> (bool, String) {
+    use std::io::Read;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ok = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.success();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    (ok, err)
+}
+
+#[test]
+fn bad_input_to_the_split_routes_and_flags_is_refused_by_name() {
+    let model = fixture("tiny-llama");
+    let (p, d, plain) = (prefill(&model), decode(&model), Served::start(&model, &[]));
+    let ok = json!({"prompt": [1, 2, 3], "max_tokens": 2}).to_string();
+    // The worker routes.
+    let r = plain.post("/weir/v1/reserve/completions", &ok);
+    assert!(r.status == 400 && r.body.contains("--role decode"), "{} {}", r.status, r.body);
+    let r = d.post("/weir/v1/reserve/completions", r#"{"prompt": [1, 2], "temperature": "hot"}"#);
+    assert_eq!((r.status, r.json()["error"]["param"].clone()), (400, json!("temperature")), "{}", r.body);
+    let r = d.post("/weir/v1/resume/12345", "{}");
+    assert!(r.status == 404 && r.body.contains("12345"), "{}", r.body);
+    let r = d.post("/weir/v1/resume/not-a-number", "{}");
+    assert_eq!(r.status, 404, "{}", r.body);
+    let r = d.post("/weir/v1/abort/777", r#"{"reason": "x"}"#);
+    assert!(r.status == 404 && r.body.contains("777"), "{}", r.body);
+    let prefill_body = |v: Value| v.to_string();
+    let good = json!({"prompt": [1, 2, 3], "kv_addr": "127.0.0.1:1", "handle": "5", "temperature": 0, "top_p": 1, "top_k": 0, "seed": "1"});
+    for (field, bad) in [
+        ("prompt", json!([1, -2])),
+        ("kv_addr", json!(7)),
+        ("handle", json!(5)),
+        ("seed", json!("x")),
+        ("top_p", json!("1")),
+    ] {
+        let mut v = good.clone();
+        v[field] = bad;
+        let r = p.post("/weir/v1/prefill", &prefill_body(v));
+        assert_eq!((r.status, r.json()["error"]["param"].clone()), (400, json!(field)), "{field}: {}", r.body);
+    }
+    let r = p.post("/weir/v1/prefill", "not json");
+    assert!(r.status == 400 && r.body.contains("not valid JSON"), "{}", r.body);
+    // A decode address nobody listens on, and a server that does not export.
+    let r = p.post("/weir/v1/prefill", &prefill_body(good.clone()));
+    assert!(r.status == 400 && r.body.contains("127.0.0.1:1") && r.body.contains("cannot connect"), "{}", r.body);
+    let r = plain.post("/weir/v1/prefill", &prefill_body(good));
+    assert!(r.status == 400 && r.body.contains("--role prefill"), "{}", r.body);
+
+    // The flags.
+    let m = model.to_str().unwrap();
+    let (ok, err) = weir(&["route", "--port", "0"]);
+    assert!(!ok && err.contains("--prefill") && err.contains("--mixed"), "{err}");
+    let (ok, err) = weir(&["route", "--prefill", "ftp://x:1", "--decode", "http://127.0.0.1:1"]);
+    assert!(!ok && err.contains("ftp://x:1"), "{err}");
+    let (ok, err) = weir(&["serve", "--model", m, "--role", "both"]);
+    assert!(!ok && err.contains("--role") && err.contains("both"), "{err}");
+    let (ok, err) = weir(&["serve", "--model", m, "--role", "decode", "--port", "0", "--kv-listen", "nowhere"]);
+    assert!(!ok && err.contains("--kv-listen nowhere"), "{err}");
+    let missing = tmpdir("split-bad").join("none.weir");
+    let (ok, err) = weir(&["serve", "--model", m, "--port", "0", "--split-prefill-graph", missing.to_str().unwrap()]);
+    assert!(!ok && err.contains("--split-prefill-graph") && err.contains("none.weir"), "{err}");
+    // A prefill graph whose KV cache is not the decoding engine's is refused naming the flag.
+    let prefill_graph = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/graphs/split-prefill.weir");
+    let text = std::fs::read_to_string(prefill_graph).unwrap().replace("cores=0", "threads=1");
+    let g = tmpdir("split-bad").join("prefill-bf16.weir");
+    std::fs::write(&g, text.replace("kv=kv_dtype", "kv=\"bf16\"")).unwrap();
+    let (ok, err) = weir(&["serve", "--model", m, "--port", "0", "--split-prefill-graph", g.to_str().unwrap()]);
+    assert!(!ok && err.contains("--split-prefill-graph") && err.contains("kv=bf16"), "{err}");
+    // Trace merging: labels that do not match the files, a file that is not a trace.
+    let t = tmpdir("split-bad").join("t.json");
+    std::fs::write(&t, "{}").unwrap();
+    let ts = t.to_str().unwrap();
+    let (ok, err) = weir(&["trace", "merge", ts, ts, "--label", "a", "-o", "/dev/null"]);
+    assert!(!ok && err.contains("--label gives 1 labels for 2 traces"), "{err}");
+    let (ok, err) = weir(&["trace", "merge", ts, ts, "-o", "/dev/null"]);
+    assert!(!ok && err.contains("t.json") && err.contains("not a weir trace"), "{err}");
+}
