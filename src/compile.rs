@@ -24,6 +24,35 @@ pub fn compile(
     in_flight: usize,
     gpu_memory: Option<usize>,
 ) -> Result<Compiled> {
+    if !g.drives() {
+        let p = g.part.as_deref().unwrap_or_default();
+        return Err(Error::Placement(format!("process `{p}`'s part has no entry: it runs under `weir worker`")));
+    }
+    let (mut b, actors) = wire(g, trace, env, gpu_memory)?;
+    let entry = b.input(actors[g.entry.node], g.entry.port, 1);
+    let exit = b.output(actors[g.exit.node], g.exit.port, in_flight.max(1));
+    let program = b.build()?;
+    Ok(Compiled { program, entry, exit })
+}
+
+/// Starts a part of a graph over several processes that is not `main`'s: no entry or exit,
+/// its passes come and go through its `net_recv` and `net_send` nodes.
+pub fn compile_part(
+    g: &Graph,
+    trace: bool,
+    env: &weir_operators::OpEnv,
+    gpu_memory: Option<usize>,
+) -> Result<weir_runtime::Program> {
+    Ok(wire(g, trace, env, gpu_memory)?.0.build()?)
+}
+
+/// One actor per node, on its lane, and one channel per edge.
+fn wire(
+    g: &Graph,
+    trace: bool,
+    env: &weir_operators::OpEnv,
+    gpu_memory: Option<usize>,
+) -> Result<(ProgramBuilder<Packet>, Vec<weir_runtime::ActorId>)> {
     let mut b = ProgramBuilder::<Packet>::new();
     b.trace(trace);
     b.activations(env.activations.clone());
@@ -54,8 +83,5 @@ pub fn compile(
             b.keep(actors[e.to.node], e.to.port, e.uses);
         }
     }
-    let entry = b.input(actors[g.entry.node], g.entry.port, 1);
-    let exit = b.output(actors[g.exit.node], g.exit.port, in_flight.max(1));
-    let program = b.build()?;
-    Ok(Compiled { program, entry, exit })
+    Ok((b, actors))
 }

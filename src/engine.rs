@@ -67,6 +67,8 @@ pub struct Engine {
     pub(crate) kv_nodes: (Vec<(String, usize)>, weir_operators::KvType),
     /// Connections to decode workers (a prefill worker's), by address.
     pub(crate) peers: Mutex<std::collections::HashMap<String, Arc<crate::split::KvTx>>>,
+    /// A graph over several processes: where this part meets the others.
+    net: Option<crate::pipeline::NetSite>,
 }
 
 fn start(
@@ -75,8 +77,14 @@ fn start(
     env: &weir_operators::OpEnv,
     p: &SchedParams,
     gauges: &Arc<Gauges>,
+    net: Option<&crate::pipeline::NetSite>,
 ) -> Result<Running> {
-    let Compiled { program, entry, exit } = compile(graph, trace, env, p.micro_batches, p.gpu_memory)?;
+    // A graph over several processes: every start connects its edges afresh.
+    let mut env = env.clone();
+    if let Some(site) = net {
+        env.net = Some(site.connect(graph)?);
+    }
+    let Compiled { program, entry, exit } = compile(graph, trace, &env, p.micro_batches, p.gpu_memory)?;
     let program = Arc::new(Mutex::new(Some(program)));
     // Room for every request the queue may hold, its cancellation, and more.
     let (cmds, cmd_rx) = crossbeam_channel::bounded::<Cmd>(1 << 16);
@@ -92,7 +100,10 @@ fn start(
 /// The host tier's pools, per the placement: weights read from storage, KV cache,
 /// activations, and the DRAM tier's held weights; one meter over them all (and the expert
 /// stores' caches, which the stores make).
-fn host_env(pools: Option<&HostPools>, opts: &EngineOptions) -> (weir_operators::OpEnv, weir_runtime::TierMeter) {
+pub(crate) fn host_env(
+    pools: Option<&HostPools>,
+    opts: &EngineOptions,
+) -> (weir_operators::OpEnv, weir_runtime::TierMeter) {
     let meter = weir_runtime::TierMeter::new();
     let pool = |name: &str, bytes: Option<u64>, reuse: bool| {
         let budget = bytes.map_or(usize::MAX, |b| b as usize);
@@ -109,6 +120,7 @@ fn host_env(pools: Option<&HostPools>, opts: &EngineOptions) -> (weir_operators:
         host_meter: Some(meter.clone()),
         bf16_as_f16: opts.bf16_as_f16,
         held_pool: pools.filter(|p| p.held > 0).map(|p| pool("held", Some(p.held), false)),
+        net: None,
     };
     (env, meter)
 }
@@ -163,6 +175,11 @@ impl Engine {
     /// pass waits for them.
     pub fn new(model: &Model, opts: EngineOptions) -> Result<Engine> {
         opts.check()?;
+        if let Some(p) = opts.process.as_deref().filter(|p| *p != weir_graphs::graph::MAIN) {
+            return Err(Error::Request(format!(
+                "--process {p}: an engine runs `main`'s part (the scheduler's); start `{p}` with `weir worker --process {p}`"
+            )));
+        }
         let max_positions = model.config.max_position_embeddings;
         let file = opts.graph.as_ref().map(|(t, f)| (t.as_str(), f.as_str()));
         let placed = model.place(file, &opts.placement(max_positions))?;
@@ -193,7 +210,8 @@ impl Engine {
         };
         log_placement(&placed);
         let gauges = Arc::new(Gauges::default());
-        let run = start(&placed.graph, opts.trace, &env, &sched, &gauges)?;
+        let net = crate::pipeline::NetSite::new(&placed.graph, model, Some(opts.connect_timeout))?;
+        let run = start(&placed.graph, opts.trace, &env, &sched, &gauges, net.as_ref())?;
         Ok(Engine {
             run: Mutex::new(run),
             trace: opts.trace,
@@ -209,6 +227,7 @@ impl Engine {
             kv_bulk_below: opts.kv_bulk_below,
             kv_nodes: weir_graphs::place::kv_export::attention_nodes(&placed.graph),
             placed,
+            net,
         })
     }
 
@@ -243,7 +262,7 @@ impl Engine {
         if run.fault().is_some() {
             // The last program failed (its requests were told why): start afresh.
             let _ = run.stop();
-            *run = start(&self.placed.graph, self.trace, &self.env, &self.sched, &self.gauges)?;
+            *run = start(&self.placed.graph, self.trace, &self.env, &self.sched, &self.gauges, self.net.as_ref())?;
         }
         let cmds = run.cmds.as_ref().ok_or(Error::Stopped(None))?;
         let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

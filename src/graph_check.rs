@@ -13,16 +13,36 @@ use weir_operators::OpConfig;
 /// KV block, passes of one token), since the run's options decide it —; without, its syntax
 /// and structure, with the transfers the placement would add. Every problem is an error (a graph file's as
 /// `file:line:col` lines); the summary says how many lanes, operators and edges run, how many
-/// operators run on GPU lanes and how many transfers move data to and from GPU memory.
+/// operators run on GPU lanes and how many transfers move data to and from GPU memory; for a
+/// graph over several processes, each process's part.
 pub fn check_graph(text: &str, name: &str, model: Option<&Model>, threads: usize) -> Result<String> {
     let g = match model {
         Some(m) => {
             let reserve = Reserve { kv_tokens: KV_BLOCK_TOKENS, pass_tokens: 1, passes: 1 };
-            m.place(Some((text, name)), &PlaceOptions { threads, reserve, ..Default::default() })?.graph
+            let place = |process: Option<String>| {
+                let o = PlaceOptions { threads, reserve, process, ..Default::default() };
+                m.place(Some((text, name)), &o).map(|p| p.graph)
+            };
+            let g = place(None)?;
+            if g.part.is_none() {
+                return Ok(format!("{name}: ok ({})", summary(&g)));
+            }
+            // A graph over several processes: each process's part (a worker's file has no `main`).
+            let mut parts = Vec::new();
+            if !g.nodes.is_empty() {
+                parts.push(format!("main: {}", summary(&g)));
+            }
+            for p in &g.processes {
+                let part = place(Some(p.name.clone()))?;
+                if !part.nodes.is_empty() {
+                    parts.push(format!("{}: {}", p.name, summary(&part)));
+                }
+            }
+            return Ok(format!("{name}: ok ({})", parts.join("; ")));
         }
         None => {
             let cpus = weir_runtime::lane::allowed_cpus();
-            let input = weir_graphs::format::CheckInput { vars: vec![], weights: None, cpus };
+            let input = weir_graphs::format::CheckInput { vars: vec![], weights: None, cpus, process: None };
             let mut g = weir_graphs::format::load_str(text, name, &input).map_err(Error::Graph)?;
             weir_graphs::place::transfers::insert(&mut g).map_err(|e| Error::Placement(format!("{name}: {e}")))?;
             g

@@ -54,6 +54,7 @@ pub mod log;
 pub mod machine;
 pub mod model;
 pub mod options;
+pub mod pipeline;
 pub mod request;
 pub mod route;
 pub mod scheduler;

@@ -96,6 +96,6 @@ impl Model {
     /// The checked graph of this model before any placement pass: `graph` (a graph file's text
     /// and name) or the architecture's built-in one, with `threads` compute threads (0 = all).
     pub fn expand(&self, graph: Option<(&str, &str)>, threads: usize, kv_dtype: KvType) -> Result<Graph> {
-        Ok(weir_graphs::place::expand(&self.config, &self.weights, graph, threads, kv_dtype, &ThisMachine)?)
+        Ok(weir_graphs::place::expand(&self.config, &self.weights, graph, threads, kv_dtype, None, &ThisMachine)?)
     }
 }

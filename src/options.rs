@@ -95,6 +95,11 @@ pub struct EngineOptions {
     pub role: Role,
     /// Export the KV cache whatever the role (a mixed worker that prefills for decode workers).
     pub export_kv: bool,
+    /// A graph over several processes (`process` statements): which process's part to place
+    /// (`None`: `main`, the one an `Engine` runs; the others run `weir::pipeline::run_worker`).
+    pub process: Option<String>,
+    /// How long `main` waits for the other processes of its graph to connect each edge.
+    pub connect_timeout: std::time::Duration,
     /// A prefill worker sends the KV cache of a prompt shorter than this as one transfer
     /// after prefill, and a longer one layer by layer while it runs (see BENCHMARKS.md,
     /// phase splitting, for how the default was measured).
@@ -129,6 +134,13 @@ impl EngineOptions {
     /// Checks the options against what the placement made of them: `kv_tokens` needs a budget
     /// (a flag, the graph file's own, or a GPU's).
     pub fn check_placed(&self, placed: &weir_graphs::Placed) -> Result<()> {
+        if placed.graph.part.is_some() && (self.role != Role::Mixed || self.export_kv) {
+            return Err(Error::Request(
+                "--role prefill|decode with a graph over several processes: phase splitting moves KV caches between \
+                 whole engines, a pipeline's processes share one (not built together)"
+                    .into(),
+            ));
+        }
         if self.kv_tokens.is_some() && placed.pools.is_none() {
             return Err(Error::Request(
                 "--kv-tokens needs --memory-budget or --gpu-memory, a graph file with its own `budget`, or a graph \
@@ -162,6 +174,7 @@ impl EngineOptions {
             reserve: self.reserve(max_positions),
             experts: self.experts.clone(),
             export_kv: self.role == Role::Prefill || self.export_kv,
+            process: self.process.clone(),
         }
     }
 }
@@ -188,6 +201,8 @@ impl Default for EngineOptions {
             gpu_memory: None,
             role: Role::Mixed,
             export_kv: false,
+            process: None,
+            connect_timeout: std::time::Duration::from_secs(60),
             kv_bulk_below: KV_BULK_BELOW,
         }
     }

@@ -19,7 +19,7 @@ fn the_builtin_graph_round_trips_through_show() {
         let model = Model::open(fixture(fx)).unwrap();
         let g = model.expand(None, 1, weir::KvType::F32).unwrap();
         let text = print(&g);
-        let input = CheckInput { vars: vec![], weights: Some(&model.weights), cpus: cpus() };
+        let input = CheckInput { vars: vec![], weights: Some(&model.weights), cpus: cpus(), process: None };
         let g2 = load_str(&text, "shown.weir", &input).unwrap_or_else(|r| panic!("{r}\n{text}"));
         assert_eq!(g2, g, "{fx}: parse(show(g)) != g");
         assert_eq!(print(&g2), text);
@@ -56,8 +56,12 @@ fn printing_and_parsing_random_placed_graphs_gives_the_same_graph() {
     let cpus = cpus();
     for case in 0..150 {
         let cfg = random_config(&mut rng);
-        let input =
-            CheckInput { vars: model_vars(&cfg, 1, weir_operators::KvType::F32), weights: None, cpus: cpus.clone() };
+        let input = CheckInput {
+            vars: model_vars(&cfg, 1, weir_operators::KvType::F32),
+            weights: None,
+            cpus: cpus.clone(),
+            process: None,
+        };
         let mut g = load_str(builtin::LLAMA, "llama.weir", &input).unwrap_or_else(|r| panic!("case {case}: {r}"));
         // Random placement: extra CPU lanes, operators moved between them, capacities changed.
         let extra = (rng.next_u64() % 3) as usize;
@@ -93,7 +97,7 @@ fn printing_and_parsing_random_placed_graphs_gives_the_same_graph() {
             g.host_budget = Some(1 + rng.next_u64() % (1 << 30));
         }
         let text = print(&g);
-        let plain = CheckInput { vars: vec![], weights: None, cpus: cpus.clone() };
+        let plain = CheckInput { vars: vec![], weights: None, cpus: cpus.clone(), process: None };
         let g2 = load_str(&text, "printed.weir", &plain).unwrap_or_else(|r| panic!("case {case}: {r}\n{text}"));
         assert_eq!(g2, g, "case {case}: parse(print(g)) != g\n{text}");
         assert_eq!(print(&g2), text, "case {case}");

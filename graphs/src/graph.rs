@@ -41,6 +41,18 @@ impl Edge {
     }
 }
 
+/// A process a graph spreads over: `process NAME [at="ADDR"]`. `main` is the one that runs
+/// the scheduler (the graph's `input` and `output`); it need not be declared.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Process {
+    pub name: String,
+    /// Where it listens for the edges that come to it (`HOST:PORT` or `unix:PATH`).
+    pub at: Option<String>,
+}
+
+/// The process that runs the scheduler.
+pub const MAIN: &str = "main";
+
 /// A placed dataflow graph with one entry (token ids in) and one exit (sampled tokens out).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Graph {
@@ -53,6 +65,14 @@ pub struct Graph {
     pub host_budget: Option<u64>,
     /// Each GPU's memory budget in bytes (`budget gpu=…`), if the file or the placement sets one.
     pub gpu_budget: Option<u64>,
+    /// The processes the file declares (`process` statements), in order.
+    pub processes: Vec<Process>,
+    /// Lane name → its process, for the lanes outside `main` (`lane … process=NAME`).
+    pub lane_process: std::collections::BTreeMap<String, String>,
+    /// Which process's part this is, once the placement has cut a graph over several processes
+    /// (`place::processes`): its lanes are that process's, its edges to others `net_send` and
+    /// `net_recv` nodes. `None`: a whole graph.
+    pub part: Option<String>,
 }
 
 /// Which memory a port's data is in: the host's, or GPU `d`'s.
@@ -69,7 +89,20 @@ impl Graph {
             exit: Port { node: 0, port: 0 },
             host_budget: None,
             gpu_budget: None,
+            processes: Vec::new(),
+            lane_process: Default::default(),
+            part: None,
         }
+    }
+
+    /// The process lane `lane` runs in.
+    pub fn process_of(&self, lane: usize) -> &str {
+        self.lane_process.get(&self.lanes[lane].name).map_or(MAIN, String::as_str)
+    }
+
+    /// Whether this graph (or part) drives passes: it has the scheduler's entry and exit.
+    pub fn drives(&self) -> bool {
+        self.part.as_deref().is_none_or(|p| p == MAIN)
     }
 
     /// The GPU lane `lane` drives, if it is one.
@@ -127,6 +160,15 @@ impl Graph {
             return base.to_string();
         }
         (2..).map(|i| format!("{base}/{i}")).find(|n| !taken(n)).unwrap_or_default()
+    }
+
+    /// A lane name not yet taken: `base`, else `base2`, `base3`, …
+    pub fn fresh_lane(&self, base: &str) -> String {
+        let taken = |n: &str| self.lanes.iter().any(|l| l.name == n);
+        if !taken(base) {
+            return base.to_string();
+        }
+        (2..).map(|i| format!("{base}{i}")).find(|n| !taken(n)).unwrap_or_default()
     }
 
     /// The loader nodes, with their specs.

@@ -4,8 +4,8 @@
 
 use crate::spec::{Carries, Mem, OpEnv, OpSpec, ParamValue, Params, Port};
 use crate::{
-    add, attention, embedding, expert, expert_store, kv_send, linear, lm_head, loader, rmsnorm, rope, router, sampler,
-    sigmoid_gate, swiglu, to_gpu, to_host, Packet,
+    add, attention, embedding, expert, expert_store, kv_send, linear, lm_head, loader, net_recv, net_send, rmsnorm,
+    rope, router, sampler, sigmoid_gate, swiglu, to_gpu, to_host, Packet,
 };
 use std::collections::BTreeMap;
 use weir_runtime::Operator;
@@ -137,6 +137,10 @@ registry! {
     ToHost(to_host),
     /// An exporting attention node's keys and values, to each sequence's decode worker.
     KvSend(kv_send),
+    /// The producing end of an edge to another process (made by the cut into processes).
+    NetSend(net_send),
+    /// The consuming end of an edge from another process.
+    NetRecv(net_recv),
 }
 
 /// The operator kinds a `node` statement may name.
@@ -312,6 +316,8 @@ mod tests {
             OpConfig::ToGpu(to_gpu::Spec::default()),
             OpConfig::ToHost(to_host::Spec),
             OpConfig::KvSend(kv_send::Spec),
+            OpConfig::NetSend(net_send::Spec { edge: "l0/attn_norm.y@tail".into(), peer: "tail".into() }),
+            OpConfig::NetRecv(net_recv::Spec { edge: "l0/attn_norm.y@tail".into(), peer: "main".into(), width: 64 }),
         ]
     }
 

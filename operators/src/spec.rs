@@ -133,6 +133,8 @@ pub struct OpEnv {
     pub bf16_as_f16: bool,
     /// Where loaders keep their held tensors (the DRAM tier), when the plan holds some.
     pub held_pool: Option<weir_runtime::Pool>,
+    /// The connected remote edges of a graph over several processes (`net_send`, `net_recv`).
+    pub net: Option<std::sync::Arc<crate::net::NetLinks>>,
 }
 
 impl Default for OpEnv {
@@ -148,6 +150,7 @@ impl Default for OpEnv {
             host_meter: None,
             bf16_as_f16: false,
             held_pool: None,
+            net: None,
         }
     }
 }

@@ -26,6 +26,9 @@ pub struct CheckInput<'a> {
     pub weights: Option<&'a WeightIndex>,
     /// CPUs this process may use (for `cores=` and `threads=`).
     pub cpus: Vec<usize>,
+    /// The process this check places for (`None`: `main`); the cores of other processes'
+    /// lanes are theirs to check.
+    pub process: Option<String>,
 }
 
 /// Expands and checks a parsed file into a graph, or returns every problem found.
@@ -118,7 +121,41 @@ impl<'a> Resolver<'a> {
         self.graph
     }
 
+    /// The `process` statements, and each lane's `process=`: a declared process (or `main`).
+    fn processes(&mut self) {
+        for p in &self.f.processes {
+            if self.graph.processes.iter().any(|q| q.name == p.name) {
+                self.err(p.span, format!("process `{}` is declared twice", p.name));
+                continue;
+            }
+            self.graph.processes.push(crate::graph::Process { name: p.name.clone(), at: p.at.clone() });
+        }
+        for l in &self.f.lanes {
+            let Some((_, v, sp)) = l.attrs.iter().find(|(k, _, _)| k == "process") else { continue };
+            let Value::Str(name) = v else {
+                self.err(*sp, format!("`process` must name a process, found {v}"));
+                continue;
+            };
+            if name == crate::graph::MAIN {
+                continue;
+            }
+            if !self.graph.processes.iter().any(|p| &p.name == name) {
+                let mut known: Vec<&str> = self.graph.processes.iter().map(|p| p.name.as_str()).collect();
+                known.insert(0, crate::graph::MAIN);
+                let m = format!(
+                    "lane `{}`: unknown process `{name}` (declared: {}; add `process {name} at=\"HOST:PORT\"`)",
+                    l.name,
+                    known.join(", ")
+                );
+                self.err(*sp, m);
+                continue;
+            }
+            self.graph.lane_process.insert(l.name.clone(), name.clone());
+        }
+    }
+
     fn lanes(&mut self) {
+        self.processes();
         for l in &self.f.lanes {
             if let Some((_, first)) = self.lane_idx.get(&l.name) {
                 let m = format!("lane `{}` is declared twice (first at {first})", l.name);
@@ -126,7 +163,17 @@ impl<'a> Resolver<'a> {
                 continue;
             }
             let mut problems = Vec::new();
-            let lane = super::lanes::lane(l, &self.input.cpus, &mut |sp, m| problems.push((sp, m)));
+            // Another process's lane is checked against the CPUs over there, by that process.
+            let mine = self.graph.lane_process.get(&l.name).map_or(crate::graph::MAIN, String::as_str)
+                == self.input.process.as_deref().unwrap_or(crate::graph::MAIN);
+            let anywhere: Vec<usize>;
+            let cpus = if mine {
+                &self.input.cpus
+            } else {
+                anywhere = (0..4096).collect();
+                &anywhere
+            };
+            let lane = super::lanes::lane(l, cpus, &mut |sp, m| problems.push((sp, m)));
             problems.into_iter().for_each(|(sp, m)| self.err(sp, m));
             if let Some(lane) = lane {
                 self.lane_idx.insert(l.name.clone(), (self.graph.lanes.len(), l.span));
@@ -160,7 +207,7 @@ impl<'a> Resolver<'a> {
             }
             LaneUse::Send => (
                 matches!(kind, LaneKind::Io { .. } | LaneKind::Cpu { .. }),
-                "a kv_send waits on the network, on an io lane (or a cpu lane)",
+                "kv_send, net_send and net_recv wait on the network, on an io lane (or a cpu lane)",
             ),
         };
         if !fits {
@@ -195,7 +242,7 @@ impl<'a> Resolver<'a> {
             };
             let usage = match op {
                 OpConfig::ExpertStore(_) => LaneUse::Store,
-                OpConfig::KvSend(_) => LaneUse::Send,
+                OpConfig::KvSend(_) | OpConfig::NetSend(_) | OpConfig::NetRecv(_) => LaneUse::Send,
                 _ => LaneUse::Compute,
             };
             let placed = self.f.places.iter().rev().find(|p| {
@@ -309,6 +356,11 @@ impl<'a> Resolver<'a> {
     fn end(&mut self, output: bool) -> Option<Port> {
         let what = if output { "output" } else { "input" };
         let eps = if output { &self.f.outputs } else { &self.f.inputs };
+        // A worker's part (every lane in another process) has neither: the scheduler is in `main`.
+        let worker = !self.graph.lanes.is_empty() && self.graph.lane_process.len() == self.graph.lanes.len();
+        if eps.is_empty() && worker {
+            return None;
+        }
         if eps.is_empty() {
             let which =
                 if output { "(which port gives the sampled tokens?)" } else { "(which port takes the token ids?)" };

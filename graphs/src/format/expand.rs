@@ -136,6 +136,13 @@ pub(super) struct LaneDecl {
     pub span: Span,
 }
 
+/// `process NAME [at="ADDR"]`.
+pub(super) struct ProcessDecl {
+    pub name: String,
+    pub at: Option<String>,
+    pub span: Span,
+}
+
 pub(super) struct NodeDecl {
     pub name: String,
     /// An attribute failed to evaluate (already reported): skip the parameter check.
@@ -197,6 +204,7 @@ impl Kept {
 #[derive(Default)]
 pub(super) struct Flat {
     pub lanes: Vec<LaneDecl>,
+    pub processes: Vec<ProcessDecl>,
     pub nodes: Vec<NodeDecl>,
     pub edges: Vec<EdgeDecl>,
     pub weights: Vec<WeightDecl>,
@@ -415,9 +423,11 @@ impl Elab<'_> {
                 self.err(a.span, format!("`{}` is given twice", a.key));
                 continue;
             }
-            // Lane and node names may be written bare: `lane=compute`.
+            // Lane, node and process names may be written bare: `lane=compute`, `process=tail`.
             let v = match (&a.value, a.key.as_str()) {
-                (Expr::Var(n, _), "lane" | "loader" | "kind" | "tier" | "store") if self.lookup(n).is_none() => {
+                (Expr::Var(n, _), "lane" | "loader" | "kind" | "tier" | "store" | "process")
+                    if self.lookup(n).is_none() =>
+                {
                     Some(Value::Str(n.clone()))
                 }
                 (Expr::Var(n, _), "cores") if n == "all" => Some(Value::Str("all".into())),
@@ -507,6 +517,22 @@ impl Elab<'_> {
         }
     }
 
+    /// `process NAME [at="ADDR"]`.
+    fn process(&mut self, name: &super::syntax::Name, attrs: &[super::syntax::Attr], span: Span) {
+        let Some(name) = self.name(name) else { return };
+        let attrs = self.attrs(attrs);
+        self.unknown_attrs(&attrs, &["at"], "`process`");
+        let mut at = None;
+        for (_, v, sp) in &attrs {
+            match v {
+                Value::Str(a) if !a.is_empty() => at = Some(a.clone()),
+                v => self
+                    .err(*sp, format!("`at` must be an address in quotes (\"HOST:PORT\" or \"unix:PATH\"), found {v}")),
+            }
+        }
+        self.out.processes.push(ProcessDecl { name, at, span });
+    }
+
     fn stmt(&mut self, s: &Stmt) {
         match s {
             Stmt::Lane { name, kind, attrs, span } => {
@@ -514,6 +540,7 @@ impl Elab<'_> {
                 let attrs = self.attrs(attrs);
                 self.out.lanes.push(LaneDecl { name, kind: kind.clone(), attrs, span: *span });
             }
+            Stmt::Process { name, attrs, span } => self.process(name, attrs, *span),
             Stmt::Default { attrs, .. } => {
                 let attrs = self.attrs(attrs);
                 self.unknown_attrs(&attrs, &["capacity", "lane", "loader"], "`default`");

@@ -15,8 +15,8 @@ pub(super) fn lane(l: &LaneDecl, cpus: &[usize], err: &mut dyn FnMut(Span, Strin
         _ => &[],
     };
     for (k, _, sp) in &l.attrs {
-        if !known.contains(&k.as_str()) && !known.is_empty() {
-            err(*sp, format!("a `{}` lane has no attribute `{k}` (known: {})", l.kind.0, known.join(", ")));
+        if k != "process" && !known.contains(&k.as_str()) && !known.is_empty() {
+            err(*sp, format!("a `{}` lane has no attribute `{k}` (known: {}, process)", l.kind.0, known.join(", ")));
         }
     }
     let kind = match l.kind.0.as_str() {

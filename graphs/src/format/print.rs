@@ -43,22 +43,34 @@ pub fn print(g: &Graph) -> String {
     let _ = writeln!(s, "weir {}", super::syntax::VERSION);
     let _ = writeln!(s, "# compiled and placed: {} lanes, {compute} operators, {} edges", g.lanes.len(), g.edges.len());
     s.push('\n');
+    for p in &g.processes {
+        let at = p.at.as_ref().map_or(String::new(), |a| format!(" at={}", quote(a)));
+        let _ = writeln!(s, "process {}{at}", p.name);
+    }
     for l in &g.lanes {
-        let _ = match &l.kind {
+        let mut line = match &l.kind {
             LaneKind::Cpu { cores } => {
                 let cores = cores.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",");
-                writeln!(s, "lane {} cpu cores={cores}", l.name)
+                format!("lane {} cpu cores={cores}", l.name)
             }
-            LaneKind::Io { core: Some(c) } => writeln!(s, "lane {} io core={c}", l.name),
-            LaneKind::Io { core: None } => writeln!(s, "lane {} io", l.name),
+            LaneKind::Io { core: Some(c) } => format!("lane {} io core={c}", l.name),
+            LaneKind::Io { core: None } => format!("lane {} io", l.name),
             LaneKind::Nvme { core, depth, chunk } => {
                 let core = core.map_or(String::new(), |c| format!(" core={c}"));
-                writeln!(s, "lane {} nvme depth={depth} chunk={chunk}{core}", l.name)
+                format!("lane {} nvme depth={depth} chunk={chunk}{core}", l.name)
             }
-            LaneKind::GpuStream { device, stream } => {
-                writeln!(s, "lane {} gpu device={device} stream={stream}", l.name)
-            }
+            LaneKind::GpuStream { device, stream } => format!("lane {} gpu device={device} stream={stream}", l.name),
         };
+        // A worker's part: every lane its own (lanes later passes added included).
+        let process = match g.part.as_deref() {
+            Some(p) if p != crate::graph::MAIN => Some(p),
+            Some(_) => None,
+            None => g.lane_process.get(&l.name).map(String::as_str),
+        };
+        if let Some(p) = process {
+            line.push_str(&format!(" process={}", name_value(p)));
+        }
+        let _ = writeln!(s, "{line}");
     }
     for (k, b) in [("host", g.host_budget), ("gpu", g.gpu_budget)] {
         if let Some(b) = b {
@@ -79,15 +91,19 @@ pub fn print(g: &Graph) -> String {
     }
     s.push('\n');
     let in_name = |p: &Port| format!("{}.{}", g.nodes[p.node].name, g.nodes[p.node].op.inputs()[p.port]);
-    let _ = writeln!(s, "input {}", in_name(&g.entry));
+    if g.drives() {
+        let _ = writeln!(s, "input {}", in_name(&g.entry));
+    }
     let reader = |i: usize| matches!(g.nodes[i].op, OpConfig::Load(_) | OpConfig::ExpertStore(_));
     for e in g.edges.iter().filter(|e| !reader(e.from.node)) {
         let from = &g.nodes[e.from.node];
         let out = &from.op.outputs()[e.from.port];
         let _ = writeln!(s, "edge {}.{out} -> {} capacity={}", from.name, in_name(&e.to), e.capacity);
     }
-    let x = &g.nodes[g.exit.node];
-    let _ = writeln!(s, "output {}.{}", x.name, x.op.outputs()[g.exit.port]);
+    if g.drives() {
+        let x = &g.nodes[g.exit.node];
+        let _ = writeln!(s, "output {}.{}", x.name, x.op.outputs()[g.exit.port]);
+    }
     s.push('\n');
     // A tensor's consumers by name: the same whatever order the passes left its edges in.
     let by_name = |es: &mut Vec<&crate::graph::Edge>| {

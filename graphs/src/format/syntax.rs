@@ -108,6 +108,7 @@ pub struct Attr {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Stmt {
     Lane { name: Name, kind: (String, Span), attrs: Vec<Attr>, span: Span },
+    Process { name: Name, attrs: Vec<Attr>, span: Span },
     Default { attrs: Vec<Attr>, span: Span },
     Set { name: (String, Span), value: Expr, span: Span },
     Node { name: Name, kind: (String, Span), attrs: Vec<Attr>, span: Span },
@@ -443,14 +444,19 @@ impl<'a> Parser<'a> {
 
     fn stmt_inner(&mut self) -> Option<Stmt> {
         let span = self.span();
-        let (kw, _) =
-            self.ident("a statement (lane, default, set, node, edge, weight, input, output, place, budget, for, if)")?;
+        let (kw, _) = self.ident(
+            "a statement (lane, process, default, set, node, edge, weight, input, output, place, budget, for, if)",
+        )?;
         let s = match kw.as_str() {
             "lane" => {
                 let name = self.name("a lane name")?;
                 let kind = self.ident("a lane kind (cpu, io, gpu, nvme)")?;
                 let attrs = self.attrs()?;
                 Stmt::Lane { name, kind, attrs, span }
+            }
+            "process" => {
+                let name = self.name("a process name")?;
+                Stmt::Process { name, attrs: self.attrs()?, span }
             }
             "default" => Stmt::Default { attrs: self.attrs()?, span },
             "place" => Stmt::Place { attrs: self.attrs()?, span },
@@ -517,7 +523,7 @@ impl<'a> Parser<'a> {
                 Stmt::If { cond, then, otherwise, span }
             }
             other => {
-                self.err(span, format!("unknown statement `{other}` (known: lane, default, set, node, edge, weight, input, output, place, for, if)"));
+                self.err(span, format!("unknown statement `{other}` (known: lane, process, default, set, node, edge, weight, input, output, place, budget, for, if)"));
                 return None;
             }
         };

@@ -29,6 +29,7 @@ pub mod experts;
 pub mod kv_export;
 pub mod loaders;
 pub mod memory;
+pub mod processes;
 pub mod transfers;
 
 use crate::error::{Error, Result};
@@ -73,6 +74,8 @@ pub struct PlaceOptions {
     pub experts: Option<ExpertPlacement>,
     /// A prefill worker's graph: attention exports its KV cache (`kv_export`).
     pub export_kv: bool,
+    /// Which process's part of a graph over several processes to place (`None`: `main`).
+    pub process: Option<String>,
 }
 
 impl Default for PlaceOptions {
@@ -88,6 +91,7 @@ impl Default for PlaceOptions {
             reserve: Reserve { kv_tokens: 2048, pass_tokens: 256, passes: 1 },
             experts: None,
             export_kv: false,
+            process: None,
         }
     }
 }
@@ -113,8 +117,10 @@ pub fn place(
     o: &PlaceOptions,
     machine: &dyn Machine,
 ) -> Result<Placed> {
-    let mut graph = expand(config, weights, file, o.threads, o.kv_dtype, machine)?;
+    let mut graph = expand(config, weights, file, o.threads, o.kv_dtype, o.process.as_deref(), machine)?;
     debug(&graph, "expand");
+    graph = processes::cut(graph, o.process.as_deref().unwrap_or(crate::graph::MAIN))?;
+    debug(&graph, "cut into processes");
     let experts = match &o.experts {
         Some(p) => {
             let mut p = p.clone();
@@ -150,13 +156,14 @@ fn debug(g: &Graph, pass: &str) {
 
 /// Pass 1: the graph file (`file`: text and name; `None`: the architecture's built-in one)
 /// parsed and checked for this model, with `threads` compute threads (0 = all) and KV cache
-/// elements of `kv_dtype`.
+/// elements of `kv_dtype`, for `process` (`None`: `main`; see `processes`).
 pub fn expand(
     config: &ModelConfig,
     weights: &WeightIndex,
     file: Option<(&str, &str)>,
     threads: usize,
     kv_dtype: KvType,
+    process: Option<&str>,
     machine: &dyn Machine,
 ) -> Result<Graph> {
     let (text, name) = file.unwrap_or_else(|| {
@@ -172,6 +179,6 @@ pub fn expand(
     }
     let threads = if threads == 0 { cpus.len() } else { threads };
     let vars = crate::format::model_vars(config, threads, kv_dtype);
-    let input = crate::format::CheckInput { vars, weights: Some(weights), cpus };
+    let input = crate::format::CheckInput { vars, weights: Some(weights), cpus, process: process.map(str::to_string) };
     crate::format::load_str(text, name, &input).map_err(Error::Graph)
 }

@@ -125,6 +125,27 @@ fn config() -> bincode::config::Configuration {
 struct Credits {
     state: Mutex<(usize, Option<RemoteError>)>,
     changed: Condvar,
+    /// Lanes to wake when credits come back or the connection ends.
+    waiters: Waiters,
+}
+
+/// Lanes waiting on a remote edge (a sender for credits, a receiver for messages), each woken
+/// once when what it waits for changes.
+#[derive(Default)]
+struct Waiters(Mutex<Vec<Arc<crate::channel::Waker>>>);
+
+impl Waiters {
+    fn add(&self, lane: &crate::pool::LaneWaker) {
+        let mut w = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if !w.iter().any(|x| Arc::ptr_eq(x, &lane.0)) {
+            w.push(lane.0.clone());
+        }
+    }
+    fn wake(&self) {
+        for w in std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner())) {
+            w.wake();
+        }
+    }
 }
 
 /// The sending end of a remote edge. `send` takes `&self`: share it behind an `Arc`.
@@ -151,7 +172,11 @@ impl<T: bincode::Encode> RemoteTx<T> {
             return Err(e);
         }
         let capacity = theirs.capacity as usize;
-        let credits = Arc::new(Credits { state: Mutex::new((capacity, None)), changed: Condvar::new() });
+        let credits = Arc::new(Credits {
+            state: Mutex::new((capacity, None)),
+            changed: Condvar::new(),
+            waiters: Waiters::default(),
+        });
         let mut reader = stream.try_clone(addr)?;
         let (c, peer) = (credits.clone(), addr.to_string());
         std::thread::Builder::new()
@@ -193,6 +218,12 @@ impl<T: bincode::Encode> RemoteTx<T> {
     /// Whether a message could be sent now without waiting (a credit, and the peer there).
     pub fn has_room(&self) -> bool {
         self.credits.state.lock().is_ok_and(|s| s.0 > 0 && s.1.is_none())
+    }
+
+    /// Wakes `lane` when credits come back or the connection ends (once; an actor that finds
+    /// no room registers, then looks again: a credit between the two is not lost).
+    pub fn notify_on_credit(&self, lane: &crate::pool::LaneWaker) {
+        self.credits.waiters.add(lane);
     }
 
     /// Why the connection failed, if it has.
@@ -244,6 +275,7 @@ impl<T: bincode::Encode> RemoteTx<T> {
             s.1.get_or_insert(e);
         }
         self.credits.changed.notify_all();
+        self.credits.waiters.wake();
     }
 
     fn poisoned(&self) -> RemoteError {
@@ -271,6 +303,7 @@ fn read_credits(stream: &mut Stream, credits: &Credits, peer: &str) {
                         s.0 += n as usize;
                     }
                     credits.changed.notify_all();
+                    credits.waiters.wake();
                 }
                 Err(e) => {
                     break RemoteError::Protocol {
@@ -293,6 +326,7 @@ fn read_credits(stream: &mut Stream, credits: &Credits, peer: &str) {
         s.1.get_or_insert(end);
     }
     credits.changed.notify_all();
+    credits.waiters.wake();
 }
 
 /// The receiving end of a remote edge: `recv` takes a message and gives its credit back.
@@ -302,6 +336,7 @@ pub struct RemoteRx<T> {
     inbox: Receiver<Result<T, RemoteError>>,
     ended: Mutex<Option<RemoteError>>,
     received_bytes: Arc<std::sync::atomic::AtomicU64>,
+    arrivals: Arc<Waiters>,
 }
 
 impl<T: bincode::Decode<()> + Send + 'static> RemoteRx<T> {
@@ -321,6 +356,43 @@ impl<T: bincode::Decode<()> + Send + 'static> RemoteRx<T> {
         let msg = self.take()?;
         self.give_credit();
         Ok(msg)
+    }
+
+    /// The next message if one is there, without waiting (its credit sent back); `None` when
+    /// none has come; the error once the connection has ended.
+    pub fn try_recv(&self) -> Option<Result<T, RemoteError>> {
+        if let Some(e) = self.ended.lock().ok().and_then(|e| e.clone()) {
+            return Some(Err(e));
+        }
+        let got = match self.inbox.try_recv() {
+            Ok(got) => got,
+            Err(crossbeam_channel::TryRecvError::Empty) => return None,
+            Err(crossbeam_channel::TryRecvError::Disconnected) => Err(RemoteError::Closed { peer: self.peer.clone() }),
+        };
+        match &got {
+            Ok(_) => self.give_credit(),
+            Err(e) => {
+                if let Ok(mut end) = self.ended.lock() {
+                    *end = Some(e.clone());
+                }
+            }
+        }
+        Some(got)
+    }
+
+    /// Why the connection ended, once a receive has met its end.
+    pub fn ended(&self) -> Option<RemoteError> {
+        self.ended.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// Whether [`RemoteRx::try_recv`] would return something now (a message, or the end).
+    pub fn has_message(&self) -> bool {
+        !self.inbox.is_empty() || self.ended.lock().is_ok_and(|e| e.is_some())
+    }
+
+    /// Wakes `lane` when a message (or the end) arrives (once; register, then look again).
+    pub fn notify_on_arrival(&self, lane: &crate::pool::LaneWaker) {
+        self.arrivals.add(lane);
     }
 
     /// The next message, its credit kept until [`RemoteRx::give_credit`].
@@ -376,16 +448,54 @@ impl RemoteListener {
     /// Waits for a sender and shakes hands as `hello` (its capacity is this end's).
     pub fn accept<T: bincode::Decode<()> + Send + 'static>(&self, hello: &Hello) -> Result<RemoteRx<T>, RemoteError> {
         let (stream, peer) = self.listener.accept(&self.addr)?;
-        handshake_rx(stream, peer, hello)
+        handshake_rx(stream, peer, std::slice::from_ref(hello)).map(|(_, rx)| rx)
+    }
+
+    /// Waits for a sender of any of these edges (one listener serving a process's edges) and
+    /// shakes hands as the hello of the edge it names: which one, and its receiving end. A
+    /// sender of an edge not among them is refused (both ends say which edge).
+    pub fn accept_any<T: bincode::Decode<()> + Send + 'static>(
+        &self,
+        hellos: &[Hello],
+    ) -> Result<(usize, RemoteRx<T>), RemoteError> {
+        let (stream, peer) = self.listener.accept(&self.addr)?;
+        handshake_rx(stream, peer, hellos)
     }
 }
 
+impl RemoteListener {
+    /// [`RemoteListener::accept_any`] waiting until `deadline` at most: `Ok(None)` when no
+    /// sender came by then (the listener is left as it was, ready for the next call).
+    pub fn accept_any_until<T: bincode::Decode<()> + Send + 'static>(
+        &self,
+        hellos: &[Hello],
+        deadline: Instant,
+    ) -> Result<Option<(usize, RemoteRx<T>)>, RemoteError> {
+        self.listener.set_nonblocking(true, &self.addr)?;
+        let got = loop {
+            match self.listener.try_accept(&self.addr) {
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                other => break other,
+            }
+        };
+        self.listener.set_nonblocking(false, &self.addr)?;
+        match got? {
+            Some((stream, peer)) => handshake_rx(stream, peer, hellos).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+/// The receiving side's handshake: reads the sender's hello, answers with the hello in `hellos`
+/// of the edge it names (or the first, which the sender then refuses), checks it.
 fn handshake_rx<T: bincode::Decode<()> + Send + 'static>(
     mut stream: Stream,
     peer: String,
-    hello: &Hello,
-) -> Result<RemoteRx<T>, RemoteError> {
+    hellos: &[Hello],
+) -> Result<(usize, RemoteRx<T>), RemoteError> {
     let theirs: Hello = frame::read_msg(&mut stream, Kind::Hello, &peer)?;
+    let which = hellos.iter().position(|h| h.edge == theirs.edge).unwrap_or(0);
+    let hello = &hellos[which];
     frame::write_msg(&mut stream, Kind::Hello, hello, &peer)?;
     if let Err(e) = hello.check(&Hello { capacity: theirs.capacity.max(1), ..theirs }, &peer) {
         let _ = stream.shutdown();
@@ -396,12 +506,14 @@ fn handshake_rx<T: bincode::Decode<()> + Send + 'static>(
     let (tx, inbox) = crossbeam_channel::bounded(capacity + 1);
     let mut reader = stream.try_clone(&peer)?;
     let received_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let (p, counted) = (peer.clone(), received_bytes.clone());
+    let arrivals = Arc::new(Waiters::default());
+    let (p, counted, woken) = (peer.clone(), received_bytes.clone(), arrivals.clone());
     std::thread::Builder::new()
         .name(format!("weir-edge-recv {peer}"))
-        .spawn(move || read_data::<T>(&mut reader, &tx, capacity, &p, &counted))
+        .spawn(move || read_data::<T>(&mut reader, &tx, capacity, &p, &counted, &woken))
         .map_err(|e| RemoteError::Io { peer: peer.clone(), msg: format!("cannot start its thread: {e}") })?;
-    Ok(RemoteRx { peer, writer: Mutex::new(stream), inbox, ended: Mutex::new(None), received_bytes })
+    let rx = RemoteRx { peer, writer: Mutex::new(stream), inbox, ended: Mutex::new(None), received_bytes, arrivals };
+    Ok((which, rx))
 }
 
 /// The receiver's thread: decodes data frames into the inbox, ends it with why it stopped.
@@ -411,6 +523,7 @@ fn read_data<T: bincode::Decode<()>>(
     capacity: usize,
     peer: &str,
     counted: &std::sync::atomic::AtomicU64,
+    arrivals: &Waiters,
 ) {
     let end = loop {
         match frame::read_frame(stream, peer) {
@@ -437,6 +550,7 @@ fn read_data<T: bincode::Decode<()>>(
                 if inbox.send(Ok(msg)).is_err() {
                     return;
                 }
+                arrivals.wake();
             }
             Ok((Kind::Bye, _)) => break RemoteError::Closed { peer: peer.into() },
             Ok((kind, _)) => {
@@ -447,6 +561,7 @@ fn read_data<T: bincode::Decode<()>>(
     };
     // The inbox has room for this one: it holds at most `capacity` messages plus the end.
     let _ = inbox.send(Err(end));
+    arrivals.wake();
 }
 
 /// A running [`serve`]: accepting until dropped or shut down.
@@ -504,8 +619,8 @@ where
                 }
                 let (h, hello) = (handler.clone(), hello.clone());
                 let spawned = std::thread::Builder::new().name(format!("weir-edge-serve {peer}")).spawn(move || {
-                    let rx = match handshake_rx::<T>(stream, peer.clone(), &hello) {
-                        Ok(rx) => rx,
+                    let rx = match handshake_rx::<T>(stream, peer.clone(), std::slice::from_ref(&hello)) {
+                        Ok((_, rx)) => rx,
                         Err(e) => return h(&peer, Err(e)),
                     };
                     loop {

@@ -100,21 +100,50 @@ impl Listener {
         }
     }
 
+    /// Whether `accept` waits (`false`) or returns `WouldBlock` at once (`true`).
+    pub(super) fn set_nonblocking(&self, on: bool, addr: &str) -> Result<(), RemoteError> {
+        match self {
+            Listener::Tcp(l) => l.set_nonblocking(on),
+            Listener::Unix(l) => l.set_nonblocking(on),
+        }
+        .map_err(|e| err(addr, "cannot set the listener's blocking mode", e))
+    }
+
     /// The next connection and the peer's address.
     pub(super) fn accept(&self, addr: &str) -> Result<(Stream, String), RemoteError> {
-        match self {
+        self.try_accept(addr)?.ok_or_else(|| RemoteError::Io { peer: addr.into(), msg: "no connection waiting".into() })
+    }
+
+    /// The next connection, or `None` where a non-blocking listener has none waiting.
+    pub(super) fn try_accept(&self, addr: &str) -> Result<Option<(Stream, String)>, RemoteError> {
+        let none = |e: std::io::Error| {
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                Ok(None)
+            } else {
+                Err(err(addr, "cannot accept", e))
+            }
+        };
+        Ok(Some(match self {
             Listener::Tcp(l) => {
-                let (s, peer) = l.accept().map_err(|e| err(addr, "cannot accept", e))?;
+                let (s, peer) = match l.accept() {
+                    Ok(c) => c,
+                    Err(e) => return none(e),
+                };
+                s.set_nonblocking(false).map_err(|e| err(addr, "cannot make a connection blocking", e))?;
                 s.set_nodelay(true).map_err(|e| err(addr, "cannot set TCP_NODELAY", e))?;
-                Ok((Stream::Tcp(s), peer.to_string()))
+                (Stream::Tcp(s), peer.to_string())
             }
             Listener::Unix(l) => {
-                let (s, _) = l.accept().map_err(|e| err(addr, "cannot accept", e))?;
+                let (s, _) = match l.accept() {
+                    Ok(c) => c,
+                    Err(e) => return none(e),
+                };
+                s.set_nonblocking(false).map_err(|e| err(addr, "cannot make a connection blocking", e))?;
                 // Unix peers have no address of their own: number them.
                 static PEERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
                 let n = PEERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                Ok((Stream::Unix(s), format!("{addr}#{n}")))
+                (Stream::Unix(s), format!("{addr}#{n}"))
             }
-        }
+        }))
     }
 }

@@ -10,6 +10,7 @@ use weir_graphs::place::experts::{ExpertBudget, ExpertPlacement, Twins};
 mod load;
 mod route;
 mod trace;
+mod worker;
 
 #[derive(Parser)]
 #[command(name = "weir", version, about = "Run large language models on every device of one machine")]
@@ -31,6 +32,9 @@ enum Cmd {
     /// Route OpenAI requests over prefill and decode workers (`weir serve --role …`): the KV
     /// cache streams from prefill to decode layer by layer.
     Route(route::RouteArgs),
+    /// Run one process's part of a graph over several processes (`process` statements in the
+    /// graph file): the layers on its lanes, the edges to the others over the network.
+    Worker(worker::WorkerArgs),
     /// Load OpenAI-compatible servers with Poisson arrivals at several rates, side by side:
     /// throughput and TTFT / TBT / end-to-end percentiles, an SVG of latency against load.
     Load(load::LoadArgs),
@@ -158,6 +162,10 @@ struct PlaceArgs {
     /// Run this graph file instead of the architecture's built-in one.
     #[arg(long)]
     graph: Option<PathBuf>,
+    /// A graph over several processes: this process's part (default main; the others run
+    /// `weir worker`).
+    #[arg(long)]
+    process: Option<String>,
     /// Host memory for everything (e.g. 700MB, 4GB, 2GiB): weights, KV cache, activations;
     /// weights that do not fit stream from disk.
     #[arg(long)]
@@ -337,6 +345,7 @@ impl PlaceArgs {
             kv_dtype: self.kv_dtype,
             bf16_as_f16: self.bf16_as_f16,
             experts: self.experts(expert_stats)?,
+            process: self.process.clone(),
             ..Default::default()
         })
     }
@@ -381,6 +390,7 @@ fn main() {
         Cmd::Serve(a) => serve(a),
         Cmd::Load(a) => load::load(a),
         Cmd::Route(a) => route::route(a),
+        Cmd::Worker(a) => worker::worker(a),
         Cmd::Graph(g) => graph(g),
         Cmd::Trace(t) => trace::trace(t),
         Cmd::Gpu(g) => gpu(g),
