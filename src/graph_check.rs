@@ -32,7 +32,7 @@ pub fn check_graph(text: &str, name: &str, model: Option<&Model>, threads: usize
             if !g.nodes.is_empty() {
                 parts.push(format!("main: {}", summary(&g)));
             }
-            for p in &g.processes {
+            for p in g.processes.iter().filter(|p| p.name != weir_graphs::graph::MAIN) {
                 let part = place(Some(p.name.clone()))?;
                 if !part.nodes.is_empty() {
                     parts.push(format!("{}: {}", p.name, summary(&part)));

@@ -176,6 +176,12 @@ fn bad_process_declarations_are_refused_by_name() {
             .err()
             .map(|e| e.to_string())
     };
+    // `weir graph check` checks every process's part, and a worker's part alone.
+    let dir = tmpdir("pipeline-check");
+    let g = two_process_graph(&model, &dir);
+    let report = weir::check_graph(&std::fs::read_to_string(&g).unwrap(), "two.weir", Some(&model), 1).unwrap();
+    assert!(report.contains("main: 3 lanes") && report.contains("tail: 3 lanes, 14 operators"), "{report}");
+
     let e = place("lane back cpu threads=1 process=nowhere\n", None).unwrap();
     assert!(e.contains("unknown process `nowhere`") && e.contains("g.weir:"), "{e}");
     let e = place("process tail\nprocess tail\n", None).unwrap();

@@ -184,3 +184,61 @@ fn serve_hands_every_senders_messages_to_the_handler() {
     assert_eq!(got.iter().filter(|m| **m == Err(true)).count(), 3, "each sender's goodbye, as a clean end");
     server.shutdown();
 }
+
+#[test]
+fn credits_and_arrivals_are_polled_without_blocking() {
+    let listener = RemoteListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.addr().to_string();
+    let hellos = [Hello::new("a", "fp", 1), Hello::new("b", "fp", 2)];
+    let h =
+        std::thread::spawn(move || listener.accept_any_until::<u32>(&hellos, Instant::now() + Duration::from_secs(5)));
+    let tx = RemoteTx::<u32>::connect(&addr, &Hello::new("b", "fp", 1)).unwrap();
+    let (which, rx) = h.join().unwrap().unwrap().expect("a sender came");
+    assert_eq!(which, 1, "the hello of the edge the sender named");
+    assert_eq!(tx.capacity(), 2);
+    // Nothing yet: no message, and a waker registered.
+    let lane = crate::pool::LaneWaker::detached();
+    assert!(rx.try_recv().is_none() && !rx.has_message());
+    rx.notify_on_arrival(&lane);
+    tx.send(&7).unwrap();
+    tx.send(&8).unwrap();
+    // Out of credits: not ready, never blocked.
+    assert!(!tx.has_room());
+    tx.notify_on_credit(&lane);
+    let t = Instant::now();
+    while !rx.has_message() {
+        assert!(t.elapsed() < Duration::from_secs(5));
+        std::thread::yield_now();
+    }
+    assert_eq!(rx.try_recv().unwrap().unwrap(), 7);
+    let t = Instant::now();
+    while !tx.has_room() {
+        assert!(t.elapsed() < Duration::from_secs(5), "the credit came back");
+        std::thread::yield_now();
+    }
+    assert_eq!(rx.try_recv().unwrap().unwrap(), 8);
+    drop(tx);
+    let t = Instant::now();
+    let end = loop {
+        if let Some(r) = rx.try_recv() {
+            break r;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5));
+        std::thread::yield_now();
+    };
+    assert!(matches!(end, Err(RemoteError::Closed { .. })));
+    assert!(matches!(rx.ended(), Some(RemoteError::Closed { .. })));
+}
+
+#[test]
+fn a_listener_with_no_sender_gives_up_at_its_deadline_and_refuses_an_unknown_edge() {
+    let listener = RemoteListener::bind("127.0.0.1:0").unwrap();
+    let hellos = [Hello::new("a", "fp", 1)];
+    let got = listener.accept_any_until::<u32>(&hellos, Instant::now() + Duration::from_millis(50)).unwrap();
+    assert!(got.is_none());
+    let addr = listener.addr().to_string();
+    let h = std::thread::spawn(move || RemoteTx::<u32>::connect(&addr, &Hello::new("zzz", "fp", 1)).err());
+    let err = listener.accept_any_until::<u32>(&hellos, Instant::now() + Duration::from_secs(5)).err().unwrap();
+    assert!(err.to_string().contains("zzz"), "{err}");
+    assert!(h.join().unwrap().unwrap().to_string().contains("edge"));
+}
