@@ -165,6 +165,7 @@ fn split(g: Graph, me: &str) -> Result<Graph> {
         part.nodes.push(Node { lane: lane_map[n.lane], ..n.clone() });
     }
     let mut net_lane = None;
+    // (producing port, process it goes to) → the edge into its `net_send`.
     let mut sends: BTreeMap<(Port, String), usize> = BTreeMap::new();
     let mut recvs: BTreeMap<Port, usize> = BTreeMap::new();
     for e in &g.edges {
@@ -197,15 +198,17 @@ fn split(g: Graph, me: &str) -> Result<Graph> {
         if from_here {
             let there = g.process_of(g.nodes[e.to.node].lane).to_string();
             let key = (e.from, there.clone());
-            if let Some(&s) = sends.get(&key) {
-                let cap = &mut part.edges.iter_mut().find(|x| x.to.node == s).expect("made with its edge").capacity;
+            // One crossing per output and process: the edge into its `net_send` holds the most
+            // any of the edges it stands for held.
+            if let Some(&into) = sends.get(&key) {
+                let cap = &mut part.edges[into].capacity;
                 *cap = (*cap).max(e.capacity);
                 continue;
             }
             let name = part.fresh_name(&format!("net/to_{there}/{}/{}", producer.name, port.name));
             let spec = net_send::Spec { edge: edge_name(&g, e.from, &there), peer: there };
             part.nodes.push(Node { name, op: OpConfig::NetSend(spec), lane, layer: producer.layer });
-            sends.insert(key, part.nodes.len() - 1);
+            sends.insert(key, part.edges.len());
             part.edges.push(Edge::new(from, Port { node: part.nodes.len() - 1, port: 0 }, e.capacity));
         } else {
             let recv = match recvs.get(&e.from) {
