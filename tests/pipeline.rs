@@ -197,6 +197,16 @@ fn bad_process_declarations_are_refused_by_name() {
     let e = place("process tail at=\"unix:/x\"\n", Some("elsewhere")).unwrap();
     assert!(e.contains("--process elsewhere") && e.contains("declared: main, tail"), "{e}");
 
+    // An address main cannot listen at is named with its process.
+    let dir = tmpdir("pipeline-bad-at");
+    let g = two_process_graph(&model, &dir);
+    let bad_at = std::fs::read_to_string(&g)
+        .unwrap()
+        .replace(&format!("unix:{}/main.sock", dir.display()), "unix:/no/such/dir/m.sock");
+    let opts = EngineOptions { graph: Some((bad_at, "g.weir".into())), threads: 1, ..Default::default() };
+    let e = Engine::new(&model, opts).err().expect("the address cannot be bound").to_string();
+    assert!(e.contains("process `main`") && e.contains("/no/such/dir/m.sock"), "{e}");
+
     // The CLI: a worker needs --process and --graph, and a process that runs something.
     let weir = |args: &[&str]| {
         let o = Command::new(env!("CARGO_BIN_EXE_weir")).args(args).output().unwrap();
@@ -209,6 +219,10 @@ fn bad_process_declarations_are_refused_by_name() {
     assert!(weir(&["worker", "--model", m, "--process", "tail"]).contains("--graph"));
     let dir = tmpdir("pipeline-bad-cli");
     let g = two_process_graph(&model, &dir);
+    let idle = dir.join("idle.weir");
+    std::fs::write(&idle, format!("{text}process idle at=\"unix:{}/idle.sock\"\n", dir.display())).unwrap();
+    let e = weir(&["worker", "--model", m, "--graph", idle.to_str().unwrap(), "--process", "idle"]);
+    assert!(e.contains("--process idle") && e.contains("no operator"), "{e}");
     let e = weir(&["worker", "--model", m, "--graph", g.to_str().unwrap(), "--process", "main"]);
     assert!(e.contains("--process main"), "{e}");
     let e = weir(&["run", "--model", m, "--graph", g.to_str().unwrap(), "--process", "tail", "--prompt", "hi"]);
